@@ -1,0 +1,208 @@
+"""Configuration is data: one YAML file, validated once at start.
+
+Every error names the field path (`providers.stripe.timeout_ms: ...`). Secrets never live in
+the YAML: the file names an environment variable and the value is read at load time into a
+`SecretStr`, which prints as `**********`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError, model_validator
+
+PositiveMs = Annotated[int, Field(gt=0, le=600_000)]
+Permission = Literal["payments:write", "payments:read", "admin"]
+
+
+class ConfigError(Exception):
+    """Start-up stops with this; its message names each bad field."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _secret_from_env(var: str, field: str) -> SecretStr:
+    value = os.environ.get(var)
+    if not value:
+        raise ValueError(f"environment variable {var} (named by {field}) is not set")
+    return SecretStr(value)
+
+
+class TlsServerConfig(_Model):
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+
+class ServerConfig(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    tls: TlsServerConfig | None = None
+    max_body_bytes: int = Field(64 * 1024, gt=0, le=10 * 1024 * 1024)
+    shutdown_grace_s: float = Field(10.0, ge=0, le=300)
+    max_in_flight: int = Field(1000, gt=0)
+
+
+class ClientKey(_Model):
+    name: str
+    key_env: str
+    permissions: tuple[Permission, ...] = ("payments:write", "payments:read")
+    _key: SecretStr = PrivateAttr()
+
+    @model_validator(mode="after")
+    def _load(self) -> Self:
+        self._key = _secret_from_env(self.key_env, "key_env")
+        return self
+
+    @property
+    def key(self) -> SecretStr:
+        return self._key
+
+
+class AuthConfig(_Model):
+    clients: tuple[ClientKey, ...] = Field(min_length=1)
+
+
+class StorageConfig(_Model):
+    backend: Literal["sqlite", "postgres"] = "sqlite"
+    sqlite_path: Path = Path("data/gateway.db")
+    postgres_dsn_env: str = "GATEWAY_PG_DSN"
+    idempotency_retention_h: float = Field(24.0, gt=0)
+
+
+class LogConfig(_Model):
+    dir: Path = Path("logs")
+    file: str = "transactions.jsonl"
+    queue_size: int = Field(10_000, gt=0)
+    max_bytes: int = Field(100 * 1024 * 1024, gt=1024)
+
+
+class ProviderTls(_Model):
+    ca: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+
+    @model_validator(mode="after")
+    def _pair(self) -> Self:
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("client_cert and client_key go together")
+        return self
+
+
+class BreakerConfig(_Model):
+    fail_max: int = Field(5, gt=0)
+    reset_timeout_s: float = Field(10.0, gt=0)
+
+
+class RetryConfig(_Model):
+    max_attempts: int = Field(3, ge=1, le=10)
+    base_delay_ms: PositiveMs = 50
+    max_delay_ms: PositiveMs = 1000
+
+
+class BulkheadConfig(_Model):
+    max_concurrent: int = Field(200, gt=0)
+    max_queue: int = Field(200, ge=0)
+
+
+class ProviderConfig(_Model):
+    kind: Literal["stripe", "adyen", "checkout"]
+    base_url: str = Field(pattern=r"^https?://")
+    api_key_env: str
+    merchant_account: str | None = None
+    connect_timeout_ms: PositiveMs = 1000
+    timeout_ms: PositiveMs = 5000
+    max_connections: int = Field(100, gt=0)
+    tls: ProviderTls = ProviderTls()
+    breaker: BreakerConfig = BreakerConfig()
+    retry: RetryConfig = RetryConfig()
+    bulkhead: BulkheadConfig = BulkheadConfig()
+    _api_key: SecretStr = PrivateAttr()
+
+    @model_validator(mode="after")
+    def _load(self) -> Self:
+        self._api_key = _secret_from_env(self.api_key_env, "api_key_env")
+        return self
+
+    @property
+    def api_key(self) -> SecretStr:
+        return self._api_key
+
+
+class RouteMatch(_Model):
+    currencies: tuple[str, ...] | None = None
+    countries: tuple[str, ...] | None = None
+    brands: tuple[str, ...] | None = None
+    merchants: tuple[str, ...] | None = None
+    min_amount: int | None = Field(None, ge=0)
+    max_amount: int | None = Field(None, ge=0)
+
+
+class RouteConfig(_Model):
+    name: str
+    match: RouteMatch = RouteMatch()
+    providers: tuple[str, ...] = Field(min_length=1)
+    weights: tuple[float, ...] | None = None
+    cascade_on: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _weights(self) -> Self:
+        if self.weights is not None and len(self.weights) != len(self.providers):
+            raise ValueError("weights must have one entry per provider")
+        return self
+
+
+class EngineConfig(_Model):
+    deadline_ms: PositiveMs = 8000
+    retry_budget_ratio: float = Field(0.2, ge=0, le=1)
+    retry_budget_min_per_s: float = Field(10.0, ge=0)
+    retry_budget_window_s: float = Field(10.0, gt=0)
+
+
+class GatewayConfig(_Model):
+    server: ServerConfig = ServerConfig()
+    auth: AuthConfig
+    storage: StorageConfig = StorageConfig()
+    log: LogConfig = LogConfig()
+    engine: EngineConfig = EngineConfig()
+    providers: dict[str, ProviderConfig] = Field(min_length=1)
+    routes: tuple[RouteConfig, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _routes_name_known_providers(self) -> Self:
+        for route in self.routes:
+            unknown = [p for p in route.providers if p not in self.providers]
+            if unknown:
+                raise ValueError(f"route {route.name!r} names unknown providers {unknown}")
+        return self
+
+
+def _format(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{path}: {msg}")
+    return "; ".join(lines)
+
+
+def parse_config(data: Any) -> GatewayConfig:
+    try:
+        return GatewayConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format(exc)) from None
+
+
+def load_config(path: Path) -> GatewayConfig:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_config(data)

@@ -1,0 +1,93 @@
+"""Fault injection: what an emulator does wrong, to which share of requests, set at run time.
+
+A plan is data (validated by pydantic) so the same rules arrive over the admin endpoint, from
+a drill scenario or from a test's Python call.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+FaultKind = Literal["latency", "error", "reset_before", "reset_after", "timeout_after", "rate_limit", "decline"]
+
+
+class FaultRule(BaseModel):
+    """One misbehaviour. `share` picks the fraction of matching requests it hits."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: FaultKind
+    share: float = Field(1.0, ge=0.0, le=1.0)
+    operations: tuple[str, ...] | None = None  # e.g. ("authorize",); None: every API call
+    latency_ms: float = Field(0.0, ge=0.0, le=120_000)
+    jitter_ms: float = Field(0.0, ge=0.0, le=120_000)
+    status: int = Field(503, ge=400, le=599)
+    after_processing: bool = False  # error: the payment was processed before the error answer
+    retry_after_s: float = Field(1.0, ge=0.0, le=3600)
+    decline_code: str | None = None
+    hang_s: float = Field(30.0, ge=0.0, le=600)
+
+
+class FaultPlan(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rules: tuple[FaultRule, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(slots=True)
+class FaultDecision:
+    """What happens to one request, decided once when it arrives."""
+
+    delay_s: float = 0.0
+    error: FaultRule | None = None
+    reset_before: bool = False
+    reset_after: bool = False
+    timeout_after_s: float | None = None
+    rate_limit_s: float | None = None
+    decline_code: str | None = None
+
+
+class FaultInjector:
+    def __init__(self) -> None:
+        self._plan = FaultPlan()
+        self._rng = random.Random()
+
+    @property
+    def plan(self) -> FaultPlan:
+        return self._plan
+
+    def set(self, plan: FaultPlan) -> None:
+        self._plan = plan
+        self._rng = random.Random(plan.seed)
+
+    def clear(self) -> None:
+        self.set(FaultPlan())
+
+    def decide(self, operation: str) -> FaultDecision:
+        decision = FaultDecision()
+        for rule in self._plan.rules:
+            if rule.operations is not None and operation not in rule.operations:
+                continue
+            if rule.share < 1.0 and self._rng.random() >= rule.share:
+                continue
+            match rule.kind:
+                case "latency":
+                    decision.delay_s += (rule.latency_ms + self._rng.uniform(0, rule.jitter_ms)) / 1000
+                case "error":
+                    decision.error = decision.error or rule
+                case "reset_before":
+                    decision.reset_before = True
+                case "reset_after":
+                    decision.reset_after = True
+                case "timeout_after":
+                    decision.timeout_after_s = rule.hang_s
+                case "rate_limit":
+                    decision.rate_limit_s = rule.retry_after_s
+                case "decline":
+                    decision.decline_code = decision.decline_code or rule.decline_code
+        return decision

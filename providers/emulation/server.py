@@ -1,0 +1,317 @@
+"""The emulator base: a real aiohttp server per provider, with faults, idempotency and a ledger.
+
+A provider's emulator subclasses `ProviderEmulator` and declares its routes, auth and error
+shapes. `EmulatorServer` runs it on loopback: the API site (HTTP, TLS or mTLS) and a separate
+plain-HTTP admin site, so the admin endpoints stay reachable during an injected outage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+import ssl
+import struct
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import orjson
+from aiohttp import web
+from pydantic import ValidationError
+
+from providers.emulation.faults import FaultDecision, FaultInjector, FaultPlan
+from providers.emulation.idempotency import Claim, ProviderIdempotency, StoredAnswer, StorePolicy
+from providers.emulation.ledger import Ledger
+
+
+@dataclass(slots=True)
+class EmulatorRequest:
+    """What a provider handler gets: the parsed request plus the faults decided for it."""
+
+    request: web.Request
+    body: bytes
+    operation: str
+    idempotency_key: str | None
+    decision: FaultDecision = field(default_factory=FaultDecision)
+
+    @property
+    def forced_decline(self) -> str | None:
+        return self.decision.decline_code
+
+    async def simulate_processing(self) -> None:
+        """Handlers call this once the payment object exists, so a status query made while
+        the provider is still "processing" finds it rather than reporting no charge."""
+        if self.decision.delay_s > 0:
+            await asyncio.sleep(self.decision.delay_s)
+
+
+Handler = Callable[[EmulatorRequest], Awaitable[web.Response]]
+
+
+@dataclass(frozen=True, slots=True)
+class ApiRoute:
+    method: str
+    path: str
+    handler: Handler
+    operation: str
+    idempotent: bool = True  # whether the idempotency header applies
+
+
+def json_response(status: int, doc: Any, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(doc), content_type="application/json", headers=headers)
+
+
+def _reset_connection(request: web.Request) -> None:
+    """Send a TCP RST (SO_LINGER 0) instead of an answer."""
+    transport = request.transport
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+    transport.abort()
+
+
+class ProviderEmulator(ABC):
+    """One provider's behaviour. Subclasses fill in the provider-specific shapes."""
+
+    name: ClassVar[str]
+    idempotency_header: ClassVar[str]
+    store_policy: ClassVar[StorePolicy]
+    ledger_prefix: ClassVar[str]
+
+    def __init__(self) -> None:
+        self.ledger = Ledger(self.ledger_prefix)
+        self.faults = FaultInjector()
+        self.idempotency = ProviderIdempotency(self.store_policy)
+        self.closing = asyncio.Event()
+
+    @abstractmethod
+    def routes(self) -> list[ApiRoute]: ...
+
+    @abstractmethod
+    def authenticate(self, request: web.Request) -> web.Response | None:
+        """None when the credentials are acceptable, else the provider's 401 answer."""
+
+    @abstractmethod
+    def error_response(self, status: int) -> web.Response: ...
+
+    @abstractmethod
+    def rate_limited_response(self, retry_after_s: float) -> web.Response: ...
+
+    @abstractmethod
+    def idempotency_conflict(self, claim: Claim) -> web.Response:
+        """The provider's answer to a key reused with another body, or still in flight."""
+
+    def replay_headers(self) -> dict[str, str]:
+        return {}
+
+    def reset(self) -> None:
+        self.ledger.clear()
+        self.faults.clear()
+        self.idempotency.clear()
+
+    def build_app(self) -> web.Application:
+        app = web.Application(client_max_size=1 << 20)
+        for route in self.routes():
+            app.router.add_route(route.method, route.path, self._wrap(route))
+        return app
+
+    def _wrap(self, route: ApiRoute) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            denied = self.authenticate(request)
+            if denied is not None:
+                return denied
+            decision = self.faults.decide(route.operation)
+            if decision.reset_before:
+                _reset_connection(request)
+                return web.Response(status=500)
+            if decision.rate_limit_s is not None:
+                return self.rate_limited_response(decision.rate_limit_s)
+            if decision.error is not None and not decision.error.after_processing:
+                return self.error_response(decision.error.status)
+            body = await request.read()
+            key = request.headers.get(self.idempotency_header) if route.idempotent else None
+            ctx = EmulatorRequest(request, body, route.operation, key, decision)
+            if key is not None:
+                fingerprint = hashlib.sha256(request.method.encode() + request.path.encode() + body).hexdigest()
+                claim, stored = self.idempotency.claim(key, fingerprint)
+                if claim is Claim.REPLAY and stored is not None:
+                    return web.Response(status=stored.status, body=stored.body, content_type=stored.content_type,
+                                        headers=self.replay_headers())
+                if claim is not Claim.NEW:
+                    return self.idempotency_conflict(claim)
+            try:
+                response = await route.handler(ctx)
+            except BaseException:
+                if key is not None:
+                    self.idempotency.abandon(key)
+                raise
+            if decision.error is not None:  # after processing: the charge stands, the answer is lost
+                response = self.error_response(decision.error.status)
+            if key is not None:
+                assert isinstance(response, web.Response)
+                self.idempotency.finish(
+                    key, StoredAnswer(response.status, bytes(response.body or b""), response.content_type)
+                )
+            if decision.timeout_after_s is not None:
+                try:
+                    await asyncio.wait_for(self.closing.wait(), decision.timeout_after_s)
+                except TimeoutError:
+                    pass
+                _reset_connection(request)
+            elif decision.reset_after:
+                _reset_connection(request)
+            return response
+
+        return handle
+
+
+class EmulatorServer:
+    """Runs one emulator on loopback: the API site and a plain-HTTP admin site."""
+
+    def __init__(
+        self,
+        emulator: ProviderEmulator,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        admin_port: int = 0,
+        ssl_context: ssl.SSLContext | None = None,
+        certificate_issuer: Callable[[float], tuple[Path, Path]] | None = None,
+    ) -> None:
+        self.emulator = emulator
+        self.host = host
+        self._port = port
+        self._admin_port = admin_port
+        self.ssl_context = ssl_context
+        self._issue_certificate = certificate_issuer
+        self._api_runner: web.AppRunner | None = None
+        self._api_site: web.TCPSite | None = None
+        self._admin_runner: web.AppRunner | None = None
+        self.outage = False
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def admin_port(self) -> int:
+        return self._admin_port
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://{self.host}:{self._port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://{self.host}:{self._admin_port}"
+
+    async def start(self) -> None:
+        self._api_runner = web.AppRunner(self.emulator.build_app(), access_log=None, shutdown_timeout=1.0)
+        await self._api_runner.setup()
+        await self._start_api_site()
+        self._admin_runner = web.AppRunner(self._admin_app(), access_log=None, shutdown_timeout=1.0)
+        await self._admin_runner.setup()
+        admin_site = web.TCPSite(self._admin_runner, self.host, self._admin_port)
+        await admin_site.start()
+        self._admin_port = _bound_port(self._admin_runner)
+
+    async def _start_api_site(self) -> None:
+        assert self._api_runner is not None
+        self._api_site = web.TCPSite(self._api_runner, self.host, self._port, ssl_context=self.ssl_context,
+                                     reuse_address=True)
+        await self._api_site.start()
+        self._port = _bound_port(self._api_runner)
+
+    async def stop(self) -> None:
+        self.emulator.closing.set()
+        for runner in (self._api_runner, self._admin_runner):
+            if runner is not None:
+                await runner.cleanup()
+        self._api_runner = self._admin_runner = None
+
+    async def set_outage(self, on: bool) -> None:
+        """Outage closes the listener and every open connection, so callers get connection
+        refused (never an ambiguous reset on a request already sent)."""
+        if on == self.outage or self._api_runner is None:
+            return
+        self.outage = on
+        if on:
+            assert self._api_site is not None
+            await self._api_site.stop()
+            server = self._api_runner.server
+            if server is not None:
+                for conn in list(server.connections):
+                    conn.force_close()
+        else:
+            await self._start_api_site()
+
+    def reload_certificate(self, cert: Path, key: Path) -> None:
+        """New handshakes present the new pair; connections already open keep theirs."""
+        if self.ssl_context is None:
+            raise RuntimeError("this emulator serves plain HTTP")
+        self.ssl_context.load_cert_chain(cert, key)
+
+    def _admin_app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/_emulator/ledger", self._get_ledger)
+        app.router.add_get("/_emulator/faults", self._get_faults)
+        app.router.add_put("/_emulator/faults", self._put_faults)
+        app.router.add_delete("/_emulator/faults", self._delete_faults)
+        app.router.add_post("/_emulator/outage", self._post_outage)
+        app.router.add_post("/_emulator/reset", self._post_reset)
+        app.router.add_post("/_emulator/certificate", self._post_certificate)
+        return app
+
+    async def _get_ledger(self, _request: web.Request) -> web.Response:
+        return json_response(200, self.emulator.ledger.snapshot())
+
+    async def _get_faults(self, _request: web.Request) -> web.Response:
+        return json_response(200, {"plan": self.emulator.faults.plan.model_dump(), "outage": self.outage})
+
+    async def _put_faults(self, request: web.Request) -> web.Response:
+        try:
+            plan = FaultPlan.model_validate_json(await request.read())
+        except ValidationError as exc:
+            return json_response(422, {"error": "invalid fault plan", "detail": orjson.loads(exc.json())})
+        self.emulator.faults.set(plan)
+        return json_response(200, {"plan": plan.model_dump()})
+
+    async def _delete_faults(self, _request: web.Request) -> web.Response:
+        self.emulator.faults.clear()
+        await self.set_outage(False)
+        return json_response(200, {"plan": self.emulator.faults.plan.model_dump()})
+
+    async def _post_outage(self, request: web.Request) -> web.Response:
+        doc = orjson.loads(await request.read() or b"{}")
+        await self.set_outage(bool(doc.get("on", True)))
+        return json_response(200, {"outage": self.outage})
+
+    async def _post_reset(self, _request: web.Request) -> web.Response:
+        self.emulator.reset()
+        await self.set_outage(False)
+        return json_response(200, {"reset": True})
+
+    async def _post_certificate(self, request: web.Request) -> web.Response:
+        if self._issue_certificate is None or self.ssl_context is None:
+            return json_response(409, {"error": "this emulator has no certificate issuer"})
+        doc = orjson.loads(await request.read() or b"{}")
+        days = float(doc.get("days_valid", 1))
+        cert, key = self._issue_certificate(days)
+        self.reload_certificate(cert, key)
+        return json_response(200, {"days_valid": days, "cert": str(cert)})
+
+
+def _bound_port(runner: web.AppRunner) -> int:
+    for addr in runner.addresses:
+        if isinstance(addr, tuple):
+            return int(addr[1])
+    raise RuntimeError("site has no TCP address")

@@ -1,0 +1,1 @@
+"""Stripe-shaped provider: PaymentIntents over form-encoded HTTP."""

@@ -1,0 +1,255 @@
+"""A Stripe-shaped emulator: PaymentIntents, refunds and search, with Stripe's test cards.
+
+Idempotency as Stripe documents it: the first answer for a key is stored (a 500 included) and
+replayed with `Idempotent-Replayed: true`; the same key with other parameters is a 400
+`idempotency_error`; a key still in flight is a 409 that Stripe marks retryable.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+from urllib.parse import parse_qsl
+
+from aiohttp import web
+
+from providers.emulation.idempotency import Claim
+from providers.emulation.ledger import LedgerEntry
+from providers.emulation.server import ApiRoute, EmulatorRequest, ProviderEmulator, json_response
+from providers.stripe.mapping import METADATA_KEY
+
+# Card number or PaymentMethod id -> decline_code (None approves). From Stripe's testing docs;
+# the last two are this emulator's own, since Stripe has no public card for those codes.
+TEST_CARDS: dict[str, str | None] = {
+    "4242424242424242": None,
+    "5555555555554444": None,
+    "4000000000000002": "generic_decline",
+    "4000000000009995": "insufficient_funds",
+    "4000000000009987": "lost_card",
+    "4000000000009979": "stolen_card",
+    "4000000000000069": "expired_card",
+    "4000000000000127": "incorrect_cvc",
+    "4000000000000119": "processing_error",
+    "4000000000001018": "do_not_honor",
+    "4000000000002016": "issuer_not_available",
+    "pm_card_visa": None,
+    "pm_card_mastercard": None,
+    "pm_card_chargeDeclined": "generic_decline",
+    "pm_card_chargeDeclinedInsufficientFunds": "insufficient_funds",
+    "pm_card_chargeDeclinedLostCard": "lost_card",
+    "pm_card_chargeDeclinedStolenCard": "stolen_card",
+    "pm_card_chargeDeclinedExpiredCard": "expired_card",
+    "pm_card_chargeDeclinedProcessingError": "processing_error",
+}
+# The cards drills and the contract suite use for each behaviour, by a provider-neutral name.
+SCENARIO_CARDS: dict[str, str] = {
+    "approve": "4242424242424242",
+    "insufficient_funds": "4000000000009995",
+    "stolen_card": "4000000000009979",
+    "do_not_honor": "4000000000001018",
+    "issuer_unavailable": "4000000000002016",
+}
+DECLINE_MESSAGES = {
+    "insufficient_funds": "Your card has insufficient funds.",
+    "lost_card": "Your card has been declined.",
+    "stolen_card": "Your card has been declined.",
+    "expired_card": "Your card has expired.",
+    "incorrect_cvc": "Your card's security code is incorrect.",
+    "processing_error": "An error occurred while processing your card. Try again in a little bit.",
+}
+_SEARCH = re.compile(r"metadata\['(?P<key>[^']+)'\]:'(?P<value>[^']*)'")
+
+
+def _error(status: int, err_type: str, message: str, *, code: str | None = None,
+           retry: bool | None = None, **extra: Any) -> web.Response:
+    error: dict[str, Any] = {"type": err_type, "message": message}
+    if code:
+        error["code"] = code
+    error.update(extra)
+    headers = {"Request-Id": f"req_{time.monotonic_ns()}"}
+    if retry is not None:
+        headers["Stripe-Should-Retry"] = "true" if retry else "false"
+    return json_response(status, {"error": error}, headers)
+
+
+class StripeEmulator(ProviderEmulator):
+    name = "stripe"
+    idempotency_header = "Idempotency-Key"
+    store_policy = "all"
+    ledger_prefix = "pi_emu"
+
+    def __init__(self, api_key: str | None = None) -> None:
+        super().__init__()
+        self._api_key = api_key
+        self._refunds: dict[str, dict[str, Any]] = {}
+
+    def routes(self) -> list[ApiRoute]:
+        return [
+            ApiRoute("POST", "/v1/payment_intents", self._create, "authorize"),
+            ApiRoute("GET", "/v1/payment_intents/search", self._search, "status", idempotent=False),
+            ApiRoute("GET", "/v1/payment_intents/{id}", self._retrieve, "status", idempotent=False),
+            ApiRoute("POST", "/v1/payment_intents/{id}/capture", self._capture, "capture"),
+            ApiRoute("POST", "/v1/payment_intents/{id}/cancel", self._cancel, "void"),
+            ApiRoute("POST", "/v1/refunds", self._refund, "refund"),
+        ]
+
+    def authenticate(self, request: web.Request) -> web.Response | None:
+        auth = request.headers.get("Authorization", "")
+        key = auth.removeprefix("Bearer ").strip() if auth.startswith("Bearer ") else ""
+        if not key.startswith("sk_") or (self._api_key is not None and key != self._api_key):
+            return _error(401, "invalid_request_error", "Invalid API Key provided.")
+        return None
+
+    def error_response(self, status: int) -> web.Response:
+        return _error(status, "api_error", "An unknown error occurred.", retry=status in (409, 429) or status >= 500)
+
+    def rate_limited_response(self, retry_after_s: float) -> web.Response:
+        response = _error(429, "invalid_request_error", "Too many requests hit the API too quickly.",
+                          code="rate_limit", retry=True)
+        response.headers["Retry-After"] = f"{retry_after_s:g}"
+        return response
+
+    def idempotency_conflict(self, claim: Claim) -> web.Response:
+        if claim is Claim.IN_FLIGHT:
+            return _error(409, "idempotency_error", "There is currently another in-progress request using this "
+                          "Idempotent Key.", code="idempotency_key_in_use", retry=True)
+        return _error(400, "idempotency_error", "Keys for idempotent requests can only be used with the same "
+                      "parameters they were first used with.")
+
+    def replay_headers(self) -> dict[str, str]:
+        return {"Idempotent-Replayed": "true"}
+
+    def _intent(self, entry: LedgerEntry) -> dict[str, Any]:
+        manual = entry.extra.get("capture_method") == "manual"
+        doc: dict[str, Any] = {
+            "id": entry.id,
+            "object": "payment_intent",
+            "amount": entry.amount,
+            "amount_capturable": entry.amount if entry.status == "requires_capture" else 0,
+            "amount_received": entry.captured,
+            "capture_method": "manual" if manual else "automatic",
+            "client_secret": f"{entry.id}_secret_emulator",
+            "confirmation_method": "automatic",
+            "created": int(entry.created_at),
+            "currency": entry.currency,
+            "livemode": False,
+            "latest_charge": entry.extra.get("charge"),
+            "metadata": entry.extra.get("metadata", {}),
+            "payment_method": entry.extra.get("payment_method"),
+            "status": entry.status,
+            "last_payment_error": None,
+        }
+        if entry.decline_code:
+            doc["last_payment_error"] = {
+                "type": "card_error",
+                "code": "card_declined" if entry.decline_code != "expired_card" else "expired_card",
+                "decline_code": entry.decline_code,
+                "message": DECLINE_MESSAGES.get(entry.decline_code, "Your card was declined."),
+            }
+        return doc
+
+    async def _create(self, ctx: EmulatorRequest) -> web.Response:
+        form = dict(parse_qsl(ctx.body.decode(), keep_blank_values=True))
+        try:
+            amount = int(form["amount"])
+            currency = form["currency"].lower()
+        except (KeyError, ValueError):
+            return _error(400, "invalid_request_error", "Missing required param: amount.", code="parameter_missing",
+                          param="amount")
+        if amount < 1:
+            return _error(400, "invalid_request_error", "Amount must be at least 1.", code="amount_too_small",
+                          param="amount")
+        card_key = form.get("payment_method_data[card][number]") or form.get("payment_method")
+        if card_key is None:
+            return _error(400, "invalid_request_error", "A payment method is required.",
+                          code="parameter_missing", param="payment_method")
+        metadata = {k[9:-1]: v for k, v in form.items() if k.startswith("metadata[")}
+        entry = self.ledger.add(LedgerEntry(
+            id=self.ledger.new_id(), payment_ref=metadata.get(METADATA_KEY, ""), amount=amount, currency=currency,
+            approved=False, status="processing", idempotency_key=ctx.idempotency_key,
+            extra={"metadata": metadata, "capture_method": form.get("capture_method", "automatic"),
+                   "payment_method": f"pm_emu_{card_key[-4:]}"},
+        ))
+        await ctx.simulate_processing()
+        # Any number not in the table approves, as in Stripe's test mode.
+        decline = ctx.forced_decline or TEST_CARDS.get(card_key)
+        if decline:
+            entry.status, entry.decline_code = "requires_payment_method", decline
+            intent = self._intent(entry)
+            return _error(402, "card_error", intent["last_payment_error"]["message"],
+                          code=intent["last_payment_error"]["code"], decline_code=decline, payment_intent=intent)
+        entry.approved = True
+        entry.extra["charge"] = f"ch_emu{entry.id[6:]}"
+        if entry.extra["capture_method"] == "manual":
+            entry.status = "requires_capture"
+        else:
+            entry.status, entry.captured = "succeeded", amount
+        return json_response(200, self._intent(entry))
+
+    def _lookup(self, request: web.Request) -> LedgerEntry | web.Response:
+        entry = self.ledger.get(request.match_info["id"])
+        if entry is None:
+            return _error(404, "invalid_request_error", f"No such payment_intent: '{request.match_info['id']}'",
+                          code="resource_missing", param="intent")
+        return entry
+
+    async def _retrieve(self, ctx: EmulatorRequest) -> web.Response:
+        await ctx.simulate_processing()
+        entry = self._lookup(ctx.request)
+        return entry if isinstance(entry, web.Response) else json_response(200, self._intent(entry))
+
+    async def _search(self, ctx: EmulatorRequest) -> web.Response:
+        await ctx.simulate_processing()
+        match = _SEARCH.search(ctx.request.query.get("query", ""))
+        if match is None:
+            return _error(400, "invalid_request_error", "Invalid search query.", code="parameter_invalid_string")
+        hits = [self._intent(e) for e in self.ledger.find_by_ref(match["value"])
+                if e.extra.get("metadata", {}).get(match["key"]) == match["value"]]
+        return json_response(200, {"object": "search_result", "data": hits, "has_more": False,
+                                   "next_page": None, "url": "/v1/payment_intents/search"})
+
+    async def _capture(self, ctx: EmulatorRequest) -> web.Response:
+        await ctx.simulate_processing()
+        entry = self._lookup(ctx.request)
+        if isinstance(entry, web.Response):
+            return entry
+        if entry.status != "requires_capture":
+            return _error(400, "invalid_request_error", f"This PaymentIntent could not be captured because it has "
+                          f"a status of {entry.status}.", code="payment_intent_unexpected_state")
+        form = dict(parse_qsl(ctx.body.decode()))
+        amount = int(form.get("amount_to_capture", entry.amount))
+        if amount > entry.amount:
+            return _error(400, "invalid_request_error", "amount_to_capture is greater than the amount capturable.",
+                          code="amount_too_large", param="amount_to_capture")
+        entry.status, entry.captured = "succeeded", amount
+        return json_response(200, self._intent(entry))
+
+    async def _cancel(self, ctx: EmulatorRequest) -> web.Response:
+        await ctx.simulate_processing()
+        entry = self._lookup(ctx.request)
+        if isinstance(entry, web.Response):
+            return entry
+        if entry.status not in ("requires_capture", "requires_payment_method"):
+            return _error(400, "invalid_request_error", f"You cannot cancel this PaymentIntent because it has a "
+                          f"status of {entry.status}.", code="payment_intent_unexpected_state")
+        entry.status, entry.voided = "canceled", True
+        return json_response(200, self._intent(entry))
+
+    async def _refund(self, ctx: EmulatorRequest) -> web.Response:
+        await ctx.simulate_processing()
+        form = dict(parse_qsl(ctx.body.decode()))
+        entry = self.ledger.get(form.get("payment_intent", ""))
+        if entry is None:
+            return _error(400, "invalid_request_error", "No such payment_intent.", code="resource_missing",
+                          param="payment_intent")
+        amount = int(form.get("amount", entry.captured - entry.refunded))
+        if entry.status != "succeeded" or amount > entry.captured - entry.refunded or amount < 1:
+            return _error(400, "invalid_request_error", "Refund amount is greater than unrefunded amount.",
+                          code="amount_too_large" if entry.status == "succeeded" else "charge_not_captured")
+        entry.refunded += amount
+        refund = {"id": f"re_emu{len(self._refunds) + 1:012d}", "object": "refund", "amount": amount,
+                  "currency": entry.currency, "payment_intent": entry.id, "status": "succeeded",
+                  "created": int(time.time())}
+        self._refunds[refund["id"]] = refund
+        return json_response(200, refund)
