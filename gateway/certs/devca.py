@@ -120,7 +120,8 @@ def issue_certificate(
 
     Pass ``key`` to renew a certificate for an existing key; otherwise a new key is made.
     """
-    key = key or _new_key()
+    if key is None:
+        key = _new_key()
     builder = (
         _base_builder(_name(common_name), key, not_before, not_after)
         .issuer_name(ca_cert.subject)
@@ -140,8 +141,13 @@ def write_pair(cert: x509.Certificate, key: PrivateKey, cert_path: Path, key_pat
     The key is written first (mode 0600): if we stop in between, the old certificate is left
     next to a key it does not match, which :func:`generate_dev_certs` detects and repairs.
     """
-    _atomic_write(key_path, _key_pem(key), _KEY_MODE)
-    _atomic_write(cert_path, _cert_pem(cert), _CERT_MODE)
+    write_pem_pair(_cert_pem(cert), _key_pem(key), cert_path, key_path)
+
+
+def write_pem_pair(cert_pem: bytes, key_pem: bytes, cert_path: Path, key_path: Path) -> None:
+    """`write_pair` for material already in PEM form (key first, each file atomically)."""
+    _atomic_write(key_path, key_pem, _KEY_MODE)
+    _atomic_write(cert_path, cert_pem, _CERT_MODE)
 
 
 def generate_dev_certs(
@@ -182,7 +188,8 @@ def issue_dev_pair(
 
     Lets tests and demos stage any expiry situation with real certificates: negative
     ``days_valid`` gives one that has already expired, positive ``not_before_days`` one that is
-    not valid yet. ``sans`` defaults to localhost/127.0.0.1 for servers and none for clients.
+    not valid yet (its start is kept before its end, so an expired one was briefly valid).
+    ``sans`` defaults to localhost/127.0.0.1 for servers and none for clients.
     """
     ca_cert, ca_key = _load_pair(layout.ca_cert(), layout.ca_key())
     now = datetime.now(UTC)

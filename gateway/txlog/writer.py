@@ -29,7 +29,9 @@ __all__ = ["JsonLinesWriter", "LogQueueFull", "LogWriterClosed", "LogWriterError
 
 # Longest pause between retries of a failing write (disk full, I/O error).
 _MAX_RETRY_PAUSE_S = 1.0
-_GZIP_LEVEL = 6
+# Lines queue up while the writer thread compresses a rotated file: level 1 gzips 100 MiB of
+# transaction lines about twice as fast as level 6 (~0.5 s here) for ~10 % more bytes.
+_GZIP_LEVEL = 1
 _COPY_CHUNK = 1 << 20
 
 
@@ -89,6 +91,8 @@ class JsonLinesWriter:
         self._queue: queue.Queue[object] = queue.Queue(maxsize=queue_size)
         self._lock = threading.Lock()
         self._closed = False
+        self._stopped = False
+        self._barriers: set[_Barrier] = set()
         self._thread: threading.Thread | None = None
         # Owned by the writer thread once started.
         self._fd = -1
@@ -132,19 +136,18 @@ class JsonLinesWriter:
         deadline = time.monotonic() + timeout
         barrier = _Barrier()
         with self._lock:
-            closed = self._closed
-        if closed:
-            # close() queued _STOP after the last accepted line; the thread ends after writing it.
-            thread = self._thread
-            if thread is not None:
-                thread.join(timeout)
-                return not thread.is_alive()
-            return self._queue.empty()
+            if self._stopped:
+                return True
+            # Registered so the thread releases it on exit even if it is queued after _STOP.
+            self._barriers.add(barrier)
         try:
             self._queue.put(barrier, timeout=timeout)
         except queue.Full:
-            return False
-        return barrier.done.wait(max(0.0, deadline - time.monotonic()))
+            pass
+        done = barrier.done.wait(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            self._barriers.discard(barrier)
+        return done
 
     async def wait_flushed(self, timeout: float = 10) -> bool:
         """`flush_barrier` for coroutines; the blocking wait runs in a worker thread."""
@@ -200,7 +203,7 @@ class JsonLinesWriter:
                 self._write_lines(lines)
                 lines = []
                 if item is _STOP:
-                    stopping = True  # anything after it was queued racing close(); write it too
+                    stopping = True  # only barriers can follow it; all are released on exit
                 elif isinstance(item, _Barrier):
                     self._retry(lambda: os.fsync(self._fd))
                     item.done.set()
@@ -208,6 +211,11 @@ class JsonLinesWriter:
         if self.fsync:
             self._retry(lambda: os.fsync(self._fd))
         os.close(self._fd)
+        with self._lock:
+            # Everything accepted is written: release barriers that raced close().
+            self._stopped = True
+            for barrier in self._barriers:
+                barrier.done.set()
 
     def _idle_timeout(self) -> float | None:
         if self.rotate_interval_s is None:

@@ -1,0 +1,1 @@
+"""The HTTP front door: auth, validation, idempotency, then the payment service."""

@@ -1,0 +1,37 @@
+"""Bearer API keys from configuration: 401 without a known key, 403 for a key not allowed."""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from gateway.api.errors import ApiError
+from gateway.config import AuthConfig
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    name: str
+    permissions: frozenset[str]
+
+
+class Authenticator:
+    def __init__(self, config: AuthConfig) -> None:
+        self._keys = [(c.key.get_secret_value().encode(), Caller(c.name, frozenset(c.permissions)))
+                      for c in config.clients]
+
+    def caller(self, request: web.Request, permission: str) -> Caller:
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise ApiError(401, "unauthenticated", "an Authorization: Bearer <api key> header is required",
+                           headers={"WWW-Authenticate": "Bearer"})
+        presented = token.strip().encode()
+        for key, caller in self._keys:
+            if hmac.compare_digest(key, presented):
+                if permission not in caller.permissions:
+                    raise ApiError(403, "forbidden", f"this API key may not {permission.replace(':', ' ')}")
+                return caller
+        raise ApiError(401, "unauthenticated", "unknown API key", headers={"WWW-Authenticate": "Bearer"})

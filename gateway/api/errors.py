@@ -1,0 +1,66 @@
+"""Every error the API answers has one shape: `{code, message, field}` with a fitting status.
+
+Handlers raise `ApiError`; the middleware renders it, and turns anything unexpected into a 500
+that names no internals, so a bad request can never crash the worker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import orjson
+import structlog
+from aiohttp import web
+from pydantic import ValidationError
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, field: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.field = field
+        self.headers = headers or {}
+
+    def response(self) -> web.Response:
+        return json_response(self.status, {"code": self.code, "message": self.message, "field": self.field},
+                             self.headers)
+
+
+def json_response(status: int, doc: object, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(doc), content_type="application/json", headers=headers)
+
+
+def from_validation_error(exc: ValidationError) -> ApiError:
+    err = exc.errors()[0]
+    loc = list(err["loc"])
+    if len(loc) > 1 and loc[0] == "payment_method" and loc[1] in ("card", "token"):
+        del loc[1]  # the discriminated union's tag is not a field the caller sent
+    field = ".".join(str(p) for p in loc) or None
+    message = err["msg"].removeprefix("Value error, ")
+    return ApiError(422, "invalid_field", message, field)
+
+
+def error_middleware(log: structlog.typing.FilteringBoundLogger) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            return exc.response()
+        except web.HTTPRequestEntityTooLarge:
+            return ApiError(413, "body_too_large", "request body is too large").response()
+        except web.HTTPException as exc:
+            if exc.status >= 400:
+                code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
+                return ApiError(exc.status, code, exc.reason).response()
+            raise
+        except Exception as exc:
+            log.exception("unhandled_error", path=request.path, error=type(exc).__name__)
+            return ApiError(500, "internal_error", "the gateway failed to process this request").response()
+
+    return middleware

@@ -1,0 +1,200 @@
+"""`/v1/payments` and its follow-ups."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any, TypeVar
+
+import orjson
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from gateway.api.auth import Authenticator, Caller
+from gateway.api.errors import ApiError, from_validation_error, json_response
+from gateway.api.idempotency import FrontDoor, fingerprint, idempotency_key
+from gateway.api.schemas import CaptureCreate, CardMethod, PaymentCreate, RefundCreate, VoidCreate
+from gateway.api.state import CONFIG, LOG_WRITER, SERVICE, STORE
+from gateway.cards import card_brand
+from gateway.journal.records import PaymentRecord
+from gateway.payment_view import payment_doc, payment_http_status
+from gateway.outcome import Outcome, PaymentStatus
+from providers.base import Card, Operation, PaymentOrder
+
+M = TypeVar("M", bound=BaseModel)
+AUTH = web.AppKey("authenticator", Authenticator)
+FRONT_DOOR = web.AppKey("front_door", FrontDoor)
+MAX_REQUEST_TIMEOUT_MS = 120_000
+
+
+def new_payment_id() -> str:
+    """Time-ordered and unguessable: `pay_` + 48-bit milliseconds + 64 random bits."""
+    return f"pay_{int(time.time() * 1000):012x}{secrets.token_hex(8)}"
+
+
+async def _json_body(request: web.Request, model: type[M]) -> tuple[bytes, M]:
+    if request.content_type != "application/json":
+        raise ApiError(415, "unsupported_media_type", "send the body as application/json", "Content-Type")
+    body = await request.read()
+    try:
+        data = orjson.loads(body or b"{}")
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, "malformed_json", f"the body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "malformed_json", "the body must be a JSON object")
+    try:
+        return body, model.model_validate(data)
+    except ValidationError as exc:
+        raise from_validation_error(exc) from None
+
+
+def _deadline(request: web.Request) -> float:
+    """The configured deadline, lowered (never raised) by the caller's `Request-Timeout` (ms)."""
+    budget_ms = request.app[CONFIG].engine.deadline_ms
+    header = request.headers.get("Request-Timeout")
+    if header is not None:
+        try:
+            asked = int(header)
+        except ValueError:
+            raise ApiError(400, "invalid_header", "Request-Timeout must be whole milliseconds",
+                           "Request-Timeout") from None
+        if not 0 < asked <= MAX_REQUEST_TIMEOUT_MS:
+            raise ApiError(400, "invalid_header", f"Request-Timeout must be 1..{MAX_REQUEST_TIMEOUT_MS}",
+                           "Request-Timeout")
+        budget_ms = min(budget_ms, asked)
+    return time.monotonic() + budget_ms / 1000
+
+
+def _shed_if_overloaded(request: web.Request) -> None:
+    """Refuse early, with Retry-After, rather than queue without bound or lose a log line."""
+    service = request.app[SERVICE]
+    if len(service.in_flight) >= request.app[CONFIG].server.max_in_flight:
+        service.metrics.shed.labels("in_flight").inc()
+        raise ApiError(503, "overloaded", "the gateway is at capacity; retry shortly", headers={"Retry-After": "1"})
+    if not request.app[LOG_WRITER].has_capacity(reserve=16):
+        service.metrics.shed.labels("log_queue").inc()
+        raise ApiError(503, "overloaded", "the transaction log is backed up; retry shortly",
+                       headers={"Retry-After": "1"})
+
+
+async def create_payment(request: web.Request) -> web.Response:
+    caller = request.app[AUTH].caller(request, "payments:write")
+    key = idempotency_key(request)
+    _shed_if_overloaded(request)
+    body, payload = await _json_body(request, PaymentCreate)
+    deadline = _deadline(request)
+    record, order = _new_payment(caller, payload)
+    front = request.app[FRONT_DOOR]
+    replay = await front.claim(caller.name, key, fingerprint(request, body), record.id)
+    if replay is not None:
+        return replay
+    try:
+        record = await request.app[SERVICE].authorize(record, order, deadline)
+    except BaseException:
+        if not record.attempts:  # nothing journalled, nothing sent: the caller may retry the key
+            await front.release(caller.name, key)
+        raise
+    response = json_response(payment_http_status(record), payment_doc(record))
+    await front.complete(caller.name, key, response)
+    return response
+
+
+def _new_payment(caller: Caller, p: PaymentCreate) -> tuple[PaymentRecord, PaymentOrder]:
+    payment_id = new_payment_id()
+    method = p.payment_method
+    card = None
+    record = PaymentRecord(id=payment_id, client=caller.name, amount=p.amount, currency=p.currency, capture=p.capture,
+                           merchant_reference=p.merchant_reference, country=p.country, metadata=dict(p.metadata))
+    if isinstance(method, CardMethod):
+        card = Card(method.number, method.exp_month, method.exp_year, method.cvc, method.holder_name)
+        record.card_brand = card_brand(method.number)
+        record.card_bin = method.number[:6]
+        record.card_last4 = method.number[-4:]
+    order = PaymentOrder(payment_id=payment_id, amount=p.amount, currency=p.currency, capture=p.capture,
+                         merchant_reference=p.merchant_reference, card=card,
+                         token=None if card else method.token, country=p.country,  # type: ignore[union-attr]
+                         description=p.description)
+    return record, order
+
+
+async def _owned_payment(request: web.Request, caller: Caller) -> PaymentRecord:
+    record = await request.app[STORE].get_payment(request.match_info["payment_id"])
+    if record is None or record.client != caller.name:
+        raise ApiError(404, "payment_not_found", "no payment with this id", "payment_id")
+    return record
+
+
+async def get_payment(request: web.Request) -> web.Response:
+    caller = request.app[AUTH].caller(request, "payments:read")
+    record = await _owned_payment(request, caller)
+    return json_response(200, payment_doc(record))
+
+
+def _check_follow_up(record: PaymentRecord, op: Operation, amount: int | None) -> None:
+    def conflict(message: str) -> ApiError:
+        return ApiError(409, "invalid_payment_state", message, "status")
+
+    if amount is not None and amount > record.amount:
+        raise ApiError(422, "amount_too_large", "amount exceeds the payment's amount", "amount")
+    if op is Operation.CAPTURE and (record.status is not PaymentStatus.APPROVED or record.capture):
+        raise conflict(f"only an approved authorisation can be captured (status {record.status.value})")
+    if op is Operation.VOID and (record.status is not PaymentStatus.APPROVED or record.captured_amount):
+        raise conflict(f"only an approved, uncaptured authorisation can be voided (status {record.status.value})")
+    if op is Operation.REFUND:
+        refundable = record.captured_amount - record.refunded_amount
+        if record.status not in (PaymentStatus.APPROVED, PaymentStatus.CAPTURED, PaymentStatus.REFUNDED) \
+                or refundable <= 0:
+            raise conflict("nothing captured is left to refund")
+        if amount is not None and amount > refundable:
+            raise ApiError(422, "amount_too_large", f"at most {refundable} can still be refunded", "amount")
+
+
+_FOLLOW_UP_MODELS: dict[Operation, type[BaseModel]] = {
+    Operation.CAPTURE: CaptureCreate, Operation.VOID: VoidCreate, Operation.REFUND: RefundCreate,
+}
+
+
+def follow_up_handler(op: Operation):  # type: ignore[no-untyped-def]
+    async def handle(request: web.Request) -> web.Response:
+        caller = request.app[AUTH].caller(request, "payments:write")
+        key = idempotency_key(request)
+        _shed_if_overloaded(request)
+        body, payload = await _json_body(request, _FOLLOW_UP_MODELS[op])
+        deadline = _deadline(request)
+        record = await _owned_payment(request, caller)
+        front = request.app[FRONT_DOOR]
+        replay = await front.claim(caller.name, key, fingerprint(request, body), record.id)
+        if replay is not None:
+            return replay
+        try:
+            amount = getattr(payload, "amount", None)
+            _check_follow_up(record, op, amount)
+            outcome = await request.app[SERVICE].follow_up(record, op, amount, key, deadline)
+        except ApiError:
+            await front.release(caller.name, key)
+            raise
+        result = outcome.result
+        if result.outcome in (Outcome.UNAVAILABLE, Outcome.UNKNOWN):
+            # Nothing settled: free the key so the caller's retry reaches the same provider key.
+            await front.release(caller.name, key)
+            code = "provider_unavailable" if result.outcome is Outcome.UNAVAILABLE else "outcome_unknown"
+            raise ApiError(503 if result.outcome is Outcome.UNAVAILABLE else 502, code,
+                           f"{record.provider} did not confirm the {op.value} ({result.raw_code}); "
+                           "retry with the same Idempotency-Key", headers={"Retry-After": "1"})
+        if result.outcome is Outcome.APPROVED:
+            response = json_response(200, payment_doc(outcome.record))
+        else:
+            response = ApiError(422, f"{op.value}_refused",
+                                f"{record.provider} refused the {op.value}: {result.raw_code}").response()
+        await front.complete(caller.name, key, response)
+        return response
+
+    return handle
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/payments", create_payment)
+    app.router.add_get("/v1/payments/{payment_id}", get_payment)
+    app.router.add_post("/v1/payments/{payment_id}/capture", follow_up_handler(Operation.CAPTURE))
+    app.router.add_post("/v1/payments/{payment_id}/void", follow_up_handler(Operation.VOID))
+    app.router.add_post("/v1/payments/{payment_id}/refunds", follow_up_handler(Operation.REFUND))

@@ -1,0 +1,109 @@
+"""The aiohttp application and the lifetime of everything it owns.
+
+One `cleanup_ctx` generator per resource, in dependency order: the transaction log writer, the
+store, the provider pool (one ClientSession each), the payment service, the reconciler. aiohttp
+tears down in reverse and only what started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import structlog
+from aiohttp import web
+
+from gateway.api import health, openapi, payments
+from gateway.api.auth import Authenticator
+from gateway.api.errors import error_middleware
+from gateway.api.idempotency import FrontDoor
+from gateway.api.state import CONFIG, LOG_WRITER, METRICS, OPS_LOG, POOL, SERVICE, STORE
+from gateway.config import GatewayConfig
+from gateway.executor import AttemptExecutor
+from gateway.journal.sqlite import SqliteStore
+from gateway.journal.store import Store
+from gateway.metrics import Metrics
+from gateway.orchestrator import PaymentService
+from gateway.provider_pool import ProviderPool
+from gateway.reconciler import Reconciler
+from gateway.retry_policy import RetryBudget
+from gateway.router import Router
+from gateway.txlog import JsonLinesWriter, build_ops_logger, build_transaction_logger
+
+RECONCILER = web.AppKey("reconciler", Reconciler)
+
+
+def make_store(config: GatewayConfig) -> Store:
+    if config.storage.backend == "sqlite":
+        return SqliteStore(Path(config.storage.sqlite_path))
+    raise NotImplementedError("the PostgreSQL backend is not built yet; use storage.backend: sqlite")
+
+
+def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBoundLogger | None = None,
+              reconcile_interval_s: float = 5.0) -> web.Application:
+    ops = ops_log or build_ops_logger()
+    app = web.Application(middlewares=[error_middleware(ops)], client_max_size=config.server.max_body_bytes)
+    app[CONFIG] = config
+    app[OPS_LOG] = ops
+    app[METRICS] = Metrics()
+    app[payments.AUTH] = Authenticator(config.auth)
+
+    async def log_writer(app: web.Application) -> AsyncIterator[None]:
+        writer = JsonLinesWriter(Path(config.log.dir) / config.log.file, queue_size=config.log.queue_size,
+                                 max_bytes=config.log.max_bytes)
+        writer.start()
+        app[LOG_WRITER] = writer
+        yield
+        await writer.aclose()
+
+    async def store(app: web.Application) -> AsyncIterator[None]:
+        s = make_store(config)
+        await s.open()
+        app[STORE] = s
+        app[payments.FRONT_DOOR] = FrontDoor(s, config.storage.idempotency_retention_h * 3600)
+        yield
+        await s.close()
+
+    async def providers(app: web.Application) -> AsyncIterator[None]:
+        pool = ProviderPool(config)
+        metrics = app[METRICS]
+        for handle in pool:
+            handle.breaker.listeners.append(metrics.breaker_changed)
+            handle.breaker.listeners.append(
+                lambda provider, old, new: ops.warning("breaker_state_change", provider=provider, old=old, new=new))
+            metrics.breaker_state.labels(handle.name).set(0)
+        await pool.start()
+        app[POOL] = pool
+        yield
+        await pool.close()
+
+    async def service(app: web.Application) -> AsyncIterator[None]:
+        pool = app[POOL]
+        engine = config.engine
+        budget = RetryBudget(ratio=engine.retry_budget_ratio, min_per_s=engine.retry_budget_min_per_s,
+                             window_s=engine.retry_budget_window_s)
+        app[SERVICE] = PaymentService(
+            store=app[STORE], pool=pool, router=Router(config.routes, pool.health),
+            executor=AttemptExecutor(budget, app[METRICS]), metrics=app[METRICS],
+            txlog=build_transaction_logger(app[LOG_WRITER]),
+        )
+        yield
+
+    async def reconciler(app: web.Application) -> AsyncIterator[None]:
+        rec = Reconciler(app[SERVICE], interval_s=reconcile_interval_s)
+        app[RECONCILER] = rec
+        await rec.run_once(min_age_s=0)  # whatever a crash left behind
+        task = asyncio.create_task(rec.run_forever(), name="reconciler")
+        yield
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+
+    app.cleanup_ctx.extend([log_writer, store, providers, service, reconciler])
+    payments.add_routes(app)
+    health.add_routes(app)
+    openapi.add_routes(app)
+    return app

@@ -1,0 +1,115 @@
+"""A circuit breaker per provider: pybreaker's state machine, driven correctly from asyncio.
+
+pybreaker is not asyncio-native (`call_async` needs Tornado; `call(async_fn)` returns the
+coroutine and counts a success). What works: its generator-based `calling()` context manager
+wraps the awaited attempt, so the state machine sees the real result. Only outcomes that say
+something about the provider's health are raised into it (`ProviderFailure`); declines return
+normally and count as the provider answering. `throw_new_error_on_trip=False` keeps the
+tripping call's own error. pybreaker lets every concurrent caller through while half-open, so
+an asyncio.Lock admits a single trial call at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractContextManager, asynccontextmanager, contextmanager
+from datetime import UTC, datetime, timedelta
+
+import pybreaker
+
+
+class BreakerOpen(Exception):
+    """The breaker refused the call: nothing was sent."""
+
+
+class ProviderFailure(Exception):
+    """Raised inside `guard()` to count an attempt as a failure."""
+
+
+StateListener = Callable[[str, str, str], None]  # provider, old, new
+
+
+class _Listener(pybreaker.CircuitBreakerListener):
+    def __init__(self, breaker: ProviderBreaker) -> None:
+        self._breaker = breaker
+
+    def state_change(self, cb: pybreaker.CircuitBreaker, old_state: object, new_state: object) -> None:
+        old = getattr(old_state, "name", str(old_state))
+        new = getattr(new_state, "name", str(new_state))
+        self._breaker.changed_at = time.time()
+        for listener in self._breaker.listeners:
+            listener(self._breaker.provider, old, new)
+
+
+class ProviderBreaker:
+    def __init__(self, provider: str, *, fail_max: int, reset_timeout_s: float) -> None:
+        self.provider = provider
+        self.listeners: list[StateListener] = []
+        self.changed_at = time.time()
+        self._cb = pybreaker.CircuitBreaker(
+            fail_max=fail_max,
+            reset_timeout=reset_timeout_s,
+            throw_new_error_on_trip=False,
+            listeners=[_Listener(self)],
+            name=provider,
+        )
+        self._trial = asyncio.Lock()
+
+    @property
+    def state(self) -> str:
+        return self._cb.current_state
+
+    def allows_call(self) -> bool:
+        """Whether a call now would be let through; the router skips providers for which not."""
+        state = self._cb.current_state
+        if state == pybreaker.STATE_CLOSED:
+            return True
+        if state == pybreaker.STATE_OPEN and not self._reset_elapsed():
+            return False
+        return not self._trial.locked()
+
+    def _reset_elapsed(self) -> bool:
+        opened_at = self._cb._state_storage.opened_at  # pybreaker exposes no public accessor
+        return opened_at is None or datetime.now(UTC) >= opened_at + timedelta(seconds=self._cb.reset_timeout)
+
+    @asynccontextmanager
+    async def guard(self) -> AsyncIterator[None]:
+        """Wrap exactly one provider attempt. Raise ProviderFailure inside to count a failure."""
+        if self._cb.current_state == pybreaker.STATE_CLOSED:
+            async with self._calling():
+                yield
+            return
+        if self._trial.locked():
+            raise BreakerOpen(f"{self.provider}: breaker {self.state}, trial call in progress")
+        async with self._trial, self._calling():
+            yield
+
+    @asynccontextmanager
+    async def _calling(self) -> AsyncIterator[None]:
+        try:
+            calling = self._cb.calling()
+            calling.__enter__()
+        except pybreaker.CircuitBreakerError as exc:
+            raise BreakerOpen(f"{self.provider}: {exc}") from exc
+        with _entered(calling):
+            yield
+
+    def force_open(self) -> None:
+        self._cb.open()
+
+    def force_close(self) -> None:
+        self._cb.close()
+
+
+@contextmanager
+def _entered(cm: AbstractContextManager[None]) -> Iterator[None]:
+    """Finish a context manager already entered, passing any exception through it."""
+    try:
+        yield
+    except BaseException as exc:
+        if not cm.__exit__(type(exc), exc, exc.__traceback__):
+            raise
+    else:
+        cm.__exit__(None, None, None)

@@ -1,0 +1,183 @@
+"""The `gateway` command. Each sub-command prints one clear line and exits non-zero on error."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from gateway.config import ConfigError, GatewayConfig, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Payment-resilience gateway.")
+certs_app = typer.Typer(no_args_is_help=True, help="Certificates: dev CA, checks, rotation.")
+app.add_typer(certs_app, name="certs")
+
+DEFAULT_CONFIG = Path("config/gateway.yaml")
+DEFAULT_CERTS = Path("certs")
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML configuration file")]
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code)
+
+
+def _load(path: Path) -> GatewayConfig:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        raise fail(f"{path}: {exc}") from None
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # uvloop does not exist on Windows
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def _server_ssl(config: GatewayConfig):  # type: ignore[no-untyped-def]
+    if config.server.tls is None:
+        return None
+    from gateway.certs.tls import server_context
+
+    tls = config.server.tls
+    return server_context(tls.cert, tls.key, client_ca=tls.client_ca, require_client_cert=False)
+
+
+@app.command()
+def serve(
+    config: ConfigOpt = DEFAULT_CONFIG,
+    workers: Annotated[int, typer.Option(min=1, max=64, help="processes sharing the port")] = 1,
+) -> None:
+    """Run the gateway until SIGTERM/SIGINT, then drain in-flight requests and exit."""
+    cfg = _load(config)
+    if workers > 1:
+        _serve_workers(config, cfg, workers)
+        return
+    _serve_one(cfg, reuse_port=False)
+
+
+def _serve_one(cfg: GatewayConfig, *, reuse_port: bool) -> None:
+    from aiohttp import web
+
+    from gateway.app import build_app
+
+    try:
+        web.run_app(build_app(cfg), host=cfg.server.host, port=cfg.server.port, ssl_context=_server_ssl(cfg),
+                    shutdown_timeout=cfg.server.shutdown_grace_s, access_log=None, reuse_port=reuse_port,
+                    loop=_new_loop(), print=lambda msg: typer.echo(msg, err=True))
+    except OSError as exc:
+        raise fail(f"cannot serve on {cfg.server.host}:{cfg.server.port}: {exc.strerror}") from None
+
+
+def _serve_workers(path: Path, cfg: GatewayConfig, workers: int) -> None:
+    """N processes on one port (SO_REUSEPORT); the kernel spreads connections across them."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_worker_main, args=(str(path),), name=f"gateway-worker-{i}") for i in range(workers)]
+    for p in procs:
+        p.start()
+
+    def forward(signum: int, _frame: object) -> None:
+        for p in procs:
+            if p.pid:
+                os.kill(p.pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for p in procs:
+        p.join()
+    if any(p.exitcode for p in procs):
+        raise typer.Exit(1)
+
+
+def _worker_main(path: str) -> None:
+    _serve_one(load_config(Path(path)), reuse_port=True)
+
+
+@app.command()
+def emulator(
+    kind: Annotated[str, typer.Argument(help="stripe | adyen | checkout")],
+    port: Annotated[Optional[int], typer.Option(help="API port (default: the kind's usual port)")] = None,
+    admin_port: Annotated[Optional[int], typer.Option(help="admin port (default: port + 100)")] = None,
+    certs_dir: Annotated[Path, typer.Option("--certs", help="dev certificate root")] = DEFAULT_CERTS,
+    tls: Annotated[bool, typer.Option(help="serve HTTPS with the dev certificates")] = True,
+    mtls: Annotated[bool, typer.Option(help="require a client certificate from the dev CA")] = True,
+) -> None:
+    """Run one provider emulator on loopback until Ctrl-C."""
+    from gateway.certs.devca import generate_dev_certs
+    from providers.emulation.launch import start_emulator
+    from providers.registry import KINDS
+
+    if kind not in KINDS:
+        raise fail(f"unknown provider kind {kind!r}; choose one of {', '.join(sorted(KINDS))}")
+    api_port = port if port is not None else KINDS[kind].default_port
+    layout = generate_dev_certs(certs_dir, sorted(KINDS)) if tls else None
+
+    async def main() -> None:
+        server = await start_emulator(kind, port=api_port, admin_port=admin_port or api_port + 100, certs=layout,
+                                      require_client_cert=mtls)
+        typer.echo(f"{kind} emulator on {server.url} (admin {server.admin_url}/_emulator/ledger)", err=True)
+        try:
+            await _until_signal()
+        finally:
+            await server.stop()
+
+    _run(main())
+
+
+async def _until_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+def _run(coro) -> None:  # type: ignore[no-untyped-def]
+    loop = _new_loop()
+    try:
+        loop.run_until_complete(coro)
+    except OSError as exc:
+        raise fail(str(exc)) from None
+    finally:
+        loop.close()
+
+
+@app.command()
+def dev(config: ConfigOpt = DEFAULT_CONFIG,
+        certs_dir: Annotated[Path, typer.Option("--certs")] = DEFAULT_CERTS) -> None:
+    """Local stack for `make run`: dev certificates, every configured emulator, the gateway."""
+    from gateway.devstack import run_dev_stack
+
+    cfg = _load(config)
+    try:
+        _run(run_dev_stack(cfg, certs_dir))
+    except ConfigError as exc:
+        raise fail(str(exc)) from None
+
+
+@certs_app.command("dev-init")
+def certs_dev_init(certs_dir: Annotated[Path, typer.Option("--certs")] = DEFAULT_CERTS,
+                   force: Annotated[bool, typer.Option(help="reissue everything")] = False) -> None:
+    """Create (or renew) the dev CA and every dev certificate; never for production."""
+    from gateway.certs.devca import generate_dev_certs
+    from providers.registry import KINDS
+
+    layout = generate_dev_certs(certs_dir, sorted(KINDS), force=force)
+    typer.echo(f"dev certificates ready under {layout.root}")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,1 @@
+"""The durable journal: payments, their attempts, and front-door idempotency records."""

@@ -1,0 +1,95 @@
+"""What the journal stores. No card number, CVC or secret is ever part of a record: a crash
+must leave enough to reconcile (provider, its reference, the idempotency key we used), never
+enough to charge again."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from gateway.outcome import PaymentStatus
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One call to one provider. Each try is its own record under the payment."""
+
+    provider: str
+    try_number: int
+    operation: str
+    idempotency_key: str | None
+    started_at: float
+    outcome: str | None = None  # Outcome value once answered
+    raw_code: str | None = None
+    http_status: int | None = None
+    latency_ms: float | None = None
+    breaker_state: str | None = None
+    reference: str | None = None
+    failover_reason: str | None = None
+    message: str | None = None
+
+
+@dataclass(slots=True)
+class PaymentRecord:
+    id: str
+    client: str
+    amount: int
+    currency: str
+    capture: bool
+    merchant_reference: str
+    status: PaymentStatus = PaymentStatus.RECEIVED
+    country: str | None = None
+    card_brand: str | None = None
+    card_bin: str | None = None
+    card_last4: str | None = None
+    route: str | None = None
+    provider: str | None = None
+    provider_reference: str | None = None
+    provider_idempotency_key: str | None = None
+    decline_code: str | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    outcome: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    attempts: list[Attempt] = field(default_factory=list)
+    captured_amount: int = 0
+    refunded_amount: int = 0
+    created_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+
+    def to_doc(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any]) -> PaymentRecord:
+        doc = dict(doc)
+        doc["status"] = PaymentStatus(doc["status"])
+        doc["attempts"] = [Attempt(**a) for a in doc.get("attempts", [])]
+        return cls(**doc)
+
+
+class IdempotencyState(StrEnum):
+    IN_FLIGHT = "in_flight"
+    DONE = "done"
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResponse:
+    status: int
+    body: bytes
+
+
+class ClaimKind(StrEnum):
+    NEW = "new"
+    REPLAY = "replay"
+    IN_FLIGHT = "in_flight"
+    MISMATCH = "mismatch"
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyClaim:
+    kind: ClaimKind
+    resource_id: str | None = None
+    response: StoredResponse | None = None

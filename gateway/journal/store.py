@@ -1,0 +1,41 @@
+"""The store interface the service depends on; SQLite embeds it, PostgreSQL scales it out."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from gateway.journal.records import IdempotencyClaim, PaymentRecord, StoredResponse
+
+
+class Store(Protocol):
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def save_payment(self, record: PaymentRecord) -> None:
+        """Durable on return: callers rely on the row being on disk before a provider call."""
+        ...
+
+    async def get_payment(self, payment_id: str) -> PaymentRecord | None: ...
+
+    async def unresolved_payments(self, limit: int = 500) -> list[PaymentRecord]:
+        """Payments the reconciler owns: received, attempting or pending."""
+        ...
+
+    async def claim_idempotency(
+        self, scope: str, key: str, fingerprint: str, resource_id: str, now: float, expires_at: float
+    ) -> IdempotencyClaim:
+        """Atomically: insert an in-flight record, or report what the key already holds."""
+        ...
+
+    async def complete_idempotency(self, scope: str, key: str, response: StoredResponse) -> None: ...
+
+    async def release_idempotency(self, scope: str, key: str) -> None:
+        """Forget an in-flight key whose request changed nothing, so the caller may retry it."""
+        ...
+
+    async def complete_idempotency_for(self, resource_id: str, response: StoredResponse) -> None:
+        """The reconciler settled `resource_id`: store the answer for any key still in flight on it."""
+        ...
+
+    async def purge_expired_idempotency(self, now: float) -> int: ...

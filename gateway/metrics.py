@@ -1,0 +1,42 @@
+"""Prometheus metrics, one registry per app so tests and replicas never share state."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import generate_latest
+
+BREAKER_STATES = {"closed": 0, "half-open": 1, "open": 2}
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.payments = Counter("gateway_payments_total", "Payments by final status", ["status"], registry=r)
+        self.attempts = Counter("gateway_attempts_total", "Provider attempts by outcome class",
+                                ["provider", "operation", "outcome"], registry=r)
+        self.attempt_latency = Histogram("gateway_attempt_seconds", "Provider attempt latency", ["provider"],
+                                         buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10), registry=r)
+        self.payment_latency = Histogram("gateway_payment_seconds", "Payment latency at the front door",
+                                         buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10), registry=r)
+        self.failovers = Counter("gateway_failovers_total", "Moves to the next provider", ["from_provider", "reason"],
+                                 registry=r)
+        self.retries = Counter("gateway_retries_total", "Retries to the same provider", ["provider"], registry=r)
+        self.breaker_state = Gauge("gateway_breaker_state", "0 closed, 1 half-open, 2 open", ["provider"], registry=r)
+        self.breaker_changes = Counter("gateway_breaker_transitions_total", "Breaker state changes",
+                                       ["provider", "to_state"], registry=r)
+        self.bulkhead_active = Gauge("gateway_bulkhead_active", "Calls in flight per provider", ["provider"],
+                                     registry=r)
+        self.shed = Counter("gateway_shed_total", "Requests refused to protect the gateway", ["reason"], registry=r)
+        self.log_dropped = Gauge("gateway_log_dropped_lines", "Transaction log lines that could not be queued",
+                                 registry=r)
+        self.in_flight = Gauge("gateway_in_flight_requests", "Payments being processed", registry=r)
+        self.reconciled = Counter("gateway_reconciled_total", "Payments settled by the reconciler", ["status"],
+                                  registry=r)
+
+    def breaker_changed(self, provider: str, _old: str, new: str) -> None:
+        self.breaker_state.labels(provider).set(BREAKER_STATES.get(new, -1))
+        self.breaker_changes.labels(provider, new).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

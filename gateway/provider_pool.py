@@ -1,0 +1,88 @@
+"""The runtime side of each configured provider: mapping, transport, breaker, bulkhead.
+
+Built once at start from configuration; the app's cleanup context opens and closes the
+transports (one keep-alive ClientSession per provider).
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from gateway.breaker import ProviderBreaker
+from gateway.bulkhead import Bulkhead
+from gateway.certs.tls import client_context
+from gateway.config import GatewayConfig, ProviderConfig
+from providers.base import ProviderMapping
+from providers.registry import KINDS
+from providers.transport import ProviderTransport
+
+
+@dataclass(slots=True)
+class ProviderHandle:
+    name: str
+    config: ProviderConfig
+    mapping: ProviderMapping
+    transport: ProviderTransport
+    breaker: ProviderBreaker
+    bulkhead: Bulkhead
+    ssl_context: ssl.SSLContext | None
+    certificate_problem: str | None = None  # set by the certificate watcher
+
+    @property
+    def timeout_s(self) -> float:
+        return self.config.timeout_ms / 1000
+
+    def unusable_reason(self) -> str | None:
+        """Why the router must not send this provider a call right now."""
+        if self.certificate_problem is not None:
+            return self.certificate_problem
+        if not self.breaker.allows_call():
+            return "breaker_open"
+        if self.bulkhead.full:
+            return "bulkhead_full"
+        return None
+
+
+def _ssl_context(cfg: ProviderConfig) -> ssl.SSLContext | None:
+    if not cfg.base_url.startswith("https://"):
+        return None
+    return client_context(cfg.tls.ca, cfg.tls.client_cert, cfg.tls.client_key)
+
+
+class ProviderPool:
+    def __init__(self, config: GatewayConfig) -> None:
+        self._handles: dict[str, ProviderHandle] = {}
+        for name, cfg in config.providers.items():
+            ctx = _ssl_context(cfg)
+            self._handles[name] = ProviderHandle(
+                name=name,
+                config=cfg,
+                mapping=KINDS[cfg.kind].mapping(name, cfg.api_key.get_secret_value(),
+                                                merchant_account=cfg.merchant_account),
+                transport=ProviderTransport(name, cfg.base_url, ssl_context=ctx,
+                                            connect_timeout_s=cfg.connect_timeout_ms / 1000,
+                                            max_connections=cfg.max_connections),
+                breaker=ProviderBreaker(name, fail_max=cfg.breaker.fail_max,
+                                        reset_timeout_s=cfg.breaker.reset_timeout_s),
+                bulkhead=Bulkhead(cfg.bulkhead.max_concurrent, cfg.bulkhead.max_queue),
+                ssl_context=ctx,
+            )
+
+    def __getitem__(self, name: str) -> ProviderHandle:
+        return self._handles[name]
+
+    def __iter__(self) -> Iterator[ProviderHandle]:
+        return iter(self._handles.values())
+
+    def health(self, name: str) -> str | None:
+        return self._handles[name].unusable_reason()
+
+    async def start(self) -> None:
+        for handle in self._handles.values():
+            await handle.transport.start()
+
+    async def close(self) -> None:
+        for handle in self._handles.values():
+            await handle.transport.close()

@@ -1,0 +1,122 @@
+"""The router: an ordered list of candidate providers for one payment.
+
+Routes are compiled once at start. The first route whose match fits the payment gives the
+candidates, shuffled by weight when the route splits volume; providers that cannot take a call
+right now (breaker open, client certificate expired, bulkhead full) are skipped before any call.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from gateway.config import RouteConfig
+
+HealthCheck = Callable[[str], str | None]  # provider -> reason it cannot serve now, or None
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingFacts:
+    amount: int
+    currency: str
+    country: str | None
+    brand: str | None
+    merchant: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class RouteDecision:
+    route: str
+    candidates: tuple[str, ...]
+    skipped: tuple[tuple[str, str], ...]
+    cascade_on: frozenset[str]
+
+
+class NoRoute(Exception):
+    """No configured route matches the payment."""
+
+
+@dataclass(frozen=True, slots=True)
+class _CompiledRoute:
+    name: str
+    currencies: frozenset[str] | None
+    countries: frozenset[str] | None
+    brands: frozenset[str] | None
+    merchants: frozenset[str] | None
+    min_amount: int | None
+    max_amount: int | None
+    providers: tuple[str, ...]
+    weights: tuple[float, ...] | None
+    cascade_on: frozenset[str]
+
+    def matches(self, f: RoutingFacts) -> bool:
+        return (
+            (self.currencies is None or f.currency in self.currencies)
+            and (self.countries is None or f.country in self.countries)
+            and (self.brands is None or f.brand in self.brands)
+            and (self.merchants is None or f.merchant in self.merchants)
+            and (self.min_amount is None or f.amount >= self.min_amount)
+            and (self.max_amount is None or f.amount <= self.max_amount)
+        )
+
+
+def _set(values: Sequence[str] | None, upper: bool = False) -> frozenset[str] | None:
+    if values is None:
+        return None
+    return frozenset(v.upper() if upper else v for v in values)
+
+
+class Router:
+    def __init__(self, routes: Sequence[RouteConfig], health: HealthCheck, rng: random.Random | None = None) -> None:
+        self._health = health
+        self._rng = rng or random.Random()
+        self._routes = tuple(
+            _CompiledRoute(
+                name=r.name,
+                currencies=_set(r.match.currencies, upper=True),
+                countries=_set(r.match.countries, upper=True),
+                brands=_set(r.match.brands),
+                merchants=_set(r.match.merchants),
+                min_amount=r.match.min_amount,
+                max_amount=r.match.max_amount,
+                providers=r.providers,
+                weights=r.weights,
+                cascade_on=frozenset(r.cascade_on),
+            )
+            for r in routes
+        )
+
+    def route(self, facts: RoutingFacts) -> RouteDecision:
+        for route in self._routes:
+            if route.matches(facts):
+                ordered = self._order(route)
+                usable, skipped = [], []
+                for provider in ordered:
+                    reason = self._health(provider)
+                    if reason is None:
+                        usable.append(provider)
+                    else:
+                        skipped.append((provider, reason))
+                return RouteDecision(route.name, tuple(usable), tuple(skipped), route.cascade_on)
+        raise NoRoute(f"no route for {facts.currency} {facts.country or '-'} {facts.brand or '-'}")
+
+    def _order(self, route: _CompiledRoute) -> list[str]:
+        """Weighted order without replacement: the first pick follows the volume split."""
+        if route.weights is None:
+            return list(route.providers)
+        pool = list(zip(route.providers, route.weights))
+        ordered: list[str] = []
+        while pool:
+            total = sum(w for _, w in pool)
+            if total <= 0:
+                ordered.extend(p for p, _ in pool)
+                break
+            pick = self._rng.uniform(0, total)
+            for i, (provider, weight) in enumerate(pool):
+                pick -= weight
+                if pick <= 0 or i == len(pool) - 1:
+                    ordered.append(provider)
+                    pool.pop(i)
+                    break
+        return ordered

@@ -1,0 +1,36 @@
+"""Transaction log pipeline: redaction, JSON rendering and a non-blocking rotating writer.
+
+Every payment is logged exactly once as one JSON line (DESIGN rule 5) through
+`build_transaction_logger`, whose processor chain always includes the `Redactor`
+(DESIGN rule 6). `JsonLinesWriter` keeps file I/O off the event loop and tells the API when to
+shed load (`has_capacity`) before a line could be lost.
+"""
+
+from gateway.txlog.logger import build_ops_logger, build_transaction_logger
+from gateway.txlog.redaction import (
+    DEFAULT_SENSITIVE_KEYS,
+    REDACTED,
+    Redactor,
+    luhn_valid,
+    mask_pan,
+)
+from gateway.txlog.writer import (
+    JsonLinesWriter,
+    LogQueueFull,
+    LogWriterClosed,
+    LogWriterError,
+)
+
+__all__ = [
+    "DEFAULT_SENSITIVE_KEYS",
+    "REDACTED",
+    "JsonLinesWriter",
+    "LogQueueFull",
+    "LogWriterClosed",
+    "LogWriterError",
+    "Redactor",
+    "build_ops_logger",
+    "build_transaction_logger",
+    "luhn_valid",
+    "mask_pan",
+]

@@ -1,0 +1,1 @@
+"""Adyen-shaped provider: Checkout API v71 (`/payments` and its modifications) over JSON."""

@@ -1,0 +1,333 @@
+"""Checkout.com Unified Payments mapping: request building and answer classification, no I/O.
+
+Facts from Checkout.com's API reference and docs:
+- `POST /payments` with a JSON body, `Authorization: Bearer sk_…` (sandbox keys `sk_sbox_…`) and
+  `Cko-Idempotency-Key`. Our payment id goes into `reference`, which `GET /payments?reference=`
+  ("Get a list of payments") finds again when we never learnt the provider's `pay_…` id.
+- A processed payment is `201` whether approved or not: `approved` (bool), `status`,
+  `response_code` (five digits: 10xxx approved, 20xxx soft decline, 30xxx hard decline, 40xxx
+  risk), `response_summary`, `id` (`pay_…`), `action_id`. `202` with `status: Pending` means the
+  payment exists but is not finished (a 3DS redirect, an asynchronous method).
+- Captures, refunds and voids (`POST /payments/{id}/captures|refunds|voids`) answer `202
+  Accepted` with an `action_id`: the action was accepted and is processed asynchronously.
+- Errors: `401` (our key), `403` (action not allowed in the payment's state), `404`, `422`
+  `{request_id, error_type, error_codes}` (invalid request), `429`, `500`, `502`.
+
+Idempotency, as the "Idempotency" page documents it, is where Checkout.com differs: only a
+request that was processed successfully is stored for its key. After a 5xx the same key is
+processed as a new attempt, so retrying a 500 with the same key can charge twice; such results
+carry `extra["idempotent_retry"] = "unsafe"` and the engine must settle them with a status query
+first. Concurrent requests with one key get `429 Too many requests` for all but the first, the
+same status a rate limit uses; see `_classify_429`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import orjson
+
+from gateway.outcome import Outcome
+from providers.base import (
+    FollowUp,
+    Operation,
+    PaymentOrder,
+    ProviderRequest,
+    ProviderResponse,
+    ProviderResult,
+)
+from providers.classify import parse_retry_after
+
+IDEMPOTENCY_HEADER = "Cko-Idempotency-Key"
+REQUEST_ID_HEADER = "Cko-Request-Id"
+STATUS_LIST_LIMIT = 10  # payments sharing one reference; more than one means a retry created another
+# Set on answers after which a retry with the same key is a new attempt (Checkout stores only 2xx).
+UNSAFE_RETRY: Mapping[str, str] = MappingProxyType({"idempotent_retry": "unsafe"})
+
+# response_code -> class, for declined payments. Visa's rules: lost, stolen and closed-account
+# declines are never retried; fraud, insufficient funds and invalid or expired cards are not
+# cascaded either. Codes not listed fall back on Checkout's documented ranges (CODE_RANGES).
+RESPONSE_CODES: Mapping[str, Outcome] = MappingProxyType(
+    {
+        # 20xxx that need the cardholder or issuer to act before anything can succeed
+        "20004": Outcome.HARD_DECLINE,  # Pick up card
+        "20012": Outcome.HARD_DECLINE,  # Invalid transaction
+        "20014": Outcome.HARD_DECLINE,  # Invalid card number
+        "20041": Outcome.HARD_DECLINE,  # Lost card (usually reported as 30041)
+        "20043": Outcome.HARD_DECLINE,  # Stolen card (usually reported as 30043)
+        "20046": Outcome.HARD_DECLINE,  # Account closed
+        "20051": Outcome.HARD_DECLINE,  # Insufficient funds
+        "20054": Outcome.HARD_DECLINE,  # Expired card
+        "20056": Outcome.HARD_DECLINE,  # No card record
+        "20057": Outcome.HARD_DECLINE,  # Transaction not permitted to cardholder
+        "20059": Outcome.HARD_DECLINE,  # Suspected fraud
+        "20062": Outcome.HARD_DECLINE,  # Restricted card
+        "20063": Outcome.HARD_DECLINE,  # Security violation
+        "20078": Outcome.HARD_DECLINE,  # Blocked, first use: the cardholder must unblock the card
+        "20082": Outcome.HARD_DECLINE,  # No security model (negative CVV results)
+        "20087": Outcome.HARD_DECLINE,  # Bad track data (invalid CVV and/or expiry date)
+        "200N7": Outcome.HARD_DECLINE,  # Decline for CVV2 failure
+        "200R1": Outcome.HARD_DECLINE,  # Issuer stop payment (revocation order), this authorization
+        "200R3": Outcome.HARD_DECLINE,  # Issuer stop payment (revocation order), all authorizations
+        "20154": Outcome.HARD_DECLINE,  # 3DS authentication required: no other acquirer avoids it
+        # 20xxx where a later attempt, or another acquirer, may succeed
+        "20001": Outcome.SOFT_DECLINE,  # Refer to card issuer
+        "20002": Outcome.SOFT_DECLINE,  # Refer to card issuer, special conditions
+        "20005": Outcome.SOFT_DECLINE,  # Declined - Do not honour
+        "20019": Outcome.SOFT_DECLINE,  # Re-enter transaction
+        "20020": Outcome.SOFT_DECLINE,  # Invalid response
+        "20022": Outcome.SOFT_DECLINE,  # Suspected malfunction
+        "20061": Outcome.SOFT_DECLINE,  # Activity amount limit exceeded
+        "20065": Outcome.SOFT_DECLINE,  # Activity count limit exceeded
+        "20068": Outcome.SOFT_DECLINE,  # Response received too late / timeout
+        "20091": Outcome.SOFT_DECLINE,  # Issuer unavailable
+        "20092": Outcome.SOFT_DECLINE,  # Destination cannot be found for routing
+        "20096": Outcome.SOFT_DECLINE,  # System malfunction
+        "20099": Outcome.SOFT_DECLINE,  # Other / unidentified
+        "20153": Outcome.SOFT_DECLINE,  # 3DS system malfunction
+        # 30xxx hard declines
+        "30004": Outcome.HARD_DECLINE,  # Pick up card
+        "30007": Outcome.HARD_DECLINE,  # Pick up card, special conditions
+        "30015": Outcome.HARD_DECLINE,  # No such issuer
+        "30033": Outcome.HARD_DECLINE,  # Expired card - pick up
+        "30034": Outcome.HARD_DECLINE,  # Suspected fraud - pick up
+        "30041": Outcome.HARD_DECLINE,  # Lost card - pick up
+        "30043": Outcome.HARD_DECLINE,  # Stolen card - pick up
+        # 40xxx risk responses: our own risk rules blocked it; another provider must not bypass them
+        "40101": Outcome.HARD_DECLINE,  # Risk blocked transaction
+        "40108": Outcome.HARD_DECLINE,  # Gateway reject - post code failed
+    }
+)
+# First digit of an unlisted code -> class: the ranges Checkout documents.
+CODE_RANGES: Mapping[str, Outcome] = MappingProxyType(
+    {
+        "2": Outcome.SOFT_DECLINE,  # "declined, though subsequent attempts may be successful"
+        "3": Outcome.HARD_DECLINE,  # "most hard declines require the issuer or cardholder to rectify"
+        "4": Outcome.HARD_DECLINE,  # risk responses
+        "5": Outcome.HARD_DECLINE,  # declined by Checkout.com
+    }
+)
+UNLISTED_DECLINE = Outcome.SOFT_DECLINE
+# Payment details (status queries) carry no response_code. A reconciled decline whose reason we
+# never saw is treated as hard, so it is never cascaded to another provider.
+DECLINE_WITHOUT_CODE = Outcome.HARD_DECLINE
+
+# Payment `status` -> class, for 2xx answers and status queries.
+PAYMENT_STATUS: Mapping[str, Outcome] = MappingProxyType(
+    {
+        "Authorized": Outcome.APPROVED,
+        "Card Verified": Outcome.APPROVED,
+        "Captured": Outcome.APPROVED,
+        "Partially Captured": Outcome.APPROVED,
+        "Refunded": Outcome.APPROVED,
+        "Partially Refunded": Outcome.APPROVED,
+        "Voided": Outcome.APPROVED,  # it was authorised, then a void succeeded
+        "Expired": Outcome.APPROVED,  # it was authorised, the authorisation lapsed uncaptured
+        "Paid": Outcome.APPROVED,
+        "Pending": Outcome.UNKNOWN,  # exists, not finished: answer pending and reconcile
+        "Retry Scheduled": Outcome.UNKNOWN,
+        "Declined": DECLINE_WITHOUT_CODE,  # refined by response_code when the answer has one
+        "Canceled": DECLINE_WITHOUT_CODE,  # final, nothing charged, reason unknown
+    }
+)
+CHARGED_STATUSES = frozenset(s for s, o in PAYMENT_STATUS.items() if o is Outcome.APPROVED)
+
+# HTTP status of an error answer -> class (429 is decided by `_classify_429`).
+ERROR_STATUS: Mapping[int, Outcome] = MappingProxyType(
+    {
+        400: Outcome.REJECTED,
+        401: Outcome.UNAVAILABLE,  # our credentials: nothing was processed, another provider can serve
+        403: Outcome.REJECTED,  # "capture/void/refund not allowed" in the payment's current state
+        404: Outcome.REJECTED,
+        409: Outcome.UNKNOWN,
+        422: Outcome.REJECTED,  # request_invalid (and the emulator's key-reused-with-another-body)
+        500: Outcome.UNKNOWN,  # may have been processed, and the key was not stored
+        502: Outcome.UNAVAILABLE,
+        503: Outcome.UNAVAILABLE,
+        504: Outcome.UNAVAILABLE,
+    }
+)
+
+
+def decline_outcome(response_code: str | None) -> Outcome:
+    """Class of a declined payment's response_code: the table, else the documented range."""
+    if not response_code:
+        return DECLINE_WITHOUT_CODE
+    listed = RESPONSE_CODES.get(response_code)
+    if listed is not None:
+        return listed
+    return CODE_RANGES.get(response_code[:1], UNLISTED_DECLINE)
+
+
+class CheckoutMapping:
+    """Build and classify Checkout.com Unified Payments calls for one account.
+
+    `merchant_account`, when given, is sent as `processing_channel_id` (`pc_…`).
+    """
+
+    def __init__(self, name: str, api_key: str, *, merchant_account: str | None = None) -> None:
+        self.name = name
+        self._auth = f"Bearer {api_key}"
+        self._processing_channel = merchant_account
+
+    def _headers(self, idempotency_key: str | None, *, body: bool = True) -> dict[str, str]:
+        headers = {"Authorization": self._auth}
+        if body:
+            headers["Content-Type"] = "application/json"
+        if idempotency_key is not None:
+            headers[IDEMPOTENCY_HEADER] = idempotency_key
+        return headers
+
+    def build(self, op: Operation, subject: PaymentOrder | FollowUp, idempotency_key: str | None) -> ProviderRequest:
+        if op is Operation.AUTHORIZE:
+            assert isinstance(subject, PaymentOrder)
+            return ProviderRequest("POST", "/payments", self._headers(idempotency_key),
+                                   orjson.dumps(self._payment_body(subject)))
+        assert isinstance(subject, FollowUp)
+        if op is Operation.STATUS:
+            if subject.provider_reference:
+                path = f"/payments/{quote(subject.provider_reference, safe='')}"
+            else:
+                query = urlencode({"reference": subject.payment_id, "limit": STATUS_LIST_LIMIT, "skip": 0})
+                path = f"/payments?{query}"
+            return ProviderRequest("GET", path, self._headers(None, body=False))
+        if not subject.provider_reference:
+            raise ValueError(f"{op} needs the provider's payment id (follow-ups stay with their provider)")
+        base = f"/payments/{quote(subject.provider_reference, safe='')}"
+        action: dict[str, Any] = {}
+        if op in (Operation.CAPTURE, Operation.REFUND) and subject.amount is not None:
+            action["amount"] = subject.amount  # omitted: the full remaining amount
+        action["reference"] = subject.follow_up_id or subject.payment_id
+        suffix = {Operation.CAPTURE: "captures", Operation.REFUND: "refunds", Operation.VOID: "voids"}.get(op)
+        if suffix is None:
+            raise ValueError(f"unsupported operation {op}")
+        return ProviderRequest("POST", f"{base}/{suffix}", self._headers(idempotency_key), orjson.dumps(action))
+
+    def _payment_body(self, order: PaymentOrder) -> dict[str, Any]:
+        source: dict[str, Any]
+        if order.card is not None:
+            card = order.card
+            source = {"type": "card", "number": card.number, "expiry_month": card.exp_month,
+                      "expiry_year": card.exp_year}
+            if card.cvc:
+                source["cvv"] = card.cvc
+            if card.holder_name:
+                source["name"] = card.holder_name
+        elif order.token and order.token.startswith("tok_"):
+            source = {"type": "token", "token": order.token}  # a one-time Frames token
+        elif order.token:
+            source = {"type": "id", "id": order.token}  # a stored source or instrument (src_…)
+        else:
+            raise ValueError("a payment needs a card or a token")
+        body: dict[str, Any] = {
+            "source": source,
+            "amount": order.amount,
+            "currency": order.currency.upper(),
+            "reference": order.payment_id,
+            "capture": order.capture,
+            "payment_type": "Regular",
+            "metadata": {"merchant_reference": order.merchant_reference},
+        }
+        if order.description:
+            body["description"] = order.description
+        if self._processing_channel:
+            body["processing_channel_id"] = self._processing_channel
+        return body
+
+    def parse(self, op: Operation, response: ProviderResponse) -> ProviderResult:
+        try:
+            doc = orjson.loads(response.body) if response.body else {}
+        except orjson.JSONDecodeError:
+            doc = {}
+        if not isinstance(doc, dict):
+            doc = {}
+        if response.status < 300:
+            return _parse_success(op, response, doc)
+        return _parse_error(op, response, doc)
+
+
+def _request_id(response: ProviderResponse, doc: dict) -> dict[str, str]:
+    request_id = response.headers.get(REQUEST_ID_HEADER) or doc.get("request_id")
+    return {"request_id": str(request_id)} if request_id else {}
+
+
+def _parse_success(op: Operation, response: ProviderResponse, doc: dict) -> ProviderResult:
+    extra = _request_id(response, doc)
+    if op in (Operation.CAPTURE, Operation.REFUND, Operation.VOID):
+        # 202 Accepted: the action is queued with the payment; its id is the action's reference.
+        return ProviderResult(Outcome.APPROVED, raw_code="accepted", http_status=response.status,
+                              reference=doc.get("action_id"), provider_status="Accepted", extra=extra)
+    if op is Operation.STATUS and isinstance(doc.get("data"), list):
+        return _parse_list(response.status, doc["data"], extra)
+    return _parse_payment(response.status, doc, extra)
+
+
+def _parse_payment(http_status: int, doc: dict, extra: dict[str, str]) -> ProviderResult:
+    status = str(doc.get("status") or "")
+    code = doc.get("response_code")
+    if doc.get("approved") is True:
+        outcome = Outcome.APPROVED
+    elif PAYMENT_STATUS.get(status) is Outcome.UNKNOWN:
+        # Pending (202: a 3DS redirect or an asynchronous method): the payment exists but is not
+        # finished, so the engine answers pending and reconciles; it never fails over.
+        outcome = Outcome.UNKNOWN
+    elif status == "Declined" or (doc.get("approved") is False and code):
+        outcome = decline_outcome(code)
+    else:
+        outcome = PAYMENT_STATUS.get(status, Outcome.UNKNOWN)  # unrecognised: settle by status query
+    return ProviderResult(outcome, raw_code=code or status or f"http_{http_status}", http_status=http_status,
+                          reference=doc.get("id"), provider_status=status or None,
+                          message=doc.get("response_summary"), extra=extra)
+
+
+def _parse_list(http_status: int, items: list, extra: dict[str, str]) -> ProviderResult:
+    """`GET /payments?reference=`: newest first. A charge anywhere in the list decides."""
+    payments = [p for p in items if isinstance(p, dict)]
+    if not payments:
+        return ProviderResult(Outcome.APPROVED, raw_code="not_found", http_status=http_status, found=False,
+                              extra=extra)
+    charged = [p for p in payments if p.get("status") in CHARGED_STATUSES or p.get("approved") is True]
+    pending = [p for p in payments if PAYMENT_STATUS.get(str(p.get("status"))) is Outcome.UNKNOWN]
+    chosen = (charged or pending or payments)[0]
+    result = _parse_payment(http_status, chosen, extra)
+    counts = {"matches": str(len(payments)), "charged_matches": str(len(charged))}
+    return ProviderResult(result.outcome, raw_code=result.raw_code, http_status=http_status,
+                          reference=result.reference, provider_status=result.provider_status,
+                          message=result.message, extra={**extra, **counts})
+
+
+def _classify_429(op: Operation, response: ProviderResponse) -> Outcome:
+    """Checkout answers a concurrent request with an idempotency key still in flight with a bare
+    `429 Too many requests`: the first request may yet charge, so failing over would risk a double
+    charge. A 429 is read as a plain rate limit (unavailable) only when it says when to come back
+    (`Retry-After`) or when it answers a read, which carries no key."""
+    if op is Operation.STATUS or response.headers.get("Retry-After"):
+        return Outcome.UNAVAILABLE
+    return Outcome.UNKNOWN
+
+
+def _parse_error(op: Operation, response: ProviderResponse, doc: dict) -> ProviderResult:
+    error_codes = doc.get("error_codes") if isinstance(doc.get("error_codes"), list) else []
+    code = (str(error_codes[0]) if error_codes else None) or doc.get("error_type") or f"http_{response.status}"
+    if response.status == 429:
+        outcome = _classify_429(op, response)
+    else:
+        outcome = ERROR_STATUS.get(response.status, Outcome.UNKNOWN if response.status >= 500 else Outcome.REJECTED)
+    extra = _request_id(response, doc)
+    if response.status >= 500 and op is not Operation.STATUS:
+        extra = {**extra, **UNSAFE_RETRY}
+    message = doc.get("error_type")
+    if error_codes:
+        message = f"{message}: {', '.join(map(str, error_codes))}"
+    return ProviderResult(
+        outcome,
+        raw_code=code,
+        http_status=response.status,
+        retry_after_s=parse_retry_after(response.headers.get("Retry-After")),
+        message=message,
+        found=response.status != 404,
+        extra=extra,
+    )

@@ -1,0 +1,46 @@
+"""Start a provider emulator with the dev certificates: used by the CLI, `make run`, drills
+and tests alike, so every one of them speaks TLS/mTLS the same way."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gateway.certs.devca import DevCertLayout, issue_dev_pair, write_pem_pair
+from gateway.certs.tls import server_context
+from providers.emulation.server import EmulatorServer
+from providers.registry import KINDS
+
+
+def _issuer(layout: DevCertLayout, kind: str):  # type: ignore[no-untyped-def]
+    def issue(days_valid: float) -> tuple[Path, Path]:
+        cert_pem, key_pem = issue_dev_pair(layout, usage="server", common_name=f"{kind}-emulator",
+                                           days_valid=days_valid)
+        cert, key = layout.emulator_cert(kind).with_suffix(".rotated.pem"), layout.emulator_key(kind).with_suffix(
+            ".rotated.key")
+        write_pem_pair(cert_pem, key_pem, cert, key)
+        return cert, key
+
+    return issue
+
+
+async def start_emulator(
+    kind: str,
+    *,
+    port: int = 0,
+    admin_port: int = 0,
+    certs: DevCertLayout | None = None,
+    require_client_cert: bool = True,
+    api_key: str | None = None,
+) -> EmulatorServer:
+    """Plain HTTP when `certs` is None; otherwise HTTPS, and mTLS unless told not to."""
+    emulator = KINDS[kind].emulator(api_key=api_key) if api_key else KINDS[kind].emulator()
+    ssl_context = None
+    issuer = None
+    if certs is not None:
+        ssl_context = server_context(certs.emulator_cert(kind), certs.emulator_key(kind),
+                                     client_ca=certs.ca_cert(), require_client_cert=require_client_cert)
+        issuer = _issuer(certs, kind)
+    server = EmulatorServer(emulator, port=port, admin_port=admin_port, ssl_context=ssl_context,
+                            certificate_issuer=issuer)
+    await server.start()
+    return server
