@@ -55,9 +55,14 @@ def _server_ssl(config: GatewayConfig):  # type: ignore[no-untyped-def]
 def serve(
     config: ConfigOpt = DEFAULT_CONFIG,
     workers: Annotated[int, typer.Option(min=1, max=64, help="processes sharing the port")] = 1,
+    host: Annotated[Optional[str], typer.Option(help="override server.host (e.g. 0.0.0.0 in a container)")] = None,
+    port: Annotated[Optional[int], typer.Option(help="override server.port")] = None,
 ) -> None:
     """Run the gateway until SIGTERM/SIGINT, then drain in-flight requests and exit."""
     cfg = _load(config)
+    overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+    if overrides:
+        cfg = cfg.model_copy(update={"server": cfg.server.model_copy(update=overrides)})
     if workers > 1:
         _serve_workers(config, cfg, workers)
         return
@@ -82,7 +87,9 @@ def _serve_workers(path: Path, cfg: GatewayConfig, workers: int) -> None:
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker_main, args=(str(path),), name=f"gateway-worker-{i}") for i in range(workers)]
+    server = (cfg.server.host, cfg.server.port)
+    procs = [ctx.Process(target=_worker_main, args=(str(path), server), name=f"gateway-worker-{i}")
+             for i in range(workers)]
     for p in procs:
         p.start()
 
@@ -99,8 +106,10 @@ def _serve_workers(path: Path, cfg: GatewayConfig, workers: int) -> None:
         raise typer.Exit(1)
 
 
-def _worker_main(path: str) -> None:
-    _serve_one(load_config(Path(path)), reuse_port=True)
+def _worker_main(path: str, server: tuple[str, int]) -> None:
+    cfg = load_config(Path(path))
+    cfg = cfg.model_copy(update={"server": cfg.server.model_copy(update={"host": server[0], "port": server[1]})})
+    _serve_one(cfg, reuse_port=True)
 
 
 @app.command()
