@@ -49,7 +49,7 @@ CREATE TABLE IF NOT EXISTS idempotency (
     PRIMARY KEY (scope, key)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS idempotency_expiry ON idempotency (expires_at);
-CREATE INDEX IF NOT EXISTS idempotency_resource ON idempotency (resource_id) WHERE state = 'in_flight';
+CREATE INDEX IF NOT EXISTS idempotency_resource ON idempotency (resource_id);
 """
 
 
@@ -225,9 +225,8 @@ class SqliteStore:
     async def complete_idempotency_for(self, resource_id: str, response: StoredResponse) -> None:
         def op(conn: sqlite3.Connection) -> None:
             conn.execute(
-                "UPDATE idempotency SET state = ?, status = ?, body = ? WHERE resource_id = ? AND state = ?",
-                (IdempotencyState.DONE.value, response.status, response.body, resource_id,
-                 IdempotencyState.IN_FLIGHT.value),
+                "UPDATE idempotency SET state = ?, status = ?, body = ? WHERE resource_id = ?",
+                (IdempotencyState.DONE.value, response.status, response.body, resource_id),
             )
 
         await self._submit(op)

@@ -35,7 +35,8 @@ class Store(Protocol):
         ...
 
     async def complete_idempotency_for(self, resource_id: str, response: StoredResponse) -> None:
-        """The reconciler settled `resource_id`: store the answer for any key still in flight on it."""
+        """The reconciler settled `resource_id`: every key that created it (still in flight after a
+        crash, or answered `pending`) now replays the final answer."""
         ...
 
     async def purge_expired_idempotency(self, now: float) -> int: ...
