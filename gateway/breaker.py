@@ -38,6 +38,8 @@ class _Listener(pybreaker.CircuitBreakerListener):
     def state_change(self, cb: pybreaker.CircuitBreaker, old_state: object, new_state: object) -> None:
         old = getattr(old_state, "name", str(old_state))
         new = getattr(new_state, "name", str(new_state))
+        if old == new:  # pybreaker re-announces open->open for calls in flight when it tripped
+            return
         self._breaker.changed_at = time.time()
         for listener in self._breaker.listeners:
             listener(self._breaker.provider, old, new)

@@ -185,6 +185,54 @@ def certs_dev_init(certs_dir: Annotated[Path, typer.Option("--certs")] = DEFAULT
     typer.echo(f"dev certificates ready under {layout.root}")
 
 
+@app.command()
+def drill(
+    name: Annotated[str, typer.Argument(help="baseline | primary-outage | brownout | flapping | "
+                                             "timeout-after-processing | decline-storm | rate-limited")],
+    payments: Annotated[int, typer.Option(min=1, max=100_000, help="payments to send")] = 200,
+    concurrency: Annotated[int, typer.Option(min=1, max=1000, help="payments in flight at once")] = 16,
+    log_dir: Annotated[Optional[Path], typer.Option("--log-dir", help="certs, journal and logs of the run "
+                                                    "(default: logs/drills/NAME-TIME)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print only the JSON summary line")] = False,
+    max_seconds: Annotated[float, typer.Option(min=1, max=3600, help="wall-clock cap on sending; the "
+                                               "rest is abandoned and reported")] = 300.0,
+) -> None:
+    """Run a failure drill on loopback; the last line is a JSON summary. Exit 1 when a check
+    fails (any duplicate charge or lost payment among them)."""
+    from gateway.drill import DrillOptions, DrillReport, render_table, run_drill
+    from gateway.drill.scenarios import SCENARIOS
+
+    if name not in SCENARIOS:
+        raise fail(f"unknown drill {name!r}; choose one of {', '.join(SCENARIOS)}", code=2)
+    options = DrillOptions(payments=payments, concurrency=concurrency, log_dir=log_dir, max_seconds=max_seconds)
+    show_progress = not as_json and sys.stdout.isatty()
+
+    async def main() -> DrillReport:
+        if not show_progress:
+            return await run_drill(name, options)
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with Progress(TextColumn(f"drill {name}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      transient=True) as progress:
+            task = progress.add_task(name, total=payments)
+            return await run_drill(name, options,
+                                   on_progress=lambda done, _total: progress.update(task, completed=done))
+
+    try:
+        with asyncio.Runner(loop_factory=_new_loop) as runner:
+            report = runner.run(main())
+    except OSError as exc:
+        raise fail(f"drill {name}: {exc}") from None
+    if not as_json:
+        from rich.console import Console
+
+        Console().print(render_table(report.summary))
+    import orjson
+
+    typer.echo(orjson.dumps(report.summary).decode())
+    raise typer.Exit(report.exit_code)
+
+
 def main() -> None:
     try:
         app()

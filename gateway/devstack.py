@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 from pathlib import Path
 from urllib.parse import urlparse
@@ -60,7 +59,7 @@ def _print_banner(cfg: GatewayConfig, emulators: list[EmulatorServer]) -> None:
     print(f"\ngateway on {base}  (metrics {base}/metrics, API spec {base}/openapi.json)")
     for e in emulators:
         print(f"  {e.emulator.name:9} emulator {e.url}   ledger: curl {e.admin_url}/_emulator/ledger")
-    key_ref = f"${client.key_env}" if os.environ.get(client.key_env) else "<api key>"
+    key_ref = client.key.get_secret_value()  # the dev stack's own key from config/dev.env
     print(f"""
 Send a payment (paste this):
 

@@ -21,6 +21,8 @@ CHECKOUT_KEY = "test-checkout-key"
 READER_KEY = "test-reporting-key"
 PROVIDER_KEYS = {"stripe": "sk_test_gateway", "adyen": "adyen_test_key", "checkout": "sk_sbox_gateway"}
 AUTH = {"Authorization": f"Bearer {CHECKOUT_KEY}"}
+# Soft declines that may cascade, in each provider's own codes (Stripe, Adyen, Checkout.com).
+CASCADE_ON = ["do_not_honor", "issuer_not_available", "2:05", "9", "20005", "20068", "20091"]
 
 
 @pytest.fixture(scope="session")
@@ -40,7 +42,7 @@ def _secrets(monkeypatch: pytest.MonkeyPatch) -> None:
 async def emulators(dev_certs: DevCertLayout) -> AsyncIterator[dict[str, EmulatorServer]]:
     servers: dict[str, EmulatorServer] = {}
     try:
-        for kind in ['stripe']:  # TEMP
+        for kind in sorted(KINDS):
             servers[kind] = await start_emulator(kind, certs=dev_certs)
         yield servers
     finally:
@@ -49,7 +51,7 @@ async def emulators(dev_certs: DevCertLayout) -> AsyncIterator[dict[str, Emulato
 
 
 def gateway_config_data(tmp_path: Path, certs: DevCertLayout, emulators: dict[str, EmulatorServer],
-                        order: tuple[str, ...] = ("stripe",), **overrides: Any) -> dict[str, Any]:
+                        order: tuple[str, ...] = ("stripe", "adyen", "checkout"), **overrides: Any) -> dict[str, Any]:
     providers = {}
     for name in order:
         server = emulators[name]
@@ -75,7 +77,7 @@ def gateway_config_data(tmp_path: Path, certs: DevCertLayout, emulators: dict[st
         "engine": {"deadline_ms": 5000},
         "providers": providers,
         "routes": [{"name": "default", "providers": list(order),
-                    "cascade_on": ["do_not_honor", "issuer_not_available"]}],
+                    "cascade_on": CASCADE_ON}],
     }
     for key, value in overrides.items():
         data[key] = value

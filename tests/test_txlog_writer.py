@@ -46,7 +46,8 @@ async def test_concurrent_tasks_write_whole_lines(tmp_path: Path) -> None:
     assert all(raw.endswith(b"\n") for raw in lines)
     entries = [orjson.loads(raw) for raw in lines]
     assert len(entries) == 5000
-    assert {(e["task"], e["seq"]) for e in entries} == {(t, s) for t in range(50) for s in range(100)}
+    expected = {(task, seq) for task in range(50) for seq in range(100)}
+    assert {(e["task"], e["seq"]) for e in entries} == expected
     for task in range(50):  # one producer's lines keep their order
         seqs = [e["seq"] for e in entries if e["task"] == task]
         assert seqs == sorted(seqs)

@@ -12,6 +12,7 @@ the timestamp, which we generate ourselves and need not scan.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from typing import Any, TextIO
@@ -51,8 +52,21 @@ class _WriterLogger:
 _OpsBoundLogger = structlog.make_filtering_bound_logger(logging.INFO)
 
 
+def _dumps(obj: Any, *, default: Any, option: int = 0) -> bytes:
+    """Serialise with orjson, falling back to the stdlib for what orjson refuses.
+
+    Ints beyond 64 bits and lone surrogates (stdlib-decoded provider JSON) are legal in
+    metadata; such a value must not make a payment's log call fail.
+    """
+    try:
+        return orjson.dumps(obj, default=default, option=option)
+    except TypeError:  # orjson.JSONEncodeError is a TypeError
+        text = json.dumps(obj, default=default, ensure_ascii=True, separators=(",", ":"))
+        return (text + "\n" if option & orjson.OPT_APPEND_NEWLINE else text).encode()
+
+
 def _dumps_text(obj: Any, **kwargs: Any) -> str:
-    return orjson.dumps(obj, **kwargs).decode()
+    return _dumps(obj, **kwargs).decode()
 
 
 def build_transaction_logger(
@@ -68,7 +82,7 @@ def build_transaction_logger(
         structlog.contextvars.merge_contextvars,
         redactor or Redactor(),
         structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
-        structlog.processors.JSONRenderer(serializer=orjson.dumps, option=_ORJSON_OPTIONS),
+        structlog.processors.JSONRenderer(serializer=_dumps, option=_ORJSON_OPTIONS),
     ]
     proxy = structlog.wrap_logger(
         _WriterLogger(writer),

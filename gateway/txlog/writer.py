@@ -91,6 +91,7 @@ class JsonLinesWriter:
         self._queue: queue.Queue[object] = queue.Queue(maxsize=queue_size)
         self._lock = threading.Lock()
         self._closed = False
+        self._stop_queued = False
         self._stopped = False
         self._barriers: set[_Barrier] = set()
         self._thread: threading.Thread | None = None
@@ -160,16 +161,16 @@ class JsonLinesWriter:
         TimeoutError if the backlog could not be written within `timeout`.
         """
         with self._lock:
-            first_close = not self._closed
-            self._closed = True
+            self._closed = True  # from here on write() refuses, so _STOP ends the lines
         self.start()
         assert self._thread is not None
         deadline = time.monotonic() + timeout
-        if first_close:
+        if not self._stop_queued:
             try:
                 self._queue.put(_STOP, timeout=timeout)
             except queue.Full:
                 raise TimeoutError(f"transaction log {self.path} did not drain") from None
+            self._stop_queued = True
         self._thread.join(max(0.0, deadline - time.monotonic()))
         if self._thread.is_alive():
             raise TimeoutError(f"transaction log {self.path} did not drain")
@@ -197,16 +198,15 @@ class JsonLinesWriter:
             self._rotate_if_old()
             lines: list[bytes] = []
             for item in items:
-                if type(item) is bytes:
-                    lines.append(item)
-                    continue
-                self._write_lines(lines)
-                lines = []
                 if item is _STOP:
                     stopping = True  # only barriers can follow it; all are released on exit
-                elif isinstance(item, _Barrier):
+                elif type(item) is _Barrier:
+                    self._write_lines(lines)
+                    lines = []
                     self._retry(lambda: os.fsync(self._fd))
                     item.done.set()
+                else:
+                    lines.append(item)  # type: ignore[arg-type]
             self._write_lines(lines)
         if self.fsync:
             self._retry(lambda: os.fsync(self._fd))

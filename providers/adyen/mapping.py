@@ -21,12 +21,14 @@ Two provider verdicts take part in classification, in this order:
 Status: Adyen's Checkout API has no payment lookup (results arrive by webhook; `/payments/details`
 only submits a shopper's action result). STATUS therefore targets `GET /v71/payments?reference=…`
 and `GET /v71/payments/{pspReference}`, which only the emulator serves (see
-`providers.adyen.emulator`). Against the real Adyen the engine must resolve `unknown` from the
-webhook feed instead.
+`providers.adyen.emulator`). Only its explicit empty list counts as "not found"; a 404 stays
+UNKNOWN, so against the real Adyen a status query can never clear a payment for failover and the
+engine must resolve `unknown` from the webhook feed instead.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -51,6 +53,7 @@ BASE_PATH = f"/{API_VERSION}"
 # /payments requires `returnUrl` in v71 even for card payments that never redirect.
 DEFAULT_RETURN_URL = "https://gateway.invalid/adyen/return"
 TRANSIENT_ERROR_HEADER = "transient-error"
+MAX_IDEMPOTENCY_KEY = 64  # Adyen: "a unique identifier … with a maximum of 64 characters"
 
 # refusalReasonCode -> (refusalReason, class), from Adyen's "Refusal reasons" table. Hard: the
 # card or shopper will not pass anywhere (lost/stolen/fraud/blocked/funds/invalid card, Visa's
@@ -189,7 +192,7 @@ class AdyenMapping:
         if body:
             headers["Content-Type"] = "application/json"
         if idempotency_key is not None:
-            headers["Idempotency-Key"] = idempotency_key
+            headers["Idempotency-Key"] = adyen_idempotency_key(idempotency_key)
         return headers
 
     def build(self, op: Operation, subject: PaymentOrder | FollowUp, idempotency_key: str | None) -> ProviderRequest:
@@ -272,14 +275,22 @@ class AdyenMapping:
         return _parse_error(op, response, doc)
 
 
-def classify_refusal(code: str | None, reason: str | None, raw: str | None) -> tuple[Outcome, str]:
-    """A refusal's class and the code to log: `refusalReasonCode`, or `code:scheme` (e.g. `2:05`)
+def adyen_idempotency_key(key: str) -> str:
+    """Our key, or its SHA-256 hex digest (exactly 64 characters) when it is longer than Adyen
+    accepts: deterministic, so every retry still sends the key Adyen saw first."""
+    return key if len(key) <= MAX_IDEMPOTENCY_KEY else hashlib.sha256(key.encode()).hexdigest()
+
+
+def classify_refusal(code: str | None, reason: str | None, raw: str | None,
+                     fallback: str = "Refused") -> tuple[Outcome, str]:
+    """A refusal's class and the code to log (and to list in a route's `cascade_on`):
+    `refusalReasonCode`, or `code:scheme` (e.g. `2:05`, Refused with raw "05 : Do not honor")
     when the raw scheme response refined one of Adyen's generic reasons."""
     if not code and reason:
         code = _CODE_BY_REASON.get(reason.strip().lower())
     entry = REFUSAL_REASONS.get(code or "")
     outcome = entry[1] if entry else UNLISTED_DECLINE
-    label = code or (reason or "Refused")
+    label = code or reason or fallback
     if (code is None or code in GENERIC_REFUSALS) and raw:
         match = _RAW_CODE.match(raw)
         if match is not None:
@@ -302,7 +313,8 @@ def _classify_payment(doc: dict, status: int) -> ProviderResult:
     if outcome is None:
         code = doc.get("refusalReasonCode")
         raw_reason = additional.get("refusalReasonRaw")
-        outcome, raw = classify_refusal(str(code) if code is not None else None, message, raw_reason)
+        outcome, raw = classify_refusal(str(code) if code is not None else None, message, raw_reason,
+                                        fallback=result_code)
         if raw_reason:
             extra["refusalReasonRaw"] = str(raw_reason)
     if doc.get("status"):
@@ -344,6 +356,11 @@ def _parse_error(op: Operation, response: ProviderResponse, doc: dict) -> Provid
     transient = response.headers.get(TRANSIENT_ERROR_HEADER, "").strip().lower() == "true"
     if code in ERROR_CODES:
         outcome = ERROR_CODES[code]
+    elif op is Operation.STATUS and response.status in (404, 405):
+        # Only an explicit empty result list means "no such payment". A 404 cannot tell a missing
+        # payment from a missing endpoint, and the real Adyen has no lookup endpoint at all:
+        # reading it as "not charged" would let the engine fail over a payment that may be paid.
+        outcome = Outcome.UNKNOWN
     elif transient:
         outcome = Outcome.UNAVAILABLE
     else:
@@ -351,13 +368,15 @@ def _parse_error(op: Operation, response: ProviderResponse, doc: dict) -> Provid
     extra = {"errorType": str(doc["errorType"])} if doc.get("errorType") else {}
     if transient:
         extra["transient"] = "true"
+    if doc.get("pspReference"):
+        # The failed *request's* reference, not a payment's: a status query by it would find
+        # nothing and wrongly conclude "no charge", so it is kept for the log only.
+        extra["pspReference"] = str(doc["pspReference"])
     return ProviderResult(
         outcome,
         raw_code=code or f"http_{response.status}",
         http_status=response.status,
-        reference=doc.get("pspReference"),
         retry_after_s=parse_retry_after(response.headers.get("Retry-After")),
         message=doc.get("message"),
-        found=not (op is Operation.STATUS and response.status == 404),
         extra=extra,
     )

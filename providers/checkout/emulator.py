@@ -419,8 +419,8 @@ class CheckoutEmulator(ProviderEmulator):
     # --- actions -----------------------------------------------------------------------------
 
     def _accepted(self, request: web.Request, entry: LedgerEntry, action: dict[str, Any]) -> web.Response:
-        doc: dict[str, Any] = {"action_id": action["id"],
-                               "_links": {"payment": {"href": f"{request.scheme}://{request.host}/payments/{entry.id}"}}}
+        href = f"{request.scheme}://{request.host}/payments/{entry.id}"
+        doc: dict[str, Any] = {"action_id": action["id"], "_links": {"payment": {"href": href}}}
         if action.get("reference"):
             doc["reference"] = action["reference"]
         return json_response(202, doc, _headers())
@@ -450,7 +450,8 @@ class CheckoutEmulator(ProviderEmulator):
             return _error(422, "request_invalid", "capture_amount_exceeds_balance")
         entry.captured = amount
         entry.status = "Captured" if amount == entry.amount else "Partially Captured"
-        return self._accepted(ctx.request, entry, self._add_action(entry, "Capture", amount, None, doc.get("reference")))
+        action = self._add_action(entry, "Capture", amount, None, doc.get("reference"))
+        return self._accepted(ctx.request, entry, action)
 
     async def _refund(self, ctx: EmulatorRequest) -> web.Response:
         parsed = await self._action_request(ctx)
@@ -465,7 +466,8 @@ class CheckoutEmulator(ProviderEmulator):
             return _error(422, "request_invalid", "refund_amount_exceeds_balance")
         entry.refunded += amount
         entry.status = "Refunded" if entry.refunded == entry.captured else "Partially Refunded"
-        return self._accepted(ctx.request, entry, self._add_action(entry, "Refund", amount, None, doc.get("reference")))
+        action = self._add_action(entry, "Refund", amount, None, doc.get("reference"))
+        return self._accepted(ctx.request, entry, action)
 
     async def _void(self, ctx: EmulatorRequest) -> web.Response:
         parsed = await self._action_request(ctx)
@@ -475,5 +477,5 @@ class CheckoutEmulator(ProviderEmulator):
         if entry.status not in CAPTURABLE:
             return _error(403)  # Void not allowed
         entry.status, entry.voided = "Voided", True
-        return self._accepted(ctx.request, entry, self._add_action(entry, "Void", entry.amount, None,
-                                                                   doc.get("reference")))
+        action = self._add_action(entry, "Void", entry.amount, None, doc.get("reference"))
+        return self._accepted(ctx.request, entry, action)

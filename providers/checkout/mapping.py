@@ -43,6 +43,9 @@ from providers.classify import parse_retry_after
 
 IDEMPOTENCY_HEADER = "Cko-Idempotency-Key"
 REQUEST_ID_HEADER = "Cko-Request-Id"
+ACTION_PATHS: Mapping[Operation, str] = MappingProxyType(
+    {Operation.CAPTURE: "captures", Operation.REFUND: "refunds", Operation.VOID: "voids"}
+)
 STATUS_LIST_LIMIT = 10  # payments sharing one reference; more than one means a retry created another
 # Set on answers after which a retry with the same key is a new attempt (Checkout stores only 2xx).
 UNSAFE_RETRY: Mapping[str, str] = MappingProxyType({"idempotent_retry": "unsafe"})
@@ -194,17 +197,17 @@ class CheckoutMapping:
                 query = urlencode({"reference": subject.payment_id, "limit": STATUS_LIST_LIMIT, "skip": 0})
                 path = f"/payments?{query}"
             return ProviderRequest("GET", path, self._headers(None, body=False))
-        if not subject.provider_reference:
-            raise ValueError(f"{op} needs the provider's payment id (follow-ups stay with their provider)")
-        base = f"/payments/{quote(subject.provider_reference, safe='')}"
-        action: dict[str, Any] = {}
-        if op in (Operation.CAPTURE, Operation.REFUND) and subject.amount is not None:
-            action["amount"] = subject.amount  # omitted: the full remaining amount
-        action["reference"] = subject.follow_up_id or subject.payment_id
-        suffix = {Operation.CAPTURE: "captures", Operation.REFUND: "refunds", Operation.VOID: "voids"}.get(op)
+        suffix = ACTION_PATHS.get(op)
         if suffix is None:
             raise ValueError(f"unsupported operation {op}")
-        return ProviderRequest("POST", f"{base}/{suffix}", self._headers(idempotency_key), orjson.dumps(action))
+        if not subject.provider_reference:
+            raise ValueError(f"{op} needs the provider's payment id (follow-ups stay with their provider)")
+        action: dict[str, Any] = {}
+        if op is not Operation.VOID and subject.amount is not None:
+            action["amount"] = subject.amount  # omitted: the full remaining amount
+        action["reference"] = subject.follow_up_id or subject.payment_id
+        path = f"/payments/{quote(subject.provider_reference, safe='')}/{suffix}"
+        return ProviderRequest("POST", path, self._headers(idempotency_key), orjson.dumps(action))
 
     def _payment_body(self, order: PaymentOrder) -> dict[str, Any]:
         source: dict[str, Any]

@@ -1,0 +1,324 @@
+"""Run one drill, self-contained, on loopback.
+
+1. Dev certificates into `<log_dir>/certs`; one emulator per provider of the scenario's route,
+   each on a free loopback port behind mTLS.
+2. A gateway configuration for the drill (SQLite journal and JSON-lines log in the log dir,
+   short per-try timeout and deadline, small retry delays); its secrets come from environment
+   variables set in-process only while the configuration is read, then restored.
+3. The gateway in-process (aiohttp AppRunner on 127.0.0.1, a free port), the scenario's faults
+   injected, and N payments sent over real HTTP at concurrency C, each with its own
+   Idempotency-Key. Bounded: N <= 100 000 and a wall-clock cap after which the remaining
+   sends are abandoned and reported.
+4. Faults lifted, the reconciler settles what was left pending, every ledger is read, the
+   gateway stops, and the journal is read back from disk for the summary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import secrets
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AsyncExitStack, contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from gateway.app import RECONCILER, build_app
+from gateway.certs.devca import DevCertLayout, generate_dev_certs
+from gateway.config import GatewayConfig, parse_config
+from gateway.drill.report import SendResult, summarize
+from gateway.drill.scenarios import DEADLINE_MS, PER_TRY_TIMEOUT_MS, Injection, Scenario, get_scenario
+from gateway.txlog import build_ops_logger
+from providers.emulation.launch import start_emulator
+from providers.emulation.server import EmulatorServer
+from providers.registry import KINDS
+
+MAX_PAYMENTS = 100_000
+MAX_CONCURRENCY = 1_000
+DEFAULT_MAX_SECONDS = 300.0
+SETTLE_MAX_S = 10.0  # after the load: how long the reconciler may take to settle what is pending
+SETTLE_PAUSE_S = 0.2
+CLIENT_SLACK_S = 5.0  # the drill client waits this much past the gateway's deadline
+HOST = "127.0.0.1"
+CLIENT_NAME = "drill"
+CLIENT_KEY_ENV = "GATEWAY_DRILL_CLIENT_KEY"
+# Dev values in each provider's key shape (the emulators check the shape, not the value).
+PROVIDER_DEV_KEYS = {"stripe": "sk_test_drill_gateway", "adyen": "adyen_drill_api_key",
+                     "checkout": "sk_sbox_drill_gateway"}
+
+
+def provider_key_env(kind: str) -> str:
+    return f"GATEWAY_DRILL_{kind.upper()}_API_KEY"
+
+
+@dataclass(frozen=True, slots=True)
+class DrillOptions:
+    payments: int = 200
+    concurrency: int = 16
+    log_dir: Path | None = None  # default: logs/drills/<scenario>-<UTC time>
+    max_seconds: float = DEFAULT_MAX_SECONDS  # wall-clock cap on the load phase
+    seed: int | None = None  # fault plans and card mix; random when None (reported)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.payments <= MAX_PAYMENTS:
+            raise ValueError(f"payments must be 1..{MAX_PAYMENTS}")
+        if not 1 <= self.concurrency <= MAX_CONCURRENCY:
+            raise ValueError(f"concurrency must be 1..{MAX_CONCURRENCY}")
+        if not 0 < self.max_seconds <= 3600:
+            raise ValueError("max_seconds must be in (0, 3600]")
+
+
+@dataclass(frozen=True, slots=True)
+class DrillReport:
+    summary: dict[str, Any]
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.summary["ok"])
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.ok else 1
+
+
+ProgressHook = Callable[[int, int], None]  # (done, total)
+
+
+def default_log_dir(scenario: str) -> Path:
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    return Path("logs") / "drills" / f"{scenario}-{stamp}-{secrets.token_hex(2)}"
+
+
+@contextmanager
+def _environment(values: Mapping[str, str]) -> Iterator[None]:
+    """Set variables for the duration of the block, then restore what was there."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, old in saved.items():
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
+
+
+def drill_config_data(scenario: Scenario, servers: Mapping[str, EmulatorServer], certs: DevCertLayout,
+                      log_dir: Path, concurrency: int) -> dict[str, Any]:
+    """The drill's gateway configuration, in the shape of config/gateway.yaml."""
+    width = max(200, concurrency)
+    providers = {
+        kind: {
+            "kind": kind,
+            "base_url": servers[kind].url,
+            "api_key_env": provider_key_env(kind),
+            "merchant_account": "GatewayDrillECOM",
+            "connect_timeout_ms": PER_TRY_TIMEOUT_MS,  # mTLS handshakes pile up when traffic fails over
+            "timeout_ms": PER_TRY_TIMEOUT_MS,
+            "max_connections": max(100, concurrency),
+            "tls": {"ca": str(certs.provider_ca(kind)), "client_cert": str(certs.client_cert(kind)),
+                    "client_key": str(certs.client_key(kind))},
+            "breaker": {"fail_max": 5, "reset_timeout_s": 1.0},
+            "retry": {"max_attempts": 2, "base_delay_ms": 10, "max_delay_ms": 50},
+            "bulkhead": {"max_concurrent": width, "max_queue": width},
+        }
+        for kind in scenario.route
+    }
+    return {
+        "server": {"host": HOST, "port": 0, "max_in_flight": max(1000, concurrency), "shutdown_grace_s": 5},
+        "auth": {"clients": [{"name": CLIENT_NAME, "key_env": CLIENT_KEY_ENV,
+                              "permissions": ["payments:write", "payments:read"]}]},
+        "storage": {"backend": "sqlite", "sqlite_path": str(log_dir / "gateway.db")},
+        "log": {"dir": str(log_dir), "file": "transactions.jsonl"},
+        "engine": {"deadline_ms": DEADLINE_MS, "retry_budget_ratio": 0.2, "retry_budget_min_per_s": 10,
+                   "retry_budget_window_s": 10},
+        "providers": providers,
+        "routes": [{"name": "drill", "providers": list(scenario.route),
+                    "cascade_on": ["do_not_honor", "issuer_not_available", "try_again_later"]}],
+    }
+
+
+def _build_config(data: dict[str, Any], scenario: Scenario, client_key: str) -> GatewayConfig:
+    env = {CLIENT_KEY_ENV: client_key}
+    env.update({provider_key_env(kind): PROVIDER_DEV_KEYS[kind] for kind in scenario.route})
+    with _environment(env):  # read into SecretStr at parse time; nothing lingers in os.environ
+        return parse_config(data)
+
+
+@dataclass(frozen=True, slots=True)
+class _Payment:
+    index: int
+    merchant_reference: str
+    idempotency_key: str
+    card: str
+    decline_card: bool
+    amount: int
+
+
+def _plan_payments(scenario: Scenario, n: int, run_id: str, seed: int) -> list[_Payment]:
+    """Decline cards spread evenly (exactly floor(n * share) of them), in a seeded order."""
+    cards = KINDS[scenario.primary].scenario_cards()
+    approve = cards["approve"]
+    declines = [cards[name] for name in scenario.decline_cards]
+    rng = random.Random(seed)
+    plan: list[_Payment] = []
+    used = 0
+    for i in range(n):
+        decline = bool(declines) and int((i + 1) * scenario.decline_share) > int(i * scenario.decline_share)
+        card = declines[used % len(declines)] if decline else approve
+        used += decline
+        plan.append(_Payment(i, f"drill-{run_id}-{i:06d}", f"drill-{run_id}-{i:06d}", card, decline,
+                             rng.randrange(1, 1000) * 100))  # whole units: no amount triggers
+    return plan
+
+
+async def _send_one(session: aiohttp.ClientSession, payment: _Payment) -> SendResult:
+    body = {
+        "amount": payment.amount, "currency": "EUR", "merchant_reference": payment.merchant_reference,
+        "payment_method": {"type": "card", "number": payment.card, "exp_month": 12, "exp_year": 2034, "cvc": "123"},
+        "metadata": {"drill": "true"},
+    }
+    started = time.perf_counter()
+    try:
+        async with session.post("/v1/payments", data=orjson.dumps(body),
+                                headers={"Idempotency-Key": payment.idempotency_key,
+                                         "Content-Type": "application/json"}) as response:
+            raw = await response.read()
+            status = response.status
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return SendResult(payment.index, payment.merchant_reference, (time.perf_counter() - started) * 1000,
+                          error=type(exc).__name__, decline_card=payment.decline_card)
+    latency = (time.perf_counter() - started) * 1000
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        doc = {}
+    if not isinstance(doc, dict):
+        doc = {}
+    return SendResult(payment.index, payment.merchant_reference, latency, http_status=status,
+                      payment_id=doc.get("id") if "status" in doc else None, status=doc.get("status"),
+                      error=doc.get("code") if "id" not in doc else None, decline_card=payment.decline_card)
+
+
+async def _send_all(base_url: str, client_key: str, plan: list[_Payment], concurrency: int, max_seconds: float,
+                    on_progress: ProgressHook | None) -> list[SendResult]:
+    """C workers pull payments in order until the plan is done or the time cap passes; a send
+    already under way finishes (bounded by the client timeout), nothing new starts."""
+    results: list[SendResult] = []
+    pending = iter(plan)
+    cap_at = time.monotonic() + max_seconds
+    timeout = aiohttp.ClientTimeout(total=DEADLINE_MS / 1000 + CLIENT_SLACK_S)
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(base_url, connector=connector, timeout=timeout,
+                                     headers={"Authorization": f"Bearer {client_key}"}) as session:
+        async def worker() -> None:
+            for payment in pending:
+                if time.monotonic() >= cap_at:
+                    return
+                results.append(await _send_one(session, payment))
+                if on_progress is not None:
+                    on_progress(len(results), len(plan))
+
+        await asyncio.gather(*(worker() for _ in range(min(concurrency, len(plan)))))
+    return results
+
+
+async def _settle(app: web.Application) -> int:
+    """One reconciler pass after another until nothing is left unresolved, nothing more settles
+    for a while, or SETTLE_MAX_S passes; returns how many payments it settled."""
+    reconciler = app[RECONCILER]
+    store = reconciler.service.store
+    settled = 0
+    until = time.monotonic() + SETTLE_MAX_S
+    while time.monotonic() < until:
+        if not await store.unresolved_payments(limit=1):
+            break
+        settled += await reconciler.run_once(min_age_s=0)
+        await asyncio.sleep(SETTLE_PAUSE_S)  # an emulator may still be "processing" (brownout latency)
+    return settled
+
+
+def _charges(servers: Mapping[str, EmulatorServer]) -> dict[str, list[str]]:
+    """Gateway payment id -> the provider of each approved charge, across every ledger."""
+    charges: dict[str, list[str]] = {}
+    for kind, server in servers.items():
+        for entry in server.emulator.ledger.charges():
+            charges.setdefault(entry.payment_ref, []).append(kind)
+    return charges
+
+
+def _read_journal(path: Path, reference_prefix: str) -> list[dict[str, Any]]:
+    """This run's payment documents, read from disk after the gateway closed the store."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        rows = conn.execute("SELECT doc FROM payments").fetchall()
+    finally:
+        conn.close()
+    docs = (orjson.loads(row[0]) for row in rows)
+    return [d for d in docs if str(d.get("merchant_reference", "")).startswith(reference_prefix)]
+
+
+async def run_drill(scenario: Scenario | str, options: DrillOptions = DrillOptions(), *,
+                    on_progress: ProgressHook | None = None) -> DrillReport:
+    """Run one drill end to end and summarise it; raises only for set-up failures."""
+    if isinstance(scenario, str):
+        scenario = get_scenario(scenario)
+    log_dir = (options.log_dir or default_log_dir(scenario.name)).resolve()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    seed = options.seed if options.seed is not None else random.randrange(2**31)
+    run_id = secrets.token_hex(4)
+    client_key = f"drill_{secrets.token_urlsafe(24)}"
+    started = time.monotonic()
+    certs = await asyncio.to_thread(generate_dev_certs, log_dir / "certs", list(scenario.route))
+    plan = _plan_payments(scenario, options.payments, run_id, seed)
+    extra: dict[str, Any] = {"seed": seed, "run_id": run_id}
+
+    async with AsyncExitStack() as stack:
+        servers: dict[str, EmulatorServer] = {}
+        for kind in scenario.route:
+            server = await start_emulator(kind, certs=certs)
+            stack.push_async_callback(server.stop)
+            servers[kind] = server
+        config = _build_config(drill_config_data(scenario, servers, certs, log_dir, options.concurrency),
+                               scenario, client_key)
+        ops_stream = stack.enter_context((log_dir / "ops.jsonl").open("a", encoding="utf-8"))
+        app = build_app(config, ops_log=build_ops_logger(ops_stream), reconcile_interval_s=1.0)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.server.shutdown_grace_s)
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)  # first out: the journal is on disk before we read it
+        site = web.TCPSite(runner, HOST, 0)
+        await site.start()
+        port = next(addr[1] for addr in runner.addresses if isinstance(addr, tuple))
+
+        injections: list[Injection] = []
+        try:
+            for step in scenario.steps:
+                injections.append(await step.inject(servers[scenario.route[step.provider]], seed))
+            load_started = time.monotonic()
+            sends = await _send_all(f"http://{HOST}:{port}", client_key, plan, options.concurrency,
+                                    options.max_seconds, on_progress)
+            extra["load_seconds"] = round(time.monotonic() - load_started, 3)
+        finally:
+            for injection in reversed(injections):
+                await injection.lift()
+        toggles = sum(getattr(i, "toggles", 0) for i in injections)
+        if toggles:
+            extra["outage_toggles"] = toggles
+        extra["reconciled_after_run"] = await _settle(app)
+        charges = _charges(servers)
+
+    journal = await asyncio.to_thread(_read_journal, Path(config.storage.sqlite_path), f"drill-{run_id}-")
+    summary = summarize(scenario=scenario, sends=sends, journal=journal, charges=charges,
+                        abandoned=len(plan) - len(sends), seconds=time.monotonic() - started,
+                        log_dir=str(log_dir), extra=extra)
+    return DrillReport(summary)

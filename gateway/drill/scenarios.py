@@ -1,0 +1,255 @@
+"""Drill scenarios as data: which provider misbehaves, how, and for how long.
+
+A scenario names the route (ordered provider kinds; the first is the *primary*), the fault
+steps applied to emulators for the whole load phase, which share of payments carry a
+hard-decline card, and the scenario's own pass criteria on top of the invariants every drill
+checks (no duplicate charge, nothing lost, no charge without an approved or pending answer,
+no hard decline failed over).
+
+Cards. The gateway sends the same card number to whichever provider it routes to, so approved
+traffic uses the primary's `scenario_cards()["approve"]` (4242 4242 4242 4242 for Stripe), a
+number every emulator approves: the Stripe emulator approves it explicitly (and approves any
+unlisted Luhn-valid number, as Stripe's test mode does), and the backups must approve it too,
+or primary-outage would show declines. Decline-storm payments use the *primary's* own
+hard-decline cards (`insufficient_funds`, `stolen_card`): the primary declines them, and the
+engine must then never try the backups.
+
+Fault rules only hit `authorize` calls, so the status queries that settle an unknown outcome
+see the provider as it really is; that is what makes failover after "no charge" safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from providers.emulation.faults import FaultPlan, FaultRule
+from providers.emulation.server import EmulatorServer
+
+ROUTE: tuple[str, ...] = ("stripe", "adyen", "checkout")
+PRIMARY = 0  # index of the primary in a scenario's route
+
+# The drill's engine settings (see runner.drill_config_data): faults are sized against them.
+PER_TRY_TIMEOUT_MS = 400
+DEADLINE_MS = 3000
+FLAP_PERIOD_S = 0.5
+AUTHORIZE_ONLY = ("authorize",)
+
+Summary = Mapping[str, Any]
+
+
+class Injection(Protocol):
+    """A fault in force on one emulator; `lift` ends it and leaves the emulator healthy."""
+
+    async def lift(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Outage:
+    """The provider refuses connections (listener closed) for the whole run."""
+
+    provider: int = PRIMARY
+
+    async def inject(self, server: EmulatorServer, seed: int) -> Injection:
+        await server.set_outage(True)
+        return _OutageLifted(server)
+
+
+@dataclass(frozen=True, slots=True)
+class Flap:
+    """The provider goes down and comes back every `period_s` (± `jitter_s`, seeded, so the
+    toggles do not phase-lock with the breaker's reset timeout): failures in bursts."""
+
+    provider: int = PRIMARY
+    period_s: float = FLAP_PERIOD_S
+    jitter_s: float = FLAP_PERIOD_S * 0.4
+
+    async def inject(self, server: EmulatorServer, seed: int) -> Injection:
+        flapper = _Flapper(server, self.period_s, self.jitter_s, random.Random(seed))
+        await flapper.start()
+        return flapper
+
+
+@dataclass(frozen=True, slots=True)
+class Faults:
+    """A fault plan (emulator rules with shares) on the provider for the whole run."""
+
+    rules: tuple[FaultRule, ...]
+    provider: int = PRIMARY
+
+    async def inject(self, server: EmulatorServer, seed: int) -> Injection:
+        server.emulator.faults.set(FaultPlan(rules=self.rules, seed=seed))
+        return _PlanLifted(server)
+
+
+Step = Outage | Flap | Faults
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One pass criterion: `test(summary)` is True when the drill met it."""
+
+    name: str
+    test: Callable[[Summary], bool]
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    name: str
+    description: str
+    route: tuple[str, ...] = ROUTE
+    steps: tuple[Step, ...] = ()
+    decline_share: float = 0.0  # share of payments paid with a hard-decline card of the primary
+    decline_cards: tuple[str, ...] = ()  # scenario_cards() behaviours, used in turn
+    checks: tuple[Check, ...] = ()
+
+    @property
+    def primary(self) -> str:
+        return self.route[PRIMARY]
+
+
+def _approval_at_least(share: float) -> Check:
+    return Check(f"approval_rate>={share}", lambda s: s["approval_rate"] >= share)
+
+
+def _answered_at_least(share: float) -> Check:
+    """Approved or pending (the reconciler owns those): nothing the caller must give up on."""
+    return Check(f"approved_or_pending_rate>={share}",
+                 lambda s: (s["approved"] + s["pending"]) >= share * max(1, s["sent"] - s["declined"]))
+
+
+# Every drill, whatever the scenario. The first two are the contract's exit condition.
+INVARIANTS: tuple[Check, ...] = (
+    Check("duplicates==0", lambda s: s["duplicates"] == 0),
+    Check("lost==0", lambda s: s["lost"] == 0),
+    Check("declines_failed_over==0", lambda s: s["declines_failed_over"] == 0),
+    Check("charged_without_approval==0", lambda s: s["charged_without_approval"] == 0),
+)
+
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in (
+        Scenario(
+            "baseline",
+            "No faults: every payment approved by the primary.",
+            checks=(_approval_at_least(0.999),),
+        ),
+        Scenario(
+            "primary-outage",
+            "The primary refuses connections for the whole run; backups approve everything.",
+            steps=(Outage(),),
+            checks=(
+                _approval_at_least(0.999),
+                Check("failovers>0", lambda s: s["failovers"] > 0),
+                Check("no_charge_at_primary", lambda s: s["charges_by_provider"].get(s["primary"], 0) == 0),
+            ),
+        ),
+        Scenario(
+            "brownout",
+            f"30% of the primary's authorisations take {PER_TRY_TIMEOUT_MS + 300} ms, past the "
+            f"{PER_TRY_TIMEOUT_MS} ms per-try timeout: unknown outcomes, settled or left pending, never re-sent.",
+            steps=(Faults((FaultRule(kind="latency", share=0.3, latency_ms=PER_TRY_TIMEOUT_MS + 300,
+                                     operations=AUTHORIZE_ONLY),)),),
+            checks=(_answered_at_least(0.999),),
+        ),
+        Scenario(
+            "flapping",
+            f"The primary goes down and comes back every ~{FLAP_PERIOD_S} s: connections refused in bursts, "
+            "open connections cut.",
+            steps=(Flap(),),
+        ),
+        Scenario(
+            "timeout-after-processing",
+            "20% of the primary's authorisations charge, then hang past the per-try timeout: the status "
+            "query must find the charge, so nothing fails over.",
+            steps=(Faults((FaultRule(kind="timeout_after", share=0.2, hang_s=DEADLINE_MS / 1000,
+                                     operations=AUTHORIZE_ONLY),)),),
+            checks=(_answered_at_least(1.0),),
+        ),
+        Scenario(
+            "decline-storm",
+            "30% of payments carry the primary's hard-decline cards (insufficient funds, stolen card): "
+            "declined once, never sent to a backup.",
+            decline_share=0.3,
+            decline_cards=("insufficient_funds", "stolen_card"),
+            checks=(
+                Check("declined==expected_declines", lambda s: s["declined"] == s["expected_declines"]),
+                _approval_at_least(0.999),
+            ),
+        ),
+        Scenario(
+            "rate-limited",
+            "30% of the primary's authorisations answer 429 with Retry-After: 0.2: retried after the "
+            "hint with the same key, failed over when that is spent.",
+            steps=(Faults((FaultRule(kind="rate_limit", share=0.3, retry_after_s=0.2, operations=AUTHORIZE_ONLY),)),),
+            checks=(
+                Check("retries_or_failovers>0", lambda s: s["retries"] + s["failovers"] > 0),
+                _approval_at_least(0.999),
+            ),
+        ),
+    )
+}
+
+
+def get_scenario(name: str) -> Scenario:
+    try:
+        return SCENARIOS[name]
+    except KeyError:
+        raise KeyError(f"unknown drill {name!r}; choose one of {', '.join(SCENARIOS)}") from None
+
+
+# -- the fault injections in force ------------------------------------------------------------
+
+
+class _OutageLifted:
+    def __init__(self, server: EmulatorServer) -> None:
+        self._server = server
+
+    async def lift(self) -> None:
+        await self._server.set_outage(False)
+
+
+class _PlanLifted:
+    def __init__(self, server: EmulatorServer) -> None:
+        self._server = server
+
+    async def lift(self) -> None:
+        self._server.emulator.faults.clear()
+
+
+class _Flapper:
+    """Toggles the outage from a background task; stops between toggles, never mid-toggle,
+    so the listener is never left half stopped."""
+
+    def __init__(self, server: EmulatorServer, period_s: float, jitter_s: float, rng: random.Random) -> None:
+        self._server = server
+        self._period_s = period_s
+        self._jitter_s = jitter_s
+        self._rng = rng
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.toggles = 0
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"drill-flap-{self._server.emulator.name}")
+
+    async def _run(self) -> None:
+        down = True
+        while not self._stop.is_set():
+            await self._server.set_outage(down)
+            self.toggles += 1
+            try:
+                await asyncio.wait_for(self._stop.wait(),
+                                       self._period_s + self._rng.uniform(-self._jitter_s, self._jitter_s))
+            except TimeoutError:
+                pass
+            down = not down
+
+    async def lift(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+        await self._server.set_outage(False)

@@ -1,0 +1,468 @@
+"""An Adyen-shaped emulator: Checkout v71 `/payments`, its modifications and Adyen's test triggers.
+
+Behaviour as Adyen documents it for its test environment:
+- Refusals come from the card holder name (`DECLINED`, `NOT_ENOUGH_BALANCE`, …, or
+  `"<ADYEN CODE> : <scheme code> : <raw text>"` such as `DECLINED : 05 : Do not honor`) or from
+  `additionalData.RequestedTestAcquirerResponseCode`; Adyen's own test cards all approve.
+  `SCENARIO_CARDS` adds card numbers of this emulator's own (Luhn-valid, not Adyen's) that act as
+  those holder names, so drills can pick a behaviour by card alone.
+- `additionalData.RequestedTestErrorResponseCode`: `NO_CONNECTION_AVAILABLE` answers an error with
+  `transient-error: true`, nothing processed, and the key is *not* kept (the next request with it
+  is processed as the first); `IOEXCEPTION_RECEIVED` processes the payment (the issuer "could have
+  acted upon" it), answers 500 without the header, and keeps that answer for the key.
+- Idempotency: the first answer for a key is replayed (`store_policy = "all"`); a duplicate while
+  the first is still processing gets `409 {"errorCode": "704", "message": "request already
+  processed or in progress"}` (the answer Adyen integrators report) with `transient-error: true`.
+  Adyen documents no distinct error for a key reused with another body; this emulator answers
+  that with a 422 validation error under Adyen's catch-all errorCode `000`.
+
+Emulator extensions, not part of Adyen's API:
+- `GET /v71/payments?reference=…` and `GET /v71/payments/{pspReference}` stand in for the webhook
+  feed, so the engine can resolve an `unknown` outcome by status query.
+- Modifications are validated synchronously (422); the real Adyen answers 201 `received` and
+  reports a failed capture or refund later in its webhook.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass
+from datetime import date
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from gateway.cards import luhn_valid
+from providers.adyen.mapping import API_VERSION, REFUSAL_REASONS, TRANSIENT_ERROR_HEADER
+from providers.emulation.idempotency import Claim, ProviderIdempotency, StoredAnswer
+from providers.emulation.ledger import LedgerEntry
+from providers.emulation.server import ApiRoute, EmulatorRequest, ProviderEmulator, json_response
+
+BASE = f"/{API_VERSION}"
+
+
+@dataclass(frozen=True, slots=True)
+class SimulatedResult:
+    """One outcome Adyen's test environment can produce: resultCode and refusalReasonCode."""
+
+    result_code: str
+    reason_code: str | None = None
+
+
+# Adyen's holder-name triggers ("Testing result codes and refusal reasons"); the number is the
+# matching RequestedTestAcquirerResponseCode and refusalReasonCode.
+HOLDER_NAME_TRIGGERS: dict[str, SimulatedResult] = {
+    "UNKNOWN": SimulatedResult("Error", "0"),
+    "APPROVED": SimulatedResult("Authorised"),
+    "DECLINED": SimulatedResult("Refused", "2"),
+    "REFERRAL": SimulatedResult("Refused", "3"),
+    "ERROR": SimulatedResult("Error", "4"),
+    "BLOCK_CARD": SimulatedResult("Refused", "5"),
+    "CARD_EXPIRED": SimulatedResult("Refused", "6"),
+    "INVALID_AMOUNT": SimulatedResult("Refused", "7"),
+    "INVALID_CARD_NUMBER": SimulatedResult("Refused", "8"),
+    "ISSUER_UNAVAILABLE": SimulatedResult("Refused", "9"),
+    "NOT_SUPPORTED": SimulatedResult("Refused", "10"),
+    "NOT_3D_AUTHENTICATED": SimulatedResult("Refused", "11"),
+    "NOT_ENOUGH_BALANCE": SimulatedResult("Refused", "12"),
+    "PENDING": SimulatedResult("Received"),
+    "ACQUIRER_FRAUD": SimulatedResult("Refused", "14"),
+    "CANCELLED": SimulatedResult("Refused", "15"),
+    "SHOPPER_CANCELLED": SimulatedResult("Refused", "16"),
+}
+_ACQUIRER_RESPONSE_CODES = {"1": "APPROVED", "13": "PENDING"} | {
+    result.reason_code: name for name, result in HOLDER_NAME_TRIGGERS.items() if result.reason_code is not None
+}
+# "<ADYEN CODE> : <scheme code> : <raw text>", e.g. "DECLINED : 05 : Do not honor".
+_CUSTOM_TRIGGER = re.compile(r"^\s*(?P<name>[A-Z_]+)\s*:\s*(?P<raw>[0-9A-Za-z]{1,3}\s*:.*\S)\s*$")
+
+# Card number (or stored payment method id) -> holder-name trigger it behaves as; None approves,
+# as does any number not listed. The first group are Adyen's published test cards; the 4400…
+# numbers are this emulator's own.
+TEST_CARDS: dict[str, str | None] = {
+    "4111111145551142": None,  # Visa
+    "4111111111111111": None,  # Visa, used in Adyen's API examples
+    "5555341244441115": None,  # Mastercard
+    "2222400070000005": None,  # Mastercard 2-series
+    "370000000000002": None,  # American Express
+    "4400000000000016": "NOT_ENOUGH_BALANCE",
+    "4400000000000024": "DECLINED : 43 : Stolen card",
+    "4400000000000032": "DECLINED : 05 : Do not honor",
+    "4400000000000040": "ISSUER_UNAVAILABLE",
+    "4400000000000057": "BLOCK_CARD",
+    "4400000000000065": "CARD_EXPIRED",
+    "4400000000000073": "ACQUIRER_FRAUD",
+    "4400000000000081": "DECLINED : 41 : Lost card",
+    "4400000000000099": "ERROR",
+    "4400000000000107": "PENDING",
+    "4400000000000115": "DECLINED",
+}
+# The cards drills and the contract suite use for each behaviour, by a provider-neutral name.
+SCENARIO_CARDS: dict[str, str] = {
+    "approve": "4111111145551142",
+    "insufficient_funds": "4400000000000016",
+    "stolen_card": "4400000000000024",
+    "do_not_honor": "4400000000000032",
+    "issuer_unavailable": "4400000000000040",
+}
+TEST_ERROR_TRIGGER = "RequestedTestErrorResponseCode"
+TEST_ACQUIRER_TRIGGER = "RequestedTestAcquirerResponseCode"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    result: SimulatedResult
+    raw: str  # additionalData.refusalReasonRaw
+
+
+def holder_name_trigger(name: str | None) -> Decision | None:
+    """Adyen's holder-name triggers as documented (upper case), plain or with a raw response."""
+    if not name:
+        return None
+    name = name.strip()
+    if name in HOLDER_NAME_TRIGGERS:
+        result = HOLDER_NAME_TRIGGERS[name]
+        return Decision(result, _reason_text(result) or ("AUTHORISED" if result.result_code == "Authorised" else ""))
+    match = _CUSTOM_TRIGGER.match(name)
+    if match is not None and match["name"] in HOLDER_NAME_TRIGGERS:
+        return Decision(HOLDER_NAME_TRIGGERS[match["name"]], match["raw"])
+    return None
+
+
+def resolve_trigger(value: str | None) -> Decision | None:
+    """Any way of naming an outcome: a holder-name trigger (any case), a refusalReasonCode /
+    RequestedTestAcquirerResponseCode, or a refusalReason text. Used for injected declines."""
+    if not value:
+        return None
+    text = value.strip()
+    found = holder_name_trigger(text) or holder_name_trigger(text.upper())
+    if found is not None:
+        return found
+    if text in _ACQUIRER_RESPONSE_CODES:
+        return holder_name_trigger(_ACQUIRER_RESPONSE_CODES[text])
+    if text in REFUSAL_REASONS:  # a code with no holder-name trigger, e.g. "24" CVC Declined
+        return Decision(SimulatedResult("Error" if text == "0" else "Refused", text), REFUSAL_REASONS[text][0])
+    for code, (reason, _) in REFUSAL_REASONS.items():
+        if reason.lower() == text.lower():
+            return resolve_trigger(code)
+    return None
+
+
+def _reason_text(result: SimulatedResult) -> str | None:
+    return REFUSAL_REASONS[result.reason_code][0] if result.reason_code in REFUSAL_REASONS else None
+
+
+APPROVAL = Decision(SimulatedResult("Authorised"), "AUTHORISED")
+GENERIC_REFUSAL = Decision(HOLDER_NAME_TRIGGERS["DECLINED"], "Refused")
+
+
+def _expiry_decision(method: dict) -> Decision | None:
+    """Adyen: "an invalid expiry date … returns a generic DECLINED refusal reason"."""
+    try:
+        month, year = int(method.get("expiryMonth", 12)), int(method.get("expiryYear", 9999))
+    except (TypeError, ValueError):
+        return GENERIC_REFUSAL
+    today = date.today()
+    if not 1 <= month <= 12 or (year, month) < (today.year, today.month):
+        return GENERIC_REFUSAL
+    return None
+
+
+def _error(status: int, code: str, message: str, error_type: str, *, psp: str | None = None,
+           headers: dict[str, str] | None = None) -> web.Response:
+    doc: dict[str, Any] = {"status": status, "errorCode": code, "message": message, "errorType": error_type}
+    if psp:
+        doc["pspReference"] = psp
+    return json_response(status, doc, headers)
+
+
+def _validation(code: str, message: str, status: int = 422) -> web.Response:
+    return _error(status, code, message, "validation")
+
+
+class _AdyenIdempotency(ProviderIdempotency):
+    """Adyen keeps every answer for a key except a transient error's: after one, the next
+    request with the key "will be processed as if it was the first request"."""
+
+    def __init__(self) -> None:
+        super().__init__("all")
+        self._transient: set[str] = set()
+
+    def mark_transient(self, key: str) -> None:
+        self._transient.add(key)
+
+    def finish(self, key: str, answer: StoredAnswer) -> None:
+        if key in self._transient:
+            self._transient.discard(key)
+            self.abandon(key)
+            return
+        super().finish(key, answer)
+
+    def clear(self) -> None:
+        super().clear()
+        self._transient.clear()
+
+
+class AdyenEmulator(ProviderEmulator):
+    name = "adyen"
+    idempotency_header = "Idempotency-Key"
+    store_policy = "all"
+    ledger_prefix = "EMUA"  # + 12 digits: a 16-character pspReference, as Adyen's are
+
+    def __init__(self, api_key: str | None = None, merchant_account: str | None = None) -> None:
+        super().__init__()
+        self.idempotency: _AdyenIdempotency = _AdyenIdempotency()
+        self._api_key = api_key
+        self._merchant_account = merchant_account
+        self._modification_seq = itertools.count(1)
+        self.modifications: list[dict[str, Any]] = []
+
+    def routes(self) -> list[ApiRoute]:
+        return [
+            ApiRoute("POST", f"{BASE}/payments", self._payments, "authorize"),
+            ApiRoute("GET", f"{BASE}/payments", self._find_by_reference, "status", idempotent=False),
+            ApiRoute("GET", f"{BASE}/payments/{{psp}}", self._find_by_psp, "status", idempotent=False),
+            ApiRoute("POST", f"{BASE}/payments/{{psp}}/captures", self._capture, "capture"),
+            ApiRoute("POST", f"{BASE}/payments/{{psp}}/refunds", self._refund, "refund"),
+            ApiRoute("POST", f"{BASE}/payments/{{psp}}/cancels", self._cancel, "void"),
+        ]
+
+    def authenticate(self, request: web.Request) -> web.Response | None:
+        key = request.headers.get("X-API-Key", "").strip()
+        if not key or (self._api_key is not None and key != self._api_key):
+            return _error(401, "000", "HTTP Status Response - Unauthorized", "security")
+        return None
+
+    def error_response(self, status: int) -> web.Response:
+        if status == 500:
+            return _error(500, "701", "server could not process request", "internal")
+        if status == 401:
+            return _error(401, "000", "HTTP Status Response - Unauthorized", "security")
+        if status == 403:
+            return _error(403, "010", "Not allowed", "security")
+        if status >= 500:
+            return _error(status, "000", "Service Unavailable", "internal")
+        return _validation("000", "Unable to process request", status)
+
+    def rate_limited_response(self, retry_after_s: float) -> web.Response:
+        return _error(429, "000", "Too many requests", "internal", headers={"Retry-After": f"{retry_after_s:g}"})
+
+    def idempotency_conflict(self, claim: Claim) -> web.Response:
+        if claim is Claim.IN_FLIGHT:
+            return _error(409, "704", "request already processed or in progress", "validation",
+                          headers={TRANSIENT_ERROR_HEADER: "true"})
+        return _validation("000", "Idempotency-Key was already used with a different request")
+
+    def _merchant_problem(self, doc: dict) -> web.Response | None:
+        account = doc.get("merchantAccount")
+        if not account or (self._merchant_account is not None and account != self._merchant_account):
+            return _error(403, "901", "Invalid Merchant Account", "security")
+        return None
+
+    def _payment_doc(self, entry: LedgerEntry) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "pspReference": entry.id,
+            "resultCode": entry.extra["resultCode"],
+            "merchantReference": entry.payment_ref,
+            "amount": {"value": entry.amount, "currency": entry.currency},
+        }
+        if entry.decline_code is not None:
+            doc["refusalReason"] = REFUSAL_REASONS.get(entry.decline_code, ("Refused",))[0]
+            doc["refusalReasonCode"] = entry.decline_code
+        if entry.extra.get("refusalReasonRaw"):
+            doc["additionalData"] = {"refusalReasonRaw": entry.extra["refusalReasonRaw"]}
+            if entry.approved:
+                doc["additionalData"]["authCode"] = entry.extra["authCode"]
+        return doc
+
+    def _status_doc(self, entry: LedgerEntry) -> dict[str, Any]:
+        return {**self._payment_doc(entry), "merchantAccount": entry.extra.get("merchantAccount"),
+                "status": entry.status,
+                "capturedAmount": {"value": entry.captured, "currency": entry.currency},
+                "refundedAmount": {"value": entry.refunded, "currency": entry.currency}}
+
+    async def _payments(self, ctx: EmulatorRequest) -> web.Response:
+        try:
+            doc = orjson.loads(ctx.body)
+        except orjson.JSONDecodeError:
+            return _validation("702", "Unexpected input", 400)
+        if not isinstance(doc, dict):
+            return _validation("702", "Unexpected input", 400)
+        if (denied := self._merchant_problem(doc)) is not None:
+            return denied
+        amount = doc.get("amount")
+        if not isinstance(amount, dict) or "value" not in amount:
+            return _validation("100", "Required object 'amount' is not provided.")
+        value, currency = amount.get("value"), str(amount.get("currency") or "")
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            return _validation("137", "Invalid amount specified")
+        if len(currency) != 3 or not currency.isalpha() or not currency.isupper():
+            return _validation("138", "Unsupported currency specified")
+        reference = doc.get("reference")
+        if not isinstance(reference, str) or not reference:
+            return _validation("130", "Required field 'reference' is not provided.")
+        if not doc.get("returnUrl"):
+            return _validation("14_030", "Return URL is missing.")
+        method = doc.get("paymentMethod") if isinstance(doc.get("paymentMethod"), dict) else {}
+        number = str(method.get("number") or "").replace(" ", "")
+        card_key = number or str(method.get("storedPaymentMethodId") or "")
+        if not card_key:
+            return _validation("000", "paymentDetails not supplied")
+        if number and (not number.isdigit() or not 12 <= len(number) <= 19 or not luhn_valid(number)):
+            return _validation("101", "Invalid card number")
+        additional = doc.get("additionalData") if isinstance(doc.get("additionalData"), dict) else {}
+        entry = self.ledger.add(LedgerEntry(
+            id=self.ledger.new_id(), payment_ref=reference, amount=value, currency=currency,
+            approved=False, status="received", idempotency_key=ctx.idempotency_key,
+            extra={"resultCode": "Received", "merchantAccount": doc.get("merchantAccount"),
+                   "manualCapture": str(additional.get("manualCapture", "")).lower() == "true"},
+        ))
+        await ctx.simulate_processing()
+        error_trigger = str(additional.get(TEST_ERROR_TRIGGER, "")).upper()
+        if error_trigger == "NO_CONNECTION_AVAILABLE":
+            # Nothing reached an issuer: the payment object is dropped from status answers.
+            entry.status, entry.extra["resultCode"], entry.extra["transient"] = "error", "Error", True
+            if ctx.idempotency_key is not None:
+                self.idempotency.mark_transient(ctx.idempotency_key)
+            return _error(500, "701", "No connection available to the issuer", "internal", psp=entry.id,
+                          headers={TRANSIENT_ERROR_HEADER: "true"})
+        self._settle(entry, self._decide(ctx.forced_decline, additional, method, card_key))
+        if error_trigger == "IOEXCEPTION_RECEIVED":
+            return _error(500, "701", "server could not process request", "internal", psp=entry.id)
+        return json_response(200, self._payment_doc(entry))
+
+    @staticmethod
+    def _decide(forced: str | None, additional: dict, method: dict, card_key: str) -> Decision:
+        """First match wins: an injected decline (unrecognised codes become a generic refusal),
+        Adyen's two request triggers, this emulator's cards, the expiry date; else approve."""
+        if forced:
+            return resolve_trigger(forced) or GENERIC_REFUSAL
+        acquirer_code = str(additional.get(TEST_ACQUIRER_TRIGGER) or "")
+        return (holder_name_trigger(_ACQUIRER_RESPONSE_CODES.get(acquirer_code))
+                or holder_name_trigger(str(method.get("holderName") or ""))
+                or holder_name_trigger(TEST_CARDS.get(card_key))
+                or _expiry_decision(method)
+                or APPROVAL)
+
+    @staticmethod
+    def _settle(entry: LedgerEntry, decision: Decision) -> None:
+        result = decision.result
+        entry.extra["resultCode"] = result.result_code
+        entry.extra["refusalReasonRaw"] = decision.raw
+        if result.result_code == "Authorised":
+            entry.approved = True
+            entry.extra["authCode"] = f"{int(entry.id[-6:]):06d}"
+            if entry.extra["manualCapture"]:
+                entry.status = "authorised"
+            else:
+                entry.status, entry.captured = "captured", entry.amount
+        elif result.result_code == "Received":
+            entry.status = "received"  # stays in flight: neither charged nor declined
+        else:
+            entry.status = "refused" if result.result_code == "Refused" else "error"
+            entry.decline_code = result.reason_code
+
+    async def _find_by_reference(self, ctx: EmulatorRequest) -> web.Response:
+        """Emulator extension standing in for Adyen's webhook feed: payments by our reference."""
+        await ctx.simulate_processing()
+        query = ctx.request.query
+        reference = query.get("reference")
+        if not reference:
+            return _validation("130", "Required field 'reference' is not provided.")
+        hits = [self._status_doc(e) for e in self.ledger.find_by_ref(reference) if self._visible(e)]
+        return json_response(200, {"merchantAccount": query.get("merchantAccount"), "reference": reference,
+                                   "payments": hits})
+
+    async def _find_by_psp(self, ctx: EmulatorRequest) -> web.Response:
+        """Emulator extension standing in for Adyen's webhook feed: one payment by pspReference."""
+        await ctx.simulate_processing()
+        entry = self.ledger.get(ctx.request.match_info["psp"])
+        if entry is None or not self._visible(entry):
+            return _error(404, "000", "Not Found", "validation")
+        return json_response(200, self._status_doc(entry))
+
+    def _visible(self, entry: LedgerEntry) -> bool:
+        return not entry.extra.get("transient") and (
+            self._merchant_account is None or entry.extra.get("merchantAccount") == self._merchant_account)
+
+    def _modification(self, ctx: EmulatorRequest) -> tuple[LedgerEntry, dict] | web.Response:
+        try:
+            doc = orjson.loads(ctx.body)
+        except orjson.JSONDecodeError:
+            return _validation("702", "Unexpected input", 400)
+        if not isinstance(doc, dict):
+            return _validation("702", "Unexpected input", 400)
+        if (denied := self._merchant_problem(doc)) is not None:
+            return denied
+        psp = ctx.request.match_info["psp"]
+        entry = self.ledger.get(psp)
+        if entry is None:
+            return _validation("167", f"Original pspReference {psp} not found")
+        return entry, doc
+
+    def _amount(self, entry: LedgerEntry, doc: dict) -> int | web.Response:
+        amount = doc.get("amount")
+        if not isinstance(amount, dict) or not isinstance(amount.get("value"), int):
+            return _validation("100", "Required object 'amount' is not provided.")
+        if str(amount.get("currency", "")) != entry.currency:
+            return _validation("000", "Currency does not match the original payment")
+        if amount["value"] < 1:
+            return _validation("137", "Invalid amount specified")
+        return int(amount["value"])
+
+    def _received(self, entry: LedgerEntry, doc: dict, kind: str, amount: int | None) -> web.Response:
+        answer: dict[str, Any] = {"merchantAccount": doc["merchantAccount"], "paymentPspReference": entry.id,
+                                  "pspReference": f"EMUM{next(self._modification_seq):012d}",
+                                  "status": "received"}
+        if doc.get("reference"):
+            answer["reference"] = doc["reference"]
+        if amount is not None:
+            answer["amount"] = {"value": amount, "currency": entry.currency}
+        self.modifications.append({"kind": kind, **answer})
+        return json_response(201, answer)
+
+    async def _capture(self, ctx: EmulatorRequest) -> web.Response:
+        await ctx.simulate_processing()
+        found = self._modification(ctx)
+        if isinstance(found, web.Response):
+            return found
+        entry, doc = found
+        amount = self._amount(entry, doc)
+        if isinstance(amount, web.Response):
+            return amount
+        if not entry.approved or entry.voided or entry.status not in ("authorised", "captured"):
+            return _validation("000", f"Payment cannot be captured: it is {entry.status}")
+        if entry.captured + amount > entry.amount:
+            return _validation("137", "Capture amount exceeds the authorised amount")
+        entry.captured += amount
+        entry.status = "captured"
+        return self._received(entry, doc, "capture", amount)
+
+    async def _refund(self, ctx: EmulatorRequest) -> web.Response:
+        await ctx.simulate_processing()
+        found = self._modification(ctx)
+        if isinstance(found, web.Response):
+            return found
+        entry, doc = found
+        amount = self._amount(entry, doc)
+        if isinstance(amount, web.Response):
+            return amount
+        if entry.captured - entry.refunded < amount:
+            return _validation("000", "Refund amount exceeds the captured amount" if entry.captured
+                               else f"Payment cannot be refunded: it is {entry.status}")
+        entry.refunded += amount
+        entry.status = "refunded" if entry.refunded == entry.captured else "partially_refunded"
+        return self._received(entry, doc, "refund", amount)
+
+    async def _cancel(self, ctx: EmulatorRequest) -> web.Response:
+        await ctx.simulate_processing()
+        found = self._modification(ctx)
+        if isinstance(found, web.Response):
+            return found
+        entry, doc = found
+        if entry.status != "authorised" or entry.captured:
+            return _validation("000", f"Payment cannot be cancelled: it is {entry.status}")
+        entry.status, entry.voided = "cancelled", True
+        return self._received(entry, doc, "cancel", None)

@@ -1,0 +1,158 @@
+"""Drills, small: every scenario end to end (real emulators over mTLS, the real gateway on
+loopback, real HTTP), the summary's arithmetic, and the `gateway drill` command."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from typer.testing import CliRunner
+
+from gateway.cli import app
+from gateway.drill import SCENARIOS, DrillOptions, SendResult, get_scenario, percentile, run_drill, summarize
+from gateway.drill.report import declined_then_failed_over
+from gateway.drill.runner import CLIENT_KEY_ENV, provider_key_env
+
+CONTRACT_KEYS = {"sent", "approved", "declined", "pending", "failed", "duplicates", "lost", "failovers", "retries",
+                 "p50_ms", "p99_ms", "seconds", "log_dir"}
+SEED = 20240601
+
+
+def _scenario_holds(name: str, s: dict[str, Any]) -> None:
+    match name:
+        case "baseline":
+            assert s["approved"] == s["sent"]
+        case "primary-outage":
+            assert s["approved"] == s["sent"], "the backups approve everything"
+            assert s["failovers"] > 0
+            assert s["charges_by_provider"].get("stripe", 0) == 0
+        case "brownout":
+            assert s["approved"] + s["pending"] == s["sent"]
+        case "timeout-after-processing":
+            assert s["approved"] + s["pending"] == s["sent"]
+            assert s["status_queries"] > 0, "the unknown outcomes were settled by status query"
+        case "decline-storm":
+            assert s["expected_declines"] > 0
+            assert s["declined"] == s["expected_declines"]
+            assert s["declines_failed_over"] == 0
+        case "rate-limited":
+            assert s["retries"] + s["failovers"] > 0
+        case "flapping":
+            pass
+        case _:
+            raise AssertionError(f"no expectation written for drill {name}")
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+async def test_each_drill_charges_once_and_loses_nothing(name: str, tmp_path: Path) -> None:
+    report = await run_drill(name, DrillOptions(payments=40, concurrency=8, log_dir=tmp_path, seed=SEED))
+    s = report.summary
+    assert CONTRACT_KEYS <= s.keys()
+    assert s["sent"] == 40 and s["abandoned"] == 0
+    assert s["duplicates"] == 0
+    assert s["lost"] == 0
+    assert s["charged_without_approval"] == 0
+    assert s["declines_failed_over"] == 0
+    _scenario_holds(name, s)
+    assert report.ok and report.exit_code == 0, s["checks"]
+    assert (tmp_path / "gateway.db").exists()
+    assert len((tmp_path / "transactions.jsonl").read_bytes().splitlines()) >= s["sent"]
+
+
+async def test_the_time_cap_abandons_the_rest_and_says_so(tmp_path: Path) -> None:
+    report = await run_drill("baseline", DrillOptions(payments=100_000, concurrency=4, log_dir=tmp_path,
+                                                      max_seconds=0.5, seed=SEED))
+    s = report.summary
+    assert 0 < s["sent"] < 100_000
+    assert s["sent"] + s["abandoned"] == 100_000
+    assert s["lost"] == 0 and s["duplicates"] == 0
+
+
+async def test_secrets_live_in_the_environment_only_while_the_config_is_read(tmp_path: Path) -> None:
+    os.environ.pop(CLIENT_KEY_ENV, None)
+    await run_drill("baseline", DrillOptions(payments=1, concurrency=1, log_dir=tmp_path, seed=SEED))
+    assert CLIENT_KEY_ENV not in os.environ
+    assert not any(provider_key_env(kind) in os.environ for kind in get_scenario("baseline").route)
+
+
+@pytest.mark.parametrize("kwargs", [{"payments": 0}, {"payments": 100_001}, {"concurrency": 0},
+                                    {"concurrency": 1001}, {"max_seconds": 0}])
+def test_every_load_is_bounded(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        DrillOptions(**kwargs)
+
+
+# -- the summary catches what it exists to catch -------------------------------------------------
+
+
+def _doc(pid: str, ref: str, status: str, *attempts: tuple[str, str, int, str | None]) -> dict[str, Any]:
+    return {"id": pid, "merchant_reference": ref, "status": status,
+            "attempts": [{"provider": p, "outcome": o, "try_number": t, "operation": "authorize",
+                          "failover_reason": f} for p, o, t, f in attempts]}
+
+
+def test_summary_counts_duplicates_lost_and_declines_failed_over() -> None:
+    sends = [
+        SendResult(0, "r0", 10.0, 201, "p0", "approved"),
+        SendResult(1, "r1", 20.0, 201, "p1", "approved"),
+        SendResult(2, "r2", 30.0),  # no answer, never journalled: lost
+        SendResult(3, "r3", 40.0),  # no answer, journalled as pending: not lost
+        SendResult(4, "r4", 50.0, 201, "p4", "declined", decline_card=True),
+        SendResult(5, "r5", 60.0, 503, error="overloaded"),  # refused at the door: not accepted
+        SendResult(6, "r6", 70.0, 201, "p6", "approved"),  # answered, journal still "attempting": lost
+    ]
+    journal = [
+        _doc("p0", "r0", "approved", ("stripe", "approved", 1, None)),
+        _doc("p1", "r1", "approved", ("stripe", "unavailable", 1, None), ("adyen", "approved", 1, "unavailable:x")),
+        _doc("p3", "r3", "pending", ("stripe", "unknown", 1, None)),
+        _doc("p4", "r4", "declined", ("stripe", "hard_decline", 1, None), ("adyen", "hard_decline", 1, "x")),
+        _doc("p6", "r6", "attempting", ("stripe", None, 1, None)),
+    ]
+    charges = {"p0": ["stripe"], "p1": ["stripe", "adyen"], "p4": ["adyen"]}
+    s = summarize(scenario=get_scenario("decline-storm"), sends=sends, journal=journal, charges=charges,
+                  abandoned=0, seconds=1.0, log_dir="x")
+    assert (s["sent"], s["approved"], s["declined"], s["pending"], s["failed"]) == (7, 3, 1, 0, 3)
+    assert s["duplicates"] == 1  # p1 charged at stripe and adyen
+    assert s["lost"] == 2  # r2 and p6
+    assert s["charged_without_approval"] == 1  # p4: declined, yet adyen holds a charge
+    assert s["declines_failed_over"] == 1
+    assert s["failovers"] == 2 and s["expected_declines"] == 1
+    assert s["checks"]["duplicates==0"] is False and s["checks"]["lost==0"] is False
+    assert s["ok"] is False
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == 50.0
+    assert percentile(values, 99) == 99.0
+    assert percentile([7.0], 99) == 7.0
+    assert percentile([], 50) == 0.0
+
+
+def test_a_soft_decline_cascade_is_not_a_declined_failover() -> None:
+    doc = _doc("p", "r", "approved", ("stripe", "soft_decline", 1, None), ("adyen", "approved", 1, "soft_decline:x"))
+    assert not declined_then_failed_over(doc)
+
+
+# -- the command ---------------------------------------------------------------------------------
+
+
+def test_drill_command_prints_one_json_line_and_exits_zero(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["drill", "baseline", "--payments", "20", "--json", "--log-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1
+    summary = orjson.loads(lines[-1])
+    assert CONTRACT_KEYS <= summary.keys()
+    assert summary["sent"] == 20 and summary["approved"] == 20
+    assert summary["duplicates"] == 0 and summary["lost"] == 0
+    assert summary["log_dir"] == str(tmp_path.resolve())
+
+
+def test_drill_command_refuses_an_unknown_scenario() -> None:
+    result = CliRunner().invoke(app, ["drill", "meteor-strike", "--json"])
+    assert result.exit_code == 2
+    assert "primary-outage" in result.output

@@ -1,0 +1,530 @@
+"""Checkout.com specifics: its idempotency (only 2xx stored), the response-code table, its test
+cards, and evidence that the official `checkout-sdk` speaks to our emulator as it would to the
+sandbox, over the same paths our mapping uses."""
+
+from __future__ import annotations
+
+import asyncio
+import warnings
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from itertools import count
+from typing import Any
+
+import orjson
+import pytest
+import requests
+from checkout_sdk.checkout_sdk import CheckoutSdk
+from checkout_sdk.common.enums import Currency
+from checkout_sdk.environment import Environment
+from checkout_sdk.exception import CheckoutApiException
+from checkout_sdk.http_client_interface import HttpClientBuilderInterface
+from checkout_sdk.payments.payments import (
+    CaptureRequest,
+    PaymentRequest,
+    PaymentRequestCardSource,
+    PaymentsQueryFilter,
+    RefundRequest,
+    VoidRequest,
+)
+
+from gateway.outcome import Outcome
+from providers.base import Card, FollowUp, Operation, PaymentOrder, ProviderRequest, ProviderResponse, ProviderResult
+from providers.checkout.emulator import SCENARIO_CARDS, TEST_CARDS, CheckoutEmulator
+from providers.checkout.mapping import IDEMPOTENCY_HEADER, CheckoutMapping, decline_outcome
+from providers.classify import result_from_transport_error
+from providers.emulation.faults import FaultPlan, FaultRule
+from providers.emulation.server import EmulatorServer
+from providers.errors import TransportError
+from providers.transport import ProviderTransport
+
+# Matches the SDK's own key check: ^sk_(sbox_)?[a-z2-7]{26}[a-z2-7*#$=]$
+SANDBOX_KEY = "sk_sbox_" + "m2kq7vaxyz3bcdefghijklmnop" + "q"
+
+
+@dataclass
+class Rig:
+    server: EmulatorServer
+    emulator: CheckoutEmulator
+    transport: ProviderTransport
+    mapping: CheckoutMapping
+
+    async def call(self, op: Operation, subject: PaymentOrder | FollowUp, key: str | None,
+                   timeout_s: float = 2.0) -> ProviderResult:
+        return await self.send(op, self.mapping.build(op, subject, key), timeout_s)
+
+    async def send(self, op: Operation, request: ProviderRequest, timeout_s: float = 2.0) -> ProviderResult:
+        try:
+            response = await self.transport.send(request, timeout_s)
+        except TransportError as exc:
+            return result_from_transport_error(exc)
+        return self.mapping.parse(op, response)
+
+
+async def _rig(emulator: CheckoutEmulator) -> Rig:
+    server = EmulatorServer(emulator)
+    await server.start()
+    transport = ProviderTransport("checkout", server.url, ssl_context=None, connect_timeout_s=1.0, max_connections=10)
+    await transport.start()
+    return Rig(server, emulator, transport, CheckoutMapping("checkout", SANDBOX_KEY))
+
+
+@pytest.fixture
+async def rig() -> AsyncIterator[Rig]:
+    r = await _rig(CheckoutEmulator(api_key=SANDBOX_KEY))
+    try:
+        yield r
+    finally:
+        await r.transport.close()
+        await r.server.stop()
+
+
+_seq = count(1)
+
+
+def order(card: str = "4242424242424242", *, amount: int = 1000, capture: bool = True, exp_year: int = 2030,
+          pid: str | None = None) -> PaymentOrder:
+    pid = pid or f"pay_cko_{next(_seq)}"
+    return PaymentOrder(payment_id=pid, amount=amount, currency="eur", capture=capture, merchant_reference=f"ord-{pid}",
+                        card=Card(number=card, exp_month=3, exp_year=exp_year, cvc="100", holder_name="J Smith"))
+
+
+def by_ref(o: PaymentOrder) -> FollowUp:
+    return FollowUp(payment_id=o.payment_id, provider_reference=None)
+
+
+def answer(status: int, doc: Any = None, headers: dict[str, str] | None = None) -> ProviderResponse:
+    return ProviderResponse(status=status, headers=headers or {}, body=b"" if doc is None else orjson.dumps(doc))
+
+
+def luhn(number: str) -> bool:
+    digits = [int(d) for d in reversed(number)]
+    return sum(d if i % 2 == 0 else (d * 2 - 9 if d * 2 > 9 else d * 2) for i, d in enumerate(digits)) % 10 == 0
+
+
+# --- the request shape -------------------------------------------------------------------------
+
+
+def test_authorize_request_is_checkout_shaped() -> None:
+    mapping = CheckoutMapping("checkout", "sk_sbox_x", merchant_account="pc_test")
+    o = order(capture=False)
+    request = mapping.build(Operation.AUTHORIZE, o, "idem-1")
+    assert (request.method, request.path) == ("POST", "/payments")
+    assert request.headers["Authorization"] == "Bearer sk_sbox_x"
+    assert request.headers[IDEMPOTENCY_HEADER] == "idem-1"
+    assert request.headers["Content-Type"] == "application/json"
+    body = orjson.loads(request.body or b"")
+    assert body["source"] == {"type": "card", "number": "4242424242424242", "expiry_month": 3, "expiry_year": 2030,
+                              "cvv": "100", "name": "J Smith"}
+    assert (body["amount"], body["currency"], body["reference"], body["capture"]) == (1000, "EUR", o.payment_id, False)
+    assert body["processing_channel_id"] == "pc_test"
+    stored = PaymentOrder(payment_id="p1", amount=5, currency="EUR", capture=True, merchant_reference="m",
+                          token="src_abc")
+    assert orjson.loads(mapping.build(Operation.AUTHORIZE, stored, "k").body or b"")["source"] == {
+        "type": "id", "id": "src_abc"}
+    frames = PaymentOrder(payment_id="p2", amount=5, currency="EUR", capture=True, merchant_reference="m",
+                          token="tok_abc")
+    assert orjson.loads(mapping.build(Operation.AUTHORIZE, frames, "k").body or b"")["source"] == {
+        "type": "token", "token": "tok_abc"}
+
+
+def test_follow_up_and_status_paths() -> None:
+    mapping = CheckoutMapping("checkout", "sk_sbox_x")
+    follow = FollowUp(payment_id="p1", provider_reference="pay_abc", amount=300, follow_up_id="cap-1")
+    capture = mapping.build(Operation.CAPTURE, follow, "k-c")
+    assert (capture.method, capture.path) == ("POST", "/payments/pay_abc/captures")
+    assert orjson.loads(capture.body or b"") == {"amount": 300, "reference": "cap-1"}
+    assert mapping.build(Operation.REFUND, follow, "k-r").path == "/payments/pay_abc/refunds"
+    void = mapping.build(Operation.VOID, follow, "k-v")
+    assert void.path == "/payments/pay_abc/voids" and "amount" not in orjson.loads(void.body or b"")
+    status = mapping.build(Operation.STATUS, follow, None)
+    assert (status.method, status.path, status.body) == ("GET", "/payments/pay_abc", None)
+    assert IDEMPOTENCY_HEADER not in status.headers
+    listing = mapping.build(Operation.STATUS, FollowUp(payment_id="p 1", provider_reference=None), None)
+    assert listing.path == "/payments?reference=p+1&limit=10&skip=0"
+    with pytest.raises(ValueError):
+        mapping.build(Operation.CAPTURE, FollowUp(payment_id="p1", provider_reference=None), "k")
+
+
+# --- the response-code table ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [
+        ("10000", Outcome.APPROVED),
+        ("20005", Outcome.SOFT_DECLINE),  # do not honour
+        ("20068", Outcome.SOFT_DECLINE),  # issuer timeout
+        ("20091", Outcome.SOFT_DECLINE),  # issuer unavailable
+        ("20001", Outcome.SOFT_DECLINE),  # refer to issuer
+        ("20051", Outcome.HARD_DECLINE),  # insufficient funds
+        ("20054", Outcome.HARD_DECLINE),  # expired card
+        ("20014", Outcome.HARD_DECLINE),  # invalid card number
+        ("20059", Outcome.HARD_DECLINE),  # suspected fraud
+        ("20087", Outcome.HARD_DECLINE),  # bad track data
+        ("20046", Outcome.HARD_DECLINE),  # account closed
+        ("200N7", Outcome.HARD_DECLINE),  # CVV2 failure
+        ("30041", Outcome.HARD_DECLINE),  # lost card
+        ("30043", Outcome.HARD_DECLINE),  # stolen card
+        ("40101", Outcome.HARD_DECLINE),  # risk blocked
+        ("20999", Outcome.SOFT_DECLINE),  # unlisted: the 20xxx range is soft
+        ("30999", Outcome.HARD_DECLINE),  # unlisted: the 30xxx range is hard
+        ("40999", Outcome.HARD_DECLINE),  # unlisted: risk responses are hard
+    ],
+)
+def test_response_code_table(code: str, expected: Outcome) -> None:
+    approved = code.startswith("1")
+    doc = {"id": "pay_x", "action_id": "act_x", "approved": approved,
+           "status": "Authorized" if approved else "Declined", "response_code": code, "response_summary": "summary"}
+    result = CheckoutMapping("checkout", "sk_sbox_x").parse(Operation.AUTHORIZE, answer(201, doc))
+    assert (result.outcome, result.raw_code, result.reference, result.message) == (expected, code, "pay_x", "summary")
+    if not approved:
+        assert decline_outcome(code) is expected
+
+
+@pytest.mark.parametrize(
+    ("status", "doc", "headers", "op", "expected"),
+    [
+        (202, {"id": "pay_p", "status": "Pending", "_links": {"redirect": {"href": "https://3ds"}}}, {},
+         Operation.AUTHORIZE, Outcome.UNKNOWN),  # a pending payment exists: answer pending, never fail over
+        (202, {"action_id": "act_1"}, {}, Operation.CAPTURE, Outcome.APPROVED),  # action accepted
+        (202, {"action_id": "act_2"}, {}, Operation.REFUND, Outcome.APPROVED),
+        (202, {"action_id": "act_3"}, {}, Operation.VOID, Outcome.APPROVED),
+        (200, {"id": "pay_v", "status": "Voided", "approved": True}, {}, Operation.STATUS, Outcome.APPROVED),
+        (200, {"id": "pay_d", "status": "Declined", "approved": False}, {}, Operation.STATUS, Outcome.HARD_DECLINE),
+        (401, None, {}, Operation.AUTHORIZE, Outcome.UNAVAILABLE),
+        (403, None, {}, Operation.VOID, Outcome.REJECTED),
+        (404, None, {}, Operation.STATUS, Outcome.REJECTED),
+        (422, {"request_id": "r", "error_type": "request_invalid", "error_codes": ["card_number_invalid"]}, {},
+         Operation.AUTHORIZE, Outcome.REJECTED),
+        (429, None, {"Retry-After": "3"}, Operation.AUTHORIZE, Outcome.UNAVAILABLE),  # a rate limit
+        (429, None, {}, Operation.AUTHORIZE, Outcome.UNKNOWN),  # a concurrent request with our key
+        (429, None, {}, Operation.STATUS, Outcome.UNAVAILABLE),  # reads carry no key
+        (500, None, {}, Operation.AUTHORIZE, Outcome.UNKNOWN),
+        (502, None, {}, Operation.AUTHORIZE, Outcome.UNAVAILABLE),
+        (503, None, {}, Operation.AUTHORIZE, Outcome.UNAVAILABLE),
+        (504, None, {}, Operation.CAPTURE, Outcome.UNAVAILABLE),
+    ],
+)
+def test_answer_classification(status: int, doc: Any, headers: dict[str, str], op: Operation,
+                               expected: Outcome) -> None:
+    result = CheckoutMapping("checkout", "sk_sbox_x").parse(op, answer(status, doc, headers))
+    assert result.outcome is expected, result
+    assert result.found is (status != 404)
+    assert (result.extra.get("idempotent_retry") == "unsafe") is (status >= 500 and op is not Operation.STATUS)
+
+
+# --- test cards ---------------------------------------------------------------------------------
+
+
+def test_scenario_cards_are_public_luhn_valid_test_cards() -> None:
+    assert set(SCENARIO_CARDS) == {"approve", "insufficient_funds", "stolen_card", "do_not_honor", "issuer_unavailable"}
+    assert all(luhn(number) for number in TEST_CARDS)
+    assert {name: TEST_CARDS[number] for name, number in SCENARIO_CARDS.items()} == {
+        "approve": None, "insufficient_funds": "20051", "stolen_card": "30043", "do_not_honor": "20005",
+        "issuer_unavailable": "20068"}
+
+
+@pytest.mark.parametrize(("number", "code"), sorted(TEST_CARDS.items()))
+async def test_each_test_card_answers_its_response_code(rig: Rig, number: str, code: str | None) -> None:
+    o = order(number)
+    result = await rig.call(Operation.AUTHORIZE, o, f"{o.payment_id}-k")
+    assert result.http_status == 201
+    assert result.raw_code == (code or "10000")
+    assert result.outcome is (Outcome.APPROVED if code is None else decline_outcome(code))
+    assert result.reference and result.reference.startswith("pay_")
+    assert len(rig.emulator.ledger.charges()) == (1 if code is None else 0)
+
+
+async def test_amount_triggers_are_the_previous_platforms_and_off_by_default(rig: Rig) -> None:
+    plain = await rig.call(Operation.AUTHORIZE, order(amount=1051), "k-plain")
+    assert plain.outcome is Outcome.APPROVED
+    legacy = await _rig(CheckoutEmulator(amount_triggers=True))
+    try:
+        cases = {1051: ("20051", Outcome.HARD_DECLINE), 1205: ("20005", Outcome.SOFT_DECLINE),
+                 9998: ("20068", Outcome.SOFT_DECLINE), 4001: ("40101", Outcome.HARD_DECLINE),
+                 1000: ("10000", Outcome.APPROVED)}
+        for amount, (code, outcome) in cases.items():
+            result = await legacy.call(Operation.AUTHORIZE, order(amount=amount), f"k-amount-{amount}")
+            assert (result.raw_code, result.outcome) == (code, outcome)
+    finally:
+        await legacy.transport.close()
+        await legacy.server.stop()
+
+
+async def test_expired_or_invalid_card_is_rejected_not_declined(rig: Rig) -> None:
+    expired = await rig.call(Operation.AUTHORIZE, order(exp_year=2001), "k-expired")
+    assert (expired.outcome, expired.http_status, expired.raw_code) == (Outcome.REJECTED, 422, "card_expired")
+    invalid = await rig.call(Operation.AUTHORIZE, order("4242424242424241"), "k-luhn")
+    assert (invalid.outcome, invalid.raw_code) == (Outcome.REJECTED, "card_number_invalid")
+    assert rig.emulator.ledger.snapshot()["entries"] == []
+
+
+# --- idempotency: only 2xx answers are stored ---------------------------------------------------
+
+
+async def test_retry_after_a_500_that_followed_processing_charges_a_second_time(rig: Rig) -> None:
+    """The danger the engine must avoid: Checkout does not store a 5xx answer for the key, so a
+    blind retry with the same key is processed as a new payment."""
+    rig.emulator.faults.set(FaultPlan(rules=(FaultRule(kind="error", status=500, after_processing=True),)))
+    o = order()
+    first = await rig.call(Operation.AUTHORIZE, o, "k-500")
+    assert (first.outcome, first.http_status) == (Outcome.UNKNOWN, 500)
+    assert first.extra["idempotent_retry"] == "unsafe"
+    assert len(rig.emulator.ledger.charges()) == 1  # charged, though the answer said 500
+    rig.emulator.faults.clear()
+    retry = await rig.call(Operation.AUTHORIZE, o, "k-500")
+    assert retry.outcome is Outcome.APPROVED
+    charges = rig.emulator.ledger.charges()
+    assert len(charges) == 2 and {c.idempotency_key for c in charges} == {"k-500"}
+    assert retry.reference != charges[0].id
+    assert rig.emulator.ledger.duplicates() == {o.payment_id: 2}
+    # A status query by reference surfaces both charges, so reconciliation can see the duplicate.
+    status = await rig.call(Operation.STATUS, by_ref(o), None)
+    assert status.found and status.outcome is Outcome.APPROVED
+    assert (status.extra["matches"], status.extra["charged_matches"]) == ("2", "2")
+
+
+async def test_status_query_after_a_500_finds_the_charge_without_a_retry(rig: Rig) -> None:
+    """The safe path: settle the 500 with `GET /payments?reference=` instead of re-sending."""
+    rig.emulator.faults.set(FaultPlan(rules=(FaultRule(kind="error", status=500, after_processing=True),)))
+    o = order()
+    assert (await rig.call(Operation.AUTHORIZE, o, "k-500-safe")).outcome is Outcome.UNKNOWN
+    rig.emulator.faults.clear()
+    status = await rig.call(Operation.STATUS, by_ref(o), None)
+    assert (status.found, status.outcome, status.provider_status) == (True, Outcome.APPROVED, "Captured")
+    assert status.reference == rig.emulator.ledger.charges()[0].id
+    assert len(rig.emulator.ledger.charges()) == 1
+
+
+async def test_a_decline_is_a_2xx_and_is_replayed_not_reprocessed(rig: Rig) -> None:
+    o = order(SCENARIO_CARDS["insufficient_funds"])
+    first = await rig.call(Operation.AUTHORIZE, o, "k-decline")
+    second = await rig.call(Operation.AUTHORIZE, o, "k-decline")
+    assert first.outcome is second.outcome is Outcome.HARD_DECLINE
+    assert first.reference == second.reference
+    assert len(rig.emulator.ledger.snapshot()["entries"]) == 1
+
+
+async def test_a_422_is_not_stored_so_the_key_can_carry_the_corrected_request(rig: Rig) -> None:
+    bad = order(exp_year=2001, pid="pay_fixed")
+    assert (await rig.call(Operation.AUTHORIZE, bad, "k-fix")).http_status == 422
+    fixed = await rig.call(Operation.AUTHORIZE, order(pid="pay_fixed"), "k-fix")
+    assert fixed.outcome is Outcome.APPROVED  # not a key/body mismatch: the 422 left nothing behind
+
+
+async def test_same_key_with_another_body_is_rejected(rig: Rig) -> None:
+    await rig.call(Operation.AUTHORIZE, order(pid="pay_same"), "k-reuse")
+    other = await rig.call(Operation.AUTHORIZE, order(pid="pay_same", amount=2000), "k-reuse")
+    assert (other.outcome, other.http_status, other.raw_code) == (Outcome.REJECTED, 422, "idempotency_key_reused")
+    assert len(rig.emulator.ledger.charges()) == 1
+
+
+async def test_duplicate_while_the_first_is_in_flight_is_429_and_unknown(rig: Rig) -> None:
+    rig.emulator.faults.set(FaultPlan(rules=(FaultRule(kind="latency", latency_ms=300, operations=("authorize",)),)))
+    o = order()
+    results = await asyncio.gather(rig.call(Operation.AUTHORIZE, o, "k-flight"),
+                                   rig.call(Operation.AUTHORIZE, o, "k-flight"))
+    approved = [r for r in results if r.outcome is Outcome.APPROVED]
+    in_flight = [r for r in results if r.outcome is Outcome.UNKNOWN]
+    assert len(approved) == 1 and len(in_flight) == 1
+    assert (in_flight[0].http_status, in_flight[0].retry_after_s) == (429, None)
+    rig.emulator.faults.clear()
+    replay = await rig.call(Operation.AUTHORIZE, o, "k-flight")  # the first finished with a 201: stored
+    assert (replay.outcome, replay.reference) == (Outcome.APPROVED, approved[0].reference)
+    assert len(rig.emulator.ledger.charges()) == 1
+
+
+async def test_rate_limit_is_429_with_retry_after_and_unavailable(rig: Rig) -> None:
+    rig.emulator.faults.set(FaultPlan(rules=(FaultRule(kind="rate_limit", retry_after_s=3),)))
+    result = await rig.call(Operation.AUTHORIZE, order(), "k-rl")
+    assert (result.outcome, result.http_status, result.retry_after_s) == (Outcome.UNAVAILABLE, 429, 3)
+
+
+async def test_status_query_during_processing_finds_the_pending_payment(rig: Rig) -> None:
+    """The payment exists before the issuer answers, so a failover check sees it and waits."""
+    rig.emulator.faults.set(FaultPlan(rules=(
+        FaultRule(kind="latency", latency_ms=600, operations=("authorize",)),
+        FaultRule(kind="latency", latency_ms=150, operations=("status",)),
+    )))
+    o = order()
+    authorize = asyncio.ensure_future(rig.call(Operation.AUTHORIZE, o, "k-slow"))
+    status = await rig.call(Operation.STATUS, by_ref(o), None)
+    assert (status.found, status.outcome, status.provider_status) == (True, Outcome.UNKNOWN, "Pending")
+    assert (await authorize).outcome is Outcome.APPROVED
+
+
+async def test_unknown_payment_is_not_found_by_reference_or_by_id(rig: Rig) -> None:
+    never_sent = FollowUp(payment_id="pay_never_sent", provider_reference=None)
+    by_reference = await rig.call(Operation.STATUS, never_sent, None)
+    assert (by_reference.found, by_reference.raw_code) == (False, "not_found")
+    by_id = await rig.call(Operation.STATUS, FollowUp(payment_id="x", provider_reference="pay_missing"), None)
+    assert (by_id.found, by_id.http_status) == (False, 404)
+
+
+# --- auth ---------------------------------------------------------------------------------------
+
+
+async def test_401_without_bearer_or_with_another_key(rig: Rig) -> None:
+    request = rig.mapping.build(Operation.AUTHORIZE, order(), "k-auth")
+    previous_style = ProviderRequest(request.method, request.path,
+                                     {**request.headers, "Authorization": SANDBOX_KEY}, request.body)
+    result = await rig.send(Operation.AUTHORIZE, previous_style)
+    assert (result.outcome, result.http_status, result.raw_code) == (Outcome.UNAVAILABLE, 401, "http_401")
+    assert result.extra.get("request_id")
+    other_key = CheckoutMapping("checkout", "sk_sbox_someoneelse").build(Operation.AUTHORIZE, order(), "k-auth2")
+    assert (await rig.send(Operation.AUTHORIZE, other_key)).http_status == 401
+    assert rig.emulator.ledger.snapshot()["entries"] == []
+
+
+# --- follow-ups ---------------------------------------------------------------------------------
+
+
+async def test_partial_capture_refund_and_void_rules(rig: Rig) -> None:
+    o = order(capture=False)
+    auth = await rig.call(Operation.AUTHORIZE, o, "k-a")
+    assert (auth.outcome, auth.provider_status) == (Outcome.APPROVED, "Authorized")
+    ref = auth.reference
+    capture = await rig.call(Operation.CAPTURE, FollowUp(o.payment_id, ref, amount=600, follow_up_id="cap-1"), "k-c")
+    assert (capture.outcome, capture.http_status) == (Outcome.APPROVED, 202)
+    assert capture.reference and capture.reference.startswith("act_")
+    void = await rig.call(Operation.VOID, FollowUp(o.payment_id, ref), "k-v")
+    assert (void.outcome, void.http_status) == (Outcome.REJECTED, 403)  # captured: void not allowed
+    too_much = await rig.call(Operation.REFUND, FollowUp(o.payment_id, ref, amount=700), "k-r1")
+    assert (too_much.outcome, too_much.raw_code) == (Outcome.REJECTED, "refund_amount_exceeds_balance")
+    refund = await rig.call(Operation.REFUND, FollowUp(o.payment_id, ref, amount=200), "k-r2")
+    assert refund.outcome is Outcome.APPROVED
+    status = await rig.call(Operation.STATUS, FollowUp(o.payment_id, ref), None)
+    assert (status.outcome, status.provider_status) == (Outcome.APPROVED, "Partially Refunded")
+    entry = rig.emulator.ledger.get(ref)
+    assert entry is not None and (entry.captured, entry.refunded) == (600, 200)
+
+
+# --- evidence: the official SDK against the emulator ----------------------------------------------
+
+
+class _DirectSession(HttpClientBuilderInterface):
+    """A requests session that ignores proxy settings from the environment: loopback only."""
+
+    def __init__(self) -> None:
+        self.session = requests.Session()
+        self.session.trust_env = False
+
+    def get_client(self) -> requests.Session:
+        return self.session
+
+
+def _sdk(base_uri: str, key: str, http: _DirectSession) -> Any:
+    environment = Environment(base_uri=base_uri, authorization_uri=base_uri + "connect/token", files_uri=base_uri,
+                              transfers_uri=base_uri, balances_uri=base_uri, forward_uri=base_uri,
+                              identity_uri=base_uri, is_sandbox=True)
+    builder = CheckoutSdk.builder().secret_key(key).environment(environment).http_client_builder(http)
+    # The SDK wants a merchant subdomain prepended to the host, which a loopback address cannot
+    # take, so it is told to use the shared host (deprecated); building also warns about its own
+    # risk module. Both are the SDK's notices, not ours.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return builder.use_legacy_domain().build()
+
+
+def _card(number: str) -> PaymentRequestCardSource:
+    source = PaymentRequestCardSource()
+    source.number, source.expiry_month, source.expiry_year, source.cvv, source.name = number, 6, 2030, "100", "SDK"
+    return source
+
+
+def _payment_request(number: str, reference: str, *, capture: bool) -> PaymentRequest:
+    request = PaymentRequest()
+    request.source, request.amount, request.currency = _card(number), 1000, Currency.EUR
+    request.reference, request.capture = reference, capture
+    return request
+
+
+@pytest.fixture
+def sdk_http() -> Iterator[_DirectSession]:
+    http = _DirectSession()
+    try:
+        yield http
+    finally:
+        http.session.close()
+
+
+async def test_official_checkout_sdk_against_the_emulator(rig: Rig, sdk_http: _DirectSession) -> None:
+    api = _sdk(rig.server.url + "/", SANDBOX_KEY, sdk_http)
+    payments = api.payments
+
+    def sdk_flow() -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        auth = payments.request_payment(_payment_request("4242424242424242", "pay_sdk_1", capture=False), "sdk-k1")
+        replay = payments.request_payment(_payment_request("4242424242424242", "pay_sdk_1", capture=False), "sdk-k1")
+        seen["auth"] = (auth.http_metadata.status_code, auth.approved, auth.status, auth.response_code, auth.id)
+        seen["replay_id"] = replay.id
+        seen["details"] = payments.get_payment_details(auth.id).status
+        listing = payments.get_payments_list(_query("pay_sdk_1"))
+        seen["list"] = (listing.total_count, [p.id for p in listing.data])
+        capture = CaptureRequest()
+        capture.amount, capture.reference = 1000, "cap-sdk"
+        captured = payments.capture_payment(auth.id, capture, "sdk-k2")
+        seen["capture"] = (captured.http_metadata.status_code, captured.action_id)
+        refund = RefundRequest()
+        refund.amount = 400
+        refunded = payments.refund_payment(auth.id, refund, "sdk-k3")
+        seen["refund"] = refunded.http_metadata.status_code
+        seen["actions"] = [(a.type, a.response_code) for a in payments.get_payment_actions(auth.id).items]
+        declined = payments.request_payment(
+            _payment_request(SCENARIO_CARDS["insufficient_funds"], "pay_sdk_2", capture=True), "sdk-k4")
+        seen["declined"] = (declined.http_metadata.status_code, declined.approved, declined.response_code)
+        to_void = payments.request_payment(_payment_request("5436031030606378", "pay_sdk_3", capture=False), "sdk-k5")
+        seen["void"] = payments.void_payment(to_void.id, VoidRequest(), "sdk-k6").http_metadata.status_code
+        seen["void_id"] = to_void.id
+        seen["paths"] = [payments.build_path("payments", auth.id, s) for s in ("captures", "refunds", "voids")]
+        try:
+            _sdk(rig.server.url + "/", "sk_sbox_" + "a" * 27, sdk_http).payments.get_payment_details(auth.id)
+        except CheckoutApiException as exc:
+            seen["wrong_key"] = exc.http_metadata.status_code
+        return seen
+
+    seen = await asyncio.to_thread(sdk_flow)
+    status, approved, state, code, payment_id = seen["auth"]
+    assert (status, approved, state, code) == (201, True, "Authorized", "10000")
+    assert seen["replay_id"] == payment_id  # Cko-Idempotency-Key replayed the stored 201
+    assert seen["details"] == "Authorized"
+    assert seen["list"] == (1, [payment_id])
+    assert seen["capture"][0] == 202 and seen["capture"][1].startswith("act_")
+    assert seen["refund"] == 202
+    assert seen["actions"] == [("Refund", "10000"), ("Capture", "10000"), ("Authorization", "10000")]
+    assert seen["declined"] == (201, False, "20051")
+    assert seen["void"] == 202
+    assert seen["wrong_key"] == 401
+
+    # The SDK used exactly the paths our mapping builds...
+    follow = FollowUp(payment_id="pay_sdk_1", provider_reference=payment_id, amount=100)
+    assert [rig.mapping.build(op, follow, "k").path for op in (Operation.CAPTURE, Operation.REFUND, Operation.VOID)] \
+        == ["/" + p for p in seen["paths"]]
+    # ...and our mapping reads what the SDK created, by reference and by id.
+    by_reference = await rig.call(Operation.STATUS, FollowUp("pay_sdk_1", None), None)
+    assert (by_reference.found, by_reference.reference, by_reference.provider_status) == (
+        True, payment_id, "Partially Refunded")
+    voided = await rig.call(Operation.STATUS, FollowUp("pay_sdk_3", seen["void_id"]), None)
+    assert (voided.outcome, voided.provider_status) == (Outcome.APPROVED, "Voided")
+    declined = await rig.call(Operation.STATUS, FollowUp("pay_sdk_2", None), None)
+    assert declined.outcome is Outcome.HARD_DECLINE
+    # And an order our mapping authorises is captured and refunded through the SDK.
+    o = order(capture=False, pid="pay_sdk_4")
+    ours = await rig.call(Operation.AUTHORIZE, o, "k-ours")
+    assert ours.reference
+
+    def sdk_follow_ups(pid: str) -> tuple[int, int]:
+        return (payments.capture_payment(pid, None, "sdk-k7").http_metadata.status_code,
+                payments.refund_payment(pid, None, "sdk-k8").http_metadata.status_code)
+
+    assert await asyncio.to_thread(sdk_follow_ups, ours.reference) == (202, 202)
+    entry = rig.emulator.ledger.get(ours.reference)
+    assert entry is not None and (entry.status, entry.captured, entry.refunded) == ("Refunded", 1000, 1000)
+    assert rig.emulator.ledger.duplicates() == {}
+
+
+def _query(reference: str) -> PaymentsQueryFilter:
+    query = PaymentsQueryFilter()
+    query.reference, query.limit, query.skip = reference, 10, 0
+    return query
