@@ -8,6 +8,7 @@ tears down in reverse and only what started.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from gateway.api.auth import Authenticator
 from gateway.api.errors import error_middleware
 from gateway.api.idempotency import FrontDoor
 from gateway.api.state import CONFIG, LOG_WRITER, METRICS, OPS_LOG, POOL, SERVICE, STORE
+from gateway.certs.watcher import certificate_watcher_ctx
 from gateway.config import GatewayConfig
 from gateway.executor import AttemptExecutor
 from gateway.journal.sqlite import SqliteStore
@@ -41,7 +43,8 @@ def make_store(config: GatewayConfig) -> Store:
 
 
 def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBoundLogger | None = None,
-              reconcile_interval_s: float = 5.0) -> web.Application:
+              reconcile_interval_s: float = 5.0, server_ssl_context: ssl.SSLContext | None = None,
+              certificate_check_interval_s: float = 60.0) -> web.Application:
     ops = ops_log or build_ops_logger()
     app = web.Application(middlewares=[error_middleware(ops)], client_max_size=config.server.max_body_bytes)
     app[CONFIG] = config
@@ -102,7 +105,9 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
         except asyncio.CancelledError:
             pass
 
-    app.cleanup_ctx.extend([log_writer, store, providers, service, reconciler])
+    certificates = certificate_watcher_ctx(interval_s=certificate_check_interval_s,
+                                           server_ssl_context=server_ssl_context)
+    app.cleanup_ctx.extend([log_writer, store, providers, certificates, service, reconciler])
     payments.add_routes(app)
     health.add_routes(app)
     openapi.add_routes(app)

@@ -11,11 +11,13 @@ from typing import Annotated, Optional
 
 import typer
 
+from gateway.analysis.commands import logs_app
+from gateway.certs.commands import certs_app
 from gateway.config import ConfigError, GatewayConfig, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Payment-resilience gateway.")
-certs_app = typer.Typer(no_args_is_help=True, help="Certificates: dev CA, checks, rotation.")
 app.add_typer(certs_app, name="certs")
+app.add_typer(logs_app, name="logs")
 
 DEFAULT_CONFIG = Path("config/gateway.yaml")
 DEFAULT_CERTS = Path("certs")
@@ -75,7 +77,9 @@ def _serve_one(cfg: GatewayConfig, *, reuse_port: bool) -> None:
     from gateway.app import build_app
 
     try:
-        web.run_app(build_app(cfg), host=cfg.server.host, port=cfg.server.port, ssl_context=_server_ssl(cfg),
+        ssl_ctx = _server_ssl(cfg)
+        web.run_app(build_app(cfg, server_ssl_context=ssl_ctx), host=cfg.server.host, port=cfg.server.port,
+                    ssl_context=ssl_ctx,
                     shutdown_timeout=cfg.server.shutdown_grace_s, access_log=None, reuse_port=reuse_port,
                     loop=_new_loop(), print=lambda msg: typer.echo(msg, err=True))
     except OSError as exc:
@@ -172,17 +176,6 @@ def dev(config: ConfigOpt = DEFAULT_CONFIG,
         _run(run_dev_stack(cfg, certs_dir))
     except ConfigError as exc:
         raise fail(str(exc)) from None
-
-
-@certs_app.command("dev-init")
-def certs_dev_init(certs_dir: Annotated[Path, typer.Option("--certs")] = DEFAULT_CERTS,
-                   force: Annotated[bool, typer.Option(help="reissue everything")] = False) -> None:
-    """Create (or renew) the dev CA and every dev certificate; never for production."""
-    from gateway.certs.devca import generate_dev_certs
-    from providers.registry import KINDS
-
-    layout = generate_dev_certs(certs_dir, sorted(KINDS), force=force)
-    typer.echo(f"dev certificates ready under {layout.root}")
 
 
 @app.command()

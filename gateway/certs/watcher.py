@@ -1,0 +1,327 @@
+"""The certificate watcher: expiry metrics and warnings, routing around unusable client
+certificates, and restart-free reloads of rotated pairs.
+
+Every ``interval_s`` it:
+
+* reads the certificate files in a thread (never blocking the event loop) and probes each HTTPS
+  provider endpoint with a real handshake (`gateway.certs.check`);
+* for each live pair (each provider's client certificate, the gateway's server certificate when
+  given its server context) compares the files with what is loaded. Changed and usable now (key
+  matches, within its validity dates) -> loaded into the live ``SSLContext`` with
+  `reload_cert_chain`: new connections present it, connections in flight keep theirs. Changed
+  but not usable -> not loaded, a warning once, the loaded pair stays in service;
+* marks a provider whose *loaded* client certificate is expired, not yet valid or unreadable as
+  unusable (``ProviderHandle.certificate_problem``), so the router skips it before calls fail,
+  and clears the mark once a good pair is loaded;
+* exports ``gateway_certificate_expiry_seconds{provider,kind,subject}`` (seconds until
+  not-after, negative once expired) and ``gateway_certificate_status{provider,kind}``
+  (0 ok, 1 warn, 2 critical, 3 expired/not yet valid/invalid; the worst of the kind);
+* logs one warning per certificate each time it crosses a threshold (30/14/7 days by default)
+  or becomes expired/invalid: not on every tick. A new certificate (new serial) starts afresh.
+
+An endpoint that does not answer keeps its last metric values (an outage is the breaker's
+business, not a certificate problem) and is logged once until it answers again.
+
+Changes are detected by content (SHA-256 of certificate and key), not by mtime, so a rotation
+within the same second, or a copy that keeps the mtime, is still seen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import ssl
+import tempfile
+import weakref
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import structlog
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Gauge
+
+from gateway.api.state import CONFIG, METRICS, OPS_LOG, POOL
+from gateway.certs.check import (
+    GATEWAY,
+    CertReport,
+    Kind,
+    PairFiles,
+    Thresholds,
+    collect_files,
+    probe_provider_endpoints,
+    rate_pair,
+    unusable_reason,
+)
+from gateway.certs.inspect import CertStatus, inspect_pem
+from gateway.certs.tls import reload_cert_chain
+from gateway.config import GatewayConfig
+from gateway.metrics import Metrics
+from gateway.provider_pool import ProviderHandle, ProviderPool
+
+OpsLog = structlog.typing.FilteringBoundLogger
+
+STATUS_VALUE = {CertStatus.OK: 0, CertStatus.WARN: 1, CertStatus.CRITICAL: 2, CertStatus.EXPIRED: 3,
+                CertStatus.NOT_YET_VALID: 3, CertStatus.INVALID: 3}
+CLIENT_PROBLEM = {CertStatus.EXPIRED: "client_certificate_expired",
+                  CertStatus.NOT_YET_VALID: "client_certificate_not_yet_valid",
+                  CertStatus.INVALID: "client_certificate_invalid"}
+
+
+class CertificateGauges:
+    """The two certificate gauges on one registry, created once however many watchers use it."""
+
+    _on: weakref.WeakKeyDictionary[CollectorRegistry, CertificateGauges] = weakref.WeakKeyDictionary()
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.expiry = Gauge("gateway_certificate_expiry_seconds",
+                            "Seconds until the certificate's not-after (negative once expired)",
+                            ["provider", "kind", "subject"], registry=registry)
+        self.status = Gauge("gateway_certificate_status",
+                            "Worst certificate of the kind: 0 ok, 1 warn, 2 critical, 3 expired/not yet valid/invalid",
+                            ["provider", "kind"], registry=registry)
+
+    @classmethod
+    def on(cls, registry: CollectorRegistry) -> CertificateGauges:
+        gauges = cls._on.get(registry)
+        if gauges is None:
+            gauges = cls._on[registry] = cls(registry)
+        return gauges
+
+
+@dataclass(slots=True)
+class _Slot:
+    """One live pair: where its files are, the context it is loaded in, and what is loaded."""
+
+    provider: str
+    kind: Kind
+    cert: Path
+    key: Path
+    ctx: ssl.SSLContext
+    handle: ProviderHandle | None
+    loaded_pem: bytes | None = None  # certificate currently in `ctx`, as far as we know
+    loaded_digest: bytes | None = None  # `PairFiles.digest` of what was loaded
+    refused_digest: bytes | None = None  # last changed pair we refused (warned about once)
+
+
+class CertificateWatcher:
+    """See the module docstring. One per process; `run_forever` is its background task."""
+
+    def __init__(self, config: GatewayConfig, pool: ProviderPool, metrics: Metrics, ops_log: OpsLog, *,
+                 interval_s: float = 60.0, thresholds: Thresholds = Thresholds(),
+                 server_ssl_context: ssl.SSLContext | None = None, probe_endpoints: bool = True,
+                 probe_timeout_s: float = 3.0, clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        if interval_s <= 0:
+            raise ValueError("interval_s must be positive")
+        self._config = config
+        self._ops = ops_log
+        self._gauges = CertificateGauges.on(metrics.registry)
+        self._interval_s = interval_s
+        self._thresholds = thresholds
+        self._probe = probe_endpoints
+        self._probe_timeout_s = probe_timeout_s
+        self._clock = clock
+        self._lock = asyncio.Lock()
+        self._slots = _slots(config, pool, server_ssl_context)
+        self._slot_keys = {(slot.provider, slot.kind) for slot in self._slots}
+        self._levels: dict[tuple[str, str, str], tuple[str, int]] = {}  # cert -> (serial, rank) last logged
+        self._series: dict[tuple[str, str, str], tuple[str, str, str]] = {}  # cert -> expiry gauge labels
+        self._unreachable: dict[str, str] = {}  # endpoint -> error already logged
+        self.reports: list[CertReport] = []  # from the last run, for an admin endpoint
+
+    async def run_once(self, *, probe_endpoints: bool | None = None) -> list[CertReport]:
+        """One full pass; returns the reports (for each live pair: the pair in service)."""
+        probe = self._probe if probe_endpoints is None else probe_endpoints
+        async with self._lock:
+            now = self._clock()
+            reports = [await self._sync(slot, now) for slot in self._slots]
+            reports += await asyncio.to_thread(collect_files, self._config, now=now, thresholds=self._thresholds,
+                                               skip_pairs=self._slot_keys)
+            if probe:
+                reports += await probe_provider_endpoints(self._config, now=now, thresholds=self._thresholds,
+                                                          timeout_s=self._probe_timeout_s)
+            self._mark_providers(reports)
+            self._export(reports, now)
+            self._log_crossings(reports)
+            self.reports = reports
+            return reports
+
+    async def reload_now(self) -> list[CertReport]:
+        """Pick up rotated files at once (for an admin endpoint): files only, no endpoint probes."""
+        return await self.run_once(probe_endpoints=False)
+
+    async def run_forever(self, *, first_delay_s: float = 0.0) -> None:
+        delay = first_delay_s
+        while True:
+            if delay > 0:
+                await asyncio.sleep(delay)
+            delay = self._interval_s
+            try:
+                await self.run_once()
+            except Exception:  # one bad pass must not end the watch
+                self._ops.exception("certificate_watch_failed")
+
+    async def _sync(self, slot: _Slot, now: datetime) -> CertReport:
+        """Load the pair on disk if it changed and is usable; report the pair in service."""
+        files = await asyncio.to_thread(PairFiles.read, slot.cert, slot.key)
+        report = rate_pair(slot.provider, slot.kind, files, now=now, thresholds=self._thresholds)
+        if files.digest == slot.loaded_digest:
+            return report
+        first = slot.loaded_digest is None
+        problem = unusable_reason(report) or await self._load(slot, files)
+        if problem is None:
+            if not first:
+                self._ops.info("certificate_reloaded", provider=slot.provider, kind=slot.kind, path=str(slot.cert),
+                               serial=report.serial, subject=report.subject,
+                               not_after=report.not_after.isoformat() if report.not_after else None)
+            return report
+        if first:  # the pool loaded these very files at start: they are what we present
+            slot.loaded_pem, slot.loaded_digest = files.cert_pem, files.digest
+            return report
+        if files.digest != slot.refused_digest:
+            slot.refused_digest = files.digest
+            self._ops.warning("certificate_not_loaded", provider=slot.provider, kind=slot.kind, path=str(slot.cert),
+                              reason=problem, detail="the pair in service stays loaded")
+        if slot.loaded_pem is None:
+            return report
+        info = inspect_pem(slot.loaded_pem, now=now, warn_days=self._thresholds.warn_days,
+                           critical_days=self._thresholds.critical_days, path=str(slot.cert))
+        return CertReport.from_info(slot.provider, slot.kind, str(slot.cert), info,
+                                    error=f"the pair on disk is not loaded: {problem}")
+
+    async def _load(self, slot: _Slot, files: PairFiles) -> str | None:
+        """Load exactly the bytes that were judged (a private copy, not the live paths, which
+        may change again meanwhile). The load itself runs on the event loop thread on purpose:
+        OpenSSL does not allow changing an SSL_CTX while another thread creates connections
+        from it, and here every connection is created on this thread. It reads two files of a
+        few kilobytes from a private temp directory."""
+        assert files.cert_pem is not None and files.key_pem is not None
+        staged = await asyncio.to_thread(_stage, files.cert_pem, files.key_pem)
+        try:
+            reload_cert_chain(slot.ctx, staged / "cert.pem", staged / "key.pem")
+        except (ssl.SSLError, OSError) as exc:
+            return f"does not load into the TLS context: {exc}"
+        finally:
+            await asyncio.to_thread(shutil.rmtree, staged, True)
+        slot.loaded_pem, slot.loaded_digest = files.cert_pem, files.digest
+        return None
+
+    def _mark_providers(self, reports: list[CertReport]) -> None:
+        by_provider = {r.provider: r for r in reports if r.kind == "client"}
+        for slot in self._slots:
+            if slot.handle is None:
+                continue
+            report = by_provider.get(slot.provider)
+            problem = CLIENT_PROBLEM.get(report.status) if report is not None else None
+            if problem != slot.handle.certificate_problem:
+                log = self._ops.warning if problem else self._ops.info
+                log("provider_certificate_state", provider=slot.provider, certificate_problem=problem,
+                    usable_by_certificate=problem is None)
+                slot.handle.certificate_problem = problem
+
+    def _export(self, reports: list[CertReport], now: datetime) -> None:
+        worst: dict[tuple[str, str], int] = {}
+        for r in reports:
+            if not r.seen and r.kind == "endpoint":
+                continue  # unreachable: keep the last known values
+            key = (r.provider, r.kind, r.location)
+            labels = (r.provider, r.kind, r.subject)
+            old = self._series.get(key)
+            if old is not None and old != labels:
+                self._drop_series(key, old)
+            if r.not_after is not None:
+                self._gauges.expiry.labels(*labels).set((r.not_after - now).total_seconds())
+                self._series[key] = labels
+            elif old is not None and old == labels:
+                self._drop_series(key, old)
+            group = (r.provider, r.kind)
+            worst[group] = max(worst.get(group, 0), STATUS_VALUE[r.status])
+        for (provider, kind), value in worst.items():
+            self._gauges.status.labels(provider, kind).set(value)
+
+    def _drop_series(self, key: tuple[str, str, str], labels: tuple[str, str, str]) -> None:
+        del self._series[key]
+        if labels not in self._series.values():  # another certificate may share the labels
+            with contextlib.suppress(KeyError):
+                self._gauges.expiry.remove(*labels)
+
+    def _log_crossings(self, reports: list[CertReport]) -> None:
+        for r in reports:
+            if not r.seen and r.kind == "endpoint":
+                if self._unreachable.get(r.location) != r.error:
+                    self._unreachable[r.location] = r.error or ""
+                    self._ops.warning("certificate_probe_failed", provider=r.provider, endpoint=r.location,
+                                      reason=r.error)
+                continue
+            if r.kind == "endpoint" and self._unreachable.pop(r.location, None) is not None:
+                self._ops.info("certificate_probe_recovered", provider=r.provider, endpoint=r.location)
+            key = (r.provider, r.kind, r.location)
+            rank = self._thresholds.rank(r)
+            previous = self._levels.get(key)
+            self._levels[key] = (r.serial, rank)
+            if rank > 0 and (previous is None or previous[0] != r.serial or rank > previous[1]):
+                self._warn(r)
+
+    def _warn(self, r: CertReport) -> None:
+        fields = {"provider": r.provider, "kind": r.kind, "location": r.location, "subject": r.subject,
+                  "serial": r.serial, "not_after": r.not_after.isoformat() if r.not_after else None}
+        if r.status is CertStatus.EXPIRED:
+            self._ops.warning("certificate_expired", **fields)
+        elif r.status is CertStatus.NOT_YET_VALID:
+            self._ops.warning("certificate_not_yet_valid", **fields,
+                              not_before=r.not_before.isoformat() if r.not_before else None)
+        elif r.status is CertStatus.INVALID:
+            self._ops.warning("certificate_invalid", **fields, reason=r.error)
+        else:
+            self._ops.warning("certificate_expiring", **fields, status=r.status.value,
+                              days_left=round(r.days_left, 1), threshold_days=self._thresholds.crossed(r.days_left))
+
+
+CERT_WATCHER = web.AppKey("certificate_watcher", CertificateWatcher)
+
+
+def certificate_watcher_ctx(
+    *, interval_s: float = 60.0, thresholds: Thresholds = Thresholds(),
+    server_ssl_context: ssl.SSLContext | None = None, probe_endpoints: bool = True,
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """The app's cleanup_ctx for the watcher; place it right after the provider pool's.
+
+    Before the app serves, one pass over the files marks providers whose client certificate is
+    unusable (no endpoint probes there: a provider that is still starting must not delay us).
+    """
+
+    async def certificates(app: web.Application) -> AsyncIterator[None]:
+        watcher = CertificateWatcher(app[CONFIG], app[POOL], app[METRICS], app[OPS_LOG], interval_s=interval_s,
+                                     thresholds=thresholds, server_ssl_context=server_ssl_context,
+                                     probe_endpoints=probe_endpoints)
+        app[CERT_WATCHER] = watcher
+        await watcher.run_once(probe_endpoints=False)
+        task = asyncio.create_task(watcher.run_forever(), name="certificate-watcher")
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    return certificates
+
+
+def _slots(config: GatewayConfig, pool: ProviderPool, server_ctx: ssl.SSLContext | None) -> list[_Slot]:
+    slots = []
+    for handle in pool:
+        tls = handle.config.tls
+        if handle.ssl_context is not None and tls.client_cert is not None and tls.client_key is not None:
+            slots.append(_Slot(handle.name, "client", tls.client_cert, tls.client_key, handle.ssl_context, handle))
+    server_tls = config.server.tls
+    if server_ctx is not None and server_tls is not None:
+        slots.append(_Slot(GATEWAY, "server", server_tls.cert, server_tls.key, server_ctx, None))
+    return slots
+
+
+def _stage(cert_pem: bytes, key_pem: bytes) -> Path:
+    """The pair in a fresh private directory (mkdtemp is 0700), for `reload_cert_chain`."""
+    directory = Path(tempfile.mkdtemp(prefix="gateway-cert-"))
+    (directory / "key.pem").write_bytes(key_pem)
+    (directory / "cert.pem").write_bytes(cert_pem)
+    return directory

@@ -1,0 +1,205 @@
+"""Circuit breaker, bulkhead and retry budget (DESIGN rule 8), end to end through real emulators.
+
+Shares the multi-provider fixtures of test_engine_failover.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from gateway.api.state import POOL
+from providers.emulation.faults import FaultRule
+from tests.test_engine_failover import (  # noqa: F401  (fixtures)
+    charges,
+    engine_config,
+    entries,
+    journal,
+    metrics_text,
+    pay,
+    set_faults,
+    steps,
+    stripes,
+    txlog,
+)
+
+RESET_TIMEOUT_S = 0.5
+
+
+async def readiness(client) -> dict:  # type: ignore[no-untyped-def]
+    return (await (await client.get("/readyz")).json())["providers"]
+
+
+# -- 8. circuit breaker ---------------------------------------------------------------------------
+
+
+async def test_breaker_opens_skips_primary_and_closes_after_half_open_trial(engine_config, start_gateway,
+                                                                            stripes) -> None:
+    config = engine_config(providers={"primary": {"breaker": {"fail_max": 3, "reset_timeout_s": RESET_TIMEOUT_S},
+                                                  "retry": {"max_attempts": 1}}})
+    client = await start_gateway(config)
+    await stripes["primary"].set_outage(True)
+
+    for n in range(3):
+        status, doc = await pay(client)
+        assert status == 201 and doc["status"] == "approved" and doc["provider"] == "backup"
+        assert steps(doc) == [("primary", 1, "authorize", "unavailable"), ("backup", 1, "authorize", "approved")]
+        assert doc["attempts"][0]["raw_code"] == "connect_failed"
+        state = (await readiness(client))["primary"]
+        assert state["breaker"] == ("open" if n == 2 else "closed")
+
+    text = await metrics_text(client)
+    assert 'gateway_breaker_state{provider="primary"} 2.0' in text
+    assert 'gateway_breaker_state{provider="backup"} 0.0' in text
+    ready = await readiness(client)
+    assert ready["primary"] == {**ready["primary"], "usable": False, "reason": "breaker_open", "breaker": "open"}
+    assert ready["backup"]["usable"] is True
+
+    # The primary is back, but the breaker has not let it be tried: a call would show in its ledger.
+    await stripes["primary"].set_outage(False)
+    status, doc = await pay(client)
+    assert status == 201 and doc["status"] == "approved" and doc["provider"] == "backup"
+    assert [(a["provider"], a["outcome"], a["raw_code"]) for a in doc["attempts"]] == [
+        ("primary", "skipped", "breaker_open"), ("backup", "approved", "succeeded")]
+    assert stripes["primary"].emulator.ledger.snapshot()["entries"] == []
+    record = await journal(client, doc["id"])
+    assert record.attempts[0].outcome == "skipped" and record.attempts[0].breaker_state == "open"
+    [line] = await txlog(client, doc["id"])
+    assert line["attempts"][0]["outcome"] == "skipped" and line["attempts"][0]["raw_code"] == "breaker_open"
+
+    # No event marks the end of the open period (pybreaker checks the clock on the next call),
+    # so wait out exactly what the configuration says, measured from the recorded transition.
+    breaker = client.app[POOL]["primary"].breaker
+    remaining = breaker.changed_at + config.providers["primary"].breaker.reset_timeout_s - time.time()
+    await asyncio.sleep(max(0.0, remaining) + 0.02)
+    assert (await readiness(client))["primary"]["usable"] is True
+
+    status, doc = await pay(client)
+    assert status == 201 and doc["status"] == "approved" and doc["provider"] == "primary"
+    assert steps(doc) == [("primary", 1, "authorize", "approved")]
+    assert len(charges(stripes["primary"], doc["id"])) == 1
+    assert entries(stripes["backup"], doc["id"]) == []
+    text = await metrics_text(client)
+    assert 'gateway_breaker_state{provider="primary"} 0.0' in text
+    assert 'gateway_breaker_transitions_total{provider="primary",to_state="open"} 1.0' in text
+    assert 'gateway_breaker_transitions_total{provider="primary",to_state="half-open"} 1.0' in text
+    assert 'gateway_breaker_transitions_total{provider="primary",to_state="closed"} 1.0' in text
+    ready = await readiness(client)
+    assert ready["primary"]["breaker"] == "closed" and ready["primary"]["usable"] is True
+    assert sum(len(s.emulator.ledger.charges()) for s in stripes.values()) == 5
+
+
+async def test_failed_half_open_trial_reopens(engine_config, start_gateway, stripes) -> None:
+    config = engine_config(providers={"primary": {"breaker": {"fail_max": 2, "reset_timeout_s": RESET_TIMEOUT_S},
+                                                  "retry": {"max_attempts": 1}}})
+    client = await start_gateway(config)
+    await stripes["primary"].set_outage(True)
+    for _ in range(2):
+        await pay(client)
+    assert (await readiness(client))["primary"]["breaker"] == "open"
+
+    breaker = client.app[POOL]["primary"].breaker
+    remaining = breaker.changed_at + RESET_TIMEOUT_S - time.time()
+    await asyncio.sleep(max(0.0, remaining) + 0.02)
+
+    status, doc = await pay(client)  # the trial call meets the outage still going on
+    assert status == 201 and doc["provider"] == "backup"
+    assert steps(doc) == [("primary", 1, "authorize", "unavailable"), ("backup", 1, "authorize", "approved")]
+    ready = await readiness(client)
+    assert ready["primary"]["breaker"] == "open" and ready["primary"]["usable"] is False
+
+    status, doc = await pay(client)
+    assert [a["outcome"] for a in doc["attempts"]] == ["skipped", "approved"]
+    assert 'gateway_breaker_transitions_total{provider="primary",to_state="open"} 2.0' in await metrics_text(client)
+
+
+async def test_declines_do_not_trip_the_breaker(engine_config, start_gateway, stripes) -> None:
+    client = await start_gateway(engine_config(providers={"primary": {"breaker": {"fail_max": 2}}},
+                                               route={"cascade_on": []}))
+    for _ in range(4):
+        _, doc = await pay(client, {"amount": 100, "currency": "EUR", "merchant_reference": "order-d",
+                                    "payment_method": {"type": "card", "number": "4000000000009995",
+                                                       "exp_month": 12, "exp_year": 2030}})
+        assert doc["status"] == "declined" and doc["provider"] == "primary"
+    ready = await readiness(client)
+    assert ready["primary"]["breaker"] == "closed" and ready["primary"]["usable"] is True
+
+
+# -- 9. retry budget ------------------------------------------------------------------------------
+
+
+async def test_retry_budget_stops_retries_once_spent(engine_config, start_gateway, stripes) -> None:
+    # ratio 0 and a floor of 0.1 retries/s over a 10 s window: exactly one retry for the whole gateway
+    config = engine_config(providers={"primary": {"retry": {"max_attempts": 4}}},
+                           engine={"retry_budget_ratio": 0, "retry_budget_min_per_s": 0.1,
+                                   "retry_budget_window_s": 10})
+    client = await start_gateway(config)
+    await stripes["primary"].set_outage(True)
+
+    primary_tries = []
+    for _ in range(3):
+        status, doc = await pay(client)
+        assert status == 201 and doc["status"] == "approved" and doc["provider"] == "backup"
+        primary_tries.append(sum(1 for a in doc["attempts"] if a["provider"] == "primary"))
+        assert [a["provider"] for a in doc["attempts"]][-1] == "backup"
+
+    assert primary_tries == [2, 1, 1]
+    assert 'gateway_retries_total{provider="primary"} 1.0' in await metrics_text(client)
+    assert sum(line["retries"] for line in await txlog(client)) == 1
+
+
+async def test_without_budget_pressure_retries_reach_max_attempts(engine_config, start_gateway, stripes) -> None:
+    client = await start_gateway(engine_config(providers={"primary": {"retry": {"max_attempts": 4}}}))
+    await stripes["primary"].set_outage(True)
+
+    for _ in range(2):
+        _, doc = await pay(client)
+        assert [a["try"] for a in doc["attempts"] if a["provider"] == "primary"] == [1, 2, 3, 4]
+        assert doc["provider"] == "backup"
+
+
+async def test_half_open_lets_a_single_trial_through(engine_config, start_gateway, stripes) -> None:
+    config = engine_config(providers={"primary": {"breaker": {"fail_max": 1, "reset_timeout_s": RESET_TIMEOUT_S},
+                                                  "retry": {"max_attempts": 1}}})
+    client = await start_gateway(config)
+    await stripes["primary"].set_outage(True)
+    await pay(client)
+    assert (await readiness(client))["primary"]["breaker"] == "open"
+    await stripes["primary"].set_outage(False)
+    # the trial is slow, so every other payment arrives while it is still running
+    set_faults(stripes["primary"], FaultRule(kind="latency", latency_ms=300, operations=("authorize",)))
+    breaker = client.app[POOL]["primary"].breaker
+    await asyncio.sleep(max(0.0, breaker.changed_at + RESET_TIMEOUT_S - time.time()) + 0.02)
+
+    answers = await asyncio.gather(*(pay(client) for _ in range(6)))
+
+    docs = [doc for _, doc in answers]
+    assert all(status == 201 and doc["status"] == "approved" for status, doc in answers)
+    assert sorted(doc["provider"] for doc in docs) == ["backup"] * 5 + ["primary"]
+    assert len(stripes["primary"].emulator.ledger.snapshot()["entries"]) == 1
+    for doc in docs:
+        if doc["provider"] == "backup":
+            assert (doc["attempts"][0]["provider"], doc["attempts"][0]["raw_code"]) == ("primary", "breaker_open")
+    assert (await readiness(client))["primary"]["breaker"] == "closed"
+
+
+# -- bulkhead ------------------------------------------------------------------------------------
+
+
+async def test_full_bulkhead_moves_on_to_backup_without_calling(engine_config, start_gateway, stripes) -> None:
+    client = await start_gateway(engine_config(providers={"primary": {"bulkhead": {"max_concurrent": 1,
+                                                                                   "max_queue": 0}}}))
+    set_faults(stripes["primary"], FaultRule(kind="latency", latency_ms=200, operations=("authorize",)))
+
+    answers = await asyncio.gather(*(pay(client) for _ in range(4)))
+
+    docs = [doc for _, doc in answers]
+    assert all(status == 201 and doc["status"] == "approved" for status, doc in answers)
+    assert sorted(doc["provider"] for doc in docs) == ["backup"] * 3 + ["primary"]
+    assert len(stripes["primary"].emulator.ledger.snapshot()["entries"]) == 1
+    for doc in docs:
+        if doc["provider"] == "backup":
+            first = doc["attempts"][0]
+            assert (first["provider"], first["raw_code"]) == ("primary", "bulkhead_full")
+            assert [a["provider"] for a in doc["attempts"]].count("primary") == 1  # not retried
+    assert (await readiness(client))["primary"]["breaker"] == "closed"  # a full bulkhead is not a failure

@@ -1,0 +1,167 @@
+"""The reconciler after a crash (DESIGN rule 4): whatever a dead process left `attempting` is
+settled on start with a status query at the provider that holds the attempt, and the caller's
+idempotency key then replays the final answer.
+
+The crash is simulated for real: the journal rows and the in-flight idempotency records are
+written with SqliteStore at the configured path, the charge (where there is one) is made at
+the emulator through the Stripe mapping and a ProviderTransport over mTLS, exactly as the dead
+gateway would have; then the gateway starts on that database.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import orjson
+
+from gateway.api.idempotency import fingerprint
+from gateway.app import RECONCILER
+from gateway.certs.tls import client_context
+from gateway.config import GatewayConfig
+from gateway.journal.records import Attempt, PaymentRecord
+from gateway.journal.sqlite import SqliteStore
+from gateway.orchestrator import provider_idempotency_key
+from gateway.outcome import Outcome, PaymentStatus
+from providers.base import Card, Operation, PaymentOrder
+from providers.stripe.mapping import StripeMapping
+from providers.transport import ProviderTransport
+from tests.conftest import AUTH, card_payment
+from tests.test_engine_failover import (  # noqa: F401  (fixtures)
+    charges,
+    engine_config,
+    entries,
+    journal,
+    stripes,
+    txlog,
+)
+
+SCOPE = "checkout"  # the API client the payments belonged to
+
+
+def _body(reference: str) -> bytes:
+    return orjson.dumps(card_payment(merchant_reference=reference))
+
+
+def _crashed_record(payment_id: str, reference: str, provider: str | None) -> PaymentRecord:
+    record = PaymentRecord(id=payment_id, client=SCOPE, amount=1299, currency="EUR", capture=True,
+                           merchant_reference=reference, status=PaymentStatus.ATTEMPTING, card_brand="visa",
+                           card_bin="424242", card_last4="4242", route="default")
+    if provider is not None:
+        key = provider_idempotency_key(payment_id, provider)
+        record.provider, record.provider_idempotency_key = provider, key
+        record.attempts.append(Attempt(provider=provider, try_number=1, operation="authorize", idempotency_key=key,
+                                       started_at=time.time()))
+    return record
+
+
+async def _charge_directly(config: GatewayConfig, provider: str, payment_id: str, reference: str) -> str:
+    """What the crashed gateway's call did: a real authorisation at the provider."""
+    cfg = config.providers[provider]
+    transport = ProviderTransport(provider, cfg.base_url,
+                                  ssl_context=client_context(cfg.tls.ca, cfg.tls.client_cert, cfg.tls.client_key),
+                                  connect_timeout_s=1.0, max_connections=1)
+    mapping = StripeMapping(provider, cfg.api_key.get_secret_value())
+    order = PaymentOrder(payment_id=payment_id, amount=1299, currency="EUR", capture=True,
+                         merchant_reference=reference, card=Card("4242424242424242", 12, 2030, "123"))
+    await transport.start()
+    try:
+        response = await transport.send(
+            mapping.build(Operation.AUTHORIZE, order, provider_idempotency_key(payment_id, provider)), 5.0)
+    finally:
+        await transport.close()
+    result = mapping.parse(Operation.AUTHORIZE, response)
+    assert result.outcome is Outcome.APPROVED and result.reference
+    return result.reference
+
+
+async def _leave_crash_behind(config: GatewayConfig, records: list[tuple[PaymentRecord, str]]) -> None:
+    store = SqliteStore(Path(config.storage.sqlite_path))
+    await store.open()
+    try:
+        for record, key in records:
+            await store.save_payment(record)
+            now = time.time()
+            request = SimpleNamespace(method="POST", path="/v1/payments")
+            claim = await store.claim_idempotency(SCOPE, key, fingerprint(request, _body(record.merchant_reference)),
+                                                  record.id, now, now + 3600)
+            assert claim.kind.value == "new"
+    finally:
+        await store.close()
+
+
+async def _replay(client, key: str, reference: str):  # type: ignore[no-untyped-def]
+    return await client.post("/v1/payments", data=_body(reference),
+                             headers={**AUTH, "Idempotency-Key": key, "Content-Type": "application/json"})
+
+
+async def test_reconciler_settles_what_a_crash_left_behind(engine_config, start_gateway, stripes) -> None:
+    config = engine_config()
+    charged = _crashed_record("pay_crash_charged", "order-charged", "primary")
+    uncharged = _crashed_record("pay_crash_uncharged", "order-uncharged", "primary")
+    unsent = _crashed_record("pay_crash_unsent", "order-unsent", None)
+    reference = await _charge_directly(config, "primary", charged.id, charged.merchant_reference)
+    keys = {charged.id: "key-charged", uncharged.id: "key-uncharged", unsent.id: "key-unsent"}
+    await _leave_crash_behind(config, [(r, keys[r.id]) for r in (charged, uncharged, unsent)])
+
+    client = await start_gateway(config)  # the reconciler runs once during start-up
+
+    got = await (await client.get(f"/v1/payments/{charged.id}", headers=AUTH)).json()
+    assert got["status"] == "approved" and got["provider"] == "primary"
+    assert got["provider_reference"] == reference and got["captured_amount"] == 1299
+    assert got["attempts"][-1]["operation"] == "status" and got["attempts"][-1]["outcome"] == "approved"
+    got = await (await client.get(f"/v1/payments/{uncharged.id}", headers=AUTH)).json()
+    assert got["status"] == "failed" and got["error_code"] == "not_charged"
+    got = await (await client.get(f"/v1/payments/{unsent.id}", headers=AUTH)).json()
+    assert got["status"] == "failed" and got["error_code"] == "interrupted_before_provider_call"
+    assert got["attempts"] == []
+
+    # nothing was sent again: still exactly the one charge the crashed process made
+    assert [c.id for c in charges(stripes["primary"], charged.id)] == [reference]
+    assert entries(stripes["primary"], uncharged.id) == [] and entries(stripes["primary"], unsent.id) == []
+    assert all(s.emulator.ledger.snapshot()["entries"] == [] for n, s in stripes.items() if n != "primary")
+
+    expected = {charged.id: (201, "approved"), uncharged.id: (502, "failed"), unsent.id: (502, "failed")}
+    for record in (charged, uncharged, unsent):
+        resp = await _replay(client, keys[record.id], record.merchant_reference)
+        doc = await resp.json()
+        assert (resp.status, doc["status"]) == expected[record.id], record.id
+        assert doc["id"] == record.id
+        assert resp.headers.get("Idempotent-Replayed") == "true"
+    assert len(charges(stripes["primary"], charged.id)) == 1
+
+    lines = await txlog(client)
+    assert sorted((line["payment_id"], line["event"], line["status"]) for line in lines) == sorted(
+        (pid, "reconciliation", status) for pid, (_, status) in expected.items())
+    assert (await client.app[RECONCILER].run_once(min_age_s=0)) == 0  # nothing left to settle
+
+
+async def test_unreachable_provider_leaves_payment_pending_until_it_answers(engine_config, start_gateway,
+                                                                           stripes) -> None:
+    config = engine_config()
+    record = _crashed_record("pay_crash_unreachable", "order-unreachable", "primary")
+    reference = await _charge_directly(config, "primary", record.id, record.merchant_reference)
+    await _leave_crash_behind(config, [(record, "key-unreachable")])
+    await stripes["primary"].set_outage(True)
+
+    client = await start_gateway(config)
+
+    stored = await journal(client, record.id)
+    assert stored.status is PaymentStatus.PENDING  # not failed: the provider may hold a charge
+    assert stored.attempts[-1].operation == "status" and stored.attempts[-1].outcome == "unavailable"
+    resp = await _replay(client, "key-unreachable", record.merchant_reference)
+    assert resp.status == 409  # still the reconciler's: no answer to replay yet
+    assert entries(stripes["backup"], record.id) == []
+
+    await stripes["primary"].set_outage(False)
+    assert await client.app[RECONCILER].run_once(min_age_s=0) == 1
+
+    stored = await journal(client, record.id)
+    assert stored.status is PaymentStatus.APPROVED and stored.provider_reference == reference
+    resp = await _replay(client, "key-unreachable", record.merchant_reference)
+    assert resp.status == 201 and (await resp.json())["status"] == "approved"
+    assert len(charges(stripes["primary"], record.id)) == 1
+    assert entries(stripes["backup"], record.id) == []
+
+
