@@ -632,3 +632,44 @@ async def test_payment_ids_survive_log_redaction(engine_config, start_gateway, s
     client = await start_gateway(engine_config())
     ids = [(await pay(client))[1]["id"] for _ in range(5)]
     assert sorted(line["payment_id"] for line in await txlog(client)) == sorted(ids)
+async def test_capture_retry_while_first_capture_still_in_flight_is_not_final(engine_config, start_gateway,
+                                                                              stripes) -> None:
+    """The caller retries a capture whose first try timed out (the gateway freed the key and said
+    "retry with the same Idempotency-Key"). The retry reaches Stripe with the same provider key
+    while the first capture is still being processed there; Stripe answers 409
+    `idempotency_key_in_use` with `Stripe-Should-Retry: true`. That is not a refusal: the first
+    capture is about to succeed, so the gateway must not store a final "capture refused"."""
+    client = await start_gateway(engine_config(providers={"primary": {"timeout_ms": 250}}))
+    _, doc = await pay(client, card_payment(capture=False))
+    pid = doc["id"]
+    set_faults(stripes["primary"], FaultRule(kind="latency", latency_ms=800, operations=("capture",)))
+    headers = idem()
+
+    first = await client.post(f"/v1/payments/{pid}/capture", json={}, headers=headers)
+    assert first.status == 502 and (await first.json())["code"] == "outcome_unknown"
+    second = await client.post(f"/v1/payments/{pid}/capture", json={}, headers=headers)
+    second_doc = await second.json()
+    [entry] = entries(stripes["primary"], pid)
+    # The emulator exposes no event for "request finished"; poll its ledger, bounded.
+    for _ in range(60):
+        if entry.status == "succeeded":
+            break
+        await asyncio.sleep(0.05)
+    assert entry.status == "succeeded" and entry.captured == 1299  # the first capture did go through
+    third = await client.post(f"/v1/payments/{pid}/capture", json={}, headers=headers)
+    third_doc = await third.json()
+    record = await journal(client, pid)
+
+    assert second.status in (502, 503), (
+        f"a capture still in flight at the provider was answered as final: {second.status} {second_doc}; "
+        f"the provider then captured it, yet the key now replays {third.status} {third_doc.get('code')} "
+        f"and the journal says {record.status.value}")
+    assert third.status == 200 and third_doc["status"] == "captured"
+    assert record.status.value == "captured"
+    capture_keys = {a.idempotency_key for a in record.attempts if a.operation == "capture"}
+    assert len(capture_keys) == 1 and {a.provider for a in record.attempts if a.operation == "capture"} == {"primary"}
+
+
+# -- rule 5: each transaction's line names its payment ------------------------------------------
+
+

@@ -442,28 +442,26 @@ def _breaker_periods(con: duckdb.DuckDBPyConnection, merge_gap_s: float) -> list
     Islands less than `merge_gap_s` apart are one period: with several workers each has its own
     breaker, and their attempts interleave.
     """
+    # One sort: each open attempt's island is the number of not-open attempts before it; the
+    # island's last attempt's successor is the first that found the breaker closed again.
     islands = _rows(con, f"""
         WITH s AS (
             SELECT provider, started_at, outcome, raw_code,
                    coalesce(raw_code = 'breaker_open' OR (breaker_state = 'open' AND {_FAIL_SQL}), false) AS is_open
-            FROM attempts WHERE provider IS NOT NULL AND started_at IS NOT NULL),
-        e AS (
-            SELECT *, CASE WHEN is_open IS DISTINCT FROM lag(is_open) OVER w THEN 1 ELSE 0 END AS edge
-            FROM s WINDOW w AS (PARTITION BY provider ORDER BY started_at)),
+            FROM attempts
+            WHERE provider IN (SELECT DISTINCT provider FROM attempts
+                               WHERE raw_code = 'breaker_open' OR breaker_state = 'open')
+              AND started_at IS NOT NULL),
         g AS (
-            SELECT *, sum(edge) OVER (PARTITION BY provider ORDER BY started_at
-                                      ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS grp
-            FROM e),
-        islands AS (
-            SELECT provider, grp, bool_or(is_open) AS is_open, min(started_at) AS first_seen,
-                   max(started_at) AS last_seen, count(*) AS attempts,
-                   count(*) FILTER (WHERE outcome = 'skipped' OR raw_code = 'breaker_open') AS refused
-            FROM g GROUP BY provider, grp)
-        SELECT i.provider, i.first_seen, i.last_seen, i.attempts, i.refused,
-               i.attempts - i.refused AS trial_calls, n.first_seen AS closed_seen_at
-        FROM islands AS i LEFT JOIN islands AS n ON n.provider = i.provider AND n.grp = i.grp + 1
-        WHERE i.is_open
-        ORDER BY i.provider, i.first_seen""")
+            SELECT *, sum(CASE WHEN is_open THEN 0 ELSE 1 END) OVER w AS grp, lead(started_at) OVER w AS next_at
+            FROM s WINDOW w AS (PARTITION BY provider ORDER BY started_at
+                                ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW))
+        SELECT provider, min(started_at) AS first_seen, max(started_at) AS last_seen, count(*) AS attempts,
+               count(*) FILTER (WHERE outcome = 'skipped' OR raw_code = 'breaker_open') AS refused,
+               count(*) FILTER (WHERE NOT (outcome = 'skipped' OR raw_code = 'breaker_open')) AS trial_calls,
+               arg_max(next_at, started_at) AS closed_seen_at
+        FROM g WHERE is_open GROUP BY provider, grp
+        ORDER BY provider, first_seen""")
     gap = dt.timedelta(seconds=merge_gap_s)
     periods: list[dict[str, Any]] = []
     for island in islands:

@@ -168,8 +168,8 @@ def resolve_paths(paths: Iterable[str | Path] = ()) -> list[Path]:
     return list(found)
 
 
-# When a payment happened, for the time range: its payment line, else (a crash) its first line.
-_FIRST_SEEN = "coalesce(min(ts) FILTER (WHERE event = 'payment'), min(ts))"
+# In all_payments: whether the payment's latest line is a later one than its payment line.
+_LATER = "CASE WHEN o.last_ts IS NOT NULL AND (p.ts IS NULL OR o.last_ts >= p.ts)"
 
 
 def _epoch_ts(expr: str) -> str:
@@ -242,8 +242,7 @@ def open_log(
         "WITH first_lines AS ("
         "  SELECT payment_id, event, ts, route, unnest(attempts) AS a, generate_subscripts(attempts, 1) AS n "
         "  FROM log_lines WHERE event = 'payment'), "
-        "known AS (SELECT payment_id, max(len(attempts)) AS k FROM log_lines WHERE event = 'payment' "
-        "  GROUP BY payment_id), "
+        "known AS (SELECT payment_id, len(attempts) AS k FROM log_lines WHERE event = 'payment'), "
         "later AS ("
         "  SELECT l.payment_id, l.event, l.ts, l.route, "
         "         unnest(l.attempts[coalesce(known.k, 0) + 1:]) AS a, "
@@ -260,26 +259,39 @@ def open_log(
     )
     # One row per payment. `auth_status` is the authorisation's answer (payment line, or the
     # reconciliation line that settled it); `final_status` is the latest line's status.
+    # The payment line (exactly one per payment, DESIGN rule 5) joined with an aggregate of the
+    # payment's other lines: cheaper than aggregating every line, since most payments have one.
     con.execute(
         f"CREATE OR REPLACE {temp}{kind} all_payments AS "
+        "WITH p AS ("
+        "  SELECT payment_id, ts, created_at, status, provider, route, failovers, retries, latency_ms, "
+        "         decline_code, error_code, amount, currency, card_brand "
+        "  FROM log_lines WHERE event = 'payment' AND payment_id IS NOT NULL), "
+        "o AS ("
+        "  SELECT payment_id, min(ts) AS first_ts, max(ts) AS last_ts, min(created_at) AS created_at, "
+        "         min(ts) FILTER (WHERE event = 'reconciliation') AS reconciled_at, "
+        "         arg_max(status, ts) FILTER (WHERE event = 'reconciliation') AS reconciled_status, "
+        "         arg_max(status, ts) AS status, arg_max(provider, ts) AS provider, arg_min(route, ts) AS route, "
+        "         arg_max(decline_code, ts) AS decline_code, arg_max(error_code, ts) AS error_code, "
+        "         any_value(amount) AS amount, any_value(currency) AS currency, any_value(card_brand) AS card_brand "
+        "  FROM log_lines WHERE event IS NOT NULL AND event <> 'payment' AND payment_id IS NOT NULL "
+        "  GROUP BY payment_id) "
         "SELECT payment_id, "
-        f"{_FIRST_SEEN} AS first_seen, "
-        "min(created_at) AS created_at, "
-        "min(ts) FILTER (WHERE event = 'payment') AS logged_at, "
-        "arg_min(status, ts) FILTER (WHERE event = 'payment') AS first_status, "
-        "arg_max(status, ts) FILTER (WHERE event IN ('payment', 'reconciliation')) AS auth_status, "
-        "arg_max(status, ts) AS final_status, "
-        "min(ts) FILTER (WHERE event = 'reconciliation') AS reconciled_at, "
-        "arg_max(provider, ts) AS provider, "
-        "arg_min(route, ts) AS route, "
-        "max(failovers) FILTER (WHERE event = 'payment') AS failovers, "
-        "max(retries) FILTER (WHERE event = 'payment') AS retries, "
-        "max(latency_ms) FILTER (WHERE event = 'payment') AS latency_ms, "
-        "arg_max(decline_code, ts) AS decline_code, "
-        "arg_max(error_code, ts) AS error_code, "
-        "any_value(amount) AS amount, any_value(currency) AS currency, any_value(card_brand) AS card_brand "
-        "FROM log_lines WHERE event IS NOT NULL AND payment_id IS NOT NULL "
-        "GROUP BY payment_id"
+        "coalesce(p.ts, o.first_ts) AS first_seen, "
+        "coalesce(p.created_at, o.created_at) AS created_at, "
+        "p.ts AS logged_at, "
+        "p.status AS first_status, "
+        "coalesce(o.reconciled_status, p.status) AS auth_status, "
+        f"{_LATER} THEN o.status ELSE p.status END AS final_status, "
+        "o.reconciled_at, "
+        f"{_LATER} THEN o.provider ELSE p.provider END AS provider, "
+        "coalesce(p.route, o.route) AS route, "
+        "p.failovers, p.retries, p.latency_ms, "
+        f"{_LATER} THEN o.decline_code ELSE p.decline_code END AS decline_code, "
+        f"{_LATER} THEN o.error_code ELSE p.error_code END AS error_code, "
+        "coalesce(p.amount, o.amount) AS amount, coalesce(p.currency, o.currency) AS currency, "
+        "coalesce(p.card_brand, o.card_brand) AS card_brand "
+        "FROM p FULL OUTER JOIN o USING (payment_id)"
     )
     con.execute(
         "CREATE OR REPLACE VIEW payments AS "

@@ -201,7 +201,9 @@ def _parse_error(response: ProviderResponse, doc: dict) -> ProviderResult:
     if err_type == "card_error" and (error.get("decline_code") or error.get("code") == "card_declined"):
         outcome = DECLINE_CODES.get(code, UNLISTED_DECLINE)
     elif err_type == "idempotency_error":
-        outcome = Outcome.REJECTED
+        # In use (409): the first request may still succeed, so unknown; reused with other
+        # parameters (400): our bug, rejected.
+        outcome = Outcome.UNKNOWN if response.status == 409 else Outcome.REJECTED
     else:
         outcome = ERROR_STATUS.get(response.status, Outcome.UNKNOWN if response.status >= 500 else Outcome.REJECTED)
         # Stripe's own verdict: `true` on a 4xx (a lock timeout, say) means nothing was
