@@ -75,9 +75,12 @@ def analyze(
     html: Annotated[Optional[Path], typer.Option("--html", metavar="FILE",
                                                  help="write a self-contained HTML report with charts")] = None,
 ) -> None:
-    """What failed, where and when: approval over time, failures by provider/class/code, failovers,
-    retries, latency percentiles, breaker open periods, pending payments, top declines, and a
-    headline naming the worst window."""
+    """What failed, where and when, with a headline naming the worst window.
+
+    Approval rate over time per provider, failures by provider × outcome class × raw code,
+    failovers/retries/reroutes and how many they saved, latency p50/p95/p99, breaker open periods,
+    pending payments and their reconciliation, top decline codes.
+    """
     import duckdb
 
     from gateway.analysis.report import analyze as run_analysis
@@ -112,7 +115,7 @@ def analyze(
         return
     from rich.console import Console
 
-    print_report(report, Console(soft_wrap=False))
+    print_report(report, Console(soft_wrap=False, markup=False))
 
 
 @logs_app.command()
@@ -124,8 +127,10 @@ def query(
     as_json: JsonOpt = False,
     max_rows: Annotated[int, typer.Option(min=1, help="rows shown in the table (--json prints all)")] = 200,
 ) -> None:
-    """Ad-hoc SQL over the same views, e.g.
-    gateway logs query "SELECT provider, raw_code, count(*) FROM attempts WHERE outcome = 'unavailable' GROUP BY ALL"
+    """Ad-hoc SQL over the views transactions, attempts, payments and log_lines.
+
+    Example: gateway logs query "SELECT provider, raw_code, count(*) FROM attempts
+    WHERE outcome = 'unavailable' GROUP BY ALL ORDER BY 3 DESC"
     """
     import duckdb
 
@@ -133,9 +138,11 @@ def query(
 
     rng = _time_range(start, end)
     try:
-        con, _files = open_log(paths or (), time_range=rng)
+        con, _files = open_log(paths or (), time_range=rng, materialize="lines")
     except LogFilesNotFound as exc:
         raise _fail(str(exc), 2) from None
+    except duckdb.Error as exc:
+        raise _fail(f"reading the logs failed: {exc}") from None
     try:
         cur = con.execute(sql)
         if cur.description is None:
@@ -157,7 +164,7 @@ def query(
     table = Table(*names, header_style="bold")
     for row in rows[:max_rows]:
         table.add_row(*(_cell(v) for v in row))
-    console = Console(soft_wrap=False)
+    console = Console(soft_wrap=False, markup=False)  # values are printed as they are, never as markup
     console.print(table)
     more = f" (showing {max_rows})" if len(rows) > max_rows else ""
     console.print(f"{len(rows):,} rows{more}", style="dim")
@@ -214,14 +221,14 @@ def print_report(report: Report, console: Console | None = None) -> None:
     from rich.panel import Panel
     from rich.table import Table
 
-    console = console or Console(file=sys.stdout)
+    console = console or Console(file=sys.stdout, markup=False)
     meta, summary = report.meta, report.summary
     first_ts, last_ts = summary["first_ts"], summary["last_ts"]
     one_day = first_ts is not None and last_ts is not None and first_ts.date() == last_ts.date()
     bucket_s = meta["bucket_s"]
     widened = f" (widened from {meta['bucket_requested_s']}s)" if bucket_s != meta["bucket_requested_s"] else ""
     console.print(
-        f"[bold]Transaction log[/]: {len(meta['files'])} files, {summary['lines']:,} lines"
+        f"Transaction log: {len(meta['files'])} files, {summary['lines']:,} lines"
         f" ({summary['unreadable_lines']:,} unreadable), {_ts(first_ts)} → {_ts(last_ts)} UTC,"
         f" bucket {bucket_s}s{widened}, read in {meta.get('seconds', 0):.2f} s"
     )
@@ -274,13 +281,14 @@ def print_report(report: Report, console: Console | None = None) -> None:
         console.print(table)
 
     fo = report.failovers
-    table = Table(title="Failovers, retries, reroutes (saved = the payment ended approved)", title_justify="left")
+    table = Table(title="Failovers, retries, reroutes (saved: the payment ended approved)", title_justify="left")
     for col in ("", "payments", "count", "saved"):
         table.add_column(col, justify="left" if not col else "right")
     table.add_row("failover to the next provider", f"{fo['payments_with_failover']:,}", f"{fo['failovers']:,}",
                   f"{fo['saved_by_failover']:,}")
     table.add_row("retry at the same provider", f"{fo['payments_with_retry']:,}", f"{fo['retries']:,}",
                   f"{fo['saved_by_retry']:,}")
+    table.add_row("  of which approved by the retried try", "", "", f"{fo['approved_on_retry']:,}", style="dim")
     table.add_row("rerouted (provider skipped)", f"{fo['payments_rerouted']:,}", "",
                   f"{fo['saved_by_reroute']:,}")
     for row in fo["by_reason"][:10]:

@@ -23,8 +23,39 @@ __all__ = ["render_html"]
 _PALETTE = ("#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#ca8a04", "#db2777")
 _W, _H = 920, 260
 _ML, _MR, _MT, _MB = 76, 150, 16, 34  # margins; the legend sits in the right one
+_OVERALL = "all payments"
+_OVERALL_COLOR = "#374151"
 _TICK_STEPS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400,
                172800, 604800)
+
+
+_CSS = """
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;color:#111827}
+body{margin:24px auto;max-width:980px;padding:0 12px}
+h1{font-size:20px;margin:0 0 4px}
+h2{font-size:16px;margin:28px 0 8px}
+.meta{color:#6b7280;font-size:12px}
+.headline{border-radius:6px;padding:12px 14px;margin:14px 0;font-weight:600}
+.headline.bad{background:#fef2f2;border:1px solid #fecaca;color:#991b1b}
+.headline.ok{background:#f0fdf4;border:1px solid #bbf7d0;color:#166534}
+.sub{font-weight:400;margin:4px 0 0;font-size:13px}
+.cards{display:flex;flex-wrap:wrap;gap:8px}
+.card{border:1px solid #e5e7eb;border-radius:6px;padding:8px 12px;min-width:100px}
+.card .k{color:#6b7280;font-size:12px}
+.card .v{font-size:18px;font-weight:600}
+figure{margin:18px 0}
+figcaption{font-weight:600;margin-bottom:4px}
+svg text{font-size:11px;fill:#374151}
+svg .grid{stroke:#e5e7eb;stroke-width:1}
+svg .worst{fill:#fecaca;fill-opacity:.55}
+svg .lane{fill:#f3f4f6}
+svg .pt{fill-opacity:0}
+svg .pt:hover{fill-opacity:1}
+table{border-collapse:collapse;width:100%;font-size:13px}
+th,td{border-bottom:1px solid #e5e7eb;padding:4px 6px;text-align:left}
+td.num{text-align:right;font-variant-numeric:tabular-nums}
+th{background:#f9fafb}
+"""
 
 
 def _e(value: Any) -> str:
@@ -95,24 +126,26 @@ def _highlight(axis: _Axis, window: tuple[float, float] | None, label: str) -> s
             f'class="worst"><title>{_e(label)}</title></rect>')
 
 
-def _legend(names: Sequence[str]) -> str:
+def _legend(names: Sequence[str], colors: dict[str, str] | None = None) -> str:
     parts = []
     for i, name in enumerate(names):
         y = _MT + 10 + i * 18
-        parts.append(f'<rect x="{_W - _MR + 14}" y="{y - 9}" width="12" height="12" fill="{_color(i)}"/>'
+        color = (colors or {}).get(name) or _color(i)
+        parts.append(f'<rect x="{_W - _MR + 14}" y="{y - 9}" width="12" height="12" fill="{color}"/>'
                      f'<text x="{_W - _MR + 32}" y="{y + 1}">{_e(name)}</text>')
     return "".join(parts)
 
 
 def _line_chart(chart_id: str, title: str, series: dict[str, list[tuple[float, float | None, str]]],
                 t_range: tuple[float, float], bucket_s: int, *, y_max: float, fmt: str,
-                window: tuple[float, float] | None, window_label: str) -> str:
+                window: tuple[float, float] | None, window_label: str, colors: dict[str, str]) -> str:
     """One path per series; a missing bucket breaks the line rather than bridging it."""
     axis = _Axis(t_range[0], t_range[1] + bucket_s, y_max)
     body = [_value_ticks(axis, fmt), _time_ticks(axis), _highlight(axis, window, window_label)]
     few = sum(len(points) for points in series.values()) <= 400
     for i, (name, points) in enumerate(series.items()):
-        color = _color(i)
+        color = colors.get(name) or _color(i)
+        dash = ' stroke-dasharray="5 3"' if name == _OVERALL else ""
         segments: list[list[str]] = []
         last_t: float | None = None
         for t, v, _tip in points:
@@ -130,13 +163,14 @@ def _line_chart(chart_id: str, title: str, series: dict[str, list[tuple[float, f
                 x, y = seg[0].split(",")
                 body.append(f'<circle cx="{x}" cy="{y}" r="2.5" fill="{color}"/>')
             else:
-                body.append(f'<polyline points="{" ".join(seg)}" fill="none" stroke="{color}" stroke-width="1.8"/>')
+                body.append(f'<polyline points="{" ".join(seg)}" fill="none" stroke="{color}" '
+                            f'stroke-width="1.8"{dash}/>')
         if few:
             for t, v, tip in points:
                 if v is not None:
                     body.append(f'<circle cx="{axis.x(t + bucket_s / 2):.1f}" cy="{axis.y(v):.1f}" r="3" '
                                 f'fill="{color}" class="pt"><title>{_e(f"{name} {tip}")}</title></circle>')
-    body.append(_legend(list(series)))
+    body.append(_legend(list(series), colors))
     return _svg(chart_id, title, "".join(body))
 
 
@@ -245,6 +279,9 @@ def render_html(report: Report) -> str:
     window_label = f"worst window: {head.text}" if head else ""
     charts: dict[str, Any] = {}
     sections: list[str] = []
+    # One colour per provider in every chart.
+    names = sorted({*approval["series"], *failure["series"]})
+    colors = {name: _color(i) for i, name in enumerate(names)} | {_OVERALL: _OVERALL_COLOR}
 
     if all_points:
         t_range = (_epoch(min(all_points)), _epoch(max(all_points)))
@@ -253,7 +290,7 @@ def render_html(report: Report) -> str:
             approval_series[name] = [
                 (_epoch(p["bucket"]), p["rate"], f"{p['bucket']:%H:%M:%S}: {p['approved']}/{p['payments']} approved")
                 for p in points]
-        approval_series["all payments"] = [
+        approval_series[_OVERALL] = [
             (_epoch(p["bucket"]), p["rate"], f"{p['bucket']:%H:%M:%S}: {p['approved']}/{p['payments']} approved")
             for p in approval["overall"]]
         failure_series = {
@@ -262,10 +299,10 @@ def render_html(report: Report) -> str:
             for name, points in failure["series"].items()}
         sections.append(_line_chart("chart-approval", "Approval rate over time (payments sent to each provider)",
                                     approval_series, t_range, bucket_s, y_max=1.0, fmt="pct",
-                                    window=window, window_label=window_label))
+                                    window=window, window_label=window_label, colors=colors))
         sections.append(_line_chart("chart-failure", "Failed attempts per provider (share of its attempts)",
                                     failure_series, t_range, bucket_s, y_max=1.0, fmt="pct",
-                                    window=window, window_label=window_label))
+                                    window=window, window_label=window_label, colors=colors))
         charts["chart-approval"] = {
             "bucket_s": bucket_s, "y": "approval rate",
             "series": {name: [[p[0], p[1]] for p in pts] for name, pts in approval_series.items()}}
@@ -291,8 +328,10 @@ def render_html(report: Report) -> str:
         ("", "payments", "count", "saved (ended approved)"),
         [("failover to the next provider", fo["payments_with_failover"], fo["failovers"], fo["saved_by_failover"]),
          ("retry at the same provider", fo["payments_with_retry"], fo["retries"], fo["saved_by_retry"]),
+         ("… approved by the retried try itself", None, None, fo["approved_on_retry"]),
          ("rerouted (provider skipped)", fo["payments_rerouted"], None, fo["saved_by_reroute"])]
-        + [(f"{r['reason']} → {r['to_provider']}", None, r["failovers"], r["approved_there"]) for r in fo["by_reason"]],
+        + [(f"{r['reason']} → {r['to_provider']}", None, r["failovers"], r["approved_there"])
+           for r in fo["by_reason"]],
         numeric=(1, 2, 3)))
     lat_rows = [("call", r["provider"], r["calls"], r["p50_ms"], r["p95_ms"], r["p99_ms"], r["max_ms"])
                 for r in report.latency["attempts"]]
@@ -347,26 +386,12 @@ def render_html(report: Report) -> str:
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>Transaction log report: {_e(report.headline_text[:80])}</title>
-<style>
-body{{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:980px;color:#111827;padding:0 12px}}
-h1{{font-size:20px;margin:0 0 4px}} h2{{font-size:16px;margin:28px 0 8px}}
-.meta{{color:#6b7280;font-size:12px}}
-.headline{{border-radius:6px;padding:12px 14px;margin:14px 0;font-weight:600}}
-.headline.bad{{background:#fef2f2;border:1px solid #fecaca;color:#991b1b}}
-.headline.ok{{background:#f0fdf4;border:1px solid #bbf7d0;color:#166534}}
-.sub{{font-weight:400;margin:4px 0 0;font-size:13px}}
-.cards{{display:flex;flex-wrap:wrap;gap:8px}} .card{{border:1px solid #e5e7eb;border-radius:6px;padding:8px 12px;min-width:100px}}
-.card .k{{color:#6b7280;font-size:12px}} .card .v{{font-size:18px;font-weight:600}}
-figure{{margin:18px 0}} figcaption{{font-weight:600;margin-bottom:4px}}
-svg text{{font-size:11px;fill:#374151}} svg .grid{{stroke:#e5e7eb;stroke-width:1}}
-svg .worst{{fill:#fecaca;fill-opacity:.55}} svg .lane{{fill:#f3f4f6}} svg .pt{{fill-opacity:0}} svg .pt:hover{{fill-opacity:1}}
-table{{border-collapse:collapse;width:100%;font-size:13px}} th,td{{border-bottom:1px solid #e5e7eb;padding:4px 6px;text-align:left}}
-td.num{{text-align:right;font-variant-numeric:tabular-nums}} th{{background:#f9fafb}}
-</style></head>
+<style>{_CSS}</style></head>
 <body>
 <h1>Transaction log report</h1>
-<div class="meta">{len(meta['files'])} files · {summary['lines']:,} lines ({summary['unreadable_lines']:,} unreadable) ·
-{_e(span)} · bucket {bucket_s}s · generated {_e(_text(meta['generated_at']))} UTC</div>
+<div class="meta">{len(meta['files'])} files · {summary['lines']:,} lines
+({summary['unreadable_lines']:,} unreadable) · {_e(span)} · bucket {bucket_s}s ·
+generated {_e(_text(meta['generated_at']))} UTC</div>
 <div class="headline {headline_cls}">{_e(report.headline_text)}{window_text}</div>
 <div class="cards">{card_html}</div>
 {''.join(sections)}

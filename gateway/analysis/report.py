@@ -8,7 +8,8 @@ What was asked after an incident, and where the answer comes from:
 - failures by provider x outcome class x raw code (attempt level: ``unavailable``,
   ``unknown``, ``rejected`` and the router's ``skipped``; declines are the card's answer and are
   listed separately as top decline codes);
-- failovers, retries and reroutes, and how many of those payments ended approved (saved);
+- failovers, retries and reroutes (the router skipping a provider), and how many of those
+  payments ended approved (saved); for retries also how many the retried try itself approved;
 - latency p50/p95/p99 per provider (calls that left the gateway) and per payment;
 - breaker open periods per provider (attempts seen with the breaker open or refused by it);
 - pending payments and how reconciliation settled them;
@@ -228,7 +229,8 @@ def analyze(
 ) -> Report:
     """Read the log files (see `gateway.analysis.view.resolve_paths`) and build the report."""
     started = time.perf_counter()
-    con, files = open_log(paths, time_range=time_range, materialize=True, columns=VIEW_COLUMNS, threads=threads)
+    con, files = open_log(paths, time_range=time_range, materialize="all", columns=VIEW_COLUMNS,
+                          threads=threads)
     try:
         report = build_report(con, files=files, time_range=time_range, bucket_s=bucket_s)
     finally:
@@ -388,6 +390,10 @@ def _failovers(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
                coalesce(sum(retries), 0) AS retries,
                count(*) FILTER (WHERE retries > 0 AND auth_status = 'approved') AS saved_by_retry
         FROM payments WHERE logged_at IS NOT NULL""")
+    # Stricter: the retried try itself was approved (not a provider failed over to afterwards).
+    totals["approved_on_retry"] = _one(con, """
+        SELECT count(DISTINCT payment_id) AS n FROM attempts
+        WHERE "try" > 1 AND operation = 'authorize' AND outcome = 'approved'""")["n"]
     rerouted = _one(con, """
         WITH s AS (SELECT DISTINCT payment_id FROM attempts WHERE outcome = 'skipped')
         SELECT count(*) AS payments_rerouted,
@@ -428,6 +434,7 @@ def _latency(con: duckdb.DuckDBPyConnection) -> dict[str, list[dict[str, Any]]]:
         FROM transactions WHERE event = 'payment' AND latency_ms IS NOT NULL
         GROUP BY GROUPING SETS ((), (coalesce(provider, '(none)')))
         ORDER BY grouping(coalesce(provider, '(none)')) DESC, provider"""))
+    payments = [row for row in payments if row["payments"]]  # no payment lines: no "(all)" row either
     if payments:
         payments[0]["provider"] = "(all)"
     return {"attempts": attempts, "payments": payments}

@@ -17,8 +17,9 @@
 All timestamps are UTC ``TIMESTAMP`` values (the log writes ISO-8601 ``Z`` for ``ts`` and epoch
 seconds for ``created_at`` and the attempts' ``started_at``).
 
-With ``materialize=True`` the files are parsed once into temporary tables, so a report that runs
-a dozen queries does not parse them a dozen times; the views keep the same names and columns.
+With ``materialize="lines"`` the files are parsed once into a temporary table, and with
+``materialize="all"`` the attempts and payments are computed once too, so a report that runs a
+dozen queries does not parse the files a dozen times; the views keep their names and columns.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import glob
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     import duckdb
@@ -95,6 +96,12 @@ VIEW_COLUMNS = frozenset({
     "ts", "event", "payment_id", "amount", "currency", "card_brand", "route", "status", "provider",
     "decline_code", "error_code", "attempts", "failovers", "retries", "latency_ms", "created_at",
 })
+
+
+# "none": every view reads the files when queried; "lines": the lines are parsed once into a
+# temporary table (a query touching several views reads the files once); "all": the attempts and
+# payments tables too (a report running many queries).
+Materialize = Literal["none", "lines", "all"]
 
 
 class LogFilesNotFound(FileNotFoundError):
@@ -192,7 +199,7 @@ def open_log(
     paths: Iterable[str | Path] = (),
     *,
     time_range: TimeRange | None = None,
-    materialize: bool = False,
+    materialize: Materialize = "none",
     columns: Iterable[str] | None = None,
     threads: int | None = None,
     connection: duckdb.DuckDBPyConnection | None = None,
@@ -214,23 +221,24 @@ def open_log(
 
     wanted = set(LINE_COLUMNS) if columns is None else set(columns) | VIEW_COLUMNS
     source = _read_json_sql(files, {k: v for k, v in LINE_COLUMNS.items() if k in wanted})
-    kind = "TABLE" if materialize else "VIEW"
-    temp = "TEMP " if materialize else ""
+    if materialize not in ("none", "lines", "all"):
+        raise ValueError(f"materialize must be none, lines or all, not {materialize!r}")
+    lines_kind = "VIEW" if materialize == "none" else "TEMP TABLE"
+    derived_kind = "TEMP TABLE" if materialize == "all" else "VIEW"
     # Every line, unreadable ones included (all NULL but `file`), so they can be counted.
     con.execute(
-        f"CREATE OR REPLACE {temp}{kind} log_lines AS "
+        f"CREATE OR REPLACE {lines_kind} log_lines AS "
         f"SELECT * REPLACE ({_epoch_ts('created_at')} AS created_at) FROM {source}"
     )
     con.execute(
         "CREATE OR REPLACE VIEW transactions AS "
         f"SELECT * FROM log_lines WHERE event IS NOT NULL AND {rng.sql('ts')}"
     )
-    # One row per attempt: the first line that carries (payment_id, attempt_no) wins, so the
-    # authorisation attempts repeated on capture/refund/reconciliation lines count once.
-    # A payment line holds every attempt of the authorisation; a later line (capture, refund,
-    # reconciliation) repeats them and appends its own. So: all attempts of the payment line, and
-    # of each later line only those past the payment line's, the first line to carry each one
-    # winning. (Select-list unnest: much faster in DuckDB than a lateral join.)
+    # One row per attempt. The payment line holds every attempt of the authorisation; a later
+    # line (capture, refund, reconciliation) repeats them and appends its own. So: all attempts
+    # of the payment line, and of each later line only those past the payment line's, the first
+    # later line to carry one winning. (Select-list unnest: much faster in DuckDB than a lateral
+    # join; a window over the later lines only, a minority, instead of over every attempt.)
     attempt_cols = (
         "payment_id, CAST(n AS INTEGER) AS attempt_no, a.provider AS provider, a.\"try\" AS \"try\", "
         "a.operation AS operation, a.outcome AS outcome, a.raw_code AS raw_code, a.http_status AS http_status, "
@@ -238,7 +246,7 @@ def open_log(
         f"{_epoch_ts('a.started_at')} AS started_at, event AS logged_in, ts AS logged_at, route"
     )
     con.execute(
-        f"CREATE OR REPLACE {temp}{kind} all_attempts AS "
+        f"CREATE OR REPLACE {derived_kind} all_attempts AS "
         "WITH first_lines AS ("
         "  SELECT payment_id, event, ts, route, unnest(attempts) AS a, generate_subscripts(attempts, 1) AS n "
         "  FROM log_lines WHERE event = 'payment'), "
@@ -258,11 +266,11 @@ def open_log(
         f"SELECT * FROM all_attempts WHERE {rng.sql('started_at')}"
     )
     # One row per payment. `auth_status` is the authorisation's answer (payment line, or the
-    # reconciliation line that settled it); `final_status` is the latest line's status.
-    # The payment line (exactly one per payment, DESIGN rule 5) joined with an aggregate of the
+    # reconciliation line that settled it); `final_status` is the latest line's status. Built as
+    # the payment line (exactly one per payment, DESIGN rule 5) joined with an aggregate of the
     # payment's other lines: cheaper than aggregating every line, since most payments have one.
     con.execute(
-        f"CREATE OR REPLACE {temp}{kind} all_payments AS "
+        f"CREATE OR REPLACE {derived_kind} all_payments AS "
         "WITH p AS ("
         "  SELECT payment_id, ts, created_at, status, provider, route, failovers, retries, latency_ms, "
         "         decline_code, error_code, amount, currency, card_brand "
