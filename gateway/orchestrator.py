@@ -21,10 +21,11 @@ import structlog
 
 from gateway.cards import card_brand
 from gateway.executor import AttemptExecutor
-from gateway.journal.records import Attempt, PaymentRecord
+from gateway.journal.records import Attempt, IdempotentAnswer, PaymentRecord, StoredResponse
 from gateway.journal.store import Store
 from gateway.metrics import Metrics
 from gateway.outcome import Outcome, PaymentStatus
+from gateway.payment_view import payment_answer
 from gateway.provider_pool import ProviderPool
 from gateway.router import NoRoute, Router, RoutingFacts
 from providers.base import FollowUp, Operation, PaymentOrder, ProviderResult
@@ -61,19 +62,23 @@ class PaymentService:
         self.txlog = txlog
         self.in_flight: set[str] = set()
 
-    async def authorize(self, record: PaymentRecord, order: PaymentOrder, deadline: float) -> PaymentRecord:
+    async def authorize(self, record: PaymentRecord, order: PaymentOrder, deadline: float, *,
+                        scope: str, key: str) -> StoredResponse:
+        """Run the payment to a final or pending state; the journal row and the answer that
+        the front-door key (`scope`, `key`) replays are committed together."""
         self.in_flight.add(record.id)
         started = time.monotonic()
         try:
             await self._authorize(record, order, deadline)
+            record.updated_at = time.time()
+            answer = payment_answer(record)
+            await self.store.save_payment(record, IdempotentAnswer(scope, key, answer))
         finally:
             self.in_flight.discard(record.id)
-        record.updated_at = time.time()
-        await self.store.save_payment(record)
         self.metrics.payments.labels(record.status.value).inc()
         self.metrics.payment_latency.observe(time.monotonic() - started)
         self.log_transaction(record, "payment", latency_ms=(time.monotonic() - started) * 1000)
-        return record
+        return answer
 
     async def _authorize(self, record: PaymentRecord, order: PaymentOrder, deadline: float) -> None:
         brand = card_brand(order.card.number) if order.card else None

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.journal.records import PaymentRecord
+import orjson
+
+from gateway.journal.records import PaymentRecord, StoredResponse
 from gateway.outcome import PaymentStatus
 
 
@@ -38,3 +40,8 @@ def payment_doc(record: PaymentRecord) -> dict[str, Any]:
 
 def payment_http_status(record: PaymentRecord) -> int:
     return 502 if record.status is PaymentStatus.FAILED else 201
+
+
+def payment_answer(record: PaymentRecord) -> StoredResponse:
+    """The exact bytes the caller gets, and every replay of its key after it."""
+    return StoredResponse(payment_http_status(record), orjson.dumps(payment_doc(record)))

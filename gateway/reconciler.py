@@ -11,13 +11,11 @@ from __future__ import annotations
 import asyncio
 import time
 
-import orjson
-
 from gateway.executor import MIN_TRY_S
-from gateway.journal.records import Attempt, StoredResponse
+from gateway.journal.records import Attempt
 from gateway.outcome import Outcome, PaymentStatus
 from gateway.orchestrator import PaymentService
-from gateway.payment_view import payment_doc, payment_http_status
+from gateway.payment_view import payment_answer
 from providers.base import FollowUp, Operation
 from providers.classify import result_from_transport_error
 from providers.errors import TransportError
@@ -85,8 +83,7 @@ class Reconciler:
                 return False
         record.updated_at = time.time()
         await svc.store.save_payment(record)
-        await svc.store.complete_idempotency_for(
-            record.id, StoredResponse(payment_http_status(record), orjson.dumps(payment_doc(record))))
+        await svc.store.complete_idempotency_for(record.id, payment_answer(record))
         svc.metrics.reconciled.labels(record.status.value).inc()
         svc.log_transaction(record, "reconciliation")
         return True

@@ -165,3 +165,32 @@ async def test_unreachable_provider_leaves_payment_pending_until_it_answers(engi
     assert entries(stripes["backup"], record.id) == []
 
 
+
+
+async def test_crash_right_after_the_key_claim_gets_a_final_answer(engine_config, start_gateway, stripes) -> None:
+    """The front door claims the Idempotency-Key and journals the payment (status received) in
+    one transaction. A crash before the first provider call leaves both: after a restart the
+    reconciler closes the payment as failed (nothing was sent) and the key replays that final
+    answer instead of 409 "still being processed" until the key expires."""
+    config = engine_config()
+    store = SqliteStore(Path(config.storage.sqlite_path))
+    await store.open()
+    try:
+        now = time.time()
+        request = SimpleNamespace(method="POST", path="/v1/payments")
+        record = PaymentRecord(id="pay_crash_orphan", client=SCOPE, amount=1299, currency="EUR", capture=True,
+                               merchant_reference="order-orphan")
+        await store.claim_idempotency(SCOPE, "key-orphan", fingerprint(request, _body("order-orphan")),
+                                      record.id, now, now + config.storage.idempotency_retention_h * 3600, record)
+    finally:
+        await store.close()
+
+    client = await start_gateway(config)
+    resp = await _replay(client, "key-orphan", "order-orphan")
+    doc = await resp.json()
+
+    assert resp.status == 502, doc
+    assert doc["id"] == "pay_crash_orphan"
+    assert doc["status"] == "failed"
+    assert doc["error_code"] == "interrupted_before_provider_call"
+    assert stripes["primary"].emulator.ledger.charges() == []

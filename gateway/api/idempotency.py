@@ -14,7 +14,7 @@ import time
 from aiohttp import web
 
 from gateway.api.errors import ApiError
-from gateway.journal.records import ClaimKind, StoredResponse
+from gateway.journal.records import ClaimKind, PaymentRecord, StoredResponse
 from gateway.journal.store import Store
 
 HEADER = "Idempotency-Key"
@@ -40,10 +40,13 @@ class FrontDoor:
         self._store = store
         self._retention_s = retention_s
 
-    async def claim(self, scope: str, key: str, print_: str, resource_id: str) -> web.Response | None:
-        """None when this request owns the key now; otherwise the answer to send instead."""
+    async def claim(self, scope: str, key: str, print_: str, resource_id: str,
+                    record: PaymentRecord | None = None) -> web.Response | None:
+        """None when this request owns the key now; otherwise the answer to send instead.
+        A new payment's `record` is journalled in the same transaction as the claim."""
         now = time.time()
-        claim = await self._store.claim_idempotency(scope, key, print_, resource_id, now, now + self._retention_s)
+        claim = await self._store.claim_idempotency(scope, key, print_, resource_id, now, now + self._retention_s,
+                                                    record)
         match claim.kind:
             case ClaimKind.NEW:
                 return None

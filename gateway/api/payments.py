@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import orjson
 from aiohttp import web
@@ -17,7 +17,7 @@ from gateway.api.schemas import CaptureCreate, CardMethod, PaymentCreate, Refund
 from gateway.api.state import CONFIG, LOG_WRITER, SERVICE, STORE
 from gateway.cards import card_brand
 from gateway.journal.records import PaymentRecord
-from gateway.payment_view import payment_doc, payment_http_status
+from gateway.payment_view import payment_doc
 from gateway.outcome import Outcome, PaymentStatus
 from providers.base import Card, Operation, PaymentOrder
 
@@ -93,18 +93,13 @@ async def create_payment(request: web.Request) -> web.Response:
     deadline = _deadline(request)
     record, order = _new_payment(caller, payload)
     front = request.app[FRONT_DOOR]
-    replay = await front.claim(caller.name, key, fingerprint(request, body), record.id)
+    replay = await front.claim(caller.name, key, fingerprint(request, body), record.id, record)
     if replay is not None:
         return replay
-    try:
-        record = await request.app[SERVICE].authorize(record, order, deadline)
-    except BaseException:
-        if not record.attempts:  # nothing journalled, nothing sent: the caller may retry the key
-            await front.release(caller.name, key)
-        raise
-    response = json_response(payment_http_status(record), payment_doc(record))
-    await front.complete(caller.name, key, response)
-    return response
+    # From here the journal holds the payment: if this request dies, the reconciler settles it
+    # and stores the final answer for the key.
+    answer = await request.app[SERVICE].authorize(record, order, deadline, scope=caller.name, key=key)
+    return web.Response(status=answer.status, body=answer.body, content_type="application/json")
 
 
 def _new_payment(caller: Caller, p: PaymentCreate) -> tuple[PaymentRecord, PaymentOrder]:

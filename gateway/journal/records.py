@@ -81,6 +81,15 @@ class StoredResponse:
     body: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class IdempotentAnswer:
+    """The answer a front-door key will replay, stored in the same transaction as the payment."""
+
+    scope: str
+    key: str
+    response: StoredResponse
+
+
 class ClaimKind(StrEnum):
     NEW = "new"
     REPLAY = "replay"

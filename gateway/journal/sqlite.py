@@ -19,7 +19,14 @@ from typing import Any, TypeVar
 
 import orjson
 
-from gateway.journal.records import ClaimKind, IdempotencyClaim, IdempotencyState, PaymentRecord, StoredResponse
+from gateway.journal.records import (
+    ClaimKind,
+    IdempotencyClaim,
+    IdempotencyState,
+    IdempotentAnswer,
+    PaymentRecord,
+    StoredResponse,
+)
 from gateway.outcome import PaymentStatus
 
 T = TypeVar("T")
@@ -149,17 +156,13 @@ class SqliteStore:
 
     # -- payments ------------------------------------------------------------------------------
 
-    async def save_payment(self, record: PaymentRecord) -> None:
-        doc = orjson.dumps(record)
-        row = (record.id, record.status.value, record.created_at, record.updated_at, doc)
+    async def save_payment(self, record: PaymentRecord, answer: IdempotentAnswer | None = None) -> None:
+        row = _payment_row(record)
 
         def op(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "INSERT INTO payments (id, status, created_at, updated_at, doc) VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT (id) DO UPDATE SET status = excluded.status, updated_at = excluded.updated_at, "
-                "doc = excluded.doc",
-                row,
-            )
+            conn.execute(_UPSERT_PAYMENT, row)
+            if answer is not None:
+                _store_answer(conn, answer.scope, answer.key, answer.response)
 
         await self._submit(op)
 
@@ -183,8 +186,11 @@ class SqliteStore:
     # -- idempotency ---------------------------------------------------------------------------
 
     async def claim_idempotency(
-        self, scope: str, key: str, fingerprint: str, resource_id: str, now: float, expires_at: float
+        self, scope: str, key: str, fingerprint: str, resource_id: str, now: float, expires_at: float,
+        record: PaymentRecord | None = None,
     ) -> IdempotencyClaim:
+        payment_row = _payment_row(record) if record is not None else None
+
         def op(conn: sqlite3.Connection) -> IdempotencyClaim:
             row = conn.execute(
                 "SELECT fingerprint, resource_id, state, status, body, expires_at FROM idempotency "
@@ -202,18 +208,14 @@ class SqliteStore:
                 "expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (scope, key, fingerprint, resource_id, IdempotencyState.IN_FLIGHT.value, now, expires_at),
             )
+            if payment_row is not None:
+                conn.execute(_UPSERT_PAYMENT, payment_row)
             return IdempotencyClaim(ClaimKind.NEW, resource_id)
 
         return await self._submit(op)
 
     async def complete_idempotency(self, scope: str, key: str, response: StoredResponse) -> None:
-        def op(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "UPDATE idempotency SET state = ?, status = ?, body = ? WHERE scope = ? AND key = ?",
-                (IdempotencyState.DONE.value, response.status, response.body, scope, key),
-            )
-
-        await self._submit(op)
+        await self._submit(lambda conn: _store_answer(conn, scope, key, response))
 
     async def release_idempotency(self, scope: str, key: str) -> None:
         def op(conn: sqlite3.Connection) -> None:
@@ -237,6 +239,23 @@ class SqliteStore:
                                 (now, IdempotencyState.DONE.value)).rowcount
 
         return await self._submit(op)
+
+
+_UPSERT_PAYMENT = (
+    "INSERT INTO payments (id, status, created_at, updated_at, doc) VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT (id) DO UPDATE SET status = excluded.status, updated_at = excluded.updated_at, doc = excluded.doc"
+)
+
+
+def _payment_row(record: PaymentRecord) -> tuple[str, str, float, float, bytes]:
+    return (record.id, record.status.value, record.created_at, record.updated_at, orjson.dumps(record))
+
+
+def _store_answer(conn: sqlite3.Connection, scope: str, key: str, response: StoredResponse) -> None:
+    conn.execute(
+        "UPDATE idempotency SET state = ?, status = ?, body = ? WHERE scope = ? AND key = ?",
+        (IdempotencyState.DONE.value, response.status, response.body, scope, key),
+    )
 
 
 def _settle(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:

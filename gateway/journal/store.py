@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from gateway.journal.records import IdempotencyClaim, PaymentRecord, StoredResponse
+from gateway.journal.records import IdempotencyClaim, IdempotentAnswer, PaymentRecord, StoredResponse
 
 
 class Store(Protocol):
@@ -12,8 +12,10 @@ class Store(Protocol):
 
     async def close(self) -> None: ...
 
-    async def save_payment(self, record: PaymentRecord) -> None:
-        """Durable on return: callers rely on the row being on disk before a provider call."""
+    async def save_payment(self, record: PaymentRecord, answer: IdempotentAnswer | None = None) -> None:
+        """Durable on return: callers rely on the row being on disk before a provider call.
+        With `answer`, the key's stored answer is written in the same transaction, so a
+        replay can never disagree with the journal."""
         ...
 
     async def get_payment(self, payment_id: str) -> PaymentRecord | None: ...
@@ -23,9 +25,11 @@ class Store(Protocol):
         ...
 
     async def claim_idempotency(
-        self, scope: str, key: str, fingerprint: str, resource_id: str, now: float, expires_at: float
+        self, scope: str, key: str, fingerprint: str, resource_id: str, now: float, expires_at: float,
+        record: PaymentRecord | None = None,
     ) -> IdempotencyClaim:
-        """Atomically: insert an in-flight record, or report what the key already holds."""
+        """Atomically: insert an in-flight record (and `record`, so a crash right after the claim
+        leaves a payment the reconciler owns), or report what the key already holds."""
         ...
 
     async def complete_idempotency(self, scope: str, key: str, response: StoredResponse) -> None: ...
