@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import AbstractContextManager, asynccontextmanager, contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
 
 import pybreaker
@@ -76,27 +76,10 @@ class ProviderBreaker:
         opened_at = self._cb._state_storage.opened_at  # pybreaker exposes no public accessor
         return opened_at is None or datetime.now(UTC) >= opened_at + timedelta(seconds=self._cb.reset_timeout)
 
-    @asynccontextmanager
-    async def guard(self) -> AsyncIterator[None]:
-        """Wrap exactly one provider attempt. Raise ProviderFailure inside to count a failure."""
-        if self._cb.current_state == pybreaker.STATE_CLOSED:
-            async with self._calling():
-                yield
-            return
-        if self._trial.locked():
-            raise BreakerOpen(f"{self.provider}: breaker {self.state}, trial call in progress")
-        async with self._trial, self._calling():
-            yield
-
-    @asynccontextmanager
-    async def _calling(self) -> AsyncIterator[None]:
-        try:
-            calling = self._cb.calling()
-            calling.__enter__()
-        except pybreaker.CircuitBreakerError as exc:
-            raise BreakerOpen(f"{self.provider}: {exc}") from exc
-        with _entered(calling):
-            yield
+    def guard(self) -> _Guard:
+        """Wrap exactly one provider attempt (`async with breaker.guard():`). Raise
+        ProviderFailure inside to count a failure; BreakerOpen means nothing was sent."""
+        return _Guard(self)
 
     def force_open(self) -> None:
         self._cb.open()
@@ -105,13 +88,43 @@ class ProviderBreaker:
         self._cb.close()
 
 
-@contextmanager
-def _entered(cm: AbstractContextManager[None]) -> Iterator[None]:
-    """Finish a context manager already entered, passing any exception through it."""
-    try:
-        yield
-    except BaseException as exc:
-        if not cm.__exit__(type(exc), exc, exc.__traceback__):
+class _Guard:
+    """A class rather than a generator context manager: it sits on every payment's path."""
+
+    __slots__ = ("_breaker", "_calling", "_trial")
+
+    def __init__(self, breaker: ProviderBreaker) -> None:
+        self._breaker = breaker
+        self._calling: AbstractContextManager[None] | None = None
+        self._trial = False
+
+    async def __aenter__(self) -> None:
+        b = self._breaker
+        if b._cb.current_state != pybreaker.STATE_CLOSED:
+            if b._trial.locked():
+                raise BreakerOpen(f"{b.provider}: breaker {b.state}, trial call in progress")
+            await b._trial.acquire()  # free, as just checked: never waits
+            self._trial = True
+        try:
+            calling = b._cb.calling()
+            calling.__enter__()
+        except pybreaker.CircuitBreakerError as exc:
+            self._release()
+            raise BreakerOpen(f"{b.provider}: {exc}") from exc
+        except BaseException:
+            self._release()
             raise
-    else:
-        cm.__exit__(None, None, None)
+        self._calling = calling
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: object) -> bool:
+        try:
+            assert self._calling is not None
+            return bool(self._calling.__exit__(exc_type, exc, tb))  # type: ignore[arg-type]
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        if self._trial:
+            self._trial = False
+            self._breaker._trial.release()

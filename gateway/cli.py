@@ -14,10 +14,12 @@ import typer
 from gateway.analysis.commands import logs_app
 from gateway.certs.commands import certs_app
 from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.preflight_command import preflight
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Payment-resilience gateway.")
 app.add_typer(certs_app, name="certs")
 app.add_typer(logs_app, name="logs")
+app.command()(preflight)
 
 DEFAULT_CONFIG = Path("config/gateway.yaml")
 DEFAULT_CERTS = Path("certs")

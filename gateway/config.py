@@ -122,6 +122,10 @@ class ProviderConfig(_Model):
     breaker: BreakerConfig = BreakerConfig()
     retry: RetryConfig = RetryConfig()
     bulkhead: BulkheadConfig = BulkheadConfig()
+    # What the provider's contract lets it take (ISO 4217 / ISO 3166 codes); None means any.
+    # `gateway preflight` checks that every route's backups can take the route's traffic.
+    currencies: tuple[str, ...] | None = None
+    countries: tuple[str, ...] | None = None
     _api_key: SecretStr = PrivateAttr()
 
     @model_validator(mode="after")

@@ -62,9 +62,13 @@ class AttemptExecutor:
 
         Each try is appended to `attempts` (the payment's own list) before `journal` persists it.
         """
+        first = await self._one_try(handle, op, subject, idempotency_key, deadline, 1, attempts, journal)
+        if not _worth_retrying(first) or handle.config.retry.max_attempts == 1:
+            return first  # the common case never builds the retry machinery
         tries = 0
         retry_cfg = handle.config.retry
-        # A fresh AsyncRetrying per call: a shared one miscounts across coroutines.
+        # A fresh AsyncRetrying per call: a shared one miscounts across coroutines. Its first
+        # "attempt" hands over the try already made, so waits, caps and budget apply unchanged.
         retrying = AsyncRetrying(
             stop=stop_after_attempt(retry_cfg.max_attempts)
             | stop_at_deadline(deadline, MIN_TRY_S)
@@ -73,13 +77,16 @@ class AttemptExecutor:
             retry=retry_if_result(_worth_retrying),
             retry_error_callback=_last_result,
         )
-        result = ProviderResult(Outcome.UNAVAILABLE, raw_code="deadline_exceeded")
+        result = first
         async for attempt in retrying:
             with attempt:
                 tries += 1
-                if tries > 1:
+                if tries == 1:
+                    result = first
+                else:
                     self.metrics.retries.labels(handle.name).inc()
-                result = await self._one_try(handle, op, subject, idempotency_key, deadline, tries, attempts, journal)
+                    result = await self._one_try(handle, op, subject, idempotency_key, deadline, tries, attempts,
+                                                 journal)
             if not attempt.retry_state.outcome or not attempt.retry_state.outcome.failed:
                 attempt.retry_state.set_result(result)
         return result

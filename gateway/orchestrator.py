@@ -27,7 +27,7 @@ from gateway.metrics import Metrics
 from gateway.outcome import Outcome, PaymentStatus
 from gateway.payment_view import payment_answer
 from gateway.provider_pool import ProviderPool
-from gateway.router import NoRoute, Router, RoutingFacts
+from gateway.router import NoRoute, RouteDecision, Router, RoutingFacts
 from providers.base import FollowUp, Operation, PaymentOrder, ProviderResult
 
 
@@ -62,14 +62,41 @@ class PaymentService:
         self.txlog = txlog
         self.in_flight: set[str] = set()
 
-    async def authorize(self, record: PaymentRecord, order: PaymentOrder, deadline: float, *,
-                        scope: str, key: str) -> StoredResponse:
-        """Run the payment to a final or pending state; the journal row and the answer that
-        the front-door key (`scope`, `key`) replays are committed together."""
+    def plan(self, record: PaymentRecord, order: PaymentOrder) -> RouteDecision | None:
+        """Route in memory before anything is written, and mark the record as attempting its
+        first candidate, so the row the front door journals with its key claim already says
+        where the first call goes: that write is the first attempt's durable journal entry."""
+        brand = card_brand(order.card.number) if order.card else None
+        facts = RoutingFacts(order.amount, order.currency, order.country, brand, order.merchant_reference)
+        try:
+            decision = self.router.route(facts)
+        except NoRoute as exc:
+            self._finish(record, PaymentStatus.FAILED, error="no_route")
+            record.error_message = str(exc)
+            return None
+        record.route = decision.route
+        for provider, reason in decision.skipped:
+            record.attempts.append(Attempt(provider=provider, try_number=0, operation=Operation.AUTHORIZE.value,
+                                           idempotency_key=None, started_at=time.time(), outcome="skipped",
+                                           raw_code=reason, breaker_state=self.pool[provider].breaker.state))
+        if not decision.candidates:
+            self._finish(record, PaymentStatus.FAILED, error="no_provider_available")
+            return None
+        record.status = PaymentStatus.ATTEMPTING
+        record.provider = decision.candidates[0]
+        record.provider_idempotency_key = provider_idempotency_key(record.id, record.provider)
+        return decision
+
+    async def authorize(self, record: PaymentRecord, order: PaymentOrder, decision: RouteDecision | None,
+                        deadline: float, *, scope: str, key: str) -> StoredResponse:
+        """Run a planned payment to a final or pending state; the journal row and the answer
+        that the front-door key (`scope`, `key`) replays are committed together."""
         self.in_flight.add(record.id)
         started = time.monotonic()
         try:
-            await self._authorize(record, order, deadline)
+            if decision is not None:
+                self.executor.budget.record_request()
+                await self._attempt_candidates(record, order, decision, deadline)
             record.updated_at = time.time()
             answer = payment_answer(record)
             await self.store.save_payment(record, IdempotentAnswer(scope, key, answer))
@@ -80,24 +107,9 @@ class PaymentService:
         self.log_transaction(record, "payment", latency_ms=(time.monotonic() - started) * 1000)
         return answer
 
-    async def _authorize(self, record: PaymentRecord, order: PaymentOrder, deadline: float) -> None:
-        brand = card_brand(order.card.number) if order.card else None
-        facts = RoutingFacts(order.amount, order.currency, order.country, brand, order.merchant_reference)
-        self.executor.budget.record_request()
-        try:
-            decision = self.router.route(facts)
-        except NoRoute as exc:
-            self._finish(record, PaymentStatus.FAILED, error="no_route")
-            record.error_message = str(exc)
-            return
-        record.route = decision.route
-        for provider, reason in decision.skipped:
-            record.attempts.append(Attempt(provider=provider, try_number=0, operation=Operation.AUTHORIZE.value,
-                                           idempotency_key=None, started_at=time.time(), outcome="skipped",
-                                           raw_code=reason, breaker_state=self.pool[provider].breaker.state))
-        if not decision.candidates:
-            self._finish(record, PaymentStatus.FAILED, error="no_provider_available")
-            return
+    async def _attempt_candidates(self, record: PaymentRecord, order: PaymentOrder, decision: RouteDecision,
+                                  deadline: float) -> None:
+        journalled_by_claim = len(record.attempts)  # the claim's row covers the very first attempt
         cascaded = False
         failover_reason: str | None = None
         last: ProviderResult | None = None
@@ -110,6 +122,8 @@ class PaymentService:
                               reason: str | None = failover_reason, first: int = first_attempt) -> None:
                 if attempt is record.attempts[first]:
                     attempt.failover_reason = reason
+                if len(record.attempts) > journalled_by_claim and attempt is record.attempts[journalled_by_claim]:
+                    return  # the claim's transaction already holds (provider, key) for this call
                 record.status = PaymentStatus.ATTEMPTING
                 record.provider = name
                 record.provider_idempotency_key = key

@@ -35,9 +35,15 @@ def new_payment_id() -> str:
 
     Letters only: an id with a long digit run can pass the Luhn check by chance, and the log's
     card-number redaction would then mask our own id."""
-    ms = int(time.time() * 1000)
-    stamp = "".join(_LETTERS[(ms // 26**i) % 26] for i in reversed(range(10)))
-    return f"pay_{stamp}{''.join(secrets.choice(_LETTERS) for _ in range(17))}"
+    return f"pay_{_base26(int(time.time() * 1000), 10)}{_base26(secrets.randbits(80), 17)}"
+
+
+def _base26(value: int, width: int) -> str:
+    out = []
+    for _ in range(width):
+        value, digit = divmod(value, 26)
+        out.append(_LETTERS[digit])
+    return "".join(reversed(out))
 
 
 async def _json_body(request: web.Request, model: type[M]) -> tuple[bytes, M]:
@@ -92,13 +98,15 @@ async def create_payment(request: web.Request) -> web.Response:
     body, payload = await _json_body(request, PaymentCreate)
     deadline = _deadline(request)
     record, order = _new_payment(caller, payload)
+    service = request.app[SERVICE]
+    decision = service.plan(record, order)
     front = request.app[FRONT_DOOR]
     replay = await front.claim(caller.name, key, fingerprint(request, body), record.id, record)
     if replay is not None:
         return replay
     # From here the journal holds the payment: if this request dies, the reconciler settles it
     # and stores the final answer for the key.
-    answer = await request.app[SERVICE].authorize(record, order, deadline, scope=caller.name, key=key)
+    answer = await service.authorize(record, order, decision, deadline, scope=caller.name, key=key)
     return web.Response(status=answer.status, body=answer.body, content_type="application/json")
 
 

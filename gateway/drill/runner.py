@@ -114,8 +114,8 @@ def _environment(values: Mapping[str, str]) -> Iterator[None]:
 
 
 def drill_config_data(scenario: Scenario, servers: Mapping[str, EmulatorServer], certs: DevCertLayout,
-                      log_dir: Path, concurrency: int) -> dict[str, Any]:
-    """The drill's gateway configuration, in the shape of config/gateway.yaml."""
+                      log_dir: Path, concurrency: int, *, port: int = 0) -> dict[str, Any]:
+    """The drill's gateway configuration, in the shape of config/gateway.yaml (port 0: any free one)."""
     width = max(200, concurrency)
     providers = {
         kind: {
@@ -135,7 +135,7 @@ def drill_config_data(scenario: Scenario, servers: Mapping[str, EmulatorServer],
         for kind in scenario.route
     }
     return {
-        "server": {"host": HOST, "port": 0, "max_in_flight": max(1000, concurrency), "shutdown_grace_s": 5},
+        "server": {"host": HOST, "port": port, "max_in_flight": max(1000, concurrency), "shutdown_grace_s": 5},
         "auth": {"clients": [{"name": CLIENT_NAME, "key_env": CLIENT_KEY_ENV,
                               "permissions": ["payments:write", "payments:read"]}]},
         "storage": {"backend": "sqlite", "sqlite_path": str(log_dir / "gateway.db")},
@@ -148,15 +148,20 @@ def drill_config_data(scenario: Scenario, servers: Mapping[str, EmulatorServer],
     }
 
 
-def _build_config(data: dict[str, Any], scenario: Scenario, client_key: str) -> GatewayConfig:
+def secret_env(scenario: Scenario, client_key: str) -> dict[str, str]:
+    """The environment variables the drill configuration names for its secrets."""
     env = {CLIENT_KEY_ENV: client_key}
     env.update({provider_key_env(kind): PROVIDER_DEV_KEYS[kind] for kind in scenario.route})
-    with _environment(env):  # read into SecretStr at parse time; nothing lingers in os.environ
+    return env
+
+
+def build_config(data: dict[str, Any], scenario: Scenario, client_key: str) -> GatewayConfig:
+    with _environment(secret_env(scenario, client_key)):  # read into SecretStr at parse time; nothing lingers
         return parse_config(data)
 
 
 @dataclass(frozen=True, slots=True)
-class _Payment:
+class PlannedPayment:
     index: int
     merchant_reference: str
     idempotency_key: str
@@ -165,67 +170,96 @@ class _Payment:
     amount: int
 
 
-def _plan_payments(scenario: Scenario, n: int, run_id: str, seed: int) -> list[_Payment]:
+def plan_payments(scenario: Scenario, n: int, run_id: str, seed: int) -> list[PlannedPayment]:
     """Decline cards spread evenly (exactly floor(n * share) of them), in a seeded order."""
     cards = KINDS[scenario.primary].scenario_cards()
     approve = cards["approve"]
     declines = [cards[name] for name in scenario.decline_cards]
     rng = random.Random(seed)
-    plan: list[_Payment] = []
+    plan: list[PlannedPayment] = []
     used = 0
     for i in range(n):
         decline = bool(declines) and int((i + 1) * scenario.decline_share) > int(i * scenario.decline_share)
         card = declines[used % len(declines)] if decline else approve
         used += decline
-        plan.append(_Payment(i, f"drill-{run_id}-{i:06d}", f"drill-{run_id}-{i:06d}", card, decline,
+        plan.append(PlannedPayment(i, f"drill-{run_id}-{i:06d}", f"drill-{run_id}-{i:06d}", card, decline,
                              rng.randrange(1, 1000) * 100))  # whole units: no amount triggers
     return plan
 
 
-async def _send_one(session: aiohttp.ClientSession, payment: _Payment) -> SendResult:
-    body = {
+def payment_body(payment: PlannedPayment) -> bytes:
+    """The request body of `payment`: the same bytes on every retry of its key."""
+    return orjson.dumps({
         "amount": payment.amount, "currency": "EUR", "merchant_reference": payment.merchant_reference,
         "payment_method": {"type": "card", "number": payment.card, "exp_month": 12, "exp_year": 2034, "cvc": "123"},
         "metadata": {"drill": "true"},
-    }
+    })
+
+
+async def post_payment(session: aiohttp.ClientSession, payment: PlannedPayment) -> tuple[SendResult, float | None]:
+    """One POST /v1/payments with the payment's Idempotency-Key: what came back, and the
+    answer's Retry-After in seconds (None without one)."""
     started = time.perf_counter()
+    retry_after: float | None = None
     try:
-        async with session.post("/v1/payments", data=orjson.dumps(body),
+        async with session.post("/v1/payments", data=payment_body(payment),
                                 headers={"Idempotency-Key": payment.idempotency_key,
                                          "Content-Type": "application/json"}) as response:
             raw = await response.read()
             status = response.status
+            retry_after = _seconds(response.headers.get("Retry-After"))
     except (aiohttp.ClientError, TimeoutError) as exc:
         return SendResult(payment.index, payment.merchant_reference, (time.perf_counter() - started) * 1000,
-                          error=type(exc).__name__, decline_card=payment.decline_card)
+                          error=type(exc).__name__, decline_card=payment.decline_card), None
     latency = (time.perf_counter() - started) * 1000
+    return answer_result(payment, latency, status, raw), retry_after
+
+
+def answer_result(payment: PlannedPayment, latency_ms: float, status: int, raw: bytes) -> SendResult:
+    """A gateway answer as a SendResult: a payment document, or an error without a payment."""
     try:
         doc = orjson.loads(raw)
     except orjson.JSONDecodeError:
         doc = {}
     if not isinstance(doc, dict):
         doc = {}
-    return SendResult(payment.index, payment.merchant_reference, latency, http_status=status,
+    return SendResult(payment.index, payment.merchant_reference, latency_ms, http_status=status,
                       payment_id=doc.get("id") if "status" in doc else None, status=doc.get("status"),
                       error=doc.get("code") if "id" not in doc else None, decline_card=payment.decline_card)
 
 
-async def _send_all(base_url: str, client_key: str, plan: list[_Payment], concurrency: int, max_seconds: float,
+def _seconds(header: str | None) -> float | None:
+    try:
+        return max(0.0, float(header)) if header is not None else None
+    except ValueError:
+        return None
+
+
+async def send_one(session: aiohttp.ClientSession, payment: PlannedPayment) -> SendResult:
+    result, _retry_after = await post_payment(session, payment)
+    return result
+
+
+def client_session(base_url: str, client_key: str, concurrency: int) -> aiohttp.ClientSession:
+    """The drill's checkout client: one keep-alive session, at most `concurrency` connections."""
+    timeout = aiohttp.ClientTimeout(total=DEADLINE_MS / 1000 + CLIENT_SLACK_S)
+    return aiohttp.ClientSession(base_url, connector=aiohttp.TCPConnector(limit=concurrency), timeout=timeout,
+                                 headers={"Authorization": f"Bearer {client_key}"})
+
+
+async def _send_all(base_url: str, client_key: str, plan: list[PlannedPayment], concurrency: int, max_seconds: float,
                     on_progress: ProgressHook | None) -> list[SendResult]:
     """C workers pull payments in order until the plan is done or the time cap passes; a send
     already under way finishes (bounded by the client timeout), nothing new starts."""
     results: list[SendResult] = []
     pending = iter(plan)
     cap_at = time.monotonic() + max_seconds
-    timeout = aiohttp.ClientTimeout(total=DEADLINE_MS / 1000 + CLIENT_SLACK_S)
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(base_url, connector=connector, timeout=timeout,
-                                     headers={"Authorization": f"Bearer {client_key}"}) as session:
+    async with client_session(base_url, client_key, concurrency) as session:
         async def worker() -> None:
             for payment in pending:
                 if time.monotonic() >= cap_at:
                     return
-                results.append(await _send_one(session, payment))
+                results.append(await send_one(session, payment))
                 if on_progress is not None:
                     on_progress(len(results), len(plan))
 
@@ -248,7 +282,7 @@ async def _settle(app: web.Application) -> int:
     return settled
 
 
-def _charges(servers: Mapping[str, EmulatorServer]) -> dict[str, list[str]]:
+def ledger_charges(servers: Mapping[str, EmulatorServer]) -> dict[str, list[str]]:
     """Gateway payment id -> the provider of each approved charge, across every ledger."""
     charges: dict[str, list[str]] = {}
     for kind, server in servers.items():
@@ -257,7 +291,7 @@ def _charges(servers: Mapping[str, EmulatorServer]) -> dict[str, list[str]]:
     return charges
 
 
-def _read_journal(path: Path, reference_prefix: str) -> list[dict[str, Any]]:
+def read_journal(path: Path, reference_prefix: str) -> list[dict[str, Any]]:
     """This run's payment documents, read from disk after the gateway closed the store."""
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
@@ -268,57 +302,109 @@ def _read_journal(path: Path, reference_prefix: str) -> list[dict[str, Any]]:
     return [d for d in docs if str(d.get("merchant_reference", "")).startswith(reference_prefix)]
 
 
+@dataclass(frozen=True, slots=True)
+class RunSetup:
+    """What every drill run starts from: where it writes, its seed and its identities."""
+
+    log_dir: Path
+    seed: int
+    run_id: str  # merchant references and Idempotency-Keys start with drill-<run_id>-
+    client_key: str
+
+    @classmethod
+    def new(cls, name: str, options: DrillOptions) -> RunSetup:
+        log_dir = (options.log_dir or default_log_dir(name)).resolve()
+        log_dir.mkdir(parents=True, exist_ok=True)
+        seed = options.seed if options.seed is not None else random.randrange(2**31)
+        return cls(log_dir, seed, secrets.token_hex(4), f"drill_{secrets.token_urlsafe(24)}")
+
+    @property
+    def reference_prefix(self) -> str:
+        return f"drill-{self.run_id}-"
+
+
+async def start_emulators(stack: AsyncExitStack, route: tuple[str, ...],
+                          certs: DevCertLayout) -> dict[str, EmulatorServer]:
+    """One emulator per provider of the route, mTLS on a free loopback port; stopped with `stack`."""
+    servers: dict[str, EmulatorServer] = {}
+    for kind in route:
+        server = await start_emulator(kind, certs=certs)
+        stack.push_async_callback(server.stop)
+        servers[kind] = server
+    return servers
+
+
+async def inject_faults(scenario: Scenario, servers: Mapping[str, EmulatorServer], seed: int) -> list[Injection]:
+    injections: list[Injection] = []
+    try:
+        for step in scenario.steps:
+            injections.append(await step.inject(servers[scenario.route[step.provider]], seed))
+    except BaseException:
+        await lift_faults(injections)
+        raise
+    return injections
+
+
+async def lift_faults(injections: list[Injection]) -> None:
+    for injection in reversed(injections):
+        await injection.lift()
+
+
+@dataclass(frozen=True, slots=True)
+class InProcessGateway:
+    config: GatewayConfig
+    app: web.Application
+    url: str
+
+
+async def start_gateway_in_process(stack: AsyncExitStack, scenario: Scenario, setup: RunSetup,
+                                   servers: Mapping[str, EmulatorServer], certs: DevCertLayout,
+                                   concurrency: int) -> InProcessGateway:
+    """The gateway on an AppRunner in this process (127.0.0.1, a free port); cleaned up first
+    when `stack` unwinds, so the journal is on disk before anyone reads it."""
+    config = build_config(drill_config_data(scenario, servers, certs, setup.log_dir, concurrency),
+                          scenario, setup.client_key)
+    ops_stream = stack.enter_context((setup.log_dir / "ops.jsonl").open("a", encoding="utf-8"))
+    app = build_app(config, ops_log=build_ops_logger(ops_stream), reconcile_interval_s=1.0)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.server.shutdown_grace_s)
+    await runner.setup()
+    stack.push_async_callback(runner.cleanup)
+    site = web.TCPSite(runner, HOST, 0)
+    await site.start()
+    port = next(addr[1] for addr in runner.addresses if isinstance(addr, tuple))
+    return InProcessGateway(config, app, f"http://{HOST}:{port}")
+
+
 async def run_drill(scenario: Scenario | str, options: DrillOptions = DrillOptions(), *,
                     on_progress: ProgressHook | None = None) -> DrillReport:
     """Run one drill end to end and summarise it; raises only for set-up failures."""
     if isinstance(scenario, str):
         scenario = get_scenario(scenario)
-    log_dir = (options.log_dir or default_log_dir(scenario.name)).resolve()
-    log_dir.mkdir(parents=True, exist_ok=True)
-    seed = options.seed if options.seed is not None else random.randrange(2**31)
-    run_id = secrets.token_hex(4)
-    client_key = f"drill_{secrets.token_urlsafe(24)}"
+    setup = RunSetup.new(scenario.name, options)
     started = time.monotonic()
-    certs = await asyncio.to_thread(generate_dev_certs, log_dir / "certs", list(scenario.route))
-    plan = _plan_payments(scenario, options.payments, run_id, seed)
-    extra: dict[str, Any] = {"seed": seed, "run_id": run_id}
+    certs = await asyncio.to_thread(generate_dev_certs, setup.log_dir / "certs", list(scenario.route))
+    plan = plan_payments(scenario, options.payments, setup.run_id, setup.seed)
+    extra: dict[str, Any] = {"seed": setup.seed, "run_id": setup.run_id}
 
     async with AsyncExitStack() as stack:
-        servers: dict[str, EmulatorServer] = {}
-        for kind in scenario.route:
-            server = await start_emulator(kind, certs=certs)
-            stack.push_async_callback(server.stop)
-            servers[kind] = server
-        config = _build_config(drill_config_data(scenario, servers, certs, log_dir, options.concurrency),
-                               scenario, client_key)
-        ops_stream = stack.enter_context((log_dir / "ops.jsonl").open("a", encoding="utf-8"))
-        app = build_app(config, ops_log=build_ops_logger(ops_stream), reconcile_interval_s=1.0)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.server.shutdown_grace_s)
-        await runner.setup()
-        stack.push_async_callback(runner.cleanup)  # first out: the journal is on disk before we read it
-        site = web.TCPSite(runner, HOST, 0)
-        await site.start()
-        port = next(addr[1] for addr in runner.addresses if isinstance(addr, tuple))
-
-        injections: list[Injection] = []
+        servers = await start_emulators(stack, scenario.route, certs)
+        gateway = await start_gateway_in_process(stack, scenario, setup, servers, certs, options.concurrency)
+        injections = await inject_faults(scenario, servers, setup.seed)
         try:
-            for step in scenario.steps:
-                injections.append(await step.inject(servers[scenario.route[step.provider]], seed))
             load_started = time.monotonic()
-            sends = await _send_all(f"http://{HOST}:{port}", client_key, plan, options.concurrency,
+            sends = await _send_all(gateway.url, setup.client_key, plan, options.concurrency,
                                     options.max_seconds, on_progress)
             extra["load_seconds"] = round(time.monotonic() - load_started, 3)
         finally:
-            for injection in reversed(injections):
-                await injection.lift()
+            await lift_faults(injections)
         toggles = sum(getattr(i, "toggles", 0) for i in injections)
         if toggles:
             extra["outage_toggles"] = toggles
-        extra["reconciled_after_run"] = await _settle(app)
-        charges = _charges(servers)
+        extra["reconciled_after_run"] = await _settle(gateway.app)
+        charges = ledger_charges(servers)
 
-    journal = await asyncio.to_thread(_read_journal, Path(config.storage.sqlite_path), f"drill-{run_id}-")
+    journal = await asyncio.to_thread(read_journal, Path(gateway.config.storage.sqlite_path), setup.reference_prefix)
     summary = summarize(scenario=scenario, sends=sends, journal=journal, charges=charges,
                         abandoned=len(plan) - len(sends), seconds=time.monotonic() - started,
-                        log_dir=str(log_dir), extra=extra)
+                        log_dir=str(setup.log_dir), extra=extra)
     return DrillReport(summary)

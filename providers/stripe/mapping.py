@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from types import MappingProxyType
-from urllib.parse import quote, urlencode
+import re
+from functools import lru_cache
+from urllib.parse import quote, quote_plus, urlencode
 
 import orjson
 
@@ -168,7 +170,23 @@ def _intent_form(order: PaymentOrder) -> bytes:
             fields.append(("payment_method_data[card][cvc]", card.cvc))
     elif order.token:
         fields.append(("payment_method", order.token))
-    return urlencode(fields).encode()
+    return _form_encode(fields)
+
+
+_SAFE_VALUE = re.compile(r"[A-Za-z0-9_.\-~]*")
+
+
+def _form_encode(fields: list[tuple[str, str]]) -> bytes:
+    """`urlencode` for the hot path: most keys and values need no escaping, and checking
+    that with one regex is several times cheaper than quoting every character."""
+    return "&".join(
+        f"{_quoted_key(k)}={v if _SAFE_VALUE.fullmatch(v) else quote_plus(v)}" for k, v in fields
+    ).encode()
+
+
+@lru_cache(maxsize=64)
+def _quoted_key(key: str) -> str:
+    return quote_plus(key)
 
 
 def _parse_success(op: Operation, status: int, doc: dict) -> ProviderResult:
