@@ -20,9 +20,11 @@ from gateway.api.auth import Authenticator
 from gateway.api.errors import error_middleware
 from gateway.api.idempotency import FrontDoor
 from gateway.api.state import CONFIG, LOG_WRITER, METRICS, OPS_LOG, POOL, SERVICE, STORE
+from gateway.breaker_sync import BREAKER_SYNC, RedisBreakerSync
 from gateway.certs.watcher import certificate_watcher_ctx
 from gateway.config import GatewayConfig
 from gateway.executor import AttemptExecutor
+from gateway.journal.postgres import PostgresStore
 from gateway.journal.sqlite import SqliteStore
 from gateway.journal.store import Store
 from gateway.metrics import Metrics
@@ -39,7 +41,7 @@ RECONCILER = web.AppKey("reconciler", Reconciler)
 def make_store(config: GatewayConfig) -> Store:
     if config.storage.backend == "sqlite":
         return SqliteStore(Path(config.storage.sqlite_path))
-    raise NotImplementedError("the PostgreSQL backend is not built yet; use storage.backend: sqlite")
+    return PostgresStore(config.storage.postgres_dsn.get_secret_value())  # read from postgres_dsn_env at load
 
 
 def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBoundLogger | None = None,
@@ -81,13 +83,24 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
         yield
         await pool.close()
 
+    async def breaker_sync(app: web.Application) -> AsyncIterator[None]:
+        if config.breaker_sync.backend == "none":
+            yield
+            return
+        sync = RedisBreakerSync(config.breaker_sync.redis_url.get_secret_value(),
+                                config.breaker_sync.channel_prefix, log=ops)
+        await sync.start(handle.breaker for handle in app[POOL])
+        app[BREAKER_SYNC] = sync
+        yield
+        await sync.close()
+
     async def service(app: web.Application) -> AsyncIterator[None]:
         pool = app[POOL]
         engine = config.engine
         budget = RetryBudget(ratio=engine.retry_budget_ratio, min_per_s=engine.retry_budget_min_per_s,
                              window_s=engine.retry_budget_window_s)
         app[SERVICE] = PaymentService(
-            store=app[STORE], pool=pool, router=Router(config.routes, pool.health),
+            store=app[STORE], pool=pool, router=Router(config.routes, pool.health, success_rate=pool.success_rate),
             executor=AttemptExecutor(budget, app[METRICS]), metrics=app[METRICS],
             txlog=build_transaction_logger(app[LOG_WRITER]),
         )
@@ -107,7 +120,7 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
 
     certificates = certificate_watcher_ctx(interval_s=certificate_check_interval_s,
                                            server_ssl_context=server_ssl_context)
-    app.cleanup_ctx.extend([log_writer, store, providers, certificates, service, reconciler])
+    app.cleanup_ctx.extend([log_writer, store, providers, breaker_sync, certificates, service, reconciler])
     payments.add_routes(app)
     health.add_routes(app)
     openapi.add_routes(app)

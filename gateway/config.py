@@ -73,6 +73,41 @@ class StorageConfig(_Model):
     sqlite_path: Path = Path("data/gateway.db")
     postgres_dsn_env: str = "GATEWAY_PG_DSN"
     idempotency_retention_h: float = Field(24.0, gt=0)
+    _postgres_dsn: SecretStr | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _load_dsn(self) -> Self:
+        if self.backend == "postgres":  # the DSN holds a password: read from the environment, never the YAML
+            self._postgres_dsn = _secret_from_env(self.postgres_dsn_env, "storage.postgres_dsn_env")
+        return self
+
+    @property
+    def postgres_dsn(self) -> SecretStr:
+        if self._postgres_dsn is None:
+            raise RuntimeError("storage.backend is not postgres")
+        return self._postgres_dsn
+
+
+class BreakerSyncConfig(_Model):
+    """Share breaker state across replicas: `none` keeps it per process; `redis` publishes each
+    open/close and applies the fleet's (gateway/breaker_sync.py)."""
+
+    backend: Literal["none", "redis"] = "none"
+    redis_url_env: str = "GATEWAY_REDIS_URL"
+    channel_prefix: str = Field("gateway:breaker", min_length=1, max_length=200)
+    _redis_url: SecretStr | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _load_url(self) -> Self:
+        if self.backend == "redis":
+            self._redis_url = _secret_from_env(self.redis_url_env, "breaker_sync.redis_url_env")
+        return self
+
+    @property
+    def redis_url(self) -> SecretStr:
+        if self._redis_url is None:
+            raise RuntimeError("breaker_sync.backend is not redis")
+        return self._redis_url
 
 
 class LogConfig(_Model):
@@ -153,6 +188,9 @@ class RouteConfig(_Model):
     providers: tuple[str, ...] = Field(min_length=1)
     weights: tuple[float, ...] | None = None
     cascade_on: tuple[str, ...] = ()
+    # Move a provider behind the others while its recent success rate is below this share
+    # (engine.health_window_s, at least engine.health_min_samples calls); None: never.
+    demote_below: float | None = Field(None, ge=0, le=1)
 
     @model_validator(mode="after")
     def _weights(self) -> Self:
@@ -166,12 +204,15 @@ class EngineConfig(_Model):
     retry_budget_ratio: float = Field(0.2, ge=0, le=1)
     retry_budget_min_per_s: float = Field(10.0, ge=0)
     retry_budget_window_s: float = Field(10.0, gt=0)
+    health_window_s: float = Field(30.0, gt=0)
+    health_min_samples: int = Field(20, ge=1)
 
 
 class GatewayConfig(_Model):
     server: ServerConfig = ServerConfig()
     auth: AuthConfig
     storage: StorageConfig = StorageConfig()
+    breaker_sync: BreakerSyncConfig = BreakerSyncConfig()
     log: LogConfig = LogConfig()
     engine: EngineConfig = EngineConfig()
     providers: dict[str, ProviderConfig] = Field(min_length=1)

@@ -114,6 +114,8 @@ class AttemptExecutor:
         started = time.monotonic()
         result = await self._guarded_call(handle, op, subject, key, deadline)
         self._finish(handle, attempt, result, started)
+        if op is Operation.AUTHORIZE and result.raw_code not in MOVE_ON_CODES:
+            handle.success.record(not result.outcome.counts_against_breaker)
         if result.outcome is Outcome.UNKNOWN and op is Operation.AUTHORIZE:
             assert isinstance(subject, PaymentOrder)
             result = await self._settle_unknown(handle, subject.payment_id, result, deadline, try_number, attempts)

@@ -14,6 +14,7 @@ from gateway.breaker import ProviderBreaker
 from gateway.bulkhead import Bulkhead
 from gateway.certs.tls import client_context
 from gateway.config import GatewayConfig, ProviderConfig
+from gateway.success_window import SuccessWindow
 from providers.base import ProviderMapping
 from providers.registry import KINDS
 from providers.transport import ProviderTransport
@@ -28,6 +29,7 @@ class ProviderHandle:
     breaker: ProviderBreaker
     bulkhead: Bulkhead
     ssl_context: ssl.SSLContext | None
+    success: SuccessWindow
     certificate_problem: str | None = None  # set by the certificate watcher
 
     @property
@@ -68,6 +70,7 @@ class ProviderPool:
                                         reset_timeout_s=cfg.breaker.reset_timeout_s),
                 bulkhead=Bulkhead(cfg.bulkhead.max_concurrent, cfg.bulkhead.max_queue),
                 ssl_context=ctx,
+                success=SuccessWindow(config.engine.health_window_s, config.engine.health_min_samples),
             )
 
     def __getitem__(self, name: str) -> ProviderHandle:
@@ -78,6 +81,9 @@ class ProviderPool:
 
     def health(self, name: str) -> str | None:
         return self._handles[name].unusable_reason()
+
+    def success_rate(self, name: str) -> float | None:
+        return self._handles[name].success.rate()
 
     async def start(self) -> None:
         for handle in self._handles.values():

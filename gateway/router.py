@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from gateway.config import RouteConfig
 
 HealthCheck = Callable[[str], str | None]  # provider -> reason it cannot serve now, or None
+SuccessRate = Callable[[str], float | None]  # provider -> recent success share, None if unknown
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +32,7 @@ class RouteDecision:
     candidates: tuple[str, ...]
     skipped: tuple[tuple[str, str], ...]
     cascade_on: frozenset[str]
+    demoted: tuple[str, ...] = ()
 
 
 class NoRoute(Exception):
@@ -49,6 +51,7 @@ class _CompiledRoute:
     providers: tuple[str, ...]
     weights: tuple[float, ...] | None
     cascade_on: frozenset[str]
+    demote_below: float | None
 
     def matches(self, f: RoutingFacts) -> bool:
         return (
@@ -68,8 +71,10 @@ def _set(values: Sequence[str] | None, upper: bool = False) -> frozenset[str] | 
 
 
 class Router:
-    def __init__(self, routes: Sequence[RouteConfig], health: HealthCheck, rng: random.Random | None = None) -> None:
+    def __init__(self, routes: Sequence[RouteConfig], health: HealthCheck, rng: random.Random | None = None,
+                 success_rate: SuccessRate | None = None) -> None:
         self._health = health
+        self._success_rate = success_rate
         self._rng = rng or random.Random()
         self._routes = tuple(
             _CompiledRoute(
@@ -83,6 +88,7 @@ class Router:
                 providers=r.providers,
                 weights=r.weights,
                 cascade_on=frozenset(r.cascade_on),
+                demote_below=r.demote_below,
             )
             for r in routes
         )
@@ -90,7 +96,7 @@ class Router:
     def route(self, facts: RoutingFacts) -> RouteDecision:
         for route in self._routes:
             if route.matches(facts):
-                ordered = self._order(route)
+                ordered, demoted = self._demote(route, self._order(route))
                 usable, skipped = [], []
                 for provider in ordered:
                     reason = self._health(provider)
@@ -98,8 +104,18 @@ class Router:
                         usable.append(provider)
                     else:
                         skipped.append((provider, reason))
-                return RouteDecision(route.name, tuple(usable), tuple(skipped), route.cascade_on)
+                return RouteDecision(route.name, tuple(usable), tuple(skipped), route.cascade_on, demoted)
         raise NoRoute(f"no route for {facts.currency} {facts.country or '-'} {facts.brand or '-'}")
+
+    def _demote(self, route: _CompiledRoute, ordered: list[str]) -> tuple[list[str], tuple[str, ...]]:
+        """Providers whose recent success rate fell below the route's bar go last, in order."""
+        if route.demote_below is None or self._success_rate is None:
+            return ordered, ()
+        bar = route.demote_below
+        demoted = [p for p in ordered if (rate := self._success_rate(p)) is not None and rate < bar]
+        if not demoted:
+            return ordered, ()
+        return [p for p in ordered if p not in demoted] + demoted, tuple(demoted)
 
     def _order(self, route: _CompiledRoute) -> list[str]:
         """Weighted order without replacement: the first pick follows the volume split."""

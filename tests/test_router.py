@@ -1,0 +1,96 @@
+"""Routing: matches, weights, health skips and success-rate demotion."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from gateway.api.state import POOL
+from gateway.config import RouteConfig, RouteMatch
+from gateway.router import NoRoute, Router, RoutingFacts
+from gateway.success_window import SuccessWindow
+from providers.emulation.faults import FaultRule
+from tests.test_engine_failover import (  # noqa: F401  (fixtures)
+    engine_config,
+    pay,
+    set_faults,
+    stripes,
+)
+
+EUR = RoutingFacts(amount=1000, currency="EUR", country="DE", brand="visa", merchant="m1")
+
+
+def healthy(_provider: str) -> str | None:
+    return None
+
+
+def test_first_matching_route_wins_and_match_fields_apply() -> None:
+    routes = [
+        RouteConfig(name="big-usd", match=RouteMatch(currencies=("usd",), min_amount=10_000), providers=("a",)),
+        RouteConfig(name="amex", match=RouteMatch(brands=("amex",)), providers=("b",)),
+        RouteConfig(name="de", match=RouteMatch(countries=("DE",), max_amount=5000), providers=("c", "a")),
+    ]
+    router = Router(routes, healthy)
+    assert router.route(RoutingFacts(20_000, "USD", None, "visa", None)).route == "big-usd"
+    assert router.route(RoutingFacts(100, "USD", None, "amex", None)).route == "amex"
+    assert router.route(EUR).candidates == ("c", "a")
+    with pytest.raises(NoRoute):
+        router.route(RoutingFacts(9000, "EUR", "DE", "visa", None))
+
+
+def test_weights_split_the_first_pick_and_keep_everyone_as_backup() -> None:
+    router = Router([RouteConfig(name="split", providers=("a", "b"), weights=(3, 1))], healthy,
+                    rng=random.Random(1))
+    firsts = Counter(router.route(EUR).candidates[0] for _ in range(4000))
+    assert 2800 < firsts["a"] < 3200
+    assert all(set(router.route(EUR).candidates) == {"a", "b"} for _ in range(50))
+
+
+def test_unhealthy_providers_are_skipped_with_their_reason() -> None:
+    router = Router([RouteConfig(name="r", providers=("a", "b", "c"))],
+                    lambda p: "client_certificate_expired" if p == "a" else None)
+    decision = router.route(EUR)
+    assert decision.candidates == ("b", "c")
+    assert decision.skipped == (("a", "client_certificate_expired"),)
+
+
+def test_a_provider_below_the_success_bar_is_tried_last() -> None:
+    windows = {p: SuccessWindow(30, min_samples=10) for p in ("a", "b")}
+    for i in range(20):
+        windows["a"].record(i % 2 == 0, now=100.0)  # 50 %
+        windows["b"].record(True, now=100.0)
+    router = Router([RouteConfig(name="r", providers=("a", "b"), demote_below=0.8)], healthy,
+                    success_rate=lambda p: windows[p].rate(now=101.0))
+    decision = router.route(EUR)
+    assert decision.candidates == ("b", "a")
+    assert decision.demoted == ("a",)
+
+
+def test_success_window_needs_samples_and_forgets_old_ones() -> None:
+    window = SuccessWindow(10, min_samples=3)
+    window.record(False, now=0.0)
+    window.record(False, now=0.5)
+    assert window.rate(now=1.0) is None
+    window.record(True, now=1.0)
+    assert window.rate(now=1.0) == pytest.approx(1 / 3)
+    assert window.rate(now=20.0) is None
+
+
+async def test_degrading_primary_is_demoted_before_its_breaker_opens(engine_config, start_gateway, stripes) -> None:
+    """Half of the primary's calls answer 503: each fails over, the breaker (fail_max 100) stays
+    closed, but after enough samples the router sends new payments to the backup first."""
+    config = engine_config(route={"demote_below": 0.8},
+                           engine={"health_min_samples": 6, "health_window_s": 60},
+                           providers={"primary": {"retry": {"max_attempts": 1}}})
+    client = await start_gateway(config)
+    set_faults(stripes["primary"], FaultRule(kind="error", status=503, share=0.5), seed=3)
+    firsts = []
+    for _ in range(30):
+        status, doc = await pay(client)
+        assert status == 201 and doc["status"] == "approved"
+        firsts.append(doc["attempts"][0]["provider"])
+    assert firsts[0] == "primary"
+    assert firsts[-10:] == ["backup"] * 10
+    assert client.app[POOL]["primary"].breaker.state == "closed"
