@@ -29,11 +29,12 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from gateway.certs.check import CertReport, Thresholds, collect
 from gateway.certs.inspect import CertStatus
 from gateway.certs.tls import client_context
-from gateway.config import GatewayConfig, ProviderConfig, RouteConfig
+from gateway.config import GatewayConfig, ProviderConfig
 from providers.base import FollowUp, Operation
 from providers.errors import TransportError
 from providers.registry import KINDS
@@ -167,7 +168,7 @@ def status_probe_reference() -> str:
     return f"preflight_{secrets.token_urlsafe(12)}"
 
 
-async def probe_provider(name: str, cfg: ProviderConfig, *, timeout_s: float | None = None) -> list[Finding]:
+async def probe_provider(name: str, cfg: ProviderConfig) -> list[Finding]:
     """Connect as the gateway would (its client SSLContext, a fresh connection, so a real TLS
     handshake) and send one status query for a reference that does not exist.
 
@@ -185,20 +186,33 @@ async def probe_provider(name: str, cfg: ProviderConfig, *, timeout_s: float | N
     if request.method != "GET" or request.body:
         # Never let a probe be anything but a read, whatever a mapping turns into.
         return [Finding("provider.probe_unsafe", ERROR, subject,
-                        f"its status query is {request.method} {request.path} with a body; preflight sends only "
-                        "reads, so the provider was not probed")]
+                        f"its status query is {request.method} {request.path}"
+                        f"{' with a body' if request.body else ''}; preflight sends only reads, so the provider "
+                        "was not probed")]
     transport = ProviderTransport(name, cfg.base_url, ssl_context=ctx, connect_timeout_s=cfg.connect_timeout_ms / 1000,
                                   max_connections=1)
     await transport.start()
     try:
-        response = await transport.send(request, timeout_s if timeout_s is not None else cfg.timeout_ms / 1000)
+        response = await transport.send(request, cfg.timeout_ms / 1000)  # the gateway's own per-try bound
     except TransportError as exc:
-        if exc.code in _TLS_CODES:
-            return [Finding("provider.tls_refused", ERROR, subject,
-                            f"TLS/mTLS handshake with {cfg.base_url} failed ({exc.code}): {_cause(exc)}")]
-        return [Finding("provider.unreachable", ERROR, subject, f"{cfg.base_url}: {exc.code}: {_cause(exc)}")]
+        failure = exc
+    else:
+        failure = None
     finally:
         await transport.close()
+    if failure is not None:
+        if failure.code in _TLS_CODES:
+            return [Finding("provider.tls_refused", ERROR, subject,
+                            f"TLS/mTLS handshake with {cfg.base_url} failed: "
+                            f"{_cause(failure).removeprefix(f'{name}: ')} ({failure.code})")]
+        refusal = await _tls_refusal(cfg.base_url, ctx, cfg.connect_timeout_ms / 1000) if ctx is not None else None
+        if refusal is not None:
+            ours = (f"our client certificate {cfg.tls.client_cert}" if cfg.tls.client_cert is not None
+                    else "a session without a client certificate")
+            return [Finding("provider.tls_refused", ERROR, subject,
+                            f"{cfg.base_url} refuses our TLS session: {refusal}; it does not accept {ours}")]
+        return [Finding("provider.unreachable", ERROR, subject,
+                        f"{cfg.base_url}: {_cause(failure).removeprefix(f'{name}: ')} ({failure.code})")]
     status = response.status
     if status in (401, 403):
         return [Finding("provider.auth_refused", ERROR, subject,
@@ -211,6 +225,42 @@ async def probe_provider(name: str, cfg: ProviderConfig, *, timeout_s: float | N
         return [Finding("provider.unhealthy", ERROR, subject,
                         f"reachable, but answers HTTP {status} to a status query")]
     return []
+
+
+async def _tls_refusal(base_url: str, ctx: ssl.SSLContext, timeout_s: float) -> str | None:
+    """How the server refuses our TLS session, if it does; None when it keeps it (or is down).
+
+    Asked only after the status query failed without a TLS error. Under TLS 1.3 a server checks
+    our client certificate after our side of the handshake is done, so an HTTP client sees its
+    refusal as a plain disconnect (servers often drop the connection without an alert). Connect
+    again with the same context, send nothing, and see whether the server hangs up on us.
+    """
+    url = urlsplit(base_url)
+    host, port = url.hostname or "", url.port or 443
+    try:
+        async with asyncio.timeout(timeout_s):
+            reader, writer = await asyncio.open_connection(host, port, ssl=ctx, server_hostname=host)
+    except ssl.SSLError as exc:
+        return f"handshake failed: {exc.reason or exc}"
+    except (ConnectionResetError, ConnectionAbortedError):
+        return "it dropped the connection during the TLS handshake"
+    except (OSError, TimeoutError):
+        return None
+    try:
+        async with asyncio.timeout(min(max(timeout_s, 0.5), 2.0)):
+            data = await reader.read(1)
+        return None if data else "it closed the TLS session right after the handshake, before any request"
+    except ssl.SSLError as exc:
+        return f"alert after the handshake: {exc.reason or exc}"
+    except (ConnectionResetError, ConnectionAbortedError):
+        return "it reset the TLS session right after the handshake, before any request"
+    except (OSError, TimeoutError):
+        return None  # still open: the session was accepted
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError, TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await writer.wait_closed()
 
 
 def _ssl_context(cfg: ProviderConfig) -> ssl.SSLContext | None:
@@ -335,14 +385,17 @@ def deadline_findings(config: GatewayConfig) -> list[Finding]:
                 findings.append(Finding(
                     "route.deadline_first", ERROR, subject,
                     f"{name} alone can take {worst.explain()}, more than engine.deadline_ms {deadline}: when it "
-                    f"hangs, its last tries are cut off and the payment never reaches a backup"))
+                    f"hangs, its last tries are cut off"
+                    + (" and the payment never reaches a backup" if len(route.providers) > 1 else "")))
             else:
-                reached = ", ".join(route.providers[:position])
+                before = total - worst.ms
+                earlier, later = route.providers[:position], route.providers[position + 1:]
+                verb = "hangs" if len(earlier) == 1 else "hang"
                 findings.append(Finding(
                     "route.deadline_failover", WARN, subject,
-                    f"worst case through {reached} then {name} is {total} ms ({name}: {worst.explain()}), more "
-                    f"than engine.deadline_ms {deadline}: when the providers before it time out, the deadline "
-                    f"ends before {name} gets its tries"))
+                    f"if {', '.join(earlier)} {verb}, failover reaches {name} after {before} ms "
+                    f"with {deadline - before} ms of engine.deadline_ms {deadline} left, less than its worst case "
+                    f"({worst.explain()})" + (f"; {', '.join(later)} never gets a try" if later else "")))
             break
     return findings
 
@@ -410,6 +463,8 @@ def sqlite_problem(path: Path) -> str | None:
     created: list[Path] = []
     table = f"preflight_probe_{secrets.token_hex(4)}"
     try:
+        if path.parent.exists() and not path.parent.is_dir():
+            return f"{path}: {path.parent} is not a directory"
         _make_dirs(path.parent, created)
         conn = sqlite3.connect(path, isolation_level=None, timeout=5.0)
         try:
@@ -453,39 +508,60 @@ def log_dir_problem(directory: Path, file: str) -> str | None:
     return None
 
 
+async def postgres_problem(config: GatewayConfig) -> str | None:
+    """Open the store the way start-up does (``make_store``: pool, schema), then write a payment
+    row and an idempotency row in one transaction and roll it back: the INSERTs the gateway
+    needs are allowed (not a read-only role, replica or session) without leaving anything that
+    another replica's reconciler could see."""
+    import asyncpg
+
+    from gateway.app import make_store
+
+    store = make_store(config)
+    try:
+        await store.open()
+    except Exception as exc:  # noqa: BLE001 - whatever the driver raises, its message is the finding
+        return f"cannot open: {type(exc).__name__}: {exc}"
+    await store.close()
+    reference = status_probe_reference()
+    try:
+        conn = await asyncpg.connect(config.storage.postgres_dsn.get_secret_value(), timeout=5)
+    except Exception as exc:  # noqa: BLE001 - as above
+        return f"cannot connect: {type(exc).__name__}: {exc}"
+    try:
+        transaction = conn.transaction()
+        await transaction.start()
+        try:
+            await conn.execute("INSERT INTO payments (id, status, created_at, updated_at, doc) "
+                               "VALUES ($1, 'failed', 0, 0, ''::bytea)", reference)
+            await conn.execute("INSERT INTO idempotency (scope, key, fingerprint, resource_id, state, created_at, "
+                               "expires_at) VALUES ('preflight', $1, '', $1, 'done', 0, 0)", reference)
+        finally:
+            await transaction.rollback()
+    except asyncpg.PostgresError as exc:
+        return f"a write is refused: {type(exc).__name__}: {exc}"
+    finally:
+        await conn.close()
+    return None
+
+
 async def store_findings(config: GatewayConfig) -> list[Finding]:
     findings = []
     storage = config.storage
     if storage.backend == "sqlite":
         problem = await asyncio.to_thread(sqlite_problem, Path(storage.sqlite_path))
-        if problem is not None:
-            findings.append(Finding("store.not_writable", ERROR, "storage.sqlite_path",
-                                    f"the journal cannot be written: {problem}"))
+        subject = "storage.sqlite_path"
     else:
-        findings.extend(await _other_store_findings(config))
+        problem = await postgres_problem(config)
+        subject = f"storage.postgres ({storage.postgres_dsn_env})"
+    if problem is not None:
+        findings.append(Finding("store.not_writable", ERROR, subject, f"the journal cannot be written: {problem}"))
     log = config.log
     problem = await asyncio.to_thread(log_dir_problem, Path(log.dir), log.file)
     if problem is not None:
         findings.append(Finding("log.not_writable", ERROR, "log.dir", f"the transaction log cannot be written: "
                                                                        f"{problem}"))
     return findings
-
-
-async def _other_store_findings(config: GatewayConfig) -> list[Finding]:
-    """A backend other than SQLite goes through the gateway's own factory: it is what start-up uses."""
-    from gateway.app import make_store
-
-    subject = f"storage.backend {config.storage.backend}"
-    try:
-        store = make_store(config)
-    except NotImplementedError as exc:
-        return [Finding("store.unavailable", ERROR, subject, f"the gateway cannot start with it: {exc}")]
-    try:
-        await store.open()
-    except Exception as exc:  # whatever the driver raises: the message is the finding
-        return [Finding("store.not_writable", ERROR, subject, f"cannot open: {type(exc).__name__}: {exc}")]
-    await store.close()
-    return []
 
 
 # --- the whole run -------------------------------------------------------------------------------
@@ -539,7 +615,7 @@ async def run_preflight(config: GatewayConfig, *, window: Window, margin: timede
     async def guarded(name: str, check: Callable[[], Awaitable[list[Finding]]]) -> list[Finding]:
         try:
             return await check()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a bug in one check must not hide the others
             incomplete.append(name)
             return [Finding("preflight.check_failed", ERROR, name, f"the check could not run: "
                                                                    f"{type(exc).__name__}: {exc}")]

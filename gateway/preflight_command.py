@@ -14,7 +14,7 @@ import json
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -26,7 +26,7 @@ EXIT_ERROR = 2
 
 def preflight(
     config: Annotated[Path, typer.Option("--config", "-c", help="YAML configuration file")] = DEFAULT_CONFIG,
-    window: Annotated[Optional[str], typer.Option(
+    window: Annotated[str | None, typer.Option(
         "--window", metavar="START/END",
         help="the sale, ISO 8601, e.g. 2026-11-27T00:00Z/2026-11-28T23:59Z (no zone: UTC; a bare END date: "
              "to the end of that day). Default: now to now + 1 day")] = None,
@@ -73,7 +73,7 @@ def _print(report, *, strict: bool) -> None:  # type: ignore[no-untyped-def]
     span, code = report.window, report.exit_code(strict=strict)
     heading = (f"preflight for {span.start:%Y-%m-%d %H:%M} – {span.end:%Y-%m-%d %H:%M} UTC, certificates valid "
                f"until {report.window.end + report.margin:%Y-%m-%d %H:%M} UTC")
-    checked = ", ".join(f"{n} {what}" for what, n in report.checked.items())
+    checked = ", ".join(f"{what} {n}" for what, n in report.checked.items())
     if report.findings:
         table = Table(title=heading, title_justify="left")
         table.add_column("severity", no_wrap=True)

@@ -8,13 +8,21 @@ right now (breaker open, client certificate expired, bulkhead full) are skipped 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from gateway.config import RouteConfig
 
 HealthCheck = Callable[[str], str | None]  # provider -> reason it cannot serve now, or None
 SuccessRate = Callable[[str], float | None]  # provider -> recent success share, None if unknown
+
+
+class Capability(Protocol):
+    """What a provider may take; ProviderConfig fits."""
+
+    currencies: tuple[str, ...] | None
+    countries: tuple[str, ...] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,9 +80,14 @@ def _set(values: Sequence[str] | None, upper: bool = False) -> frozenset[str] | 
 
 class Router:
     def __init__(self, routes: Sequence[RouteConfig], health: HealthCheck, rng: random.Random | None = None,
-                 success_rate: SuccessRate | None = None) -> None:
+                 success_rate: SuccessRate | None = None,
+                 capabilities: Mapping[str, Capability] | None = None) -> None:
         self._health = health
         self._success_rate = success_rate
+        self._capabilities = {
+            name: (_set(cap.currencies, upper=True), _set(cap.countries, upper=True))
+            for name, cap in (capabilities or {}).items()
+        }
         self._rng = rng or random.Random()
         self._routes = tuple(
             _CompiledRoute(
@@ -99,13 +112,22 @@ class Router:
                 ordered, demoted = self._demote(route, self._order(route))
                 usable, skipped = [], []
                 for provider in ordered:
-                    reason = self._health(provider)
+                    reason = self._cannot_take(provider, facts) or self._health(provider)
                     if reason is None:
                         usable.append(provider)
                     else:
                         skipped.append((provider, reason))
                 return RouteDecision(route.name, tuple(usable), tuple(skipped), route.cascade_on, demoted)
         raise NoRoute(f"no route for {facts.currency} {facts.country or '-'} {facts.brand or '-'}")
+
+    def _cannot_take(self, provider: str, facts: RoutingFacts) -> str | None:
+        """The provider's contract, from its `currencies` / `countries` configuration."""
+        currencies, countries = self._capabilities.get(provider, (None, None))
+        if currencies is not None and facts.currency not in currencies:
+            return "currency_not_supported"
+        if countries is not None and facts.country is not None and facts.country not in countries:
+            return "country_not_supported"
+        return None
 
     def _demote(self, route: _CompiledRoute, ordered: list[str]) -> tuple[list[str], tuple[str, ...]]:
         """Providers whose recent success rate fell below the route's bar go last, in order."""

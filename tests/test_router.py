@@ -56,6 +56,15 @@ def test_unhealthy_providers_are_skipped_with_their_reason() -> None:
     assert decision.skipped == (("a", "client_certificate_expired"),)
 
 
+def test_providers_that_cannot_take_the_currency_or_country_are_skipped() -> None:
+    caps = {"a": RouteMatch(currencies=("USD",)), "b": RouteMatch(countries=("FR",)), "c": RouteMatch()}
+    router = Router([RouteConfig(name="r", providers=("a", "b", "c"))], healthy, capabilities=caps)
+    decision = router.route(EUR)
+    assert decision.candidates == ("c",)
+    assert decision.skipped == (("a", "currency_not_supported"), ("b", "country_not_supported"))
+    assert router.route(RoutingFacts(1000, "USD", None, "visa", None)).candidates == ("a", "b", "c")
+
+
 def test_a_provider_below_the_success_bar_is_tried_last() -> None:
     windows = {p: SuccessWindow(30, min_samples=10) for p in ("a", "b")}
     for i in range(20):
