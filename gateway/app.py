@@ -36,6 +36,7 @@ from gateway.router import Router
 from gateway.txlog import JsonLinesWriter, build_ops_logger, build_transaction_logger
 
 RECONCILER = web.AppKey("reconciler", Reconciler)
+ABANDON_MARGIN_S = 5.0  # past its deadline plus this, an unanswered payment has lost its process
 
 
 def make_store(config: GatewayConfig) -> Store:
@@ -100,14 +101,16 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
         budget = RetryBudget(ratio=engine.retry_budget_ratio, min_per_s=engine.retry_budget_min_per_s,
                              window_s=engine.retry_budget_window_s)
         app[SERVICE] = PaymentService(
-            store=app[STORE], pool=pool, router=Router(config.routes, pool.health, success_rate=pool.success_rate),
+            store=app[STORE], pool=pool, router=Router(config.routes, pool.health, success_rate=pool.success_rate,
+                                                        capabilities=config.providers),
             executor=AttemptExecutor(budget, app[METRICS]), metrics=app[METRICS],
             txlog=build_transaction_logger(app[LOG_WRITER]),
         )
         yield
 
     async def reconciler(app: web.Application) -> AsyncIterator[None]:
-        rec = Reconciler(app[SERVICE], interval_s=reconcile_interval_s)
+        rec = Reconciler(app[SERVICE], interval_s=reconcile_interval_s,
+                         abandoned_after_s=config.engine.deadline_ms / 1000 + ABANDON_MARGIN_S)
         app[RECONCILER] = rec
         await rec.run_once(min_age_s=0)  # whatever a crash left behind
         task = asyncio.create_task(rec.run_forever(), name="reconciler")

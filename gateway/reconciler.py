@@ -22,8 +22,14 @@ from providers.errors import TransportError
 
 
 class Reconciler:
-    def __init__(self, service: PaymentService, *, interval_s: float = 5.0, min_age_s: float = 2.0) -> None:
+    """`abandoned_after_s` must exceed the longest time any replica may still be working on a
+    payment (the request deadline plus a margin): before that, a `received` or `attempting`
+    row may belong to a live request elsewhere, and settling it could race that request."""
+
+    def __init__(self, service: PaymentService, *, abandoned_after_s: float, interval_s: float = 5.0,
+                 min_age_s: float = 2.0) -> None:
         self.service = service
+        self.abandoned_after_s = abandoned_after_s
         self.interval_s = interval_s
         self.min_age_s = min_age_s
         self.wake = asyncio.Event()
@@ -31,6 +37,7 @@ class Reconciler:
     async def run_forever(self) -> None:
         while True:
             await self.run_once()
+            await self.service.store.purge_expired_idempotency(time.time())
             try:
                 await asyncio.wait_for(self.wake.wait(), self.interval_s)
             except TimeoutError:
@@ -41,8 +48,16 @@ class Reconciler:
         """Settle what can be settled now; returns how many payments reached a final state."""
         age = self.min_age_s if min_age_s is None else min_age_s
         settled = 0
+        now = time.time()
         for record in await self.service.store.unresolved_payments():
-            if record.id in self.service.in_flight or time.time() - record.updated_at < age:
+            if record.id in self.service.in_flight:
+                continue
+            if record.status is PaymentStatus.PENDING:
+                if now - record.updated_at < age:
+                    continue
+            elif now - record.created_at < self.abandoned_after_s:
+                # Received or attempting: another replica (or this one's request) may still be
+                # working on it. Only past its deadline is its process known to be gone.
                 continue
             if await self._settle(record):
                 settled += 1

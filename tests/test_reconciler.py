@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import orjson
 
 from gateway.api.idempotency import fingerprint
+from gateway.api.state import STORE
 from gateway.app import RECONCILER
 from gateway.certs.tls import client_context
 from gateway.config import GatewayConfig
@@ -44,10 +45,14 @@ def _body(reference: str) -> bytes:
     return orjson.dumps(card_payment(merchant_reference=reference))
 
 
+CRASHED_AT = time.time() - 3600  # long past any deadline: no live request can still own these rows
+
+
 def _crashed_record(payment_id: str, reference: str, provider: str | None) -> PaymentRecord:
     record = PaymentRecord(id=payment_id, client=SCOPE, amount=1299, currency="EUR", capture=True,
                            merchant_reference=reference, status=PaymentStatus.ATTEMPTING, card_brand="visa",
-                           card_bin="424242", card_last4="4242", route="default")
+                           card_bin="424242", card_last4="4242", route="default",
+                           created_at=CRASHED_AT, updated_at=CRASHED_AT)
     if provider is not None:
         key = provider_idempotency_key(payment_id, provider)
         record.provider, record.provider_idempotency_key = provider, key
@@ -179,7 +184,7 @@ async def test_crash_right_after_the_key_claim_gets_a_final_answer(engine_config
         now = time.time()
         request = SimpleNamespace(method="POST", path="/v1/payments")
         record = PaymentRecord(id="pay_crash_orphan", client=SCOPE, amount=1299, currency="EUR", capture=True,
-                               merchant_reference="order-orphan")
+                               merchant_reference="order-orphan", created_at=CRASHED_AT, updated_at=CRASHED_AT)
         await store.claim_idempotency(SCOPE, "key-orphan", fingerprint(request, _body("order-orphan")),
                                       record.id, now, now + config.storage.idempotency_retention_h * 3600, record)
     finally:
@@ -194,3 +199,22 @@ async def test_crash_right_after_the_key_claim_gets_a_final_answer(engine_config
     assert doc["status"] == "failed"
     assert doc["error_code"] == "interrupted_before_provider_call"
     assert stripes["primary"].emulator.ledger.charges() == []
+
+
+async def test_a_payment_within_its_deadline_is_left_to_its_owner(engine_config, start_gateway, stripes) -> None:
+    """Another replica (or a slow request here) may still be working on a fresh `attempting`
+    row: the reconciler must not settle it, or it could answer `failed` while that request
+    goes on to charge."""
+    config = engine_config()
+    store = SqliteStore(Path(config.storage.sqlite_path))
+    await store.open()
+    try:
+        record = _crashed_record("pay_live_elsewhere", "order-live", "primary")
+        record.created_at = record.updated_at = time.time()
+        await store.save_payment(record)
+    finally:
+        await store.close()
+    client = await start_gateway(config)
+    assert await client.app[RECONCILER].run_once(min_age_s=0) == 0
+    assert (await client.app[STORE].get_payment("pay_live_elsewhere")).status is PaymentStatus.ATTEMPTING
+    assert stripes["primary"].emulator.ledger.find_by_ref("pay_live_elsewhere") == []
