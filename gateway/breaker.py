@@ -81,8 +81,12 @@ class ProviderBreaker:
         ProviderFailure inside to count a failure; BreakerOpen means nothing was sent."""
         return _Guard(self)
 
-    def force_open(self) -> None:
+    def force_open(self, opened_at: float | None = None) -> None:
+        """Open now; `opened_at` (epoch seconds) lets the reset timeout run from an earlier trip,
+        e.g. another replica's. pybreaker keeps that instant in its storage, with no setter."""
         self._cb.open()
+        if opened_at is not None:
+            self._cb._state_storage.opened_at = datetime.fromtimestamp(opened_at, UTC)
 
     def force_close(self) -> None:
         self._cb.close()

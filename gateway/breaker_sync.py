@@ -33,7 +33,6 @@ import os
 import secrets
 import socket
 from collections.abc import Iterable
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -251,20 +250,13 @@ class RedisBreakerSync:
         self._applying = provider
         try:
             if state == OPEN:
-                breaker.force_open()
-                _set_opened_at(breaker, float(message.get("opened_at") or at))
+                breaker.force_open(opened_at=float(message.get("opened_at") or at))
             else:
                 breaker.force_close()
         finally:
             self._applying = None
         self.applied += 1
         self._log.info("breaker_sync_applied", provider=provider, state=state, from_replica=message.get("replica"))
-
-
-def _set_opened_at(breaker: ProviderBreaker, opened_at: float) -> None:
-    """Let the reset timeout run from the fleet's trip time. pybreaker has no public setter;
-    ProviderBreaker already reads the same storage attribute in `_reset_elapsed`."""
-    breaker._cb._state_storage.opened_at = datetime.fromtimestamp(opened_at, UTC)
 
 
 BREAKER_SYNC = web.AppKey("breaker_sync", RedisBreakerSync)
