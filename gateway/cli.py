@@ -183,7 +183,8 @@ def dev(config: ConfigOpt = DEFAULT_CONFIG,
 @app.command()
 def drill(
     name: Annotated[str, typer.Argument(help="baseline | primary-outage | brownout | flapping | "
-                                             "timeout-after-processing | decline-storm | rate-limited")],
+                                             "timeout-after-processing | decline-storm | rate-limited | "
+                                             "crash-restart | cert-expiry")],
     payments: Annotated[int, typer.Option(min=1, max=100_000, help="payments to send")] = 200,
     concurrency: Annotated[int, typer.Option(min=1, max=1000, help="payments in flight at once")] = 16,
     log_dir: Annotated[Optional[Path], typer.Option("--log-dir", help="certs, journal and logs of the run "
@@ -191,32 +192,37 @@ def drill(
     as_json: Annotated[bool, typer.Option("--json", help="print only the JSON summary line")] = False,
     max_seconds: Annotated[float, typer.Option(min=1, max=3600, help="wall-clock cap on sending; the "
                                                "rest is abandoned and reported")] = 300.0,
+    kills: Annotated[int, typer.Option(min=0, max=20, help="crash-restart: SIGKILLs of the gateway process "
+                                       "under load")] = 3,
+    seed: Annotated[Optional[int], typer.Option(help="seed for fault plans, card mix and kill points "
+                                                "(default: random, reported)")] = None,
 ) -> None:
     """Run a failure drill on loopback; the last line is a JSON summary. Exit 1 when a check
     fails (any duplicate charge or lost payment among them)."""
-    from gateway.drill import DrillOptions, DrillReport, render_table, run_drill
-    from gateway.drill.scenarios import SCENARIOS
+    from gateway.drill import DRILL_NAMES, DrillOptions, DrillReport, render_table, run_named_drill
+    from gateway.drill.process import GatewayProcessError
 
-    if name not in SCENARIOS:
-        raise fail(f"unknown drill {name!r}; choose one of {', '.join(SCENARIOS)}", code=2)
-    options = DrillOptions(payments=payments, concurrency=concurrency, log_dir=log_dir, max_seconds=max_seconds)
+    if name not in DRILL_NAMES:
+        raise fail(f"unknown drill {name!r}; choose one of {', '.join(DRILL_NAMES)}", code=2)
+    options = DrillOptions(payments=payments, concurrency=concurrency, log_dir=log_dir, max_seconds=max_seconds,
+                           kills=kills, seed=seed)
     show_progress = not as_json and sys.stdout.isatty()
 
     async def main() -> DrillReport:
         if not show_progress:
-            return await run_drill(name, options)
+            return await run_named_drill(name, options)
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         with Progress(TextColumn(f"drill {name}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       transient=True) as progress:
             task = progress.add_task(name, total=payments)
-            return await run_drill(name, options,
-                                   on_progress=lambda done, _total: progress.update(task, completed=done))
+            return await run_named_drill(
+                name, options, on_progress=lambda done, total: progress.update(task, completed=done, total=total))
 
     try:
         with asyncio.Runner(loop_factory=_new_loop) as runner:
             report = runner.run(main())
-    except OSError as exc:
+    except (OSError, GatewayProcessError) as exc:
         raise fail(f"drill {name}: {exc}") from None
     if not as_json:
         from rich.console import Console

@@ -5,7 +5,9 @@ Definitions (the drill contract in DESIGN.md):
 - `approved/declined/pending/failed`: the gateway's answers as the caller saw them; `failed`
   is everything else that was sent (a `failed` payment, an error answer, no answer at all), so
   the four add up to `sent`.
-- `duplicates`: gateway payments with more than one approved charge across all ledgers.
+- `duplicates`: checkout payments (merchant references, one Idempotency-Key each) with more
+  than one approved charge across all ledgers, whether under one gateway payment id or under
+  several (a key that became two gateway payments is a double charge too).
 - `lost`: payments the gateway accepted (an answer with a payment id, or no answer at all)
   without a final or pending record in the journal once the drill is over.
 - `charged_without_approval`: a ledger charge whose payment the journal does not hold as
@@ -106,7 +108,11 @@ def summarize(
         if doc is None or doc.get("status") not in FINAL_OR_PENDING:
             lost += 1
 
-    duplicates = sum(1 for providers in charges.values() if len(providers) > 1)
+    charges_per_reference: Counter[str] = Counter()
+    for pid, providers in charges.items():
+        charges_per_reference[by_id[pid]["merchant_reference"] if pid in by_id else pid] += len(providers)
+    duplicates = sum(1 for n in charges_per_reference.values() if n > 1)
+    payments_per_reference = Counter(doc["merchant_reference"] for doc in by_id.values())
     charged_without_approval = sum(
         1 for pid in charges if by_id.get(pid, {}).get("status") not in HOLDS_A_CHARGE
     )
@@ -145,6 +151,7 @@ def summarize(
         "duplicates": duplicates,
         "lost": lost,
         "charged_without_approval": charged_without_approval,
+        "references_with_several_payments": sum(1 for n in payments_per_reference.values() if n > 1),
         "declines_failed_over": declines_failed_over,
         "expected_declines": sum(1 for s in sends if s.decline_card),
         "approval_rate": round(approved / not_declined, 5) if not_declined else 1.0,
@@ -178,6 +185,14 @@ _TABLE_ROWS = (
 )
 
 
+# Shown only when the drill reports them (crash-restart, cert-expiry).
+_OPTIONAL_ROWS = (
+    ("kills (under load)", "kills"), ("restarts", "restarts"), ("unresolved in journal at kills", "unresolved_at_kills"),
+    ("client retries (same key)", "client_retries"), ("answers contradicting journal", "answers_contradicting_journal"),
+    ("transaction log lines missing", "txlog_missing"), ("seed", "seed"),
+)
+
+
 def render_table(summary: Mapping[str, Any]) -> Table:
     table = Table(title=f"drill {summary['scenario']} (primary: {summary['primary']})", show_header=True)
     table.add_column("measure")
@@ -187,6 +202,12 @@ def render_table(summary: Mapping[str, Any]) -> Table:
         if isinstance(value, dict):
             value = ", ".join(f"{k} {v}" for k, v in value.items()) or "-"
         table.add_row(label, str(value))
+    for label, key in _OPTIONAL_ROWS:
+        if key in summary:
+            table.add_row(label, str(summary[key]))
+    for phase, doc in summary.get("phases", {}).items():
+        charges = ", ".join(f"{k} {v}" for k, v in doc["charges_by_provider"].items()) or "-"
+        table.add_row(f"phase {phase}", f"sent {doc['sent']}; charges: {charges}")
     for name, passed in summary["checks"].items():
         table.add_row(f"check {name}", "[green]pass[/green]" if passed else "[bold red]FAIL[/bold red]")
     return table

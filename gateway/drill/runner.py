@@ -44,6 +44,7 @@ from providers.registry import KINDS
 
 MAX_PAYMENTS = 100_000
 MAX_CONCURRENCY = 1_000
+MAX_KILLS = 20
 DEFAULT_MAX_SECONDS = 300.0
 SETTLE_MAX_S = 10.0  # after the load: how long the reconciler may take to settle what is pending
 SETTLE_PAUSE_S = 0.2
@@ -67,6 +68,7 @@ class DrillOptions:
     log_dir: Path | None = None  # default: logs/drills/<scenario>-<UTC time>
     max_seconds: float = DEFAULT_MAX_SECONDS  # wall-clock cap on the load phase
     seed: int | None = None  # fault plans and card mix; random when None (reported)
+    kills: int = 3  # crash-restart only: how many times the gateway process is killed under load
 
     def __post_init__(self) -> None:
         if not 1 <= self.payments <= MAX_PAYMENTS:
@@ -75,6 +77,8 @@ class DrillOptions:
             raise ValueError(f"concurrency must be 1..{MAX_CONCURRENCY}")
         if not 0 < self.max_seconds <= 3600:
             raise ValueError("max_seconds must be in (0, 3600]")
+        if not 0 <= self.kills <= MAX_KILLS:
+            raise ValueError(f"kills must be 0..{MAX_KILLS}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -253,3 +253,64 @@ class _Flapper:
         if self._task is not None:
             await self._task
         await self._server.set_outage(False)
+
+
+# -- drills with a runner of their own ------------------------------------------------------------
+# Not in SCENARIOS: `run_drill` cannot run them (they kill a gateway process, or rotate a
+# certificate mid-run); `gateway.drill.catalog` dispatches every name.
+
+CRASH_LATENCY_MS = 100  # + up to CRASH_JITTER_MS: inside the per-try timeout, so calls complete
+CRASH_JITTER_MS = 250  # yet many payments are mid-call when the process dies
+CRASH_SLOW_MS = 1500  # past the per-try timeout and a restart: still "processing" when reconciled
+
+CRASH_RESTART = Scenario(
+    "crash-restart",
+    "The gateway runs as its own process and is SIGKILLed under load at seeded random points, then "
+    "restarted on the same port, journal and log directory; the checkout client retries with the same "
+    "Idempotency-Key. Primary: 60% of authorisations take 100-350 ms and 5% another 1.5 s (still processing "
+    "when the restarted gateway reconciles), 10% charge and then hang, 20% answer 503 before processing; "
+    "first backup: 50% take 100-300 ms.",
+    steps=(
+        Faults((FaultRule(kind="latency", share=0.6, latency_ms=CRASH_LATENCY_MS, jitter_ms=CRASH_JITTER_MS,
+                          operations=AUTHORIZE_ONLY),
+                FaultRule(kind="latency", share=0.05, latency_ms=CRASH_SLOW_MS, operations=AUTHORIZE_ONLY),
+                FaultRule(kind="timeout_after", share=0.1, hang_s=DEADLINE_MS / 1000, operations=AUTHORIZE_ONLY),
+                FaultRule(kind="error", share=0.2, status=503, operations=AUTHORIZE_ONLY))),
+        Faults((FaultRule(kind="latency", share=0.5, latency_ms=CRASH_LATENCY_MS, jitter_ms=CRASH_JITTER_MS - 50,
+                          operations=AUTHORIZE_ONLY),), provider=PRIMARY + 1),
+    ),
+    checks=(
+        Check("restarts==kills", lambda s: s["restarts"] == s["kills"]),
+        Check("answers_contradicting_journal==0", lambda s: s["answers_contradicting_journal"] == 0),
+        Check("charged_at_other_provider==0", lambda s: s["charged_at_other_provider"] == 0),
+    ),
+)
+
+
+def _phase(s: Summary, name: str) -> Mapping[str, Any]:
+    return s["phases"][name]
+
+
+def _carried_by(s: Summary, phase: str, providers: Callable[[str], bool]) -> int:
+    return sum(n for p, n in _phase(s, phase)["charges_by_provider"].items() if providers(p))
+
+
+CERT_EXPIRY = Scenario(
+    "cert-expiry",
+    "The primary's mTLS client certificate expires mid-run: the certificate watcher marks it, the router "
+    "routes around it and the backups carry the payments; a fresh pair is rotated in (validated, swapped, "
+    "reloaded without a restart) and the primary carries the payments again.",
+    checks=(
+        Check("primary_marked_expired", lambda s: s["certificate"]["problem_while_expired"]
+              == "client_certificate_expired"),
+        Check("during:no_charge_at_primary", lambda s: _carried_by(s, "during", lambda p: p == s["primary"]) == 0),
+        Check("during:backups_carried_all",
+              lambda s: _carried_by(s, "during", lambda p: p != s["primary"]) == _phase(s, "during")["sent"] > 0),
+        Check("after:primary_carried_all",
+              lambda s: _carried_by(s, "after", lambda p: p == s["primary"]) == _phase(s, "after")["sent"] > 0),
+        Check("primary_cleared_after_rotation", lambda s: s["certificate"]["problem_after_rotation"] is None),
+    ),
+)
+
+DEDICATED: dict[str, Scenario] = {s.name: s for s in (CRASH_RESTART, CERT_EXPIRY)}
+DRILL_NAMES: tuple[str, ...] = (*SCENARIOS, *DEDICATED)
