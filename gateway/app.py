@@ -47,7 +47,10 @@ def make_store(config: GatewayConfig) -> Store:
 
 def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBoundLogger | None = None,
               reconcile_interval_s: float = 5.0, server_ssl_context: ssl.SSLContext | None = None,
-              certificate_check_interval_s: float = 60.0) -> web.Application:
+              certificate_check_interval_s: float = 60.0, exclusive_store: bool | None = None) -> web.Application:
+    """`exclusive_store`: no other process uses this journal (default: true for SQLite; `serve
+    --workers N` passes false)."""
+    exclusive = config.storage.backend == "sqlite" if exclusive_store is None else exclusive_store
     ops = ops_log or build_ops_logger()
     app = web.Application(middlewares=[error_middleware(ops)], client_max_size=config.server.max_body_bytes)
     app[CONFIG] = config
@@ -112,7 +115,9 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
         rec = Reconciler(app[SERVICE], interval_s=reconcile_interval_s,
                          abandoned_after_s=config.engine.deadline_ms / 1000 + ABANDON_MARGIN_S)
         app[RECONCILER] = rec
-        await rec.run_once(min_age_s=0)  # whatever a crash left behind
+        # Whatever a crash left behind. A process that owns its store alone knows every
+        # unanswered row is an orphan; on a shared store another replica may still own it.
+        await rec.run_once(min_age_s=0, abandoned_after_s=0 if exclusive else None)
         task = asyncio.create_task(rec.run_forever(), name="reconciler")
         yield
         task.cancel()

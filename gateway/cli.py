@@ -80,7 +80,9 @@ def _serve_one(cfg: GatewayConfig, *, reuse_port: bool) -> None:
 
     try:
         ssl_ctx = _server_ssl(cfg)
-        web.run_app(build_app(cfg, server_ssl_context=ssl_ctx), host=cfg.server.host, port=cfg.server.port,
+        # Workers share one journal: none of them may treat another's live rows as orphans.
+        app = build_app(cfg, server_ssl_context=ssl_ctx, exclusive_store=False if reuse_port else None)
+        web.run_app(app, host=cfg.server.host, port=cfg.server.port,
                     ssl_context=ssl_ctx,
                     shutdown_timeout=cfg.server.shutdown_grace_s, access_log=None, reuse_port=reuse_port,
                     loop=_new_loop(), print=lambda msg: typer.echo(msg, err=True))

@@ -165,7 +165,7 @@ class AttemptExecutor:
 
     def _finish(self, handle: ProviderHandle, attempt: Attempt, result: ProviderResult, started: float) -> ProviderResult:
         latency = time.monotonic() - started
-        attempt.outcome = result.outcome.value
+        attempt.outcome = attempt_outcome(result)
         attempt.raw_code = result.raw_code
         attempt.http_status = result.http_status
         attempt.reference = result.reference
@@ -174,6 +174,12 @@ class AttemptExecutor:
         self.metrics.attempts.labels(handle.name, attempt.operation, result.outcome.value).inc()
         self.metrics.attempt_latency.labels(handle.name).observe(latency)
         return result
+
+
+def attempt_outcome(result: ProviderResult) -> str:
+    """What an attempt record says: a status query that found nothing is `not_found`, never the
+    outcome class its mapping filled in."""
+    return result.outcome.value if result.found else "not_found"
 
 
 def settle_with_status(unknown: ProviderResult, status: ProviderResult) -> ProviderResult:

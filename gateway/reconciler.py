@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from gateway.executor import MIN_TRY_S
+from gateway.executor import MIN_TRY_S, attempt_outcome
 from gateway.journal.records import Attempt
 from gateway.outcome import Outcome, PaymentStatus
 from gateway.orchestrator import PaymentService
@@ -44,9 +44,10 @@ class Reconciler:
                 pass
             self.wake.clear()
 
-    async def run_once(self, *, min_age_s: float | None = None) -> int:
+    async def run_once(self, *, min_age_s: float | None = None, abandoned_after_s: float | None = None) -> int:
         """Settle what can be settled now; returns how many payments reached a final state."""
         age = self.min_age_s if min_age_s is None else min_age_s
+        abandoned = self.abandoned_after_s if abandoned_after_s is None else abandoned_after_s
         settled = 0
         now = time.time()
         for record in await self.service.store.unresolved_payments():
@@ -55,7 +56,7 @@ class Reconciler:
             if record.status is PaymentStatus.PENDING:
                 if now - record.updated_at < age:
                     continue
-            elif now - record.created_at < self.abandoned_after_s:
+            elif now - record.created_at < abandoned:
                 # Received or attempting: another replica (or this one's request) may still be
                 # working on it. Only past its deadline is its process known to be gone.
                 continue
@@ -78,7 +79,7 @@ class Reconciler:
                 result = handle.mapping.parse(Operation.STATUS, response)
             except TransportError as exc:
                 result = result_from_transport_error(exc)
-            attempt.outcome, attempt.raw_code, attempt.http_status = result.outcome.value, result.raw_code, result.http_status
+            attempt.outcome, attempt.raw_code, attempt.http_status = attempt_outcome(result), result.raw_code, result.http_status
             attempt.latency_ms = round((time.monotonic() - started) * 1000, 3)
             record.attempts.append(attempt)
             if not result.found:

@@ -202,19 +202,14 @@ async def test_crash_right_after_the_key_claim_gets_a_final_answer(engine_config
 
 
 async def test_a_payment_within_its_deadline_is_left_to_its_owner(engine_config, start_gateway, stripes) -> None:
-    """Another replica (or a slow request here) may still be working on a fresh `attempting`
-    row: the reconciler must not settle it, or it could answer `failed` while that request
-    goes on to charge."""
-    config = engine_config()
-    store = SqliteStore(Path(config.storage.sqlite_path))
-    await store.open()
-    try:
-        record = _crashed_record("pay_live_elsewhere", "order-live", "primary")
-        record.created_at = record.updated_at = time.time()
-        await store.save_payment(record)
-    finally:
-        await store.close()
-    client = await start_gateway(config)
+    """The periodic pass: another replica (or a slow request) may still be working on a fresh
+    `attempting` row, so the reconciler must not settle it, or it could answer `failed` while
+    that request goes on to charge. (At start-up a process that owns its SQLite journal alone
+    settles every orphan at once; see the crash tests above.)"""
+    client = await start_gateway(engine_config())
+    record = _crashed_record("pay_live_elsewhere", "order-live", "primary")
+    record.created_at = record.updated_at = time.time()
+    await client.app[STORE].save_payment(record)
     assert await client.app[RECONCILER].run_once(min_age_s=0) == 0
     assert (await client.app[STORE].get_payment("pay_live_elsewhere")).status is PaymentStatus.ATTEMPTING
     assert stripes["primary"].emulator.ledger.find_by_ref("pay_live_elsewhere") == []
