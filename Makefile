@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: run test install install-test certs lint clean
+.PHONY: run test install install-test certs lint clean browser
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (Python 3.11+ is required)"; exit 1; }
@@ -32,7 +32,18 @@ certs: $(STAMP)
 run: $(STAMP) certs
 	@set -a; . config/dev.env; set +a; exec $(BIN)/gateway dev --config config/gateway.yaml
 
-test: $(TEST_STAMP)
+# The console's browser test drives Debian's chromium with Selenium (a downloaded browser cannot
+# run on these machines): installed from the Debian archive where missing, which needs root.
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else \
+	  echo "error: the console's browser test needs Debian's chromium and chromium-driver;" \
+	       "run make test as root, or: sudo apt-get install chromium chromium-driver" >&2; exit 1; \
+	fi
+
+test: $(TEST_STAMP) browser
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -23,6 +23,7 @@ from gateway.api.state import CONFIG, LOG_WRITER, METRICS, OPS_LOG, POOL, SERVIC
 from gateway.breaker_sync import BREAKER_SYNC, RedisBreakerSync
 from gateway.certs.watcher import certificate_watcher_ctx
 from gateway.config import GatewayConfig
+from gateway.console import setup_console
 from gateway.executor import AttemptExecutor
 from gateway.journal.postgres import PostgresStore
 from gateway.journal.sqlite import SqliteStore
@@ -132,4 +133,5 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
     payments.add_routes(app)
     health.add_routes(app)
     openapi.add_routes(app)
+    setup_console(app, reconciler=RECONCILER)  # GET /console (admin key); its context runs last
     return app

@@ -50,6 +50,7 @@ class ProviderBreaker:
         self.provider = provider
         self.listeners: list[StateListener] = []
         self.changed_at = time.time()
+        self.held_open = False
         self._cb = pybreaker.CircuitBreaker(
             fail_max=fail_max,
             reset_timeout=reset_timeout_s,
@@ -65,6 +66,8 @@ class ProviderBreaker:
 
     def allows_call(self) -> bool:
         """Whether a call now would be let through; the router skips providers for which not."""
+        if self.held_open:
+            return False
         state = self._cb.current_state
         if state == pybreaker.STATE_CLOSED:
             return True
@@ -81,14 +84,18 @@ class ProviderBreaker:
         ProviderFailure inside to count a failure; BreakerOpen means nothing was sent."""
         return _Guard(self)
 
-    def force_open(self, opened_at: float | None = None) -> None:
+    def force_open(self, opened_at: float | None = None, *, hold: bool = False) -> None:
         """Open now; `opened_at` (epoch seconds) lets the reset timeout run from an earlier trip,
-        e.g. another replica's. pybreaker keeps that instant in its storage, with no setter."""
+        e.g. another replica's. pybreaker keeps that instant in its storage, with no setter.
+        `hold` (an operator draining a provider for maintenance) keeps it open past the reset
+        timeout, with no trial call, until `force_close()`."""
+        self.held_open = self.held_open or hold
         self._cb.open()
         if opened_at is not None:
             self._cb._state_storage.opened_at = datetime.fromtimestamp(opened_at, UTC)
 
     def force_close(self) -> None:
+        self.held_open = False
         self._cb.close()
 
 
@@ -104,6 +111,8 @@ class _Guard:
 
     async def __aenter__(self) -> None:
         b = self._breaker
+        if b.held_open:
+            raise BreakerOpen(f"{b.provider}: breaker held open by an operator")
         if b._cb.current_state != pybreaker.STATE_CLOSED:
             if b._trial.locked():
                 raise BreakerOpen(f"{b.provider}: breaker {b.state}, trial call in progress")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +62,8 @@ class PaymentService:
         self.metrics = metrics
         self.txlog = txlog
         self.in_flight: set[str] = set()
+        # Called with (record, kind, extra) after each transaction line (the live console's window).
+        self.observers: list[Callable[[PaymentRecord, str, dict[str, Any]], None]] = []
 
     def plan(self, record: PaymentRecord, order: PaymentOrder) -> RouteDecision | None:
         """Route in memory before anything is written, and mark the record as attempting its
@@ -235,6 +238,8 @@ class PaymentService:
             created_at=record.created_at,
             **extra,
         )
+        for observe in self.observers:
+            observe(record, kind, extra)
 
 
 def _attempt_doc(a: Attempt) -> dict[str, Any]:

@@ -5,6 +5,10 @@ Shares the multi-provider fixtures of test_engine_failover.py.
 
 from __future__ import annotations
 
+import pytest
+
+from gateway.breaker import BreakerOpen, ProviderBreaker
+
 import asyncio
 import time
 
@@ -203,3 +207,18 @@ async def test_full_bulkhead_moves_on_to_backup_without_calling(engine_config, s
             assert (first["provider"], first["raw_code"]) == ("primary", "bulkhead_full")
             assert [a["provider"] for a in doc["attempts"]].count("primary") == 1  # not retried
     assert (await readiness(client))["primary"]["breaker"] == "closed"  # a full bulkhead is not a failure
+
+
+async def test_an_operator_hold_keeps_the_breaker_open_past_its_reset_timeout() -> None:
+    """Draining a provider for maintenance: no trial call may reach it until released."""
+    breaker = ProviderBreaker("primary", fail_max=3, reset_timeout_s=0.0)
+    breaker.force_open(hold=True)
+    assert not breaker.allows_call()  # the reset timeout (0 s) has long passed
+    with pytest.raises(BreakerOpen):
+        async with breaker.guard():
+            pass
+    breaker.force_close()
+    assert breaker.allows_call()
+    async with breaker.guard():
+        pass
+    assert breaker.state == "closed"
