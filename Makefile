@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: run test install install-test certs lint clean browser
+.PHONY: run test install install-test certs services clean browser
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (Python 3.11+ is required)"; exit 1; }
@@ -37,13 +37,17 @@ run: $(STAMP) certs
 browser:
 	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
 	elif [ "$$(id -u)" = 0 ]; then \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  apt-get -o DPkg::Lock::Timeout=300 update -qq && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq chromium chromium-driver >/dev/null; \
 	else \
 	  echo "error: the console's browser test needs Debian's chromium and chromium-driver;" \
 	       "run make test as root, or: sudo apt-get install chromium chromium-driver" >&2; exit 1; \
 	fi
 
-test: $(TEST_STAMP) browser
+# PostgreSQL and Redis on 127.0.0.1 for the scale-out tests (see .ci/services).
+services:
+	@bash .ci/services
+
+test: $(TEST_STAMP) browser services
 	$(BIN)/python -m pytest -q
 
 clean:
