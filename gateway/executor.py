@@ -24,7 +24,7 @@ from gateway.metrics import Metrics
 from gateway.outcome import Outcome
 from gateway.provider_pool import ProviderHandle
 from gateway.retry_policy import RetryBudget, stop_at_deadline, stop_when_budget_spent, wait_retry_after
-from providers.base import FollowUp, Operation, PaymentOrder, ProviderResult
+from providers.base import FollowUp, Operation, PaymentOrder, ProviderMapping, ProviderResult
 from providers.classify import result_from_transport_error
 from providers.errors import TransportError
 
@@ -35,7 +35,19 @@ AttemptHook = Callable[[Attempt], Awaitable[None]]
 
 
 def _worth_retrying(result: ProviderResult) -> bool:
+    if result.outcome is Outcome.UNKNOWN:
+        return result.replay_safe  # same key at a provider that replays: cannot charge twice
     return result.outcome is Outcome.UNAVAILABLE and result.raw_code not in MOVE_ON_CODES
+
+
+def _still_unsettled(unsettled: ProviderResult | None, result: ProviderResult) -> ProviderResult | None:
+    """The newest answer that leaves a possible charge open, or None once one settles it (an
+    approval or decline, or a consistent status query that found no payment)."""
+    if result.outcome is Outcome.UNKNOWN:
+        return result
+    if result.outcome is Outcome.UNAVAILABLE and result.found:
+        return unsettled
+    return None
 
 
 def _last_result(retry_state: RetryCallState) -> ProviderResult:
@@ -78,6 +90,7 @@ class AttemptExecutor:
             retry_error_callback=_last_result,
         )
         result = first
+        unsettled = first if first.outcome is Outcome.UNKNOWN else None
         async for attempt in retrying:
             with attempt:
                 tries += 1
@@ -87,9 +100,13 @@ class AttemptExecutor:
                     self.metrics.retries.labels(handle.name).inc()
                     result = await self._one_try(handle, op, subject, idempotency_key, deadline, tries, attempts,
                                                  journal)
+                    unsettled = _still_unsettled(unsettled, result)
             if not attempt.retry_state.outcome or not attempt.retry_state.outcome.failed:
                 attempt.retry_state.set_result(result)
-        return result
+        # A later try that was refused before sending (breaker, bulkhead, deadline, connect)
+        # says nothing about an earlier one that may have charged: that stays unknown, so the
+        # orchestrator answers pending instead of failing over.
+        return unsettled if unsettled is not None and result.outcome is Outcome.UNAVAILABLE else result
 
     async def _one_try(
         self,
@@ -161,7 +178,7 @@ class AttemptExecutor:
         status = await self._send(handle, Operation.STATUS,
                                   FollowUp(payment_id=payment_id, provider_reference=unknown.reference), None, deadline)
         self._finish(handle, attempt, status, started)
-        return settle_with_status(unknown, status)
+        return settle_with_status(unknown, status, handle.mapping)
 
     def _finish(self, handle: ProviderHandle, attempt: Attempt, result: ProviderResult, started: float) -> ProviderResult:
         latency = time.monotonic() - started
@@ -182,11 +199,18 @@ def attempt_outcome(result: ProviderResult) -> str:
     return result.outcome.value if result.found else "not_found"
 
 
-def settle_with_status(unknown: ProviderResult, status: ProviderResult) -> ProviderResult:
-    """Combine an unknown answer with a status query: the one rule that keeps failover safe."""
-    if not status.found:
-        return dataclasses.replace(unknown, outcome=Outcome.UNAVAILABLE,
-                                   message="status query: the provider holds no such payment")
-    if status.outcome in (Outcome.APPROVED, Outcome.HARD_DECLINE, Outcome.SOFT_DECLINE):
+def settle_with_status(unknown: ProviderResult, status: ProviderResult, mapping: ProviderMapping) -> ProviderResult:
+    """Combine an unknown answer with a status query: the one rule that keeps failover safe.
+
+    The provider's answer wins when it has one. "Not found" proves no charge only where the
+    lookup has no lag; then retrying or failing over is safe. Otherwise, where the provider
+    replays answers per key, re-sending with the same key is safe (it cannot charge twice) and
+    will tell; anywhere else the payment stays unknown and goes to `pending`."""
+    if status.found and status.outcome in (Outcome.APPROVED, Outcome.HARD_DECLINE, Outcome.SOFT_DECLINE):
         return status
+    if not status.found and mapping.status_query_consistent:
+        return dataclasses.replace(unknown, outcome=Outcome.UNAVAILABLE, found=False,
+                                   message="status query: the provider holds no such payment")
+    if mapping.replays_answers:
+        return dataclasses.replace(unknown, replay_safe=True)
     return unknown

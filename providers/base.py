@@ -91,12 +91,20 @@ class ProviderResult:
     message: str | None = None
     found: bool = True
     extra: Mapping[str, str] = field(default_factory=dict)
+    # Set by the engine, not by mappings: re-sending with the same idempotency key cannot
+    # charge twice (the provider replays answers), so an unknown may be retried at this provider.
+    replay_safe: bool = False
 
 
 class ProviderMapping(Protocol):
     """The pure half of an adapter. One instance per configured provider."""
 
     name: str
+    # The provider stores the answer for an idempotency key, errors included, and replays it:
+    # re-sending an unknown request with the same key can never charge twice.
+    replays_answers: bool
+    # An empty status-query result proves the provider holds no such payment (no lag).
+    status_query_consistent: bool
 
     def build(self, op: Operation, subject: PaymentOrder | FollowUp, idempotency_key: str | None) -> ProviderRequest:
         """Build the HTTP request for `op`; status queries take no idempotency key."""

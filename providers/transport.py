@@ -24,6 +24,7 @@ MAX_RESPONSE_BYTES = 1 << 20
 @dataclass(slots=True)
 class _SendState:
     sent: bool = False
+    fresh_connection: bool = False
 
 
 async def _on_headers_sent(_session: aiohttp.ClientSession, ctx: SimpleNamespace, _params: Any) -> None:
@@ -32,10 +33,32 @@ async def _on_headers_sent(_session: aiohttp.ClientSession, ctx: SimpleNamespace
         state.sent = True
 
 
+async def _on_connection_created(_session: aiohttp.ClientSession, ctx: SimpleNamespace, _params: Any) -> None:
+    state = ctx.trace_request_ctx
+    if isinstance(state, _SendState):
+        state.fresh_connection = True
+
+
 def _trace_config() -> aiohttp.TraceConfig:
     tc = aiohttp.TraceConfig()
     tc.on_request_headers_sent.append(_on_headers_sent)
+    tc.on_connection_create_end.append(_on_connection_created)
     return tc
+
+
+async def _read_capped(resp: aiohttp.ClientResponse, name: str) -> bytes:
+    """The whole body (`content.read(n)` returns only what has arrived), at most
+    MAX_RESPONSE_BYTES: a provider answer larger than that is not one we can trust."""
+    if resp.content_length is not None and resp.content_length > MAX_RESPONSE_BYTES:
+        raise MaybeSent(f"{name}: answer of {resp.content_length} bytes is too large", code="response_too_large")
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await resp.content.read(65536):
+        size += len(chunk)
+        if size > MAX_RESPONSE_BYTES:
+            raise MaybeSent(f"{name}: answer larger than {MAX_RESPONSE_BYTES} bytes", code="response_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _ssl_alert(exc: BaseException) -> bool:
@@ -105,7 +128,7 @@ class ProviderTransport:
                     trace_request_ctx=state,
                     allow_redirects=False,
                 ) as resp:
-                    body = await resp.content.read(MAX_RESPONSE_BYTES)
+                    body = await _read_capped(resp, self.name)
                     return ProviderResponse(status=resp.status, headers=resp.headers, body=body)
         except TimeoutError as exc:
             if state.sent:
@@ -115,15 +138,14 @@ class ProviderTransport:
             raise NotSent(f"{self.name}: certificate rejected: {exc}", code="tls_certificate_error") from exc
         except aiohttp.ClientSSLError as exc:
             raise NotSent(f"{self.name}: TLS handshake failed: {exc}", code="tls_handshake_failed") from exc
-        except aiohttp.ConnectionTimeoutError as exc:
-            raise NotSent(f"{self.name}: connect timeout", code="connect_timeout") from exc
         except aiohttp.ClientConnectorError as exc:
             raise NotSent(f"{self.name}: connect failed: {exc.os_error}", code="connect_failed") from exc
         except (aiohttp.ClientError, ssl.SSLError, ConnectionError) as exc:
-            if _ssl_alert(exc):
+            if _ssl_alert(exc) and state.fresh_connection:
                 # Under TLS 1.3 a server rejects our client certificate after the client side
                 # of the handshake finished, so the alert arrives on the first read. A server
-                # never processes a request on a session it refused.
+                # never processes a request on a session it refused. On a reused connection
+                # the session was accepted long ago: the error says nothing about this request.
                 raise NotSent(f"{self.name}: TLS session refused: {exc}", code="tls_handshake_failed") from exc
             # Reset, disconnect, payload errors: whether they count as processed depends only
             # on whether our request left the process.

@@ -312,8 +312,45 @@ async def test_timeout_after_processing_is_settled_by_status_query(engine_config
 # -- 5. unknown that cannot be settled: pending, then the reconciler ------------------------------
 
 
-async def test_unsettled_unknown_is_pending_then_reconciled(engine_config, start_gateway, stripes) -> None:
+async def test_unknown_at_a_replaying_provider_is_settled_by_the_same_key(engine_config, start_gateway,
+                                                                          stripes) -> None:
+    """Stripe replays the stored answer for a key, so when neither the call nor the status query
+    settles it, re-sending with the same key is safe and tells: one charge, never a failover."""
     client = await start_gateway(engine_config(providers={"primary": {"timeout_ms": 300}}))
+    set_faults(stripes["primary"],
+               FaultRule(kind="timeout_after", hang_s=5, operations=("authorize",), share=0.5),
+               FaultRule(kind="latency", latency_ms=1500, operations=("status",)), seed=seed_hitting_first_only())
+
+    status, doc = await pay(client)
+
+    assert status == 201 and doc["status"] == "approved" and doc["provider"] == "primary"
+    assert steps(doc) == [("primary", 1, "authorize", "unknown"), ("primary", 1, "status", "unknown"),
+                          ("primary", 2, "authorize", "approved")]
+    assert len(charges(stripes["primary"], doc["id"])) == 1
+    assert entries(stripes["backup"], doc["id"]) == []
+
+
+async def test_a_refused_retry_after_an_unknown_never_fails_over(engine_config, start_gateway, stripes) -> None:
+    """The first call may have charged (unknown, the status query cannot tell); the retry with
+    the same key is refused by the breaker before sending. That refusal proves nothing about the
+    first call, so the payment is pending at the primary, never sent to the backup."""
+    client = await start_gateway(engine_config(providers={"primary": {
+        "timeout_ms": 300, "breaker": {"fail_max": 1, "reset_timeout_s": 30}}}))
+    set_faults(stripes["primary"],
+               FaultRule(kind="timeout_after", hang_s=5, operations=("authorize",)),
+               FaultRule(kind="latency", latency_ms=1500, operations=("status",)))
+
+    status, doc = await pay(client)
+
+    assert status == 201 and doc["status"] == "pending" and doc["provider"] == "primary"
+    assert steps(doc)[-1] == ("primary", 2, "authorize", "unavailable")
+    assert doc["attempts"][-1]["raw_code"] == "breaker_open"
+    assert entries(stripes["backup"], doc["id"]) == []
+
+
+async def test_unsettled_unknown_is_pending_then_reconciled(engine_config, start_gateway, stripes) -> None:
+    client = await start_gateway(engine_config(providers={"primary": {"timeout_ms": 300,
+                                                                      "retry": {"max_attempts": 1}}}))
     set_faults(stripes["primary"],
                FaultRule(kind="timeout_after", hang_s=5, operations=("authorize",)),
                FaultRule(kind="latency", latency_ms=1500, operations=("status",)))

@@ -165,15 +165,20 @@ ERROR_STATUS: Mapping[int, Outcome] = MappingProxyType(
         422: Outcome.REJECTED,  # validation: our request, not a decline
         429: Outcome.UNAVAILABLE,
         500: Outcome.UNKNOWN,
-        502: Outcome.UNAVAILABLE,
+        502: Outcome.UNKNOWN,  # a proxy's answer: the provider behind it may have processed it
         503: Outcome.UNAVAILABLE,
-        504: Outcome.UNAVAILABLE,
+        504: Outcome.UNKNOWN,
     }
 )
 
 
 class AdyenMapping:
     """Build and classify Adyen Checkout calls for one merchant account."""
+
+    # Adyen replays the first answer for a key (and says 704 while it is still in progress).
+    replays_answers = True
+    # Real Adyen has no lookup (results come by webhook); only the emulator's list answers.
+    status_query_consistent = False
 
     def __init__(self, name: str, api_key: str, *, merchant_account: str | None = None,
                  return_url: str = DEFAULT_RETURN_URL) -> None:

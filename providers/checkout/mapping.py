@@ -15,9 +15,9 @@ Facts from Checkout.com's API reference and docs:
 
 Idempotency, as the "Idempotency" page documents it, is where Checkout.com differs: only a
 request that was processed successfully is stored for its key. After a 5xx the same key is
-processed as a new attempt, so retrying a 500 with the same key can charge twice; such results
-carry `extra["idempotent_retry"] = "unsafe"` and the engine must settle them with a status query
-first. Concurrent requests with one key get `429 Too many requests` for all but the first, the
+processed as a new attempt, so retrying a 500 with the same key can charge twice: this mapping
+says so (`replays_answers = False`), and the engine settles such an unknown with a status query
+before anything is sent again. Concurrent requests with one key get `429 Too many requests` for all but the first, the
 same status a rate limit uses; see `_classify_429`.
 """
 
@@ -48,7 +48,6 @@ ACTION_PATHS: Mapping[Operation, str] = MappingProxyType(
 )
 STATUS_LIST_LIMIT = 10  # payments sharing one reference; more than one means a retry created another
 # Set on answers after which a retry with the same key is a new attempt (Checkout stores only 2xx).
-UNSAFE_RETRY: Mapping[str, str] = MappingProxyType({"idempotent_retry": "unsafe"})
 
 # response_code -> class, for declined payments. Visa's rules: lost, stolen and closed-account
 # declines are never retried; fraud, insufficient funds and invalid or expired cards are not
@@ -148,9 +147,9 @@ ERROR_STATUS: Mapping[int, Outcome] = MappingProxyType(
         409: Outcome.UNKNOWN,
         422: Outcome.REJECTED,  # request_invalid (and the emulator's key-reused-with-another-body)
         500: Outcome.UNKNOWN,  # may have been processed, and the key was not stored
-        502: Outcome.UNAVAILABLE,
+        502: Outcome.UNKNOWN,  # a proxy's answer: the provider behind it may have processed it
         503: Outcome.UNAVAILABLE,
-        504: Outcome.UNAVAILABLE,
+        504: Outcome.UNKNOWN,
     }
 )
 
@@ -170,6 +169,11 @@ class CheckoutMapping:
 
     `merchant_account`, when given, is sent as `processing_channel_id` (`pc_…`).
     """
+
+    # Only 2xx answers are stored for a key: after a 5xx the same key is processed again.
+    replays_answers = False
+    # GET /payments?reference= lists what Checkout.com holds for our reference.
+    status_query_consistent = True
 
     def __init__(self, name: str, api_key: str, *, merchant_account: str | None = None) -> None:
         self.name = name
@@ -320,8 +324,6 @@ def _parse_error(op: Operation, response: ProviderResponse, doc: dict) -> Provid
     else:
         outcome = ERROR_STATUS.get(response.status, Outcome.UNKNOWN if response.status >= 500 else Outcome.REJECTED)
     extra = _request_id(response, doc)
-    if response.status >= 500 and op is not Operation.STATUS:
-        extra = {**extra, **UNSAFE_RETRY}
     message = doc.get("error_type")
     if error_codes:
         message = f"{message}: {', '.join(map(str, error_codes))}"

@@ -81,15 +81,21 @@ ERROR_STATUS: Mapping[int, Outcome] = MappingProxyType(
         409: Outcome.UNKNOWN,  # idempotency key in use: the first request may still charge
         429: Outcome.UNAVAILABLE,
         500: Outcome.UNKNOWN,
-        502: Outcome.UNAVAILABLE,
+        502: Outcome.UNKNOWN,  # a proxy's answer: the provider behind it may have processed it
         503: Outcome.UNAVAILABLE,
-        504: Outcome.UNAVAILABLE,
+        504: Outcome.UNKNOWN,
     }
 )
 
 
 class StripeMapping:
     """Build and classify Stripe PaymentIntents calls for one account."""
+
+    # Stripe stores the first answer for a key, a 500 included, and replays it.
+    replays_answers = True
+    # Search is eventually consistent (Stripe: "typically under a minute" behind): an empty
+    # result does not prove that a payment made seconds ago does not exist.
+    status_query_consistent = False
 
     def __init__(self, name: str, api_key: str, *, merchant_account: str | None = None) -> None:
         self.name = name
