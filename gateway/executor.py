@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from tenacity import AsyncRetrying, RetryCallState, retry_if_result, stop_after_attempt
 
 from gateway.breaker import BreakerOpen, ProviderFailure
-from gateway.bulkhead import BulkheadFull
+from gateway.bulkhead import BulkheadFull, BulkheadTimeout
 from gateway.journal.records import Attempt
 from gateway.metrics import Metrics
 from gateway.outcome import Outcome
@@ -143,7 +143,7 @@ class AttemptExecutor:
     ) -> ProviderResult:
         result = ProviderResult(Outcome.UNAVAILABLE, raw_code="not_attempted")
         try:
-            async with handle.bulkhead.slot():
+            async with handle.bulkhead.slot(deadline):
                 self.metrics.bulkhead_active.labels(handle.name).set(handle.bulkhead.active)
                 async with handle.breaker.guard():
                     result = await self._send(handle, op, subject, key, deadline)
@@ -155,6 +155,8 @@ class AttemptExecutor:
             result = ProviderResult(Outcome.UNAVAILABLE, raw_code="breaker_open")
         except BulkheadFull:
             result = ProviderResult(Outcome.UNAVAILABLE, raw_code="bulkhead_full")
+        except BulkheadTimeout:
+            result = ProviderResult(Outcome.UNAVAILABLE, raw_code="bulkhead_timeout")
         return result
 
     async def _send(self, handle: ProviderHandle, op: Operation, subject: PaymentOrder | FollowUp,

@@ -22,11 +22,6 @@ class Outcome(StrEnum):
         return self in (Outcome.HARD_DECLINE, Outcome.SOFT_DECLINE)
 
     @property
-    def retry_same_provider(self) -> bool:
-        """Only failures where nothing (or possibly nothing) was processed are retried."""
-        return self in (Outcome.UNAVAILABLE, Outcome.UNKNOWN)
-
-    @property
     def counts_against_breaker(self) -> bool:
         """Declines and our own bad requests say nothing about a provider's health."""
         return self in (Outcome.UNAVAILABLE, Outcome.UNKNOWN)
@@ -44,7 +39,3 @@ class PaymentStatus(StrEnum):
     CAPTURED = "captured"
     VOIDED = "voided"
     REFUNDED = "refunded"
-
-    @property
-    def is_final(self) -> bool:
-        return self not in (PaymentStatus.RECEIVED, PaymentStatus.ATTEMPTING, PaymentStatus.PENDING)

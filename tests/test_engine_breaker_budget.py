@@ -222,3 +222,29 @@ async def test_an_operator_hold_keeps_the_breaker_open_past_its_reset_timeout() 
     async with breaker.guard():
         pass
     assert breaker.state == "closed"
+
+
+async def test_waiting_for_a_bulkhead_slot_ends_at_the_deadline() -> None:
+    import asyncio
+    import time
+
+    from gateway.bulkhead import Bulkhead, BulkheadTimeout
+
+    bulkhead = Bulkhead(max_concurrent=1, max_queue=5)
+    release = asyncio.Event()
+
+    async def hold() -> None:
+        async with bulkhead.slot(time.monotonic() + 5):
+            await release.wait()
+
+    holder = asyncio.create_task(hold())
+    while bulkhead.active == 0:
+        await asyncio.sleep(0)
+    started = time.monotonic()
+    with pytest.raises(BulkheadTimeout):
+        async with bulkhead.slot(time.monotonic() + 0.05):
+            pass
+    assert time.monotonic() - started < 1.0
+    assert bulkhead.waiting == 0
+    release.set()
+    await holder

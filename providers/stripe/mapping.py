@@ -63,7 +63,7 @@ INTENT_STATUS: Mapping[str, Outcome] = MappingProxyType(
     {
         "succeeded": Outcome.APPROVED,
         "requires_capture": Outcome.APPROVED,
-        "canceled": Outcome.APPROVED,  # a void succeeded
+        "canceled": Outcome.APPROVED,  # a void succeeded; for any other operation see _parse_success
         "processing": Outcome.UNKNOWN,
         "requires_payment_method": Outcome.SOFT_DECLINE,
         "requires_action": Outcome.SOFT_DECLINE,
@@ -207,6 +207,8 @@ def _parse_success(op: Operation, status: int, doc: dict) -> ProviderResult:
                               provider_status=doc.get("status"))
     intent_status = str(doc.get("status", ""))
     outcome = INTENT_STATUS.get(intent_status, Outcome.UNKNOWN)
+    if intent_status == "canceled" and op is not Operation.VOID:
+        outcome = Outcome.HARD_DECLINE  # an intent canceled before capture holds no charge
     raw = intent_status
     error = doc.get("last_payment_error") or {}
     if outcome is Outcome.SOFT_DECLINE and error:
@@ -222,7 +224,7 @@ def _parse_error(response: ProviderResponse, doc: dict) -> ProviderResult:
     intent = error.get("payment_intent") if isinstance(error.get("payment_intent"), dict) else {}
     reference = intent.get("id")
     retry_after = parse_retry_after(response.headers.get("Retry-After"))
-    if err_type == "card_error" and (error.get("decline_code") or error.get("code") == "card_declined"):
+    if err_type == "card_error":  # every card error is the issuer's or the card's answer
         outcome = DECLINE_CODES.get(code, UNLISTED_DECLINE)
     elif err_type == "idempotency_error":
         # In use (409): the first request may still succeed, so unknown; reused with other
