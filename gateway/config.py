@@ -139,6 +139,12 @@ class RetryConfig(_Model):
     base_delay_ms: PositiveMs = 50
     max_delay_ms: PositiveMs = 1000
 
+    @model_validator(mode="after")
+    def _delays(self) -> Self:
+        if self.max_delay_ms < self.base_delay_ms:
+            raise ValueError("max_delay_ms must be at least base_delay_ms")
+        return self
+
 
 class BulkheadConfig(_Model):
     max_concurrent: int = Field(200, gt=0)
@@ -165,6 +171,8 @@ class ProviderConfig(_Model):
 
     @model_validator(mode="after")
     def _load(self) -> Self:
+        if self.kind == "adyen" and not self.merchant_account:
+            raise ValueError("merchant_account is required for kind adyen (every Adyen request names one)")
         self._api_key = _secret_from_env(self.api_key_env, "api_key_env")
         return self
 
@@ -194,8 +202,11 @@ class RouteConfig(_Model):
 
     @model_validator(mode="after")
     def _weights(self) -> Self:
-        if self.weights is not None and len(self.weights) != len(self.providers):
-            raise ValueError("weights must have one entry per provider")
+        if self.weights is not None:
+            if len(self.weights) != len(self.providers):
+                raise ValueError("weights must have one entry per provider")
+            if any(w < 0 for w in self.weights) or sum(self.weights) <= 0:
+                raise ValueError("weights must be >= 0 with a positive sum")
         return self
 
 
