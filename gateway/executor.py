@@ -24,7 +24,7 @@ from gateway.metrics import Metrics
 from gateway.outcome import Outcome
 from gateway.provider_pool import ProviderHandle
 from gateway.retry_policy import RetryBudget, stop_at_deadline, stop_when_budget_spent, wait_retry_after
-from providers.base import FollowUp, Operation, PaymentOrder, ProviderMapping, ProviderResult
+from providers.base import FollowUp, Operation, PaymentOrder, ProviderMapping, ProviderRequest, ProviderResult
 from providers.classify import result_from_transport_error
 from providers.errors import TransportError
 
@@ -38,6 +38,16 @@ def _worth_retrying(result: ProviderResult) -> bool:
     if result.outcome is Outcome.UNKNOWN:
         return result.replay_safe  # same key at a provider that replays: cannot charge twice
     return result.outcome is Outcome.UNAVAILABLE and result.raw_code not in MOVE_ON_CODES
+
+
+def _build(handle: ProviderHandle, op: Operation, subject: PaymentOrder | FollowUp,
+           key: str | None) -> ProviderRequest | ProviderResult:
+    """The provider request, or `rejected` when our own input cannot make one (a mapping's
+    ValueError): that is a bug or bad input, never a reason to trip the provider's breaker."""
+    try:
+        return handle.mapping.build(op, subject, key)
+    except ValueError as exc:
+        return ProviderResult(Outcome.REJECTED, raw_code="request_not_buildable", message=str(exc))
 
 
 def _still_unsettled(unsettled: ProviderResult | None, result: ProviderResult) -> ProviderResult | None:
@@ -141,12 +151,15 @@ class AttemptExecutor:
     async def _guarded_call(
         self, handle: ProviderHandle, op: Operation, subject: PaymentOrder | FollowUp, key: str, deadline: float
     ) -> ProviderResult:
+        request = _build(handle, op, subject, key)
+        if isinstance(request, ProviderResult):
+            return request  # our own bad input: never a provider failure
         result = ProviderResult(Outcome.UNAVAILABLE, raw_code="not_attempted")
         try:
             async with handle.bulkhead.slot(deadline):
                 self.metrics.bulkhead_active.labels(handle.name).set(handle.bulkhead.active)
                 async with handle.breaker.guard():
-                    result = await self._send(handle, op, subject, key, deadline)
+                    result = await self._send(handle, op, request, deadline)
                     if result.outcome.counts_against_breaker:
                         raise ProviderFailure(result.raw_code)
         except ProviderFailure:
@@ -159,12 +172,11 @@ class AttemptExecutor:
             result = ProviderResult(Outcome.UNAVAILABLE, raw_code="bulkhead_timeout")
         return result
 
-    async def _send(self, handle: ProviderHandle, op: Operation, subject: PaymentOrder | FollowUp,
-                    key: str | None, deadline: float) -> ProviderResult:
+    async def _send(self, handle: ProviderHandle, op: Operation, request: ProviderRequest,
+                    deadline: float) -> ProviderResult:
         timeout = min(handle.timeout_s, deadline - time.monotonic())
         if timeout < MIN_TRY_S:
             return ProviderResult(Outcome.UNAVAILABLE, raw_code="deadline_exceeded")
-        request = handle.mapping.build(op, subject, key)
         try:
             response = await handle.transport.send(request, timeout)
         except TransportError as exc:
@@ -177,8 +189,10 @@ class AttemptExecutor:
                           idempotency_key=None, started_at=time.time(), breaker_state=handle.breaker.state)
         attempts.append(attempt)
         started = time.monotonic()
-        status = await self._send(handle, Operation.STATUS,
-                                  FollowUp(payment_id=payment_id, provider_reference=unknown.reference), None, deadline)
+        request = _build(handle, Operation.STATUS, FollowUp(payment_id=payment_id, provider_reference=unknown.reference),
+                         None)
+        status = request if isinstance(request, ProviderResult) else await self._send(
+            handle, Operation.STATUS, request, deadline)
         self._finish(handle, attempt, status, started)
         return settle_with_status(unknown, status, handle.mapping)
 

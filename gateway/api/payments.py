@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 import time
 from typing import TypeVar
 
@@ -160,6 +163,41 @@ def _check_follow_up(record: PaymentRecord, op: Operation, amount: int | None) -
             raise ApiError(422, "amount_too_large", f"at most {refundable} can still be refunded", "amount")
 
 
+def _follow_up_amount(record: PaymentRecord, op: Operation, asked: int | None) -> int | None:
+    """Every provider gets an explicit amount: a capture defaults to the authorised amount, a
+    refund to what is still refundable; a void has none."""
+    if op is Operation.CAPTURE:
+        return record.amount if asked is None else asked
+    if op is Operation.REFUND:
+        return record.captured_amount - record.refunded_amount if asked is None else asked
+    return None
+
+
+class PaymentLocks:
+    """One asyncio.Lock per payment with a follow-up in progress; dropped when nobody holds it.
+    Serialises follow-ups within this process; across replicas the provider's own state checks
+    (and their idempotency keys) are the backstop."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @asynccontextmanager
+    async def hold(self, payment_id: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(payment_id, (asyncio.Lock(), 0))
+        self._locks[payment_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[payment_id]
+            if users == 1:
+                del self._locks[payment_id]
+            else:
+                self._locks[payment_id] = (lock, users - 1)
+
+
+FOLLOW_UP_LOCKS = web.AppKey("follow_up_locks", PaymentLocks)
+
 _FOLLOW_UP_MODELS: dict[Operation, type[BaseModel]] = {
     Operation.CAPTURE: CaptureCreate, Operation.VOID: VoidCreate, Operation.REFUND: RefundCreate,
 }
@@ -178,10 +216,15 @@ def follow_up_handler(op: Operation):  # type: ignore[no-untyped-def]
         if replay is not None:
             return replay
         try:
-            amount = getattr(payload, "amount", None)
-            _check_follow_up(record, op, amount)
-            outcome = await request.app[SERVICE].follow_up(record, op, amount, key, deadline)
-        except ApiError:
+            # One follow-up per payment at a time, checked against the row as it is now, not
+            # as it was before we waited: two refunds must not both pass one stale check.
+            async with request.app[FOLLOW_UP_LOCKS].hold(record.id):
+                record = await _owned_payment(request, caller)
+                amount = _follow_up_amount(record, op, getattr(payload, "amount", None))
+                _check_follow_up(record, op, amount)
+                outcome = await request.app[SERVICE].follow_up(record, op, amount, key, deadline)
+        except BaseException:
+            # Nothing was settled: the caller may retry the key (it maps to the same provider key).
             await front.release(caller.name, key)
             raise
         result = outcome.result
@@ -204,6 +247,7 @@ def follow_up_handler(op: Operation):  # type: ignore[no-untyped-def]
 
 
 def add_routes(app: web.Application) -> None:
+    app[FOLLOW_UP_LOCKS] = PaymentLocks()
     app.router.add_post("/v1/payments", create_payment)
     app.router.add_get("/v1/payments/{payment_id}", get_payment)
     app.router.add_post("/v1/payments/{payment_id}/capture", follow_up_handler(Operation.CAPTURE))

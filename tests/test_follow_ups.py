@@ -1,0 +1,64 @@
+"""Follow-ups under concurrency and with defaults: serialised per payment, checked against the
+row as it is, explicit amounts for every provider."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+from tests.conftest import AUTH, card_payment
+from tests.test_engine_failover import (  # noqa: F401  (fixtures)
+    engine_config,
+    journal,
+    pay,
+    stripes,
+)
+
+
+def key() -> dict[str, str]:
+    return {**AUTH, "Idempotency-Key": str(uuid.uuid4())}
+
+
+async def test_concurrent_refunds_cannot_refund_more_than_was_captured(engine_config, start_gateway,
+                                                                       stripes) -> None:
+    client = await start_gateway(engine_config())
+    status, doc = await pay(client, card_payment(amount=1500))
+    assert doc["status"] == "approved"
+    pid = doc["id"]
+
+    answers = await asyncio.gather(*(
+        client.post(f"/v1/payments/{pid}/refunds", json={"amount": 1000}, headers=key()) for _ in range(4)))
+    statuses = sorted(r.status for r in answers)
+    assert statuses.count(200) == 1, statuses
+    assert all(s in (409, 422) for s in statuses if s != 200)
+
+    record = await journal(client, pid)
+    assert record.refunded_amount == 1000
+    [entry] = stripes["primary"].emulator.ledger.charges()
+    assert entry.refunded == 1000
+
+
+async def test_a_refund_without_amount_refunds_what_is_left(engine_config, start_gateway, stripes) -> None:
+    client = await start_gateway(engine_config())
+    _, doc = await pay(client, card_payment(amount=1500))
+    pid = doc["id"]
+    first = await client.post(f"/v1/payments/{pid}/refunds", json={"amount": 500}, headers=key())
+    assert first.status == 200
+    rest = await client.post(f"/v1/payments/{pid}/refunds", json={}, headers=key())
+    assert rest.status == 200
+    assert (await rest.json())["refunded_amount"] == 1500
+    again = await client.post(f"/v1/payments/{pid}/refunds", json={}, headers=key())
+    assert again.status == 409
+
+
+async def test_adyen_capture_without_amount_captures_the_authorisation(make_config, start_gateway,
+                                                                       emulators) -> None:
+    """Adyen needs an explicit amount on every modification; the gateway supplies it."""
+    client = await start_gateway(make_config(order=("adyen", "stripe")))
+    resp = await client.post("/v1/payments", json=card_payment(capture=False), headers=key())
+    doc = await resp.json()
+    assert doc["status"] == "approved" and doc["provider"] == "adyen"
+    captured = await client.post(f"/v1/payments/{doc['id']}/capture", json={}, headers=key())
+    assert captured.status == 200, await captured.text()
+    body = await captured.json()
+    assert body["status"] == "captured" and body["captured_amount"] == 1299
