@@ -1,8 +1,9 @@
 """The aiohttp application and the lifetime of everything it owns.
 
 One `cleanup_ctx` generator per resource, in dependency order: the transaction log writer, the
-store, the provider pool (one ClientSession each), the payment service, the reconciler. aiohttp
-tears down in reverse and only what started.
+store, the transaction log's outbox (start-up re-emit of lines a crash kept from the file), the
+provider pool (one ClientSession each), the payment service, the reconciler. aiohttp tears down
+in reverse and only what started.
 """
 
 from __future__ import annotations
@@ -34,9 +35,11 @@ from gateway.provider_pool import ProviderPool
 from gateway.reconciler import Reconciler
 from gateway.retry_policy import RetryBudget
 from gateway.router import Router
-from gateway.txlog import JsonLinesWriter, build_ops_logger, build_transaction_logger
+from gateway.txlog import JsonLinesWriter, build_ops_logger
+from gateway.txlog.outbox import TransactionLog
 
 RECONCILER = web.AppKey("reconciler", Reconciler)
+TRANSACTION_LOG = web.AppKey("transaction_log", TransactionLog)
 ABANDON_MARGIN_S = 5.0  # past its deadline plus this, an unanswered payment has lost its process
 
 
@@ -75,6 +78,25 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
         yield
         await s.close()
 
+    async def transaction_log(app: web.Application) -> AsyncIterator[None]:
+        txlog = TransactionLog(app[LOG_WRITER], app[STORE], ops_log=ops)
+        await txlog.start()
+        try:
+            # Before serving: lines whose journal commit a crash outran, unless the file has them.
+            await txlog.recover(exclusive=exclusive)
+        except BaseException:
+            await txlog.close()
+            raise
+        app[TRANSACTION_LOG] = txlog
+        sweeper = asyncio.create_task(txlog.run_forever(exclusive=exclusive), name="txlog-outbox-sweep")
+        yield
+        sweeper.cancel()
+        try:
+            await sweeper
+        except asyncio.CancelledError:
+            pass
+        await txlog.close()  # after every producer stopped, before the store closes
+
     async def providers(app: web.Application) -> AsyncIterator[None]:
         pool = ProviderPool(config)
         metrics = app[METRICS]
@@ -108,7 +130,7 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
             store=app[STORE], pool=pool, router=Router(config.routes, pool.health, success_rate=pool.success_rate,
                                                         capabilities=config.providers),
             executor=AttemptExecutor(budget, app[METRICS]), metrics=app[METRICS],
-            txlog=build_transaction_logger(app[LOG_WRITER]),
+            txlog=app[TRANSACTION_LOG],
         )
         yield
 
@@ -129,7 +151,8 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
 
     certificates = certificate_watcher_ctx(interval_s=certificate_check_interval_s,
                                            server_ssl_context=server_ssl_context)
-    app.cleanup_ctx.extend([log_writer, store, providers, breaker_sync, certificates, service, reconciler])
+    app.cleanup_ctx.extend([log_writer, store, transaction_log, providers, breaker_sync, certificates, service,
+                            reconciler])
     payments.add_routes(app)
     health.add_routes(app)
     openapi.add_routes(app)

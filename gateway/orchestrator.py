@@ -18,17 +18,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import structlog
-
 from gateway.cards import card_brand
 from gateway.executor import AttemptExecutor
-from gateway.journal.records import Attempt, IdempotentAnswer, PaymentRecord, StoredResponse
+from gateway.journal.records import Attempt, IdempotentAnswer, OutboxLine, PaymentRecord, StoredResponse
 from gateway.journal.store import Store
 from gateway.metrics import Metrics
 from gateway.outcome import Outcome, PaymentStatus
 from gateway.payment_view import payment_answer
 from gateway.provider_pool import ProviderPool
 from gateway.router import NoRoute, RouteDecision, Router, RoutingFacts
+from gateway.txlog.outbox import TransactionLog
 from providers.base import FollowUp, Operation, PaymentOrder, ProviderResult
 
 
@@ -54,7 +53,7 @@ FOLLOW_UP_STATUS = {
 
 class PaymentService:
     def __init__(self, *, store: Store, pool: ProviderPool, router: Router, executor: AttemptExecutor,
-                 metrics: Metrics, txlog: structlog.typing.FilteringBoundLogger) -> None:
+                 metrics: Metrics, txlog: TransactionLog) -> None:
         self.store = store
         self.pool = pool
         self.router = router
@@ -102,12 +101,14 @@ class PaymentService:
                 await self._attempt_candidates(record, order, decision, deadline)
             record.updated_at = time.time()
             answer = payment_answer(record)
-            await self.store.save_payment(record, IdempotentAnswer(scope, key, answer))
+            extra = {"latency_ms": (time.monotonic() - started) * 1000}
+            line = self.transaction_line(record, "payment", **extra)
+            await self.store.save_payment(record, IdempotentAnswer(scope, key, answer), line)
         finally:
             self.in_flight.discard(record.id)
         self.metrics.payments.labels(record.status.value).inc()
         self.metrics.payment_latency.observe(time.monotonic() - started)
-        self.log_transaction(record, "payment", latency_ms=(time.monotonic() - started) * 1000)
+        self.log_transaction(record, "payment", line, **extra)
         return answer
 
     async def _attempt_candidates(self, record: PaymentRecord, order: PaymentOrder, decision: RouteDecision,
@@ -205,15 +206,20 @@ class PaymentService:
                 record.refunded_amount += amount if amount is not None else record.captured_amount - record.refunded_amount
             record.status = FOLLOW_UP_STATUS[op]
         record.updated_at = time.time()
-        await self.store.save_payment(record)
-        self.log_transaction(record, op.value, latency_ms=(time.monotonic() - started) * 1000,
-                             follow_up={"operation": op.value, "amount": amount, "outcome": result.outcome.value,
-                                        "raw_code": result.raw_code})
+        extra = {"latency_ms": (time.monotonic() - started) * 1000,
+                 "follow_up": {"operation": op.value, "amount": amount, "outcome": result.outcome.value,
+                               "raw_code": result.raw_code}}
+        line = self.transaction_line(record, op.value, **extra)
+        await self.store.save_payment(record, outbox=line)
+        self.log_transaction(record, op.value, line, **extra)
         return FollowUpOutcome(result, record)
 
-    def log_transaction(self, record: PaymentRecord, kind: str, **extra: Any) -> None:
-        """Exactly one line per transaction; the logger's pipeline redacts whatever slips in."""
-        self.txlog.info(
+    def transaction_line(self, record: PaymentRecord, kind: str, **extra: Any) -> OutboxLine:
+        """The transaction's one line (DESIGN rule 5), rendered with its `log_id` through the
+        logger's pipeline, which redacts whatever slips in, but not written: the final journal
+        write stores it in the outbox in the same transaction (`save_payment(..., outbox=line)`),
+        and `log_transaction` writes it after that commit."""
+        return self.txlog.render(
             kind,
             payment_id=record.id,
             client=record.client,
@@ -238,6 +244,11 @@ class PaymentService:
             created_at=record.created_at,
             **extra,
         )
+
+    def log_transaction(self, record: PaymentRecord, kind: str, line: OutboxLine, **extra: Any) -> None:
+        """After the commit that stored `line` in the outbox: write it, exactly once (a crash
+        before it is on disk leaves the outbox row, written at the next start-up)."""
+        self.txlog.emit(line)
         for observe in self.observers:
             observe(record, kind, extra)
 

@@ -98,8 +98,9 @@ class Reconciler:
                     await svc.store.save_payment(record)
                 return False
         record.updated_at = time.time()
-        await svc.store.save_payment(record)
+        line = svc.transaction_line(record, "reconciliation")
+        await svc.store.save_payment(record, outbox=line)  # the final row and its log line commit together
+        svc.log_transaction(record, "reconciliation", line)
         await svc.store.complete_idempotency_for(record.id, payment_answer(record))
         svc.metrics.reconciled.labels(record.status.value).inc()
-        svc.log_transaction(record, "reconciliation")
         return True

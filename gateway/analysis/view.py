@@ -5,7 +5,10 @@
 
 - ``log_lines``: every line as written, one column per field of the line schema
   (docs/transaction-log.schema.json), plus ``file``; a line cut short by a crash is kept as a row
-  of NULLs (``event IS NULL``) so it can be counted, never fails the read.
+  of NULLs (``event IS NULL``) so it can be counted, never fails the read. A line is kept once
+  per ``log_id``: the outbox (gateway/txlog/outbox.py) writes a line again after a crash only
+  when the log's tail lacks it, and a copy it could not see (the line already rotated and
+  compressed away) must not count twice. Lines without a ``log_id`` (older logs) are all kept.
 - ``transactions``: the readable lines (optionally only those with ``ts`` in a time range).
 - ``attempts``: one row per provider attempt. A payment's attempts are cumulative: its capture,
   refund and reconciliation lines repeat the authorisation attempts. Each attempt is therefore
@@ -89,12 +92,13 @@ LINE_COLUMNS: dict[str, str] = {
     "metadata": "JSON",
     "created_at": "DOUBLE",
     "follow_up": _FOLLOW_UP,
+    "log_id": "VARCHAR",
 }
 
 # The fields the derived views (attempts, payments) are built from.
 VIEW_COLUMNS = frozenset({
     "ts", "event", "payment_id", "amount", "currency", "card_brand", "route", "status", "provider",
-    "decline_code", "error_code", "attempts", "failovers", "retries", "latency_ms", "created_at",
+    "decline_code", "error_code", "attempts", "failovers", "retries", "latency_ms", "created_at", "log_id",
 })
 
 
@@ -225,11 +229,21 @@ def open_log(
         raise ValueError(f"materialize must be none, lines or all, not {materialize!r}")
     lines_kind = "VIEW" if materialize == "none" else "TEMP TABLE"
     derived_kind = "TEMP TABLE" if materialize == "all" else "VIEW"
-    # Every line, unreadable ones included (all NULL but `file`), so they can be counted.
-    con.execute(
-        f"CREATE OR REPLACE {lines_kind} log_lines AS "
-        f"SELECT * REPLACE ({_epoch_ts('created_at')} AS created_at) FROM {source}"
-    )
+    # Every line, unreadable ones included (all NULL but `file`), so they can be counted; one per
+    # log_id (copies of a line are byte for byte the same but for `file`: the first file wins).
+    # Copies are rare: a materialised table deletes them after the fact (a hash aggregate over
+    # one column finds them), cheaper than a window over every line, which only a view needs.
+    lines_sql = f"SELECT * REPLACE ({_epoch_ts('created_at')} AS created_at) FROM {source}"
+    if materialize == "none":
+        lines_sql += " QUALIFY log_id IS NULL OR row_number() OVER (PARTITION BY log_id ORDER BY file) = 1"
+    con.execute(f"CREATE OR REPLACE {lines_kind} log_lines AS {lines_sql}")
+    if materialize != "none":
+        con.execute(
+            "DELETE FROM log_lines WHERE rowid IN ("
+            "  SELECT rowid FROM log_lines WHERE log_id IN ("
+            "    SELECT log_id FROM log_lines WHERE log_id IS NOT NULL GROUP BY log_id HAVING count(*) > 1) "
+            "  QUALIFY row_number() OVER (PARTITION BY log_id ORDER BY file, rowid) > 1)"
+        )
     con.execute(
         "CREATE OR REPLACE VIEW transactions AS "
         f"SELECT * FROM log_lines WHERE event IS NOT NULL AND {rng.sql('ts')}"

@@ -11,6 +11,8 @@ Same contract as `SqliteStore`, statement for statement:
   in between, released or purged, the claim is tried again, a bounded number of times).
 - `save_payment` with an answer is one statement too (the payment upsert as a CTE, the answer
   as the main UPDATE), so a replay can never disagree with the journal.
+- `save_payment` with an outbox line adds the line's insert as one more CTE of that statement, so
+  the transaction-log line commits with the final journal row (`gateway.txlog.outbox`).
 - Durable on return: every connection runs with `synchronous_commit = on`, so a statement
   returns only after its commit record is flushed to the WAL on disk.
 
@@ -29,7 +31,7 @@ free-text field such as `merchant_reference`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -41,6 +43,7 @@ from gateway.journal.records import (
     IdempotencyClaim,
     IdempotencyState,
     IdempotentAnswer,
+    OutboxLine,
     PaymentRecord,
     StoredResponse,
 )
@@ -77,6 +80,13 @@ CREATE TABLE IF NOT EXISTS idempotency (
 );
 CREATE INDEX IF NOT EXISTS idempotency_expiry ON idempotency (expires_at);
 CREATE INDEX IF NOT EXISTS idempotency_resource ON idempotency (resource_id);
+CREATE TABLE IF NOT EXISTS outbox (
+    log_id TEXT COLLATE "C" PRIMARY KEY,
+    owner TEXT NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL,
+    claimed_until DOUBLE PRECISION,
+    line BYTEA NOT NULL
+);
 """
 
 _UPSERT_PAYMENT = (
@@ -111,6 +121,25 @@ _HELD = ("SELECT fingerprint, resource_id, state, status, body, expires_at FROM 
 _SAVE_WITH_ANSWER = f"""
 WITH journal AS ({_UPSERT_PAYMENT})
 UPDATE idempotency SET state = '{_DONE}', status = $8, body = $9 WHERE scope = $6 AND key = $7"""
+# ... and the transaction's log line into the outbox ($10 log_id, $11 owner, $12 created_at, $13 line)
+_SAVE_WITH_ANSWER_AND_LINE = f"""
+WITH journal AS ({_UPSERT_PAYMENT}),
+outbox AS (INSERT INTO outbox (log_id, owner, created_at, line) VALUES ($10, $11, $12, $13))
+UPDATE idempotency SET state = '{_DONE}', status = $8, body = $9 WHERE scope = $6 AND key = $7"""
+# $1..$5 the payment row, $6..$9 the outbox line
+_SAVE_WITH_LINE = f"""
+WITH journal AS ({_UPSERT_PAYMENT})
+INSERT INTO outbox (log_id, owner, created_at, line) VALUES ($6, $7, $8, $9)"""
+
+# $1 owner, $2 own_before, $3 any_before, $4 now, $5 lease_until, $6 after, $7 limit. SKIP LOCKED:
+# a row another replica is claiming right now is its to write. log_id collates "C" (code points, as
+# Python compares str), so the caller's `after` cursor pages through the rows in the same order.
+_CLAIM_OUTBOX = """
+UPDATE outbox SET claimed_until = $5 WHERE log_id IN (
+    SELECT log_id FROM outbox WHERE log_id > $6 AND (claimed_until IS NULL OR claimed_until <= $4)
+        AND (created_at < $3 OR (owner = $1 AND created_at < $2))
+    ORDER BY log_id LIMIT $7 FOR UPDATE SKIP LOCKED)
+RETURNING log_id, owner, created_at, line"""
 
 
 class PostgresStore:
@@ -166,14 +195,18 @@ class PostgresStore:
 
     # -- payments ------------------------------------------------------------------------------
 
-    async def save_payment(self, record: PaymentRecord, answer: IdempotentAnswer | None = None) -> None:
-        row = _payment_row(record)
+    async def save_payment(self, record: PaymentRecord, answer: IdempotentAnswer | None = None,
+                           outbox: OutboxLine | None = None) -> None:
+        args: tuple[Any, ...] = _payment_row(record)
+        if answer is None:
+            sql = _UPSERT_PAYMENT if outbox is None else _SAVE_WITH_LINE
+        else:
+            sql = _SAVE_WITH_ANSWER if outbox is None else _SAVE_WITH_ANSWER_AND_LINE
+            args += (answer.scope, answer.key, answer.response.status, answer.response.body)
+        if outbox is not None:
+            args += (outbox.log_id, outbox.owner, outbox.created_at, outbox.line)
         async with self._conn() as conn:
-            if answer is None:
-                await conn.execute(_UPSERT_PAYMENT, *row)
-            else:
-                await conn.execute(_SAVE_WITH_ANSWER, *row, answer.scope, answer.key, answer.response.status,
-                                   answer.response.body)
+            await conn.execute(sql, *args)
 
     async def get_payment(self, payment_id: str) -> PaymentRecord | None:
         async with self._conn() as conn:
@@ -233,6 +266,21 @@ class PostgresStore:
         async with self._conn() as conn:
             tag = await conn.execute(f"DELETE FROM idempotency WHERE expires_at <= $1 AND state = '{_DONE}'", now)
         return int(tag.rsplit(" ", 1)[-1])
+
+    # -- the transaction log's outbox ----------------------------------------------------------
+
+    async def delete_outbox(self, log_ids: Sequence[str]) -> None:
+        if not log_ids:
+            return
+        async with self._conn() as conn:
+            await conn.execute("DELETE FROM outbox WHERE log_id = ANY($1::text[])", list(log_ids))
+
+    async def claim_outbox(self, owner: str, *, own_before: float, any_before: float, now: float,
+                           lease_until: float, after: str = "", limit: int = 500) -> list[OutboxLine]:
+        async with self._conn() as conn:
+            rows = await conn.fetch(_CLAIM_OUTBOX, owner, own_before, any_before, now, lease_until, after, limit)
+        return sorted((OutboxLine(r["log_id"], bytes(r["line"]), r["owner"], r["created_at"]) for r in rows),
+                      key=lambda line: line.log_id)
 
 
 def _payment_row(record: PaymentRecord) -> tuple[str, str, float, float, bytes]:

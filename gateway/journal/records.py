@@ -90,6 +90,24 @@ class IdempotentAnswer:
     response: StoredResponse
 
 
+@dataclass(frozen=True, slots=True)
+class OutboxLine:
+    """A transaction-log line stored in the journal's outbox in the same transaction as the final
+    journal row it records (DESIGN rule 5 across a crash).
+
+    `line` is the fully rendered line (redacted JSON ending in a newline, exactly the bytes the
+    log file gets) and `log_id` the `log_id` field inside it, unique per line. `owner` names the
+    log file the line belongs in (host and path), `created_at` is when it was rendered (epoch
+    seconds). The row is deleted once the line is on disk; a row left over after a crash is
+    written again at start-up unless the file already holds its `log_id`.
+    """
+
+    log_id: str
+    line: bytes
+    owner: str = ""
+    created_at: float = field(default_factory=time.time)
+
+
 class ClaimKind(StrEnum):
     NEW = "new"
     REPLAY = "replay"

@@ -5,6 +5,10 @@ The thread drains whatever is queued, runs it all in one transaction (a savepoin
 failure does not sink its neighbours), commits once — one fsync for many payments — and wakes
 the event loop once per batch. `save_payment` therefore returns only after its row is on disk,
 yet a busy gateway pays one fsync per batch, not per payment.
+
+The `outbox` table holds transaction-log lines committed with their final journal row and not
+yet on disk in the log file (`gateway.txlog.outbox`): an insert rides in the payment's own
+operation, and the deletes of a whole flushed batch of lines are one operation.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import asyncio
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,6 +28,7 @@ from gateway.journal.records import (
     IdempotencyClaim,
     IdempotencyState,
     IdempotentAnswer,
+    OutboxLine,
     PaymentRecord,
     StoredResponse,
 )
@@ -57,6 +62,13 @@ CREATE TABLE IF NOT EXISTS idempotency (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS idempotency_expiry ON idempotency (expires_at);
 CREATE INDEX IF NOT EXISTS idempotency_resource ON idempotency (resource_id);
+CREATE TABLE IF NOT EXISTS outbox (
+    log_id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    claimed_until REAL,
+    line BLOB NOT NULL
+);
 """
 
 
@@ -156,13 +168,16 @@ class SqliteStore:
 
     # -- payments ------------------------------------------------------------------------------
 
-    async def save_payment(self, record: PaymentRecord, answer: IdempotentAnswer | None = None) -> None:
+    async def save_payment(self, record: PaymentRecord, answer: IdempotentAnswer | None = None,
+                           outbox: OutboxLine | None = None) -> None:
         row = _payment_row(record)
 
         def op(conn: sqlite3.Connection) -> None:
             conn.execute(_UPSERT_PAYMENT, row)
             if answer is not None:
                 _store_answer(conn, answer.scope, answer.key, answer.response)
+            if outbox is not None:
+                conn.execute(_INSERT_OUTBOX, (outbox.log_id, outbox.owner, outbox.created_at, outbox.line))
 
         await self._submit(op)
 
@@ -240,6 +255,32 @@ class SqliteStore:
 
         return await self._submit(op)
 
+    # -- the transaction log's outbox ----------------------------------------------------------
+
+    async def delete_outbox(self, log_ids: Sequence[str]) -> None:
+        if not log_ids:
+            return
+        params = [(log_id,) for log_id in log_ids]
+        await self._submit(lambda conn: conn.executemany("DELETE FROM outbox WHERE log_id = ?", params))
+
+    async def claim_outbox(self, owner: str, *, own_before: float, any_before: float, now: float,
+                           lease_until: float, after: str = "", limit: int = 500) -> list[OutboxLine]:
+        def op(conn: sqlite3.Connection) -> list[OutboxLine]:
+            # One transaction (BEGIN IMMEDIATE): another process on this file cannot claim in between.
+            rows = conn.execute(
+                "SELECT log_id, owner, created_at, line FROM outbox WHERE log_id > ? "
+                "AND (claimed_until IS NULL OR claimed_until <= ?) "
+                "AND (created_at < ? OR (owner = ? AND created_at < ?)) ORDER BY log_id LIMIT ?",
+                (after, now, any_before, owner, own_before, limit),
+            ).fetchall()
+            conn.executemany("UPDATE outbox SET claimed_until = ? WHERE log_id = ?",
+                             [(lease_until, r[0]) for r in rows])
+            return [OutboxLine(r[0], r[3], r[1], r[2]) for r in rows]
+
+        return await self._submit(op)
+
+
+_INSERT_OUTBOX = "INSERT INTO outbox (log_id, owner, created_at, line) VALUES (?, ?, ?, ?)"
 
 _UPSERT_PAYMENT = (
     "INSERT INTO payments (id, status, created_at, updated_at, doc) VALUES (?, ?, ?, ?, ?) "

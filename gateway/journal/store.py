@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
-from gateway.journal.records import IdempotencyClaim, IdempotentAnswer, PaymentRecord, StoredResponse
+from gateway.journal.records import IdempotencyClaim, IdempotentAnswer, OutboxLine, PaymentRecord, StoredResponse
 
 
 class Store(Protocol):
@@ -12,10 +13,13 @@ class Store(Protocol):
 
     async def close(self) -> None: ...
 
-    async def save_payment(self, record: PaymentRecord, answer: IdempotentAnswer | None = None) -> None:
+    async def save_payment(self, record: PaymentRecord, answer: IdempotentAnswer | None = None,
+                           outbox: OutboxLine | None = None) -> None:
         """Durable on return: callers rely on the row being on disk before a provider call.
         With `answer`, the key's stored answer is written in the same transaction, so a
-        replay can never disagree with the journal."""
+        replay can never disagree with the journal. With `outbox`, the transaction's log line
+        is stored in the outbox in that same transaction (a `log_id` already in the outbox is
+        an error), so a crash before the line reaches the log file cannot lose it."""
         ...
 
     async def get_payment(self, payment_id: str) -> PaymentRecord | None: ...
@@ -44,3 +48,20 @@ class Store(Protocol):
         ...
 
     async def purge_expired_idempotency(self, now: float) -> int: ...
+
+    # -- the transaction log's outbox (gateway.txlog.outbox) --------------------------------------
+
+    async def delete_outbox(self, log_ids: Sequence[str]) -> None:
+        """Forget outbox lines that are on disk in the log file: one transaction for the batch;
+        ids no longer in the outbox are ignored."""
+        ...
+
+    async def claim_outbox(self, owner: str, *, own_before: float, any_before: float, now: float,
+                           lease_until: float, after: str = "", limit: int = 500) -> list[OutboxLine]:
+        """Lease and return outbox lines a crash may have kept from the log file, `limit` at a
+        time in `log_id` order, starting after `after`: those `owner` wrote before `own_before`,
+        and those anyone wrote before `any_before`, unless another claimer's lease runs past `now`
+        (`now` = infinity takes over every lease: a process that owns its store alone). Each
+        returned line is leased until `lease_until`, so replicas starting together do not both
+        write it again; `delete_outbox` ends it."""
+        ...

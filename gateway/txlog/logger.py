@@ -4,6 +4,11 @@ Both are built with `structlog.wrap_logger` and their own processor chain, never
 `structlog.configure`: the gateway's logging must not depend on (or disturb) global state that
 tests, libraries or an embedding application may set.
 
+The transaction chain comes in two forms with the same processors: `build_transaction_logger`
+writes each line to a `JsonLinesWriter`, and `build_transaction_renderer` returns each line as
+bytes without writing it (the outbox renders a line before the journal commit that stores it,
+and writes it after; see `gateway.txlog.outbox`).
+
 The `Redactor` sits inside each chain (DESIGN rule 6). Every event passes through it on its
 way to bytes, so no call site can forget to redact and no call site redacts its own way. It
 runs after the contextvars merge, so values bound in middleware are scrubbed too, and before
@@ -23,7 +28,7 @@ import structlog
 from gateway.txlog.redaction import Redactor
 from gateway.txlog.writer import JsonLinesWriter
 
-__all__ = ["build_ops_logger", "build_transaction_logger"]
+__all__ = ["build_ops_logger", "build_transaction_logger", "build_transaction_renderer"]
 
 # One line per event: orjson escapes control characters inside strings, so the appended
 # newline is the only one. Non-string keys (ints in provider metadata) must not fail a log call.
@@ -69,24 +74,40 @@ def _dumps_text(obj: Any, **kwargs: Any) -> str:
     return _dumps(obj, **kwargs).decode()
 
 
-def build_transaction_logger(
-    writer: JsonLinesWriter, *, redactor: Redactor | None = None
-) -> structlog.BoundLogger:
-    """Logger writing one redacted JSON line per call to `writer`.
-
-    Chain: contextvars, Redactor, UTC ISO-8601 ``ts``, orjson renderer (bytes ending in one
-    newline). Use the sync methods (``info``), not ``ainfo``: they would add a thread hop per
-    call for a call that never blocks anyway.
-    """
-    processors = [
+def _transaction_processors(redactor: Redactor | None) -> list[Any]:
+    """Contextvars, Redactor, UTC ISO-8601 ``ts``, orjson renderer (bytes ending in one newline)."""
+    return [
         structlog.contextvars.merge_contextvars,
         redactor or Redactor(),
         structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
         structlog.processors.JSONRenderer(serializer=_dumps, option=_ORJSON_OPTIONS),
     ]
+
+
+def build_transaction_logger(
+    writer: JsonLinesWriter, *, redactor: Redactor | None = None
+) -> structlog.BoundLogger:
+    """Logger writing one redacted JSON line per call to `writer`.
+
+    Use the sync methods (``info``), not ``ainfo``: they would add a thread hop per call for a
+    call that never blocks anyway.
+    """
     proxy = structlog.wrap_logger(
         _WriterLogger(writer),
-        processors=processors,
+        processors=_transaction_processors(redactor),
+        wrapper_class=structlog.BoundLogger,
+        context_class=dict,
+    )
+    return proxy.bind()  # type: ignore[no-any-return]
+
+
+def build_transaction_renderer(*, redactor: Redactor | None = None) -> structlog.BoundLogger:
+    """The transaction logger's pipeline, returning each line instead of writing it:
+    ``build_transaction_renderer().info("payment", **fields)`` is the redacted line as bytes,
+    byte for byte what `build_transaction_logger` would write for the same call."""
+    proxy = structlog.wrap_logger(
+        structlog.ReturnLogger(),
+        processors=_transaction_processors(redactor),
         wrapper_class=structlog.BoundLogger,
         context_class=dict,
     )

@@ -10,6 +10,14 @@ it starts, rather than accept one whose log line could not be written (DESIGN ru
 Rotation (by size, optionally by age) happens between lines, so a line is never split across
 files. A rotated file is renamed to ``<stem>-<UTC YYYYmmddTHHMMSSffffff>.jsonl`` and gzipped
 to ``.jsonl.gz`` by the same thread.
+
+Every accepted line gets a sequence number (`write` returns it: 1, 2, ... per writer, in queue
+order). A flush listener (`set_flush_listener`) is told, from the writer thread, "every line up
+to sequence N is in the file and fsynced": once per fsync, never per line, and fsyncs are spaced
+at least `sync_interval_s` apart under load, so many lines share one. With a listener, lines
+also stay durable across rotation (the old file is fsynced before it is renamed and the
+compressed copy before the plain one is removed). The transaction log's outbox
+(`gateway.txlog.outbox`) uses this to delete the journal's copy of each line once it is on disk.
 """
 
 from __future__ import annotations
@@ -33,6 +41,10 @@ _MAX_RETRY_PAUSE_S = 1.0
 # transaction lines about twice as fast as level 6 (~0.5 s here) for ~10 % more bytes.
 _GZIP_LEVEL = 1
 _COPY_CHUNK = 1 << 20
+# With a flush listener: the longest a written line waits for its fsync (and its report).
+DEFAULT_SYNC_INTERVAL_S = 0.05
+
+FlushListener = Callable[[int], None]
 
 
 class LogWriterError(Exception):
@@ -87,6 +99,7 @@ class JsonLinesWriter:
         self.fsync = fsync
         self.dropped = 0
         self.write_errors = 0
+        self.listener_errors = 0
         self.last_error: OSError | None = None
         self._queue: queue.Queue[object] = queue.Queue(maxsize=queue_size)
         self._lock = threading.Lock()
@@ -95,7 +108,14 @@ class JsonLinesWriter:
         self._stopped = False
         self._barriers: set[_Barrier] = set()
         self._thread: threading.Thread | None = None
+        self._seq = 0  # sequence number of the last accepted line (under _lock)
+        self._listener: FlushListener | None = None
+        self._sync_interval_s = DEFAULT_SYNC_INTERVAL_S
         # Owned by the writer thread once started.
+        self._written_seq = 0  # every line up to this one is written to a file
+        self._synced_seq = 0  # ... and fsynced
+        self._reported_seq = 0  # ... and reported to the listener
+        self._synced_at = 0.0
         self._fd = -1
         self._size = 0
         self._opened_at = 0.0
@@ -112,8 +132,24 @@ class JsonLinesWriter:
                 )
                 self._thread.start()
 
-    def write(self, line: bytes) -> None:
-        """Queue one JSON line; never blocks. A missing trailing newline is added."""
+    def set_flush_listener(self, listener: FlushListener | None, *,
+                           sync_interval_s: float = DEFAULT_SYNC_INTERVAL_S) -> None:
+        """Call `listener(n)` from the writer thread whenever every line with sequence number up to
+        `n` is written and fsynced (None removes it). It must be quick and must not block: hand the
+        number to an event loop with `loop.call_soon_threadsafe`. Written lines are fsynced at
+        most `sync_interval_s` after they were written, and at every flush barrier."""
+        if sync_interval_s < 0:
+            raise ValueError("sync_interval_s must not be negative")
+        with self._lock:
+            self._listener = listener
+            self._sync_interval_s = sync_interval_s
+
+    def write(self, line: bytes) -> int:
+        """Queue one JSON line; never blocks. A missing trailing newline is added.
+
+        Returns the line's sequence number, which the flush listener reports once the line is on
+        disk.
+        """
         if not line.endswith(b"\n"):
             line += b"\n"
         with self._lock:
@@ -124,6 +160,8 @@ class JsonLinesWriter:
             except queue.Full:
                 self.dropped += 1
                 raise LogQueueFull(str(self.path)) from None
+            self._seq += 1
+            return self._seq
 
     def has_capacity(self, reserve: int = 0) -> bool:
         """True if more than `reserve` lines can still be queued (and the writer is open)."""
@@ -189,6 +227,7 @@ class JsonLinesWriter:
                 items = [self._queue.get(timeout=self._idle_timeout())]
             except queue.Empty:
                 self._rotate_if_old()
+                self._sync_if_due()
                 continue
             try:
                 while True:
@@ -203,13 +242,14 @@ class JsonLinesWriter:
                 elif type(item) is _Barrier:
                     self._write_lines(lines)
                     lines = []
-                    self._retry(lambda: os.fsync(self._fd))
+                    self._sync()  # reported before the barrier is released
                     item.done.set()
                 else:
                     lines.append(item)  # type: ignore[arg-type]
             self._write_lines(lines)
-        if self.fsync:
-            self._retry(lambda: os.fsync(self._fd))
+            self._sync_if_due()
+        if self.fsync or self._listener is not None:
+            self._sync()
         os.close(self._fd)
         with self._lock:
             # Everything accepted is written: release barriers that raced close().
@@ -218,9 +258,46 @@ class JsonLinesWriter:
                 barrier.done.set()
 
     def _idle_timeout(self) -> float | None:
-        if self.rotate_interval_s is None:
-            return None
-        return max(0.0, self._opened_at + self.rotate_interval_s - time.monotonic())
+        timeouts = []
+        if self.rotate_interval_s is not None:
+            timeouts.append(self._opened_at + self.rotate_interval_s - time.monotonic())
+        if self._listener is not None and self._written_seq > self._reported_seq:
+            timeouts.append(self._synced_at + self._sync_interval_s - time.monotonic())
+        return max(0.0, min(timeouts)) if timeouts else None
+
+    @property
+    def _durable(self) -> bool:
+        """Whether written lines must survive a machine crash before they are reported."""
+        return self.fsync or self._listener is not None
+
+    def _sync(self) -> None:
+        """fsync the current file (everything written so far is then on disk) and report it."""
+        self._retry(lambda: os.fsync(self._fd))
+        self._synced_seq = self._written_seq
+        self._synced_at = time.monotonic()
+        self._report()
+
+    def _sync_if_due(self) -> None:
+        """With a listener: fsync what was written once `sync_interval_s` has passed since the
+        last fsync (one fsync for everything written meanwhile), then report."""
+        if self._listener is None or self._written_seq <= self._reported_seq:
+            return
+        if self._written_seq > self._synced_seq:
+            if time.monotonic() - self._synced_at < self._sync_interval_s:
+                return  # _idle_timeout wakes the loop when it is due
+            self._sync()
+        else:
+            self._report()
+
+    def _report(self) -> None:
+        listener = self._listener
+        if listener is None or self._synced_seq <= self._reported_seq:
+            return
+        self._reported_seq = self._synced_seq
+        try:
+            listener(self._synced_seq)
+        except Exception:  # noqa: BLE001 - a listener bug must not stop the log
+            self.listener_errors += 1
 
     def _write_lines(self, lines: list[bytes]) -> None:
         """Write lines in as few syscalls as possible, rotating only between lines."""
@@ -228,15 +305,16 @@ class JsonLinesWriter:
         chunk_size = 0
         for line in lines:
             if self._size + chunk_size + len(line) > self.max_bytes and self._size + chunk_size:
-                self._write_chunk(b"".join(chunk))
+                self._write_chunk(b"".join(chunk), len(chunk))
                 chunk, chunk_size = [], 0
                 self._rotate()
             chunk.append(line)
             chunk_size += len(line)
         if chunk:
-            self._write_chunk(b"".join(chunk))
+            self._write_chunk(b"".join(chunk), len(chunk))
 
-    def _write_chunk(self, data: bytes) -> None:
+    def _write_chunk(self, data: bytes, count: int) -> None:
+        """Write `count` whole lines (`data`) to the current file."""
         if not data:
             return
         view = memoryview(data)
@@ -250,8 +328,10 @@ class JsonLinesWriter:
 
         self._retry(write_rest)
         self._size += len(data)
+        self._written_seq += count
         if self.fsync:
             self._retry(lambda: os.fsync(self._fd))
+            self._synced_seq = self._written_seq
 
     def _retry(self, operation: Callable[[], object]) -> None:
         """Run `operation` until it succeeds: lines are kept queued, never discarded.
@@ -291,8 +371,9 @@ class JsonLinesWriter:
 
     def _rotate(self) -> None:
         """Close the current file, rename it with a UTC stamp, compress it, open a fresh one."""
-        if self.fsync:
+        if self._durable:
             self._retry(lambda: os.fsync(self._fd))
+            self._synced_seq = self._written_seq
         os.close(self._fd)
         rotated = self.path.with_name(f"{self.path.stem}-{self._stamp()}.jsonl")
         self._retry(lambda: os.replace(self.path, rotated))
@@ -318,7 +399,7 @@ class JsonLinesWriter:
                     filename=source.name, mode="wb", fileobj=raw, compresslevel=_GZIP_LEVEL
                 ) as gz:
                     shutil.copyfileobj(src, gz, _COPY_CHUNK)
-                if self.fsync:
+                if self._durable:
                     raw.flush()
                     os.fsync(raw.fileno())
             os.replace(partial, target)
