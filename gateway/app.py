@@ -135,7 +135,7 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
         yield
 
     async def reconciler(app: web.Application) -> AsyncIterator[None]:
-        rec = Reconciler(app[SERVICE], interval_s=reconcile_interval_s,
+        rec = Reconciler(app[SERVICE], interval_s=reconcile_interval_s, log=ops,
                          abandoned_after_s=config.engine.deadline_ms / 1000 + ABANDON_MARGIN_S)
         app[RECONCILER] = rec
         # Whatever a crash left behind. A process that owns its store alone knows every

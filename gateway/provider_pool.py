@@ -76,6 +76,9 @@ class ProviderPool:
     def __getitem__(self, name: str) -> ProviderHandle:
         return self._handles[name]
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._handles
+
     def __iter__(self) -> Iterator[ProviderHandle]:
         return iter(self._handles.values())
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import time
 
+import structlog
+
 from gateway.executor import MIN_TRY_S, attempt_outcome
-from gateway.journal.records import Attempt
+from gateway.journal.records import Attempt, PaymentRecord
 from gateway.outcome import Outcome, PaymentStatus
 from gateway.orchestrator import PaymentService
 from gateway.payment_view import payment_answer
@@ -21,37 +23,50 @@ from providers.classify import result_from_transport_error
 from providers.errors import TransportError
 
 
+MIN_RECHECK_S = 5.0
+MAX_RECHECK_S = 300.0
+LOOKUP_LAG_S = 600.0  # beyond any provider's search-index lag
+
+
 class Reconciler:
     """`abandoned_after_s` must exceed the longest time any replica may still be working on a
     payment (the request deadline plus a margin): before that, a `received` or `attempting`
     row may belong to a live request elsewhere, and settling it could race that request."""
 
-    def __init__(self, service: PaymentService, *, abandoned_after_s: float, interval_s: float = 5.0,
-                 min_age_s: float = 2.0) -> None:
+    def __init__(self, service: PaymentService, *, abandoned_after_s: float,
+                 log: structlog.typing.FilteringBoundLogger, interval_s: float = 5.0, min_age_s: float = 2.0) -> None:
         self.service = service
         self.abandoned_after_s = abandoned_after_s
+        self.log = log
         self.interval_s = interval_s
         self.min_age_s = min_age_s
         self.wake = asyncio.Event()
+        self._next_check: dict[str, float] = {}  # payment id -> earliest next status query
 
     async def run_forever(self) -> None:
+        woken = False
         while True:
-            await self.run_once()
-            await self.service.store.purge_expired_idempotency(time.time())
+            try:
+                await self.run_once(ignore_backoff=woken)  # an operator's "reconcile now" asks everyone
+                await self.service.store.purge_expired_idempotency(time.time())
+            except Exception as exc:  # a bad pass must not end reconciliation for good
+                self.log.exception("reconciler_pass_failed", error=type(exc).__name__)
             try:
                 await asyncio.wait_for(self.wake.wait(), self.interval_s)
             except TimeoutError:
                 pass
+            woken = self.wake.is_set()
             self.wake.clear()
 
-    async def run_once(self, *, min_age_s: float | None = None, abandoned_after_s: float | None = None) -> int:
+    async def run_once(self, *, min_age_s: float | None = None, abandoned_after_s: float | None = None,
+                       ignore_backoff: bool = False) -> int:
         """Settle what can be settled now; returns how many payments reached a final state."""
         age = self.min_age_s if min_age_s is None else min_age_s
         abandoned = self.abandoned_after_s if abandoned_after_s is None else abandoned_after_s
         settled = 0
         now = time.time()
         for record in await self.service.store.unresolved_payments():
-            if record.id in self.service.in_flight:
+            if record.id in self.service.in_flight or (not ignore_backoff and self._next_check.get(record.id, 0.0) > now):
                 continue
             if record.status is PaymentStatus.PENDING:
                 if now - record.updated_at < age:
@@ -60,14 +75,33 @@ class Reconciler:
                 # Received or attempting: another replica (or this one's request) may still be
                 # working on it. Only past its deadline is its process known to be gone.
                 continue
-            if await self._settle(record):
+            try:
+                done = await self._settle(record)
+            except Exception as exc:  # one payment's trouble must not stop the others
+                self.log.exception("reconcile_failed", payment_id=record.id, provider=record.provider,
+                                   error=type(exc).__name__)
+                done = False
+            if done:
                 settled += 1
+                self._next_check.pop(record.id, None)
+            else:
+                self._back_off(record.id, now)
         return settled
 
-    async def _settle(self, record) -> bool:  # type: ignore[no-untyped-def]
+    def _back_off(self, payment_id: str, now: float) -> None:
+        """Unsettled payments are asked again less and less often (up to every 5 minutes), so
+        a provider that cannot answer is not queried in a tight loop."""
+        previous = self._next_check.get(payment_id)
+        delay = MIN_RECHECK_S if previous is None else min(MAX_RECHECK_S, 2 * max(MIN_RECHECK_S, previous - now))
+        self._next_check[payment_id] = now + delay
+
+    async def _settle(self, record: PaymentRecord) -> bool:
         svc = self.service
         if record.provider is None:
             record.status, record.error_code = PaymentStatus.FAILED, "interrupted_before_provider_call"
+        elif record.provider not in svc.pool:
+            self.log.error("reconcile_unknown_provider", payment_id=record.id, provider=record.provider)
+            return False
         else:
             handle = svc.pool[record.provider]
             attempt = Attempt(provider=record.provider, try_number=0, operation=Operation.STATUS.value,
@@ -82,25 +116,37 @@ class Reconciler:
             attempt.outcome, attempt.raw_code, attempt.http_status = attempt_outcome(result), result.raw_code, result.http_status
             attempt.latency_ms = round((time.monotonic() - started) * 1000, 3)
             record.attempts.append(attempt)
-            if not result.found:
+            if not result.found and _absence_proves_no_charge(record, handle.mapping.status_query_consistent):
                 record.status, record.error_code = PaymentStatus.FAILED, "not_charged"
-            elif result.outcome is Outcome.APPROVED:
+            elif result.found and result.outcome is Outcome.APPROVED:
                 record.status, record.provider_reference = PaymentStatus.APPROVED, result.reference
                 record.outcome = result.outcome.value
                 if record.capture:
                     record.captured_amount = record.amount
-            elif result.outcome.is_decline:
+            elif result.found and result.outcome.is_decline:
                 record.status, record.decline_code, record.outcome = PaymentStatus.DECLINED, result.raw_code, result.outcome.value
             else:
-                if record.status is PaymentStatus.ATTEMPTING:
-                    record.status = PaymentStatus.PENDING
-                    record.updated_at = time.time()
-                    await svc.store.save_payment(record)
+                record.status = PaymentStatus.PENDING  # the reconciler owns it; asked again later
+                record.updated_at = time.time()
+                await svc.store.save_payment(record)
                 return False
         record.updated_at = time.time()
+        # The keys' stored answer first: a crash before the final row leaves a payment the next
+        # pass settles the same way, never a final payment whose keys still say "in flight".
+        await svc.store.complete_idempotency_for(record.id, payment_answer(record))
         line = svc.transaction_line(record, "reconciliation")
         await svc.store.save_payment(record, outbox=line)  # the final row and its log line commit together
         svc.log_transaction(record, "reconciliation", line)
-        await svc.store.complete_idempotency_for(record.id, payment_answer(record))
         svc.metrics.reconciled.labels(record.status.value).inc()
         return True
+
+
+def _absence_proves_no_charge(record: PaymentRecord, lookup_consistent: bool) -> bool:
+    """An empty status answer means "never charged" only where the provider's lookup has no lag,
+    or once the last call to it is older than any lag (a search index catches up in minutes)."""
+    if lookup_consistent:
+        return True
+    calls = [a.started_at for a in record.attempts
+             if a.provider == record.provider and a.operation == Operation.AUTHORIZE.value]
+    last_call = max(calls, default=record.created_at)
+    return time.time() - last_call > LOOKUP_LAG_S

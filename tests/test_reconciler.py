@@ -57,7 +57,7 @@ def _crashed_record(payment_id: str, reference: str, provider: str | None) -> Pa
         key = provider_idempotency_key(payment_id, provider)
         record.provider, record.provider_idempotency_key = provider, key
         record.attempts.append(Attempt(provider=provider, try_number=1, operation="authorize", idempotency_key=key,
-                                       started_at=time.time()))
+                                       started_at=CRASHED_AT))
     return record
 
 
@@ -160,7 +160,7 @@ async def test_unreachable_provider_leaves_payment_pending_until_it_answers(engi
     assert entries(stripes["backup"], record.id) == []
 
     await stripes["primary"].set_outage(False)
-    assert await client.app[RECONCILER].run_once(min_age_s=0) == 1
+    assert await client.app[RECONCILER].run_once(min_age_s=0, ignore_backoff=True) == 1
 
     stored = await journal(client, record.id)
     assert stored.status is PaymentStatus.APPROVED and stored.provider_reference == reference
@@ -213,3 +213,19 @@ async def test_a_payment_within_its_deadline_is_left_to_its_owner(engine_config,
     assert await client.app[RECONCILER].run_once(min_age_s=0) == 0
     assert (await client.app[STORE].get_payment("pay_live_elsewhere")).status is PaymentStatus.ATTEMPTING
     assert stripes["primary"].emulator.ledger.find_by_ref("pay_live_elsewhere") == []
+
+
+async def test_one_unsettleable_payment_does_not_stop_the_others(engine_config, start_gateway, stripes) -> None:
+    """A payment held by a provider no longer in the config is reported, not fatal: start-up
+    goes on and the other crashed payments are settled."""
+    config = engine_config()
+    orphan = _crashed_record("pay_crash_renamed", "order-renamed", "primary")
+    orphan.provider = "renamed"
+    good = _crashed_record("pay_crash_good", "order-good", "primary")
+    reference = await _charge_directly(config, "primary", good.id, good.merchant_reference)
+    await _leave_crash_behind(config, [(orphan, "key-renamed"), (good, "key-good")])
+
+    client = await start_gateway(config)
+
+    assert (await journal(client, good.id)).provider_reference == reference
+    assert (await journal(client, orphan.id)).status is PaymentStatus.ATTEMPTING
