@@ -251,6 +251,8 @@ class RedisBreakerSync:
         try:
             if state == OPEN:
                 breaker.force_open(opened_at=float(message.get("opened_at") or at))
+            elif breaker.held_open:
+                return  # an operator drained this provider here; another replica's trial does not undo it
             else:
                 breaker.force_close()
         finally:

@@ -191,7 +191,7 @@ class PaymentService:
         handle = self.pool[record.provider]
         key = provider_idempotency_key(record.id, record.provider, op.value, salt=front_key)
         subject = FollowUp(payment_id=record.id, provider_reference=record.provider_reference, amount=amount,
-                           currency=record.currency)
+                           currency=record.currency, follow_up_id=key)
         started = time.monotonic()
 
         async def journal(_attempt: Attempt) -> None:

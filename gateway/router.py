@@ -143,7 +143,7 @@ class Router:
         """Weighted order without replacement: the first pick follows the volume split."""
         if route.weights is None:
             return list(route.providers)
-        pool = list(zip(route.providers, route.weights))
+        pool = list(zip(route.providers, route.weights, strict=True))
         ordered: list[str] = []
         while pool:
             total = sum(w for _, w in pool)

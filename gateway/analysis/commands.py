@@ -156,7 +156,7 @@ def query(
     finally:
         con.close()
     if as_json:
-        typer.echo(_dumps([dict(zip(names, row)) for row in rows]))
+        typer.echo(_dumps([dict(zip(names, row, strict=True)) for row in rows]))
         return
     from rich.console import Console
     from rich.table import Table
@@ -211,7 +211,7 @@ def _sparkline(points: list[dict[str, Any]], first: dt.datetime, last: dt.dateti
             approved[i] += p["approved"]
             total[i] += p["payments"]
     chars = []
-    for a, n in zip(approved, total):
+    for a, n in zip(approved, total, strict=True):
         chars.append(" " if n == 0 else _SPARK[min(len(_SPARK) - 1, int(a / n * (len(_SPARK) - 1) + 0.5))])
     return "".join(chars)
 

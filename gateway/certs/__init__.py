@@ -26,4 +26,5 @@ __all__ = [
     "key_matches_cert",
     "reload_cert_chain",
     "server_context",
+    "verify_chain",
 ]
