@@ -4,12 +4,25 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
+from typing import Any
+
+import orjson
 
 from gateway.outcome import Outcome
 from providers.base import ProviderResult
 from providers.errors import MaybeSent, TransportError
 
 MAX_RETRY_AFTER_S = 60.0
+
+
+def json_object(body: bytes) -> dict[str, Any]:
+    """A provider body as a JSON object; anything else (empty, HTML from a proxy, a list) is {}
+    so that classification falls back to the status code and headers."""
+    try:
+        doc = orjson.loads(body) if body else {}
+    except orjson.JSONDecodeError:
+        return {}
+    return doc if isinstance(doc, dict) else {}
 
 
 def parse_retry_after(value: str | None) -> float | None:

@@ -46,7 +46,7 @@ from providers.base import (
     ProviderResponse,
     ProviderResult,
 )
-from providers.classify import parse_retry_after
+from providers.classify import json_object, parse_retry_after
 
 API_VERSION = "v71"
 BASE_PATH = f"/{API_VERSION}"
@@ -269,12 +269,7 @@ class AdyenMapping:
         return doc
 
     def parse(self, op: Operation, response: ProviderResponse) -> ProviderResult:
-        try:
-            doc = orjson.loads(response.body) if response.body else {}
-        except orjson.JSONDecodeError:
-            doc = {}
-        if not isinstance(doc, dict):
-            doc = {}
+        doc = json_object(response.body)
         if response.status < 300:
             return _parse_success(op, response.status, doc)
         return _parse_error(op, response, doc)

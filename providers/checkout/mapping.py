@@ -39,7 +39,7 @@ from providers.base import (
     ProviderResponse,
     ProviderResult,
 )
-from providers.classify import parse_retry_after
+from providers.classify import json_object, parse_retry_after
 
 IDEMPOTENCY_HEADER = "Cko-Idempotency-Key"
 REQUEST_ID_HEADER = "Cko-Request-Id"
@@ -245,12 +245,7 @@ class CheckoutMapping:
         return body
 
     def parse(self, op: Operation, response: ProviderResponse) -> ProviderResult:
-        try:
-            doc = orjson.loads(response.body) if response.body else {}
-        except orjson.JSONDecodeError:
-            doc = {}
-        if not isinstance(doc, dict):
-            doc = {}
+        doc = json_object(response.body)
         if response.status < 300:
             return _parse_success(op, response, doc)
         return _parse_error(op, response, doc)

@@ -14,7 +14,6 @@ import re
 from functools import lru_cache
 from urllib.parse import quote, quote_plus, urlencode
 
-import orjson
 
 from gateway.outcome import Outcome
 from providers.base import (
@@ -25,7 +24,7 @@ from providers.base import (
     ProviderResponse,
     ProviderResult,
 )
-from providers.classify import parse_retry_after
+from providers.classify import json_object, parse_retry_after
 
 API_VERSION = "2024-06-20"
 METADATA_KEY = "gateway_payment_id"
@@ -141,12 +140,7 @@ class StripeMapping:
         raise ValueError(f"unsupported operation {op}")
 
     def parse(self, op: Operation, response: ProviderResponse) -> ProviderResult:
-        try:
-            doc = orjson.loads(response.body) if response.body else {}
-        except orjson.JSONDecodeError:
-            doc = {}
-        if not isinstance(doc, dict):
-            doc = {}
+        doc = json_object(response.body)
         if response.status < 300:
             return _parse_success(op, response.status, doc)
         return _parse_error(response, doc)
