@@ -13,6 +13,7 @@ import typer
 
 from gateway.analysis.commands import logs_app
 from gateway.certs.commands import certs_app
+from gateway.cli_errors import fail, load_or_exit
 from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.preflight_command import preflight
 
@@ -26,16 +27,6 @@ DEFAULT_CERTS = Path("certs")
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML configuration file")]
 
 
-def fail(message: str, code: int = 1) -> typer.Exit:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    return typer.Exit(code)
-
-
-def _load(path: Path) -> GatewayConfig:
-    try:
-        return load_config(path)
-    except ConfigError as exc:
-        raise fail(f"{path}: {exc}") from None
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -63,7 +54,7 @@ def serve(
     port: Annotated[Optional[int], typer.Option(help="override server.port")] = None,
 ) -> None:
     """Run the gateway until SIGTERM/SIGINT, then drain in-flight requests and exit."""
-    cfg = _load(config)
+    cfg = load_or_exit(config)
     overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
     if overrides:
         cfg = cfg.model_copy(update={"server": cfg.server.model_copy(update=overrides)})
@@ -175,7 +166,7 @@ def dev(config: ConfigOpt = DEFAULT_CONFIG,
     """Local stack for `make run`: dev certificates, every configured emulator, the gateway."""
     from gateway.devstack import run_dev_stack
 
-    cfg = _load(config)
+    cfg = load_or_exit(config)
     try:
         _run(run_dev_stack(cfg, certs_dir))
     except ConfigError as exc:
@@ -201,7 +192,13 @@ def drill(
 ) -> None:
     """Run a failure drill on loopback; the last line is a JSON summary. Exit 1 when a check
     fails (any duplicate charge or lost payment among them)."""
-    from gateway.drill import DRILL_NAMES, DrillOptions, DrillReport, render_table, run_named_drill
+    from gateway.drill import (
+        DRILL_NAMES,
+        DrillOptions,
+        DrillReport,
+        render_table,
+        run_named_drill,
+    )
     from gateway.drill.process import GatewayProcessError
 
     if name not in DRILL_NAMES:
@@ -213,7 +210,13 @@ def drill(
     async def main() -> DrillReport:
         if not show_progress:
             return await run_named_drill(name, options)
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         with Progress(TextColumn(f"drill {name}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       transient=True) as progress:

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
+from gateway.cli_errors import fail
+
 if TYPE_CHECKING:
     from rich.console import Console
 
@@ -41,9 +43,6 @@ _SPARK = "▁▂▃▄▅▆▇█"
 _SPARK_WIDTH = 60
 
 
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    return typer.Exit(code)
 
 
 def _time_range(start: str | None, end: str | None) -> TimeRange:
@@ -53,7 +52,7 @@ def _time_range(start: str | None, end: str | None) -> TimeRange:
     try:
         return TimeRange(parse_time(start) if start else None, parse_time(end) if end else None)
     except ValueError as exc:
-        raise _fail(str(exc), 2) from None
+        raise fail(str(exc), 2) from None
 
 
 def _dumps(doc: Any) -> str:
@@ -91,13 +90,13 @@ def analyze(
     try:
         bucket_s = parse_bucket(bucket)
     except ValueError as exc:
-        raise _fail(str(exc), 2) from None
+        raise fail(str(exc), 2) from None
     try:
         report = run_analysis(paths or (), time_range=rng, bucket_s=bucket_s)
     except LogFilesNotFound as exc:
-        raise _fail(str(exc), 2) from None
+        raise fail(str(exc), 2) from None
     except duckdb.Error as exc:
-        raise _fail(f"reading the logs failed: {exc}") from None
+        raise fail(f"reading the logs failed: {exc}") from None
     if html is not None:
         from gateway.analysis.html import render_html
 
@@ -105,7 +104,7 @@ def analyze(
             html.parent.mkdir(parents=True, exist_ok=True)
             html.write_text(render_html(report), encoding="utf-8")
         except OSError as exc:
-            raise _fail(f"cannot write {html}: {exc.strerror or exc}") from None
+            raise fail(f"cannot write {html}: {exc.strerror or exc}") from None
     if as_json:
         typer.echo(_dumps(report.to_dict()))
         return
@@ -140,9 +139,9 @@ def query(
     try:
         con, _files = open_log(paths or (), time_range=rng, materialize="lines")
     except LogFilesNotFound as exc:
-        raise _fail(str(exc), 2) from None
+        raise fail(str(exc), 2) from None
     except duckdb.Error as exc:
-        raise _fail(f"reading the logs failed: {exc}") from None
+        raise fail(f"reading the logs failed: {exc}") from None
     try:
         cur = con.execute(sql)
         if cur.description is None:
@@ -152,7 +151,7 @@ def query(
             names = [d[0] for d in cur.description]
             rows = cur.fetchall()
     except duckdb.Error as exc:
-        raise _fail(f"query failed: {exc}") from None
+        raise fail(f"query failed: {exc}") from None
     finally:
         con.close()
     if as_json:

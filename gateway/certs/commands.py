@@ -33,7 +33,8 @@ from gateway.certs.rotate import (
     rotate,
     server_target,
 )
-from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.cli_errors import fail, load_or_exit
+from gateway.config import GatewayConfig
 
 certs_app = typer.Typer(no_args_is_help=True, help="Certificates: dev CA, checks, rotation.")
 
@@ -51,15 +52,11 @@ _STATUS_STYLE = {CertStatus.OK: "green", CertStatus.WARN: "yellow", CertStatus.C
 
 
 def _fail(message: str, code: int = EXIT_ERROR) -> typer.Exit:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    return typer.Exit(code)
+    return fail(message, code)
 
 
 def _load(path: Path) -> GatewayConfig:
-    try:
-        return load_config(path)
-    except ConfigError as exc:
-        raise _fail(f"{path}: {exc}") from None
+    return load_or_exit(path, EXIT_ERROR)
 
 
 def _read(path: Path, what: str) -> bytes:
