@@ -115,7 +115,11 @@ class Reconciler:
                 result = result_from_transport_error(exc)
             attempt.outcome, attempt.raw_code, attempt.http_status = attempt_outcome(result), result.raw_code, result.http_status
             attempt.latency_ms = round((time.monotonic() - started) * 1000, 3)
-            record.attempts.append(attempt)
+            last = record.attempts[-1] if record.attempts else None
+            if last is not None and last.try_number == 0 and last.operation == Operation.STATUS.value:
+                record.attempts[-1] = attempt  # keep the latest check only: the row must not grow per pass
+            else:
+                record.attempts.append(attempt)
             if not result.found and _absence_proves_no_charge(record, handle.mapping.status_query_consistent):
                 record.status, record.error_code = PaymentStatus.FAILED, "not_charged"
             elif result.found and result.outcome is Outcome.APPROVED:
@@ -126,9 +130,16 @@ class Reconciler:
             elif result.found and result.outcome.is_decline:
                 record.status, record.decline_code, record.outcome = PaymentStatus.DECLINED, result.raw_code, result.outcome.value
             else:
+                taking_over = record.status is not PaymentStatus.PENDING
                 record.status = PaymentStatus.PENDING  # the reconciler owns it; asked again later
                 record.updated_at = time.time()
-                await svc.store.save_payment(record)
+                if taking_over:
+                    # A crashed request never wrote its payment line: this is that one line.
+                    line = svc.transaction_line(record, "payment")
+                    await svc.store.save_payment(record, outbox=line)
+                    svc.log_transaction(record, "payment", line)
+                else:
+                    await svc.store.save_payment(record)
                 return False
         record.updated_at = time.time()
         # The keys' stored answer first: a crash before the final row leaves a payment the next

@@ -229,3 +229,24 @@ async def test_one_unsettleable_payment_does_not_stop_the_others(engine_config, 
 
     assert (await journal(client, good.id)).provider_reference == reference
     assert (await journal(client, orphan.id)).status is PaymentStatus.ATTEMPTING
+
+
+async def test_a_crashed_payment_the_lookup_cannot_clear_stays_pending_and_is_logged_once(
+        engine_config, start_gateway, stripes) -> None:
+    """Stripe's search lags, so 'not found' a minute after the call proves nothing: the payment
+    stays pending (never failed while it may still appear), its one payment line is written when
+    the reconciler takes it over, and later passes neither log again nor grow the row."""
+    config = engine_config()
+    record = _crashed_record("pay_crash_recent_call", "order-recent", "primary")
+    record.attempts[0].started_at = time.time() - 60
+    await _leave_crash_behind(config, [(record, "key-recent")])
+
+    client = await start_gateway(config)
+    for _ in range(3):
+        await client.app[RECONCILER].run_once(min_age_s=0, ignore_backoff=True)
+
+    stored = await journal(client, record.id)
+    assert stored.status is PaymentStatus.PENDING
+    assert [a.operation for a in stored.attempts] == ["authorize", "status"]
+    lines = await txlog(client, record.id)
+    assert [(line["event"], line["status"]) for line in lines] == [("payment", "pending")]
