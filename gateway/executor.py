@@ -51,13 +51,16 @@ def _build(handle: ProviderHandle, op: Operation, subject: PaymentOrder | Follow
 
 
 def _still_unsettled(unsettled: ProviderResult | None, result: ProviderResult) -> ProviderResult | None:
-    """The newest answer that leaves a possible charge open, or None once one settles it (an
-    approval or decline, or a consistent status query that found no payment)."""
+    """The newest answer that leaves a possible charge open, or None once one settles it: an
+    approval or a decline, or a status query that proved no payment. Anything else (a refusal
+    before sending, a proxy's 4xx) says nothing about the earlier call."""
     if result.outcome is Outcome.UNKNOWN:
         return result
-    if result.outcome is Outcome.UNAVAILABLE and result.found:
-        return unsettled
-    return None
+    if result.outcome in (Outcome.APPROVED, Outcome.HARD_DECLINE, Outcome.SOFT_DECLINE):
+        return None
+    if result.outcome is Outcome.UNAVAILABLE and not result.found:
+        return None
+    return unsettled
 
 
 def _last_result(retry_state: RetryCallState) -> ProviderResult:
@@ -116,7 +119,8 @@ class AttemptExecutor:
         # A later try that was refused before sending (breaker, bulkhead, deadline, connect)
         # says nothing about an earlier one that may have charged: that stays unknown, so the
         # orchestrator answers pending instead of failing over.
-        return unsettled if unsettled is not None and result.outcome is Outcome.UNAVAILABLE else result
+        settled = result.outcome in (Outcome.APPROVED, Outcome.HARD_DECLINE, Outcome.SOFT_DECLINE)
+        return unsettled if unsettled is not None and not settled else result
 
     async def _one_try(
         self,
@@ -215,6 +219,15 @@ def attempt_outcome(result: ProviderResult) -> str:
     return result.outcome.value if result.found else "not_found"
 
 
+def _provider_finished(unknown: ProviderResult) -> bool:
+    """Whether the unknown answer came from the provider having finished with the request (its
+    own 500, say), so an immediate "not found" means no charge. After a read timeout, a reset, a
+    proxy's 502/504, a request we hold a provider id for, or an in-progress duplicate, the
+    provider may still be working on it, and a lookup now proves nothing."""
+    return (unknown.reference is None and unknown.http_status is not None
+            and unknown.http_status not in (409, 429, 502, 504))
+
+
 def settle_with_status(unknown: ProviderResult, status: ProviderResult, mapping: ProviderMapping) -> ProviderResult:
     """Combine an unknown answer with a status query: the one rule that keeps failover safe.
 
@@ -224,7 +237,7 @@ def settle_with_status(unknown: ProviderResult, status: ProviderResult, mapping:
     will tell; anywhere else the payment stays unknown and goes to `pending`."""
     if status.found and status.outcome in (Outcome.APPROVED, Outcome.HARD_DECLINE, Outcome.SOFT_DECLINE):
         return status
-    if not status.found and mapping.status_query_consistent:
+    if not status.found and mapping.status_query_consistent and _provider_finished(unknown):
         return dataclasses.replace(unknown, outcome=Outcome.UNAVAILABLE, found=False,
                                    message="status query: the provider holds no such payment")
     if mapping.replays_answers:

@@ -26,6 +26,7 @@ from providers.errors import TransportError
 MIN_RECHECK_S = 5.0
 MAX_RECHECK_S = 300.0
 LOOKUP_LAG_S = 600.0  # beyond any provider's search-index lag
+IN_FLIGHT_S = 60.0  # beyond any request still travelling to or running at a provider
 
 
 class Reconciler:
@@ -41,7 +42,8 @@ class Reconciler:
         self.interval_s = interval_s
         self.min_age_s = min_age_s
         self.wake = asyncio.Event()
-        self._next_check: dict[str, float] = {}  # payment id -> earliest next status query
+        self._next_check: dict[str, tuple[float, float]] = {}  # payment id -> (next check, last delay)
+        self._pass = asyncio.Lock()  # one pass at a time: two would settle and log a payment twice
 
     async def run_forever(self) -> None:
         woken = False
@@ -61,12 +63,21 @@ class Reconciler:
     async def run_once(self, *, min_age_s: float | None = None, abandoned_after_s: float | None = None,
                        ignore_backoff: bool = False) -> int:
         """Settle what can be settled now; returns how many payments reached a final state."""
+        async with self._pass:
+            return await self._run_once(min_age_s, abandoned_after_s, ignore_backoff)
+
+    async def _run_once(self, min_age_s: float | None, abandoned_after_s: float | None,
+                        ignore_backoff: bool) -> int:
         age = self.min_age_s if min_age_s is None else min_age_s
         abandoned = self.abandoned_after_s if abandoned_after_s is None else abandoned_after_s
         settled = 0
         now = time.time()
-        for record in await self.service.store.unresolved_payments():
-            if record.id in self.service.in_flight or (not ignore_backoff and self._next_check.get(record.id, 0.0) > now):
+        unresolved = await self.service.store.unresolved_payments()
+        for gone in self._next_check.keys() - {r.id for r in unresolved}:
+            del self._next_check[gone]  # settled elsewhere (another replica, a request)
+        for record in unresolved:
+            due = self._next_check.get(record.id, (0.0, 0.0))[0]
+            if record.id in self.service.in_flight or (not ignore_backoff and due > now):
                 continue
             if record.status is PaymentStatus.PENDING:
                 if now - record.updated_at < age:
@@ -81,6 +92,7 @@ class Reconciler:
                 self.log.exception("reconcile_failed", payment_id=record.id, provider=record.provider,
                                    error=type(exc).__name__)
                 done = False
+                await self._touch(record)
             if done:
                 settled += 1
                 self._next_check.pop(record.id, None)
@@ -91,9 +103,18 @@ class Reconciler:
     def _back_off(self, payment_id: str, now: float) -> None:
         """Unsettled payments are asked again less and less often (up to every 5 minutes), so
         a provider that cannot answer is not queried in a tight loop."""
-        previous = self._next_check.get(payment_id)
-        delay = MIN_RECHECK_S if previous is None else min(MAX_RECHECK_S, 2 * max(MIN_RECHECK_S, previous - now))
-        self._next_check[payment_id] = now + delay
+        last_delay = self._next_check.get(payment_id, (0.0, 0.0))[1]
+        delay = MIN_RECHECK_S if last_delay == 0 else min(MAX_RECHECK_S, 2 * last_delay)
+        self._next_check[payment_id] = (now + delay, delay)
+
+    async def _touch(self, record: PaymentRecord) -> None:
+        """Move a row we could not settle behind the others (the store lists the oldest first),
+        so a batch of stuck rows cannot starve newer ones."""
+        try:
+            record.updated_at = time.time()
+            await self.service.store.save_payment(record)
+        except Exception as exc:
+            self.log.warning("reconcile_touch_failed", payment_id=record.id, error=type(exc).__name__)
 
     async def _settle(self, record: PaymentRecord) -> bool:
         svc = self.service
@@ -101,6 +122,7 @@ class Reconciler:
             record.status, record.error_code = PaymentStatus.FAILED, "interrupted_before_provider_call"
         elif record.provider not in svc.pool:
             self.log.error("reconcile_unknown_provider", payment_id=record.id, provider=record.provider)
+            await self._touch(record)
             return False
         else:
             handle = svc.pool[record.provider]
@@ -134,7 +156,9 @@ class Reconciler:
                 record.status = PaymentStatus.PENDING  # the reconciler owns it; asked again later
                 record.updated_at = time.time()
                 if taking_over:
-                    # A crashed request never wrote its payment line: this is that one line.
+                    # A crashed request never wrote its payment line: this is that one line. Its
+                    # key now replays "pending" instead of 409 until the payment settles.
+                    await svc.store.complete_idempotency_for(record.id, payment_answer(record))
                     line = svc.transaction_line(record, "payment")
                     await svc.store.save_payment(record, outbox=line)
                     svc.log_transaction(record, "payment", line)
@@ -153,11 +177,12 @@ class Reconciler:
 
 
 def _absence_proves_no_charge(record: PaymentRecord, lookup_consistent: bool) -> bool:
-    """An empty status answer means "never charged" only where the provider's lookup has no lag,
-    or once the last call to it is older than any lag (a search index catches up in minutes)."""
-    if lookup_consistent:
-        return True
+    """An empty status answer means "never charged" only once the last call to the provider is
+    old enough that nothing can still be in flight or unindexed: a minute where the lookup has
+    no lag, ten where a search index may lag. Never for a payment we hold a provider id for."""
+    if record.provider_reference is not None:
+        return False
     calls = [a.started_at for a in record.attempts
              if a.provider == record.provider and a.operation == Operation.AUTHORIZE.value]
     last_call = max(calls, default=record.created_at)
-    return time.time() - last_call > LOOKUP_LAG_S
+    return time.time() - last_call > (IN_FLIGHT_S if lookup_consistent else LOOKUP_LAG_S)

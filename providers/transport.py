@@ -61,13 +61,19 @@ async def _read_capped(resp: aiohttp.ClientResponse, name: str) -> bytes:
     return b"".join(chunks)
 
 
+_CERTIFICATE_ALERTS = ("CERTIFICATE", "UNKNOWN_CA", "HANDSHAKE_FAILURE", "ACCESS_DENIED")
+
+
 def _ssl_alert(exc: BaseException) -> bool:
+    """A certificate alert from the peer: it refused the session, so it processed nothing. Any
+    other TLS error (a bad record mid-stream) may come after the request was processed."""
     seen: BaseException | None = exc
     for _ in range(4):
         if seen is None:
             return False
         if isinstance(seen, ssl.SSLError):
-            return True
+            reason = f"{seen.reason or ''} {seen}".upper()
+            return any(alert in reason for alert in _CERTIFICATE_ALERTS)
         seen = seen.__cause__ or seen.__context__
     return False
 

@@ -210,7 +210,7 @@ def test_answer_classification(status: int, doc: Any, headers: dict[str, str], o
                                expected: Outcome) -> None:
     result = CheckoutMapping("checkout", "sk_sbox_x").parse(op, answer(status, doc, headers))
     assert result.outcome is expected, result
-    assert result.found is (status != 404)
+    assert result.found  # only an explicit empty list (GET /payments?reference=) proves absence
 
 
 # --- test cards ---------------------------------------------------------------------------------
@@ -358,7 +358,8 @@ async def test_unknown_payment_is_not_found_by_reference_or_by_id(rig: Rig) -> N
     by_reference = await rig.call(Operation.STATUS, never_sent, None)
     assert (by_reference.found, by_reference.raw_code) == (False, "not_found")
     by_id = await rig.call(Operation.STATUS, FollowUp(payment_id="x", provider_reference="pay_missing"), None)
-    assert (by_id.found, by_id.http_status) == (False, 404)
+    # A 404 by id is not proof of absence (a proxy, a wrong path): only the empty list is.
+    assert (by_id.found, by_id.http_status) == (True, 404)
 
 
 # --- auth ---------------------------------------------------------------------------------------

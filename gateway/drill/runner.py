@@ -281,7 +281,7 @@ async def _settle(app: web.Application) -> int:
     while time.monotonic() < until:
         if not await store.unresolved_payments(limit=1):
             break
-        settled += await reconciler.run_once(min_age_s=0)
+        settled += await reconciler.run_once(min_age_s=0, ignore_backoff=True)
         await asyncio.sleep(SETTLE_PAUSE_S)  # an emulator may still be "processing" (brownout latency)
     return settled
 

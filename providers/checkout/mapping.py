@@ -328,6 +328,6 @@ def _parse_error(op: Operation, response: ProviderResponse, doc: dict) -> Provid
         http_status=response.status,
         retry_after_s=parse_retry_after(response.headers.get("Retry-After")),
         message=message,
-        found=response.status != 404,
+        found=True,  # only an explicit empty list proves absence; a 404 may be a proxy or a wrong path
         extra=extra,
     )
