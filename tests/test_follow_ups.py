@@ -62,3 +62,25 @@ async def test_adyen_capture_without_amount_captures_the_authorisation(make_conf
     assert captured.status == 200, await captured.text()
     body = await captured.json()
     assert body["status"] == "captured" and body["captured_amount"] == 1299
+
+
+async def test_an_unknown_refund_at_a_provider_that_does_not_replay_is_never_sent_twice(
+        make_config, start_gateway, emulators) -> None:
+    """Checkout.com treats a re-send after a lost answer as a new action: the key keeps the
+    'unknown' answer, so the caller's retry cannot cause a second refund."""
+    from providers.emulation.faults import FaultPlan, FaultRule
+
+    config = make_config(order=("checkout", "stripe"))
+    client = await start_gateway(config)
+    doc = await (await client.post("/v1/payments", json=card_payment(amount=1500), headers=key())).json()
+    assert doc["status"] == "approved" and doc["provider"] == "checkout"
+    emulator = emulators["checkout"].emulator
+    emulator.faults.set(FaultPlan(rules=(FaultRule(kind="timeout_after", hang_s=5, operations=("refund",)),)))
+    headers = key()
+    first = await client.post(f"/v1/payments/{doc['id']}/refunds", json={"amount": 500}, headers=headers)
+    assert first.status == 502 and (await first.json())["code"] == "outcome_unknown"
+    emulator.faults.clear()
+    again = await client.post(f"/v1/payments/{doc['id']}/refunds", json={"amount": 500}, headers=headers)
+    assert again.status == 502 and again.headers.get("Idempotent-Replayed") == "true"
+    [charge] = emulator.ledger.charges()
+    assert charge.refunded == 500  # the first refund went through once; the retry sent nothing

@@ -17,7 +17,7 @@ from gateway.api.auth import Authenticator, Caller
 from gateway.api.errors import ApiError, from_validation_error, json_response
 from gateway.api.idempotency import FrontDoor, fingerprint, idempotency_key
 from gateway.api.schemas import CaptureCreate, CardMethod, PaymentCreate, RefundCreate, VoidCreate
-from gateway.api.state import CONFIG, LOG_WRITER, SERVICE, STORE
+from gateway.api.state import CONFIG, LOG_WRITER, POOL, SERVICE, STORE
 from gateway.cards import card_brand
 from gateway.journal.records import PaymentRecord
 from gateway.payment_view import payment_doc
@@ -228,8 +228,18 @@ def follow_up_handler(op: Operation):  # type: ignore[no-untyped-def]
             await front.release(caller.name, key)
             raise
         result = outcome.result
+        replays = request.app[POOL][record.provider].mapping.replays_answers if record.provider else False
+        if result.outcome is Outcome.UNKNOWN and not replays:
+            # The provider may have acted, and it would treat a re-send as a new action (a
+            # second refund): the key keeps this answer; the caller checks the payment first.
+            response = ApiError(502, "outcome_unknown",
+                                f"{record.provider} did not confirm the {op.value} ({result.raw_code}) and cannot "
+                                "be asked again safely; read the payment before any new request").response()
+            await front.complete(caller.name, key, response)
+            return response
         if result.outcome in (Outcome.UNAVAILABLE, Outcome.UNKNOWN):
-            # Nothing settled: free the key so the caller's retry reaches the same provider key.
+            # Nothing settled: free the key so the caller's retry reaches the same provider key,
+            # which the provider answers once (it replays answers per key).
             await front.release(caller.name, key)
             code = "provider_unavailable" if result.outcome is Outcome.UNAVAILABLE else "outcome_unknown"
             raise ApiError(503 if result.outcome is Outcome.UNAVAILABLE else 502, code,
