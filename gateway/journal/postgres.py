@@ -47,11 +47,9 @@ from gateway.journal.records import (
     PaymentRecord,
     StoredResponse,
 )
-from gateway.journal.sqlite import StoreOverloaded
-from gateway.outcome import PaymentStatus
+from gateway.journal.store import UNRESOLVED_STATUSES, StoreOverloaded, payment_row
 
-_UNRESOLVED = (PaymentStatus.RECEIVED.value, PaymentStatus.ATTEMPTING.value, PaymentStatus.PENDING.value)
-_UNRESOLVED_SQL = "(" + ", ".join(f"'{s}'" for s in _UNRESOLVED) + ")"
+_UNRESOLVED_SQL = "(" + ", ".join(f"'{s}'" for s in UNRESOLVED_STATUSES) + ")"
 _IN_FLIGHT = IdempotencyState.IN_FLIGHT.value
 _DONE = IdempotencyState.DONE.value
 _SCHEMA_LOCK = 0x6761_7465_7761_79  # pg_advisory_xact_lock key: replicas starting together create the schema once
@@ -197,7 +195,7 @@ class PostgresStore:
 
     async def save_payment(self, record: PaymentRecord, answer: IdempotentAnswer | None = None,
                            outbox: OutboxLine | None = None) -> None:
-        args: tuple[Any, ...] = _payment_row(record)
+        args: tuple[Any, ...] = payment_row(record)
         if answer is None:
             sql = _UPSERT_PAYMENT if outbox is None else _SAVE_WITH_LINE
         else:
@@ -228,7 +226,7 @@ class PostgresStore:
         args: tuple[Any, ...] = (scope, key, fingerprint, resource_id, now, expires_at)
         sql = _CLAIM
         if record is not None:
-            sql, args = _CLAIM_WITH_RECORD, args + _payment_row(record)
+            sql, args = _CLAIM_WITH_RECORD, args + payment_row(record)
         async with self._conn() as conn:
             for _ in range(_CLAIM_TRIES):
                 if await conn.fetchval(sql, *args):
@@ -283,5 +281,3 @@ class PostgresStore:
                       key=lambda line: line.log_id)
 
 
-def _payment_row(record: PaymentRecord) -> tuple[str, str, float, float, bytes]:
-    return (record.id, record.status.value, record.created_at, record.updated_at, orjson.dumps(record))

@@ -32,11 +32,11 @@ from gateway.journal.records import (
     PaymentRecord,
     StoredResponse,
 )
-from gateway.outcome import PaymentStatus
+from gateway.journal.store import UNRESOLVED_STATUSES, StoreOverloaded, payment_row
 
 T = TypeVar("T")
 _STOP = object()
-_UNRESOLVED = (PaymentStatus.RECEIVED.value, PaymentStatus.ATTEMPTING.value, PaymentStatus.PENDING.value)
+_UNRESOLVED = UNRESOLVED_STATUSES
 
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS payments (
@@ -71,9 +71,6 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 """
 
-
-class StoreOverloaded(Exception):
-    """The write queue is full: shed load rather than queue without bound."""
 
 
 class SqliteStore:
@@ -170,7 +167,7 @@ class SqliteStore:
 
     async def save_payment(self, record: PaymentRecord, answer: IdempotentAnswer | None = None,
                            outbox: OutboxLine | None = None) -> None:
-        row = _payment_row(record)
+        row = payment_row(record)
 
         def op(conn: sqlite3.Connection) -> None:
             conn.execute(_UPSERT_PAYMENT, row)
@@ -204,7 +201,7 @@ class SqliteStore:
         self, scope: str, key: str, fingerprint: str, resource_id: str, now: float, expires_at: float,
         record: PaymentRecord | None = None,
     ) -> IdempotencyClaim:
-        payment_row = _payment_row(record) if record is not None else None
+        new_row = payment_row(record) if record is not None else None
 
         def op(conn: sqlite3.Connection) -> IdempotencyClaim:
             row = conn.execute(
@@ -223,8 +220,8 @@ class SqliteStore:
                 "expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (scope, key, fingerprint, resource_id, IdempotencyState.IN_FLIGHT.value, now, expires_at),
             )
-            if payment_row is not None:
-                conn.execute(_UPSERT_PAYMENT, payment_row)
+            if new_row is not None:
+                conn.execute(_UPSERT_PAYMENT, new_row)
             return IdempotencyClaim(ClaimKind.NEW, resource_id)
 
         return await self._submit(op)
@@ -286,10 +283,6 @@ _UPSERT_PAYMENT = (
     "INSERT INTO payments (id, status, created_at, updated_at, doc) VALUES (?, ?, ?, ?, ?) "
     "ON CONFLICT (id) DO UPDATE SET status = excluded.status, updated_at = excluded.updated_at, doc = excluded.doc"
 )
-
-
-def _payment_row(record: PaymentRecord) -> tuple[str, str, float, float, bytes]:
-    return (record.id, record.status.value, record.created_at, record.updated_at, orjson.dumps(record))
 
 
 def _store_answer(conn: sqlite3.Connection, scope: str, key: str, response: StoredResponse) -> None:

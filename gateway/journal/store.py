@@ -5,7 +5,27 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from gateway.journal.records import IdempotencyClaim, IdempotentAnswer, OutboxLine, PaymentRecord, StoredResponse
+import orjson
+
+from gateway.journal.records import (
+    IdempotencyClaim,
+    IdempotentAnswer,
+    OutboxLine,
+    PaymentRecord,
+    StoredResponse,
+)
+from gateway.outcome import PaymentStatus
+
+UNRESOLVED_STATUSES = (PaymentStatus.RECEIVED.value, PaymentStatus.ATTEMPTING.value, PaymentStatus.PENDING.value)
+
+
+class StoreOverloaded(Exception):
+    """The journal cannot take more work now: shed load rather than queue without bound."""
+
+
+def payment_row(record: PaymentRecord) -> tuple[str, str, float, float, bytes]:
+    """The columns every backend stores: id, status and times for the indexes, the document."""
+    return (record.id, record.status.value, record.created_at, record.updated_at, orjson.dumps(record))
 
 
 class Store(Protocol):
