@@ -57,8 +57,10 @@ def _print_banner(cfg: GatewayConfig, emulators: list[EmulatorServer]) -> None:
     client = cfg.auth.clients[0]
     cacert = f" --cacert {cfg.server.tls.cert}" if cfg.server.tls else ""
     print(f"\ngateway on {base}  (metrics {base}/metrics, API spec {base}/openapi.json)")
-    print(f"live console {base}/console  (sign in with the admin key in "
-          f"{' or '.join(c.key_env for c in cfg.auth.clients if 'admin' in c.permissions) or 'no admin client'})")
+    admins = [c for c in cfg.auth.clients if "admin" in c.permissions]
+    if admins:  # the dev stack's own key from config/dev.env, like the curl's below
+        print(f"live console {base}/console  (sign in with {admins[0].key.get_secret_value()}, "
+              f"from {admins[0].key_env})")
     for e in emulators:
         print(f"  {e.emulator.name:9} emulator {e.url}   ledger: curl {e.admin_url}/_emulator/ledger")
     key_ref = client.key.get_secret_value()  # the dev stack's own key from config/dev.env
