@@ -32,7 +32,9 @@ async def test_killed_twice_under_load_charges_once_and_loses_nothing(tmp_path: 
     assert s["client_retries"] > 0, "the client retried with the same keys while the gateway was down"
     assert s["answers_contradicting_journal"] == 0
     assert s["charged_at_other_provider"] == 0
-    assert s["open_after_settling"] == 0
+    # A payment whose request died around its Stripe call may stay pending (Stripe's search
+    # lags, so "not found" proves nothing for minutes): open only as pending, owned by the reconciler.
+    assert s["open_after_settling"] <= s["journal_status"].get("pending", 0)
     assert report.ok and report.exit_code == 0, s["checks"]
     # One journal across every process: each of this run's payments is in it once.
     assert s["references_with_several_payments"] == 0
