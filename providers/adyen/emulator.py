@@ -423,15 +423,21 @@ class AdyenEmulator(ProviderEmulator):
         self.modifications.append({"kind": kind, **answer})
         return json_response(201, answer)
 
-    async def _capture(self, ctx: EmulatorRequest) -> web.Response:
+    async def _priced_modification(self, ctx: EmulatorRequest) -> tuple[LedgerEntry, dict, int] | web.Response:
+        """A capture's or refund's payment, body and amount, or Adyen's answer to what is wrong."""
         await ctx.simulate_processing()
         found = self._modification(ctx)
         if isinstance(found, web.Response):
             return found
         entry, doc = found
         amount = self._amount(entry, doc)
-        if isinstance(amount, web.Response):
-            return amount
+        return amount if isinstance(amount, web.Response) else (entry, doc, amount)
+
+    async def _capture(self, ctx: EmulatorRequest) -> web.Response:
+        found = await self._priced_modification(ctx)
+        if isinstance(found, web.Response):
+            return found
+        entry, doc, amount = found
         if not entry.approved or entry.voided or entry.status not in ("authorised", "captured"):
             return _validation("000", f"Payment cannot be captured: it is {entry.status}")
         if entry.captured + amount > entry.amount:
@@ -441,14 +447,10 @@ class AdyenEmulator(ProviderEmulator):
         return self._received(entry, doc, "capture", amount)
 
     async def _refund(self, ctx: EmulatorRequest) -> web.Response:
-        await ctx.simulate_processing()
-        found = self._modification(ctx)
+        found = await self._priced_modification(ctx)
         if isinstance(found, web.Response):
             return found
-        entry, doc = found
-        amount = self._amount(entry, doc)
-        if isinstance(amount, web.Response):
-            return amount
+        entry, doc, amount = found
         if entry.captured - entry.refunded < amount:
             return _validation("000", "Refund amount exceeds the captured amount" if entry.captured
                                else f"Payment cannot be refunded: it is {entry.status}")
