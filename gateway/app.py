@@ -35,6 +35,7 @@ from gateway.provider_pool import ProviderPool
 from gateway.reconciler import Reconciler
 from gateway.retry_policy import RetryBudget
 from gateway.router import Router
+from gateway.tasks import stop_task
 from gateway.txlog import JsonLinesWriter, build_ops_logger
 from gateway.txlog.outbox import TransactionLog
 
@@ -90,11 +91,7 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
         app[TRANSACTION_LOG] = txlog
         sweeper = asyncio.create_task(txlog.run_forever(exclusive=exclusive), name="txlog-outbox-sweep")
         yield
-        sweeper.cancel()
-        try:
-            await sweeper
-        except asyncio.CancelledError:
-            pass
+        await stop_task(sweeper)
         await txlog.close()  # after every producer stopped, before the store closes
 
     async def providers(app: web.Application) -> AsyncIterator[None]:
@@ -143,11 +140,7 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
         await rec.run_once(min_age_s=0, abandoned_after_s=0 if exclusive else None)
         task = asyncio.create_task(rec.run_forever(), name="reconciler")
         yield
-        task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            pass
+        await stop_task(task)
 
     certificates = certificate_watcher_ctx(interval_s=certificate_check_interval_s,
                                            server_ssl_context=server_ssl_context)

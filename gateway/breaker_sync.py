@@ -42,6 +42,7 @@ from redis import asyncio as aioredis
 from redis.exceptions import RedisError
 
 from gateway.breaker import ProviderBreaker
+from gateway.tasks import stop_task
 
 OPEN = "open"
 CLOSED = "closed"
@@ -132,11 +133,7 @@ class RedisBreakerSync:
         if self._outbox is not None and self._tasks:
             with contextlib.suppress(TimeoutError):  # bounded: a change not out by now stays unshared
                 await asyncio.wait_for(self._outbox.join(), flush_timeout_s)
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await asyncio.gather(*(stop_task(task) for task in self._tasks))
         self._tasks = []
         await self._close_redis()
 

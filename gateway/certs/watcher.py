@@ -60,6 +60,7 @@ from gateway.certs.tls import reload_cert_chain
 from gateway.config import GatewayConfig
 from gateway.metrics import Metrics
 from gateway.provider_pool import ProviderHandle, ProviderPool
+from gateway.tasks import stop_task
 
 OpsLog = structlog.typing.FilteringBoundLogger
 
@@ -300,9 +301,7 @@ def certificate_watcher_ctx(
         await watcher.run_once(probe_endpoints=False)
         task = asyncio.create_task(watcher.run_forever(), name="certificate-watcher")
         yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await stop_task(task)
 
     return certificates
 

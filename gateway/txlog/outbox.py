@@ -56,6 +56,7 @@ import orjson
 
 from gateway.journal.records import OutboxLine
 from gateway.journal.store import Store
+from gateway.tasks import stop_task
 from gateway.txlog.logger import build_transaction_renderer
 from gateway.txlog.redaction import Redactor
 from gateway.txlog.writer import JsonLinesWriter, LogWriterError
@@ -155,12 +156,7 @@ class TransactionLog:
             await self.settle(timeout)
         finally:
             self.writer.set_flush_listener(None)
-            if self._deleter is not None and not self._deleter.done():
-                self._deleter.cancel()
-                try:
-                    await self._deleter
-                except asyncio.CancelledError:
-                    pass
+            await stop_task(self._deleter)
 
     # -- the request path ------------------------------------------------------------------------
 
