@@ -1,9 +1,11 @@
-"""The aiohttp application and the lifetime of everything it owns.
+"""The composition root: the aiohttp application and the lifetime of everything it owns.
 
 One `cleanup_ctx` generator per resource, in dependency order: the transaction log writer, the
 store, the transaction log's outbox (start-up re-emit of lines a crash kept from the file), the
-provider pool (one ClientSession each), the payment service, the reconciler. aiohttp tears down
-in reverse and only what started.
+provider pool (one ClientSession each), breaker sync, the certificate watcher, the payment
+service, the reconciler, the console. aiohttp tears down in reverse and only what started. Every
+piece of state they share is an `AppKey` of `gateway.app_keys`; nothing below this module wires
+another module's objects together.
 """
 
 from __future__ import annotations
@@ -20,9 +22,23 @@ from gateway.api import health, openapi, payments
 from gateway.api.auth import Authenticator
 from gateway.api.errors import error_middleware
 from gateway.api.idempotency import FrontDoor
-from gateway.api.state import CONFIG, LOG_WRITER, METRICS, OPS_LOG, POOL, SERVICE, STORE
-from gateway.breaker_sync import BREAKER_SYNC, RedisBreakerSync
-from gateway.certs.watcher import certificate_watcher_ctx
+from gateway.app_keys import (
+    AUTH,
+    BREAKER_SYNC,
+    CERT_WATCHER,
+    CONFIG,
+    FRONT_DOOR,
+    LOG_WRITER,
+    METRICS,
+    OPS_LOG,
+    POOL,
+    RECONCILER,
+    SERVICE,
+    STORE,
+    TRANSACTION_LOG,
+)
+from gateway.breaker_sync import RedisBreakerSync
+from gateway.certs.watcher import CertificateWatcher
 from gateway.config import GatewayConfig
 from gateway.console import setup_console
 from gateway.executor import AttemptExecutor
@@ -39,8 +55,6 @@ from gateway.tasks import stop_task
 from gateway.txlog import JsonLinesWriter, build_ops_logger
 from gateway.txlog.outbox import TransactionLog
 
-RECONCILER = web.AppKey("reconciler", Reconciler)
-TRANSACTION_LOG = web.AppKey("transaction_log", TransactionLog)
 ABANDON_MARGIN_S = 5.0  # past its deadline plus this, an unanswered payment has lost its process
 
 
@@ -61,7 +75,7 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
     app[CONFIG] = config
     app[OPS_LOG] = ops
     app[METRICS] = Metrics()
-    app[payments.AUTH] = Authenticator(config.auth)
+    app[AUTH] = Authenticator(config.auth)
 
     async def log_writer(app: web.Application) -> AsyncIterator[None]:
         writer = JsonLinesWriter(Path(config.log.dir) / config.log.file, queue_size=config.log.queue_size,
@@ -75,7 +89,7 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
         s = make_store(config)
         await s.open()
         app[STORE] = s
-        app[payments.FRONT_DOOR] = FrontDoor(s, config.storage.idempotency_retention_h * 3600)
+        app[FRONT_DOOR] = FrontDoor(s, config.storage.idempotency_retention_h * 3600)
         yield
         await s.close()
 
@@ -142,12 +156,24 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
         yield
         await stop_task(task)
 
-    certificates = certificate_watcher_ctx(interval_s=certificate_check_interval_s,
-                                           server_ssl_context=server_ssl_context)
+    async def certificates(app: web.Application) -> AsyncIterator[None]:
+        """Before the app serves, one pass over the files marks providers whose client
+        certificate is unusable (no endpoint probes there: a provider that is still starting
+        must not delay us); then a pass every `certificate_check_interval_s`."""
+        pool = app[POOL]
+        watcher = CertificateWatcher(config, pool.client_contexts(), app[METRICS], ops,
+                                     on_certificate_problem=pool.set_certificate_problem,
+                                     interval_s=certificate_check_interval_s, server_ssl_context=server_ssl_context)
+        app[CERT_WATCHER] = watcher
+        await watcher.run_once(probe_endpoints=False)
+        task = asyncio.create_task(watcher.run_forever(), name="certificate-watcher")
+        yield
+        await stop_task(task)
+
     app.cleanup_ctx.extend([log_writer, store, transaction_log, providers, breaker_sync, certificates, service,
                             reconciler])
     payments.add_routes(app)
     health.add_routes(app)
     openapi.add_routes(app)
-    setup_console(app, reconciler=RECONCILER)  # GET /console (admin key); its context runs last
+    setup_console(app)  # GET /console (admin key); its context runs last
     return app

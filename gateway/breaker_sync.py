@@ -257,5 +257,3 @@ class RedisBreakerSync:
         self.applied += 1
         self._log.info("breaker_sync_applied", provider=provider, state=state, from_replica=message.get("replica"))
 
-
-BREAKER_SYNC = web.AppKey("breaker_sync", RedisBreakerSync)

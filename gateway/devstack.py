@@ -13,8 +13,8 @@ from gateway.app import build_app
 from gateway.certs.devca import generate_dev_certs
 from gateway.certs.tls import server_context
 from gateway.config import ConfigError, GatewayConfig
-from providers.emulation.launch import start_emulator
-from providers.emulation.server import EmulatorServer
+from gateway.emulator_launch import start_emulator
+from emulators.server import EmulatorServer
 from providers.registry import KINDS
 
 

@@ -21,10 +21,11 @@ from gateway.breaker import BreakerOpen, ProviderFailure
 from gateway.bulkhead import BulkheadFull, BulkheadTimeout
 from gateway.journal.records import Attempt
 from gateway.metrics import Metrics
-from gateway.outcome import Outcome
+from domain.outcome import Outcome
 from gateway.provider_pool import ProviderHandle
 from gateway.retry_policy import RetryBudget, stop_at_deadline, stop_when_budget_spent, wait_retry_after
-from providers.base import FollowUp, Operation, PaymentOrder, ProviderMapping, ProviderRequest, ProviderResult
+from domain.types import FollowUp, Operation, PaymentOrder, ProviderResult
+from providers.base import ProviderMapping, ProviderRequest
 from providers.classify import result_from_transport_error
 from providers.errors import TransportError
 

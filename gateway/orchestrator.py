@@ -18,17 +18,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.cards import card_brand
+from domain.cards import card_brand
 from gateway.executor import AttemptExecutor
 from gateway.journal.records import Attempt, IdempotentAnswer, OutboxLine, PaymentRecord, StoredResponse
 from gateway.journal.store import Store
 from gateway.metrics import Metrics
-from gateway.outcome import Outcome, PaymentStatus
+from domain.outcome import Outcome, PaymentStatus
 from gateway.payment_view import payment_answer
 from gateway.provider_pool import ProviderPool
 from gateway.router import NoRoute, RouteDecision, Router, RoutingFacts
 from gateway.txlog.outbox import TransactionLog
-from providers.base import FollowUp, Operation, PaymentOrder, ProviderResult
+from domain.types import FollowUp, Operation, PaymentOrder, ProviderResult
 
 
 def provider_idempotency_key(payment_id: str, provider: str, operation: str = "auth", salt: str = "") -> str:

@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 
 from gateway.journal.records import PaymentRecord, StoredResponse
-from gateway.outcome import PaymentStatus
+from domain.outcome import PaymentStatus
 
 
 def payment_doc(record: PaymentRecord) -> dict[str, Any]:

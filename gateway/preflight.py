@@ -35,7 +35,7 @@ from gateway.certs.check import CertReport, Thresholds, collect
 from gateway.certs.inspect import CertStatus
 from gateway.certs.tls import client_context
 from gateway.config import GatewayConfig, ProviderConfig
-from providers.base import FollowUp, Operation
+from domain.types import FollowUp, Operation
 from providers.errors import TransportError
 from providers.registry import KINDS
 from providers.transport import ProviderTransport

@@ -6,6 +6,7 @@ transports (one keep-alive ClientSession per provider).
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ class ProviderHandle:
     bulkhead: Bulkhead
     ssl_context: ssl.SSLContext | None
     success: SuccessWindow
-    certificate_problem: str | None = None  # set by the certificate watcher
+    certificate_problem: str | None = None  # reported by the certificate watcher
 
     @property
     def timeout_s(self) -> float:
@@ -56,6 +57,7 @@ def _ssl_context(cfg: ProviderConfig) -> ssl.SSLContext | None:
 class ProviderPool:
     def __init__(self, config: GatewayConfig) -> None:
         self._handles: dict[str, ProviderHandle] = {}
+        self._open = contextlib.AsyncExitStack()
         for name, cfg in config.providers.items():
             ctx = _ssl_context(cfg)
             self._handles[name] = ProviderHandle(
@@ -82,6 +84,15 @@ class ProviderPool:
     def __iter__(self) -> Iterator[ProviderHandle]:
         return iter(self._handles.values())
 
+    def client_contexts(self) -> dict[str, ssl.SSLContext]:
+        """Each HTTPS provider's live client TLS context, for the certificate watcher to reload."""
+        return {h.name: h.ssl_context for h in self._handles.values() if h.ssl_context is not None}
+
+    def set_certificate_problem(self, name: str, problem: str | None) -> None:
+        """The certificate watcher's callback: why this provider's client certificate makes it
+        unusable (expired, not yet valid, unreadable), or None once a good pair is loaded."""
+        self._handles[name].certificate_problem = problem
+
     def health(self, name: str) -> str | None:
         return self._handles[name].unusable_reason()
 
@@ -89,9 +100,12 @@ class ProviderPool:
         return self._handles[name].success.rate()
 
     async def start(self) -> None:
-        for handle in self._handles.values():
-            await handle.transport.start()
+        """Open every transport; if one fails to start, close those already open."""
+        async with contextlib.AsyncExitStack() as stack:
+            for handle in self._handles.values():
+                await handle.transport.start()
+                stack.push_async_callback(handle.transport.close)
+            self._open = stack.pop_all()
 
     async def close(self) -> None:
-        for handle in self._handles.values():
-            await handle.transport.close()
+        await self._open.aclose()

@@ -15,10 +15,10 @@ import structlog
 
 from gateway.executor import MIN_TRY_S, attempt_outcome
 from gateway.journal.records import Attempt, PaymentRecord
-from gateway.outcome import Outcome, PaymentStatus
+from domain.outcome import Outcome, PaymentStatus
 from gateway.orchestrator import PaymentService
 from gateway.payment_view import payment_answer
-from providers.base import FollowUp, Operation
+from domain.types import FollowUp, Operation
 from providers.classify import result_from_transport_error
 from providers.errors import TransportError
 

@@ -12,7 +12,7 @@ from collections import deque
 from tenacity import RetryCallState
 from tenacity.wait import wait_base, wait_random_exponential
 
-from providers.base import ProviderResult
+from domain.types import ProviderResult
 
 
 class RetryBudget:

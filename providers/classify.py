@@ -8,8 +8,8 @@ from typing import Any
 
 import orjson
 
-from gateway.outcome import Outcome
-from providers.base import ProviderResult
+from domain.outcome import Outcome
+from domain.types import ProviderResult
 from providers.errors import MaybeSent, TransportError
 
 MAX_RETRY_AFTER_S = 60.0

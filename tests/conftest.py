@@ -13,8 +13,8 @@ from aiohttp.test_utils import TestClient
 from gateway.app import build_app
 from gateway.certs.devca import DevCertLayout, generate_dev_certs
 from gateway.config import GatewayConfig, parse_config
-from providers.emulation.launch import start_emulator
-from providers.emulation.server import EmulatorServer
+from gateway.emulator_launch import start_emulator
+from emulators.server import EmulatorServer
 from providers.registry import KINDS
 
 CHECKOUT_KEY = "test-checkout-key"

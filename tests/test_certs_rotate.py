@@ -23,17 +23,18 @@ from aiohttp import web
 from cryptography import x509
 from typer.testing import CliRunner, Result
 
-from gateway.api.state import CONFIG, METRICS, POOL
-from gateway.certs.commands import certs_app
+from gateway.app_keys import CONFIG, METRICS, POOL
+from gateway.cli.certs import certs_app
 from gateway.certs.devca import DevCertLayout, generate_dev_certs, issue_dev_pair, write_pem_pair
 from gateway.certs.tls import client_context, server_context
-from gateway.certs.watcher import CERT_WATCHER, CertificateWatcher
+from gateway.app_keys import CERT_WATCHER
+from gateway.certs.watcher import CertificateWatcher
 from gateway.config import load_config, parse_config
 from gateway.metrics import Metrics
 from gateway.provider_pool import ProviderPool
 from gateway.txlog import build_ops_logger
-from providers.emulation.faults import FaultPlan, FaultRule
-from providers.emulation.server import EmulatorServer
+from emulators.faults import FaultPlan, FaultRule
+from emulators.server import EmulatorServer
 from tests.conftest import AUTH, card_payment, gateway_config_data
 
 CLIENT_CN = "gateway-client-stripe"
@@ -304,7 +305,8 @@ async def test_a_bad_pair_on_disk_is_not_loaded_and_the_good_one_stays(
     """Files copied by hand, skipping `certs rotate`: the watcher still refuses what cannot work."""
     config = parse_config(gateway_config_data(tmp_path, certs, emulators, order=("stripe",)))
     pool, stream = ProviderPool(config), io.StringIO()
-    watcher = CertificateWatcher(config, pool, Metrics(), build_ops_logger(stream), probe_endpoints=False)
+    watcher = CertificateWatcher(config, pool.client_contexts(), Metrics(), build_ops_logger(stream),
+                                 on_certificate_problem=pool.set_certificate_problem, probe_endpoints=False)
     await watcher.run_once()
     ctx, live = pool["stripe"].ssl_context, (certs.client_cert("stripe"), certs.client_key("stripe"))
     original = _serial(live[0].read_bytes())
@@ -340,7 +342,8 @@ async def test_the_gateway_server_certificate_is_reloaded_without_restart(
     await web.TCPSite(app_runner, "127.0.0.1", 0, ssl_context=ctx).start()
     port = app_runner.addresses[0][1]
     metrics = Metrics()
-    watcher = CertificateWatcher(config, ProviderPool(config), metrics, build_ops_logger(io.StringIO()),
+    watcher = CertificateWatcher(config, (_pool := ProviderPool(config)).client_contexts(), metrics, build_ops_logger(io.StringIO()),
+                                 on_certificate_problem=_pool.set_certificate_problem,
                                  server_ssl_context=ctx, probe_endpoints=False)
     try:
         await watcher.run_once()
@@ -382,7 +385,8 @@ async def test_rotation_under_load_loses_no_payment(
     app = client.app
     if (app_watcher := app.get(CERT_WATCHER)) is not None:
         await app_watcher.run_once()  # let the app's own start-up pass finish
-    watcher = CertificateWatcher(app[CONFIG], app[POOL], app[METRICS], build_ops_logger(io.StringIO()),
+    watcher = CertificateWatcher(app[CONFIG], app[POOL].client_contexts(), app[METRICS], build_ops_logger(io.StringIO()),
+                                 on_certificate_problem=app[POOL].set_certificate_problem,
                                  probe_endpoints=False)
     await watcher.run_once()
     ctx = app[POOL]["stripe"].ssl_context

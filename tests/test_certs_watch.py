@@ -15,17 +15,18 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from gateway.api.state import CONFIG, METRICS, OPS_LOG, POOL
+from gateway.app_keys import CONFIG, METRICS, OPS_LOG, POOL
 from gateway.certs.check import CertReport, Thresholds, collect
 from gateway.certs.devca import DevCertLayout, generate_dev_certs, issue_dev_pair, write_pem_pair
 from gateway.certs.inspect import CertStatus
 from gateway.certs.rotate import provider_target, rotate
-from gateway.certs.watcher import CERT_WATCHER, CertificateWatcher
+from gateway.app_keys import CERT_WATCHER
+from gateway.certs.watcher import CertificateWatcher
 from gateway.config import GatewayConfig, parse_config
 from gateway.metrics import Metrics
 from gateway.provider_pool import ProviderPool
 from gateway.txlog import build_ops_logger
-from providers.emulation.server import EmulatorServer
+from emulators.server import EmulatorServer
 from tests.conftest import AUTH, card_payment, gateway_config_data
 
 CLIENT_CN = "gateway-client-stripe"
@@ -73,7 +74,8 @@ async def _watcher_on(app: web.Application, stream: io.StringIO | None = None, *
     if existing is not None:
         await existing.run_once()
     ops = build_ops_logger(stream) if stream is not None else app[OPS_LOG]
-    return CertificateWatcher(app[CONFIG], app[POOL], app[METRICS], ops, **kwargs)
+    return CertificateWatcher(app[CONFIG], app[POOL].client_contexts(), app[METRICS], ops,
+                              on_certificate_problem=app[POOL].set_certificate_problem, **kwargs)
 
 
 # --- collect ---------------------------------------------------------------------------------
@@ -172,7 +174,8 @@ async def test_watcher_warns_once_per_threshold_crossing(
     pool, metrics, stream = ProviderPool(config), Metrics(), io.StringIO()
     start = datetime.now(UTC)
     now = start
-    watcher = CertificateWatcher(config, pool, metrics, build_ops_logger(stream), probe_endpoints=False,
+    watcher = CertificateWatcher(config, pool.client_contexts(), metrics, build_ops_logger(stream),
+                                 on_certificate_problem=pool.set_certificate_problem, probe_endpoints=False,
                                  clock=lambda: now)
 
     async def tick(days: float) -> list[tuple[str, Any]]:
@@ -213,7 +216,8 @@ async def test_watcher_exports_endpoint_metrics_and_keeps_them_through_an_outage
 ) -> None:
     config = _config(tmp_path, certs, emulators)
     metrics, stream = Metrics(), io.StringIO()
-    watcher = CertificateWatcher(config, ProviderPool(config), metrics, build_ops_logger(stream))
+    watcher = CertificateWatcher(config, (_pool := ProviderPool(config)).client_contexts(), metrics, build_ops_logger(stream),
+                                 on_certificate_problem=_pool.set_certificate_problem)
     await _swap_emulator_cert(emulators["stripe"], 3)
     await watcher.run_once()
     labels = {"provider": "stripe", "kind": "endpoint"}

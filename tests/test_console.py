@@ -16,16 +16,17 @@ from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
 
 from gateway.api.auth import Caller
-from gateway.api.state import POOL
+from gateway.app_keys import POOL
 from gateway.app import build_app
 from gateway.config import AuthConfig, GatewayConfig
-from gateway.console import CONSOLE, COOKIE, ConsoleStats, SessionSigner
+from gateway.app_keys import CONSOLE
+from gateway.console import COOKIE, ConsoleStats, SessionSigner
 from gateway.console.stats import GATEWAY, latency_bin, percentile
 from gateway.journal.records import Attempt, PaymentRecord
-from gateway.outcome import PaymentStatus
+from domain.outcome import PaymentStatus
 from gateway.txlog import build_ops_logger
-from providers.emulation.faults import FaultPlan, FaultRule
-from providers.emulation.server import EmulatorServer
+from emulators.faults import FaultPlan, FaultRule
+from emulators.server import EmulatorServer
 from tests.conftest import AUTH, CHECKOUT_KEY, READER_KEY, card_payment
 
 ADMIN_KEY = "test-admin-key-0123456789"

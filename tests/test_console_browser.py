@@ -28,7 +28,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from gateway.api.state import POOL
+from gateway.app_keys import POOL
 from gateway.app import build_app
 from gateway.config import GatewayConfig
 from gateway.drill import DrillOptions, run_drill

@@ -12,8 +12,8 @@ from gateway.breaker import BreakerOpen, ProviderBreaker
 import asyncio
 import time
 
-from gateway.api.state import POOL
-from providers.emulation.faults import FaultRule
+from gateway.app_keys import POOL
+from emulators.faults import FaultRule
 from tests.test_engine_failover import (  # noqa: F401  (fixtures)
     charges,
     engine_config,

@@ -25,16 +25,16 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from gateway.api.payments import new_payment_id
-from gateway.api.state import LOG_WRITER, STORE
-from gateway.app import RECONCILER
+from gateway.app_keys import LOG_WRITER, STORE
+from gateway.app_keys import RECONCILER
 from gateway.certs.devca import DevCertLayout
 from gateway.config import GatewayConfig, parse_config
 from gateway.journal.records import PaymentRecord
 from gateway.txlog.redaction import Redactor
-from providers.emulation.faults import FaultPlan, FaultRule
-from providers.emulation.ledger import LedgerEntry
-from providers.emulation.launch import start_emulator
-from providers.emulation.server import EmulatorServer
+from emulators.faults import FaultPlan, FaultRule
+from emulators.ledger import LedgerEntry
+from gateway.emulator_launch import start_emulator
+from emulators.server import EmulatorServer
 from tests.conftest import AUTH, card_payment
 
 PROVIDER_NAMES = ("primary", "backup", "third")

@@ -31,11 +31,12 @@ from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.app import RECONCILER, build_app
+from gateway.app import build_app
+from gateway.app_keys import RECONCILER
 from gateway.config import parse_config
-from gateway.outcome import PaymentStatus
-from providers.emulation.faults import FaultPlan, FaultRule
-from providers.emulation.server import EmulatorServer
+from domain.outcome import PaymentStatus
+from emulators.faults import FaultPlan, FaultRule
+from emulators.server import EmulatorServer
 from tests.conftest import AUTH, card_payment
 from tests.test_engine_failover import (  # noqa: F401  (stripes is a fixture)
     PROVIDER_NAMES,

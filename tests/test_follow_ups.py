@@ -68,7 +68,7 @@ async def test_an_unknown_refund_at_a_provider_that_does_not_replay_is_never_sen
         make_config, start_gateway, emulators) -> None:
     """Checkout.com treats a re-send after a lost answer as a new action: the key keeps the
     'unknown' answer, so the caller's retry cannot cause a second refund."""
-    from providers.emulation.faults import FaultPlan, FaultRule
+    from emulators.faults import FaultPlan, FaultRule
 
     config = make_config(order=("checkout", "stripe"))
     client = await start_gateway(config)

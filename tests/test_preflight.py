@@ -37,7 +37,7 @@ from gateway.preflight import (
     run_preflight,
     store_findings,
 )
-from providers.emulation.server import EmulatorServer
+from emulators.server import EmulatorServer
 from tests.conftest import gateway_config_data
 from tests.test_store_contract import PG_DSN, dsn_with_search_path
 

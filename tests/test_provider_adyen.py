@@ -11,14 +11,15 @@ import orjson
 import pytest
 
 import Adyen
-from gateway.cards import luhn_valid
-from gateway.outcome import Outcome
-from providers.adyen.emulator import SCENARIO_CARDS, TEST_CARDS, AdyenEmulator
+from domain.cards import luhn_valid
+from domain.outcome import Outcome
+from emulators.adyen import SCENARIO_CARDS, TEST_CARDS, AdyenEmulator
 from providers.adyen.mapping import ERROR_STATUS, REFUSAL_REASONS, AdyenMapping, classify_refusal
-from providers.base import Card, FollowUp, Operation, PaymentOrder, ProviderRequest, ProviderResponse, ProviderResult
+from domain.types import Card, FollowUp, Operation, PaymentOrder, ProviderResult
+from providers.base import ProviderRequest, ProviderResponse
 from providers.classify import result_from_transport_error
-from providers.emulation.faults import FaultPlan, FaultRule
-from providers.emulation.server import EmulatorServer
+from emulators.faults import FaultPlan, FaultRule
+from emulators.server import EmulatorServer
 from providers.errors import TransportError
 from providers.transport import ProviderTransport
 

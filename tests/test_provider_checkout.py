@@ -28,13 +28,14 @@ from checkout_sdk.payments.payments import (
     VoidRequest,
 )
 
-from gateway.outcome import Outcome
-from providers.base import Card, FollowUp, Operation, PaymentOrder, ProviderRequest, ProviderResponse, ProviderResult
-from providers.checkout.emulator import SCENARIO_CARDS, TEST_CARDS, CheckoutEmulator
+from domain.outcome import Outcome
+from domain.types import Card, FollowUp, Operation, PaymentOrder, ProviderResult
+from providers.base import ProviderRequest, ProviderResponse
+from emulators.checkout import SCENARIO_CARDS, TEST_CARDS, CheckoutEmulator
 from providers.checkout.mapping import IDEMPOTENCY_HEADER, CheckoutMapping, decline_outcome
 from providers.classify import result_from_transport_error
-from providers.emulation.faults import FaultPlan, FaultRule
-from providers.emulation.server import EmulatorServer
+from emulators.faults import FaultPlan, FaultRule
+from emulators.server import EmulatorServer
 from providers.errors import TransportError
 from providers.transport import ProviderTransport
 

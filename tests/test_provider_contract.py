@@ -9,12 +9,13 @@ from typing import Any
 
 import pytest
 
-from gateway.outcome import Outcome
-from providers.base import Card, FollowUp, Operation, PaymentOrder, ProviderResult
+from domain.outcome import Outcome
+from domain.types import Card, FollowUp, Operation, PaymentOrder, ProviderResult
 from providers.classify import result_from_transport_error
-from providers.emulation.faults import FaultPlan, FaultRule
-from providers.emulation.server import EmulatorServer
+from emulators.faults import FaultPlan, FaultRule
+from emulators.server import EmulatorServer
 from providers.errors import TransportError
+from emulators.registry import EMULATORS
 from providers.registry import KINDS
 from providers.transport import ProviderTransport
 
@@ -42,13 +43,14 @@ class Rig:
 @pytest.fixture(params=sorted(KINDS))
 async def rig(request: pytest.FixtureRequest) -> AsyncIterator[Rig]:
     kind = KINDS[request.param]
-    server = EmulatorServer(kind.emulator())
+    emulated = EMULATORS[request.param]
+    server = EmulatorServer(emulated.emulator())
     await server.start()
     transport = ProviderTransport(kind.name, server.url, ssl_context=None, connect_timeout_s=1.0, max_connections=10)
     await transport.start()
     mapping = kind.mapping(kind.name, API_KEYS[kind.name], merchant_account="GatewayTestECOM")
     try:
-        yield Rig(kind.name, server, transport, mapping, kind.scenario_cards())
+        yield Rig(kind.name, server, transport, mapping, emulated.scenario_cards())
     finally:
         await transport.close()
         await server.stop()

@@ -5,8 +5,9 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from gateway.outcome import Outcome
-from providers.base import Operation, ProviderResponse
+from domain.outcome import Outcome
+from domain.types import Operation
+from providers.base import ProviderResponse
 from providers.stripe.mapping import StripeMapping
 
 MAPPING = StripeMapping("stripe", "sk_test_x")

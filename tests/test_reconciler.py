@@ -18,15 +18,15 @@ from types import SimpleNamespace
 import orjson
 
 from gateway.api.idempotency import fingerprint
-from gateway.api.state import STORE
-from gateway.app import RECONCILER
+from gateway.app_keys import STORE
+from gateway.app_keys import RECONCILER
 from gateway.certs.tls import client_context
 from gateway.config import GatewayConfig
 from gateway.journal.records import Attempt, PaymentRecord
 from gateway.journal.sqlite import SqliteStore
 from gateway.orchestrator import provider_idempotency_key
-from gateway.outcome import Outcome, PaymentStatus
-from providers.base import Card, Operation, PaymentOrder
+from domain.outcome import Outcome, PaymentStatus
+from domain.types import Card, Operation, PaymentOrder
 from providers.stripe.mapping import StripeMapping
 from providers.transport import ProviderTransport
 from tests.conftest import AUTH, card_payment

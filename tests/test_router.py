@@ -7,11 +7,11 @@ from collections import Counter
 
 import pytest
 
-from gateway.api.state import POOL
+from gateway.app_keys import POOL
 from gateway.config import RouteConfig, RouteMatch
 from gateway.router import NoRoute, Router, RoutingFacts
 from gateway.success_window import SuccessWindow
-from providers.emulation.faults import FaultRule
+from emulators.faults import FaultRule
 from tests.test_engine_failover import (  # noqa: F401  (fixtures)
     engine_config,
     pay,

@@ -24,13 +24,13 @@ import pytest
 from aiohttp.test_utils import TestClient
 from redis import asyncio as aioredis
 
-from gateway.api.state import POOL
-from gateway.breaker_sync import BREAKER_SYNC
+from gateway.app_keys import POOL
+from gateway.app_keys import BREAKER_SYNC
 from gateway.certs.devca import DevCertLayout
 from gateway.config import ConfigError, GatewayConfig, parse_config
 from gateway.journal.postgres import PostgresStore
-from providers.emulation.faults import FaultRule
-from providers.emulation.server import EmulatorServer
+from emulators.faults import FaultRule
+from emulators.server import EmulatorServer
 from tests.conftest import AUTH, card_payment
 from tests.test_engine_failover import (  # noqa: F401  (stripes is a fixture)
     charges,

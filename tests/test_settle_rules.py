@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from gateway.executor import _still_unsettled, settle_with_status
-from gateway.outcome import Outcome
-from providers.base import ProviderResult
+from domain.outcome import Outcome
+from domain.types import ProviderResult
 from providers.checkout.mapping import CheckoutMapping
 from providers.stripe.mapping import StripeMapping
 

@@ -35,7 +35,7 @@ from gateway.journal.records import (
     StoredResponse,
 )
 from gateway.journal.sqlite import SqliteStore
-from gateway.outcome import PaymentStatus
+from domain.outcome import PaymentStatus
 
 PG_DSN = os.environ.get("GATEWAY_TEST_PG_DSN", "postgresql://gateway:gateway@127.0.0.1:5432/gateway_test")
 SCOPE = "checkout"

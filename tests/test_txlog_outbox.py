@@ -26,7 +26,7 @@ from aiohttp import web
 
 from gateway.analysis.view import open_log
 from gateway.api.payments import new_payment_id
-from gateway.api.state import LOG_WRITER, SERVICE, STORE
+from gateway.app_keys import LOG_WRITER, SERVICE, STORE
 from gateway.app import TRANSACTION_LOG, build_app
 from gateway.certs.devca import DevCertLayout
 from gateway.config import GatewayConfig, parse_config
@@ -38,7 +38,7 @@ from gateway.journal.records import (
     StoredResponse,
 )
 from gateway.journal.sqlite import SqliteStore
-from gateway.outcome import PaymentStatus
+from domain.outcome import PaymentStatus
 from gateway.txlog import JsonLinesWriter
 from gateway.txlog.outbox import (
     FOREIGN_ORPHAN_AGE_S,
@@ -47,7 +47,7 @@ from gateway.txlog.outbox import (
     TransactionLog,
     logged_ids,
 )
-from providers.emulation.server import EmulatorServer
+from emulators.server import EmulatorServer
 from tests.conftest import card_payment
 from tests.test_engine_failover import (  # noqa: F401  (stripes is a fixture)
     engine_config_data,

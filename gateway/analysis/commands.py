@@ -1,6 +1,6 @@
 """`gateway logs analyze` and `gateway logs query`: the transaction log, read in place by DuckDB.
 
-Mounted in gateway/cli.py with ``app.add_typer(logs_app, name="logs")``. DuckDB is imported
+Mounted in gateway/cli/__init__.py with ``app.add_typer(logs_app, name="logs")``. DuckDB is imported
 when a command runs, so the rest of the CLI starts without it.
 """
 
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from gateway.cli_errors import fail
+from gateway.cli.errors import fail
 
 if TYPE_CHECKING:
     from rich.console import Console

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from gateway.api.errors import json_response
-from gateway.api.state import LOG_WRITER, METRICS, POOL
+from gateway.app_keys import LOG_WRITER, METRICS, POOL
 
 
 async def healthz(_request: web.Request) -> web.Response:

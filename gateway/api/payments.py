@@ -17,16 +17,14 @@ from gateway.api.auth import Authenticator, Caller
 from gateway.api.errors import ApiError, from_validation_error, json_response
 from gateway.api.idempotency import FrontDoor, fingerprint, idempotency_key
 from gateway.api.schemas import CaptureCreate, CardMethod, PaymentCreate, RefundCreate, VoidCreate
-from gateway.api.state import CONFIG, LOG_WRITER, POOL, SERVICE, STORE
-from gateway.cards import card_brand
+from gateway.app_keys import AUTH, CONFIG, FRONT_DOOR, LOG_WRITER, POOL, SERVICE, STORE
+from domain.cards import card_brand
 from gateway.journal.records import PaymentRecord
 from gateway.payment_view import payment_doc
-from gateway.outcome import Outcome, PaymentStatus
-from providers.base import Card, Operation, PaymentOrder
+from domain.outcome import Outcome, PaymentStatus
+from domain.types import Card, Operation, PaymentOrder
 
 M = TypeVar("M", bound=BaseModel)
-AUTH = web.AppKey("authenticator", Authenticator)
-FRONT_DOOR = web.AppKey("front_door", FrontDoor)
 MAX_REQUEST_TIMEOUT_MS = 120_000
 
 

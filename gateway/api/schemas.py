@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 
 from gateway.api.currencies import ISO_4217
-from gateway.cards import luhn_valid
+from domain.cards import luhn_valid
 
 Amount = Annotated[StrictInt, Field(gt=0, le=10**12, description="Amount in minor units (cents)")]
 

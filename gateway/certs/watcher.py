@@ -10,9 +10,10 @@ Every ``interval_s`` it:
   matches, within its validity dates) -> loaded into the live ``SSLContext`` with
   `reload_cert_chain`: new connections present it, connections in flight keep theirs. Changed
   but not usable -> not loaded, a warning once, the loaded pair stays in service;
-* marks a provider whose *loaded* client certificate is expired, not yet valid or unreadable as
-  unusable (``ProviderHandle.certificate_problem``), so the router skips it before calls fail,
-  and clears the mark once a good pair is loaded;
+* reports a provider whose *loaded* client certificate is expired, not yet valid or unreadable
+  as unusable through its ``on_certificate_problem`` callback (the composition root hands the
+  provider pool's setter), so the router skips it before calls fail, and reports ``None`` once a
+  good pair is loaded;
 * exports ``gateway_certificate_expiry_seconds{provider,kind,subject}`` (seconds until
   not-after, negative once expired) and ``gateway_certificate_status{provider,kind}``
   (0 ok, 1 warn, 2 critical, 3 expired/not yet valid/invalid; the worst of the kind);
@@ -34,16 +35,14 @@ import shutil
 import ssl
 import tempfile
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import structlog
-from aiohttp import web
 from prometheus_client import CollectorRegistry, Gauge
 
-from gateway.api.state import CONFIG, METRICS, OPS_LOG, POOL
 from gateway.certs.check import (
     GATEWAY,
     CertReport,
@@ -59,8 +58,6 @@ from gateway.certs.inspect import CertStatus, inspect_pem
 from gateway.certs.tls import reload_cert_chain
 from gateway.config import GatewayConfig
 from gateway.metrics import Metrics
-from gateway.provider_pool import ProviderHandle, ProviderPool
-from gateway.tasks import stop_task
 
 OpsLog = structlog.typing.FilteringBoundLogger
 
@@ -101,7 +98,6 @@ class _Slot:
     cert: Path
     key: Path
     ctx: ssl.SSLContext
-    handle: ProviderHandle | None
     loaded_pem: bytes | None = None  # certificate currently in `ctx`, as far as we know
     loaded_digest: bytes | None = None  # `PairFiles.digest` of what was loaded
     refused_digest: bytes | None = None  # last changed pair we refused (warned about once)
@@ -110,7 +106,8 @@ class _Slot:
 class CertificateWatcher:
     """See the module docstring. One per process; `run_forever` is its background task."""
 
-    def __init__(self, config: GatewayConfig, pool: ProviderPool, metrics: Metrics, ops_log: OpsLog, *,
+    def __init__(self, config: GatewayConfig, client_contexts: Mapping[str, ssl.SSLContext], metrics: Metrics,
+                 ops_log: OpsLog, *, on_certificate_problem: Callable[[str, str | None], None],
                  interval_s: float = 60.0, thresholds: Thresholds = Thresholds(),
                  server_ssl_context: ssl.SSLContext | None = None, probe_endpoints: bool = True,
                  probe_timeout_s: float = 3.0, clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
@@ -125,7 +122,9 @@ class CertificateWatcher:
         self._probe_timeout_s = probe_timeout_s
         self._clock = clock
         self._lock = asyncio.Lock()
-        self._slots = _slots(config, pool, server_ssl_context)
+        self._on_problem = on_certificate_problem
+        self._problems: dict[str, str | None] = {}  # provider -> problem last reported
+        self._slots = _slots(config, client_contexts, server_ssl_context)
         self._slot_keys = {(slot.provider, slot.kind) for slot in self._slots}
         self._levels: dict[tuple[str, str, str], tuple[str, int]] = {}  # cert -> (serial, rank) last logged
         self._series: dict[tuple[str, str, str], tuple[str, str, str]] = {}  # cert -> expiry gauge labels
@@ -212,15 +211,16 @@ class CertificateWatcher:
     def _mark_providers(self, reports: list[CertReport]) -> None:
         by_provider = {r.provider: r for r in reports if r.kind == "client"}
         for slot in self._slots:
-            if slot.handle is None:
+            if slot.kind != "client":
                 continue
             report = by_provider.get(slot.provider)
             problem = CLIENT_PROBLEM.get(report.status) if report is not None else None
-            if problem != slot.handle.certificate_problem:
+            if problem != self._problems.get(slot.provider):
                 log = self._ops.warning if problem else self._ops.info
                 log("provider_certificate_state", provider=slot.provider, certificate_problem=problem,
                     usable_by_certificate=problem is None)
-                slot.handle.certificate_problem = problem
+                self._problems[slot.provider] = problem
+                self._on_problem(slot.provider, problem)
 
     def _export(self, reports: list[CertReport], now: datetime) -> None:
         worst: dict[tuple[str, str], int] = {}
@@ -280,41 +280,16 @@ class CertificateWatcher:
                               days_left=round(r.days_left, 1), threshold_days=self._thresholds.crossed(r.days_left))
 
 
-CERT_WATCHER = web.AppKey("certificate_watcher", CertificateWatcher)
-
-
-def certificate_watcher_ctx(
-    *, interval_s: float = 60.0, thresholds: Thresholds = Thresholds(),
-    server_ssl_context: ssl.SSLContext | None = None, probe_endpoints: bool = True,
-) -> Callable[[web.Application], AsyncIterator[None]]:
-    """The app's cleanup_ctx for the watcher; place it right after the provider pool's.
-
-    Before the app serves, one pass over the files marks providers whose client certificate is
-    unusable (no endpoint probes there: a provider that is still starting must not delay us).
-    """
-
-    async def certificates(app: web.Application) -> AsyncIterator[None]:
-        watcher = CertificateWatcher(app[CONFIG], app[POOL], app[METRICS], app[OPS_LOG], interval_s=interval_s,
-                                     thresholds=thresholds, server_ssl_context=server_ssl_context,
-                                     probe_endpoints=probe_endpoints)
-        app[CERT_WATCHER] = watcher
-        await watcher.run_once(probe_endpoints=False)
-        task = asyncio.create_task(watcher.run_forever(), name="certificate-watcher")
-        yield
-        await stop_task(task)
-
-    return certificates
-
-
-def _slots(config: GatewayConfig, pool: ProviderPool, server_ctx: ssl.SSLContext | None) -> list[_Slot]:
+def _slots(config: GatewayConfig, client_contexts: Mapping[str, ssl.SSLContext],
+           server_ctx: ssl.SSLContext | None) -> list[_Slot]:
     slots = []
-    for handle in pool:
-        tls = handle.config.tls
-        if handle.ssl_context is not None and tls.client_cert is not None and tls.client_key is not None:
-            slots.append(_Slot(handle.name, "client", tls.client_cert, tls.client_key, handle.ssl_context, handle))
+    for name, ctx in client_contexts.items():
+        tls = config.providers[name].tls
+        if tls.client_cert is not None and tls.client_key is not None:
+            slots.append(_Slot(name, "client", tls.client_cert, tls.client_key, ctx))
     server_tls = config.server.tls
     if server_ctx is not None and server_tls is not None:
-        slots.append(_Slot(GATEWAY, "server", server_tls.cert, server_tls.key, server_ctx, None))
+        slots.append(_Slot(GATEWAY, "server", server_tls.cert, server_tls.key, server_ctx))
     return slots
 
 

@@ -37,12 +37,9 @@ from pydantic import BaseModel, ConfigDict, StrictBool, ValidationError
 
 from gateway.api.auth import Caller
 from gateway.api.errors import ApiError, from_validation_error, json_response
-from gateway.api.payments import AUTH
-from gateway.api.state import CONFIG, OPS_LOG, POOL, SERVICE, STORE
-from gateway.certs.watcher import CERT_WATCHER
+from gateway.app_keys import AUTH, CERT_WATCHER, CONFIG, CONSOLE, CONSOLE_ASSETS, OPS_LOG, POOL, RECONCILER, SERVICE, STORE
 from gateway.console.session import COOKIE, COOKIE_PATH, SessionSigner
 from gateway.console.stats import GATEWAY, ConsoleStats
-from gateway.reconciler import Reconciler
 
 STATIC_DIR = Path(__file__).parent / "static"
 ASSETS = {"console.js": "application/javascript", "console.css": "text/css"}
@@ -79,10 +76,9 @@ class Console:
     """The console's state: the stats window, the sessions, the open streams and the snapshot
     they share. Created by `setup_console`; wired to the service and breakers at start."""
 
-    def __init__(self, app: web.Application, *, reconciler: web.AppKey[Reconciler], stats: ConsoleStats | None = None,
+    def __init__(self, app: web.Application, *, stats: ConsoleStats | None = None,
                  interval_s: float = SNAPSHOT_INTERVAL_S, max_streams: int = MAX_STREAMS) -> None:
         self.app = app
-        self.reconciler_key = reconciler
         self.stats = stats or ConsoleStats()
         self.sessions = SessionSigner(app[CONFIG].auth.clients)
         self.interval_s = interval_s
@@ -204,7 +200,7 @@ def _certificate(doc: dict[str, Any]) -> dict[str, Any]:
 # -- handlers ------------------------------------------------------------------------------------
 
 
-class _Assets:
+class ConsoleAssets:
     """The static files, read once when the routes are added (never per request)."""
 
     def __init__(self) -> None:
@@ -213,8 +209,6 @@ class _Assets:
         self.login = (STATIC_DIR / "login.html").read_text(encoding="utf-8")
 
 
-CONSOLE = web.AppKey("console", Console)
-ASSET_FILES = web.AppKey("console_assets", _Assets)
 
 
 def _html(body: str, status: int = 200) -> web.Response:
@@ -223,7 +217,7 @@ def _html(body: str, status: int = 200) -> web.Response:
 
 def _login_page(request: web.Request, status: int, error: str | None = None) -> web.Response:
     message = f'<p class="error" role="alert">{html.escape(error)}</p>' if error else ""
-    return _html(request.app[ASSET_FILES].login.replace("{{error}}", message), status)
+    return _html(request.app[CONSOLE_ASSETS].login.replace("{{error}}", message), status)
 
 
 def _check_origin(request: web.Request) -> None:
@@ -262,7 +256,7 @@ async def page(request: web.Request) -> web.Response:
         if exc.status == 401 and "Authorization" not in request.headers:
             return _login_page(request, 401)
         raise
-    response = _html(request.app[ASSET_FILES].page)
+    response = _html(request.app[CONSOLE_ASSETS].page)
     if via == "bearer":  # the page's own requests (the event stream) carry the cookie
         console.set_session(response, request, caller)
     return response
@@ -295,7 +289,7 @@ async def asset(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     if name not in ASSETS:
         raise ApiError(404, "not_found", "no such console asset")
-    return web.Response(body=request.app[ASSET_FILES].files[name], content_type=ASSETS[name], charset="utf-8",
+    return web.Response(body=request.app[CONSOLE_ASSETS].files[name], content_type=ASSETS[name], charset="utf-8",
                         headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"})
 
 
@@ -356,7 +350,7 @@ async def reconcile_action(request: web.Request) -> web.Response:
     caller, via = console.authenticate(request)
     _check_origin(request)
     _confirmed(await _json(request, ReconcileAction))
-    reconciler = request.app.get(console.reconciler_key)
+    reconciler = request.app.get(RECONCILER)
     if reconciler is None:
         raise ApiError(503, "reconciler_not_running", "the reconciler is not running")
     unresolved, capped = await console.unresolved(fresh=True)
@@ -372,13 +366,12 @@ async def reconcile_action(request: web.Request) -> web.Response:
 # -- wiring --------------------------------------------------------------------------------------
 
 
-def setup_console(app: web.Application, *, reconciler: web.AppKey[Reconciler],
-                  stats: ConsoleStats | None = None) -> None:
+def setup_console(app: web.Application, *, stats: ConsoleStats | None = None) -> None:
     """Add the console to an app built by `gateway.app.build_app` (after its service context):
     routes, the stats observer on the payment service, a listener on every breaker, and the
     streams closed on shutdown."""
-    app[ASSET_FILES] = _Assets()
-    app[CONSOLE] = Console(app, reconciler=reconciler, stats=stats)
+    app[CONSOLE_ASSETS] = ConsoleAssets()
+    app[CONSOLE] = Console(app, stats=stats)
 
     async def console_ctx(app: web.Application) -> AsyncIterator[None]:
         console = app[CONSOLE]

@@ -35,10 +35,11 @@ from typing import Any
 
 import aiohttp
 
-from gateway.api.state import POOL
+from gateway.app_keys import POOL
 from gateway.certs.devca import DevCertLayout, generate_dev_certs, issue_dev_pair
 from gateway.certs.rotate import install_pair, provider_target, rotate
-from gateway.certs.watcher import CERT_WATCHER, CertificateWatcher
+from gateway.app_keys import CERT_WATCHER
+from gateway.certs.watcher import CertificateWatcher
 from gateway.config import GatewayConfig
 from gateway.drill.report import SendResult, summarize
 from gateway.drill.runner import (

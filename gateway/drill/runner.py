@@ -32,15 +32,16 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from gateway.app import RECONCILER, build_app
+from gateway.app import build_app
+from gateway.app_keys import RECONCILER
 from gateway.certs.devca import DevCertLayout, generate_dev_certs
 from gateway.config import GatewayConfig, parse_config
 from gateway.drill.report import SendResult, summarize
 from gateway.drill.scenarios import DEADLINE_MS, PER_TRY_TIMEOUT_MS, Injection, Scenario, get_scenario
 from gateway.txlog import build_ops_logger
-from providers.emulation.launch import start_emulator
-from providers.emulation.server import EmulatorServer
-from providers.registry import KINDS
+from gateway.emulator_launch import start_emulator
+from emulators.server import EmulatorServer
+from emulators.registry import EMULATORS
 
 MAX_PAYMENTS = 100_000
 MAX_CONCURRENCY = 1_000
@@ -176,7 +177,7 @@ class PlannedPayment:
 
 def plan_payments(scenario: Scenario, n: int, run_id: str, seed: int) -> list[PlannedPayment]:
     """Decline cards spread evenly (exactly floor(n * share) of them), in a seeded order."""
-    cards = KINDS[scenario.primary].scenario_cards()
+    cards = EMULATORS[scenario.primary].scenario_cards()
     approve = cards["approve"]
     declines = [cards[name] for name in scenario.decline_cards]
     rng = random.Random(seed)

@@ -26,8 +26,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from providers.emulation.faults import FaultPlan, FaultRule
-from providers.emulation.server import EmulatorServer
+from emulators.faults import FaultPlan, FaultRule
+from emulators.server import EmulatorServer
 
 ROUTE: tuple[str, ...] = ("stripe", "adyen", "checkout")
 PRIMARY = 0  # index of the primary in a scenario's route

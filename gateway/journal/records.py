@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from gateway.outcome import PaymentStatus
+from domain.outcome import PaymentStatus
 
 
 @dataclass(slots=True)

@@ -14,7 +14,7 @@ from gateway.journal.records import (
     PaymentRecord,
     StoredResponse,
 )
-from gateway.outcome import PaymentStatus
+from domain.outcome import PaymentStatus
 
 UNRESOLVED_STATUSES = (PaymentStatus.RECEIVED.value, PaymentStatus.ATTEMPTING.value, PaymentStatus.PENDING.value)
 

@@ -30,7 +30,9 @@ from typing import Any
 
 from structlog.typing import EventDict, WrappedLogger
 
-__all__ = ["DEFAULT_SENSITIVE_KEYS", "REDACTED", "Redactor", "luhn_valid", "mask_pan"]
+from domain.cards import luhn_valid
+
+__all__ = ["DEFAULT_SENSITIVE_KEYS", "REDACTED", "Redactor", "mask_pan"]
 
 REDACTED = "[REDACTED]"
 
@@ -95,21 +97,9 @@ _DIGIT_RUN = re.compile(r"(?<![0-9])[0-9](?:[ -]?+[0-9]){%d,}+" % (_PAN_MIN - 1)
 _GROUP = re.compile(r"[0-9]+")
 _SEPARATORS = str.maketrans("", "", " -")
 # Luhn: value of a digit when it sits in a doubled position.
-_DOUBLED = (0, 2, 4, 6, 8, 1, 3, 5, 7, 9)
 # Scalars orjson renders natively and that cannot carry free text.
 _PLAIN_TYPES = (bool, float, type(None))
 _OPAQUE_TYPES = (float, datetime.date, datetime.time, uuid.UUID, enum.Enum)
-
-
-def luhn_valid(digits: str) -> bool:
-    """Return True if `digits` (ASCII digits only) passes the Luhn check used by card PANs."""
-    if not (digits.isascii() and digits.isdigit()):
-        return False
-    total = 0
-    for i, ch in enumerate(reversed(digits)):
-        d = ord(ch) - 48
-        total += _DOUBLED[d] if i & 1 else d
-    return total % 10 == 0
 
 
 def mask_pan(pan: str) -> str:

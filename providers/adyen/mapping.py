@@ -21,7 +21,7 @@ Two provider verdicts take part in classification, in this order:
 Status: Adyen's Checkout API has no payment lookup (results arrive by webhook; `/payments/details`
 only submits a shopper's action result). STATUS therefore targets `GET /v71/payments?reference=…`
 and `GET /v71/payments/{pspReference}`, which only the emulator serves (see
-`providers.adyen.emulator`). Only its explicit empty list counts as "not found"; a 404 stays
+`emulators.adyen`). Only its explicit empty list counts as "not found"; a 404 stays
 UNKNOWN, so against the real Adyen a status query can never clear a payment for failover and the
 engine must resolve `unknown` from the webhook feed instead.
 """
@@ -37,15 +37,9 @@ from urllib.parse import quote, urlencode
 
 import orjson
 
-from gateway.outcome import Outcome
-from providers.base import (
-    FollowUp,
-    Operation,
-    PaymentOrder,
-    ProviderRequest,
-    ProviderResponse,
-    ProviderResult,
-)
+from domain.outcome import Outcome
+from domain.types import FollowUp, Operation, PaymentOrder, ProviderResult
+from providers.base import ProviderRequest, ProviderResponse
 from providers.classify import json_object, parse_retry_after
 
 API_VERSION = "v71"

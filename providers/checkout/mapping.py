@@ -30,15 +30,9 @@ from urllib.parse import quote, urlencode
 
 import orjson
 
-from gateway.outcome import Outcome
-from providers.base import (
-    FollowUp,
-    Operation,
-    PaymentOrder,
-    ProviderRequest,
-    ProviderResponse,
-    ProviderResult,
-)
+from domain.outcome import Outcome
+from domain.types import FollowUp, Operation, PaymentOrder, ProviderResult
+from providers.base import ProviderRequest, ProviderResponse
 from providers.classify import json_object, parse_retry_after
 
 IDEMPOTENCY_HEADER = "Cko-Idempotency-Key"

@@ -15,15 +15,9 @@ from functools import lru_cache
 from urllib.parse import quote, quote_plus, urlencode
 
 
-from gateway.outcome import Outcome
-from providers.base import (
-    FollowUp,
-    Operation,
-    PaymentOrder,
-    ProviderRequest,
-    ProviderResponse,
-    ProviderResult,
-)
+from domain.outcome import Outcome
+from domain.types import FollowUp, Operation, PaymentOrder, ProviderResult
+from providers.base import ProviderRequest, ProviderResponse
 from providers.classify import json_object, parse_retry_after
 
 API_VERSION = "2024-06-20"

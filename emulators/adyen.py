@@ -34,11 +34,11 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.cards import luhn_valid
+from domain.cards import luhn_valid
 from providers.adyen.mapping import API_VERSION, REFUSAL_REASONS, TRANSIENT_ERROR_HEADER
-from providers.emulation.idempotency import Claim, ProviderIdempotency, StoredAnswer
-from providers.emulation.ledger import LedgerEntry
-from providers.emulation.server import ApiRoute, EmulatorRequest, ProviderEmulator, json_response
+from emulators.idempotency import Claim, ProviderIdempotency, StoredAnswer
+from emulators.ledger import LedgerEntry
+from emulators.server import ApiRoute, EmulatorRequest, ProviderEmulator, json_response
 
 BASE = f"/{API_VERSION}"
 

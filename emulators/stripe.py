@@ -14,9 +14,9 @@ from urllib.parse import parse_qsl
 
 from aiohttp import web
 
-from providers.emulation.idempotency import Claim
-from providers.emulation.ledger import LedgerEntry
-from providers.emulation.server import ApiRoute, EmulatorRequest, ProviderEmulator, json_response
+from emulators.idempotency import Claim
+from emulators.ledger import LedgerEntry
+from emulators.server import ApiRoute, EmulatorRequest, ProviderEmulator, json_response
 from providers.stripe.mapping import METADATA_KEY
 
 # Card number or PaymentMethod id -> decline_code (None approves). From Stripe's testing docs;

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from gateway.certs.devca import DevCertLayout, issue_dev_pair, write_pem_pair
 from gateway.certs.tls import server_context
-from providers.emulation.server import EmulatorServer
-from providers.registry import KINDS
+from emulators.server import EmulatorServer
+from emulators.registry import EMULATORS
 
 
 def _issuer(layout: DevCertLayout, kind: str):  # type: ignore[no-untyped-def]
@@ -33,7 +33,7 @@ async def start_emulator(
     api_key: str | None = None,
 ) -> EmulatorServer:
     """Plain HTTP when `certs` is None; otherwise HTTPS, and mTLS unless told not to."""
-    emulator = KINDS[kind].emulator(api_key=api_key) if api_key else KINDS[kind].emulator()
+    emulator = EMULATORS[kind].emulator(api_key=api_key) if api_key else EMULATORS[kind].emulator()
     ssl_context = None
     issuer = None
     if certs is not None:

@@ -22,9 +22,9 @@ import orjson
 from aiohttp import web
 from pydantic import ValidationError
 
-from providers.emulation.faults import FaultDecision, FaultInjector, FaultPlan
-from providers.emulation.idempotency import Claim, ProviderIdempotency, StoredAnswer, StorePolicy
-from providers.emulation.ledger import Ledger
+from emulators.faults import FaultDecision, FaultInjector, FaultPlan
+from emulators.idempotency import Claim, ProviderIdempotency, StoredAnswer, StorePolicy
+from emulators.ledger import Ledger
 
 
 @dataclass(slots=True)

@@ -12,10 +12,10 @@ from typing import Annotated, Optional
 import typer
 
 from gateway.analysis.commands import logs_app
-from gateway.certs.commands import certs_app
-from gateway.cli_errors import fail, load_or_exit
+from gateway.cli.certs import certs_app
+from gateway.cli.errors import fail, load_or_exit
 from gateway.config import ConfigError, GatewayConfig, load_config
-from gateway.preflight_command import preflight
+from gateway.cli.preflight import preflight
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Payment-resilience gateway.")
 app.add_typer(certs_app, name="certs")
@@ -122,13 +122,13 @@ def emulator(
 ) -> None:
     """Run one provider emulator on loopback until Ctrl-C."""
     from gateway.certs.devca import generate_dev_certs
-    from providers.emulation.launch import start_emulator
-    from providers.registry import KINDS
+    from emulators.registry import EMULATORS
+    from gateway.emulator_launch import start_emulator
 
-    if kind not in KINDS:
-        raise fail(f"unknown provider kind {kind!r}; choose one of {', '.join(sorted(KINDS))}")
-    api_port = port if port is not None else KINDS[kind].default_port
-    layout = generate_dev_certs(certs_dir, sorted(KINDS)) if tls else None
+    if kind not in EMULATORS:
+        raise fail(f"unknown provider kind {kind!r}; choose one of {', '.join(sorted(EMULATORS))}")
+    api_port = port if port is not None else EMULATORS[kind].default_port
+    layout = generate_dev_certs(certs_dir, sorted(EMULATORS)) if tls else None
 
     async def main() -> None:
         server = await start_emulator(kind, port=api_port, admin_port=admin_port or api_port + 100, certs=layout,
@@ -245,6 +245,3 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.exit(130)
 
-
-if __name__ == "__main__":
-    main()

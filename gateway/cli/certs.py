@@ -33,7 +33,7 @@ from gateway.certs.rotate import (
     rotate,
     server_target,
 )
-from gateway.cli_errors import fail, load_or_exit
+from gateway.cli.errors import fail, load_or_exit
 from gateway.config import GatewayConfig
 
 certs_app = typer.Typer(no_args_is_help=True, help="Certificates: dev CA, checks, rotation.")

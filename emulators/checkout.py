@@ -22,9 +22,9 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from providers.emulation.idempotency import Claim
-from providers.emulation.ledger import LedgerEntry
-from providers.emulation.server import ApiRoute, EmulatorRequest, ProviderEmulator, json_response
+from emulators.idempotency import Claim
+from emulators.ledger import LedgerEntry
+from emulators.server import ApiRoute, EmulatorRequest, ProviderEmulator, json_response
 
 # Card number -> response_code (None approves), from Checkout.com's sandbox test-card docs. Any
 # other Luhn-valid number approves, as in the sandbox.

@@ -1,0 +1,8 @@
+"""Local stand-ins for the providers: real HTTP(S) servers on loopback that speak each
+provider's API shape, keep a ledger of every charge, and take fault injection at run time.
+
+Test and drill infrastructure, not adapters: the gateway never imports these on its request
+path. Each provider's emulator supplies only what differs (paths, auth, bodies, error shapes,
+idempotency policy); the shared machinery (ledger, faults, idempotency, server) behaves the same
+for all of them.
+"""

@@ -1,0 +1,46 @@
+"""Every piece of typed application state (aiohttp `AppKey`), in one place beside `app.py`, the
+composition root that fills them.
+
+Handlers, the console and the drills read what they need through these keys and nothing
+global. The types are imported for the type checker only, so any module may import this one
+without pulling in (or looping back to) the modules whose objects it names.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    import structlog
+
+    from gateway.api.auth import Authenticator
+    from gateway.api.idempotency import FrontDoor
+    from gateway.breaker_sync import RedisBreakerSync
+    from gateway.certs.watcher import CertificateWatcher
+    from gateway.config import GatewayConfig
+    from gateway.console.routes import Console, ConsoleAssets
+    from gateway.journal.store import Store
+    from gateway.metrics import Metrics
+    from gateway.orchestrator import PaymentService
+    from gateway.provider_pool import ProviderPool
+    from gateway.reconciler import Reconciler
+    from gateway.txlog.outbox import TransactionLog
+    from gateway.txlog.writer import JsonLinesWriter
+
+CONFIG: web.AppKey[GatewayConfig] = web.AppKey("config")
+OPS_LOG: web.AppKey[structlog.typing.FilteringBoundLogger] = web.AppKey("ops_log")
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
+AUTH: web.AppKey[Authenticator] = web.AppKey("authenticator")
+LOG_WRITER: web.AppKey[JsonLinesWriter] = web.AppKey("log_writer")
+STORE: web.AppKey[Store] = web.AppKey("store")
+FRONT_DOOR: web.AppKey[FrontDoor] = web.AppKey("front_door")
+TRANSACTION_LOG: web.AppKey[TransactionLog] = web.AppKey("transaction_log")
+POOL: web.AppKey[ProviderPool] = web.AppKey("pool")
+BREAKER_SYNC: web.AppKey[RedisBreakerSync] = web.AppKey("breaker_sync")
+CERT_WATCHER: web.AppKey[CertificateWatcher] = web.AppKey("certificate_watcher")
+SERVICE: web.AppKey[PaymentService] = web.AppKey("service")
+RECONCILER: web.AppKey[Reconciler] = web.AppKey("reconciler")
+CONSOLE: web.AppKey[Console] = web.AppKey("console")
+CONSOLE_ASSETS: web.AppKey[ConsoleAssets] = web.AppKey("console_assets")
