@@ -37,7 +37,6 @@ from typing import Any
 
 import orjson
 import structlog
-from aiohttp import web
 from redis import asyncio as aioredis
 from redis.exceptions import RedisError
 

@@ -7,15 +7,15 @@ import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 import time
-from typing import TypeVar
 
-import orjson
+
 from aiohttp import web
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
-from gateway.api.auth import Authenticator, Caller
-from gateway.api.errors import ApiError, from_validation_error, json_response
-from gateway.api.idempotency import FrontDoor, fingerprint, idempotency_key
+from gateway.api.auth import Caller
+from gateway.api.errors import ApiError, json_response
+from gateway.api.idempotency import fingerprint, idempotency_key
+from gateway.api.inputs import json_body, request_deadline
 from gateway.api.schemas import CaptureCreate, CardMethod, PaymentCreate, RefundCreate, VoidCreate
 from gateway.app_keys import AUTH, CONFIG, FRONT_DOOR, LOG_WRITER, POOL, SERVICE, STORE
 from domain.cards import card_brand
@@ -24,8 +24,6 @@ from gateway.payment_view import payment_doc
 from domain.outcome import Outcome, PaymentStatus
 from domain.types import Card, Operation, PaymentOrder
 
-M = TypeVar("M", bound=BaseModel)
-MAX_REQUEST_TIMEOUT_MS = 120_000
 
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -47,39 +45,6 @@ def _base26(value: int, width: int) -> str:
     return "".join(reversed(out))
 
 
-async def _json_body(request: web.Request, model: type[M]) -> tuple[bytes, M]:
-    if request.content_type != "application/json":
-        raise ApiError(415, "unsupported_media_type", "send the body as application/json", "Content-Type")
-    body = await request.read()
-    try:
-        data = orjson.loads(body or b"{}")
-    except orjson.JSONDecodeError as exc:
-        raise ApiError(400, "malformed_json", f"the body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "malformed_json", "the body must be a JSON object")
-    try:
-        return body, model.model_validate(data)
-    except ValidationError as exc:
-        raise from_validation_error(exc) from None
-
-
-def _deadline(request: web.Request) -> float:
-    """The configured deadline, lowered (never raised) by the caller's `Request-Timeout` (ms)."""
-    budget_ms = request.app[CONFIG].engine.deadline_ms
-    header = request.headers.get("Request-Timeout")
-    if header is not None:
-        try:
-            asked = int(header)
-        except ValueError:
-            raise ApiError(400, "invalid_header", "Request-Timeout must be whole milliseconds",
-                           "Request-Timeout") from None
-        if not 0 < asked <= MAX_REQUEST_TIMEOUT_MS:
-            raise ApiError(400, "invalid_header", f"Request-Timeout must be 1..{MAX_REQUEST_TIMEOUT_MS}",
-                           "Request-Timeout")
-        budget_ms = min(budget_ms, asked)
-    return time.monotonic() + budget_ms / 1000
-
-
 def _shed_if_overloaded(request: web.Request) -> None:
     """Refuse early, with Retry-After, rather than queue without bound or lose a log line."""
     service = request.app[SERVICE]
@@ -96,8 +61,8 @@ async def create_payment(request: web.Request) -> web.Response:
     caller = request.app[AUTH].caller(request, "payments:write")
     key = idempotency_key(request)
     _shed_if_overloaded(request)
-    body, payload = await _json_body(request, PaymentCreate)
-    deadline = _deadline(request)
+    body, payload = await json_body(request, PaymentCreate)
+    deadline = request_deadline(request)
     record, order = _new_payment(caller, payload)
     service = request.app[SERVICE]
     decision = service.plan(record, order)
@@ -206,8 +171,8 @@ def follow_up_handler(op: Operation):  # type: ignore[no-untyped-def]
         caller = request.app[AUTH].caller(request, "payments:write")
         key = idempotency_key(request)
         _shed_if_overloaded(request)
-        body, payload = await _json_body(request, _FOLLOW_UP_MODELS[op])
-        deadline = _deadline(request)
+        body, payload = await json_body(request, _FOLLOW_UP_MODELS[op])
+        deadline = request_deadline(request)
         record = await _owned_payment(request, caller)
         front = request.app[FRONT_DOOR]
         replay = await front.claim(caller.name, key, fingerprint(request, body), record.id)
