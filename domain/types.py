@@ -77,3 +77,34 @@ class ProviderResult:
     # Set by the engine, not by mappings: re-sending with the same idempotency key cannot
     # charge twice (the provider replays answers), so an unknown may be retried at this provider.
     replay_safe: bool = False
+
+
+class Lookup(StrEnum):
+    """What a status query learnt about one payment at its provider."""
+
+    FOUND = "found"  # the provider holds it: `StatusAnswer.result` says in which state
+    NOT_FOUND = "not_found"  # the provider answered that it holds no such payment (proof only where its lookup has no lag)
+    UNKNOWN = "unknown"  # the query itself failed (transport, 5xx, auth): it proves nothing either way
+
+
+@dataclass(frozen=True, slots=True)
+class FollowUpState:
+    """One capture, refund or void the provider lists for a payment."""
+
+    operation: Operation
+    reference: str | None  # our follow-up's reference (the provider key we sent), where the provider echoes it
+    amount: int | None
+    outcome: Outcome  # APPROVED: done · HARD_DECLINE: refused or failed · UNKNOWN: the provider is still on it
+
+
+@dataclass(frozen=True, slots=True)
+class StatusAnswer:
+    """A status query's answer as a type of its own (not an outcome with a flag): found, not
+    found, or unknown, with the payment's state, how many charges the provider holds for it,
+    and, where the provider lists them, the payment's captures, refunds and voids."""
+
+    lookup: Lookup
+    result: ProviderResult  # FOUND: the payment's state as an outcome; otherwise the raw answer (status, code)
+    charges: int = 0  # charged payments found for this one payment: more than one is a suspected duplicate
+    follow_ups: tuple[FollowUpState, ...] = ()
+    follow_ups_listed: bool = False  # whether `follow_ups` is the provider's complete list for the payment
