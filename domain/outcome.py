@@ -1,7 +1,8 @@
 """The outcome taxonomy of DESIGN.md: every provider answer maps into exactly one class.
 
-The class decides what the engine may do next, so the rules live here as properties
-rather than as conditions scattered through the executor.
+What each class lets the engine do next (retry, fail over, which payment status) is one table,
+`gateway.policy.POLICY`; this module only names the vocabulary, so the adapters can speak it
+without knowing the engine.
 """
 
 from __future__ import annotations
@@ -21,10 +22,20 @@ class Outcome(StrEnum):
     def is_decline(self) -> bool:
         return self in (Outcome.HARD_DECLINE, Outcome.SOFT_DECLINE)
 
+
+class LocalRefusal(StrEnum):
+    """Why the gateway itself did not send a call: nothing reached the provider, so none of these
+    says anything about the provider's health or about an earlier call's possible charge."""
+
+    BREAKER_OPEN = "breaker_open"
+    BULKHEAD_FULL = "bulkhead_full"
+    BULKHEAD_TIMEOUT = "bulkhead_timeout"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    NOT_BUILDABLE = "request_not_buildable"  # our own input cannot make a request: a bug or bad input
+
     @property
-    def counts_against_breaker(self) -> bool:
-        """Declines and our own bad requests say nothing about a provider's health."""
-        return self in (Outcome.UNAVAILABLE, Outcome.UNKNOWN)
+    def outcome(self) -> Outcome:
+        return Outcome.REJECTED if self is LocalRefusal.NOT_BUILDABLE else Outcome.UNAVAILABLE
 
 
 class PaymentStatus(StrEnum):
@@ -39,3 +50,8 @@ class PaymentStatus(StrEnum):
     CAPTURED = "captured"
     VOIDED = "voided"
     REFUNDED = "refunded"
+    # A follow-up journalled before its call and not yet settled: the payment is held for it (a
+    # second follow-up is refused), and the reconciler settles it if its request dies.
+    CAPTURE_PENDING = "capture_pending"
+    VOID_PENDING = "void_pending"
+    REFUND_PENDING = "refund_pending"

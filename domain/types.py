@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from domain.outcome import Outcome
+from domain.outcome import LocalRefusal, Outcome
 
 
 class Operation(StrEnum):
@@ -74,9 +74,22 @@ class ProviderResult:
     message: str | None = None
     found: bool = True
     extra: Mapping[str, str] = field(default_factory=dict)
-    # Set by the engine, not by mappings: re-sending with the same idempotency key cannot
-    # charge twice (the provider replays answers), so an unknown may be retried at this provider.
+    # The provider's own word on re-sending with the same key (Stripe-Should-Retry): None when silent.
+    retry_hint: bool | None = None
+    # Set by the engine, not by mappings: the gateway did not send the call (and why).
+    refusal: LocalRefusal | None = None
+    # Set by the engine: re-sending with the same idempotency key cannot charge twice (the
+    # provider replays answers), so an unknown may be retried at this provider.
     replay_safe: bool = False
+    # Set by the engine: a status query proved the provider holds no such payment, so nothing
+    # was charged and a retry or failover is safe.
+    proven_absent: bool = False
+    # Set by the engine: a status query found more than one charge for this one payment.
+    duplicate_suspected: bool = False
+
+    @classmethod
+    def refused(cls, refusal: LocalRefusal, message: str | None = None) -> ProviderResult:
+        return cls(refusal.outcome, raw_code=refusal.value, refusal=refusal, message=message)
 
 
 class Lookup(StrEnum):

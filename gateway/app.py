@@ -21,13 +21,11 @@ from aiohttp import web
 from gateway.api import health, openapi, payments
 from gateway.api.auth import Authenticator
 from gateway.api.errors import error_middleware
-from gateway.api.idempotency import FrontDoor
 from gateway.app_keys import (
     AUTH,
     BREAKER_SYNC,
     CERT_WATCHER,
     CONFIG,
-    FRONT_DOOR,
     LOG_WRITER,
     METRICS,
     OPS_LOG,
@@ -47,6 +45,7 @@ from gateway.journal.sqlite import SqliteStore
 from gateway.journal.store import Store
 from gateway.metrics import Metrics
 from gateway.orchestrator import PaymentService
+from gateway.provider_client import ProviderClient
 from gateway.provider_pool import ProviderPool
 from gateway.reconciler import Reconciler
 from gateway.retry_policy import RetryBudget
@@ -89,7 +88,6 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
         s = make_store(config)
         await s.open()
         app[STORE] = s
-        app[FRONT_DOOR] = FrontDoor(s, config.storage.idempotency_retention_h * 3600)
         yield
         await s.close()
 
@@ -133,15 +131,15 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
         await sync.close()
 
     async def service(app: web.Application) -> AsyncIterator[None]:
-        pool = app[POOL]
+        pool, metrics = app[POOL], app[METRICS]
         engine = config.engine
         budget = RetryBudget(ratio=engine.retry_budget_ratio, min_per_s=engine.retry_budget_min_per_s,
                              window_s=engine.retry_budget_window_s)
         app[SERVICE] = PaymentService(
-            store=app[STORE], pool=pool, router=Router(config.routes, pool.health, success_rate=pool.success_rate,
-                                                        capabilities=config.providers),
-            executor=AttemptExecutor(budget, app[METRICS]), metrics=app[METRICS],
-            txlog=app[TRANSACTION_LOG],
+            store=app[STORE], clients={h.name: ProviderClient(h, metrics) for h in pool},
+            router=Router(config.routes, pool.health, success_rate=pool.success_rate, capabilities=config.providers),
+            executor=AttemptExecutor(budget, metrics), metrics=metrics, txlog=app[TRANSACTION_LOG],
+            retention_s=config.storage.idempotency_retention_h * 3600, ops_log=ops,
         )
         yield
 

@@ -16,7 +16,6 @@ if TYPE_CHECKING:
     import structlog
 
     from gateway.api.auth import Authenticator
-    from gateway.api.idempotency import FrontDoor
     from gateway.breaker_sync import RedisBreakerSync
     from gateway.certs.watcher import CertificateWatcher
     from gateway.config import GatewayConfig
@@ -35,7 +34,6 @@ METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 AUTH: web.AppKey[Authenticator] = web.AppKey("authenticator")
 LOG_WRITER: web.AppKey[JsonLinesWriter] = web.AppKey("log_writer")
 STORE: web.AppKey[Store] = web.AppKey("store")
-FRONT_DOOR: web.AppKey[FrontDoor] = web.AppKey("front_door")
 TRANSACTION_LOG: web.AppKey[TransactionLog] = web.AppKey("transaction_log")
 POOL: web.AppKey[ProviderPool] = web.AppKey("pool")
 BREAKER_SYNC: web.AppKey[RedisBreakerSync] = web.AppKey("breaker_sync")

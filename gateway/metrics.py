@@ -31,6 +31,9 @@ class Metrics:
         self.log_dropped = Gauge("gateway_log_dropped_lines", "Transaction log lines that could not be queued",
                                  registry=r)
         self.in_flight = Gauge("gateway_in_flight_requests", "Payments being processed", registry=r)
+        self.duplicates_suspected = Counter(
+            "gateway_duplicate_charges_suspected_total",
+            "Payments for which a status query found more than one charge", ["provider"], registry=r)
         self.reconciled = Counter("gateway_reconciled_total", "Payments settled by the reconciler", ["status"],
                                   registry=r)
 

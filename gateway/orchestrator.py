@@ -1,34 +1,54 @@
-"""The payment flow: route, walk the candidates with the taxonomy's failover rules, journal,
-log once.
+"""The payment service: one call per front-door request, for payments and follow-ups alike.
 
-Rules enforced here, in one place:
-- a hard decline never fails over; a soft decline cascades at most once per payment, and only
-  for codes the route allows;
-- `unavailable` fails over; `unknown` fails over only after the executor's status query showed
-  no charge, otherwise the payment is `pending` and the reconciler owns it;
+It owns the whole sequence: claim the caller's Idempotency-Key (the payment row is journalled
+in the same transaction), run the engine, commit the final row with the key's stored answer
+and the transaction's log line, and answer (`gateway.answers`). The handler only parses input
+and writes the answer.
+
+Rules enforced here, read from the policy table (`gateway.policy`):
+- candidates are walked in the router's order; `unavailable` moves on, a hard decline never
+  does, a soft decline cascades at most once per payment and only for codes the route allows;
+- `unknown` never moves on: the payment is `pending` and the reconciler owns it;
 - follow-ups (capture, void, refund) go to the provider that authorised the payment, never to a
-  backup.
+  backup; each is journalled before its call (the payment reads `<op>_pending` meanwhile, which
+  also refuses a second follow-up), and one the provider did not confirm is left to the
+  reconciler rather than answered as a failure a retry could repeat.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
 from typing import Any
 
-from domain.cards import card_brand
+import structlog
+
+from domain.outcome import Outcome, PaymentStatus
+from domain.types import FollowUp, Operation, PaymentOrder, ProviderResult
+from gateway import answers
+from gateway.answers import Answer
 from gateway.executor import AttemptExecutor
-from gateway.journal.records import Attempt, IdempotentAnswer, OutboxLine, PaymentRecord, StoredResponse
+from gateway.journal.records import Attempt, ClaimKind, IdempotentAnswer, OutboxLine, PaymentRecord, PendingFollowUp
 from gateway.journal.store import Store
 from gateway.metrics import Metrics
-from domain.outcome import Outcome, PaymentStatus
-from gateway.payment_view import payment_answer
-from gateway.provider_pool import ProviderPool
+from gateway.policy import may_fail_over, payment_status
+from gateway.provider_client import ProviderClient
 from gateway.router import NoRoute, RouteDecision, Router, RoutingFacts
 from gateway.txlog.outbox import TransactionLog
-from domain.types import FollowUp, Operation, PaymentOrder, ProviderResult
+
+FOLLOW_UP_PENDING = {
+    Operation.CAPTURE: PaymentStatus.CAPTURE_PENDING,
+    Operation.VOID: PaymentStatus.VOID_PENDING,
+    Operation.REFUND: PaymentStatus.REFUND_PENDING,
+}
+FOLLOW_UP_DONE = {
+    Operation.CAPTURE: PaymentStatus.CAPTURED,
+    Operation.VOID: PaymentStatus.VOIDED,
+    Operation.REFUND: PaymentStatus.REFUNDED,
+}
 
 
 def provider_idempotency_key(payment_id: str, provider: str, operation: str = "auth", salt: str = "") -> str:
@@ -38,38 +58,128 @@ def provider_idempotency_key(payment_id: str, provider: str, operation: str = "a
     return f"{payment_id}-{provider}-{operation}-{hashlib.sha256(salt.encode()).hexdigest()[:16]}"
 
 
-@dataclass(frozen=True, slots=True)
-class FollowUpOutcome:
-    result: ProviderResult
-    record: PaymentRecord
+class PaymentLocks:
+    """One asyncio.Lock per payment with a follow-up starting in this process; dropped when
+    nobody holds it. Across processes, the `<op>_pending` state journalled before the call is
+    what refuses a second follow-up."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @asynccontextmanager
+    async def hold(self, payment_id: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(payment_id, (asyncio.Lock(), 0))
+        self._locks[payment_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[payment_id]
+            if users == 1:
+                del self._locks[payment_id]
+            else:
+                self._locks[payment_id] = (lock, users - 1)
 
 
-FOLLOW_UP_STATUS = {
-    Operation.CAPTURE: PaymentStatus.CAPTURED,
-    Operation.VOID: PaymentStatus.VOIDED,
-    Operation.REFUND: PaymentStatus.REFUNDED,
-}
+def follow_up_problem(record: PaymentRecord, op: Operation, amount: int | None) -> Answer | None:
+    """Why `op` cannot be made on the payment as it is now, or None."""
+    if amount is not None and amount > record.amount:
+        return answers.amount_too_large("amount exceeds the payment's amount")
+    status = record.status
+    if record.follow_up is not None:
+        return answers.invalid_state(f"a {record.follow_up.operation} of this payment is still in progress")
+    if op is Operation.CAPTURE and (status is not PaymentStatus.APPROVED or record.capture):
+        return answers.invalid_state(f"only an approved authorisation can be captured (status {status.value})")
+    if op is Operation.VOID and (status is not PaymentStatus.APPROVED or record.captured_amount):
+        return answers.invalid_state(
+            f"only an approved, uncaptured authorisation can be voided (status {status.value})")
+    if op is Operation.REFUND:
+        refundable = record.captured_amount - record.refunded_amount
+        if status not in (PaymentStatus.APPROVED, PaymentStatus.CAPTURED, PaymentStatus.REFUNDED) or refundable <= 0:
+            return answers.invalid_state("nothing captured is left to refund")
+        if amount is not None and amount > refundable:
+            return answers.amount_too_large(f"at most {refundable} can still be refunded")
+    return None
+
+
+def follow_up_amount(record: PaymentRecord, op: Operation, asked: int | None) -> int | None:
+    """Every provider gets an explicit amount: a capture defaults to the authorised amount, a
+    refund to what is still refundable; a void has none."""
+    if op is Operation.CAPTURE:
+        return record.amount if asked is None else asked
+    if op is Operation.REFUND:
+        return record.captured_amount - record.refunded_amount if asked is None else asked
+    return None
+
+
+def apply_follow_up(record: PaymentRecord, op: Operation, outcome: Outcome) -> None:
+    """A follow-up's settled outcome onto the payment: done (amounts and status), or refused or
+    never made (the status it had before)."""
+    pending = record.follow_up
+    assert pending is not None
+    if outcome is Outcome.APPROVED:
+        if op is Operation.CAPTURE:
+            record.captured_amount = pending.amount if pending.amount is not None else record.amount
+        elif op is Operation.REFUND:
+            record.refunded_amount += pending.amount or 0
+        record.status = FOLLOW_UP_DONE[op]
+    else:
+        record.status = PaymentStatus(pending.prior_status)
+    record.follow_up = None
 
 
 class PaymentService:
-    def __init__(self, *, store: Store, pool: ProviderPool, router: Router, executor: AttemptExecutor,
-                 metrics: Metrics, txlog: TransactionLog) -> None:
+    def __init__(self, *, store: Store, clients: Mapping[str, ProviderClient], router: Router,
+                 executor: AttemptExecutor, metrics: Metrics, txlog: TransactionLog, retention_s: float,
+                 ops_log: structlog.typing.FilteringBoundLogger) -> None:
         self.store = store
-        self.pool = pool
+        self.clients = clients
         self.router = router
         self.executor = executor
         self.metrics = metrics
         self.txlog = txlog
+        self.retention_s = retention_s
+        self.ops = ops_log
+        self.locks = PaymentLocks()
         self.in_flight: set[str] = set()
         # Called with (record, kind, extra) after each transaction line (the live console's window).
         self.observers: list[Callable[[PaymentRecord, str, dict[str, Any]], None]] = []
 
-    def plan(self, record: PaymentRecord, order: PaymentOrder) -> RouteDecision | None:
+    # -- payments ---------------------------------------------------------------------------------
+
+    async def create_payment(self, scope: str, key: str, fingerprint: str, record: PaymentRecord,
+                             order: PaymentOrder, deadline: float) -> Answer:
+        """Claim the key with the payment row (one transaction), run the payment to a final or
+        pending state, commit the final row with the key's answer and the log line."""
+        decision = self._plan(record, order)
+        now = time.time()
+        claim = await self.store.claim_idempotency(scope, key, fingerprint, record.id, now, now + self.retention_s,
+                                                   record)
+        if claim.kind is not ClaimKind.NEW:
+            return answers.claim_answer(claim)
+        # From here the journal holds the payment: if this request dies, the reconciler settles
+        # it and stores the final answer for the key.
+        self.in_flight.add(record.id)
+        started = time.monotonic()
+        try:
+            if decision is not None:
+                self.executor.budget.record_request()
+                await self._attempt_candidates(record, order, decision, deadline)
+            record.updated_at = time.time()
+            answer = answers.payment_answer(record)
+            await self.commit(record, "payment", IdempotentAnswer(scope, key, answer.stored()),
+                              latency_ms=(time.monotonic() - started) * 1000)
+        finally:
+            self.in_flight.discard(record.id)
+        self.metrics.payments.labels(record.status.value).inc()
+        self.metrics.payment_latency.observe(time.monotonic() - started)
+        return answer
+
+    def _plan(self, record: PaymentRecord, order: PaymentOrder) -> RouteDecision | None:
         """Route in memory before anything is written, and mark the record as attempting its
-        first candidate, so the row the front door journals with its key claim already says
-        where the first call goes: that write is the first attempt's durable journal entry."""
-        brand = card_brand(order.card.number) if order.card else None
-        facts = RoutingFacts(order.amount, order.currency, order.country, brand, order.merchant_reference)
+        first candidate, so the row journalled with the key claim already says where the first
+        call goes (and with which provider key): that write is its durable journal entry."""
+        facts = RoutingFacts(order.amount, order.currency, order.country, record.card_brand, order.merchant_reference)
         try:
             decision = self.router.route(facts)
         except NoRoute as exc:
@@ -78,9 +188,10 @@ class PaymentService:
             return None
         record.route = decision.route
         for provider, reason in decision.skipped:
-            record.attempts.append(Attempt(provider=provider, try_number=0, operation=Operation.AUTHORIZE.value,
-                                           idempotency_key=None, started_at=time.time(), outcome="skipped",
-                                           raw_code=reason, breaker_state=self.pool[provider].breaker.state))
+            client = self.clients[provider]
+            skipped = client.new_attempt(Operation.AUTHORIZE, 0, None)
+            skipped.outcome, skipped.raw_code = "skipped", reason
+            record.attempts.append(skipped)
         if not decision.candidates:
             self._finish(record, PaymentStatus.FAILED, error="no_provider_available")
             return None
@@ -89,87 +200,59 @@ class PaymentService:
         record.provider_idempotency_key = provider_idempotency_key(record.id, record.provider)
         return decision
 
-    async def authorize(self, record: PaymentRecord, order: PaymentOrder, decision: RouteDecision | None,
-                        deadline: float, *, scope: str, key: str) -> StoredResponse:
-        """Run a planned payment to a final or pending state; the journal row and the answer
-        that the front-door key (`scope`, `key`) replays are committed together."""
-        self.in_flight.add(record.id)
-        started = time.monotonic()
-        try:
-            if decision is not None:
-                self.executor.budget.record_request()
-                await self._attempt_candidates(record, order, decision, deadline)
-            record.updated_at = time.time()
-            answer = payment_answer(record)
-            extra = {"latency_ms": (time.monotonic() - started) * 1000}
-            line = self.transaction_line(record, "payment", **extra)
-            await self.store.save_payment(record, IdempotentAnswer(scope, key, answer), line)
-        finally:
-            self.in_flight.discard(record.id)
-        self.metrics.payments.labels(record.status.value).inc()
-        self.metrics.payment_latency.observe(time.monotonic() - started)
-        self.log_transaction(record, "payment", line, **extra)
-        return answer
-
     async def _attempt_candidates(self, record: PaymentRecord, order: PaymentOrder, decision: RouteDecision,
                                   deadline: float) -> None:
-        journalled_by_claim = len(record.attempts)  # the claim's row covers the very first attempt
+        journalled = (record.provider, record.provider_idempotency_key)  # what the claim's row says
         cascaded = False
         failover_reason: str | None = None
         last: ProviderResult | None = None
         for position, name in enumerate(decision.candidates):
-            handle = self.pool[name]
+            client = self.clients[name]
             key = provider_idempotency_key(record.id, name)
-            first_attempt = len(record.attempts)
+            first = len(record.attempts)
 
-            async def journal(attempt: Attempt, name: str = name, key: str = key,
-                              reason: str | None = failover_reason, first: int = first_attempt) -> None:
-                if attempt is record.attempts[first]:
-                    attempt.failover_reason = reason
-                if len(record.attempts) > journalled_by_claim and attempt is record.attempts[journalled_by_claim]:
-                    return  # the claim's transaction already holds (provider, key) for this call
-                record.status = PaymentStatus.ATTEMPTING
-                record.provider = name
-                record.provider_idempotency_key = key
-                record.updated_at = time.time()
-                await self.store.save_payment(record)
+            async def journal(_attempt: Attempt, name: str = name, key: str = key) -> None:
+                """The journal must say where this call goes before the provider sees it; a
+                write is needed only when it does not say so yet."""
+                nonlocal journalled
+                record.status, record.provider, record.provider_idempotency_key = PaymentStatus.ATTEMPTING, name, key
+                if journalled != (name, key):
+                    record.updated_at = time.time()
+                    await self.store.save_payment(record)
+                    journalled = (name, key)
 
-            result = await self.executor.run(handle, Operation.AUTHORIZE, order, key, deadline, record.attempts,
+            result = await self.executor.run(client, Operation.AUTHORIZE, order, key, deadline, record.attempts,
                                              journal)
+            if len(record.attempts) > first:
+                record.attempts[first].failover_reason = failover_reason
             last = result
-            record.provider = name
-            record.provider_idempotency_key = key
+            record.provider, record.provider_idempotency_key = name, key
             has_next = position + 1 < len(decision.candidates)
-            match result.outcome:
-                case Outcome.APPROVED:
-                    record.provider_reference = result.reference
-                    if order.capture:
-                        record.captured_amount = record.amount
-                    self._finish(record, PaymentStatus.APPROVED, result)
-                    return
-                case Outcome.HARD_DECLINE:
-                    self._finish(record, PaymentStatus.DECLINED, result)
-                    return
-                case Outcome.SOFT_DECLINE:
-                    if not cascaded and has_next and result.raw_code in decision.cascade_on:
-                        cascaded = True
-                        failover_reason = f"soft_decline:{result.raw_code}"
-                        self.metrics.failovers.labels(name, "soft_decline").inc()
-                        continue
-                    self._finish(record, PaymentStatus.DECLINED, result)
-                    return
-                case Outcome.REJECTED:
-                    self._finish(record, PaymentStatus.FAILED, result, error="provider_rejected")
-                    return
-                case Outcome.UNKNOWN:
-                    record.provider_reference = result.reference
-                    self._finish(record, PaymentStatus.PENDING, result)
-                    return
-                case Outcome.UNAVAILABLE:
-                    failover_reason = f"unavailable:{result.raw_code}"
-                    if has_next:
-                        self.metrics.failovers.labels(name, "unavailable").inc()
+            cascade_allowed = not cascaded and result.raw_code in decision.cascade_on
+            if has_next and may_fail_over(result, cascade_allowed=cascade_allowed):
+                kind = "soft_decline" if result.outcome is Outcome.SOFT_DECLINE else "unavailable"
+                cascaded = cascaded or result.outcome is Outcome.SOFT_DECLINE
+                failover_reason = f"{kind}:{result.raw_code}"
+                self.metrics.failovers.labels(name, kind).inc()
+                continue
+            if result.outcome is Outcome.UNAVAILABLE:
+                break  # the last candidate was not reached or did not take it
+            if result.outcome in (Outcome.APPROVED, Outcome.UNKNOWN):
+                record.provider_reference = result.reference
+            if result.outcome is Outcome.APPROVED and order.capture:
+                record.captured_amount = record.amount
+            if result.duplicate_suspected:
+                self.suspect_duplicate(record, result)
+            self._finish(record, payment_status(result), result,
+                         error="provider_rejected" if result.outcome is Outcome.REJECTED else None)
+            return
         self._finish(record, PaymentStatus.FAILED, last, error="all_providers_unavailable")
+
+    def suspect_duplicate(self, record: PaymentRecord, result: ProviderResult) -> None:
+        record.duplicate_charge_suspected = True
+        self.metrics.duplicates_suspected.labels(record.provider or "none").inc()
+        self.ops.error("duplicate_charge_suspected", payment_id=record.id, provider=record.provider,
+                       detail=result.message)
 
     @staticmethod
     def _finish(record: PaymentRecord, status: PaymentStatus, result: ProviderResult | None = None, *,
@@ -184,41 +267,113 @@ class PaymentService:
         if error is not None:
             record.error_code = error if result is None else f"{error}:{result.raw_code}"
 
-    async def follow_up(self, record: PaymentRecord, op: Operation, amount: int | None, front_key: str,
-                        deadline: float) -> FollowUpOutcome:
+    # -- reads and follow-ups ---------------------------------------------------------------------
+
+    async def read(self, scope: str, payment_id: str) -> Answer:
+        record = await self._owned(scope, payment_id)
+        return answers.payment_not_found() if record is None else answers.payment_read(record)
+
+    async def _owned(self, scope: str, payment_id: str) -> PaymentRecord | None:
+        record = await self.store.get_payment(payment_id)
+        return record if record is not None and record.client == scope else None
+
+    async def follow_up(self, scope: str, key: str, fingerprint: str, payment_id: str, op: Operation,
+                        asked_amount: int | None, deadline: float) -> Answer:
         """Capture, void or refund at the provider that holds the payment: never anywhere else."""
+        record = await self._owned(scope, payment_id)
+        if record is None:
+            return answers.payment_not_found()
+        provider_key = provider_idempotency_key(record.id, record.provider or "none", op.value, salt=key)
+        now = time.time()
+        claim = await self.store.claim_idempotency(scope, key, fingerprint, provider_key, now,
+                                                   now + self.retention_s)
+        if claim.kind is not ClaimKind.NEW:
+            return answers.claim_answer(claim)
+        released = False
+        try:
+            async with self.locks.hold(record.id):
+                # Checked against the row as it is now, not as it was before we waited: two
+                # refunds must not both pass one stale check.
+                record = await self._owned(scope, payment_id)
+                assert record is not None
+                amount = follow_up_amount(record, op, asked_amount)
+                problem = follow_up_problem(record, op, amount)
+                if problem is not None:
+                    await self.store.release_idempotency(scope, key)
+                    released = True
+                    return problem
+                self.in_flight.add(record.id)
+                try:
+                    answer, released = await self._run_follow_up(record, op, amount, scope, key, provider_key,
+                                                                 deadline)
+                finally:
+                    self.in_flight.discard(record.id)
+                return answer
+        except BaseException:
+            if not released:
+                # Nothing was settled: the caller may retry the key (it maps to the same provider key).
+                await self.store.release_idempotency(scope, key)
+            raise
+
+    async def _run_follow_up(self, record: PaymentRecord, op: Operation, amount: int | None, scope: str, key: str,
+                             provider_key: str, deadline: float) -> tuple[Answer, bool]:
+        """Returns the answer and whether the caller's key was released (nothing happened)."""
         assert record.provider is not None
-        handle = self.pool[record.provider]
-        key = provider_idempotency_key(record.id, record.provider, op.value, salt=front_key)
+        client = self.clients[record.provider]
+        record.follow_up = PendingFollowUp(operation=op.value, amount=amount, provider_key=provider_key, scope=scope,
+                                           front_key=key, prior_status=record.status.value, started_at=time.time(),
+                                           deadline_s=max(0.0, deadline - time.monotonic()))
+        record.status = FOLLOW_UP_PENDING[op]
         subject = FollowUp(payment_id=record.id, provider_reference=record.provider_reference, amount=amount,
-                           currency=record.currency, follow_up_id=key)
-        started = time.monotonic()
+                           currency=record.currency, follow_up_id=provider_key)
+        journalled = False
 
         async def journal(_attempt: Attempt) -> None:
-            record.updated_at = time.time()
-            await self.store.save_payment(record)
+            nonlocal journalled
+            if not journalled:  # `<op>_pending` on disk before the provider can see the request
+                record.updated_at = time.time()
+                await self.store.save_payment(record)
+                journalled = True
 
-        result = await self.executor.run(handle, op, subject, key, deadline, record.attempts, journal)
-        if result.outcome is Outcome.APPROVED:
-            if op is Operation.CAPTURE:
-                record.captured_amount = amount if amount is not None else record.amount
-            elif op is Operation.REFUND:
-                record.refunded_amount += amount if amount is not None else record.captured_amount - record.refunded_amount
-            record.status = FOLLOW_UP_STATUS[op]
-        record.updated_at = time.time()
+        started = time.monotonic()
+        result = await self.executor.run(client, op, subject, provider_key, deadline, record.attempts, journal,
+                                         amount=amount)
         extra = {"latency_ms": (time.monotonic() - started) * 1000,
                  "follow_up": {"operation": op.value, "amount": amount, "outcome": result.outcome.value,
                                "raw_code": result.raw_code}}
-        line = self.transaction_line(record, op.value, **extra)
-        await self.store.save_payment(record, outbox=line)
-        self.log_transaction(record, op.value, line, **extra)
-        return FollowUpOutcome(result, record)
+        record.updated_at = time.time()
+        if result.outcome is Outcome.UNKNOWN:
+            # The provider may have acted: the reconciler asks it, and answers the key then.
+            record.follow_up.answered = True
+            answer = answers.follow_up_answer(record, op, result)
+            await self.commit(record, op.value, IdempotentAnswer(scope, key, answer.stored()), **extra)
+            return answer, False
+        apply_follow_up(record, op, result.outcome)
+        answer = answers.follow_up_answer(record, op, result)
+        if result.outcome is Outcome.UNAVAILABLE:
+            if journalled:
+                await self.commit(record, op.value, **extra)
+            await self.store.release_idempotency(scope, key)
+            return answer, True
+        await self.commit(record, op.value, IdempotentAnswer(scope, key, answer.stored()), **extra)
+        return answer, False
+
+    # -- the journal's final row and the transaction's one log line -------------------------------
+
+    async def commit(self, record: PaymentRecord, kind: str, answer: IdempotentAnswer | None = None,
+                     **extra: Any) -> None:
+        """The one way a transaction ends (the caller set `updated_at` with the state change, before
+        it rendered the answer): render its line (DESIGN rule 5; the logger's pipeline
+        redacts), commit the row, the key's answer and the line's outbox entry in one
+        transaction, then write the line (a crash before it is on disk leaves the outbox row,
+        written at the next start-up) and tell the observers."""
+        line = self.transaction_line(record, kind, **extra)
+        await self.store.save_payment(record, answer, outbox=line)
+        self.txlog.emit(line)
+        for observe in self.observers:
+            observe(record, kind, extra)
 
     def transaction_line(self, record: PaymentRecord, kind: str, **extra: Any) -> OutboxLine:
-        """The transaction's one line (DESIGN rule 5), rendered with its `log_id` through the
-        logger's pipeline, which redacts whatever slips in, but not written: the final journal
-        write stores it in the outbox in the same transaction (`save_payment(..., outbox=line)`),
-        and `log_transaction` writes it after that commit."""
         return self.txlog.render(
             kind,
             payment_id=record.id,
@@ -237,6 +392,7 @@ class PaymentService:
             outcome=record.outcome,
             decline_code=record.decline_code,
             error_code=record.error_code,
+            duplicate_charge_suspected=record.duplicate_charge_suspected or None,
             attempts=[_attempt_doc(a) for a in record.attempts],
             failovers=sum(1 for a in record.attempts if a.failover_reason),
             retries=sum(1 for a in record.attempts if a.try_number > 1 and a.operation != "status"),
@@ -245,17 +401,11 @@ class PaymentService:
             **extra,
         )
 
-    def log_transaction(self, record: PaymentRecord, kind: str, line: OutboxLine, **extra: Any) -> None:
-        """After the commit that stored `line` in the outbox: write it, exactly once (a crash
-        before it is on disk leaves the outbox row, written at the next start-up)."""
-        self.txlog.emit(line)
-        for observe in self.observers:
-            observe(record, kind, extra)
-
 
 def _attempt_doc(a: Attempt) -> dict[str, Any]:
     return {
         "provider": a.provider, "try": a.try_number, "operation": a.operation, "outcome": a.outcome,
         "raw_code": a.raw_code, "http_status": a.http_status, "latency_ms": a.latency_ms,
         "breaker_state": a.breaker_state, "failover_reason": a.failover_reason, "started_at": a.started_at,
+        "amount": a.amount,
     }

@@ -24,6 +24,7 @@ import secrets
 import sqlite3
 import ssl
 import tempfile
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -34,11 +35,11 @@ from urllib.parse import urlsplit
 from gateway.certs.check import CertReport, Thresholds, collect
 from gateway.certs.inspect import CertStatus
 from gateway.certs.tls import client_context
-from gateway.config import GatewayConfig, ProviderConfig
+from gateway.config import EngineConfig, GatewayConfig, ProviderConfig
 from domain.types import FollowUp, Operation
-from providers.errors import TransportError
-from providers.registry import KINDS
-from providers.transport import ProviderTransport
+from gateway.metrics import Metrics
+from gateway.provider_client import MIN_TRY_S, ProviderClient
+from gateway.provider_pool import make_handle
 
 Severity = Literal["error", "warn"]
 ERROR: Severity = "error"
@@ -180,40 +181,36 @@ async def probe_provider(name: str, cfg: ProviderConfig) -> list[Finding]:
         ctx = await asyncio.to_thread(_ssl_context, cfg)
     except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
         return [Finding("provider.tls_config", ERROR, subject, f"cannot build the TLS client context: {exc}")]
-    mapping = KINDS[cfg.kind].mapping(name, cfg.api_key.get_secret_value(), merchant_account=cfg.merchant_account)
-    request = mapping.build(Operation.STATUS, FollowUp(payment_id=status_probe_reference(), provider_reference=None),
-                            None)
+    handle = make_handle(name, cfg, EngineConfig(), ssl_context=ctx)
+    probe = FollowUp(payment_id=status_probe_reference(), provider_reference=None)
+    request = handle.mapping.build(Operation.STATUS, probe, None)
     if request.method != "GET" or request.body:
         # Never let a probe be anything but a read, whatever a mapping turns into.
         return [Finding("provider.probe_unsafe", ERROR, subject,
                         f"its status query is {request.method} {request.path}"
                         f"{' with a body' if request.body else ''}; preflight sends only reads, so the provider "
                         "was not probed")]
-    transport = ProviderTransport(name, cfg.base_url, ssl_context=ctx, connect_timeout_s=cfg.connect_timeout_ms / 1000,
-                                  max_connections=1)
-    await transport.start()
-    try:
-        response = await transport.send(request, cfg.timeout_ms / 1000)  # the gateway's own per-try bound
-    except TransportError as exc:
-        failure = exc
-    else:
-        failure = None
+    client = ProviderClient(handle, Metrics())
+    await handle.transport.start()
+    try:  # the gateway's own call, with its per-try bound
+        answer = await client.lookup(probe, time.monotonic() + cfg.timeout_ms / 1000 + MIN_TRY_S,
+                                     client.new_attempt(Operation.STATUS, 0, None))
     finally:
-        await transport.close()
-    if failure is not None:
-        if failure.code in _TLS_CODES:
+        await handle.transport.close()
+    result = answer.result
+    if result.http_status is None:  # no HTTP answer: the transport's failure
+        detail = (result.message or "").removeprefix(f"{name}: ")
+        if result.raw_code in _TLS_CODES:
             return [Finding("provider.tls_refused", ERROR, subject,
-                            f"TLS/mTLS handshake with {cfg.base_url} failed: "
-                            f"{_cause(failure).removeprefix(f'{name}: ')} ({failure.code})")]
+                            f"TLS/mTLS handshake with {cfg.base_url} failed: {detail} ({result.raw_code})")]
         refusal = await _tls_refusal(cfg.base_url, ctx, cfg.connect_timeout_ms / 1000) if ctx is not None else None
         if refusal is not None:
             ours = (f"our client certificate {cfg.tls.client_cert}" if cfg.tls.client_cert is not None
                     else "a session without a client certificate")
             return [Finding("provider.tls_refused", ERROR, subject,
                             f"{cfg.base_url} refuses our TLS session: {refusal}; it does not accept {ours}")]
-        return [Finding("provider.unreachable", ERROR, subject,
-                        f"{cfg.base_url}: {_cause(failure).removeprefix(f'{name}: ')} ({failure.code})")]
-    status = response.status
+        return [Finding("provider.unreachable", ERROR, subject, f"{cfg.base_url}: {detail} ({result.raw_code})")]
+    status = result.http_status
     if status in (401, 403):
         return [Finding("provider.auth_refused", ERROR, subject,
                         f"reachable, but answers HTTP {status} to a status query: our API key "
@@ -267,15 +264,6 @@ def _ssl_context(cfg: ProviderConfig) -> ssl.SSLContext | None:
     if not cfg.base_url.startswith("https://"):
         return None
     return client_context(cfg.tls.ca, cfg.tls.client_cert, cfg.tls.client_key)
-
-
-def _cause(exc: BaseException) -> str:
-    """The message, with the innermost cause when it adds something ("connection refused")."""
-    root = exc
-    while root.__cause__ is not None:
-        root = root.__cause__
-    message, detail = str(exc), str(root) or type(root).__name__
-    return message if root is exc or detail in message else f"{message} ({detail})"
 
 
 # --- routes: backups and what they can take ------------------------------------------------------

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from gateway.breaker import ProviderBreaker
 from gateway.bulkhead import Bulkhead
 from gateway.certs.tls import client_context
-from gateway.config import GatewayConfig, ProviderConfig
+from gateway.config import EngineConfig, GatewayConfig, ProviderConfig
 from gateway.success_window import SuccessWindow
 from providers.base import ProviderMapping
 from providers.registry import KINDS
@@ -54,26 +54,28 @@ def _ssl_context(cfg: ProviderConfig) -> ssl.SSLContext | None:
     return client_context(cfg.tls.ca, cfg.tls.client_cert, cfg.tls.client_key)
 
 
+def make_handle(name: str, cfg: ProviderConfig, engine: EngineConfig, *,
+                ssl_context: ssl.SSLContext | None = None) -> ProviderHandle:
+    """One provider's runtime parts, from its configuration (its transport not yet started).
+    `ssl_context`: one already built (preflight builds it off the event loop)."""
+    ctx = ssl_context if ssl_context is not None else _ssl_context(cfg)
+    return ProviderHandle(
+        name=name,
+        config=cfg,
+        mapping=KINDS[cfg.kind].mapping(name, cfg.api_key.get_secret_value(), merchant_account=cfg.merchant_account),
+        transport=ProviderTransport(name, cfg.base_url, ssl_context=ctx, connect_timeout_s=cfg.connect_timeout_ms / 1000,
+                                    max_connections=cfg.max_connections),
+        breaker=ProviderBreaker(name, fail_max=cfg.breaker.fail_max, reset_timeout_s=cfg.breaker.reset_timeout_s),
+        bulkhead=Bulkhead(cfg.bulkhead.max_concurrent, cfg.bulkhead.max_queue),
+        ssl_context=ctx,
+        success=SuccessWindow(engine.health_window_s, engine.health_min_samples),
+    )
+
+
 class ProviderPool:
     def __init__(self, config: GatewayConfig) -> None:
-        self._handles: dict[str, ProviderHandle] = {}
+        self._handles = {name: make_handle(name, cfg, config.engine) for name, cfg in config.providers.items()}
         self._open = contextlib.AsyncExitStack()
-        for name, cfg in config.providers.items():
-            ctx = _ssl_context(cfg)
-            self._handles[name] = ProviderHandle(
-                name=name,
-                config=cfg,
-                mapping=KINDS[cfg.kind].mapping(name, cfg.api_key.get_secret_value(),
-                                                merchant_account=cfg.merchant_account),
-                transport=ProviderTransport(name, cfg.base_url, ssl_context=ctx,
-                                            connect_timeout_s=cfg.connect_timeout_ms / 1000,
-                                            max_connections=cfg.max_connections),
-                breaker=ProviderBreaker(name, fail_max=cfg.breaker.fail_max,
-                                        reset_timeout_s=cfg.breaker.reset_timeout_s),
-                bulkhead=Bulkhead(cfg.bulkhead.max_concurrent, cfg.bulkhead.max_queue),
-                ssl_context=ctx,
-                success=SuccessWindow(config.engine.health_window_s, config.engine.health_min_samples),
-            )
 
     def __getitem__(self, name: str) -> ProviderHandle:
         return self._handles[name]

@@ -1,9 +1,13 @@
 """The reconciler: owns every payment left `attempting` (a crash) or `pending` (an unknown
-outcome), settles it with a status query at the provider that holds the attempt, and stores
-the final answer for the caller's idempotency key.
+outcome), and every follow-up left `<op>_pending` (a crash, or an answer the provider did not
+confirm). It settles each with a status query at the provider that holds it (through the same
+`ProviderClient` as every call: breaker and bulkhead included), and stores the final answer for
+the caller's idempotency key.
 
 Runs once at start (after a crash) and then periodically. Card data is never journalled, so a
-payment the provider never saw is closed as `failed` (nothing charged) rather than re-sent.
+payment the provider never saw is closed as `failed` (nothing charged) rather than re-sent; a
+follow-up the provider never saw is undone (the payment returns to its prior status) and its
+key released, so the caller's retry reaches the same provider key.
 """
 
 from __future__ import annotations
@@ -13,15 +17,14 @@ import time
 
 import structlog
 
-from gateway.executor import MIN_TRY_S, attempt_outcome
-from gateway.journal.records import Attempt, PaymentRecord
 from domain.outcome import Outcome, PaymentStatus
-from gateway.orchestrator import PaymentService
-from gateway.payment_view import payment_answer
-from domain.types import FollowUp, Operation
-from providers.classify import result_from_transport_error
-from providers.errors import TransportError
-
+from domain.types import FollowUp, Lookup, Operation, ProviderResult, StatusAnswer
+from gateway import answers
+from gateway.journal.records import PaymentRecord
+from gateway.orchestrator import PaymentService, apply_follow_up
+from gateway.policy import POLICY
+from gateway.provider_client import MIN_TRY_S
+from gateway.settlement import follow_up_entry
 
 MIN_RECHECK_S = 5.0
 MAX_RECHECK_S = 300.0
@@ -62,7 +65,8 @@ class Reconciler:
 
     async def run_once(self, *, min_age_s: float | None = None, abandoned_after_s: float | None = None,
                        ignore_backoff: bool = False) -> int:
-        """Settle what can be settled now; returns how many payments reached a final state."""
+        """Settle what can be settled now; returns how many payments or follow-ups reached a
+        final state."""
         async with self._pass:
             return await self._run_once(min_age_s, abandoned_after_s, ignore_backoff)
 
@@ -79,12 +83,7 @@ class Reconciler:
             due = self._next_check.get(record.id, (0.0, 0.0))[0]
             if record.id in self.service.in_flight or (not ignore_backoff and due > now):
                 continue
-            if record.status is PaymentStatus.PENDING:
-                if now - record.updated_at < age:
-                    continue
-            elif now - record.created_at < abandoned:
-                # Received or attempting: another replica (or this one's request) may still be
-                # working on it. Only past its deadline is its process known to be gone.
+            if not _ours_now(record, now, age=age, abandoned=abandoned):
                 continue
             try:
                 done = await self._settle(record)
@@ -116,64 +115,128 @@ class Reconciler:
         except Exception as exc:
             self.log.warning("reconcile_touch_failed", payment_id=record.id, error=type(exc).__name__)
 
+    async def _lookup(self, record: PaymentRecord, follow_up_id: str | None = None) -> StatusAnswer | None:
+        """The status query, recorded as the payment's latest check (repeated checks replace
+        each other, so the row does not grow per pass). None when the provider is not ours."""
+        assert record.provider is not None
+        client = self.service.clients.get(record.provider)
+        if client is None:
+            self.log.error("reconcile_unknown_provider", payment_id=record.id, provider=record.provider)
+            return None
+        attempt = client.new_attempt(Operation.STATUS, 0, None)
+        last = record.attempts[-1] if record.attempts else None
+        if last is not None and last.try_number == 0 and last.operation == Operation.STATUS.value:
+            record.attempts[-1] = attempt
+        else:
+            record.attempts.append(attempt)
+        deadline = time.monotonic() + max(client.handle.timeout_s, MIN_TRY_S) + MIN_TRY_S
+        return await client.lookup(FollowUp(record.id, record.provider_reference, follow_up_id=follow_up_id),
+                                   deadline, attempt)
+
     async def _settle(self, record: PaymentRecord) -> bool:
+        if record.follow_up is not None:
+            return await self._settle_follow_up(record)
         svc = self.service
         if record.provider is None:
             record.status, record.error_code = PaymentStatus.FAILED, "interrupted_before_provider_call"
-        elif record.provider not in svc.pool:
-            self.log.error("reconcile_unknown_provider", payment_id=record.id, provider=record.provider)
-            await self._touch(record)
-            return False
         else:
-            handle = svc.pool[record.provider]
-            attempt = Attempt(provider=record.provider, try_number=0, operation=Operation.STATUS.value,
-                              idempotency_key=None, started_at=time.time(), breaker_state=handle.breaker.state)
-            started = time.monotonic()
-            request = handle.mapping.build(Operation.STATUS, FollowUp(record.id, record.provider_reference), None)
-            try:
-                response = await handle.transport.send(request, max(handle.timeout_s, MIN_TRY_S))
-                result = handle.mapping.parse(Operation.STATUS, response)
-            except TransportError as exc:
-                result = result_from_transport_error(exc)
-            attempt.outcome, attempt.raw_code, attempt.http_status = attempt_outcome(result), result.raw_code, result.http_status
-            attempt.latency_ms = round((time.monotonic() - started) * 1000, 3)
-            last = record.attempts[-1] if record.attempts else None
-            if last is not None and last.try_number == 0 and last.operation == Operation.STATUS.value:
-                record.attempts[-1] = attempt  # keep the latest check only: the row must not grow per pass
-            else:
-                record.attempts.append(attempt)
-            if not result.found and _absence_proves_no_charge(record, handle.mapping.status_query_consistent):
-                record.status, record.error_code = PaymentStatus.FAILED, "not_charged"
-            elif result.found and result.outcome is Outcome.APPROVED:
-                record.status, record.provider_reference = PaymentStatus.APPROVED, result.reference
-                record.outcome = result.outcome.value
-                if record.capture:
-                    record.captured_amount = record.amount
-            elif result.found and result.outcome.is_decline:
-                record.status, record.decline_code, record.outcome = PaymentStatus.DECLINED, result.raw_code, result.outcome.value
-            else:
-                taking_over = record.status is not PaymentStatus.PENDING
-                record.status = PaymentStatus.PENDING  # the reconciler owns it; asked again later
-                record.updated_at = time.time()
-                if taking_over:
-                    # A crashed request never wrote its payment line: this is that one line. Its
-                    # key now replays "pending" instead of 409 until the payment settles.
-                    await svc.store.complete_idempotency_for(record.id, payment_answer(record))
-                    line = svc.transaction_line(record, "payment")
-                    await svc.store.save_payment(record, outbox=line)
-                    svc.log_transaction(record, "payment", line)
-                else:
-                    await svc.store.save_payment(record)
+            answer = await self._lookup(record)
+            if answer is None:
+                await self._touch(record)
                 return False
-        record.updated_at = time.time()
+            consistent = svc.clients[record.provider].mapping.status_query_consistent
+            found = answer.lookup is Lookup.FOUND
+            if found and answer.charges > 1:
+                if not record.duplicate_charge_suspected:
+                    svc.suspect_duplicate(record, ProviderResult(
+                        Outcome.UNKNOWN, message=f"status query: {answer.charges} charges for one payment"))
+                return await self._keep_pending(record)
+            if answer.lookup is Lookup.NOT_FOUND and _absence_proves_no_charge(record, consistent):
+                record.status, record.error_code = PaymentStatus.FAILED, "not_charged"
+            elif found and POLICY[answer.result.outcome].settles_charge:
+                result = answer.result
+                record.status, record.outcome = POLICY[result.outcome].status, result.outcome.value
+                if result.outcome is Outcome.APPROVED:
+                    record.provider_reference = result.reference
+                    if record.capture:
+                        record.captured_amount = record.amount
+                else:
+                    record.decline_code = result.raw_code
+            else:
+                return await self._keep_pending(record)
         # The keys' stored answer first: a crash before the final row leaves a payment the next
         # pass settles the same way, never a final payment whose keys still say "in flight".
-        await svc.store.complete_idempotency_for(record.id, payment_answer(record))
-        line = svc.transaction_line(record, "reconciliation")
-        await svc.store.save_payment(record, outbox=line)  # the final row and its log line commit together
-        svc.log_transaction(record, "reconciliation", line)
+        record.updated_at = time.time()
+        await svc.store.complete_idempotency_for(record.id, answers.payment_answer(record).stored())
+        await svc.commit(record, "reconciliation")  # the final row and its log line commit together
         svc.metrics.reconciled.labels(record.status.value).inc()
         return True
+
+    async def _keep_pending(self, record: PaymentRecord) -> bool:
+        """Not settled yet: the reconciler owns it and asks again later. A crashed request never
+        wrote its payment line: taking it over writes that one line, and its key now replays
+        "pending" instead of 409 until the payment settles."""
+        svc = self.service
+        taking_over = record.status is not PaymentStatus.PENDING
+        record.status = PaymentStatus.PENDING
+        record.updated_at = time.time()
+        if taking_over:
+            await svc.store.complete_idempotency_for(record.id, answers.payment_answer(record).stored())
+            await svc.commit(record, "payment")
+        else:
+            await svc.store.save_payment(record)
+        return False
+
+    async def _settle_follow_up(self, record: PaymentRecord) -> bool:
+        """A capture, void or refund the provider did not confirm, or whose request died: the
+        provider's list of the payment's follow-ups says whether ours was made."""
+        svc = self.service
+        pending = record.follow_up
+        assert pending is not None
+        op = Operation(pending.operation)
+        answer = await self._lookup(record, follow_up_id=pending.provider_key)
+        if answer is None:
+            await self._touch(record)
+            return False
+        entry = follow_up_entry(answer, op, pending.provider_key) if answer.lookup is Lookup.FOUND else None
+        follow_up = {"operation": op.value, "amount": pending.amount}
+        record.updated_at = time.time()
+        if entry is not None and entry.outcome is not Outcome.UNKNOWN:
+            result = ProviderResult(entry.outcome, raw_code=f"{op.value}_{entry.outcome.value}")
+            apply_follow_up(record, op, entry.outcome)
+            await svc.store.complete_idempotency_for(pending.provider_key,
+                                                     answers.follow_up_answer(record, op, result).stored())
+        elif (entry is None and answer.lookup is Lookup.FOUND and answer.follow_ups_listed
+              and _quiet_since(record, None, pending.provider_key,
+                               svc.clients[record.provider or ""].mapping.status_query_consistent)):
+            apply_follow_up(record, op, Outcome.UNAVAILABLE)
+            await svc.store.release_idempotency(pending.scope, pending.front_key)  # a retry may make it now
+            follow_up["never_made"] = True
+        else:
+            if not pending.answered:
+                # Taking over a request that died: its key replays "accepted, pending" until then.
+                pending.answered = True
+                await svc.store.complete_idempotency_for(pending.provider_key, answers.follow_up_answer(
+                    record, op, ProviderResult(Outcome.UNKNOWN)).stored())
+            await self._touch(record)
+            return False
+        await svc.commit(record, "reconciliation", follow_up=follow_up)
+        svc.metrics.reconciled.labels(record.status.value).inc()
+        return True
+
+
+def _ours_now(record: PaymentRecord, now: float, *, age: float, abandoned: float) -> bool:
+    """Whether this row is the reconciler's to settle now. A pending payment or an answered
+    follow-up once it is `age` old; a received or attempting payment, or an unanswered
+    follow-up, only once its request is past its deadline (another replica, or this one, may
+    still be working on it until then)."""
+    if record.follow_up is not None:
+        if record.follow_up.answered:
+            return now - record.updated_at >= age
+        return now - record.follow_up.started_at >= abandoned
+    if record.status is PaymentStatus.PENDING:
+        return now - record.updated_at >= age
+    return now - record.created_at >= abandoned
 
 
 def _absence_proves_no_charge(record: PaymentRecord, lookup_consistent: bool) -> bool:
@@ -182,7 +245,13 @@ def _absence_proves_no_charge(record: PaymentRecord, lookup_consistent: bool) ->
     no lag, ten where a search index may lag. Never for a payment we hold a provider id for."""
     if record.provider_reference is not None:
         return False
-    calls = [a.started_at for a in record.attempts
-             if a.provider == record.provider and a.operation == Operation.AUTHORIZE.value]
+    return _quiet_since(record, Operation.AUTHORIZE, None, lookup_consistent)
+
+
+def _quiet_since(record: PaymentRecord, op: Operation | None, key: str | None, consistent: bool) -> bool:
+    """No call of `op` (or with provider key `key`) to the payment's provider for long enough
+    that an empty lookup means it was never made."""
+    calls = [a.started_at for a in record.attempts if a.provider == record.provider
+             and (op is None or a.operation == op.value) and (key is None or a.idempotency_key == key)]
     last_call = max(calls, default=record.created_at)
-    return time.time() - last_call > (IN_FLIGHT_S if lookup_consistent else LOOKUP_LAG_S)
+    return time.time() - last_call > (IN_FLIGHT_S if consistent else LOOKUP_LAG_S)

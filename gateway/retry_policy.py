@@ -1,4 +1,4 @@
-"""Retry policies as small composable tenacity objects, plus the retry budget.
+"""The retry budget, and the wait strategy between tries (a tenacity wait).
 
 The budget is Envoy's: retries may add at most `ratio` of recent requests (plus a floor per
 second), so a provider outage turns into fast failover rather than a retry storm.
@@ -69,25 +69,3 @@ class wait_retry_after(wait_base):
             if isinstance(result, ProviderResult) and result.retry_after_s is not None:
                 return result.retry_after_s
         return self._fallback(retry_state)
-
-
-class stop_at_deadline:
-    """Stop when the next try could not finish before the request's deadline."""
-
-    def __init__(self, deadline: float, min_try_s: float) -> None:
-        self._deadline = deadline
-        self._min_try_s = min_try_s
-
-    def __call__(self, retry_state: RetryCallState) -> bool:
-        sleep = retry_state.upcoming_sleep or 0.0
-        return time.monotonic() + sleep + self._min_try_s > self._deadline
-
-
-class stop_when_budget_spent:
-    """Consumes one unit of the shared budget per retry; put it last in a `|` chain."""
-
-    def __init__(self, budget: RetryBudget) -> None:
-        self._budget = budget
-
-    def __call__(self, retry_state: RetryCallState) -> bool:
-        return not self._budget.try_acquire()

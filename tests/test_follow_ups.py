@@ -66,8 +66,9 @@ async def test_adyen_capture_without_amount_captures_the_authorisation(make_conf
 
 async def test_an_unknown_refund_at_a_provider_that_does_not_replay_is_never_sent_twice(
         make_config, start_gateway, emulators) -> None:
-    """Checkout.com treats a re-send after a lost answer as a new action: the key keeps the
-    'unknown' answer, so the caller's retry cannot cause a second refund."""
+    """Checkout.com treats a re-send after a lost answer as a new action: the refund is left
+    pending for the reconciler and the key keeps that answer, so the caller's retry cannot cause
+    a second refund."""
     from emulators.faults import FaultPlan, FaultRule
 
     config = make_config(order=("checkout", "stripe"))
@@ -78,9 +79,11 @@ async def test_an_unknown_refund_at_a_provider_that_does_not_replay_is_never_sen
     emulator.faults.set(FaultPlan(rules=(FaultRule(kind="timeout_after", hang_s=5, operations=("refund",)),)))
     headers = key()
     first = await client.post(f"/v1/payments/{doc['id']}/refunds", json={"amount": 500}, headers=headers)
-    assert first.status == 502 and (await first.json())["code"] == "outcome_unknown"
+    assert first.status == 202 and (await first.json())["status"] == "refund_pending"
     emulator.faults.clear()
     again = await client.post(f"/v1/payments/{doc['id']}/refunds", json={"amount": 500}, headers=headers)
-    assert again.status == 502 and again.headers.get("Idempotent-Replayed") == "true"
+    assert again.status == 202 and again.headers.get("Idempotent-Replayed") == "true"
+    other = await client.post(f"/v1/payments/{doc['id']}/refunds", json={"amount": 500}, headers=key())
+    assert other.status == 409 and (await other.json())["code"] == "invalid_payment_state"
     [charge] = emulator.ledger.charges()
     assert charge.refunded == 500  # the first refund went through once; the retry sent nothing

@@ -29,6 +29,27 @@ class Attempt:
     reference: str | None = None
     failover_reason: str | None = None
     message: str | None = None
+    amount: int | None = None  # a follow-up's amount
+
+
+@dataclass(slots=True)
+class PendingFollowUp:
+    """A capture, void or refund journalled before its provider call and not yet settled.
+
+    While it is set the payment's status is `<op>_pending` and no other follow-up may start;
+    if the request dies (or the provider's answer is unknown) the reconciler settles it from the
+    provider's list of the payment's follow-ups, and answers the caller's key (`scope`,
+    `front_key`), which was claimed with `provider_key` as its resource."""
+
+    operation: str
+    amount: int | None
+    provider_key: str
+    scope: str
+    front_key: str
+    prior_status: str
+    started_at: float
+    deadline_s: float
+    answered: bool = False  # the caller got an answer (202, not yet confirmed): no live request holds it
 
 
 @dataclass(slots=True)
@@ -56,6 +77,10 @@ class PaymentRecord:
     attempts: list[Attempt] = field(default_factory=list)
     captured_amount: int = 0
     refunded_amount: int = 0
+    follow_up: PendingFollowUp | None = None
+    # A status query found more than one charge for this one payment: kept pending, counted and
+    # shown until an operator (or the provider's refund of the extra charge) resolves it.
+    duplicate_charge_suspected: bool = False
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
 
@@ -67,6 +92,8 @@ class PaymentRecord:
         doc = dict(doc)
         doc["status"] = PaymentStatus(doc["status"])
         doc["attempts"] = [Attempt(**a) for a in doc.get("attempts", [])]
+        if doc.get("follow_up") is not None:
+            doc["follow_up"] = PendingFollowUp(**doc["follow_up"])
         return cls(**doc)
 
 

@@ -16,7 +16,10 @@ from gateway.journal.records import (
 )
 from domain.outcome import PaymentStatus
 
-UNRESOLVED_STATUSES = (PaymentStatus.RECEIVED.value, PaymentStatus.ATTEMPTING.value, PaymentStatus.PENDING.value)
+# What the reconciler owns: payments without a final answer, and follow-ups without one.
+UNRESOLVED_STATUSES = tuple(s.value for s in (
+    PaymentStatus.RECEIVED, PaymentStatus.ATTEMPTING, PaymentStatus.PENDING,
+    PaymentStatus.CAPTURE_PENDING, PaymentStatus.VOID_PENDING, PaymentStatus.REFUND_PENDING))
 
 
 class StoreOverloaded(Exception):
@@ -45,7 +48,7 @@ class Store(Protocol):
     async def get_payment(self, payment_id: str) -> PaymentRecord | None: ...
 
     async def unresolved_payments(self, limit: int = 500) -> list[PaymentRecord]:
-        """Payments the reconciler owns: received, attempting or pending."""
+        """Payments the reconciler owns: received, attempting or pending, or with a follow-up pending."""
         ...
 
     async def claim_idempotency(

@@ -1,0 +1,121 @@
+"""What the checkout service gets back, decided in one place: the payment document, and the
+HTTP status and body for every outcome of a payment, a follow-up or a front-door claim.
+
+The service returns an `Answer`; the handler only writes it. What a key replays is the
+`StoredResponse` of that answer, byte for byte.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from domain.outcome import Outcome, PaymentStatus
+from domain.types import Operation, ProviderResult
+from gateway.journal.records import IdempotencyClaim, ClaimKind, PaymentRecord, StoredResponse
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+RETRY_SOON = {"Retry-After": "1"}
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    status: int
+    body: bytes
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    def stored(self) -> StoredResponse:
+        return StoredResponse(self.status, self.body)
+
+    @classmethod
+    def replay(cls, stored: StoredResponse) -> Answer:
+        return cls(stored.status, stored.body, {"Idempotent-Replayed": "true"})
+
+
+def error(status: int, code: str, message: str, field: str | None = None,
+          headers: Mapping[str, str] | None = None) -> Answer:
+    """Every error has one shape: `{code, message, field}`."""
+    return Answer(status, orjson.dumps({"code": code, "message": message, "field": field}), headers or {})
+
+
+def payment_doc(record: PaymentRecord) -> dict[str, Any]:
+    return {
+        "id": record.id,
+        "status": record.status.value,
+        "amount": record.amount,
+        "currency": record.currency,
+        "capture": record.capture,
+        "merchant_reference": record.merchant_reference,
+        "provider": record.provider,
+        "provider_reference": record.provider_reference,
+        "decline_code": record.decline_code,
+        "error_code": record.error_code,
+        "captured_amount": record.captured_amount,
+        "refunded_amount": record.refunded_amount,
+        "pending_follow_up": {"operation": record.follow_up.operation, "amount": record.follow_up.amount}
+        if record.follow_up else None,
+        "duplicate_charge_suspected": record.duplicate_charge_suspected,
+        "card": {"brand": record.card_brand, "bin": record.card_bin, "last4": record.card_last4}
+        if record.card_last4 else None,
+        "attempts": [
+            {"provider": a.provider, "try": a.try_number, "operation": a.operation, "outcome": a.outcome,
+             "raw_code": a.raw_code, "http_status": a.http_status, "latency_ms": a.latency_ms,
+             "failover_reason": a.failover_reason}
+            for a in record.attempts
+        ],
+        "created_at": record.created_at,
+        "updated_at": record.updated_at,
+    }
+
+
+def payment_answer(record: PaymentRecord) -> Answer:
+    """A payment's answer (and every replay of its key): 201, or 502 when it failed."""
+    return Answer(502 if record.status is PaymentStatus.FAILED else 201, orjson.dumps(payment_doc(record)))
+
+
+def payment_read(record: PaymentRecord) -> Answer:
+    return Answer(200, orjson.dumps(payment_doc(record)))
+
+
+def follow_up_answer(record: PaymentRecord, op: Operation, result: ProviderResult) -> Answer:
+    """200 done · 202 accepted, not yet confirmed (the reconciler settles it; the key replays
+    this until then) · 422 refused by the provider · 503 not sent (the caller may retry the key)."""
+    if result.outcome is Outcome.APPROVED:
+        return payment_read(record)
+    if result.outcome is Outcome.UNKNOWN:
+        return Answer(202, orjson.dumps(payment_doc(record)))
+    if result.outcome is Outcome.UNAVAILABLE:
+        return error(503, "provider_unavailable", f"{record.provider} did not take the {op.value} "
+                     f"({result.raw_code}); retry with the same Idempotency-Key", headers=RETRY_SOON)
+    return error(422, f"{op.value}_refused", f"{record.provider} refused the {op.value}: {result.raw_code}")
+
+
+def payment_not_found() -> Answer:
+    return error(404, "payment_not_found", "no payment with this id", "payment_id")
+
+
+def invalid_state(message: str) -> Answer:
+    return error(409, "invalid_payment_state", message, "status")
+
+
+def amount_too_large(message: str) -> Answer:
+    return error(422, "amount_too_large", message, "amount")
+
+
+def claim_answer(claim: IdempotencyClaim) -> Answer:
+    """What to send instead when the front-door key is not this request's to run."""
+    match claim.kind:
+        case ClaimKind.REPLAY:
+            assert claim.response is not None
+            return Answer.replay(claim.response)
+        case ClaimKind.IN_FLIGHT:
+            return error(409, "idempotency_key_in_use",
+                         "a request with this Idempotency-Key is still being processed; retry later",
+                         IDEMPOTENCY_HEADER, headers=RETRY_SOON)
+        case ClaimKind.MISMATCH:
+            return error(422, "idempotency_key_reused",
+                         "this Idempotency-Key was used with a different request body", IDEMPOTENCY_HEADER)
+    raise AssertionError(claim.kind)

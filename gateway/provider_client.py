@@ -1,0 +1,170 @@
+"""One provider call, written once: the payment's attempts, follow-ups, the executor's and the
+reconciler's status queries and preflight's probe all go through `ProviderClient`.
+
+A call: the deadline check, building the request (our own bad input is `rejected`, never the
+provider's fault), the breaker's admission, the journal hook (the attempt is on disk before the
+provider can see the request), a bulkhead slot, the breaker guard, the send with a per-try
+timeout cut to the request's deadline, the mapping's classification, the translation of
+transport errors, and the attempt record and metrics filled in. Local refusals come back as
+`ProviderResult.refused(LocalRefusal…)`; nothing here raises for a provider's answer.
+
+A timeout that the caller's own deadline caused (the per-try timeout was cut short to fit it)
+is not the provider's failure: it never counts against the shared breaker or the health window.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from domain.outcome import LocalRefusal, Outcome
+from domain.types import FollowUp, Lookup, Operation, PaymentOrder, ProviderResult, StatusAnswer
+from gateway.breaker import BreakerOpen, ProviderFailure
+from gateway.bulkhead import BulkheadFull, BulkheadTimeout
+from gateway.journal.records import Attempt
+from gateway.metrics import Metrics
+from gateway.policy import counts_against_breaker
+from gateway.provider_pool import ProviderHandle
+from providers.base import ProviderRequest, ProviderResponse
+from providers.classify import result_from_transport_error
+from providers.errors import TransportError
+
+MIN_TRY_S = 0.05
+TIMEOUT_CODES = frozenset({"read_timeout", "connect_timeout"})
+
+BeforeSend = Callable[[], Awaitable[None]]
+T = TypeVar("T")
+
+
+class _Refused(Exception):
+    """Internal: the call ended before anything was sent, with this refusal."""
+
+    def __init__(self, refusal: LocalRefusal, message: str | None = None) -> None:
+        super().__init__(message)
+        self.result = ProviderResult.refused(refusal, message)
+
+
+class _Failed(ProviderFailure):
+    """Internal: an answer (or a transport failure) that counts against the breaker, carried out
+    of the guard, which must see it raised."""
+
+    def __init__(self, value: object) -> None:
+        super().__init__("provider failure")
+        self.value = value
+
+
+class ProviderClient:
+    def __init__(self, handle: ProviderHandle, metrics: Metrics) -> None:
+        self.handle = handle
+        self.name = handle.name
+        self.mapping = handle.mapping
+        self._metrics = metrics
+
+    def new_attempt(self, op: Operation, try_number: int, key: str | None, *,
+                    amount: int | None = None) -> Attempt:
+        return Attempt(provider=self.name, try_number=try_number, operation=op.value, idempotency_key=key,
+                       started_at=time.time(), breaker_state=self.handle.breaker.state, amount=amount)
+
+    async def call(self, op: Operation, subject: PaymentOrder | FollowUp, key: str | None, deadline: float,
+                   attempt: Attempt, *, before_send: BeforeSend | None = None) -> ProviderResult:
+        """`op` at this provider, once. `before_send` runs after the local checks pass and
+        before any byte leaves: the journal write of `attempt`."""
+        started = time.monotonic()
+        try:
+            request = self._admit(op, subject, key, deadline)
+            if before_send is not None:
+                await before_send()
+            result, caller_cut = await self._exchange(request, deadline, lambda r: self.mapping.parse(op, r),
+                                                      _result_fails, lambda e: e)
+        except _Refused as refused:
+            return self._finish(attempt, refused.result, started)
+        if op is Operation.AUTHORIZE and not caller_cut:
+            self.handle.success.record(not counts_against_breaker(result))
+        return self._finish(attempt, result, started)
+
+    async def lookup(self, subject: FollowUp, deadline: float, attempt: Attempt) -> StatusAnswer:
+        """A status query: found (with the payment's state, its charges and follow-ups), not
+        found, or unknown (the query itself failed: it proves nothing)."""
+        started = time.monotonic()
+        try:
+            request = self._admit(Operation.STATUS, subject, None, deadline)
+            answer, _ = await self._exchange(request, deadline, self._parse_status, _answer_fails,
+                                             lambda e: StatusAnswer(Lookup.UNKNOWN, e))
+        except _Refused as refused:
+            answer = StatusAnswer(Lookup.UNKNOWN, refused.result)
+        self._finish(attempt, answer.result, started, lookup=answer.lookup)
+        return answer
+
+    def _parse_status(self, response: ProviderResponse) -> StatusAnswer:
+        result = self.mapping.parse(Operation.STATUS, response)  # interim, until mappings parse_status
+        if not result.found:
+            return StatusAnswer(Lookup.NOT_FOUND, result)
+        if result.outcome in (Outcome.UNAVAILABLE, Outcome.REJECTED) or (
+                result.outcome is Outcome.UNKNOWN and (result.http_status or 0) >= 500):
+            return StatusAnswer(Lookup.UNKNOWN, result)
+        return StatusAnswer(Lookup.FOUND, result, charges=int(result.extra.get("charged_matches", "1")))
+
+    def _admit(self, op: Operation, subject: PaymentOrder | FollowUp, key: str | None,
+               deadline: float) -> ProviderRequest:
+        if time.monotonic() + MIN_TRY_S > deadline:
+            raise _Refused(LocalRefusal.DEADLINE_EXCEEDED)
+        try:
+            request = self.mapping.build(op, subject, key)
+        except ValueError as exc:
+            raise _Refused(LocalRefusal.NOT_BUILDABLE, str(exc)) from None
+        if not self.handle.breaker.allows_call():
+            raise _Refused(LocalRefusal.BREAKER_OPEN)
+        return request
+
+    async def _exchange(self, request: ProviderRequest, deadline: float, parse: Callable[[ProviderResponse], T],
+                        fails: Callable[[T], bool],
+                        from_transport: Callable[[ProviderResult], T]) -> tuple[T, bool]:
+        """Bulkhead slot, breaker guard, send, classify. Returns the classified answer and whether
+        the caller's deadline cut the try short (then a timeout is not the provider's failure)."""
+        handle = self.handle
+        try:
+            async with handle.bulkhead.slot(deadline):
+                self._metrics.bulkhead_active.labels(self.name).set(handle.bulkhead.active)
+                async with handle.breaker.guard():
+                    timeout = min(handle.timeout_s, deadline - time.monotonic())
+                    if timeout < MIN_TRY_S:
+                        raise _Refused(LocalRefusal.DEADLINE_EXCEEDED)
+                    try:
+                        value = parse(await handle.transport.send(request, timeout))
+                    except TransportError as exc:
+                        value = from_transport(result_from_transport_error(exc))
+                        if timeout < handle.timeout_s and exc.code in TIMEOUT_CODES:
+                            return value, True
+                    if fails(value):
+                        raise _Failed(value)
+                    return value, False
+        except _Failed as failed:
+            return failed.value, False  # type: ignore[return-value]
+        except BreakerOpen as exc:
+            raise _Refused(LocalRefusal.BREAKER_OPEN, str(exc)) from None
+        except BulkheadFull as exc:
+            raise _Refused(LocalRefusal.BULKHEAD_FULL, str(exc)) from None
+        except BulkheadTimeout as exc:
+            raise _Refused(LocalRefusal.BULKHEAD_TIMEOUT, str(exc)) from None
+
+    def _finish(self, attempt: Attempt, result: ProviderResult, started: float, *,
+                lookup: Lookup | None = None) -> ProviderResult:
+        latency = time.monotonic() - started
+        attempt.outcome = lookup.value if lookup is Lookup.NOT_FOUND else result.outcome.value
+        attempt.raw_code = result.raw_code
+        attempt.http_status = result.http_status
+        attempt.reference = result.reference
+        attempt.latency_ms = round(latency * 1000, 3)
+        attempt.message = result.message
+        self._metrics.attempts.labels(self.name, attempt.operation, result.outcome.value).inc()
+        self._metrics.attempt_latency.labels(self.name).observe(latency)
+        return result
+
+
+def _result_fails(result: ProviderResult) -> bool:
+    return counts_against_breaker(result)
+
+
+def _answer_fails(answer: StatusAnswer) -> bool:
+    return answer.lookup is Lookup.UNKNOWN and counts_against_breaker(answer.result)
