@@ -47,6 +47,9 @@ class Ledger:
     def find_by_ref(self, payment_ref: str) -> list[LedgerEntry]:
         return [e for e in self._entries.values() if e.payment_ref == payment_ref]
 
+    def entries(self) -> list[LedgerEntry]:
+        return list(self._entries.values())
+
     def charges(self) -> list[LedgerEntry]:
         return [e for e in self._entries.values() if e.approved]
 

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from gateway.cli import app
 from gateway.drill import SCENARIOS, DrillOptions, SendResult, get_scenario, percentile, run_drill, summarize
-from gateway.drill.report import declined_then_failed_over
+from gateway.drill.report import LedgerView, declined_then_failed_over, journal_mismatches
 from gateway.drill.runner import CLIENT_KEY_ENV, provider_key_env
 
 CONTRACT_KEYS = {"sent", "approved", "declined", "pending", "failed", "duplicates", "lost", "failovers", "retries",
@@ -111,8 +111,8 @@ def test_summary_counts_duplicates_lost_and_declines_failed_over() -> None:
         _doc("p4", "r4", "declined", ("stripe", "hard_decline", 1, None), ("adyen", "hard_decline", 1, "x")),
         _doc("p6", "r6", "attempting", ("stripe", None, 1, None)),
     ]
-    charges = {"p0": ["stripe"], "p1": ["stripe", "adyen"], "p4": ["adyen"]}
-    s = summarize(scenario=get_scenario("decline-storm"), sends=sends, journal=journal, charges=charges,
+    ledger = {"p0": [LedgerView("stripe", True, 0, 0, False)], "p1": [LedgerView("stripe", True, 0, 0, False), LedgerView("adyen", True, 0, 0, False)], "p4": [LedgerView("adyen", True, 0, 0, False)]}
+    s = summarize(scenario=get_scenario("decline-storm"), sends=sends, journal=journal, ledger=ledger,
                   abandoned=0, seconds=1.0, log_dir="x")
     assert (s["sent"], s["approved"], s["declined"], s["pending"], s["failed"]) == (7, 3, 1, 0, 3)
     assert s["duplicates"] == 1  # p1 charged at stripe and adyen
@@ -156,3 +156,27 @@ def test_drill_command_refuses_an_unknown_scenario() -> None:
     result = CliRunner().invoke(app, ["drill", "meteor-strike", "--json"])
     assert result.exit_code == 2
     assert "primary-outage" in result.output
+
+
+def test_journal_mismatches_compare_charges_captures_refunds_and_voids_with_the_ledger() -> None:
+    def doc(pid: str, status: str, captured: int = 0, refunded: int = 0, provider: str = "stripe") -> dict[str, Any]:
+        return {"id": pid, "status": status, "provider": provider, "captured_amount": captured,
+                "refunded_amount": refunded}
+
+    journal = {d["id"]: d for d in (
+        doc("agree", "refunded", 1000, 400), doc("refund_missing", "captured", 1000, 0),
+        doc("capture_unseen", "approved", 0), doc("wrong_provider", "approved", provider="adyen"),
+        doc("voided_here_only", "voided"), doc("pending", "pending"), doc("declined", "declined"),
+        doc("refund_pending_done", "refund_pending", 1000, 0))}
+    ledger = {
+        "agree": [LedgerView("stripe", True, 1000, 400, False)],
+        "refund_missing": [LedgerView("stripe", True, 1000, 400, False)],
+        "capture_unseen": [LedgerView("stripe", True, 1000, 0, False)],
+        "wrong_provider": [LedgerView("stripe", True, 0, 0, False)],
+        "voided_here_only": [LedgerView("stripe", True, 0, 0, False)],
+        "pending": [LedgerView("stripe", False, 0, 0, False)],  # pending: its charge is the reconciler's
+        "declined": [LedgerView("stripe", False, 0, 0, False)],
+        "refund_pending_done": [LedgerView("stripe", True, 1000, 500, False)],
+        "not_journalled": [LedgerView("stripe", True, 0, 0, False)],
+    }
+    assert journal_mismatches(journal, ledger) == 6

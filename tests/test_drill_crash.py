@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from gateway.cli import app
 from gateway.drill import DrillOptions, SendResult, run_crash_drill, summarize
+from gateway.drill.report import LedgerView
 from gateway.drill.scenarios import CRASH_RESTART
 
 CONTRACT_KEYS = {"sent", "approved", "declined", "pending", "failed", "duplicates", "lost", "failovers", "retries",
@@ -50,7 +51,7 @@ def test_a_key_that_became_two_charged_payments_is_a_duplicate() -> None:
         {"id": "p0", "merchant_reference": "r0", "status": "approved", "provider": "stripe", "attempts": []},
         {"id": "p0b", "merchant_reference": "r0", "status": "approved", "provider": "adyen", "attempts": []},
     ]
-    s = summarize(scenario=CRASH_RESTART, sends=sends, journal=journal, charges={"p0": ["stripe"], "p0b": ["adyen"]},
+    s = summarize(scenario=CRASH_RESTART, sends=sends, journal=journal, ledger={"p0": [LedgerView("stripe", True, 0, 0, False)], "p0b": [LedgerView("adyen", True, 0, 0, False)]},
                   abandoned=0, seconds=1.0, log_dir="x",
                   extra={"kills": 0, "restarts": 0, "answers_contradicting_journal": 0, "charged_at_other_provider": 0})
     assert s["duplicates"] == 1

@@ -41,7 +41,7 @@ from gateway.certs.rotate import install_pair, provider_target, rotate
 from gateway.app_keys import CERT_WATCHER
 from gateway.certs.watcher import CertificateWatcher
 from gateway.config import GatewayConfig
-from gateway.drill.report import SendResult, summarize
+from gateway.drill.report import SendResult, charges_of, summarize
 from gateway.drill.runner import (
     DrillOptions,
     DrillReport,
@@ -49,7 +49,7 @@ from gateway.drill.runner import (
     ProgressHook,
     RunSetup,
     client_session,
-    ledger_charges,
+    ledger_view,
     plan_payments,
     read_journal,
     send_one,
@@ -236,11 +236,12 @@ async def run_cert_expiry_drill(options: DrillOptions | None = None, *,
         cert["primary_wait_ms"] = round((time.monotonic() - waited) * 1000, 1)
         await load.queue("after", counts["after"])
         await load.drain()
-        charges = ledger_charges(servers)
+        ledger = ledger_view(servers)
+        charges = charges_of(ledger)
 
     journal = await asyncio.to_thread(read_journal, Path(gateway.config.storage.sqlite_path), setup.reference_prefix)
     extra["phases"] = _phase_summary(load.results, charges)
     extra.update(_attempt_counts(journal, primary))
-    summary = summarize(scenario=scenario, sends=[t.result for t in load.results], journal=journal, charges=charges,
+    summary = summarize(scenario=scenario, sends=[t.result for t in load.results], journal=journal, ledger=ledger,
                         abandoned=0, seconds=time.monotonic() - started, log_dir=str(setup.log_dir), extra=extra)
     return DrillReport(summary)

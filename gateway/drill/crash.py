@@ -45,7 +45,7 @@ import yaml
 
 from gateway.certs.devca import generate_dev_certs
 from gateway.drill.process import GatewayProcess, free_port
-from gateway.drill.report import FINAL_OR_PENDING, SendResult, summarize
+from gateway.drill.report import FINAL_OR_PENDING, SendResult, charges_of, summarize
 from gateway.drill.runner import (
     HOST,
     DrillOptions,
@@ -57,7 +57,7 @@ from gateway.drill.runner import (
     client_session,
     drill_config_data,
     inject_faults,
-    ledger_charges,
+    ledger_view,
     lift_faults,
     plan_payments,
     post_payment,
@@ -357,7 +357,8 @@ async def run_crash_drill(options: DrillOptions | None = None, *,
             kill_records = killer.result()
             extra.update(await _settle(session, checkouts, options.concurrency))
         extra["gateway_exit_code"] = await gateway.stop()
-        charges = ledger_charges(servers)
+        ledger = ledger_view(servers)
+        charges = charges_of(ledger)
 
     journal = await asyncio.to_thread(read_journal, db, setup.reference_prefix)
     by_id = {d["id"]: d for d in journal}
@@ -380,7 +381,7 @@ async def run_crash_drill(options: DrillOptions | None = None, *,
         "charged_at_other_provider": _charged_at_other_provider(charges, by_id),
         **_transaction_log_gaps(setup.log_dir / "transactions.jsonl", journal),
     })
-    summary = summarize(scenario=scenario, sends=sends, journal=journal, charges=charges,
+    summary = summarize(scenario=scenario, sends=sends, journal=journal, ledger=ledger,
                         abandoned=len(plan) - len(sends), seconds=time.monotonic() - started,
                         log_dir=str(setup.log_dir), extra=extra)
     return DrillReport(summary)

@@ -13,6 +13,10 @@ Definitions (the drill contract in DESIGN.md):
 - `charged_without_approval`: a ledger charge whose payment the journal does not hold as
   approved or pending (the customer paid, the merchant was told otherwise).
 - `declines_failed_over`: payments tried at another provider after a hard decline.
+- `journal_mismatches`: payments where the journal and the provider's ledger disagree: a charge
+  the journal does not hold at that provider (or holds where the ledger has none), or a
+  captured, refunded or voided amount that differs. A payment still `pending` is not compared
+  for its charge (the reconciler owns it), but its follow-ups are.
 - `failovers`/`retries`: from the journal's attempts, counted as the transaction log counts them.
 """
 
@@ -28,8 +32,11 @@ from rich.table import Table
 
 from gateway.drill.scenarios import INVARIANTS, Scenario
 
-FINAL_OR_PENDING = frozenset({"approved", "declined", "failed", "pending", "captured", "voided", "refunded"})
-HOLDS_A_CHARGE = frozenset({"approved", "pending", "captured", "refunded", "voided"})
+FOLLOW_UP_PENDING = frozenset({"capture_pending", "void_pending", "refund_pending"})
+FINAL_OR_PENDING = frozenset({"approved", "declined", "failed", "pending", "captured", "voided", "refunded",
+                              *FOLLOW_UP_PENDING})
+HOLDS_A_CHARGE = frozenset({"approved", "pending", "captured", "refunded", "voided", *FOLLOW_UP_PENDING})
+UNSETTLED = frozenset({"received", "attempting", "pending"})
 ANSWER_STATUSES = ("approved", "declined", "pending")
 
 
@@ -71,19 +78,59 @@ def declined_then_failed_over(doc: Mapping[str, Any]) -> bool:
     return False
 
 
+@dataclass(frozen=True, slots=True)
+class LedgerView:
+    """One payment object at one provider, as its emulator's ledger holds it."""
+
+    provider: str
+    approved: bool
+    captured: int
+    refunded: int
+    voided: bool
+
+
+def charges_of(ledger: Mapping[str, Sequence[LedgerView]]) -> dict[str, list[str]]:
+    """Gateway payment id -> the provider of each approved charge."""
+    return {pid: [e.provider for e in entries if e.approved] for pid, entries in ledger.items()
+            if any(e.approved for e in entries)}
+
+
+def journal_mismatches(by_id: Mapping[str, Mapping[str, Any]], ledger: Mapping[str, Sequence[LedgerView]]) -> int:
+    """Payments on which the journal and the providers' ledgers disagree (see the module doc)."""
+    mismatched = 0
+    for pid in by_id.keys() | ledger.keys():
+        doc, entries = by_id.get(pid), ledger.get(pid, ())
+        if doc is None:
+            mismatched += any(e.approved for e in entries)
+            continue
+        held = [e for e in entries if e.approved and e.provider == doc.get("provider")]
+        status = doc.get("status")
+        if status not in UNSETTLED and (status in HOLDS_A_CHARGE) != bool(held):
+            mismatched += 1
+            continue
+        if not held:
+            continue
+        if (doc.get("captured_amount", 0) != sum(e.captured for e in held)
+                or doc.get("refunded_amount", 0) != sum(e.refunded for e in held)
+                or (status == "voided") != any(e.voided for e in held)):
+            mismatched += 1
+    return mismatched
+
+
 def summarize(
     *,
     scenario: Scenario,
     sends: Sequence[SendResult],
     journal: Iterable[Mapping[str, Any]],
-    charges: Mapping[str, Sequence[str]],
+    ledger: Mapping[str, Sequence[LedgerView]],
     abandoned: int,
     seconds: float,
     log_dir: str,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The drill's summary. `journal` holds this run's payment documents, `charges` maps a
-    gateway payment id to the providers whose ledger holds an approved charge for it."""
+    """The drill's summary. `journal` holds this run's payment documents, `ledger` maps a
+    gateway payment id to its payment objects in every provider's ledger."""
+    charges = charges_of(ledger)
     by_id: dict[str, Mapping[str, Any]] = {}
     by_ref: dict[str, Mapping[str, Any]] = {}
     for doc in journal:
@@ -151,6 +198,8 @@ def summarize(
         "duplicates": duplicates,
         "lost": lost,
         "charged_without_approval": charged_without_approval,
+        "journal_mismatches": journal_mismatches(by_id, ledger),
+        "follow_ups_pending": sum(1 for d in by_id.values() if d.get("status") in FOLLOW_UP_PENDING),
         "references_with_several_payments": sum(1 for n in payments_per_reference.values() if n > 1),
         "declines_failed_over": declines_failed_over,
         "expected_declines": sum(1 for s in sends if s.decline_card),
@@ -180,7 +229,8 @@ _TABLE_ROWS = (
     ("approval rate (non-declined)", "approval_rate"), ("failovers", "failovers"), ("retries", "retries"),
     ("breaker skips", "skipped"), ("status queries", "status_queries"), ("charges by provider", "charges_by_provider"),
     ("journal after settling", "journal_status"), ("duplicates", "duplicates"), ("lost", "lost"),
-    ("charged without approval", "charged_without_approval"), ("declines failed over", "declines_failed_over"),
+    ("charged without approval", "charged_without_approval"), ("journal mismatches", "journal_mismatches"),
+    ("follow-ups still pending", "follow_ups_pending"), ("declines failed over", "declines_failed_over"),
     ("p50 latency (ms)", "p50_ms"), ("p99 latency (ms)", "p99_ms"), ("seconds", "seconds"), ("log dir", "log_dir"),
 )
 

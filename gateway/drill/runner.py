@@ -36,7 +36,7 @@ from gateway.app import build_app
 from gateway.app_keys import RECONCILER
 from gateway.certs.devca import DevCertLayout, generate_dev_certs
 from gateway.config import GatewayConfig, parse_config
-from gateway.drill.report import SendResult, summarize
+from gateway.drill.report import LedgerView, SendResult, summarize
 from gateway.drill.scenarios import DEADLINE_MS, PER_TRY_TIMEOUT_MS, Injection, Scenario, get_scenario
 from gateway.txlog import build_ops_logger
 from gateway.emulator_launch import start_emulator
@@ -287,13 +287,14 @@ async def _settle(app: web.Application) -> int:
     return settled
 
 
-def ledger_charges(servers: Mapping[str, EmulatorServer]) -> dict[str, list[str]]:
-    """Gateway payment id -> the provider of each approved charge, across every ledger."""
-    charges: dict[str, list[str]] = {}
+def ledger_view(servers: Mapping[str, EmulatorServer]) -> dict[str, list[LedgerView]]:
+    """Gateway payment id -> its payment objects in every provider's ledger."""
+    view: dict[str, list[LedgerView]] = {}
     for kind, server in servers.items():
-        for entry in server.emulator.ledger.charges():
-            charges.setdefault(entry.payment_ref, []).append(kind)
-    return charges
+        for entry in server.emulator.ledger.entries():
+            view.setdefault(entry.payment_ref, []).append(
+                LedgerView(kind, entry.approved, entry.captured, entry.refunded, entry.voided))
+    return view
 
 
 def read_journal(path: Path, reference_prefix: str) -> list[dict[str, Any]]:
@@ -406,10 +407,10 @@ async def run_drill(scenario: Scenario | str, options: DrillOptions = DrillOptio
         if toggles:
             extra["outage_toggles"] = toggles
         extra["reconciled_after_run"] = await _settle(gateway.app)
-        charges = ledger_charges(servers)
+        ledger = ledger_view(servers)
 
     journal = await asyncio.to_thread(read_journal, Path(gateway.config.storage.sqlite_path), setup.reference_prefix)
-    summary = summarize(scenario=scenario, sends=sends, journal=journal, charges=charges,
+    summary = summarize(scenario=scenario, sends=sends, journal=journal, ledger=ledger,
                         abandoned=len(plan) - len(sends), seconds=time.monotonic() - started,
                         log_dir=str(setup.log_dir), extra=extra)
     return DrillReport(summary)

@@ -125,6 +125,7 @@ def _answered_at_least(share: float) -> Check:
 INVARIANTS: tuple[Check, ...] = (
     Check("duplicates==0", lambda s: s["duplicates"] == 0),
     Check("lost==0", lambda s: s["lost"] == 0),
+    Check("journal_mismatches==0", lambda s: s["journal_mismatches"] == 0),
     Check("declines_failed_over==0", lambda s: s["declines_failed_over"] == 0),
     Check("charged_without_approval==0", lambda s: s["charged_without_approval"] == 0),
 )
