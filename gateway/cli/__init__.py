@@ -176,8 +176,9 @@ def dev(config: ConfigOpt = DEFAULT_CONFIG,
 @app.command()
 def drill(
     name: Annotated[str, typer.Argument(help="baseline | primary-outage | brownout | flapping | "
-                                             "timeout-after-processing | decline-storm | rate-limited | "
-                                             "crash-restart | cert-expiry")],
+                                             "timeout-after-processing | decline-storm | ambiguous-5xx | "
+                                             "followup-unknown | rate-limited | crash-restart | followup-crash | "
+                                             "cert-expiry")],
     payments: Annotated[int, typer.Option(min=1, max=100_000, help="payments to send")] = 200,
     concurrency: Annotated[int, typer.Option(min=1, max=1000, help="payments in flight at once")] = 16,
     log_dir: Annotated[Optional[Path], typer.Option("--log-dir", help="certs, journal and logs of the run "
@@ -189,6 +190,8 @@ def drill(
                                        "under load")] = 3,
     seed: Annotated[Optional[int], typer.Option(help="seed for fault plans, card mix and kill points "
                                                 "(default: random, reported)")] = None,
+    primary: Annotated[Optional[str], typer.Option(help="stripe | adyen | checkout: the provider that plays "
+                                                   "the scenario's primary")] = None,
 ) -> None:
     """Run a failure drill on loopback; the last line is a JSON summary. Exit 1 when a check
     fails (any duplicate charge or lost payment among them)."""
@@ -203,8 +206,10 @@ def drill(
 
     if name not in DRILL_NAMES:
         raise fail(f"unknown drill {name!r}; choose one of {', '.join(DRILL_NAMES)}", code=2)
+    if primary is not None and primary not in ("stripe", "adyen", "checkout"):
+        raise fail(f"unknown provider {primary!r} for --primary; choose stripe, adyen or checkout", code=2)
     options = DrillOptions(payments=payments, concurrency=concurrency, log_dir=log_dir, max_seconds=max_seconds,
-                           kills=kills, seed=seed)
+                           kills=kills, seed=seed, primary=primary)
     show_progress = not as_json and sys.stdout.isatty()
 
     async def main() -> DrillReport:

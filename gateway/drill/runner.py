@@ -21,7 +21,7 @@ import random
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -36,6 +36,7 @@ from gateway.app import build_app
 from gateway.app_keys import RECONCILER
 from gateway.certs.devca import DevCertLayout, generate_dev_certs
 from gateway.config import GatewayConfig, parse_config
+from gateway.drill.follow_ups import FollowUpTarget, run_follow_ups
 from gateway.drill.report import LedgerView, SendResult, summarize
 from gateway.drill.scenarios import DEADLINE_MS, PER_TRY_TIMEOUT_MS, Injection, Scenario, get_scenario
 from gateway.txlog import build_ops_logger
@@ -70,6 +71,7 @@ class DrillOptions:
     max_seconds: float = DEFAULT_MAX_SECONDS  # wall-clock cap on the load phase
     seed: int | None = None  # fault plans and card mix; random when None (reported)
     kills: int = 3  # crash-restart only: how many times the gateway process is killed under load
+    primary: str | None = None  # another provider kind as the scenario's primary
 
     def __post_init__(self) -> None:
         if not 1 <= self.payments <= MAX_PAYMENTS:
@@ -173,6 +175,7 @@ class PlannedPayment:
     card: str
     decline_card: bool
     amount: int
+    capture: bool = True
 
 
 def plan_payments(scenario: Scenario, n: int, run_id: str, seed: int) -> list[PlannedPayment]:
@@ -188,7 +191,8 @@ def plan_payments(scenario: Scenario, n: int, run_id: str, seed: int) -> list[Pl
         card = declines[used % len(declines)] if decline else approve
         used += decline
         plan.append(PlannedPayment(i, f"drill-{run_id}-{i:06d}", f"drill-{run_id}-{i:06d}", card, decline,
-                             rng.randrange(1, 1000) * 100))  # whole units: no amount triggers
+                                   rng.randrange(1, 1000) * 100,  # whole units: no amount triggers
+                                   capture=not scenario.follow_ups))
     return plan
 
 
@@ -196,6 +200,7 @@ def payment_body(payment: PlannedPayment) -> bytes:
     """The request body of `payment`: the same bytes on every retry of its key."""
     return orjson.dumps({
         "amount": payment.amount, "currency": "EUR", "merchant_reference": payment.merchant_reference,
+        "capture": payment.capture,
         "payment_method": {"type": "card", "number": payment.card, "exp_month": 12, "exp_year": 2034, "cvc": "123"},
         "metadata": {"drill": "true"},
     })
@@ -285,6 +290,13 @@ async def _settle(app: web.Application) -> int:
         settled += await reconciler.run_once(min_age_s=0, ignore_backoff=True)
         await asyncio.sleep(SETTLE_PAUSE_S)  # an emulator may still be "processing" (brownout latency)
     return settled
+
+
+def follow_up_targets(sends: Sequence[SendResult], plan: Sequence[PlannedPayment],
+                      run_id: str) -> list[FollowUpTarget]:
+    """Every payment answered `approved`, for the follow-up phase."""
+    return [FollowUpTarget(s.payment_id, plan[s.index].amount, f"drill-{run_id}-{s.index:06d}")
+            for s in sends if s.payment_id is not None and s.status == "approved"]
 
 
 def ledger_view(servers: Mapping[str, EmulatorServer]) -> dict[str, list[LedgerView]]:
@@ -386,6 +398,8 @@ async def run_drill(scenario: Scenario | str, options: DrillOptions = DrillOptio
     """Run one drill end to end and summarise it; raises only for set-up failures."""
     if isinstance(scenario, str):
         scenario = get_scenario(scenario)
+    if options.primary is not None:
+        scenario = scenario.with_primary(options.primary)
     setup = RunSetup.new(scenario.name, options)
     started = time.monotonic()
     certs = await asyncio.to_thread(generate_dev_certs, setup.log_dir / "certs", list(scenario.route))
@@ -401,6 +415,11 @@ async def run_drill(scenario: Scenario | str, options: DrillOptions = DrillOptio
             sends = await _send_all(gateway.url, setup.client_key, plan, options.concurrency,
                                     options.max_seconds, on_progress)
             extra["load_seconds"] = round(time.monotonic() - load_started, 3)
+            if scenario.follow_ups:
+                async with client_session(gateway.url, setup.client_key, options.concurrency) as session:
+                    tally = await run_follow_ups(session, follow_up_targets(sends, plan, setup.run_id),
+                                                 options.concurrency, setup.seed)
+                extra.update(tally.as_summary())
         finally:
             await lift_faults(injections)
         toggles = sum(getattr(i, "toggles", 0) for i in injections)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from emulators.faults import FaultPlan, FaultRule
@@ -37,6 +37,7 @@ PER_TRY_TIMEOUT_MS = 400
 DEADLINE_MS = 3000
 FLAP_PERIOD_S = 0.5
 AUTHORIZE_ONLY = ("authorize",)
+FOLLOW_UP_OPS = ("capture", "refund")
 
 Summary = Mapping[str, Any]
 
@@ -105,10 +106,19 @@ class Scenario:
     decline_share: float = 0.0  # share of payments paid with a hard-decline card of the primary
     decline_cards: tuple[str, ...] = ()  # scenario_cards() behaviours, used in turn
     checks: tuple[Check, ...] = ()
+    # Authorise only (`capture: false`), then capture and partially refund every approved
+    # payment (`gateway.drill.follow_ups`) while the faults are in force.
+    follow_ups: bool = False
 
     @property
     def primary(self) -> str:
         return self.route[PRIMARY]
+
+    def with_primary(self, kind: str) -> Scenario:
+        """The same scenario with `kind` as the primary, the others after it in their order."""
+        if kind not in self.route:
+            raise KeyError(f"{kind!r} is not on the drill's route ({', '.join(self.route)})")
+        return replace(self, route=(kind, *(k for k in self.route if k != kind)))
 
 
 def _approval_at_least(share: float) -> Check:
@@ -180,6 +190,28 @@ SCENARIOS: dict[str, Scenario] = {
                 Check("declined==expected_declines", lambda s: s["declined"] == s["expected_declines"]),
                 _approval_at_least(0.999),
             ),
+        ),
+        Scenario(
+            "ambiguous-5xx",
+            "30% of the primary's authorisations are processed, then answered 503 (a proxy in front of the "
+            "provider, or the provider itself): unknown, never failed over before a status query proves no "
+            "charge; whatever stays unsettled is pending and reconciled.",
+            steps=(Faults((FaultRule(kind="error", share=0.3, status=503, after_processing=True,
+                                     operations=AUTHORIZE_ONLY),)),),
+            checks=(_answered_at_least(1.0),),
+        ),
+        Scenario(
+            "followup-unknown",
+            "Every approved payment is captured, then partly refunded; 30% of the primary's captures and "
+            "refunds are processed and answered 500 (Stripe and Adyen replay that stored 500 for the key), "
+            "15% processed and never answered: each is answered 202 and settled by the reconciler from the "
+            "provider's list of the payment's follow-ups, never made twice.",
+            steps=(Faults((FaultRule(kind="error", share=0.3, status=500, after_processing=True,
+                                     operations=FOLLOW_UP_OPS),
+                           FaultRule(kind="timeout_after", share=0.15, hang_s=DEADLINE_MS / 1000,
+                                     operations=FOLLOW_UP_OPS))),),
+            follow_ups=True,
+            checks=(_approval_at_least(0.999), Check("follow_ups_pending==0", lambda s: s["follow_ups_pending"] == 0)),
         ),
         Scenario(
             "rate-limited",
