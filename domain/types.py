@@ -74,7 +74,10 @@ class ProviderResult:
     message: str | None = None
     found: bool = True
     extra: Mapping[str, str] = field(default_factory=dict)
-    # The provider's own word on re-sending with the same key (Stripe-Should-Retry): None when silent.
+    # The provider's own verdict on re-sending this request with the same idempotency key:
+    # True "a retry can succeed" (Stripe-Should-Retry: true, Adyen's transient-error: true),
+    # False "a retry cannot change this answer" (Stripe-Should-Retry: false), None: no verdict.
+    # It never says whether the request was processed: the outcome says that.
     retry_hint: bool | None = None
     # Set by the engine, not by mappings: the gateway did not send the call (and why).
     refusal: LocalRefusal | None = None

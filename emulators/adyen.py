@@ -17,8 +17,10 @@ Behaviour as Adyen documents it for its test environment:
   that with a 422 validation error under Adyen's catch-all errorCode `000`.
 
 Emulator extensions, not part of Adyen's API:
-- `GET /v71/payments?reference=…` and `GET /v71/payments/{pspReference}` stand in for the webhook
-  feed, so the engine can resolve an `unknown` outcome by status query.
+- `GET /v71/payments?reference=…` and `GET /v71/payments/{pspReference}`, an emulator-only probe,
+  stand in for the webhook feed, so the engine can resolve an `unknown` outcome by status query.
+  Each payment lists its modifications as the webhook reports them (`eventCode` CAPTURE, REFUND or
+  CANCELLATION, the modification's `pspReference`, our `reference`, `amount`, `success`).
 - Modifications are validated synchronously (422); the real Adyen answers 201 `received` and
   reports a failed capture or refund later in its webhook.
 """
@@ -35,8 +37,9 @@ import orjson
 from aiohttp import web
 
 from domain.cards import luhn_valid
-from providers.adyen.mapping import API_VERSION, REFUSAL_REASONS, TRANSIENT_ERROR_HEADER
+from emulators.faults import FaultRule
 from emulators.idempotency import Claim, ProviderIdempotency, StoredAnswer
+from providers.adyen.mapping import API_VERSION, EMULATOR_LOOKUP_PATH, REFUSAL_REASONS, TRANSIENT_ERROR_HEADER
 from emulators.ledger import LedgerEntry
 from emulators.server import ApiRoute, EmulatorRequest, ProviderEmulator, json_response
 
@@ -107,6 +110,8 @@ SCENARIO_CARDS: dict[str, str] = {
     "do_not_honor": "4400000000000032",
     "issuer_unavailable": "4400000000000040",
 }
+# Modification kind -> the eventCode of the webhook that reports it.
+MODIFICATION_EVENT_CODES = {"capture": "CAPTURE", "refund": "REFUND", "cancel": "CANCELLATION"}
 TEST_ERROR_TRIGGER = "RequestedTestErrorResponseCode"
 TEST_ACQUIRER_TRIGGER = "RequestedTestAcquirerResponseCode"
 
@@ -222,8 +227,8 @@ class AdyenEmulator(ProviderEmulator):
     def routes(self) -> list[ApiRoute]:
         return [
             ApiRoute("POST", f"{BASE}/payments", self._payments, "authorize"),
-            ApiRoute("GET", f"{BASE}/payments", self._find_by_reference, "status", idempotent=False),
-            ApiRoute("GET", f"{BASE}/payments/{{psp}}", self._find_by_psp, "status", idempotent=False),
+            ApiRoute("GET", EMULATOR_LOOKUP_PATH, self._find_by_reference, "status", idempotent=False),
+            ApiRoute("GET", f"{EMULATOR_LOOKUP_PATH}/{{psp}}", self._find_by_psp, "status", idempotent=False),
             ApiRoute("POST", f"{BASE}/payments/{{psp}}/captures", self._capture, "capture"),
             ApiRoute("POST", f"{BASE}/payments/{{psp}}/refunds", self._refund, "refund"),
             ApiRoute("POST", f"{BASE}/payments/{{psp}}/cancels", self._cancel, "void"),
@@ -235,16 +240,19 @@ class AdyenEmulator(ProviderEmulator):
             return _error(401, "000", "HTTP Status Response - Unauthorized", "security")
         return None
 
-    def error_response(self, status: int) -> web.Response:
+    def error_response(self, fault: FaultRule) -> web.Response:
+        status = fault.status
+        # Adyen's own not-processed signal, only for an error before processing.
+        headers = {TRANSIENT_ERROR_HEADER: "true"} if fault.transient and not fault.after_processing else None
         if status == 500:
-            return _error(500, "701", "server could not process request", "internal")
+            return _error(500, "701", "server could not process request", "internal", headers=headers)
         if status == 401:
-            return _error(401, "000", "HTTP Status Response - Unauthorized", "security")
+            return _error(401, "000", "HTTP Status Response - Unauthorized", "security", headers=headers)
         if status == 403:
-            return _error(403, "010", "Not allowed", "security")
+            return _error(403, "010", "Not allowed", "security", headers=headers)
         if status >= 500:
-            return _error(status, "000", "Service Unavailable", "internal")
-        return _validation("000", "Unable to process request", status)
+            return _error(status, "000", "Service Unavailable", "internal", headers=headers)
+        return _error(status, "000", "Unable to process request", "validation", headers=headers)
 
     def rate_limited_response(self, retry_after_s: float) -> web.Response:
         return _error(429, "000", "Too many requests", "internal", headers={"Retry-After": f"{retry_after_s:g}"})
@@ -281,7 +289,8 @@ class AdyenEmulator(ProviderEmulator):
         return {**self._payment_doc(entry), "merchantAccount": entry.extra.get("merchantAccount"),
                 "status": entry.status,
                 "capturedAmount": {"value": entry.captured, "currency": entry.currency},
-                "refundedAmount": {"value": entry.refunded, "currency": entry.currency}}
+                "refundedAmount": {"value": entry.refunded, "currency": entry.currency},
+                "modifications": list(entry.extra.get("modifications", []))}
 
     async def _payments(self, ctx: EmulatorRequest) -> web.Response:
         try:
@@ -421,6 +430,12 @@ class AdyenEmulator(ProviderEmulator):
         if amount is not None:
             answer["amount"] = {"value": amount, "currency": entry.currency}
         self.modifications.append({"kind": kind, **answer})
+        # What the modification's webhook would report; this emulator settles it at once.
+        event = {"eventCode": MODIFICATION_EVENT_CODES[kind], "pspReference": answer["pspReference"],
+                 "originalReference": entry.id, "reference": doc.get("reference"),
+                 "amount": {"value": amount if amount is not None else entry.amount, "currency": entry.currency},
+                 "success": "true"}
+        entry.extra.setdefault("modifications", []).append(event)
         return json_response(201, answer)
 
     async def _priced_modification(self, ctx: EmulatorRequest) -> tuple[LedgerEntry, dict, int] | web.Response:

@@ -22,7 +22,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from emulators.idempotency import Claim
+from emulators.faults import FaultRule
+from emulators.idempotency import Claim, StoredAnswer
 from emulators.ledger import LedgerEntry
 from emulators.server import ApiRoute, EmulatorRequest, ProviderEmulator, json_response
 
@@ -193,10 +194,11 @@ class CheckoutEmulator(ProviderEmulator):
             return _error(401)
         return None
 
-    def error_response(self, status: int) -> web.Response:
-        if status == 422:
+    def error_response(self, fault: FaultRule) -> web.Response:
+        """Checkout.com documents no "not processed" signal: `fault.transient` changes nothing."""
+        if fault.status == 422:
             return _error(422, "request_invalid", "request_invalid")
-        return _error(status)
+        return _error(fault.status)
 
     def rate_limited_response(self, retry_after_s: float) -> web.Response:
         return _error(429, headers={"Retry-After": f"{retry_after_s:g}"})
@@ -206,7 +208,7 @@ class CheckoutEmulator(ProviderEmulator):
             return _error(429)  # "only one request will be processed and the others return a 429"
         return _error(422, "request_invalid", "idempotency_key_reused")
 
-    def replay_headers(self) -> dict[str, str]:
+    def replay_headers(self, stored: StoredAnswer) -> dict[str, str]:
         return _headers()
 
     def reset(self) -> None:

@@ -27,6 +27,10 @@ class FaultRule(BaseModel):
     jitter_ms: float = Field(0.0, ge=0.0, le=120_000)
     status: int = Field(503, ge=400, le=599)
     after_processing: bool = False  # error: the payment was processed before the error answer
+    # error before processing: the answer carries the provider's own documented "not processed,
+    # the same key will be processed afresh" signal where it has one (Adyen's
+    # `transient-error: true`); providers without such a signal answer as they always do.
+    transient: bool = False
     retry_after_s: float = Field(1.0, ge=0.0, le=3600)
     decline_code: str | None = None
     hang_s: float = Field(30.0, ge=0.0, le=600)

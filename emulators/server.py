@@ -22,7 +22,7 @@ import orjson
 from aiohttp import web
 from pydantic import ValidationError
 
-from emulators.faults import FaultDecision, FaultInjector, FaultPlan
+from emulators.faults import FaultDecision, FaultInjector, FaultPlan, FaultRule
 from emulators.idempotency import Claim, ProviderIdempotency, StoredAnswer, StorePolicy
 from emulators.ledger import Ledger
 
@@ -100,7 +100,10 @@ class ProviderEmulator(ABC):
         """None when the credentials are acceptable, else the provider's 401 answer."""
 
     @abstractmethod
-    def error_response(self, status: int) -> web.Response: ...
+    def error_response(self, fault: FaultRule) -> web.Response:
+        """The provider's answer for an injected error: `fault.status`, before or after the
+        request was processed (`fault.after_processing`), with its not-processed signal where
+        the provider has one and `fault.transient` asks for it."""
 
     @abstractmethod
     def rate_limited_response(self, retry_after_s: float) -> web.Response: ...
@@ -109,7 +112,8 @@ class ProviderEmulator(ABC):
     def idempotency_conflict(self, claim: Claim) -> web.Response:
         """The provider's answer to a key reused with another body, or still in flight."""
 
-    def replay_headers(self) -> dict[str, str]:
+    def replay_headers(self, stored: StoredAnswer) -> dict[str, str]:
+        """Headers the provider adds when it replays the answer stored for a key."""
         return {}
 
     def reset(self) -> None:
@@ -135,7 +139,7 @@ class ProviderEmulator(ABC):
             if decision.rate_limit_s is not None:
                 return self.rate_limited_response(decision.rate_limit_s)
             if decision.error is not None and not decision.error.after_processing:
-                return self.error_response(decision.error.status)
+                return self.error_response(decision.error)
             body = await request.read()
             key = request.headers.get(self.idempotency_header) if route.idempotent else None
             ctx = EmulatorRequest(request, body, route.operation, key, decision)
@@ -144,7 +148,7 @@ class ProviderEmulator(ABC):
                 claim, stored = self.idempotency.claim(key, fingerprint)
                 if claim is Claim.REPLAY and stored is not None:
                     return web.Response(status=stored.status, body=stored.body, content_type=stored.content_type,
-                                        headers=self.replay_headers())
+                                        headers=self.replay_headers(stored))
                 if claim is not Claim.NEW:
                     return self.idempotency_conflict(claim)
             try:
@@ -154,7 +158,7 @@ class ProviderEmulator(ABC):
                     self.idempotency.abandon(key)
                 raise
             if decision.error is not None:  # after processing: the charge stands, the answer is lost
-                response = self.error_response(decision.error.status)
+                response = self.error_response(decision.error)
             if key is not None:
                 assert isinstance(response, web.Response)
                 self.idempotency.finish(

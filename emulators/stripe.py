@@ -3,6 +3,16 @@
 Idempotency as Stripe documents it: the first answer for a key is stored (a 500 included) and
 replayed with `Idempotent-Replayed: true`; the same key with other parameters is a 400
 `idempotency_error`; a key still in flight is a 409 that Stripe marks retryable.
+
+`Stripe-Should-Retry` where Stripe sends it: `true` where a retry can succeed because nothing was
+stored for the key (a key still in flight, a rate limit, an error before any endpoint ran);
+`false` on a 5xx the endpoint produced, first and replayed alike, since Stripe stores it and a
+retry with the key can only replay it (stripe-python: "we expect the stripe-should-retry header
+to be false in most cases when a 500 is returned, since our idempotency framework would typically
+replay it anyway").
+
+Status reads honour `expand[]` for `latest_charge` and `latest_charge.refunds` (`data.…` on
+search), as Stripe does: a Charge lists its refunds only when they are expanded.
 """
 
 from __future__ import annotations
@@ -14,10 +24,11 @@ from urllib.parse import parse_qsl
 
 from aiohttp import web
 
-from emulators.idempotency import Claim
+from emulators.faults import FaultRule
+from emulators.idempotency import Claim, StoredAnswer
 from emulators.ledger import LedgerEntry
 from emulators.server import ApiRoute, EmulatorRequest, ProviderEmulator, json_response
-from providers.stripe.mapping import METADATA_KEY
+from providers.stripe.mapping import METADATA_KEY, RETRY_HEADER
 
 # Card number or PaymentMethod id -> decline_code (None approves). From Stripe's testing docs;
 # the last two are this emulator's own, since Stripe has no public card for those codes.
@@ -69,7 +80,7 @@ def _error(status: int, err_type: str, message: str, *, code: str | None = None,
     error.update(extra)
     headers = {"Request-Id": f"req_{time.monotonic_ns()}"}
     if retry is not None:
-        headers["Stripe-Should-Retry"] = "true" if retry else "false"
+        headers[RETRY_HEADER] = "true" if retry else "false"
     return json_response(status, {"error": error}, headers)
 
 
@@ -83,6 +94,10 @@ class StripeEmulator(ProviderEmulator):
         super().__init__()
         self._api_key = api_key
         self._refunds: dict[str, dict[str, Any]] = {}
+
+    def reset(self) -> None:
+        super().reset()
+        self._refunds.clear()
 
     def routes(self) -> list[ApiRoute]:
         return [
@@ -101,8 +116,14 @@ class StripeEmulator(ProviderEmulator):
             return _error(401, "invalid_request_error", "Invalid API Key provided.")
         return None
 
-    def error_response(self, status: int) -> web.Response:
-        return _error(status, "api_error", "An unknown error occurred.", retry=status in (409, 429) or status >= 500)
+    def error_response(self, fault: FaultRule) -> web.Response:
+        status = fault.status
+        if fault.after_processing:
+            # The endpoint ran: its answer is stored for the key, so retrying can only replay it.
+            return _error(status, "api_error", "An unknown error occurred.", retry=False if status >= 500 else None)
+        # Turned away before any endpoint ran: nothing stored, a retry with the key can succeed.
+        retry = True if status in (409, 429) or status >= 500 else None
+        return _error(status, "api_error", "An unknown error occurred.", retry=retry)
 
     def rate_limited_response(self, retry_after_s: float) -> web.Response:
         response = _error(429, "invalid_request_error", "Too many requests hit the API too quickly.",
@@ -117,10 +138,33 @@ class StripeEmulator(ProviderEmulator):
         return _error(400, "idempotency_error", "Keys for idempotent requests can only be used with the same "
                       "parameters they were first used with.")
 
-    def replay_headers(self) -> dict[str, str]:
-        return {"Idempotent-Replayed": "true"}
+    def replay_headers(self, stored: StoredAnswer) -> dict[str, str]:
+        headers = {"Idempotent-Replayed": "true"}
+        if stored.status >= 500:
+            headers[RETRY_HEADER] = "false"  # the stored 5xx is all this key will ever answer
+        return headers
 
-    def _intent(self, entry: LedgerEntry) -> dict[str, Any]:
+    def _charge(self, entry: LedgerEntry, with_refunds: bool) -> dict[str, Any]:
+        """The intent's charge, as `expand[]=latest_charge` shows it."""
+        doc: dict[str, Any] = {
+            "id": entry.extra["charge"],
+            "object": "charge",
+            "amount": entry.amount,
+            "amount_captured": entry.captured,
+            "amount_refunded": entry.refunded,
+            "captured": entry.captured > 0,
+            "currency": entry.currency,
+            "payment_intent": entry.id,
+            "refunded": entry.captured > 0 and entry.refunded == entry.captured,
+            "status": "succeeded",
+        }
+        if with_refunds:
+            refunds = [self._refunds[r] for r in reversed(entry.extra.get("refunds", []))]  # newest first
+            doc["refunds"] = {"object": "list", "data": refunds, "has_more": False,
+                              "url": f"/v1/charges/{doc['id']}/refunds"}
+        return doc
+
+    def _intent(self, entry: LedgerEntry, expand: frozenset[str] = frozenset()) -> dict[str, Any]:
         manual = entry.extra.get("capture_method") == "manual"
         doc: dict[str, Any] = {
             "id": entry.id,
@@ -140,6 +184,8 @@ class StripeEmulator(ProviderEmulator):
             "status": entry.status,
             "last_payment_error": None,
         }
+        if doc["latest_charge"] is not None and expand & {"latest_charge", "latest_charge.refunds"}:
+            doc["latest_charge"] = self._charge(entry, "latest_charge.refunds" in expand)
         if entry.decline_code:
             doc["last_payment_error"] = {
                 "type": "card_error",
@@ -164,7 +210,7 @@ class StripeEmulator(ProviderEmulator):
         if card_key is None:
             return _error(400, "invalid_request_error", "A payment method is required.",
                           code="parameter_missing", param="payment_method")
-        metadata = {k[9:-1]: v for k, v in form.items() if k.startswith("metadata[")}
+        metadata = _metadata(form)
         entry = self.ledger.add(LedgerEntry(
             id=self.ledger.new_id(), payment_ref=metadata.get(METADATA_KEY, ""), amount=amount, currency=currency,
             approved=False, status="processing", idempotency_key=ctx.idempotency_key,
@@ -197,14 +243,17 @@ class StripeEmulator(ProviderEmulator):
     async def _retrieve(self, ctx: EmulatorRequest) -> web.Response:
         await ctx.simulate_processing()
         entry = self._lookup(ctx.request)
-        return entry if isinstance(entry, web.Response) else json_response(200, self._intent(entry))
+        if isinstance(entry, web.Response):
+            return entry
+        return json_response(200, self._intent(entry, _expansions(ctx.request)))
 
     async def _search(self, ctx: EmulatorRequest) -> web.Response:
         await ctx.simulate_processing()
         match = _SEARCH.search(ctx.request.query.get("query", ""))
         if match is None:
             return _error(400, "invalid_request_error", "Invalid search query.", code="parameter_invalid_string")
-        hits = [self._intent(e) for e in self.ledger.find_by_ref(match["value"])
+        expand = frozenset(e.removeprefix("data.") for e in _expansions(ctx.request) if e.startswith("data."))
+        hits = [self._intent(e, expand) for e in self.ledger.find_by_ref(match["value"])
                 if e.extra.get("metadata", {}).get(match["key"]) == match["value"]]
         return json_response(200, {"object": "search_result", "data": hits, "has_more": False,
                                    "next_page": None, "url": "/v1/payment_intents/search"})
@@ -223,6 +272,7 @@ class StripeEmulator(ProviderEmulator):
             return _error(400, "invalid_request_error", "amount_to_capture is greater than the amount capturable.",
                           code="amount_too_large", param="amount_to_capture")
         entry.status, entry.captured = "succeeded", amount
+        entry.extra.setdefault("metadata", {}).update(_metadata(form))  # capture metadata joins the intent's
         return json_response(200, self._intent(entry))
 
     async def _cancel(self, ctx: EmulatorRequest) -> web.Response:
@@ -249,7 +299,18 @@ class StripeEmulator(ProviderEmulator):
                           code="amount_too_large" if entry.status == "succeeded" else "charge_not_captured")
         entry.refunded += amount
         refund = {"id": f"re_emu{len(self._refunds) + 1:012d}", "object": "refund", "amount": amount,
-                  "currency": entry.currency, "payment_intent": entry.id, "status": "succeeded",
-                  "created": int(time.time())}
+                  "charge": entry.extra.get("charge"), "currency": entry.currency, "metadata": _metadata(form),
+                  "payment_intent": entry.id, "status": "succeeded", "created": int(time.time())}
         self._refunds[refund["id"]] = refund
+        entry.extra.setdefault("refunds", []).append(refund["id"])
         return json_response(200, refund)
+
+
+def _metadata(form: dict[str, str]) -> dict[str, str]:
+    """`metadata[key]=value` form fields as Stripe's metadata object."""
+    return {k[9:-1]: v for k, v in form.items() if k.startswith("metadata[") and k.endswith("]")}
+
+
+def _expansions(request: web.Request) -> frozenset[str]:
+    """The `expand[]` parameters of a read."""
+    return frozenset(request.query.getall("expand[]", []))

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from domain.types import FollowUp, Operation, PaymentOrder, ProviderResult
+from domain.types import FollowUp, Operation, PaymentOrder, ProviderResult, StatusAnswer
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,9 +40,27 @@ class ProviderMapping(Protocol):
     status_query_consistent: bool
 
     def build(self, op: Operation, subject: PaymentOrder | FollowUp, idempotency_key: str | None) -> ProviderRequest:
-        """Build the HTTP request for `op`; status queries take no idempotency key."""
+        """Build the HTTP request for `op`; status queries take no idempotency key.
+
+        A STATUS `FollowUp` asks by the provider's id when `provider_reference` is set, else by
+        our payment id. Capture, refund and void send `follow_up_id` (the follow-up's provider
+        idempotency key) in a field the provider echoes in its lookup, so `parse_status` can
+        name each follow-up by it. A STATUS `FollowUp` that carries a `follow_up_id` asks for
+        the payment's follow-ups too, where the provider lists them apart from the payment
+        (Checkout.com: `GET /payments/{id}/actions`, which needs the provider's id).
+        """
         ...
 
     def parse(self, op: Operation, response: ProviderResponse) -> ProviderResult:
         """Classify any HTTP answer into exactly one outcome."""
+        ...
+
+    def parse_status(self, response: ProviderResponse) -> StatusAnswer:
+        """A status query's answer: FOUND (with the payment's state, its charge count and, where
+        listed, its follow-ups), NOT_FOUND only where the answer proves absence (an explicit
+        empty result; never a bare 404), or UNKNOWN (an error answer: 5xx, auth, 404).
+
+        Where a FOUND answer has `follow_ups_listed` False, asking again by the provider's id
+        (`result.reference`) with a `follow_up_id` lists them.
+        """
         ...

@@ -15,7 +15,7 @@ from domain.cards import luhn_valid
 from domain.outcome import Outcome
 from emulators.adyen import SCENARIO_CARDS, TEST_CARDS, AdyenEmulator
 from providers.adyen.mapping import ERROR_STATUS, REFUSAL_REASONS, AdyenMapping, classify_refusal
-from domain.types import Card, FollowUp, Operation, PaymentOrder, ProviderResult
+from domain.types import Card, FollowUp, FollowUpState, Lookup, Operation, PaymentOrder, ProviderResult
 from providers.base import ProviderRequest, ProviderResponse
 from providers.classify import result_from_transport_error
 from emulators.faults import FaultPlan, FaultRule
@@ -143,7 +143,8 @@ def _error(status: int, code: str, headers: dict[str, str] | None = None) -> Pro
         # The transient header means "nothing processed, same key processes afresh", a 500 included.
         (_error(500, "701", {"transient-error": "true"}), Outcome.UNAVAILABLE),
         (_error(500, "701"), Outcome.UNKNOWN),
-        (_error(503, "000"), Outcome.UNAVAILABLE),
+        (_error(503, "000", {"transient-error": "true"}), Outcome.UNAVAILABLE),
+        (_error(503, "000"), Outcome.UNKNOWN),  # 00_503 "our servers are unavailable" is no "not processed"
         (_error(401, "000"), Outcome.UNAVAILABLE),
         (_error(403, "901"), Outcome.UNAVAILABLE),
         (_error(422, "101"), Outcome.REJECTED),
@@ -155,6 +156,8 @@ def test_error_answers_classify(response: ProviderResponse, expected: Outcome) -
     result = AdyenMapping("adyen", API_KEY, merchant_account=MERCHANT).parse(Operation.AUTHORIZE, response)
     assert result.outcome is expected
     assert result.raw_code == orjson.loads(response.body)["errorCode"]
+    # Adyen's transient header is its "retry with the same key" verdict, 704 duplicates included.
+    assert result.retry_hint is (True if "transient-error" in response.headers else None)
     if "Retry-After" in response.headers:
         assert result.retry_after_s == 3
 
@@ -313,6 +316,35 @@ async def test_modifications_are_validated(rig: Rig) -> None:
     assert (missing.outcome, missing.found, missing.http_status) == (Outcome.UNKNOWN, True, 404)
     nothing = await rig.call(Operation.STATUS, FollowUp(payment_id="pay_never_sent", provider_reference=None), None)
     assert not nothing.found
+
+
+@pytest.mark.parametrize(("status", "doc", "lookup"), [
+    (200, {"reference": "pay_1", "payments": []}, Lookup.NOT_FOUND),  # the probe's explicit empty list
+    (404, {"status": 404, "errorCode": "000", "message": "Not Found"}, Lookup.UNKNOWN),  # the real Adyen's answer
+    (405, {}, Lookup.UNKNOWN),
+    (500, {"status": 500, "errorCode": "701"}, Lookup.UNKNOWN),
+    (503, {"status": 503, "errorCode": "000"}, Lookup.UNKNOWN),
+])
+def test_only_the_probes_empty_list_is_not_found(status: int, doc: dict, lookup: Lookup) -> None:
+    response = ProviderResponse(status=status, headers={}, body=orjson.dumps(doc))
+    answered = AdyenMapping("adyen", API_KEY, merchant_account=MERCHANT).parse_status(response)
+    assert (answered.lookup, answered.charges) == (lookup, 0)
+
+
+async def test_status_probe_lists_the_modifications_with_our_references(rig: Rig) -> None:
+    o = order(capture=False)
+    auth = await rig.call(Operation.AUTHORIZE, o, "k-probe")
+    follow = FollowUp(payment_id=o.payment_id, provider_reference=auth.reference, amount=1000, currency="EUR",
+                      follow_up_id="k-probe-cap")
+    await rig.call(Operation.CAPTURE, follow, "k-probe-cap")
+    await rig.call(Operation.REFUND, replace(follow, amount=400, follow_up_id="k-probe-ref"), "k-probe-ref")
+    request = rig.mapping.build(Operation.STATUS, status_of(o), None)
+    status = rig.mapping.parse_status(await rig.transport.send(request, 2.0))
+    assert (status.lookup, status.result.outcome, status.result.reference, status.charges) == (
+        Lookup.FOUND, Outcome.APPROVED, auth.reference, 1)
+    assert status.follow_ups_listed
+    assert status.follow_ups == (FollowUpState(Operation.CAPTURE, "k-probe-cap", 1000, Outcome.APPROVED),
+                                 FollowUpState(Operation.REFUND, "k-probe-ref", 400, Outcome.APPROVED))
 
 
 # --- evidence: the official SDK against the emulator ----------------------------------------------

@@ -29,11 +29,11 @@ from checkout_sdk.payments.payments import (
 )
 
 from domain.outcome import Outcome
-from domain.types import Card, FollowUp, Operation, PaymentOrder, ProviderResult
+from domain.types import Card, FollowUp, FollowUpState, Lookup, Operation, PaymentOrder, ProviderResult, StatusAnswer
 from providers.base import ProviderRequest, ProviderResponse
 from emulators.checkout import SCENARIO_CARDS, TEST_CARDS, CheckoutEmulator
 from providers.checkout.mapping import IDEMPOTENCY_HEADER, CheckoutMapping, decline_outcome
-from providers.classify import result_from_transport_error
+from providers.classify import result_from_transport_error, status_from_transport_error
 from emulators.faults import FaultPlan, FaultRule
 from emulators.server import EmulatorServer
 from providers.errors import TransportError
@@ -60,6 +60,14 @@ class Rig:
         except TransportError as exc:
             return result_from_transport_error(exc)
         return self.mapping.parse(op, response)
+
+    async def status(self, subject: FollowUp) -> StatusAnswer:
+        request = self.mapping.build(Operation.STATUS, subject, None)
+        try:
+            response = await self.transport.send(request, 2.0)
+        except TransportError as exc:
+            return status_from_transport_error(exc)
+        return self.mapping.parse_status(response)
 
 
 async def _rig(emulator: CheckoutEmulator) -> Rig:
@@ -138,9 +146,11 @@ def test_follow_up_and_status_paths() -> None:
     assert mapping.build(Operation.REFUND, follow, "k-r").path == "/payments/pay_abc/refunds"
     void = mapping.build(Operation.VOID, follow, "k-v")
     assert void.path == "/payments/pay_abc/voids" and "amount" not in orjson.loads(void.body or b"")
-    status = mapping.build(Operation.STATUS, follow, None)
+    status = mapping.build(Operation.STATUS, FollowUp(payment_id="p1", provider_reference="pay_abc"), None)
     assert (status.method, status.path, status.body) == ("GET", "/payments/pay_abc", None)
     assert IDEMPOTENCY_HEADER not in status.headers
+    # A status query about a follow-up reads the payment's actions, where the follow-ups are listed.
+    assert mapping.build(Operation.STATUS, follow, None).path == "/payments/pay_abc/actions"
     listing = mapping.build(Operation.STATUS, FollowUp(payment_id="p 1", provider_reference=None), None)
     assert listing.path == "/payments?reference=p+1&limit=10&skip=0"
     with pytest.raises(ValueError):
@@ -203,7 +213,7 @@ def test_response_code_table(code: str, expected: Outcome) -> None:
         (429, None, {}, Operation.STATUS, Outcome.UNAVAILABLE),  # reads carry no key
         (500, None, {}, Operation.AUTHORIZE, Outcome.UNKNOWN),
         (502, None, {}, Operation.AUTHORIZE, Outcome.UNKNOWN),  # a proxy's answer: may have been processed
-        (503, None, {}, Operation.AUTHORIZE, Outcome.UNAVAILABLE),
+        (503, None, {}, Operation.AUTHORIZE, Outcome.UNKNOWN),  # Checkout documents no "not processed" 5xx
         (504, None, {}, Operation.CAPTURE, Outcome.UNKNOWN),
     ],
 )
@@ -283,6 +293,9 @@ async def test_retry_after_a_500_that_followed_processing_charges_a_second_time(
     status = await rig.call(Operation.STATUS, by_ref(o), None)
     assert status.found and status.outcome is Outcome.APPROVED
     assert (status.extra["matches"], status.extra["charged_matches"]) == ("2", "2")
+    answer_ = await rig.status(by_ref(o))
+    assert (answer_.lookup, answer_.charges, answer_.result.outcome) == (Lookup.FOUND, 2, Outcome.APPROVED)
+    assert answer_.result.reference == retry.reference  # newest first: the duplicate is the one reported
 
 
 async def test_status_query_after_a_500_finds_the_charge_without_a_retry(rig: Rig) -> None:
@@ -361,6 +374,62 @@ async def test_unknown_payment_is_not_found_by_reference_or_by_id(rig: Rig) -> N
     by_id = await rig.call(Operation.STATUS, FollowUp(payment_id="x", provider_reference="pay_missing"), None)
     # A 404 by id is not proof of absence (a proxy, a wrong path): only the empty list is.
     assert (by_id.found, by_id.http_status) == (True, 404)
+
+
+# --- status answers -----------------------------------------------------------------------------
+
+
+def test_status_answer_from_the_actions_list() -> None:
+    actions = [
+        {"id": "act_4", "type": "Refund", "amount": 200, "approved": True, "response_code": "10000",
+         "reference": "k-refund"},
+        {"id": "act_3", "type": "Refund", "amount": 100, "approved": False, "response_code": "20005"},
+        {"id": "act_2", "type": "Capture", "amount": 600, "approved": True, "response_code": "10000",
+         "reference": "k-capture"},
+        {"id": "act_1", "type": "Authorization", "amount": 1000, "approved": True, "response_code": "10000"},
+    ]
+    status = CheckoutMapping("checkout", "sk_sbox_x").parse_status(answer(200, actions, {"Cko-Request-Id": "r1"}))
+    assert (status.lookup, status.result.outcome, status.charges, status.follow_ups_listed) == (
+        Lookup.FOUND, Outcome.APPROVED, 1, True)
+    assert status.result.extra == {"request_id": "r1"}
+    assert status.follow_ups == (
+        FollowUpState(Operation.REFUND, "k-refund", 200, Outcome.APPROVED),
+        FollowUpState(Operation.REFUND, None, 100, Outcome.HARD_DECLINE),
+        FollowUpState(Operation.CAPTURE, "k-capture", 600, Outcome.APPROVED),
+    )
+    declined = [{"id": "act_1", "type": "Authorization", "amount": 1000, "approved": False, "response_code": "30043"}]
+    refused = CheckoutMapping("checkout", "sk_sbox_x").parse_status(answer(200, declined))
+    assert (refused.result.outcome, refused.result.raw_code, refused.charges) == (Outcome.HARD_DECLINE, "30043", 0)
+    pending = CheckoutMapping("checkout", "sk_sbox_x").parse_status(answer(200, []))
+    assert (pending.lookup, pending.result.outcome) == (Lookup.FOUND, Outcome.UNKNOWN)  # nothing authorised yet
+
+
+@pytest.mark.parametrize(("status", "doc", "lookup"), [
+    (200, {"limit": 10, "skip": 0, "total_count": 0, "data": []}, Lookup.NOT_FOUND),  # the explicit empty list
+    (404, None, Lookup.UNKNOWN),  # a bare 404 is no proof: a proxy, a wrong path
+    (500, None, Lookup.UNKNOWN),
+    (503, None, Lookup.UNKNOWN),
+    (401, None, Lookup.UNKNOWN),
+    (200, None, Lookup.UNKNOWN),  # an empty body is no answer
+])
+def test_only_an_explicit_empty_list_is_not_found(status: int, doc: Any, lookup: Lookup) -> None:
+    assert CheckoutMapping("checkout", "sk_sbox_x").parse_status(answer(status, doc)).lookup is lookup
+
+
+async def test_status_by_id_reports_the_payment_and_its_actions_the_follow_ups(rig: Rig) -> None:
+    o = order(capture=False)
+    auth = await rig.call(Operation.AUTHORIZE, o, "k-a")
+    follow = FollowUp(o.payment_id, auth.reference, amount=600, follow_up_id="k-cap")
+    await rig.call(Operation.CAPTURE, follow, "k-cap")
+    await rig.call(Operation.REFUND, FollowUp(o.payment_id, auth.reference, amount=200, follow_up_id="k-ref"), "k-ref")
+    details = await rig.status(FollowUp(o.payment_id, auth.reference))
+    assert (details.lookup, details.result.provider_status, details.charges) == (
+        Lookup.FOUND, "Partially Refunded", 1)
+    assert not details.follow_ups_listed  # the payment's details carry balances, not the actions
+    actions = await rig.status(follow)
+    assert (actions.result.outcome, actions.charges, actions.follow_ups_listed) == (Outcome.APPROVED, 1, True)
+    assert actions.follow_ups == (FollowUpState(Operation.REFUND, "k-ref", 200, Outcome.APPROVED),
+                                  FollowUpState(Operation.CAPTURE, "k-cap", 600, Outcome.APPROVED))
 
 
 # --- auth ---------------------------------------------------------------------------------------

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from domain.outcome import Outcome
-from domain.types import Card, FollowUp, Operation, PaymentOrder, ProviderResult
-from providers.classify import result_from_transport_error
+from domain.types import Card, FollowUp, FollowUpState, Lookup, Operation, PaymentOrder, ProviderResult, StatusAnswer
+from providers.classify import result_from_transport_error, status_from_transport_error
 from emulators.faults import FaultPlan, FaultRule
 from emulators.server import EmulatorServer
 from providers.errors import TransportError
@@ -38,6 +38,21 @@ class Rig:
         except TransportError as exc:
             return result_from_transport_error(exc)
         return self.mapping.parse(op, response)
+
+    async def status(self, subject: FollowUp, timeout_s: float = 2.0) -> StatusAnswer:
+        request = self.mapping.build(Operation.STATUS, subject, None)
+        try:
+            response = await self.transport.send(request, timeout_s)
+        except TransportError as exc:
+            return status_from_transport_error(exc)
+        return self.mapping.parse_status(response)
+
+    async def follow_up(self, op: Operation, o: PaymentOrder, reference: str | None, key: str,
+                        amount: int | None = None) -> ProviderResult:
+        """A follow-up as the engine sends it: the provider key is also the follow-up's id."""
+        subject = FollowUp(payment_id=o.payment_id, provider_reference=reference, amount=amount, currency="EUR",
+                           follow_up_id=key)
+        return await self.call(op, subject, key)
 
 
 @pytest.fixture(params=sorted(KINDS))
@@ -112,11 +127,25 @@ async def test_outage_is_unavailable(rig: Rig) -> None:
     assert result.outcome is Outcome.APPROVED
 
 
-async def test_503_before_processing_is_unavailable(rig: Rig) -> None:
-    rig.server.emulator.faults.set(FaultPlan(rules=(FaultRule(kind="error", status=503),)))
-    result = await rig.call(Operation.AUTHORIZE, order(rig.cards["approve"]), "k-503")
-    assert result.outcome is Outcome.UNAVAILABLE
-    assert result.http_status == 503
+@pytest.mark.parametrize("status", [500, 502, 503, 504])
+async def test_5xx_is_unknown_without_the_providers_not_processed_signal(rig: Rig, status: int) -> None:
+    """No provider documents a 5xx as "not processed": even one sent before processing is
+    unknown to us, since nothing in the answer says so."""
+    rig.server.emulator.faults.set(FaultPlan(rules=(FaultRule(kind="error", status=status),)))
+    result = await rig.call(Operation.AUTHORIZE, order(rig.cards["approve"]), f"k-{status}")
+    assert (result.outcome, result.http_status) == (Outcome.UNKNOWN, status)
+    assert rig.server.emulator.ledger.charges() == []
+
+
+async def test_only_a_documented_signal_makes_a_503_unavailable(rig: Rig) -> None:
+    """Adyen's `transient-error: true` says the request was not processed and the same key will
+    be processed afresh; Stripe's `Stripe-Should-Retry: true` only says a retry can succeed;
+    Checkout.com has no such signal."""
+    rig.server.emulator.faults.set(FaultPlan(rules=(FaultRule(kind="error", status=503, transient=True),)))
+    result = await rig.call(Operation.AUTHORIZE, order(rig.cards["approve"]), "k-503-signal")
+    expected = {"adyen": (Outcome.UNAVAILABLE, True), "stripe": (Outcome.UNKNOWN, True),
+                "checkout": (Outcome.UNKNOWN, None)}[rig.kind]
+    assert (result.outcome, result.retry_hint) == expected
     assert rig.server.emulator.ledger.charges() == []
 
 
@@ -149,6 +178,80 @@ async def test_reset_after_processing_is_unknown(rig: Rig) -> None:
 async def test_status_query_of_unknown_payment_is_not_found(rig: Rig) -> None:
     status = await rig.call(Operation.STATUS, FollowUp(payment_id="pay_never_sent", provider_reference=None), None)
     assert not status.found
+    answered = await rig.status(FollowUp(payment_id="pay_never_sent", provider_reference=None))
+    assert (answered.lookup, answered.charges, answered.follow_ups) == (Lookup.NOT_FOUND, 0, ())
+
+
+async def test_status_answer_after_a_timeout_finds_the_one_charge(rig: Rig) -> None:
+    rig.server.emulator.faults.set(FaultPlan(rules=(FaultRule(kind="timeout_after", hang_s=5),)))
+    o = order(rig.cards["approve"])
+    assert (await rig.call(Operation.AUTHORIZE, o, "k-timeout-status", timeout_s=0.3)).outcome is Outcome.UNKNOWN
+    rig.server.emulator.faults.clear()
+    status = await rig.status(FollowUp(payment_id=o.payment_id, provider_reference=None))
+    assert (status.lookup, status.result.outcome, status.charges) == (Lookup.FOUND, Outcome.APPROVED, 1)
+    assert status.result.reference == rig.server.emulator.ledger.charges()[0].id
+
+
+async def test_status_answer_of_a_decline_holds_no_charge(rig: Rig) -> None:
+    o = order(rig.cards["stolen_card"])
+    await rig.call(Operation.AUTHORIZE, o, "k-declined-status")
+    status = await rig.status(FollowUp(payment_id=o.payment_id, provider_reference=None))
+    assert (status.lookup, status.result.outcome, status.charges) == (Lookup.FOUND, Outcome.HARD_DECLINE, 0)
+
+
+async def test_status_answer_is_unknown_when_the_lookup_fails(rig: Rig) -> None:
+    rig.server.emulator.faults.set(FaultPlan(rules=(FaultRule(kind="error", status=503, operations=("status",)),)))
+    status = await rig.status(FollowUp(payment_id="pay_whatever", provider_reference=None))
+    assert (status.lookup, status.result.http_status) == (Lookup.UNKNOWN, 503)
+    await rig.server.set_outage(True)
+    down = await rig.status(FollowUp(payment_id="pay_whatever", provider_reference=None))
+    assert (down.lookup, down.result.raw_code) == (Lookup.UNKNOWN, "connect_failed")
+
+
+async def test_same_key_retry_after_a_500_that_charged_counts_every_charge(rig: Rig) -> None:
+    """Stripe and Adyen replay the stored 500 (one charge); Checkout.com stores only 2xx, so the
+    retry charges again, and its `GET /payments?reference=` lists both: `charges == 2`, the
+    duplicate the engine must flag."""
+    rig.server.emulator.faults.set(FaultPlan(rules=(FaultRule(kind="error", status=500, after_processing=True,
+                                                              operations=("authorize",)),)))
+    o = order(rig.cards["approve"])
+    assert (await rig.call(Operation.AUTHORIZE, o, "k-500-twice")).outcome is Outcome.UNKNOWN
+    rig.server.emulator.faults.clear()
+    await rig.call(Operation.AUTHORIZE, o, "k-500-twice")
+    expected = 1 if rig.mapping.replays_answers else 2
+    assert len(rig.server.emulator.ledger.charges()) == expected
+    status = await rig.status(FollowUp(payment_id=o.payment_id, provider_reference=None))
+    assert (status.lookup, status.result.outcome, status.charges) == (Lookup.FOUND, Outcome.APPROVED, expected)
+
+
+async def test_capture_and_partial_refund_then_lookup_shows_both(rig: Rig) -> None:
+    o = order(rig.cards["approve"], capture=False)
+    auth = await rig.call(Operation.AUTHORIZE, o, "k-auth-lookup")
+    assert auth.outcome is Outcome.APPROVED and auth.reference
+    capture_key, refund_key = f"{o.payment_id}-{rig.kind}-capture", f"{o.payment_id}-{rig.kind}-refund"
+    assert (await rig.follow_up(Operation.CAPTURE, o, auth.reference, capture_key, 1000)).outcome is Outcome.APPROVED
+    assert (await rig.follow_up(Operation.REFUND, o, auth.reference, refund_key, 400)).outcome is Outcome.APPROVED
+    status = await rig.status(FollowUp(payment_id=o.payment_id, provider_reference=auth.reference,
+                                       follow_up_id=refund_key))
+    assert (status.lookup, status.result.outcome, status.charges) == (Lookup.FOUND, Outcome.APPROVED, 1)
+    assert status.follow_ups_listed
+    assert sorted(status.follow_ups, key=lambda f: f.operation) == [
+        FollowUpState(Operation.CAPTURE, capture_key, 1000, Outcome.APPROVED),
+        FollowUpState(Operation.REFUND, refund_key, 400, Outcome.APPROVED),
+    ]
+
+
+async def test_void_then_lookup_shows_the_void(rig: Rig) -> None:
+    o = order(rig.cards["approve"], capture=False)
+    auth = await rig.call(Operation.AUTHORIZE, o, "k-auth-void-lookup")
+    void_key = f"{o.payment_id}-{rig.kind}-void"
+    assert (await rig.follow_up(Operation.VOID, o, auth.reference, void_key)).outcome is Outcome.APPROVED
+    status = await rig.status(FollowUp(payment_id=o.payment_id, provider_reference=auth.reference,
+                                       follow_up_id=void_key))
+    assert (status.result.outcome, status.charges, status.follow_ups_listed) == (Outcome.APPROVED, 1, True)
+    # Stripe's cancel takes no metadata: its void is known by the intent alone (an intent cancels once).
+    echoed = None if rig.kind == "stripe" else void_key
+    assert status.follow_ups == (FollowUpState(Operation.VOID, echoed, 1000, Outcome.APPROVED),)
 
 
 async def test_manual_capture_then_refund(rig: Rig) -> None:

@@ -88,13 +88,14 @@ def test_success_window_needs_samples_and_forgets_old_ones() -> None:
 
 
 async def test_degrading_primary_is_demoted_before_its_breaker_opens(engine_config, start_gateway, stripes) -> None:
-    """Half of the primary's calls answer 503: each fails over, the breaker (fail_max 100) stays
-    closed, but after enough samples the router sends new payments to the backup first."""
+    """Half of the primary's calls are turned away before processing (429): each fails over, the
+    breaker (fail_max 100) stays closed, but after enough samples the router sends new payments
+    to the backup first. (A 503 would not do: it is unknown, and such a payment stays pending.)"""
     config = engine_config(route={"demote_below": 0.8},
                            engine={"health_min_samples": 6, "health_window_s": 60},
                            providers={"primary": {"retry": {"max_attempts": 1}}})
     client = await start_gateway(config)
-    set_faults(stripes["primary"], FaultRule(kind="error", status=503, share=0.5), seed=3)
+    set_faults(stripes["primary"], FaultRule(kind="rate_limit", retry_after_s=0, share=0.5), seed=3)
     firsts = []
     for _ in range(30):
         status, doc = await pay(client)

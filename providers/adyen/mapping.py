@@ -19,11 +19,13 @@ Two provider verdicts take part in classification, in this order:
    received and acted upon" the message (and Adyen also uses 500 for some bad requests).
 
 Status: Adyen's Checkout API has no payment lookup (results arrive by webhook; `/payments/details`
-only submits a shopper's action result). STATUS therefore targets `GET /v71/payments?reference=…`
-and `GET /v71/payments/{pspReference}`, which only the emulator serves (see
-`emulators.adyen`). Only its explicit empty list counts as "not found"; a 404 stays
-UNKNOWN, so against the real Adyen a status query can never clear a payment for failover and the
-engine must resolve `unknown` from the webhook feed instead.
+only submits a shopper's action result). STATUS therefore targets an emulator-only probe,
+`GET /v71/payments?reference=…` and `GET /v71/payments/{pspReference}` (see `emulators.adyen`),
+which stands in for the webhook feed: each payment with its modifications, shaped like the
+webhook's notification items (`eventCode` CAPTURE / REFUND / CANCELLATION, `pspReference`, our
+`reference`, `amount`, `success`). Only its explicit empty list counts as "not found"; a 404
+stays UNKNOWN, so against the real Adyen (which has no such endpoint) a status query can never
+clear a payment for failover and the engine must resolve `unknown` from the webhook feed instead.
 """
 
 from __future__ import annotations
@@ -38,12 +40,26 @@ from urllib.parse import quote, urlencode
 import orjson
 
 from domain.outcome import Outcome
-from domain.types import FollowUp, Operation, PaymentOrder, ProviderResult
+from domain.types import FollowUp, FollowUpState, Lookup, Operation, PaymentOrder, ProviderResult, StatusAnswer
 from providers.base import ProviderRequest, ProviderResponse
-from providers.classify import json_object, parse_retry_after
+from providers.classify import (
+    error_status_table,
+    json_list,
+    json_object,
+    lookup_failed,
+    not_found,
+    parse_retry_after,
+    status_outcome,
+)
 
 API_VERSION = "v71"
 BASE_PATH = f"/{API_VERSION}"
+# The emulator-only lookup (the real Adyen has none): payments by our reference, or by pspReference.
+EMULATOR_LOOKUP_PATH = f"{BASE_PATH}/payments"
+# Webhook eventCode of a modification -> the follow-up it is.
+MODIFICATION_EVENTS: Mapping[str, Operation] = MappingProxyType(
+    {"CAPTURE": Operation.CAPTURE, "REFUND": Operation.REFUND, "CANCELLATION": Operation.VOID}
+)
 # /payments requires `returnUrl` in v71 even for card payments that never redirect.
 DEFAULT_RETURN_URL = "https://gateway.invalid/adyen/return"
 TRANSIENT_ERROR_HEADER = "transient-error"
@@ -149,21 +165,11 @@ ERROR_CODES: Mapping[str, Outcome] = MappingProxyType(
 )
 
 # HTTP status of an error answer -> class, when neither errorCode nor the transient header decides.
-ERROR_STATUS: Mapping[int, Outcome] = MappingProxyType(
-    {
-        400: Outcome.REJECTED,
-        401: Outcome.UNAVAILABLE,  # our credentials: nothing was processed, another provider can serve
-        403: Outcome.UNAVAILABLE,  # e.g. 901 Invalid Merchant Account: our configuration
-        404: Outcome.REJECTED,
-        409: Outcome.UNKNOWN,
-        422: Outcome.REJECTED,  # validation: our request, not a decline
-        429: Outcome.UNAVAILABLE,
-        500: Outcome.UNKNOWN,
-        502: Outcome.UNKNOWN,  # a proxy's answer: the provider behind it may have processed it
-        503: Outcome.UNAVAILABLE,
-        504: Outcome.UNKNOWN,
-    }
-)
+# Adyen's statuses mean what the shared table says (403 is 901 "Invalid Merchant Account" or 010
+# "Not allowed": our configuration; 422 validation; a 500 without the transient header may have
+# reached the issuer, and Adyen 00_503 is "our servers are unavailable", no "not processed"): no
+# row differs. The not-processed signal is the header, read before this table.
+ERROR_STATUS: Mapping[int, Outcome] = error_status_table()
 
 
 class AdyenMapping:
@@ -200,12 +206,12 @@ class AdyenMapping:
             return ProviderRequest("POST", f"{BASE_PATH}/payments", self._headers(idempotency_key),
                                    orjson.dumps(self._payment_body(subject)))
         assert isinstance(subject, FollowUp)
-        if op is Operation.STATUS:
+        if op is Operation.STATUS:  # the emulator-only probe: see the module docstring
             if subject.provider_reference:
-                path = f"{BASE_PATH}/payments/{quote(subject.provider_reference, safe='')}"
+                path = f"{EMULATOR_LOOKUP_PATH}/{quote(subject.provider_reference, safe='')}"
                 query = {"merchantAccount": self.merchant_account}
             else:
-                path = f"{BASE_PATH}/payments"
+                path = EMULATOR_LOOKUP_PATH
                 query = {"merchantAccount": self.merchant_account, "reference": subject.payment_id}
             return ProviderRequest("GET", f"{path}?{urlencode(query)}", self._headers(None, body=False))
         if not subject.provider_reference:
@@ -267,6 +273,30 @@ class AdyenMapping:
         if response.status < 300:
             return _parse_success(op, response.status, doc)
         return _parse_error(op, response, doc)
+
+    def parse_status(self, response: ProviderResponse) -> StatusAnswer:
+        doc = json_object(response.body)
+        if response.status >= 300:
+            # A 404 cannot tell a missing payment from a missing endpoint (the real Adyen has
+            # none), and no other error says anything about the payment.
+            return lookup_failed(_parse_error(Operation.STATUS, response, doc))
+        if isinstance(doc.get("payments"), list):
+            payments = json_list(doc["payments"])
+            if not payments:
+                return not_found(response.status)
+        else:
+            payments = [doc]
+        results = [(p, _classify_payment(p, response.status)) for p in payments]
+        charged = [pair for pair in results if pair[1].outcome is Outcome.APPROVED]
+        payment, result = min(reversed(results), key=lambda pair: _STATUS_PRIORITY.get(pair[1].outcome, 2))
+        modifications = payment.get("modifications")
+        follow_ups = tuple(
+            FollowUpState(MODIFICATION_EVENTS[str(m["eventCode"])], m.get("reference"), _amount_value(m),
+                          _modification_outcome(m))
+            for m in json_list(modifications) if m.get("eventCode") in MODIFICATION_EVENTS
+        )
+        return StatusAnswer(Lookup.FOUND, result, charges=len(charged), follow_ups=follow_ups,
+                            follow_ups_listed=isinstance(modifications, list))
 
 
 def adyen_idempotency_key(key: str) -> str:
@@ -345,6 +375,20 @@ def _parse_success(op: Operation, status: int, doc: dict) -> ProviderResult:
                           reference=doc.get("pspReference"), provider_status=mod_status or None)
 
 
+def _amount_value(item: dict) -> int | None:
+    amount = item.get("amount")
+    value = amount.get("value") if isinstance(amount, dict) else None
+    return value if isinstance(value, int) else None
+
+
+def _modification_outcome(modification: dict) -> Outcome:
+    """The webhook's `success` ("true"/"false"); none yet: Adyen is still processing it."""
+    success = str(modification.get("success", "")).lower()
+    if success == "true":
+        return Outcome.APPROVED
+    return Outcome.HARD_DECLINE if success == "false" else Outcome.UNKNOWN
+
+
 def _parse_error(op: Operation, response: ProviderResponse, doc: dict) -> ProviderResult:
     code = str(doc.get("errorCode") or "") or None
     transient = response.headers.get(TRANSIENT_ERROR_HEADER, "").strip().lower() == "true"
@@ -358,7 +402,7 @@ def _parse_error(op: Operation, response: ProviderResponse, doc: dict) -> Provid
     elif transient:
         outcome = Outcome.UNAVAILABLE
     else:
-        outcome = ERROR_STATUS.get(response.status, Outcome.UNKNOWN if response.status >= 500 else Outcome.REJECTED)
+        outcome = status_outcome(ERROR_STATUS, response.status)
     extra = {"errorType": str(doc["errorType"])} if doc.get("errorType") else {}
     if transient:
         extra["transient"] = "true"
@@ -373,4 +417,7 @@ def _parse_error(op: Operation, response: ProviderResponse, doc: dict) -> Provid
         retry_after_s=parse_retry_after(response.headers.get("Retry-After")),
         message=doc.get("message"),
         extra=extra,
+        # Adyen: after a transient error the same key is "processed as if it was the first
+        # request", and a 704 duplicate can be retried once the first has finished.
+        retry_hint=True if transient else None,
     )

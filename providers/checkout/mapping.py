@@ -13,6 +13,13 @@ Facts from Checkout.com's API reference and docs:
 - Errors: `401` (our key), `403` (action not allowed in the payment's state), `404`, `422`
   `{request_id, error_type, error_codes}` (invalid request), `429`, `500`, `502`.
 
+Status queries come in three shapes: `GET /payments?reference=` by our payment id (every payment
+with that reference: more than one charged is a suspected duplicate), `GET /payments/{id}` by the
+provider's id (the payment's state and balances), and `GET /payments/{id}/actions` ("Get payment
+actions": every Authorization, Capture, Refund and Void with its `amount`, `approved`,
+`response_code` and our `reference`) when the query names a follow-up. The actions list holds the
+actions processed so far; one accepted (`202`) but not yet processed is not in it yet.
+
 Idempotency, as the "Idempotency" page documents it, is where Checkout.com differs: only a
 request that was processed successfully is stored for its key. After a 5xx the same key is
 processed as a new attempt, so retrying a 500 with the same key can charge twice: this mapping
@@ -31,9 +38,18 @@ from urllib.parse import quote, urlencode
 import orjson
 
 from domain.outcome import Outcome
-from domain.types import FollowUp, Operation, PaymentOrder, ProviderResult
+from domain.types import FollowUp, FollowUpState, Lookup, Operation, PaymentOrder, ProviderResult, StatusAnswer
 from providers.base import ProviderRequest, ProviderResponse
-from providers.classify import json_object, parse_retry_after
+from providers.classify import (
+    error_status_table,
+    json_list,
+    json_object,
+    json_value,
+    lookup_failed,
+    not_found,
+    parse_retry_after,
+    status_outcome,
+)
 
 IDEMPOTENCY_HEADER = "Cko-Idempotency-Key"
 REQUEST_ID_HEADER = "Cko-Request-Id"
@@ -41,7 +57,11 @@ ACTION_PATHS: Mapping[Operation, str] = MappingProxyType(
     {Operation.CAPTURE: "captures", Operation.REFUND: "refunds", Operation.VOID: "voids"}
 )
 STATUS_LIST_LIMIT = 10  # payments sharing one reference; more than one means a retry created another
-# Set on answers after which a retry with the same key is a new attempt (Checkout stores only 2xx).
+# Action `type` (GET /payments/{id}/actions) -> the follow-up it is; the authorisation is the payment itself.
+ACTION_TYPES: Mapping[str, Operation] = MappingProxyType(
+    {"Capture": Operation.CAPTURE, "Refund": Operation.REFUND, "Void": Operation.VOID}
+)
+AUTHORIZATION_TYPES = frozenset({"Authorization", "Card Verification"})
 
 # response_code -> class, for declined payments. Visa's rules: lost, stolen and closed-account
 # declines are never retried; fraud, insufficient funds and invalid or expired cards are not
@@ -131,19 +151,12 @@ PAYMENT_STATUS: Mapping[str, Outcome] = MappingProxyType(
 )
 CHARGED_STATUSES = frozenset(s for s, o in PAYMENT_STATUS.items() if o is Outcome.APPROVED)
 
-# HTTP status of an error answer -> class (429 is decided by `_classify_429`).
-ERROR_STATUS: Mapping[int, Outcome] = MappingProxyType(
+# HTTP status of an error answer -> class: the shared table, with Checkout.com's differences.
+# 429 is decided by `_classify_429` (a rate limit or a concurrent request with our key); 5xx stay
+# unknown, and after one the key was not stored, so only a status query may settle it.
+ERROR_STATUS: Mapping[int, Outcome] = error_status_table(
     {
-        400: Outcome.REJECTED,
-        401: Outcome.UNAVAILABLE,  # our credentials: nothing was processed, another provider can serve
-        403: Outcome.REJECTED,  # "capture/void/refund not allowed" in the payment's current state
-        404: Outcome.REJECTED,
-        409: Outcome.UNKNOWN,
-        422: Outcome.REJECTED,  # request_invalid (and the emulator's key-reused-with-another-body)
-        500: Outcome.UNKNOWN,  # may have been processed, and the key was not stored
-        502: Outcome.UNKNOWN,  # a proxy's answer: the provider behind it may have processed it
-        503: Outcome.UNAVAILABLE,
-        504: Outcome.UNKNOWN,
+        403: Outcome.REJECTED,  # "Capture/Void/Refund not allowed" in the payment's current state: our request
     }
 )
 
@@ -191,6 +204,8 @@ class CheckoutMapping:
         if op is Operation.STATUS:
             if subject.provider_reference:
                 path = f"/payments/{quote(subject.provider_reference, safe='')}"
+                if subject.follow_up_id:
+                    path += "/actions"  # the follow-ups are listed apart from the payment
             else:
                 query = urlencode({"reference": subject.payment_id, "limit": STATUS_LIST_LIMIT, "skip": 0})
                 path = f"/payments?{query}"
@@ -244,6 +259,27 @@ class CheckoutMapping:
             return _parse_success(op, response, doc)
         return _parse_error(op, response, doc)
 
+    def parse_status(self, response: ProviderResponse) -> StatusAnswer:
+        if response.status >= 300:
+            # Only an explicit empty list proves absence: a 404 may be a proxy or a wrong path.
+            return lookup_failed(_parse_error(Operation.STATUS, response, json_object(response.body)))
+        doc = json_value(response.body)
+        extra = _request_id(response, doc if isinstance(doc, dict) else {})
+        if isinstance(doc, list):
+            return _actions_status(response.status, json_list(doc), extra)
+        if not isinstance(doc, dict):
+            return lookup_failed(ProviderResult(Outcome.UNKNOWN, raw_code="unreadable_answer",
+                                                http_status=response.status, extra=extra))
+        if isinstance(doc.get("data"), list):
+            payments = json_list(doc["data"])
+            if not payments:
+                return not_found(response.status, extra)
+            charged = [p for p in payments if _is_charged(p)]
+            result = _parse_payment(response.status, _chosen(payments, charged), extra)
+            return StatusAnswer(Lookup.FOUND, result, charges=len(charged))
+        return StatusAnswer(Lookup.FOUND, _parse_payment(response.status, doc, extra),
+                            charges=1 if _is_charged(doc) else 0)
+
 
 def _request_id(response: ProviderResponse, doc: dict) -> dict[str, str]:
     request_id = response.headers.get(REQUEST_ID_HEADER) or doc.get("request_id")
@@ -279,16 +315,54 @@ def _parse_payment(http_status: int, doc: dict, extra: dict[str, str]) -> Provid
                           message=doc.get("response_summary"), extra=extra)
 
 
+def _is_charged(payment: dict) -> bool:
+    return payment.get("status") in CHARGED_STATUSES or payment.get("approved") is True
+
+
+def _chosen(payments: list[dict], charged: list[dict]) -> dict:
+    """Which of the payments under one reference the answer reports (newest first): a charge
+    anywhere in the list decides, then one still in flight, then the latest."""
+    pending = [p for p in payments if PAYMENT_STATUS.get(str(p.get("status"))) is Outcome.UNKNOWN]
+    return (charged or pending or payments)[0]
+
+
+def _actions_status(http_status: int, actions: list[dict], extra: dict[str, str]) -> StatusAnswer:
+    """`GET /payments/{id}/actions`, newest first: the authorisation gives the payment's state,
+    the captures, refunds and voids its follow-ups. The list names no payment id, so the
+    result's `reference` stays empty: the caller asked by it."""
+    authorization = next((a for a in actions if a.get("type") in AUTHORIZATION_TYPES), None)
+    if authorization is None:
+        # A payment still pending (a 3DS redirect, an asynchronous method) has no authorisation yet.
+        result = ProviderResult(Outcome.UNKNOWN, raw_code="Pending", http_status=http_status, extra=extra)
+    else:
+        code = authorization.get("response_code")
+        outcome = Outcome.APPROVED if authorization.get("approved") is True else decline_outcome(code)
+        result = ProviderResult(outcome, raw_code=code or str(authorization.get("type")), http_status=http_status,
+                                provider_status=str(authorization.get("type")),
+                                message=authorization.get("response_summary"), extra=extra)
+    follow_ups = tuple(
+        FollowUpState(ACTION_TYPES[str(a["type"])], a.get("reference"), a.get("amount"), _action_outcome(a))
+        for a in actions if a.get("type") in ACTION_TYPES
+    )
+    return StatusAnswer(Lookup.FOUND, result, charges=1 if result.outcome is Outcome.APPROVED else 0,
+                        follow_ups=follow_ups, follow_ups_listed=True)
+
+
+def _action_outcome(action: dict) -> Outcome:
+    approved = action.get("approved")
+    if approved is True:
+        return Outcome.APPROVED
+    return Outcome.HARD_DECLINE if approved is False else Outcome.UNKNOWN
+
+
 def _parse_list(http_status: int, items: list, extra: dict[str, str]) -> ProviderResult:
     """`GET /payments?reference=`: newest first. A charge anywhere in the list decides."""
-    payments = [p for p in items if isinstance(p, dict)]
+    payments = json_list(items)
     if not payments:
         return ProviderResult(Outcome.APPROVED, raw_code="not_found", http_status=http_status, found=False,
                               extra=extra)
-    charged = [p for p in payments if p.get("status") in CHARGED_STATUSES or p.get("approved") is True]
-    pending = [p for p in payments if PAYMENT_STATUS.get(str(p.get("status"))) is Outcome.UNKNOWN]
-    chosen = (charged or pending or payments)[0]
-    result = _parse_payment(http_status, chosen, extra)
+    charged = [p for p in payments if _is_charged(p)]
+    result = _parse_payment(http_status, _chosen(payments, charged), extra)
     counts = {"matches": str(len(payments)), "charged_matches": str(len(charged))}
     return ProviderResult(result.outcome, raw_code=result.raw_code, http_status=http_status,
                           reference=result.reference, provider_status=result.provider_status,
@@ -311,7 +385,7 @@ def _parse_error(op: Operation, response: ProviderResponse, doc: dict) -> Provid
     if response.status == 429:
         outcome = _classify_429(op, response)
     else:
-        outcome = ERROR_STATUS.get(response.status, Outcome.UNKNOWN if response.status >= 500 else Outcome.REJECTED)
+        outcome = status_outcome(ERROR_STATUS, response.status)
     extra = _request_id(response, doc)
     message = doc.get("error_type")
     if error_codes:

@@ -4,24 +4,53 @@ Facts from Stripe's API reference: form-encoded bodies, `Authorization: Bearer s
 `Idempotency-Key`, errors as `{"error": {"type", "code", "decline_code", "message"}}` with
 HTTP 402 for card errors, and the `Stripe-Should-Retry` header as the provider's own verdict
 on whether a retry can succeed.
+
+`Stripe-Should-Retry` is read as stripe-python reads it (`_should_retry` in
+`stripe/_http_client.py`): `true` means retrying can succeed (a lock timeout, a key still in
+use), `false` that it cannot ("we expect the stripe-should-retry header to be false in most
+cases when a 500 is returned, since our idempotency framework would typically replay it
+anyway"). Neither says whether the request was processed, so neither changes a 5xx from
+`unknown` (Stripe: treat a 500's result as indeterminate); the verdict travels as
+`ProviderResult.retry_hint`.
+
+Status queries retrieve the PaymentIntent (or search by our payment id in its metadata) with
+`latest_charge.refunds` expanded: the charge carries `amount_captured` and the refunds, each
+refund its `metadata` with our follow-up key. Since API version 2022-11-15 a Charge no longer
+includes its refunds unless they are expanded.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from types import MappingProxyType
 import re
+from collections.abc import Mapping
 from functools import lru_cache
+from types import MappingProxyType
+from typing import Any
 from urllib.parse import quote, quote_plus, urlencode
 
-
 from domain.outcome import Outcome
-from domain.types import FollowUp, Operation, PaymentOrder, ProviderResult
+from domain.types import FollowUp, FollowUpState, Lookup, Operation, PaymentOrder, ProviderResult, StatusAnswer
 from providers.base import ProviderRequest, ProviderResponse
-from providers.classify import json_object, parse_retry_after
+from providers.classify import (
+    error_status_table,
+    json_list,
+    json_object,
+    lookup_failed,
+    not_found,
+    parse_retry_after,
+    status_outcome,
+)
 
 API_VERSION = "2024-06-20"
 METADATA_KEY = "gateway_payment_id"
+# Our follow-up keys, where Stripe echoes them: a capture's `metadata` is merged into the
+# PaymentIntent's (one capture per intent), a refund keeps its own `metadata`. Cancel takes no
+# metadata, so a void is known by the intent's `canceled` status alone (an intent cancels once).
+CAPTURE_METADATA_KEY = "gateway_capture"
+REFUND_METADATA_KEY = "gateway_follow_up"
+RETRY_HEADER = "Stripe-Should-Retry"
+# Expanded on status queries: the latest charge (captured amount) with its refunds.
+STATUS_EXPAND = "latest_charge.refunds"
 
 # decline_code -> class. Visa's rules: lost/stolen/closed-account declines are never retried.
 DECLINE_CODES: Mapping[str, Outcome] = MappingProxyType(
@@ -64,21 +93,21 @@ INTENT_STATUS: Mapping[str, Outcome] = MappingProxyType(
     }
 )
 
-# HTTP status of an error answer -> class, when no decline code decides it.
-ERROR_STATUS: Mapping[int, Outcome] = MappingProxyType(
+# Refund.status -> class of the refund as a listed follow-up.
+REFUND_STATUS: Mapping[str, Outcome] = MappingProxyType(
     {
-        400: Outcome.REJECTED,
-        401: Outcome.UNAVAILABLE,  # our credentials: nothing was processed, another provider can serve
-        403: Outcome.UNAVAILABLE,
-        404: Outcome.REJECTED,
-        409: Outcome.UNKNOWN,  # idempotency key in use: the first request may still charge
-        429: Outcome.UNAVAILABLE,
-        500: Outcome.UNKNOWN,
-        502: Outcome.UNKNOWN,  # a proxy's answer: the provider behind it may have processed it
-        503: Outcome.UNAVAILABLE,
-        504: Outcome.UNKNOWN,
+        "succeeded": Outcome.APPROVED,
+        "pending": Outcome.UNKNOWN,  # accepted, not yet final
+        "requires_action": Outcome.UNKNOWN,  # waits for the customer (some non-card methods)
+        "failed": Outcome.HARD_DECLINE,
+        "canceled": Outcome.HARD_DECLINE,
     }
 )
+# HTTP status of an error answer -> class, when no decline code decides it. Stripe's statuses
+# mean what the shared table says (400 bad request, 401 bad key, 402 card errors decided above
+# this table, 403 key without permission, 404 no such object, 409 key in use, 429 rate limit or
+# lock timeout, 5xx "something went wrong on Stripe's end"): no row differs.
+ERROR_STATUS: Mapping[int, Outcome] = error_status_table()
 
 
 class StripeMapping:
@@ -111,25 +140,33 @@ class StripeMapping:
         assert isinstance(subject, FollowUp)
         if op is Operation.STATUS:
             if subject.provider_reference:
-                path = f"/v1/payment_intents/{quote(subject.provider_reference, safe='')}"
+                query = urlencode({"expand[]": STATUS_EXPAND})
+                path = f"/v1/payment_intents/{quote(subject.provider_reference, safe='')}?{query}"
             else:
-                query = urlencode({"query": f"metadata['{METADATA_KEY}']:'{subject.payment_id}'"})
+                query = urlencode({"query": f"metadata['{METADATA_KEY}']:'{subject.payment_id}'",
+                                   "expand[]": f"data.{STATUS_EXPAND}"})
                 path = f"/v1/payment_intents/search?{query}"
             headers = self._headers(None)
             del headers["Content-Type"]
             return ProviderRequest("GET", path, headers)
         ref = quote(subject.provider_reference or "", safe="")
+        form: dict[str, str] = {}
         if op is Operation.CAPTURE:
-            form = {"amount_to_capture": subject.amount} if subject.amount is not None else {}
+            if subject.amount is not None:
+                form["amount_to_capture"] = str(subject.amount)
+            if subject.follow_up_id:
+                form[f"metadata[{CAPTURE_METADATA_KEY}]"] = subject.follow_up_id
             return ProviderRequest(
                 "POST", f"/v1/payment_intents/{ref}/capture", self._headers(idempotency_key), urlencode(form).encode()
             )
         if op is Operation.VOID:
             return ProviderRequest("POST", f"/v1/payment_intents/{ref}/cancel", self._headers(idempotency_key), b"")
         if op is Operation.REFUND:
-            form = {"payment_intent": subject.provider_reference or ""}
+            form["payment_intent"] = subject.provider_reference or ""
             if subject.amount is not None:
                 form["amount"] = str(subject.amount)
+            if subject.follow_up_id:
+                form[f"metadata[{REFUND_METADATA_KEY}]"] = subject.follow_up_id
             return ProviderRequest("POST", "/v1/refunds", self._headers(idempotency_key), urlencode(form).encode())
         raise ValueError(f"unsupported operation {op}")
 
@@ -138,6 +175,29 @@ class StripeMapping:
         if response.status < 300:
             return _parse_success(op, response.status, doc)
         return _parse_error(response, doc)
+
+    def parse_status(self, response: ProviderResponse) -> StatusAnswer:
+        doc = json_object(response.body)
+        if response.status >= 300:
+            # 5xx and auth errors say nothing about the payment. Nor does a 404: we ask by id
+            # only for an intent Stripe gave us, so "no such payment_intent" means another
+            # account or key mode, not that nothing was charged.
+            return lookup_failed(_parse_error(response, doc))
+        if doc.get("object") == "search_result":
+            intents = json_list(doc.get("data"))
+            if not intents:
+                # Proof of absence only as far as search is current: it lags ("typically under
+                # a minute"), which `status_query_consistent = False` tells the engine.
+                return not_found(response.status)
+        else:
+            intents = [doc]
+        states = [(intent, _intent_state(intent, response.status)) for intent in intents]
+        charged = [pair for pair in states if _charged(pair[0])]
+        in_flight = [pair for pair in states if pair[1].outcome is Outcome.UNKNOWN]
+        intent, result = (charged or in_flight or states)[0]
+        follow_ups, listed = _follow_ups(intent)
+        return StatusAnswer(Lookup.FOUND, result, charges=len(charged), follow_ups=follow_ups,
+                            follow_ups_listed=listed)
 
 
 def _intent_form(order: PaymentOrder) -> bytes:
@@ -205,6 +265,16 @@ def _parse_success(op: Operation, status: int, doc: dict) -> ProviderResult:
     return ProviderResult(outcome, raw_code=raw, http_status=status, reference=doc.get("id"), provider_status=intent_status)
 
 
+def _retry_hint(response: ProviderResponse) -> bool | None:
+    """`Stripe-Should-Retry` exactly as stripe-python reads it: only "true" and "false" count."""
+    value = response.headers.get(RETRY_HEADER)
+    if value == "true":
+        return True
+    if value == "false":
+        return False
+    return None
+
+
 def _parse_error(response: ProviderResponse, doc: dict) -> ProviderResult:
     error = doc.get("error") if isinstance(doc.get("error"), dict) else {}
     err_type = error.get("type")
@@ -212,6 +282,7 @@ def _parse_error(response: ProviderResponse, doc: dict) -> ProviderResult:
     intent = error.get("payment_intent") if isinstance(error.get("payment_intent"), dict) else {}
     reference = intent.get("id")
     retry_after = parse_retry_after(response.headers.get("Retry-After"))
+    retry_hint = _retry_hint(response)
     if err_type == "card_error":  # every card error is the issuer's or the card's answer
         outcome = DECLINE_CODES.get(code, UNLISTED_DECLINE)
     elif err_type == "idempotency_error":
@@ -219,10 +290,11 @@ def _parse_error(response: ProviderResponse, doc: dict) -> ProviderResult:
         # parameters (400): our bug, rejected.
         outcome = Outcome.UNKNOWN if response.status == 409 else Outcome.REJECTED
     else:
-        outcome = ERROR_STATUS.get(response.status, Outcome.UNKNOWN if response.status >= 500 else Outcome.REJECTED)
-        # Stripe's own verdict: `true` on a 4xx (a lock timeout, say) means nothing was
-        # processed and a retry with the same key can succeed.
-        if response.headers.get("Stripe-Should-Retry") == "true" and outcome is Outcome.REJECTED:
+        outcome = status_outcome(ERROR_STATUS, response.status)
+        # `true` on a 4xx that is otherwise our fault means the request was turned away before
+        # any endpoint ran (Stripe stores the result of every request that began executing, so
+        # a retry could not succeed otherwise): nothing was processed.
+        if retry_hint is True and outcome is Outcome.REJECTED:
             outcome = Outcome.UNAVAILABLE
     return ProviderResult(
         outcome,
@@ -232,4 +304,54 @@ def _parse_error(response: ProviderResponse, doc: dict) -> ProviderResult:
         retry_after_s=retry_after,
         message=error.get("message"),
         found=response.status != 404,
+        retry_hint=retry_hint,
     )
+
+
+def _charge(intent: dict) -> dict[str, Any] | None:
+    """The intent's latest charge, when expanded (the id alone says nothing about its state)."""
+    charge = intent.get("latest_charge")
+    return charge if isinstance(charge, dict) else None
+
+
+def _charged(intent: dict) -> bool:
+    """Whether the intent holds (or held) an authorised charge."""
+    charge = _charge(intent)
+    if charge is not None:
+        return charge.get("status") == "succeeded"
+    return intent.get("status") in ("succeeded", "requires_capture")
+
+
+def _intent_state(intent: dict, http_status: int) -> ProviderResult:
+    """The payment's state as a status query sees it. Unlike an answer to our own call, a
+    `canceled` intent that holds a charge was authorised and then voided: an approval whose
+    void is listed among the follow-ups; one without a charge never charged anything."""
+    status = str(intent.get("status", ""))
+    if status == "canceled":
+        outcome = Outcome.APPROVED if _charged(intent) else Outcome.HARD_DECLINE
+        return ProviderResult(outcome, raw_code=status, http_status=http_status, reference=intent.get("id"),
+                              provider_status=status)
+    return _parse_success(Operation.STATUS, http_status, intent)
+
+
+def _follow_ups(intent: dict) -> tuple[tuple[FollowUpState, ...], bool]:
+    """The intent's capture, refunds and void, and whether that list is complete: it is when
+    the charge and its refunds were expanded and no refund page was left out."""
+    charge = _charge(intent)
+    if charge is None:
+        # No charge to capture or refund (a decline), or one we were not shown (not expanded).
+        return (), intent.get("latest_charge") is None
+    metadata = intent.get("metadata") if isinstance(intent.get("metadata"), dict) else {}
+    states: list[FollowUpState] = []
+    if charge.get("captured"):
+        states.append(FollowUpState(Operation.CAPTURE, metadata.get(CAPTURE_METADATA_KEY),
+                                    charge.get("amount_captured"), Outcome.APPROVED))
+    refunds = charge.get("refunds") if isinstance(charge.get("refunds"), dict) else None
+    for refund in json_list((refunds or {}).get("data")):
+        refund_metadata = refund.get("metadata") if isinstance(refund.get("metadata"), dict) else {}
+        states.append(FollowUpState(Operation.REFUND, refund_metadata.get(REFUND_METADATA_KEY), refund.get("amount"),
+                                    REFUND_STATUS.get(str(refund.get("status")), Outcome.UNKNOWN)))
+    if intent.get("status") == "canceled" and charge.get("status") == "succeeded":
+        states.append(FollowUpState(Operation.VOID, None, intent.get("amount"), Outcome.APPROVED))
+    listed = refunds is not None and refunds.get("has_more") is False
+    return tuple(states), listed
