@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from domain.outcome import LocalRefusal, Outcome
+from domain.outcome import LocalRefusal
 from domain.types import FollowUp, Lookup, Operation, PaymentOrder, ProviderResult, StatusAnswer
 from gateway.breaker import BreakerOpen, ProviderFailure
 from gateway.bulkhead import BulkheadFull, BulkheadTimeout
@@ -89,21 +89,12 @@ class ProviderClient:
         started = time.monotonic()
         try:
             request = self._admit(Operation.STATUS, subject, None, deadline)
-            answer, _ = await self._exchange(request, deadline, self._parse_status, _answer_fails,
+            answer, _ = await self._exchange(request, deadline, self.mapping.parse_status, _answer_fails,
                                              lambda e: StatusAnswer(Lookup.UNKNOWN, e))
         except _Refused as refused:
             answer = StatusAnswer(Lookup.UNKNOWN, refused.result)
         self._finish(attempt, answer.result, started, lookup=answer.lookup)
         return answer
-
-    def _parse_status(self, response: ProviderResponse) -> StatusAnswer:
-        result = self.mapping.parse(Operation.STATUS, response)  # interim, until mappings parse_status
-        if not result.found:
-            return StatusAnswer(Lookup.NOT_FOUND, result)
-        if result.outcome in (Outcome.UNAVAILABLE, Outcome.REJECTED) or (
-                result.outcome is Outcome.UNKNOWN and (result.http_status or 0) >= 500):
-            return StatusAnswer(Lookup.UNKNOWN, result)
-        return StatusAnswer(Lookup.FOUND, result, charges=int(result.extra.get("charged_matches", "1")))
 
     def _admit(self, op: Operation, subject: PaymentOrder | FollowUp, key: str | None,
                deadline: float) -> ProviderRequest:

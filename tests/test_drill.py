@@ -17,7 +17,7 @@ from gateway.drill.report import LedgerView, declined_then_failed_over, journal_
 from gateway.drill.runner import CLIENT_KEY_ENV, provider_key_env
 
 CONTRACT_KEYS = {"sent", "approved", "declined", "pending", "failed", "duplicates", "lost", "failovers", "retries",
-                 "p50_ms", "p99_ms", "seconds", "log_dir"}
+                 "p50_ms", "p99_ms", "seconds", "log_dir", "journal_mismatches"}
 SEED = 20240601
 
 
@@ -42,6 +42,12 @@ def _scenario_holds(name: str, s: dict[str, Any]) -> None:
             assert s["retries"] + s["failovers"] > 0
         case "flapping":
             pass
+        case "ambiguous-5xx":
+            assert s["approved"] + s["pending"] == s["sent"]
+            assert s["status_queries"] > 0, "each 503 after processing was settled by a status query"
+        case "followup-unknown":
+            assert s["follow_ups_sent"] >= 2 * s["approved"] > 0  # a capture and a refund each
+            assert s["follow_ups_pending"] == 0
         case _:
             raise AssertionError(f"no expectation written for drill {name}")
 
@@ -56,6 +62,7 @@ async def test_each_drill_charges_once_and_loses_nothing(name: str, tmp_path: Pa
     assert s["lost"] == 0
     assert s["charged_without_approval"] == 0
     assert s["declines_failed_over"] == 0
+    assert s["journal_mismatches"] == 0
     _scenario_holds(name, s)
     assert report.ok and report.exit_code == 0, s["checks"]
     assert (tmp_path / "gateway.db").exists()

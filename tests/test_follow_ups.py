@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+from gateway.app_keys import POOL, RECONCILER
 from tests.conftest import AUTH, card_payment
 from tests.test_engine_failover import (  # noqa: F401  (fixtures)
     engine_config,
@@ -66,9 +67,11 @@ async def test_adyen_capture_without_amount_captures_the_authorisation(make_conf
 
 async def test_an_unknown_refund_at_a_provider_that_does_not_replay_is_never_sent_twice(
         make_config, start_gateway, emulators) -> None:
-    """Checkout.com treats a re-send after a lost answer as a new action: the refund is left
-    pending for the reconciler and the key keeps that answer, so the caller's retry cannot cause
-    a second refund."""
+    """Checkout.com treats a re-send after a lost answer as a new action. A refund whose answer
+    is lost and whose status query fails too is accepted as `refund_pending` (202): the key
+    keeps that answer, a second refund is refused meanwhile, and the reconciler settles it from
+    Checkout.com's list of the payment's actions; the caller's retry then replays the final
+    answer. The provider refunded once."""
     from emulators.faults import FaultPlan, FaultRule
 
     config = make_config(order=("checkout", "stripe"))
@@ -76,7 +79,8 @@ async def test_an_unknown_refund_at_a_provider_that_does_not_replay_is_never_sen
     doc = await (await client.post("/v1/payments", json=card_payment(amount=1500), headers=key())).json()
     assert doc["status"] == "approved" and doc["provider"] == "checkout"
     emulator = emulators["checkout"].emulator
-    emulator.faults.set(FaultPlan(rules=(FaultRule(kind="timeout_after", hang_s=5, operations=("refund",)),)))
+    emulator.faults.set(FaultPlan(rules=(FaultRule(kind="timeout_after", hang_s=5, operations=("refund",)),
+                                         FaultRule(kind="error", status=503, operations=("status",)))))
     headers = key()
     first = await client.post(f"/v1/payments/{doc['id']}/refunds", json={"amount": 500}, headers=headers)
     assert first.status == 202 and (await first.json())["status"] == "refund_pending"
@@ -85,5 +89,11 @@ async def test_an_unknown_refund_at_a_provider_that_does_not_replay_is_never_sen
     assert again.status == 202 and again.headers.get("Idempotent-Replayed") == "true"
     other = await client.post(f"/v1/payments/{doc['id']}/refunds", json={"amount": 500}, headers=key())
     assert other.status == 409 and (await other.json())["code"] == "invalid_payment_state"
+
+    client.app[POOL]["checkout"].breaker.force_close()  # as its reset timeout would
+    assert await client.app[RECONCILER].run_once(min_age_s=0, ignore_backoff=True) == 1
+    settled = await client.post(f"/v1/payments/{doc['id']}/refunds", json={"amount": 500}, headers=headers)
+    body = await settled.json()
+    assert settled.status == 200 and body["status"] == "refunded" and body["refunded_amount"] == 500
     [charge] = emulator.ledger.charges()
     assert charge.refunded == 500  # the first refund went through once; the retry sent nothing

@@ -204,12 +204,14 @@ SCENARIOS: dict[str, Scenario] = {
             "followup-unknown",
             "Every approved payment is captured, then partly refunded; 30% of the primary's captures and "
             "refunds are processed and answered 500 (Stripe and Adyen replay that stored 500 for the key), "
-            "15% processed and never answered: each is answered 202 and settled by the reconciler from the "
-            "provider's list of the payment's follow-ups, never made twice.",
+            "15% processed and never answered, and half of its status queries fail: each is settled by the "
+            "status query right after it or answered 202 and settled by the reconciler from the provider's "
+            "list of the payment's follow-ups, never made twice.",
             steps=(Faults((FaultRule(kind="error", share=0.3, status=500, after_processing=True,
                                      operations=FOLLOW_UP_OPS),
                            FaultRule(kind="timeout_after", share=0.15, hang_s=DEADLINE_MS / 1000,
-                                     operations=FOLLOW_UP_OPS))),),
+                                     operations=FOLLOW_UP_OPS),
+                           FaultRule(kind="error", share=0.5, status=503, operations=("status",)))),),
             follow_ups=True,
             checks=(_approval_at_least(0.999), Check("follow_ups_pending==0", lambda s: s["follow_ups_pending"] == 0)),
         ),
