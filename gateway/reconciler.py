@@ -39,11 +39,14 @@ class Reconciler:
 
     def __init__(self, service: PaymentService, *, abandoned_after_s: float,
                  log: structlog.typing.FilteringBoundLogger, interval_s: float = 5.0, min_age_s: float = 2.0) -> None:
+        """Unsettled payments are asked again after `interval_s` (at most MIN_RECHECK_S), then
+        less and less often."""
         self.service = service
         self.abandoned_after_s = abandoned_after_s
         self.log = log
         self.interval_s = interval_s
         self.min_age_s = min_age_s
+        self._min_recheck_s = min(MIN_RECHECK_S, interval_s)
         self.wake = asyncio.Event()
         self._next_check: dict[str, tuple[float, float]] = {}  # payment id -> (next check, last delay)
         self._pass = asyncio.Lock()  # one pass at a time: two would settle and log a payment twice
@@ -103,7 +106,7 @@ class Reconciler:
         """Unsettled payments are asked again less and less often (up to every 5 minutes), so
         a provider that cannot answer is not queried in a tight loop."""
         last_delay = self._next_check.get(payment_id, (0.0, 0.0))[1]
-        delay = MIN_RECHECK_S if last_delay == 0 else min(MAX_RECHECK_S, 2 * last_delay)
+        delay = self._min_recheck_s if last_delay == 0 else min(MAX_RECHECK_S, 2 * last_delay)
         self._next_check[payment_id] = (now + delay, delay)
 
     async def _touch(self, record: PaymentRecord) -> None:
