@@ -123,4 +123,7 @@ class StatusAnswer:
     result: ProviderResult  # FOUND: the payment's state as an outcome; otherwise the raw answer (status, code)
     charges: int = 0  # charged payments found for this one payment: more than one is a suspected duplicate
     follow_ups: tuple[FollowUpState, ...] = ()
-    follow_ups_listed: bool = False  # whether `follow_ups` is the provider's complete list for the payment
+    # Whether `follow_ups` is the provider's complete, current list for the payment (read from the
+    # payment by its id, never from a lagging search), so an absence can be trusted once no call
+    # of ours can still be in flight.
+    follow_ups_listed: bool = False

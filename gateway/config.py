@@ -217,6 +217,10 @@ class EngineConfig(_Model):
     retry_budget_window_s: float = Field(10.0, gt=0)
     health_window_s: float = Field(30.0, gt=0)
     health_min_samples: int = Field(20, ge=1)
+    # How long after our last call an empty lookup may be trusted (the reconciler): past any
+    # request still travelling to or running at a provider, and past a search index's lag.
+    provider_in_flight_s: float = Field(60.0, gt=0)
+    lookup_lag_s: float = Field(600.0, gt=0)
 
 
 class GatewayConfig(_Model):

@@ -279,64 +279,55 @@ class PaymentService:
 
     async def follow_up(self, scope: str, key: str, fingerprint: str, payment_id: str, op: Operation,
                         asked_amount: int | None, deadline: float) -> Answer:
-        """Capture, void or refund at the provider that holds the payment: never anywhere else."""
+        """Capture, void or refund at the provider that holds the payment: never anywhere else.
+
+        The caller's key is claimed in the same transaction that journals the payment as
+        `<op>_pending` with the follow-up (its provider key, amount, the caller's key): a crash
+        at any point after it leaves a follow-up the reconciler settles and a key it answers,
+        never a key stuck in flight with nothing behind it."""
         record = await self._owned(scope, payment_id)
         if record is None:
             return answers.payment_not_found()
         provider_key = provider_idempotency_key(record.id, record.provider or "none", op.value, salt=key)
-        now = time.time()
-        claim = await self.store.claim_idempotency(scope, key, fingerprint, provider_key, now,
-                                                   now + self.retention_s)
-        if claim.kind is not ClaimKind.NEW:
-            return answers.claim_answer(claim)
-        released = False
-        try:
-            async with self.locks.hold(record.id):
-                # Checked against the row as it is now, not as it was before we waited: two
-                # refunds must not both pass one stale check.
-                record = await self._owned(scope, payment_id)
-                assert record is not None
-                amount = follow_up_amount(record, op, asked_amount)
-                problem = follow_up_problem(record, op, amount)
-                if problem is not None:
-                    await self.store.release_idempotency(scope, key)
-                    released = True
-                    return problem
-                self.in_flight.add(record.id)
-                try:
-                    answer, released = await self._run_follow_up(record, op, amount, scope, key, provider_key,
-                                                                 deadline)
-                finally:
-                    self.in_flight.discard(record.id)
-                return answer
-        except BaseException:
-            if not released:
-                # Nothing was settled: the caller may retry the key (it maps to the same provider key).
+        async with self.locks.hold(record.id):
+            # Checked against the row as it is now, not as it was before we waited: two refunds
+            # must not both pass one stale check.
+            record = await self._owned(scope, payment_id)
+            assert record is not None
+            amount = follow_up_amount(record, op, asked_amount)
+            problem = follow_up_problem(record, op, amount)
+            now = time.time()
+            if problem is None:
+                record.follow_up = PendingFollowUp(
+                    operation=op.value, amount=amount, provider_key=provider_key, scope=scope, front_key=key,
+                    prior_status=record.status.value, started_at=now, deadline_s=max(0.0, deadline - time.monotonic()))
+                record.status = FOLLOW_UP_PENDING[op]
+                record.updated_at = now
+            claim = await self.store.claim_idempotency(scope, key, fingerprint, provider_key, now,
+                                                       now + self.retention_s, record if problem is None else None)
+            if claim.kind is not ClaimKind.NEW:
+                return answers.claim_answer(claim)  # a replay, or the key is another request's
+            if problem is not None:
                 await self.store.release_idempotency(scope, key)
-            raise
+                return problem
+            self.in_flight.add(record.id)
+            try:
+                return await self._run_follow_up(record, op, amount, scope, key, provider_key, deadline)
+            finally:
+                self.in_flight.discard(record.id)
 
     async def _run_follow_up(self, record: PaymentRecord, op: Operation, amount: int | None, scope: str, key: str,
-                             provider_key: str, deadline: float) -> tuple[Answer, bool]:
-        """Returns the answer and whether the caller's key was released (nothing happened)."""
+                             provider_key: str, deadline: float) -> Answer:
         assert record.provider is not None
         client = self.clients[record.provider]
-        record.follow_up = PendingFollowUp(operation=op.value, amount=amount, provider_key=provider_key, scope=scope,
-                                           front_key=key, prior_status=record.status.value, started_at=time.time(),
-                                           deadline_s=max(0.0, deadline - time.monotonic()))
-        record.status = FOLLOW_UP_PENDING[op]
         subject = FollowUp(payment_id=record.id, provider_reference=record.provider_reference, amount=amount,
                            currency=record.currency, follow_up_id=provider_key)
-        journalled = False
 
-        async def journal(_attempt: Attempt) -> None:
-            nonlocal journalled
-            if not journalled:  # `<op>_pending` on disk before the provider can see the request
-                record.updated_at = time.time()
-                await self.store.save_payment(record)
-                journalled = True
+        async def journalled(_attempt: Attempt) -> None:
+            """The claim's transaction already holds the follow-up: nothing more before the call."""
 
         started = time.monotonic()
-        result = await self.executor.run(client, op, subject, provider_key, deadline, record.attempts, journal,
+        result = await self.executor.run(client, op, subject, provider_key, deadline, record.attempts, journalled,
                                          amount=amount)
         extra = {"latency_ms": (time.monotonic() - started) * 1000,
                  "follow_up": {"operation": op.value, "amount": amount, "outcome": result.outcome.value,
@@ -344,19 +335,21 @@ class PaymentService:
         record.updated_at = time.time()
         if result.outcome is Outcome.UNKNOWN:
             # The provider may have acted: the reconciler asks it, and answers the key then.
+            assert record.follow_up is not None
             record.follow_up.answered = True
             answer = answers.follow_up_answer(record, op, result)
             await self.commit(record, op.value, IdempotentAnswer(scope, key, answer.stored()), **extra)
-            return answer, False
+            return answer
         apply_follow_up(record, op, result.outcome)
         answer = answers.follow_up_answer(record, op, result)
         if result.outcome is Outcome.UNAVAILABLE:
-            if journalled:
-                await self.commit(record, op.value, **extra)
+            # Not made (not sent, or proven absent): the payment is as it was, and the key is
+            # released so the caller's retry reaches the same provider key.
+            await self.commit(record, op.value, **extra)
             await self.store.release_idempotency(scope, key)
-            return answer, True
+            return answer
         await self.commit(record, op.value, IdempotentAnswer(scope, key, answer.stored()), **extra)
-        return answer, False
+        return answer
 
     # -- the journal's final row and the transaction's one log line -------------------------------
 

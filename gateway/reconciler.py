@@ -28,8 +28,6 @@ from gateway.settlement import follow_up_entry
 
 MIN_RECHECK_S = 5.0
 MAX_RECHECK_S = 300.0
-LOOKUP_LAG_S = 600.0  # beyond any provider's search-index lag
-IN_FLIGHT_S = 60.0  # beyond any request still travelling to or running at a provider
 
 
 class Reconciler:
@@ -38,15 +36,19 @@ class Reconciler:
     row may belong to a live request elsewhere, and settling it could race that request."""
 
     def __init__(self, service: PaymentService, *, abandoned_after_s: float,
-                 log: structlog.typing.FilteringBoundLogger, interval_s: float = 5.0, min_age_s: float = 2.0) -> None:
+                 log: structlog.typing.FilteringBoundLogger, interval_s: float = 5.0, min_age_s: float = 2.0,
+                 in_flight_s: float = 60.0, lookup_lag_s: float = 600.0) -> None:
         """Unsettled payments are asked again after `interval_s` (at most MIN_RECHECK_S), then
-        less and less often."""
+        less and less often. An empty lookup proves nothing was made only `in_flight_s` after our
+        last call to the provider (`lookup_lag_s` where the lookup is a lagging search)."""
         self.service = service
         self.abandoned_after_s = abandoned_after_s
         self.log = log
         self.interval_s = interval_s
         self.min_age_s = min_age_s
         self._min_recheck_s = min(MIN_RECHECK_S, interval_s)
+        self._in_flight_s = in_flight_s
+        self._lookup_lag_s = lookup_lag_s
         self.wake = asyncio.Event()
         self._next_check: dict[str, tuple[float, float]] = {}  # payment id -> (next check, last delay)
         self._pass = asyncio.Lock()  # one pass at a time: two would settle and log a payment twice
@@ -154,7 +156,7 @@ class Reconciler:
                     svc.suspect_duplicate(record, ProviderResult(
                         Outcome.UNKNOWN, message=f"status query: {answer.charges} charges for one payment"))
                 return await self._keep_pending(record)
-            if answer.lookup is Lookup.NOT_FOUND and _absence_proves_no_charge(record, consistent):
+            if answer.lookup is Lookup.NOT_FOUND and self._absence_proves_no_charge(record, consistent):
                 record.status, record.error_code = PaymentStatus.FAILED, "not_charged"
             elif found and POLICY[answer.result.outcome].settles_charge:
                 result = answer.result
@@ -190,6 +192,25 @@ class Reconciler:
             await svc.store.save_payment(record)
         return False
 
+    def _absence_proves_no_charge(self, record: PaymentRecord, lookup_consistent: bool) -> bool:
+        """An empty status answer means "never charged" only once the last call to the provider
+        is old enough that nothing can still be in flight or unindexed. Never for a payment we
+        hold a provider id for."""
+        if record.provider_reference is not None:
+            return False
+        return self._quiet_since(record, Operation.AUTHORIZE, None, floor=record.created_at,
+                                 consistent=lookup_consistent)
+
+    def _quiet_since(self, record: PaymentRecord, op: Operation | None, key: str | None, *, floor: float,
+                     consistent: bool) -> bool:
+        """No call of `op` (or with provider key `key`) to the payment's provider since `floor`,
+        for long enough that an empty lookup means it was never made. A follow-up list is read
+        from the payment by its id (`StatusAnswer.follow_ups_listed`): consistent."""
+        calls = [a.started_at for a in record.attempts if a.provider == record.provider
+                 and (op is None or a.operation == op.value) and (key is None or a.idempotency_key == key)]
+        last_call = max(calls, default=floor)
+        return time.time() - last_call > (self._in_flight_s if consistent else self._lookup_lag_s)
+
     async def _settle_follow_up(self, record: PaymentRecord) -> bool:
         """A capture, void or refund the provider did not confirm, or whose request died: the
         provider's list of the payment's follow-ups says whether ours was made."""
@@ -210,8 +231,8 @@ class Reconciler:
             await svc.store.complete_idempotency_for(pending.provider_key,
                                                      answers.follow_up_answer(record, op, result).stored())
         elif (entry is None and answer.lookup is Lookup.FOUND and answer.follow_ups_listed
-              and _quiet_since(record, None, pending.provider_key,
-                               svc.clients[record.provider or ""].mapping.status_query_consistent)):
+              and self._quiet_since(record, None, pending.provider_key, floor=pending.started_at,
+                                    consistent=True)):
             apply_follow_up(record, op, Outcome.UNAVAILABLE)
             await svc.store.release_idempotency(pending.scope, pending.front_key)  # a retry may make it now
             follow_up["never_made"] = True
@@ -240,21 +261,3 @@ def _ours_now(record: PaymentRecord, now: float, *, age: float, abandoned: float
     if record.status is PaymentStatus.PENDING:
         return now - record.updated_at >= age
     return now - record.created_at >= abandoned
-
-
-def _absence_proves_no_charge(record: PaymentRecord, lookup_consistent: bool) -> bool:
-    """An empty status answer means "never charged" only once the last call to the provider is
-    old enough that nothing can still be in flight or unindexed: a minute where the lookup has
-    no lag, ten where a search index may lag. Never for a payment we hold a provider id for."""
-    if record.provider_reference is not None:
-        return False
-    return _quiet_since(record, Operation.AUTHORIZE, None, lookup_consistent)
-
-
-def _quiet_since(record: PaymentRecord, op: Operation | None, key: str | None, consistent: bool) -> bool:
-    """No call of `op` (or with provider key `key`) to the payment's provider for long enough
-    that an empty lookup means it was never made."""
-    calls = [a.started_at for a in record.attempts if a.provider == record.provider
-             and (op is None or a.operation == op.value) and (key is None or a.idempotency_key == key)]
-    last_call = max(calls, default=record.created_at)
-    return time.time() - last_call > (IN_FLIGHT_S if consistent else LOOKUP_LAG_S)

@@ -33,7 +33,7 @@ import math
 import random
 import sqlite3
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -65,7 +65,8 @@ from gateway.drill.runner import (
     secret_env,
     start_emulators,
 )
-from gateway.drill.scenarios import CRASH_RESTART
+from gateway.drill.follow_ups import FollowUpTarget, run_follow_ups
+from gateway.drill.scenarios import CRASH_RESTART, Scenario
 
 KILL_WINDOW = (0.1, 0.75)  # a kill lands once this share of the payments has been answered ...
 KILL_JITTER_S = 0.15  # ... plus a random delay up to this, so it falls mid-call, not between answers
@@ -77,7 +78,7 @@ RETRY_AFTER_MAX_S = 2.0
 SETTLE_MAX_S = 45.0  # after the load: how long the client keeps asking about open payments
 SETTLE_PAUSE_S = 0.5
 FINAL = frozenset({"approved", "declined", "failed"})
-UNRESOLVED = ("received", "attempting", "pending")
+UNRESOLVED = ("received", "attempting", "pending", "capture_pending", "void_pending", "refund_pending")
 RETRY_STATUSES = frozenset({409, 429, 500, 502, 503, 504})  # without a payment in the answer
 
 
@@ -223,6 +224,39 @@ async def _kill_loop(gateway: GatewayProcess, kills: int, rng: random.Random, pr
     return records
 
 
+async def _under_kills(gateway: GatewayProcess, kills: int, rng: random.Random, progress: _Progress, db: Path,
+                       work: Awaitable[None]) -> list[dict[str, Any]]:
+    """Run `work` while the kill loop kills and restarts the gateway; a restart that fails ends
+    the work too."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            killer = group.create_task(_kill_loop(gateway, kills, rng, progress, db))
+            group.create_task(work)
+    except BaseExceptionGroup as failed:
+        raise failed.exceptions[0] from None
+    return killer.result()
+
+
+async def _follow_ups_under_kills(session: aiohttp.ClientSession, gateway: GatewayProcess,
+                                  checkouts: Sequence[_Checkout], options: DrillOptions, rng: random.Random, db: Path,
+                                  run_id: str, seed: int, extra: dict[str, Any]) -> list[dict[str, Any]]:
+    """followup-crash: capture and partly refund every approved payment while the gateway is
+    killed at seeded points of this phase."""
+    targets = [FollowUpTarget(c.result.payment_id, c.payment.amount, f"drill-{run_id}-{c.payment.index:06d}")
+               for c in checkouts if c.result is not None and c.result.payment_id is not None
+               and c.result.status == "approved"]
+    progress = _Progress(len(targets), None)
+
+    async def follow_ups() -> None:
+        try:
+            tally = await run_follow_ups(session, targets, options.concurrency, seed, on_done=progress.finished_one)
+        finally:
+            await progress.close()
+        extra.update(tally.as_summary())
+
+    return await _under_kills(gateway, options.kills, rng, progress, db, follow_ups())
+
+
 async def _recheck(session: aiohttp.ClientSession, checkout: _Checkout) -> None:
     """Ask again about an open payment: its document when we know its id, else the same POST."""
     assert checkout.result is not None
@@ -310,11 +344,11 @@ def _transaction_log_gaps(path: Path, journal: Sequence[Mapping[str, Any]]) -> d
     }
 
 
-async def run_crash_drill(options: DrillOptions | None = None, *,
+async def run_crash_drill(options: DrillOptions | None = None, *, scenario: Scenario = CRASH_RESTART,
                           on_progress: ProgressHook | None = None) -> DrillReport:
-    """Run crash-restart end to end and summarise it; raises only for set-up failures."""
+    """Run crash-restart (or followup-crash: the kills land in the follow-up phase) end to end
+    and summarise it; raises only for set-up failures."""
     options = options if options is not None else DrillOptions()
-    scenario = CRASH_RESTART
     setup = RunSetup.new(scenario.name, options)
     started = time.monotonic()
     certs = await asyncio.to_thread(generate_dev_certs, setup.log_dir / "certs", list(scenario.route))
@@ -347,14 +381,15 @@ async def run_crash_drill(options: DrillOptions | None = None, *,
                 extra["load_seconds"] = round(time.monotonic() - load_started, 3)
 
             try:
-                async with asyncio.TaskGroup() as group:  # a restart that fails ends the load too
-                    killer = group.create_task(_kill_loop(gateway, options.kills, kill_rng, progress, db))
-                    group.create_task(load())
-            except BaseExceptionGroup as failed:
-                raise failed.exceptions[0] from None
+                if scenario.follow_ups:
+                    await load()
+                    extra.update(await _settle(session, checkouts, options.concurrency))
+                    kill_records = await _follow_ups_under_kills(
+                        session, gateway, checkouts, options, kill_rng, db, setup.run_id, setup.seed, extra)
+                else:
+                    kill_records = await _under_kills(gateway, options.kills, kill_rng, progress, db, load())
             finally:
                 await lift_faults(injections)
-            kill_records = killer.result()
             extra.update(await _settle(session, checkouts, options.concurrency))
         extra["gateway_exit_code"] = await gateway.stop()
         ledger = ledger_view(servers)
