@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from gateway.breaker_sync import RedisBreakerSync
     from gateway.certs.watcher import CertificateWatcher
     from gateway.config import GatewayConfig
+    from gateway.journal.probe import JournalProbe
     from gateway.console.routes import Console, ConsoleAssets
     from gateway.journal.store import Store
     from gateway.metrics import Metrics
@@ -35,6 +36,7 @@ METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 AUTH: web.AppKey[Authenticator] = web.AppKey("authenticator")
 LOG_WRITER: web.AppKey[JsonLinesWriter] = web.AppKey("log_writer")
 STORE: web.AppKey[Store] = web.AppKey("store")
+JOURNAL_PROBE: web.AppKey[JournalProbe] = web.AppKey("journal_probe")
 FRONT_DOOR: web.AppKey[FrontDoor] = web.AppKey("front_door")
 TRANSACTION_LOG: web.AppKey[TransactionLog] = web.AppKey("transaction_log")
 POOL: web.AppKey[ProviderPool] = web.AppKey("pool")

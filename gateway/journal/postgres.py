@@ -187,7 +187,7 @@ class PostgresStore:
                  on_acquire: Callable[[float], None] | None = None,
                  on_error: Callable[[str], None] | None = None) -> None:
         self._dsn = dsn
-        self._where = _where(dsn)
+        self._where = dsn_location(dsn)
         self._min_size = min_size
         self._max_size = max_size
         self._acquire_timeout_s = acquire_timeout_s
@@ -395,7 +395,7 @@ class PostgresStore:
                       key=lambda line: line.log_id)
 
 
-def _where(dsn: str) -> str:
+def dsn_location(dsn: str) -> str:
     """host:port/database of a URL DSN, for messages: never the user or password."""
     try:
         parts = urlsplit(dsn)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import orjson
 
@@ -40,6 +40,9 @@ from gateway.journal.records import (
     StoredResponse,
 )
 from domain.outcome import PaymentStatus
+
+if TYPE_CHECKING:
+    from gateway.journal.schema import Migration
 
 UNRESOLVED_STATUSES = (PaymentStatus.RECEIVED.value, PaymentStatus.ATTEMPTING.value, PaymentStatus.PENDING.value)
 
@@ -97,6 +100,8 @@ def next_version(record: PaymentRecord) -> Iterator[int]:
 
 
 class Store(Protocol):
+    migrated: list[Migration]  # the schema steps the last `open` applied (none: it ran no DDL)
+
     async def open(self) -> None:
         """Connect and check the schema version (migrating first where allowed). Raises
         `SchemaMismatch` or `JournalUnavailable`; never runs DDL on an up-to-date database."""
