@@ -192,7 +192,8 @@ async def postgres_status(conn: asyncpg.Connection) -> SchemaStatus:
     return SchemaStatus("postgres", 0, legacy=payments)
 
 
-async def postgres_prepare(conn: asyncpg.Connection, *, migrate: bool) -> list[Migration]:
+async def postgres_prepare(conn: asyncpg.Connection, *, migrate: bool,
+                           lock_timeout_ms: int = LOCK_TIMEOUT_MS) -> list[Migration]:
     """Check the schema (one read, no lock, on an up-to-date database) and, when behind and
     `migrate`, apply what is pending under the advisory lock; returns the steps applied here."""
     status = await postgres_status(conn)
@@ -207,14 +208,14 @@ async def postgres_prepare(conn: asyncpg.Connection, *, migrate: bool) -> list[M
         for step in status.pending:
             try:
                 async with conn.transaction():
-                    await conn.execute(f"SET LOCAL lock_timeout = {LOCK_TIMEOUT_MS}")
+                    await conn.execute(f"SET LOCAL lock_timeout = {int(lock_timeout_ms)}")
                     await conn.execute(_VERSIONS_TABLE["postgres"])
                     await conn.execute(step.sql)
                     await conn.execute("INSERT INTO schema_migrations (version, name, applied_at) "
                                        "VALUES ($1, $2, extract(epoch FROM now()))", step.version, step.name)
             except asyncpg.LockNotAvailableError as exc:
                 raise JournalUnavailable(f"migration {step.label} could not lock its tables within "
-                                         f"{LOCK_TIMEOUT_MS / 1000:g} s (live transactions hold them); "
+                                         f"{lock_timeout_ms / 1000:g} s (live transactions hold them); "
                                          "nothing of it was applied, retry") from exc
             applied.append(step)
         return applied
