@@ -46,6 +46,7 @@ free-text field such as `merchant_reference`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -267,7 +268,11 @@ class PostgresStore:
         except _UNAVAILABLE_TYPES as exc:
             raise self._unavailable(exc) from exc
         finally:
-            await pool.release(conn)
+            # A connection that cannot be handed back cleanly (its command was cancelled by the
+            # timeout, its socket is dead) is terminated by the pool, which opens a fresh one on
+            # the next acquire; that must not replace the operation's own outcome.
+            with contextlib.suppress(*_UNAVAILABLE_TYPES, asyncpg.InterfaceError):
+                await pool.release(conn)
 
     async def ping(self) -> None:
         async with self._conn() as conn:
