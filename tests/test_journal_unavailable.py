@@ -13,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -23,10 +24,11 @@ from aiohttp.test_utils import TestClient
 
 from gateway.app import build_app
 from gateway.app_keys import JOURNAL_PROBE, STORE
-from gateway.config import GatewayConfig
+from gateway.certs.devca import DevCertLayout
+from gateway.config import ConfigError, GatewayConfig, parse_config
 from gateway.journal.postgres import PostgresStore
 from gateway.journal.store import JournalUnavailable
-from tests.conftest import AUTH, card_payment
+from tests.conftest import AUTH, card_payment, gateway_config_data
 from tests.netfault import TcpProxy
 from tests.test_store_contract import PG_DSN, payment, pg_schema
 
@@ -57,6 +59,31 @@ async def proxied_dsn(proxy: TcpProxy) -> AsyncIterator[str]:
 class Errors(list[str]):
     def __call__(self, kind: str) -> None:
         self.append(kind)
+
+
+# -- configuration ---------------------------------------------------------------------------------------
+
+
+def test_pool_settings_are_validated_with_their_field_path(tmp_path: Path, dev_certs: DevCertLayout,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATEWAY_PG_DSN", "postgresql://gateway:secret@127.0.0.1/gateway")
+    nowhere = {name: SimpleNamespace(url="https://127.0.0.1:1") for name in ("stripe", "adyen", "checkout")}
+    data = gateway_config_data(tmp_path, dev_certs, nowhere)  # type: ignore[arg-type]
+
+    def storage(**pool: Any) -> GatewayConfig:
+        return parse_config({**data, "storage": {"backend": "postgres", "postgres_pool": pool}})
+
+    assert storage(min_size=0, max_size=1).storage.postgres_pool.max_size == 1
+    with pytest.raises(ConfigError, match=r"^storage\.postgres_pool: min_size \(5\) must not exceed max_size \(2\)$"):
+        storage(min_size=5, max_size=2)
+    with pytest.raises(ConfigError, match=r"^storage\.postgres_pool\.acquire_timeout_s: Input should be greater than 0"):
+        storage(acquire_timeout_s=0)
+    with pytest.raises(ConfigError, match=r"^storage\.postgres_pool\.max_size: "):
+        storage(max_size=0)
+    with pytest.raises(ConfigError, match=r"^storage\.postgres_pool\.pool_size: Extra inputs are not permitted"):
+        storage(pool_size=3)
+    defaults = parse_config(data).storage
+    assert defaults.auto_migrate is True and defaults.start_wait_s == 30 and defaults.postgres_pool.max_size == 10
 
 
 # -- the store -----------------------------------------------------------------------------------------

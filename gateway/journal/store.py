@@ -26,8 +26,7 @@ cannot take the write now: answer 503 and let the caller retry), `StoreOverloade
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 import orjson
@@ -84,19 +83,26 @@ def payment_from_row(version: int, doc: bytes) -> PaymentRecord:
     return record
 
 
-@contextmanager
-def next_version(record: PaymentRecord) -> Iterator[int]:
+class next_version:  # noqa: N801 - used like a function: `with next_version(record) as expected:`
     """Around one conditional write: yields the version the row must still have, with
     `record.version` already the one the write stores (so the document agrees with the column),
     and puts it back when the write fails, so the caller's record still says what it read. (A
-    write cancelled in flight may still commit: the record then reads as stale, the safe side.)"""
-    expected = record.version
-    record.version = expected + 1
-    try:
-        yield expected
-    except BaseException:
-        record.version = expected
-        raise
+    write cancelled in flight may still commit: the record then reads as stale, the safe side.)
+    A class rather than a generator context manager: it is on every journal write's path."""
+
+    __slots__ = ("_record", "_expected")
+
+    def __init__(self, record: PaymentRecord) -> None:
+        self._record = record
+        self._expected = record.version
+
+    def __enter__(self) -> int:
+        self._record.version = self._expected + 1
+        return self._expected
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if exc_type is not None:
+            self._record.version = self._expected
 
 
 class Store(Protocol):
