@@ -1,9 +1,10 @@
 """The composition root: the aiohttp application and the lifetime of everything it owns.
 
 One `cleanup_ctx` generator per resource, in dependency order: the transaction log writer, the
-store (waited for at start, schema checked), its readiness probe, the transaction log's outbox (start-up re-emit of lines a crash kept from the file), the
-provider pool (one ClientSession each), breaker sync, the certificate watcher, the payment
-service, the reconciler, the console. aiohttp tears down in reverse and only what started. Every
+store (waited for at start, its schema checked), the journal's readiness probe, the transaction
+log's outbox (start-up re-emit of lines a crash kept from the file), the provider pool (one
+ClientSession each), breaker sync, the certificate watcher, the payment service, the
+reconciler, the console. aiohttp tears down in reverse and only what started. Every
 piece of state they share is an `AppKey` of `gateway.app_keys`; nothing below this module wires
 another module's objects together.
 """
@@ -204,8 +205,8 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
         yield
         await stop_task(task)
 
-    app.cleanup_ctx.extend([log_writer, store, journal_probe, transaction_log, providers, breaker_sync, certificates, service,
-                            reconciler])
+    app.cleanup_ctx.extend([log_writer, store, journal_probe, transaction_log, providers, breaker_sync, certificates,
+                            service, reconciler])
     payments.add_routes(app)
     health.add_routes(app)
     openapi.add_routes(app)

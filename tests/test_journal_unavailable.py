@@ -76,7 +76,7 @@ def test_pool_settings_are_validated_with_their_field_path(tmp_path: Path, dev_c
     assert storage(min_size=0, max_size=1).storage.postgres_pool.max_size == 1
     with pytest.raises(ConfigError, match=r"^storage\.postgres_pool: min_size \(5\) must not exceed max_size \(2\)$"):
         storage(min_size=5, max_size=2)
-    with pytest.raises(ConfigError, match=r"^storage\.postgres_pool\.acquire_timeout_s: Input should be greater than 0"):
+    with pytest.raises(ConfigError, match=r"^storage\.postgres_pool\.acquire_timeout_s: Input should be greater"):
         storage(acquire_timeout_s=0)
     with pytest.raises(ConfigError, match=r"^storage\.postgres_pool\.max_size: "):
         storage(max_size=0)
