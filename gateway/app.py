@@ -1,9 +1,10 @@
 """The composition root: the aiohttp application and the lifetime of everything it owns.
 
 One `cleanup_ctx` generator per resource, in dependency order: the transaction log writer, the
-store, the transaction log's outbox (start-up re-emit of lines a crash kept from the file), the
-provider pool (one ClientSession each), breaker sync, the certificate watcher, the payment
-service, the reconciler, the console. aiohttp tears down in reverse and only what started. Every
+store (waited for at start, its schema checked), the journal's readiness probe, the transaction
+log's outbox (start-up re-emit of lines a crash kept from the file), the provider pool (one
+ClientSession each), breaker sync, the certificate watcher, the payment service, the
+reconciler, the console. aiohttp tears down in reverse and only what started. Every
 piece of state they share is an `AppKey` of `gateway.app_keys`; nothing below this module wires
 another module's objects together.
 """
@@ -26,6 +27,7 @@ from gateway.app_keys import (
     BREAKER_SYNC,
     CERT_WATCHER,
     CONFIG,
+    JOURNAL_PROBE,
     LOG_WRITER,
     METRICS,
     OPS_LOG,
@@ -41,7 +43,9 @@ from gateway.config import GatewayConfig
 from gateway.console import setup_console
 from gateway.executor import AttemptExecutor
 from gateway.journal.postgres import PostgresStore
+from gateway.journal.probe import JournalProbe
 from gateway.journal.sqlite import SqliteStore
+from gateway.journal.startup import open_store
 from gateway.journal.store import Store
 from gateway.metrics import Metrics
 from gateway.orchestrator import PaymentService
@@ -57,10 +61,24 @@ from gateway.txlog.outbox import TransactionLog
 ABANDON_MARGIN_S = 5.0  # past its deadline plus this, an unanswered payment has lost its process
 
 
-def make_store(config: GatewayConfig) -> Store:
-    if config.storage.backend == "sqlite":
-        return SqliteStore(Path(config.storage.sqlite_path))
-    return PostgresStore(config.storage.postgres_dsn.get_secret_value())  # read from postgres_dsn_env at load
+def make_store(config: GatewayConfig, metrics: Metrics | None = None) -> Store:
+    storage = config.storage
+    if storage.backend == "sqlite":
+        return SqliteStore(Path(storage.sqlite_path), migrate=storage.auto_migrate)
+    pool = storage.postgres_pool
+    store = PostgresStore(
+        storage.postgres_dsn.get_secret_value(),  # read from postgres_dsn_env at load
+        min_size=pool.min_size, max_size=pool.max_size, acquire_timeout_s=pool.acquire_timeout_s,
+        command_timeout_s=pool.command_timeout_s, connect_timeout_s=pool.connect_timeout_s,
+        migrate=storage.auto_migrate,
+        on_acquire=metrics.journal_acquire.observe if metrics is not None else None,
+        on_error=(lambda kind: metrics.journal_errors.labels(kind).inc()) if metrics is not None else None,
+    )
+    if metrics is not None:  # read at each scrape
+        metrics.journal_pool_size.set_function(lambda: store.pool_stats().size)
+        metrics.journal_pool_in_use.set_function(lambda: store.pool_stats().in_use)
+        metrics.journal_pool_max.set_function(lambda: store.pool_stats().max_size)
+    return store
 
 
 def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBoundLogger | None = None,
@@ -85,11 +103,25 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
         await writer.aclose()
 
     async def store(app: web.Application) -> AsyncIterator[None]:
-        s = make_store(config)
-        await s.open()
+        s = make_store(config, app[METRICS])
+        # A PostgreSQL that is not up yet is waited for; a local SQLite file that cannot open will not come up.
+        await open_store(s, wait_s=config.storage.start_wait_s if config.storage.backend == "postgres" else 0,
+                         log=ops)
+        if s.migrated:
+            ops.info("journal_migrated", steps=[step.label for step in s.migrated])
         app[STORE] = s
         yield
         await s.close()
+
+    async def journal_probe(app: web.Application) -> AsyncIterator[None]:
+        metrics = app[METRICS]
+        probe = JournalProbe(app[STORE], interval_s=config.storage.probe_interval_s, log=ops,
+                             on_change=lambda ready: metrics.journal_ready.set(int(ready)))
+        metrics.journal_ready.set(1)
+        app[JOURNAL_PROBE] = probe
+        task = asyncio.create_task(probe.run_forever(), name="journal-probe")
+        yield
+        await stop_task(task)
 
     async def transaction_log(app: web.Application) -> AsyncIterator[None]:
         txlog = TransactionLog(app[LOG_WRITER], app[STORE], ops_log=ops)
@@ -123,8 +155,11 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
         if config.breaker_sync.backend == "none":
             yield
             return
+        metrics = app[METRICS]
         sync = RedisBreakerSync(config.breaker_sync.redis_url.get_secret_value(),
-                                config.breaker_sync.channel_prefix, log=ops)
+                                config.breaker_sync.channel_prefix, log=ops,
+                                on_error=lambda kind: metrics.breaker_sync_errors.labels(kind).inc())
+        metrics.breaker_sync_connected.set_function(lambda: float(sync.connected))
         await sync.start(handle.breaker for handle in app[POOL])
         app[BREAKER_SYNC] = sync
         yield
@@ -169,8 +204,8 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
         yield
         await stop_task(task)
 
-    app.cleanup_ctx.extend([log_writer, store, transaction_log, providers, breaker_sync, certificates, service,
-                            reconciler])
+    app.cleanup_ctx.extend([log_writer, store, journal_probe, transaction_log, providers, breaker_sync, certificates,
+                            service, reconciler])
     payments.add_routes(app)
     health.add_routes(app)
     openapi.add_routes(app)

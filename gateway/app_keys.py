@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from gateway.breaker_sync import RedisBreakerSync
     from gateway.certs.watcher import CertificateWatcher
     from gateway.config import GatewayConfig
+    from gateway.journal.probe import JournalProbe
     from gateway.console.routes import Console, ConsoleAssets
     from gateway.journal.store import Store
     from gateway.metrics import Metrics
@@ -34,6 +35,7 @@ METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 AUTH: web.AppKey[Authenticator] = web.AppKey("authenticator")
 LOG_WRITER: web.AppKey[JsonLinesWriter] = web.AppKey("log_writer")
 STORE: web.AppKey[Store] = web.AppKey("store")
+JOURNAL_PROBE: web.AppKey[JournalProbe] = web.AppKey("journal_probe")
 TRANSACTION_LOG: web.AppKey[TransactionLog] = web.AppKey("transaction_log")
 POOL: web.AppKey[ProviderPool] = web.AppKey("pool")
 BREAKER_SYNC: web.AppKey[RedisBreakerSync] = web.AppKey("breaker_sync")

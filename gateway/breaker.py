@@ -29,6 +29,7 @@ class ProviderFailure(Exception):
 
 
 StateListener = Callable[[str, str, str], None]  # provider, old, new
+HoldListener = Callable[[str, bool], None]  # provider, held (an operator's hold set or released)
 
 
 class _Listener(pybreaker.CircuitBreakerListener):
@@ -49,8 +50,10 @@ class ProviderBreaker:
     def __init__(self, provider: str, *, fail_max: int, reset_timeout_s: float) -> None:
         self.provider = provider
         self.listeners: list[StateListener] = []
+        self.hold_listeners: list[HoldListener] = []
         self.changed_at = time.time()
         self.held_open = False
+        self.hold_changed_at = 0.0
         self._cb = pybreaker.CircuitBreaker(
             fail_max=fail_max,
             reset_timeout=reset_timeout_s,
@@ -88,15 +91,28 @@ class ProviderBreaker:
         """Open now; `opened_at` (epoch seconds) lets the reset timeout run from an earlier trip,
         e.g. another replica's. pybreaker keeps that instant in its storage, with no setter.
         `hold` (an operator draining a provider for maintenance) keeps it open past the reset
-        timeout, with no trial call, until `force_close()`."""
+        timeout, with no trial call, until `force_close()`. Setting a hold is announced to the
+        hold listeners (breaker sync makes it the fleet's)."""
+        newly_held = hold and not self.held_open
         self.held_open = self.held_open or hold
         self._cb.open()
         if opened_at is not None:
             self._cb._state_storage.opened_at = datetime.fromtimestamp(opened_at, UTC)
+        if newly_held:
+            self._hold_changed(True)
 
     def force_close(self) -> None:
+        """Close now, releasing an operator's hold (announced to the hold listeners)."""
+        released = self.held_open
         self.held_open = False
         self._cb.close()
+        if released:
+            self._hold_changed(False)
+
+    def _hold_changed(self, held: bool) -> None:
+        self.hold_changed_at = time.time()
+        for listener in self.hold_listeners:
+            listener(self.provider, held)
 
 
 class _Guard:

@@ -1,28 +1,38 @@
-"""Breaker state shared across replicas through Redis (asyncio client, never the blocking one).
+"""Breaker state and operator holds shared across replicas through Redis (asyncio client, never
+the blocking one).
 
 pybreaker's `CircuitRedisStorage` would put a synchronous Redis round trip inside every breaker
 check on the event loop. Instead each replica keeps its own in-process breaker (the hot path
 stays a memory read) and the fleet converges by messages:
 
 - a listener on every `ProviderBreaker` turns a local transition to `open` or `closed` into a
-  message `{provider, state, opened_at, at, replica}`. pybreaker listeners are synchronous, so
-  the listener only puts it on a bounded queue (never blocks, drops and counts when full); one
-  publisher task sends them in order. Half-open is not shared: each replica's open breaker times
-  out from the same `opened_at` and admits its own single trial; the trial's result (closed, or
-  open again) is what gets shared.
-- one Lua script per change writes the message into a hash (`<prefix>:state`, one field per
-  provider, only if it is newer than what the hash holds) and publishes it on
-  `<prefix>:events`, atomically, so the hash and the channel never disagree.
+  message `{kind: state, provider, state, opened_at, at, replica}`. pybreaker listeners are
+  synchronous, so the listener only puts it on a bounded queue (never blocks, drops and counts
+  when full); one publisher task sends them in order. Half-open is not shared: each replica's
+  open breaker times out from the same `opened_at` and admits its own single trial; the trial's
+  result (closed, or open again) is what gets shared.
+- an operator's hold (the console's forced open: drained for maintenance, no trial calls) is
+  fleet state too: `{kind: hold, provider, held, at, replica}`. A hold holds on every replica
+  until an operator releases it (the console's forced close, on any replica), and it is kept in
+  Redis, so a replica started later, or restarted, holds it from its first request.
+- one Lua script per change writes the message into a hash (`<prefix>:state` or
+  `<prefix>:holds`, one field per provider, only if it is newer than what the hash holds) and
+  publishes it on `<prefix>:events`, atomically, so the hashes and the channel never disagree.
 - a subscriber applies other replicas' messages to the local breaker: open -> `force_open`
   (keeping the remote `opened_at`, so the reset timeout runs from the fleet's trip, not from
-  when this replica heard of it), closed -> `force_close`, without publishing them again.
-  A message older than the last change seen for that provider is ignored (last writer wins).
-- on start, and after every reconnect, the hash is read so a new replica starts with the
-  fleet's view. It subscribes first, then reads, so no change falls in between.
+  when this replica heard of it), closed -> `force_close` (unless held here), hold -> held open,
+  release -> closed, without publishing them again. A message older than the last change seen
+  of its kind for that provider is ignored (last writer wins).
+- on start, and after every reconnect, the replica subscribes, then republishes the newest
+  change it knows of each kind per provider (its own, or one it applied: a trip made while Redis
+  was down, or a Redis restarted empty, is shared once it is back; the script keeps whichever is
+  newer), then reads both hashes, so it holds the fleet's view and no change falls in between.
 
 Redis being down never stops payments, nor a replica's start: publishing retries a few times
-then gives up (logged), and the subscriber reconnects with capped backoff and re-reads the hash.
-Meanwhile each replica's breaker keeps working alone. A malformed URL still fails at start.
+then gives up (counted; the change is republished on reconnect), and the subscriber reconnects
+with capped backoff. Meanwhile each replica's breaker keeps working alone, and `/readyz` shows
+`breaker_sync` degraded (never not ready: Redis is optional). A malformed URL still fails at
+start.
 """
 
 from __future__ import annotations
@@ -32,7 +42,8 @@ import contextlib
 import os
 import secrets
 import socket
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
@@ -46,14 +57,17 @@ from gateway.tasks import stop_task
 OPEN = "open"
 CLOSED = "closed"
 _SHARED_STATES = (OPEN, CLOSED)
+STATE = "state"  # message kinds
+HOLD = "hold"
 _PUBLISH_TRIES = 3
+MAX_BACKOFF_S = 5.0
 
-# KEYS[1] state hash; ARGV: provider, message, its `at`, channel.
+# KEYS[1] state or holds hash; ARGV: provider, message, its `at`, channel.
 _PUBLISH_IF_NEWER = """
 local current = redis.call('HGET', KEYS[1], ARGV[1])
 if current then
   local ok, doc = pcall(cjson.decode, current)
-  if ok and type(doc) == 'table' and tonumber(doc['at']) and tonumber(doc['at']) > tonumber(ARGV[3]) then
+  if ok and type(doc) == 'table' and tonumber(doc['at']) and tonumber(doc['at']) >= tonumber(ARGV[3]) then
     return 0
   end
 end
@@ -64,26 +78,37 @@ return 1
 
 
 class RedisBreakerSync:
+    """`on_error(kind)` counts trouble for the metrics: `connection` (Redis unreachable, each
+    failed (re)subscription), `publish` (a change not sent after its retries), `dropped` (the
+    queue was full), `bad_message`."""
+
     def __init__(self, url: str, channel_prefix: str = "gateway:breaker", *, replica_id: str | None = None,
                  log: Any = None, queue_size: int = 1000, connect_timeout_s: float = 2.0,
-                 command_timeout_s: float = 5.0) -> None:
+                 command_timeout_s: float = 5.0, on_error: Callable[[str], None] | None = None) -> None:
         self._url = url
         self.channel = f"{channel_prefix}:events"
         self.state_key = f"{channel_prefix}:state"
+        self.holds_key = f"{channel_prefix}:holds"
+        self._keys = {STATE: self.state_key, HOLD: self.holds_key}
         self.replica_id = replica_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._log = log if log is not None else structlog.get_logger("gateway.breaker_sync")
         self._queue_size = queue_size
         self._connect_timeout_s = connect_timeout_s
         self._command_timeout_s = command_timeout_s
+        self._on_error = on_error
         self._breakers: dict[str, ProviderBreaker] = {}
-        self._listeners: dict[str, Any] = {}
-        self._last_at: dict[str, float] = {}
+        self._listeners: dict[str, tuple[Any, Any]] = {}
+        # (kind, provider) -> the newest change seen (made here or applied): its `at`, and itself
+        self._seen: dict[tuple[str, str], float] = {}
+        self._latest: dict[tuple[str, str], dict[str, Any]] = {}
         self._applying: str | None = None
         self._outbox: asyncio.Queue[dict[str, Any]] | None = None
         self._redis: aioredis.Redis | None = None
         self._pubsub: Any = None
         self._script: Any = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._unreachable_since: float | None = None
+        self._last_error: str | None = None
         self.published = 0
         self.applied = 0
         self.dropped = 0
@@ -97,10 +122,18 @@ class RedisBreakerSync:
         """Subscribed and holding the fleet's view (False while Redis is unreachable)."""
         return self._pubsub is not None
 
+    def health(self) -> dict[str, Any]:
+        """For `/readyz`: `ok`, or `degraded` with why and since when (epoch seconds)."""
+        if self.connected:
+            return {"status": "ok"}
+        return {"status": "degraded", "since": self._unreachable_since,
+                "reason": f"Redis unreachable ({self._last_error}): this replica's breakers and holds are its own "
+                          "until it reconnects"}
+
     # -- lifetime ------------------------------------------------------------------------------
 
     async def start(self, breakers: Iterable[ProviderBreaker]) -> None:
-        """Connect, subscribe, take the fleet's last known state, then listen and publish."""
+        """Connect, subscribe, take the fleet's last known state and holds, then listen and publish."""
         self._breakers = {b.provider: b for b in breakers}
         self._outbox = asyncio.Queue(maxsize=self._queue_size)
         self._redis = aioredis.from_url(self._url, socket_connect_timeout=self._connect_timeout_s,
@@ -111,23 +144,27 @@ class RedisBreakerSync:
                 await self._subscribe()
         except (RedisError, OSError, TimeoutError) as exc:
             # Redis is an optimisation, not a dependency: serve with local breakers, keep trying.
-            await self._drop_pubsub()
+            await self._lost(exc)
             self._log.warning("breaker_sync_unavailable", error=type(exc).__name__,
                               detail="starting with this replica's own breaker state; retrying in the background")
         except BaseException:
             await self._close_redis()
             raise
         for provider, breaker in self._breakers.items():
-            listener = self._listener_for(provider)
-            self._listeners[provider] = listener
-            breaker.listeners.append(listener)
+            on_state, on_hold = self._listeners_for(provider)
+            self._listeners[provider] = (on_state, on_hold)
+            breaker.listeners.append(on_state)
+            breaker.hold_listeners.append(on_hold)
         self._tasks = [asyncio.create_task(self._publisher(), name="breaker-sync-publisher"),
                        asyncio.create_task(self._subscriber(), name="breaker-sync-subscriber")]
 
     async def close(self, *, flush_timeout_s: float = 1.0) -> None:
-        for provider, listener in self._listeners.items():
+        for provider, (on_state, on_hold) in self._listeners.items():
+            breaker = self._breakers[provider]
             with contextlib.suppress(ValueError):
-                self._breakers[provider].listeners.remove(listener)
+                breaker.listeners.remove(on_state)
+            with contextlib.suppress(ValueError):
+                breaker.hold_listeners.remove(on_hold)
         self._listeners.clear()
         if self._outbox is not None and self._tasks:
             with contextlib.suppress(TimeoutError):  # bounded: a change not out by now stays unshared
@@ -149,35 +186,67 @@ class RedisBreakerSync:
             with contextlib.suppress(RedisError, OSError):
                 await pubsub.aclose()
 
+    async def _lost(self, exc: BaseException) -> None:
+        await self._drop_pubsub()
+        if self._unreachable_since is None:
+            self._unreachable_since = time.time()
+        self._last_error = type(exc).__name__
+        self._count("connection")
+
     async def _subscribe(self) -> None:
+        """Subscribe first, so no change falls between the snapshot and the stream; share what
+        this replica knows that Redis may have missed; then take the fleet's view."""
         assert self._redis is not None
-        self._pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
-        await self._pubsub.subscribe(self.channel)
-        snapshot = await self._redis.hgetall(self.state_key)
-        for raw in snapshot.values():
-            self._apply_raw(raw)
+        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(self.channel)
+            for message in list(self._latest.values()):
+                await self._send(message)
+            for key in self._keys.values():
+                snapshot = await self._redis.hgetall(key)
+                for raw in snapshot.values():
+                    self._apply_raw(raw)
+        except BaseException:
+            with contextlib.suppress(RedisError, OSError):
+                await pubsub.aclose()
+            raise
+        self._pubsub = pubsub
+        self._unreachable_since = self._last_error = None
+
+    def _count(self, kind: str) -> None:
+        if self._on_error is not None:
+            self._on_error(kind)
 
     # -- local changes -> Redis ------------------------------------------------------------------
 
-    def _listener_for(self, provider: str) -> Any:
-        def on_change(_provider: str, _old: str, new: str) -> None:
-            self._local_change(provider, new)
+    def _listeners_for(self, provider: str) -> tuple[Any, Any]:
+        def on_state(_provider: str, _old: str, new: str) -> None:
+            if new in _SHARED_STATES:
+                breaker = self._breakers[provider]
+                at = breaker.changed_at
+                self._local(provider, {"kind": STATE, "provider": provider, "state": new,
+                                       "opened_at": at if new == OPEN else None, "at": at})
 
-        return on_change
+        def on_hold(_provider: str, held: bool) -> None:
+            self._local(provider, {"kind": HOLD, "provider": provider, "held": held,
+                                   "at": self._breakers[provider].hold_changed_at})
 
-    def _local_change(self, provider: str, new: str) -> None:
-        """Called synchronously inside pybreaker: enqueue and return, never await or block."""
-        if self._applying == provider or new not in _SHARED_STATES or self._outbox is None:
-            return
-        at = self._breakers[provider].changed_at
-        self._last_at[provider] = at
-        message = {"provider": provider, "state": new, "opened_at": at if new == OPEN else None, "at": at,
-                   "replica": self.replica_id}
+        return on_state, on_hold
+
+    def _local(self, provider: str, message: dict[str, Any]) -> None:
+        """Called synchronously inside the breaker: enqueue and return, never await or block."""
+        if self._applying == provider or self._outbox is None:
+            return  # applying another replica's change: it is not ours to publish
+        message["replica"] = self.replica_id
+        seen = (message["kind"], provider)
+        self._seen[seen] = message["at"]
+        self._latest[seen] = message
         try:
             self._outbox.put_nowait(message)
         except asyncio.QueueFull:
             self.dropped += 1
-            self._log.warning("breaker_sync_dropped", provider=provider, state=new)
+            self._count("dropped")
+            self._log.warning("breaker_sync_dropped", provider=provider, kind=message["kind"])
 
     async def _publisher(self) -> None:
         assert self._outbox is not None
@@ -189,20 +258,24 @@ class RedisBreakerSync:
                 self._outbox.task_done()
 
     async def _publish(self, message: dict[str, Any]) -> None:
-        payload = orjson.dumps(message)
         for attempt in range(_PUBLISH_TRIES):
             try:
-                await self._script(keys=[self.state_key],
-                                   args=[message["provider"], payload, repr(message["at"]), self.channel])
+                await self._send(message)
                 self.published += 1
                 return
             except (RedisError, OSError) as exc:
                 if attempt + 1 == _PUBLISH_TRIES:
+                    # Not lost: it stays this replica's newest change, republished on reconnect.
                     self.publish_errors += 1
+                    self._count("publish")
                     self._log.warning("breaker_sync_publish_failed", provider=message["provider"],
-                                      state=message["state"], error=type(exc).__name__)
+                                      kind=message["kind"], error=type(exc).__name__)
                     return
                 await asyncio.sleep(0.05 * 2 ** attempt)
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        await self._script(keys=[self._keys[message["kind"]]],
+                           args=[message["provider"], orjson.dumps(message), repr(message["at"]), self.channel])
 
     # -- Redis -> local breakers ---------------------------------------------------------------
 
@@ -218,41 +291,49 @@ class RedisBreakerSync:
                 if message is not None and message.get("type") == "message":
                     self._apply_raw(message["data"])
             except (RedisError, OSError) as exc:
-                self._log.warning("breaker_sync_disconnected", error=type(exc).__name__, retry_in_s=backoff)
-                await self._drop_pubsub()
+                if self._pubsub is not None:
+                    self._log.warning("breaker_sync_disconnected", error=type(exc).__name__, retry_in_s=backoff)
+                await self._lost(exc)
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
 
     def _apply_raw(self, raw: bytes | str) -> None:
         try:
             message = orjson.loads(raw)
             self.apply(message)
         except (ValueError, KeyError, TypeError) as exc:
+            self._count("bad_message")
             self._log.warning("breaker_sync_bad_message", error=f"{type(exc).__name__}: {exc}")
 
     def apply(self, message: dict[str, Any]) -> None:
         """Apply another replica's change to the local breaker, without publishing it again."""
         if message.get("replica") == self.replica_id:
             return
+        kind = message.get("kind", STATE)  # a release before holds were shared sends no kind
         provider = message["provider"]
         breaker = self._breakers.get(provider)
-        state = message["state"]
-        if breaker is None or state not in _SHARED_STATES:
+        if breaker is None or kind not in self._keys or (kind == STATE and message["state"] not in _SHARED_STATES):
             return
         at = float(message["at"])
-        if at <= self._last_at.get(provider, 0.0):
+        if at <= self._seen.get((kind, provider), 0.0):
             return  # we have seen (or made) a newer change
-        self._last_at[provider] = at
+        self._seen[(kind, provider)] = at
+        self._latest[(kind, provider)] = message
         self._applying = provider
         try:
-            if state == OPEN:
+            if kind == HOLD:
+                if message["held"]:
+                    breaker.force_open(opened_at=at, hold=True)
+                elif breaker.held_open:
+                    breaker.force_close()
+            elif message["state"] == OPEN:
                 breaker.force_open(opened_at=float(message.get("opened_at") or at))
             elif breaker.held_open:
-                return  # an operator drained this provider here; another replica's trial does not undo it
+                return  # an operator holds this provider; only a release (a hold message) undoes it
             else:
                 breaker.force_close()
         finally:
             self._applying = None
         self.applied += 1
-        self._log.info("breaker_sync_applied", provider=provider, state=state, from_replica=message.get("replica"))
-
+        self._log.info("breaker_sync_applied", provider=provider, kind=kind,
+                       state=message.get("state"), held=message.get("held"), from_replica=message.get("replica"))

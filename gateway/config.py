@@ -68,11 +68,36 @@ class AuthConfig(_Model):
     clients: tuple[ClientKey, ...] = Field(min_length=1)
 
 
+class PostgresPoolConfig(_Model):
+    """Each replica process holds up to `max_size` connections: replicas x workers x max_size
+    must stay below the server's max_connections minus its reserve (README, scale-out)."""
+
+    min_size: int = Field(2, ge=0, le=500)
+    max_size: int = Field(10, ge=1, le=500)
+    acquire_timeout_s: float = Field(2.0, gt=0, le=60)  # no free connection by then: 503 journal_unavailable
+    command_timeout_s: float = Field(5.0, gt=0, le=300)
+    connect_timeout_s: float = Field(5.0, gt=0, le=60)
+
+    @model_validator(mode="after")
+    def _sizes(self) -> Self:
+        if self.min_size > self.max_size:
+            raise ValueError(f"min_size ({self.min_size}) must not exceed max_size ({self.max_size})")
+        return self
+
+
 class StorageConfig(_Model):
     backend: Literal["sqlite", "postgres"] = "sqlite"
     sqlite_path: Path = Path("data/gateway.db")
     postgres_dsn_env: str = "GATEWAY_PG_DSN"
+    postgres_pool: PostgresPoolConfig = PostgresPoolConfig()
     idempotency_retention_h: float = Field(24.0, gt=0)
+    # Apply pending schema migrations at start (PostgreSQL: under an advisory lock, the first
+    # replica does it). false: refuse to start until `gateway db migrate` has run.
+    auto_migrate: bool = True
+    # PostgreSQL: how long start-up waits (retrying with backoff) for a database that is down.
+    start_wait_s: float = Field(30.0, ge=0, le=3600)
+    # How often /readyz's journal probe checks that the journal takes writes.
+    probe_interval_s: float = Field(2.0, gt=0, le=60)
     _postgres_dsn: SecretStr | None = PrivateAttr(None)
 
     @model_validator(mode="after")

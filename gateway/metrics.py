@@ -36,6 +36,25 @@ class Metrics:
             "Payments for which a status query found more than one charge", ["provider"], registry=r)
         self.reconciled = Counter("gateway_reconciled_total", "Payments settled by the reconciler", ["status"],
                                   registry=r)
+        # The journal (gateway.journal): readiness probe, and the PostgreSQL pool.
+        self.journal_ready = Gauge("gateway_journal_ready", "1 while the journal takes writes (readiness probe)",
+                                   registry=r)
+        self.journal_errors = Counter("gateway_journal_errors_total", "Journal operations that found it unavailable",
+                                      ["kind"], registry=r)
+        self.journal_pool_size = Gauge("gateway_journal_pool_connections", "PostgreSQL connections open",
+                                       registry=r)
+        self.journal_pool_in_use = Gauge("gateway_journal_pool_in_use", "PostgreSQL connections in use", registry=r)
+        self.journal_pool_max = Gauge("gateway_journal_pool_max_connections", "PostgreSQL pool maximum size",
+                                      registry=r)
+        self.journal_acquire = Histogram("gateway_journal_pool_acquire_seconds",
+                                         "Wait for a PostgreSQL pool connection",
+                                         buckets=(.0001, .0005, .001, .005, .01, .05, .1, .5, 1, 2.5, 5), registry=r)
+        # Breaker state shared through Redis (gateway.breaker_sync): optional, so degraded, never unready.
+        self.breaker_sync_connected = Gauge("gateway_breaker_sync_connected",
+                                            "1 while subscribed to the fleet's breaker state in Redis", registry=r)
+        self.breaker_sync_errors = Counter("gateway_breaker_sync_errors_total",
+                                           "Breaker sync trouble (disconnect, publish, dropped, bad_message)",
+                                           ["kind"], registry=r)
 
     def breaker_changed(self, provider: str, _old: str, new: str) -> None:
         self.breaker_state.labels(provider).set(BREAKER_STATES.get(new, -1))

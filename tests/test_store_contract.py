@@ -7,6 +7,10 @@ do not skip.
 
 Atomicity is shown with the databases' own triggers: a trigger that refuses one payment write
 makes the statement fail for real, and the test checks that nothing of it was committed.
+
+The fleet contract (one writer per payment, one owner per background job) is shown here with
+two stores on one database in one process; tests/test_store_processes.py shows it again with
+real processes.
 """
 
 from __future__ import annotations
@@ -31,10 +35,12 @@ from gateway.journal.records import (
     ClaimKind,
     IdempotencyClaim,
     IdempotentAnswer,
+    OutboxLine,
     PaymentRecord,
     StoredResponse,
 )
 from gateway.journal.sqlite import SqliteStore
+from gateway.journal.store import StaleWrite
 from domain.outcome import PaymentStatus
 
 PG_DSN = os.environ.get("GATEWAY_TEST_PG_DSN", "postgresql://gateway:gateway@127.0.0.1:5432/gateway_test")
@@ -386,3 +392,242 @@ async def test_store_survives_reopen(backend: Backend) -> None:
 
     assert (await backend.store.get_payment(record.id)) is not None
     assert (await claim(backend.store, k, resource=record.id)).kind is ClaimKind.IN_FLIGHT
+
+
+# -- conditional updates: one writer per payment ----------------------------------------------------
+
+
+async def test_first_write_is_version_1_and_each_write_bumps_it(backend: Backend) -> None:
+    record = payment()
+    await backend.store.save_payment(record)
+    assert record.version == 1
+    record.status = PaymentStatus.APPROVED
+    await backend.store.save_payment(record)
+
+    got = await backend.store.get_payment(record.id)
+    assert record.version == 2
+    assert got is not None and got.version == 2 and got.status is PaymentStatus.APPROVED
+    assert [r.version for r in await backend.store.unresolved_payments()] == []
+
+
+async def test_two_readers_both_write_the_second_is_stale_and_the_row_keeps_the_first(backend: Backend) -> None:
+    replica = backend.new_store()
+    await replica.open()
+    try:
+        record = payment()
+        await backend.store.save_payment(record)
+        mine, theirs = await backend.store.get_payment(record.id), await replica.get_payment(record.id)
+        assert mine is not None and theirs is not None and mine.version == theirs.version == 1
+
+        mine.status, mine.provider = PaymentStatus.APPROVED, "stripe"
+        await backend.store.save_payment(mine)
+        theirs.status, theirs.error_code = PaymentStatus.FAILED, "interrupted_before_provider_call"
+        with pytest.raises(StaleWrite) as stale:
+            await replica.save_payment(theirs)
+    finally:
+        await replica.close()
+
+    assert stale.value.payment_id == record.id
+    assert theirs.version == 1  # still what it read: the caller re-reads and decides again
+    got = await backend.store.get_payment(record.id)
+    assert got is not None and (got.status, got.provider, got.error_code, got.version) == (
+        PaymentStatus.APPROVED, "stripe", None, 2)
+
+
+async def test_concurrent_writers_of_one_read_have_exactly_one_winner(backend: Backend) -> None:
+    replica = backend.new_store()
+    await replica.open()
+    try:
+        record = payment()
+        await backend.store.save_payment(record)
+        readers = [await (backend.store if i % 2 else replica).get_payment(record.id) for i in range(10)]
+        for i, r in enumerate(readers):
+            assert r is not None
+            r.merchant_reference = f"writer-{i}"
+        results = await asyncio.gather(*((backend.store if i % 2 else replica).save_payment(r)
+                                         for i, r in enumerate(readers)), return_exceptions=True)
+    finally:
+        await replica.close()
+
+    winners = [i for i, result in enumerate(results) if result is None]
+    assert len(winners) == 1 and all(isinstance(r, StaleWrite) for r in results if r is not None)
+    got = await backend.store.get_payment(record.id)
+    assert got is not None and got.merchant_reference == f"writer-{winners[0]}" and got.version == 2
+
+
+async def test_a_stale_write_writes_neither_the_answer_nor_the_outbox_line(backend: Backend) -> None:
+    k = key()
+    record = payment()
+    assert (await claim(backend.store, k, resource=record.id, record=record)).kind is ClaimKind.NEW
+    assert record.version == 1  # the claim is the payment's first write
+    stale = await backend.store.get_payment(record.id)
+    assert stale is not None
+    record.status = PaymentStatus.ATTEMPTING
+    await backend.store.save_payment(record)
+    stale.status = PaymentStatus.APPROVED
+    line = OutboxLine("log-stale", b'{"payment": "stale"}\n', owner="me")
+
+    with pytest.raises(StaleWrite):
+        await backend.store.save_payment(stale, IdempotentAnswer(SCOPE, k, StoredResponse(201, b"approved")), line)
+
+    got = await backend.store.get_payment(record.id)
+    assert got is not None and got.status is PaymentStatus.ATTEMPTING
+    assert (await claim(backend.store, k, resource=record.id)).kind is ClaimKind.IN_FLIGHT
+    assert await backend.store.claim_outbox("me", own_before=float("inf"), any_before=float("inf"),
+                                            now=float("inf"), lease_until=time.time() + 60) == []
+    # the same write from a fresh read goes through, all three parts of it
+    fresh = await backend.store.get_payment(record.id)
+    assert fresh is not None
+    fresh.status = PaymentStatus.APPROVED
+    await backend.store.save_payment(fresh, IdempotentAnswer(SCOPE, k, StoredResponse(201, b"approved")), line)
+    assert (await claim(backend.store, k, resource=record.id)).kind is ClaimKind.REPLAY
+    assert [x.log_id for x in await backend.store.claim_outbox(
+        "me", own_before=float("inf"), any_before=float("inf"), now=float("inf"),
+        lease_until=time.time() + 60)] == ["log-stale"]
+
+
+async def test_a_new_record_for_a_journalled_id_is_stale_and_claims_nothing(backend: Backend) -> None:
+    original = payment("pay_taken")
+    await backend.store.save_payment(original)
+    twin = payment("pay_taken", country="NL")
+    k = key()
+
+    with pytest.raises(StaleWrite):
+        await backend.store.save_payment(twin)
+    with pytest.raises(StaleWrite):
+        await claim(backend.store, k, resource=twin.id, record=twin)
+
+    assert twin.version == 0
+    got = await backend.store.get_payment("pay_taken")
+    assert got is not None and got.country is None and got.version == 1
+    # the failed claim left the key free
+    assert (await claim(backend.store, k, resource="pay_other")).kind is ClaimKind.NEW
+
+
+async def test_a_claim_that_finds_the_key_held_leaves_the_record_new(backend: Backend) -> None:
+    k = key()
+    assert (await claim(backend.store, k, resource="pay_first")).kind is ClaimKind.NEW
+    copy = payment()
+
+    assert (await claim(backend.store, k, resource=copy.id, record=copy)).kind is ClaimKind.IN_FLIGHT
+    assert copy.version == 0
+
+
+async def test_sqlite_stale_write_fails_only_its_own_operation_in_a_group_commit(tmp_path: Path) -> None:
+    """Ops queued while the writer waits for the file's write lock run as one batch, one
+    transaction: the stale one is rolled back to its savepoint, its neighbours commit."""
+    path = tmp_path / "journal.db"
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        record, other = payment(), payment()
+        await store.save_payment(record)
+        first, second = await store.get_payment(record.id), await store.get_payment(record.id)
+        assert first is not None and second is not None
+        first.status, second.status = PaymentStatus.APPROVED, PaymentStatus.DECLINED
+
+        blocker = sqlite3.connect(path, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")  # another process holding the write lock
+        batches = store.batches
+        parked = asyncio.ensure_future(store.ping())  # the writer takes it, then waits for the lock
+        await asyncio.sleep(0.05)
+        results = asyncio.gather(store.save_payment(first), store.save_payment(second), store.save_payment(other),
+                                 return_exceptions=True)
+        await asyncio.sleep(0.05)
+        blocker.execute("COMMIT")
+        blocker.close()
+        await parked
+        outcome = await results
+    finally:
+        await store.close()
+
+    assert store.batches == batches + 2, "the three writes were one batch"
+    assert outcome[0] is None and isinstance(outcome[1], StaleWrite) and outcome[2] is None
+    await store.open()
+    try:
+        got, got_other = await store.get_payment(record.id), await store.get_payment(other.id)
+    finally:
+        await store.close()
+    assert got is not None and got.status is PaymentStatus.APPROVED and got.version == 2
+    assert got_other is not None and got_other.version == 1
+
+
+# -- follow-up claims ---------------------------------------------------------------------------------
+
+
+async def test_follow_up_claim_has_one_holder_across_replicas(backend: Backend) -> None:
+    replica = backend.new_store()
+    await replica.open()
+    try:
+        assert await backend.store.claim_follow_up("pay_f", "req-a", 60) is True
+        assert await replica.claim_follow_up("pay_f", "req-b", 60) is False
+        assert await backend.store.claim_follow_up("pay_f", "req-a", 60) is True  # its own: renewed
+        assert await replica.claim_follow_up("pay_g", "req-b", 60) is True  # claims are per payment
+        await replica.release_follow_up("pay_f", "req-b")  # not its claim: nothing happens
+        assert await replica.claim_follow_up("pay_f", "req-b", 60) is False
+
+        await backend.store.release_follow_up("pay_f", "req-a")
+        assert await replica.claim_follow_up("pay_f", "req-b", 60) is True
+    finally:
+        await replica.close()
+
+
+async def test_follow_up_claim_of_a_dead_holder_is_taken_over_after_its_lease(backend: Backend) -> None:
+    many = await asyncio.gather(*(backend.store.claim_follow_up("pay_f", f"req-{i}", 0.2) for i in range(8)))
+    assert sum(many) == 1
+    assert await backend.store.claim_follow_up("pay_f", "req-late", 60) is False
+
+    await asyncio.sleep(0.3)  # the holder died: nobody renews or releases its claim
+
+    assert await backend.store.claim_follow_up("pay_f", "req-late", 60) is True
+    holder = many.index(True)
+    await backend.store.release_follow_up("pay_f", f"req-{holder}")  # the dead holder's late release
+    assert await backend.store.claim_follow_up("pay_f", "req-other", 60) is False
+
+
+# -- leases on unresolved payments -----------------------------------------------------------------------
+
+
+async def test_replicas_leasing_together_split_the_unresolved_rows(backend: Backend) -> None:
+    base = time.time() - 100
+    rows = [payment(status=PaymentStatus.PENDING, updated_at=base + i) for i in range(30)]
+    for record in rows:
+        await backend.store.save_payment(record)
+    await backend.store.save_payment(payment(status=PaymentStatus.APPROVED))
+    replicas = [backend.new_store() for _ in range(2)]
+    for replica in replicas:
+        await replica.open()
+    try:
+        leased = await asyncio.gather(*(store.lease_unresolved(f"replica-{i}", 60, limit=20)
+                                        for i, store in enumerate([backend.store, *replicas])))
+        again = await backend.store.lease_unresolved("replica-0", 60)
+        others = await replicas[0].lease_unresolved("replica-1", 60)
+    finally:
+        for replica in replicas:
+            await replica.close()
+
+    ids = [[r.id for r in batch] for batch in leased]
+    assert sorted(sum(ids, [])) == sorted(r.id for r in rows), "every row leased exactly once"
+    for batch in leased:
+        assert [r.updated_at for r in batch] == sorted(r.updated_at for r in batch)
+    assert [r.id for r in again] == ids[0], "the owner renews its own rows"
+    assert [r.id for r in others] == ids[1]
+
+
+async def test_a_dead_replicas_lease_expires_and_a_lease_is_not_a_write(backend: Backend) -> None:
+    record = payment(status=PaymentStatus.PENDING)
+    await backend.store.save_payment(record)
+    [leased] = await backend.store.lease_unresolved("dead-replica", 0.2)
+    assert await backend.store.lease_unresolved("live-replica", 60) == []
+
+    await asyncio.sleep(0.3)
+    [taken] = await backend.store.lease_unresolved("live-replica", 60)
+
+    assert taken.id == record.id and taken.version == leased.version == 1
+    # the lease did not move the version: the request that still holds the record may write it
+    record.status = PaymentStatus.APPROVED
+    await backend.store.save_payment(record)
+    assert await backend.store.lease_unresolved("live-replica", 60) == []  # settled: nothing to lease
+    taken.status = PaymentStatus.FAILED
+    with pytest.raises(StaleWrite):  # and the lease holder's write from its old read is stale
+        await backend.store.save_payment(taken)

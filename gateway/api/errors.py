@@ -1,7 +1,8 @@
 """Every error the API answers has one shape: `{code, message, field}` with a fitting status.
 
 Handlers raise `ApiError`; the middleware renders it, and turns anything unexpected into a 500
-that names no internals, so a bad request can never crash the worker.
+that names no internals, so a bad request can never crash the worker. A journal that cannot
+take the request's write (`JournalUnavailable`) is a 503 the caller may retry, not a 500.
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ import structlog
 from aiohttp import web
 from pydantic import ValidationError
 
+from gateway.journal.store import JournalUnavailable
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+JOURNAL_RETRY_AFTER_S = "2"  # about one readiness probe: by then the load balancer knows
 
 
 class ApiError(Exception):
@@ -59,6 +63,10 @@ def error_middleware(log: structlog.typing.FilteringBoundLogger) -> Callable[[we
                 code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
                 return ApiError(exc.status, code, exc.reason).response()
             raise
+        except JournalUnavailable as exc:
+            log.warning("journal_unavailable", path=request.path, reason=str(exc))
+            return ApiError(503, "journal_unavailable", "the payment journal is unavailable; retry shortly",
+                            headers={"Retry-After": JOURNAL_RETRY_AFTER_S}).response()
         except Exception as exc:
             log.exception("unhandled_error", path=request.path, error=type(exc).__name__)
             return ApiError(500, "internal_error", "the gateway failed to process this request").response()

@@ -13,12 +13,15 @@ import typer
 
 from gateway.analysis.commands import logs_app
 from gateway.cli.certs import certs_app
+from gateway.cli.db import db_app
 from gateway.cli.errors import fail, load_or_exit
 from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.journal.store import JournalUnavailable, SchemaMismatch
 from gateway.cli.preflight import preflight
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Payment-resilience gateway.")
 app.add_typer(certs_app, name="certs")
+app.add_typer(db_app, name="db")
 app.add_typer(logs_app, name="logs")
 app.command()(preflight)
 
@@ -77,6 +80,8 @@ def _serve_one(cfg: GatewayConfig, *, reuse_port: bool) -> None:
                     ssl_context=ssl_ctx,
                     shutdown_timeout=cfg.server.shutdown_grace_s, access_log=None, reuse_port=reuse_port,
                     loop=_new_loop(), print=lambda msg: typer.echo(msg, err=True))
+    except (JournalUnavailable, SchemaMismatch) as exc:  # already one line that says what to do
+        raise fail(str(exc)) from None
     except OSError as exc:
         raise fail(f"cannot serve on {cfg.server.host}:{cfg.server.port}: {exc.strerror}") from None
 

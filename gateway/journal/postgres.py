@@ -7,12 +7,24 @@ Same contract as `SqliteStore`, statement for statement:
   only when the claim row came back. One statement is one transaction, so the claim and the
   journal row commit together or not at all, and the unique key makes the claim atomic across
   replicas: a concurrent claimer blocks on the row until the first commits, then finds it held.
+  The payment row is a plain INSERT at version 1: an id already journalled aborts the whole
+  statement (`StaleWrite`), claim included.
   Only when the key is held do we read what it holds (a second statement; if the record vanished
   in between, released or purged, the claim is tried again, a bounded number of times).
-- `save_payment` with an answer is one statement too (the payment upsert as a CTE, the answer
-  as the main UPDATE), so a replay can never disagree with the journal.
-- `save_payment` with an outbox line adds the line's insert as one more CTE of that statement, so
-  the transaction-log line commits with the final journal row (`gateway.txlog.outbox`).
+- `save_payment` is one statement: the conditional payment write (`UPDATE ... WHERE id AND
+  version`, or the first `INSERT ... ON CONFLICT DO NOTHING`) as a CTE that returns the row it
+  wrote, and the key's answer and the outbox line as further CTEs that only act when it did.
+  A stale write changes nothing and is `StaleWrite`. Under READ COMMITTED a second writer of the
+  same row waits for the first to commit, then re-checks the version on the new row and finds
+  it moved: exactly one of two concurrent writers from the same read wins, on any replica.
+- `save_payment` with an outbox line thereby commits the transaction-log line with the final
+  journal row (`gateway.txlog.outbox`); with an answer, a replay can never disagree with it.
+- `lease_unresolved` and the outbox claim pick rows with `FOR UPDATE SKIP LOCKED`: a row another
+  replica is leasing right now is its own; follow-up claims are an upsert that takes over only an
+  expired lease. Lease times are the server's clock.
+- Trouble reaching or writing the database (down, restarting, read-only, out of connections, a
+  command timeout, no pool connection within the acquire timeout) is `JournalUnavailable`, mapped
+  from asyncpg's errors here and nowhere else; a bad statement stays what it is.
 - Durable on return: every connection runs with `synchronous_commit = on`, so a statement
   returns only after its commit record is flushed to the WAL on disk.
 
@@ -23,6 +35,9 @@ point is made durable by the same fsync (`commit_delay`/`commit_siblings` can wi
 With many payments in flight on the pool's connections, one fsync serves many of them, so there
 is no application-level batching here: each operation is its own short transaction.
 
+The schema is versioned (`gateway.journal.schema`): `open` reads the version and runs DDL only
+when the database is behind, under an advisory lock, and only with `migrate`.
+
 Documents are stored as BYTEA holding the same orjson bytes as the SQLite store, not JSONB:
 no parse on the hot path, and JSONB rejects a NUL character that a caller may legally send in a
 free-text field such as `merchant_reference`.
@@ -31,12 +46,15 @@ free-text field such as `merchant_reference`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
-import orjson
 
 from gateway.journal.records import (
     ClaimKind,
@@ -47,50 +65,59 @@ from gateway.journal.records import (
     PaymentRecord,
     StoredResponse,
 )
-from gateway.journal.store import UNRESOLVED_STATUSES, StoreOverloaded, payment_row
+from gateway.journal.schema import Migration, postgres_prepare
+from gateway.journal.store import (
+    UNRESOLVED_STATUSES,
+    JournalUnavailable,
+    StaleWrite,
+    next_version,
+    payment_from_row,
+    payment_row,
+)
 
 _UNRESOLVED_SQL = "(" + ", ".join(f"'{s}'" for s in UNRESOLVED_STATUSES) + ")"
 _IN_FLIGHT = IdempotencyState.IN_FLIGHT.value
 _DONE = IdempotencyState.DONE.value
-_SCHEMA_LOCK = 0x6761_7465_7761_79  # pg_advisory_xact_lock key: replicas starting together create the schema once
 _CLAIM_TRIES = 5
+_NOW = "extract(epoch FROM now())::float8"  # the server's clock: replicas agree on when leases end
 
-SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS payments (
-    id TEXT PRIMARY KEY,
-    status TEXT NOT NULL,
-    created_at DOUBLE PRECISION NOT NULL,
-    updated_at DOUBLE PRECISION NOT NULL,
-    doc BYTEA NOT NULL
-);
-CREATE INDEX IF NOT EXISTS payments_unresolved ON payments (updated_at) WHERE status IN {_UNRESOLVED_SQL};
-CREATE TABLE IF NOT EXISTS idempotency (
-    scope TEXT NOT NULL,
-    key TEXT NOT NULL,
-    fingerprint TEXT NOT NULL,
-    resource_id TEXT NOT NULL,
-    state TEXT NOT NULL,
-    status INTEGER,
-    body BYTEA,
-    created_at DOUBLE PRECISION NOT NULL,
-    expires_at DOUBLE PRECISION NOT NULL,
-    PRIMARY KEY (scope, key)
-);
-CREATE INDEX IF NOT EXISTS idempotency_expiry ON idempotency (expires_at);
-CREATE INDEX IF NOT EXISTS idempotency_resource ON idempotency (resource_id);
-CREATE TABLE IF NOT EXISTS outbox (
-    log_id TEXT COLLATE "C" PRIMARY KEY,
-    owner TEXT NOT NULL,
-    created_at DOUBLE PRECISION NOT NULL,
-    claimed_until DOUBLE PRECISION,
-    line BYTEA NOT NULL
-);
-"""
-
-_UPSERT_PAYMENT = (
-    "INSERT INTO payments (id, status, created_at, updated_at, doc) VALUES ($1, $2, $3, $4, $5) "
-    "ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, updated_at = EXCLUDED.updated_at, doc = EXCLUDED.doc"
+# asyncpg errors that say the journal cannot take work now, by the metric label they count under.
+# Anything else (a bad statement, a constraint) is a bug or a real refusal and stays as it is.
+_UNAVAILABLE: tuple[tuple[type[BaseException], str], ...] = (
+    (asyncpg.ReadOnlySQLTransactionError, "read_only"),  # a standby, or a read-only session
+    (asyncpg.QueryCanceledError, "timeout"),  # statement_timeout, or cancelled by an operator
+    (TimeoutError, "timeout"),  # the pool's command timeout
+    (asyncpg.InsufficientResourcesError, "server_resources"),  # too many connections, disk full
+    (asyncpg.OperatorInterventionError, "connection"),  # shutting down, starting up, crashed
+    (asyncpg.PostgresConnectionError, "connection"),
+    (OSError, "connection"),  # refused, reset, unreachable
 )
+_UNAVAILABLE_TYPES = tuple(t for t, _ in _UNAVAILABLE)
+
+_INSERT_JOURNAL = ("INSERT INTO payments (id, status, created_at, updated_at, doc, version) "
+                   "VALUES ($1, $2, $3, $4, $5, 1) ON CONFLICT (id) DO NOTHING RETURNING 1")
+_UPDATE_JOURNAL = ("UPDATE payments SET status = $2, updated_at = $3, doc = $4, version = $5 + 1 "
+                   "WHERE id = $1 AND version = $5 RETURNING 1")
+
+
+def _save_statement(journal: str, answer: bool, line: bool) -> str:
+    """The conditional payment write ($1..$5), then the key's answer (4 parameters) and the
+    outbox line (4 more), each acting only when the payment write did: one statement."""
+    ctes = [f"journal AS ({journal})"]
+    n = 6
+    if answer:
+        ctes.append(f"answer AS (UPDATE idempotency SET state = '{_DONE}', status = ${n + 2}, body = ${n + 3} "
+                    f"WHERE scope = ${n} AND key = ${n + 1} AND EXISTS (SELECT 1 FROM journal))")
+        n += 4
+    if line:
+        ctes.append(f"line AS (INSERT INTO outbox (log_id, owner, created_at, line) "
+                    f"SELECT ${n}, ${n + 1}, ${n + 2}, ${n + 3} WHERE EXISTS (SELECT 1 FROM journal))")
+    return "WITH " + ",\n".join(ctes) + "\nSELECT count(*) FROM journal"
+
+
+# (first write, with answer, with outbox line) -> statement
+_SAVE = {(first, answer, line): _save_statement(_INSERT_JOURNAL if first else _UPDATE_JOURNAL, answer, line)
+         for first in (True, False) for answer in (False, True) for line in (False, True)}
 
 # $1 scope, $2 key, $3 fingerprint, $4 resource_id, $5 now, $6 expires_at
 _CLAIM_CTE = f"""
@@ -104,30 +131,38 @@ WITH claim AS (
     RETURNING 1
 )"""
 _CLAIM = _CLAIM_CTE + "\nSELECT count(*) FROM claim"
-# ... and, in the same statement, the payment row ($7..$11) when the claim was won.
+# ... and, in the same statement, the payment row ($7..$11) at version 1 when the claim was won.
 _CLAIM_WITH_RECORD = _CLAIM_CTE + """, journal AS (
-    INSERT INTO payments (id, status, created_at, updated_at, doc)
-    SELECT $7, $8, $9, $10, $11 WHERE EXISTS (SELECT 1 FROM claim)
-    ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, updated_at = EXCLUDED.updated_at, doc = EXCLUDED.doc
+    INSERT INTO payments (id, status, created_at, updated_at, doc, version)
+    SELECT $7, $8, $9, $10, $11, 1 WHERE EXISTS (SELECT 1 FROM claim)
 )
 SELECT count(*) FROM claim"""
+# ... or the existing payment row, still at version $12, moved to its next version (a follow-up).
+_CLAIM_WITH_UPDATE = _CLAIM_CTE + """, journal AS (
+    UPDATE payments SET status = $8, updated_at = $10, doc = $11, version = $12 + 1
+    WHERE id = $7 AND version = $12 AND EXISTS (SELECT 1 FROM claim) RETURNING 1
+)
+SELECT (SELECT count(*) FROM claim) AS claimed, (SELECT count(*) FROM journal) AS journalled"""
 
 _HELD = ("SELECT fingerprint, resource_id, state, status, body, expires_at FROM idempotency "
          "WHERE scope = $1 AND key = $2")
 
-# $1..$5 the payment row, $6 scope, $7 key, $8 status, $9 body
-_SAVE_WITH_ANSWER = f"""
-WITH journal AS ({_UPSERT_PAYMENT})
-UPDATE idempotency SET state = '{_DONE}', status = $8, body = $9 WHERE scope = $6 AND key = $7"""
-# ... and the transaction's log line into the outbox ($10 log_id, $11 owner, $12 created_at, $13 line)
-_SAVE_WITH_ANSWER_AND_LINE = f"""
-WITH journal AS ({_UPSERT_PAYMENT}),
-outbox AS (INSERT INTO outbox (log_id, owner, created_at, line) VALUES ($10, $11, $12, $13))
-UPDATE idempotency SET state = '{_DONE}', status = $8, body = $9 WHERE scope = $6 AND key = $7"""
-# $1..$5 the payment row, $6..$9 the outbox line
-_SAVE_WITH_LINE = f"""
-WITH journal AS ({_UPSERT_PAYMENT})
-INSERT INTO outbox (log_id, owner, created_at, line) VALUES ($6, $7, $8, $9)"""
+# $1 owner, $2 lease_s, $3 limit. SKIP LOCKED: a row another replica is leasing right now is its own.
+_LEASE_UNRESOLVED = f"""
+UPDATE payments SET lease_owner = $1, lease_until = {_NOW} + $2::float8 WHERE id IN (
+    SELECT id FROM payments WHERE status IN {_UNRESOLVED_SQL}
+        AND (lease_until IS NULL OR lease_until <= {_NOW} OR lease_owner = $1)
+    ORDER BY updated_at LIMIT $3 FOR UPDATE SKIP LOCKED)
+RETURNING version, doc, updated_at"""
+
+# $1 payment_id, $2 owner, $3 lease_s: free, expired, or already this owner's.
+_CLAIM_FOLLOW_UP = f"""
+INSERT INTO follow_up_claims AS held (payment_id, owner, lease_until) VALUES ($1, $2, {_NOW} + $3::float8)
+ON CONFLICT (payment_id) DO UPDATE SET owner = EXCLUDED.owner, lease_until = EXCLUDED.lease_until
+    WHERE held.lease_until <= {_NOW} OR held.owner = EXCLUDED.owner
+RETURNING 1"""
+
+_WRITABLE = "SELECT NOT pg_is_in_recovery() AND NOT current_setting('transaction_read_only')::bool"
 
 # $1 owner, $2 own_before, $3 any_before, $4 now, $5 lease_until, $6 after, $7 limit. SKIP LOCKED:
 # a row another replica is claiming right now is its to write. log_id collates "C" (code points, as
@@ -140,32 +175,56 @@ UPDATE outbox SET claimed_until = $5 WHERE log_id IN (
 RETURNING log_id, owner, created_at, line"""
 
 
+@dataclass(frozen=True, slots=True)
+class PoolStats:
+    size: int  # connections open now
+    in_use: int
+    max_size: int
+
+
 class PostgresStore:
-    def __init__(self, dsn: str, *, min_size: int = 2, max_size: int = 10, acquire_timeout_s: float = 5.0,
-                 command_timeout_s: float = 10.0, connect_timeout_s: float = 5.0) -> None:
+    """`migrate`: apply pending schema steps at open, under the advisory lock
+    (`storage.auto_migrate`); else refuse a database that is behind. `on_acquire(wait_s)` and
+    `on_error(kind)` feed the metrics: how long each operation waited for a pool connection, and
+    each `JournalUnavailable` by cause (`pool_exhausted`, `connection`, `timeout`, `read_only`,
+    `server_resources`)."""
+
+    def __init__(self, dsn: str, *, min_size: int = 2, max_size: int = 10, acquire_timeout_s: float = 2.0,
+                 command_timeout_s: float = 5.0, connect_timeout_s: float = 5.0, migrate: bool = True,
+                 on_acquire: Callable[[float], None] | None = None,
+                 on_error: Callable[[str], None] | None = None) -> None:
         self._dsn = dsn
+        self._where = dsn_location(dsn)
         self._min_size = min_size
         self._max_size = max_size
         self._acquire_timeout_s = acquire_timeout_s
         self._command_timeout_s = command_timeout_s
         self._connect_timeout_s = connect_timeout_s
+        self._migrate = migrate
+        self._on_acquire = on_acquire
+        self._on_error = on_error
         self._pool: asyncpg.Pool | None = None
+        self.migrated: list[Migration] = []  # the schema steps the last open applied
 
     def __repr__(self) -> str:  # never the DSN: it holds the password
-        return f"PostgresStore(min_size={self._min_size}, max_size={self._max_size})"
+        return f"PostgresStore({self._where}, min_size={self._min_size}, max_size={self._max_size})"
 
     async def open(self) -> None:
-        pool = await asyncpg.create_pool(
-            self._dsn, min_size=self._min_size, max_size=self._max_size, timeout=self._connect_timeout_s,
-            command_timeout=self._command_timeout_s,
-            server_settings={"synchronous_commit": "on", "application_name": "payment-gateway"},
-        )
         try:
-            async with pool.acquire(timeout=self._acquire_timeout_s) as conn, conn.transaction():
-                await conn.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK)
-                await conn.execute(SCHEMA)
-        except BaseException:
-            await pool.close()
+            pool = await asyncpg.create_pool(
+                self._dsn, min_size=self._min_size, max_size=self._max_size, timeout=self._connect_timeout_s,
+                command_timeout=self._command_timeout_s,
+                server_settings={"synchronous_commit": "on", "application_name": "payment-gateway"},
+            )
+        except _UNAVAILABLE_TYPES as exc:
+            raise self._unavailable(exc) from exc
+        try:
+            async with pool.acquire(timeout=self._acquire_timeout_s) as conn:
+                self.migrated = await postgres_prepare(conn, migrate=self._migrate)
+        except BaseException as exc:
+            pool.terminate()
+            if isinstance(exc, _UNAVAILABLE_TYPES):
+                raise self._unavailable(exc) from exc
             raise
         self._pool = pool
 
@@ -178,44 +237,98 @@ class PostgresStore:
         except TimeoutError:
             pool.terminate()
 
+    def pool_stats(self) -> PoolStats:
+        if self._pool is None:
+            return PoolStats(0, 0, self._max_size)
+        size = self._pool.get_size()
+        return PoolStats(size, size - self._pool.get_idle_size(), self._max_size)
+
+    def _unavailable(self, exc: BaseException) -> JournalUnavailable:
+        kind = next(label for cls, label in _UNAVAILABLE if isinstance(exc, cls))
+        if self._on_error is not None:
+            self._on_error(kind)
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        if not detail:
+            detail = "command timed out" if kind == "timeout" else type(exc).__name__
+        return JournalUnavailable(f"PostgreSQL {self._where}: {detail}")
+
     @asynccontextmanager
     async def _conn(self) -> AsyncIterator[asyncpg.Connection]:
-        if self._pool is None:
+        pool = self._pool
+        if pool is None:
             raise RuntimeError("store is not open")
+        started = time.perf_counter()
         try:
-            conn = await self._pool.acquire(timeout=self._acquire_timeout_s)
+            conn = await pool.acquire(timeout=self._acquire_timeout_s)
         except TimeoutError:
-            raise StoreOverloaded("no journal connection free within the acquire timeout") from None
+            if self._on_error is not None:
+                self._on_error("pool_exhausted")
+            raise JournalUnavailable(f"PostgreSQL {self._where}: no pool connection free within "
+                                     f"{self._acquire_timeout_s:g} s (all {self._max_size} in use)") from None
+        except _UNAVAILABLE_TYPES as exc:
+            raise self._unavailable(exc) from exc
+        if self._on_acquire is not None:
+            self._on_acquire(time.perf_counter() - started)
         try:
             yield conn
+        except _UNAVAILABLE_TYPES as exc:
+            raise self._unavailable(exc) from exc
         finally:
-            await self._pool.release(conn)
+            # A connection that cannot be handed back cleanly (its command was cancelled by the
+            # timeout, its socket is dead) is terminated by the pool, which opens a fresh one on
+            # the next acquire; that must not replace the operation's own outcome.
+            with contextlib.suppress(*_UNAVAILABLE_TYPES, asyncpg.InterfaceError):
+                await pool.release(conn)
+
+    async def ping(self) -> None:
+        async with self._conn() as conn:
+            writable = await conn.fetchval(_WRITABLE)
+        if not writable:
+            if self._on_error is not None:
+                self._on_error("read_only")
+            raise JournalUnavailable(f"PostgreSQL {self._where}: read-only (a standby, or a read-only session)")
 
     # -- payments ------------------------------------------------------------------------------
 
     async def save_payment(self, record: PaymentRecord, answer: IdempotentAnswer | None = None,
                            outbox: OutboxLine | None = None) -> None:
-        args: tuple[Any, ...] = payment_row(record)
-        if answer is None:
-            sql = _UPSERT_PAYMENT if outbox is None else _SAVE_WITH_LINE
-        else:
-            sql = _SAVE_WITH_ANSWER if outbox is None else _SAVE_WITH_ANSWER_AND_LINE
-            args += (answer.scope, answer.key, answer.response.status, answer.response.body)
-        if outbox is not None:
-            args += (outbox.log_id, outbox.owner, outbox.created_at, outbox.line)
-        async with self._conn() as conn:
-            await conn.execute(sql, *args)
+        with next_version(record) as expected:
+            payment_id, status, created_at, updated_at, doc = payment_row(record)
+            args: tuple[Any, ...] = ((payment_id, status, created_at, updated_at, doc) if expected == 0
+                                     else (payment_id, status, updated_at, doc, expected))
+            if answer is not None:
+                args += (answer.scope, answer.key, answer.response.status, answer.response.body)
+            if outbox is not None:
+                args += (outbox.log_id, outbox.owner, outbox.created_at, outbox.line)
+            async with self._conn() as conn:
+                written = await conn.fetchval(_SAVE[expected == 0, answer is not None, outbox is not None], *args)
+            if not written:
+                raise StaleWrite(payment_id)
 
     async def get_payment(self, payment_id: str) -> PaymentRecord | None:
         async with self._conn() as conn:
-            doc = await conn.fetchval("SELECT doc FROM payments WHERE id = $1", payment_id)
-        return PaymentRecord.from_doc(orjson.loads(doc)) if doc is not None else None
+            row = await conn.fetchrow("SELECT version, doc FROM payments WHERE id = $1", payment_id)
+        return payment_from_row(row["version"], row["doc"]) if row is not None else None
 
     async def unresolved_payments(self, limit: int = 500) -> list[PaymentRecord]:
         async with self._conn() as conn:
             rows = await conn.fetch(
-                f"SELECT doc FROM payments WHERE status IN {_UNRESOLVED_SQL} ORDER BY updated_at LIMIT $1", limit)
-        return [PaymentRecord.from_doc(orjson.loads(r[0])) for r in rows]
+                f"SELECT version, doc FROM payments WHERE status IN {_UNRESOLVED_SQL} ORDER BY updated_at LIMIT $1",
+                limit)
+        return [payment_from_row(r["version"], r["doc"]) for r in rows]
+
+    async def lease_unresolved(self, owner: str, lease_s: float, limit: int = 500) -> list[PaymentRecord]:
+        async with self._conn() as conn:
+            rows = await conn.fetch(_LEASE_UNRESOLVED, owner, lease_s, limit)
+        return [payment_from_row(r["version"], r["doc"]) for r in sorted(rows, key=lambda r: r["updated_at"])]
+
+    async def claim_follow_up(self, payment_id: str, owner: str, lease_s: float) -> bool:
+        async with self._conn() as conn:
+            return await conn.fetchval(_CLAIM_FOLLOW_UP, payment_id, owner, lease_s) is not None
+
+    async def release_follow_up(self, payment_id: str, owner: str) -> None:
+        async with self._conn() as conn:
+            await conn.execute("DELETE FROM follow_up_claims WHERE payment_id = $1 AND owner = $2", payment_id, owner)
 
     # -- idempotency ---------------------------------------------------------------------------
 
@@ -224,9 +337,37 @@ class PostgresStore:
         record: PaymentRecord | None = None,
     ) -> IdempotencyClaim:
         args: tuple[Any, ...] = (scope, key, fingerprint, resource_id, now, expires_at)
-        sql = _CLAIM
-        if record is not None:
-            sql, args = _CLAIM_WITH_RECORD, args + payment_row(record)
+        if record is None:
+            return await self._claim(_CLAIM, args, resource_id)
+        with next_version(record) as expected:
+            if expected == 0:
+                try:
+                    claim = await self._claim(_CLAIM_WITH_RECORD, args + payment_row(record), resource_id)
+                except asyncpg.UniqueViolationError as exc:
+                    if exc.constraint_name != "payments_pkey":
+                        raise
+                    raise StaleWrite(record.id) from exc
+            else:
+                claim = await self._claim_with_update(args + payment_row(record) + (expected,), record.id,
+                                                      resource_id)
+        if claim.kind is not ClaimKind.NEW:
+            record.version -= 1  # the key was held: nothing of the record was written
+        return claim
+
+    async def _claim_with_update(self, args: tuple[Any, ...], payment_id: str, resource_id: str) -> IdempotencyClaim:
+        """The key claim and a conditional update of the existing payment row, in one
+        transaction: a row another writer moved on since it was read undoes the claim."""
+        async with self._conn() as conn:
+            async with conn.transaction():
+                row = await conn.fetchrow(_CLAIM_WITH_UPDATE, *args)
+                if row["claimed"] and not row["journalled"]:
+                    raise StaleWrite(payment_id)  # rolls the claim back with the transaction
+            if row["claimed"]:
+                return IdempotencyClaim(ClaimKind.NEW, resource_id)
+        return await self._claim(_CLAIM, args[:6], resource_id)  # the key is held: say by what
+
+    async def _claim(self, sql: str, args: tuple[Any, ...], resource_id: str) -> IdempotencyClaim:
+        scope, key, fingerprint, now = args[0], args[1], args[2], args[4]
         async with self._conn() as conn:
             for _ in range(_CLAIM_TRIES):
                 if await conn.fetchval(sql, *args):
@@ -281,3 +422,14 @@ class PostgresStore:
                       key=lambda line: line.log_id)
 
 
+def dsn_location(dsn: str) -> str:
+    """host:port/database of a URL DSN, for messages: never the user or password."""
+    try:
+        parts = urlsplit(dsn)
+        host = parts.hostname or "localhost"
+        port = parts.port or 5432
+    except ValueError:
+        return "(unparsable DSN)"
+    if parts.scheme not in ("postgres", "postgresql"):
+        return "(DSN)"
+    return f"{host}:{port}{parts.path or ''}"

@@ -83,6 +83,8 @@ class PaymentRecord:
     duplicate_charge_suspected: bool = False
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
+    # The row's version for conditional updates (gateway.journal.store): 0 until first journalled.
+    version: int = 0
 
     def to_doc(self) -> dict[str, Any]:
         return asdict(self)

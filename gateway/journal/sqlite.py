@@ -6,9 +6,18 @@ failure does not sink its neighbours), commits once — one fsync for many payme
 the event loop once per batch. `save_payment` therefore returns only after its row is on disk,
 yet a busy gateway pays one fsync per batch, not per payment.
 
+Conditional updates cost nothing extra: a payment write is the same primary-key UPDATE with
+`AND version = ?` added, and a stale one raises `StaleWrite` inside its own savepoint, so only
+that operation fails and its neighbours in the batch commit. Each batch is one `BEGIN IMMEDIATE`
+transaction: workers of `serve --workers N` sharing the file serialise on its write lock, which
+makes versions, follow-up claims and reconciler leases hold across processes too.
+
 The `outbox` table holds transaction-log lines committed with their final journal row and not
 yet on disk in the log file (`gateway.txlog.outbox`): an insert rides in the payment's own
 operation, and the deletes of a whole flushed batch of lines are one operation.
+
+The schema is versioned (`gateway.journal.schema`): opening checks it and, with `migrate`,
+applies pending steps under the write lock.
 """
 
 from __future__ import annotations
@@ -17,11 +26,11 @@ import asyncio
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-import orjson
 
 from gateway.journal.records import (
     ClaimKind,
@@ -32,64 +41,50 @@ from gateway.journal.records import (
     PaymentRecord,
     StoredResponse,
 )
-from gateway.journal.store import UNRESOLVED_STATUSES, StoreOverloaded, payment_row
+from gateway.journal.schema import Migration, sqlite_prepare
+from gateway.journal.store import (
+    UNRESOLVED_STATUSES,
+    JournalUnavailable,
+    StaleWrite,
+    StoreOverloaded,
+    next_version,
+    payment_from_row,
+    payment_row,
+)
 
 T = TypeVar("T")
 _STOP = object()
 _UNRESOLVED = UNRESOLVED_STATUSES
-
-SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS payments (
-    id TEXT PRIMARY KEY,
-    status TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    doc BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS payments_unresolved ON payments (updated_at)
-    WHERE status IN {_UNRESOLVED!r};
-CREATE TABLE IF NOT EXISTS idempotency (
-    scope TEXT NOT NULL,
-    key TEXT NOT NULL,
-    fingerprint TEXT NOT NULL,
-    resource_id TEXT NOT NULL,
-    state TEXT NOT NULL,
-    status INTEGER,
-    body BLOB,
-    created_at REAL NOT NULL,
-    expires_at REAL NOT NULL,
-    PRIMARY KEY (scope, key)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS idempotency_expiry ON idempotency (expires_at);
-CREATE INDEX IF NOT EXISTS idempotency_resource ON idempotency (resource_id);
-CREATE TABLE IF NOT EXISTS outbox (
-    log_id TEXT PRIMARY KEY,
-    owner TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    claimed_until REAL,
-    line BLOB NOT NULL
-);
-"""
-
+_Row = tuple[str, str, float, float, bytes]
 
 
 class SqliteStore:
-    def __init__(self, path: Path, *, queue_size: int = 10_000, max_batch: int = 512) -> None:
+    """`migrate`: apply pending schema steps at open (`storage.auto_migrate`); else refuse to
+    open a database that is behind this code."""
+
+    def __init__(self, path: Path, *, queue_size: int = 10_000, max_batch: int = 512, migrate: bool = True) -> None:
         self.path = path
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
         self._max_batch = max_batch
+        self._migrate = migrate
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.batches = 0
         self.operations = 0
+        self.migrated: list[Migration] = []  # the schema steps the last open applied
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._loop = asyncio.get_running_loop()
         ready: asyncio.Future[None] = self._loop.create_future()
-        self._thread = threading.Thread(target=self._run, args=(ready,), name="sqlite-journal", daemon=True)
-        self._thread.start()
-        await ready
+        thread = threading.Thread(target=self._run, args=(ready,), name="sqlite-journal", daemon=True)
+        thread.start()
+        try:
+            await ready
+        except BaseException:
+            await asyncio.to_thread(thread.join)
+            raise
+        self._thread = thread
 
     async def close(self) -> None:
         if self._thread is None:
@@ -98,14 +93,22 @@ class SqliteStore:
         await asyncio.to_thread(self._thread.join)
         self._thread = None
 
+    async def ping(self) -> None:
+        # An empty operation still takes the write lock and commits: the journal takes writes now.
+        await self._submit(lambda conn: None)
+
     # -- the writer thread -------------------------------------------------------------------
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")  # each commit is on disk before callers resume
-        conn.execute("PRAGMA busy_timeout=5000")
-        conn.executescript(SCHEMA)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")  # each commit is on disk before callers resume
+            conn.execute("PRAGMA busy_timeout=5000")
+            self.migrated = sqlite_prepare(conn, migrate=self._migrate)
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     def _run(self, ready: asyncio.Future[None]) -> None:
@@ -113,7 +116,7 @@ class SqliteStore:
         try:
             conn = self._connect()
         except Exception as exc:  # surface start-up failure to open()
-            self._loop.call_soon_threadsafe(_settle, [(ready, None, exc)])
+            self._loop.call_soon_threadsafe(_settle, [(ready, None, _unavailable(self.path, exc))])
             return
         self._loop.call_soon_threadsafe(_settle, [(ready, None, None)])
         stopping = False
@@ -148,7 +151,8 @@ class SqliteStore:
         except sqlite3.Error as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            return [(fut, None, exc) for _fn, fut in batch]
+            error = _unavailable(self.path, exc)
+            return [(fut, None, error) for _fn, fut in batch]
         self.batches += 1
         self.operations += len(batch)
         return results
@@ -167,33 +171,59 @@ class SqliteStore:
 
     async def save_payment(self, record: PaymentRecord, answer: IdempotentAnswer | None = None,
                            outbox: OutboxLine | None = None) -> None:
-        row = payment_row(record)
+        with next_version(record) as expected:
+            row = payment_row(record)
 
-        def op(conn: sqlite3.Connection) -> None:
-            conn.execute(_UPSERT_PAYMENT, row)
-            if answer is not None:
-                _store_answer(conn, answer.scope, answer.key, answer.response)
-            if outbox is not None:
-                conn.execute(_INSERT_OUTBOX, (outbox.log_id, outbox.owner, outbox.created_at, outbox.line))
+            def op(conn: sqlite3.Connection) -> None:
+                _write_payment(conn, row, expected)
+                if answer is not None:
+                    _store_answer(conn, answer.scope, answer.key, answer.response)
+                if outbox is not None:
+                    conn.execute(_INSERT_OUTBOX, (outbox.log_id, outbox.owner, outbox.created_at, outbox.line))
 
-        await self._submit(op)
+            await self._submit(op)
 
     async def get_payment(self, payment_id: str) -> PaymentRecord | None:
-        def op(conn: sqlite3.Connection) -> bytes | None:
-            row = conn.execute("SELECT doc FROM payments WHERE id = ?", (payment_id,)).fetchone()
-            return row[0] if row else None
+        def op(conn: sqlite3.Connection) -> tuple[int, bytes] | None:
+            return conn.execute("SELECT version, doc FROM payments WHERE id = ?", (payment_id,)).fetchone()
 
-        doc = await self._submit(op)
-        return PaymentRecord.from_doc(orjson.loads(doc)) if doc is not None else None
+        row = await self._submit(op)
+        return payment_from_row(*row) if row is not None else None
 
     async def unresolved_payments(self, limit: int = 500) -> list[PaymentRecord]:
-        def op(conn: sqlite3.Connection) -> list[bytes]:
-            rows = conn.execute(
-                f"SELECT doc FROM payments WHERE status IN {_UNRESOLVED!r} ORDER BY updated_at LIMIT ?", (limit,)
+        def op(conn: sqlite3.Connection) -> list[tuple[int, bytes]]:
+            return conn.execute(
+                f"SELECT version, doc FROM payments WHERE status IN {_UNRESOLVED!r} ORDER BY updated_at LIMIT ?",
+                (limit,),
             ).fetchall()
-            return [r[0] for r in rows]
 
-        return [PaymentRecord.from_doc(orjson.loads(d)) for d in await self._submit(op)]
+        return [payment_from_row(*row) for row in await self._submit(op)]
+
+    async def lease_unresolved(self, owner: str, lease_s: float, limit: int = 500) -> list[PaymentRecord]:
+        def op(conn: sqlite3.Connection) -> list[tuple[str, int, bytes]]:
+            # One BEGIN IMMEDIATE transaction: no other process can lease in between.
+            now = time.time()
+            rows = conn.execute(
+                f"SELECT id, version, doc FROM payments WHERE status IN {_UNRESOLVED!r} "
+                "AND (lease_until IS NULL OR lease_until <= ? OR lease_owner = ?) ORDER BY updated_at LIMIT ?",
+                (now, owner, limit),
+            ).fetchall()
+            conn.executemany("UPDATE payments SET lease_owner = ?, lease_until = ? WHERE id = ?",
+                             [(owner, now + lease_s, r[0]) for r in rows])
+            return rows
+
+        return [payment_from_row(version, doc) for _id, version, doc in await self._submit(op)]
+
+    async def claim_follow_up(self, payment_id: str, owner: str, lease_s: float) -> bool:
+        def op(conn: sqlite3.Connection) -> bool:
+            now = time.time()
+            return conn.execute(_CLAIM_FOLLOW_UP, (payment_id, owner, now + lease_s, now)).rowcount == 1
+
+        return await self._submit(op)
+
+    async def release_follow_up(self, payment_id: str, owner: str) -> None:
+        await self._submit(lambda conn: conn.execute(
+            "DELETE FROM follow_up_claims WHERE payment_id = ? AND owner = ?", (payment_id, owner)))
 
     # -- idempotency ---------------------------------------------------------------------------
 
@@ -201,9 +231,7 @@ class SqliteStore:
         self, scope: str, key: str, fingerprint: str, resource_id: str, now: float, expires_at: float,
         record: PaymentRecord | None = None,
     ) -> IdempotencyClaim:
-        new_row = payment_row(record) if record is not None else None
-
-        def op(conn: sqlite3.Connection) -> IdempotencyClaim:
+        def op(conn: sqlite3.Connection, new_row: _Row | None, expected: int = 0) -> IdempotencyClaim:
             row = conn.execute(
                 "SELECT fingerprint, resource_id, state, status, body, expires_at FROM idempotency "
                 "WHERE scope = ? AND key = ?",
@@ -221,10 +249,17 @@ class SqliteStore:
                 (scope, key, fingerprint, resource_id, IdempotencyState.IN_FLIGHT.value, now, expires_at),
             )
             if new_row is not None:
-                conn.execute(_UPSERT_PAYMENT, new_row)
+                _write_payment(conn, new_row, expected)  # a StaleWrite here rolls the claim back with it
             return IdempotencyClaim(ClaimKind.NEW, resource_id)
 
-        return await self._submit(op)
+        if record is None:
+            return await self._submit(lambda conn: op(conn, None))
+        with next_version(record) as expected:
+            new_row = payment_row(record)
+            claim = await self._submit(lambda conn: op(conn, new_row, expected))
+        if claim.kind is not ClaimKind.NEW:
+            record.version -= 1  # the key was held: nothing of the record was written
+        return claim
 
     async def complete_idempotency(self, scope: str, key: str, response: StoredResponse) -> None:
         await self._submit(lambda conn: _store_answer(conn, scope, key, response))
@@ -279,10 +314,36 @@ class SqliteStore:
 
 _INSERT_OUTBOX = "INSERT INTO outbox (log_id, owner, created_at, line) VALUES (?, ?, ?, ?)"
 
-_UPSERT_PAYMENT = (
-    "INSERT INTO payments (id, status, created_at, updated_at, doc) VALUES (?, ?, ?, ?, ?) "
-    "ON CONFLICT (id) DO UPDATE SET status = excluded.status, updated_at = excluded.updated_at, doc = excluded.doc"
+_INSERT_PAYMENT = ("INSERT INTO payments (id, status, created_at, updated_at, doc, version) VALUES (?, ?, ?, ?, ?, 1) "
+                   "ON CONFLICT (id) DO NOTHING")
+_UPDATE_PAYMENT = ("UPDATE payments SET status = ?, updated_at = ?, doc = ?, version = ? "
+                   "WHERE id = ? AND version = ?")
+
+# ?1 payment_id, ?2 owner, ?3 lease_until, ?4 now: free, expired, or already this owner's.
+_CLAIM_FOLLOW_UP = (
+    "INSERT INTO follow_up_claims (payment_id, owner, lease_until) VALUES (?1, ?2, ?3) "
+    "ON CONFLICT (payment_id) DO UPDATE SET owner = excluded.owner, lease_until = excluded.lease_until "
+    "WHERE follow_up_claims.lease_until <= ?4 OR follow_up_claims.owner = excluded.owner"
 )
+
+
+def _write_payment(conn: sqlite3.Connection, row: _Row, expected: int) -> None:
+    """The conditional write: insert at version 1, or update the row still at `expected`."""
+    if expected == 0:
+        changed = conn.execute(_INSERT_PAYMENT, row).rowcount
+    else:
+        payment_id, status, _created_at, updated_at, doc = row
+        changed = conn.execute(_UPDATE_PAYMENT, (status, updated_at, doc, expected + 1, payment_id, expected)).rowcount
+    if changed != 1:
+        raise StaleWrite(row[0])
+
+
+def _unavailable(path: Path, exc: BaseException) -> BaseException:
+    """A database that cannot be opened, locked or written (busy past the timeout, disk full or
+    failing, a directory where the file should be) is unavailable; anything else is itself."""
+    if isinstance(exc, sqlite3.OperationalError):
+        return JournalUnavailable(f"SQLite journal {path}: {exc}")
+    return exc
 
 
 def _store_answer(conn: sqlite3.Connection, scope: str, key: str, response: StoredResponse) -> None:

@@ -1,9 +1,33 @@
-"""The store interface the service depends on; SQLite embeds it, PostgreSQL scales it out."""
+"""The store interface the service depends on; SQLite embeds it, PostgreSQL scales it out.
+
+The fleet contract (DESIGN rule 4: one writer per payment, one owner per background job, never
+a stale overwrite), the same for both backends and for any number of processes on one database:
+
+- **Conditional updates.** Every payment row carries a `version`. The first write of a payment
+  (the front door's claim, or `save_payment` of a record at version 0) inserts it at version 1;
+  every later `save_payment` is `UPDATE ... WHERE id = ? AND version = ?` and bumps it. A record
+  read before someone else wrote the row fails with `StaleWrite` and changes nothing (not the
+  row, not the key's answer, not the outbox): the caller re-reads and decides again. On success
+  the caller's `record.version` is the stored one, so it can keep writing the same object.
+- **Follow-up claims.** `claim_follow_up` is a per-payment lease in the database: whichever
+  process a second capture, void or refund of the same payment reaches, it finds the claim held.
+  A claim whose holder died expires after its lease.
+- **Leases for background work.** `lease_unresolved` hands each unresolved row to one owner for
+  a lease: replicas reconciling together split the orphans instead of settling each twice; a
+  dead replica's rows are taken over when its lease runs out.
+
+Lease times are the store's own clock (PostgreSQL's for the shared database, so replicas with
+skewed clocks still agree on when a lease ends).
+
+Typed failures a caller can act on: `StaleWrite` (re-read), `JournalUnavailable` (the database
+cannot take the write now: answer 503 and let the caller retry), `StoreOverloaded` (shed load),
+`SchemaMismatch` (this code and the database disagree on the schema: refuse to start).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import orjson
 
@@ -16,6 +40,9 @@ from gateway.journal.records import (
 )
 from domain.outcome import PaymentStatus
 
+if TYPE_CHECKING:
+    from gateway.journal.schema import Migration
+
 # What the reconciler owns: payments without a final answer, and follow-ups without one.
 UNRESOLVED_STATUSES = tuple(s.value for s in (
     PaymentStatus.RECEIVED, PaymentStatus.ATTEMPTING, PaymentStatus.PENDING,
@@ -26,37 +53,120 @@ class StoreOverloaded(Exception):
     """The journal cannot take more work now: shed load rather than queue without bound."""
 
 
+class StaleWrite(Exception):
+    """The payment row changed since this record was read (another request, replica or the
+    reconciler wrote it): nothing was written. Re-read the payment and decide again."""
+
+    def __init__(self, payment_id: str) -> None:
+        super().__init__(f"payment {payment_id} was changed by another writer since it was read")
+        self.payment_id = payment_id
+
+
+class JournalUnavailable(Exception):
+    """The journal cannot be reached or written right now (database down, restarting or read-only,
+    no pool connection free, a command timed out). Retryable: the API answers 503. A write that
+    failed this way may or may not have committed; the row's version tells a later reader."""
+
+
+class SchemaMismatch(Exception):
+    """The database's schema version is not the one this code was built for (older, and not to be
+    migrated here; or newer). The message is one line saying what to do."""
+
+
 def payment_row(record: PaymentRecord) -> tuple[str, str, float, float, bytes]:
     """The columns every backend stores: id, status and times for the indexes, the document."""
     return (record.id, record.status.value, record.created_at, record.updated_at, orjson.dumps(record))
 
 
+def payment_from_row(version: int, doc: bytes) -> PaymentRecord:
+    """A stored row as a record. The version column is the truth: rows written before versions
+    existed have none in their document."""
+    record = PaymentRecord.from_doc(orjson.loads(doc))
+    record.version = version
+    return record
+
+
+class next_version:  # noqa: N801 - used like a function: `with next_version(record) as expected:`
+    """Around one conditional write: yields the version the row must still have, with
+    `record.version` already the one the write stores (so the document agrees with the column),
+    and puts it back when the write fails, so the caller's record still says what it read. (A
+    write cancelled in flight may still commit: the record then reads as stale, the safe side.)
+    A class rather than a generator context manager: it is on every journal write's path."""
+
+    __slots__ = ("_record", "_expected")
+
+    def __init__(self, record: PaymentRecord) -> None:
+        self._record = record
+        self._expected = record.version
+
+    def __enter__(self) -> int:
+        self._record.version = self._expected + 1
+        return self._expected
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if exc_type is not None:
+            self._record.version = self._expected
+
+
 class Store(Protocol):
-    async def open(self) -> None: ...
+    migrated: list[Migration]  # the schema steps the last `open` applied (none: it ran no DDL)
+
+    async def open(self) -> None:
+        """Connect and check the schema version (migrating first where allowed). Raises
+        `SchemaMismatch` or `JournalUnavailable`; never runs DDL on an up-to-date database."""
+        ...
 
     async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """One cheap round trip that proves the journal takes writes now (readiness probe);
+        raises `JournalUnavailable` otherwise."""
+        ...
 
     async def save_payment(self, record: PaymentRecord, answer: IdempotentAnswer | None = None,
                            outbox: OutboxLine | None = None) -> None:
         """Durable on return: callers rely on the row being on disk before a provider call.
-        With `answer`, the key's stored answer is written in the same transaction, so a
-        replay can never disagree with the journal. With `outbox`, the transaction's log line
-        is stored in the outbox in that same transaction (a `log_id` already in the outbox is
-        an error), so a crash before the line reaches the log file cannot lose it."""
+        Conditional: raises `StaleWrite` (and writes nothing) when the row is no longer at
+        `record.version`, or already exists for a record at version 0; on success
+        `record.version` is the new version. With `answer`, the key's stored answer is written
+        in the same transaction, so a replay can never disagree with the journal. With
+        `outbox`, the transaction's log line is stored in the outbox in that same transaction
+        (a `log_id` already in the outbox is an error), so a crash before the line reaches the
+        log file cannot lose it."""
         ...
 
     async def get_payment(self, payment_id: str) -> PaymentRecord | None: ...
 
     async def unresolved_payments(self, limit: int = 500) -> list[PaymentRecord]:
-        """Payments the reconciler owns: received, attempting or pending, or with a follow-up pending."""
+        """Payments the reconciler owns: received, attempting or pending, or with a follow-up
+        pending; oldest update first."""
+        ...
+
+    async def lease_unresolved(self, owner: str, lease_s: float, limit: int = 500) -> list[PaymentRecord]:
+        """Like `unresolved_payments`, but each returned row is leased to `owner` for `lease_s`
+        seconds: rows leased to another owner whose lease has not run out are skipped, rows
+        already leased to `owner` are renewed. Atomic across processes, so two replicas calling
+        together get disjoint rows. The lease says who may work on a row, not what it holds:
+        it does not change the row's version, and the owner's writes are still conditional."""
+        ...
+
+    async def claim_follow_up(self, payment_id: str, owner: str, lease_s: float) -> bool:
+        """Take the payment's follow-up claim for `lease_s` seconds: true when it was free, had
+        expired (its holder died), or is `owner`'s already (renewed); false while another
+        owner holds it. `owner` names one request (unique across the fleet)."""
+        ...
+
+    async def release_follow_up(self, payment_id: str, owner: str) -> None:
+        """End `owner`'s claim; a claim that expired and was taken over is left to its new owner."""
         ...
 
     async def claim_idempotency(
         self, scope: str, key: str, fingerprint: str, resource_id: str, now: float, expires_at: float,
         record: PaymentRecord | None = None,
     ) -> IdempotencyClaim:
-        """Atomically: insert an in-flight record (and `record`, so a crash right after the claim
-        leaves a payment the reconciler owns), or report what the key already holds."""
+        """Atomically: insert an in-flight record (and `record`, at version 1, so a crash right
+        after the claim leaves a payment the reconciler owns), or report what the key already
+        holds. `StaleWrite` when `record`'s id is already journalled."""
         ...
 
     async def complete_idempotency(self, scope: str, key: str, response: StoredResponse) -> None: ...

@@ -1,0 +1,5 @@
+-- Follow-ups journalled before their call (capture_pending, void_pending, refund_pending) are
+-- unresolved too: the reconciler lists them with the payments it owns, through this index.
+DROP INDEX IF EXISTS payments_unresolved;
+CREATE INDEX payments_unresolved ON payments (updated_at)
+    WHERE status IN ('received', 'attempting', 'pending', 'capture_pending', 'void_pending', 'refund_pending');
