@@ -348,29 +348,29 @@ class PostgresStore:
                         raise
                     raise StaleWrite(record.id) from exc
             else:
-                claim = await self._claim_with_update(args + payment_row(record) + (expected,), record.id,
-                                                      resource_id)
+                claim = await self._claim(_CLAIM_WITH_UPDATE, args + payment_row(record) + (expected,),
+                                          resource_id, payment_id=record.id)
         if claim.kind is not ClaimKind.NEW:
             record.version -= 1  # the key was held: nothing of the record was written
         return claim
 
-    async def _claim_with_update(self, args: tuple[Any, ...], payment_id: str, resource_id: str) -> IdempotencyClaim:
-        """The key claim and a conditional update of the existing payment row, in one
-        transaction: a row another writer moved on since it was read undoes the claim."""
-        async with self._conn() as conn:
-            async with conn.transaction():
-                row = await conn.fetchrow(_CLAIM_WITH_UPDATE, *args)
-                if row["claimed"] and not row["journalled"]:
-                    raise StaleWrite(payment_id)  # rolls the claim back with the transaction
-            if row["claimed"]:
-                return IdempotencyClaim(ClaimKind.NEW, resource_id)
-        return await self._claim(_CLAIM, args[:6], resource_id)  # the key is held: say by what
-
-    async def _claim(self, sql: str, args: tuple[Any, ...], resource_id: str) -> IdempotencyClaim:
+    async def _claim(self, sql: str, args: tuple[Any, ...], resource_id: str, *,
+                     payment_id: str | None = None) -> IdempotencyClaim:
+        """Claim the key (with `sql`'s payment write), or say what holds it. With `payment_id`,
+        `sql` is the conditional update of that existing row: in one transaction with the
+        claim, so a row another writer moved on since it was read undoes the claim."""
         scope, key, fingerprint, now = args[0], args[1], args[2], args[4]
         async with self._conn() as conn:
             for _ in range(_CLAIM_TRIES):
-                if await conn.fetchval(sql, *args):
+                if payment_id is None:
+                    claimed = bool(await conn.fetchval(sql, *args))
+                else:
+                    async with conn.transaction():
+                        row = await conn.fetchrow(sql, *args)
+                        claimed = bool(row["claimed"])
+                        if claimed and not row["journalled"]:
+                            raise StaleWrite(payment_id)  # rolls the claim back with the transaction
+                if claimed:
                     return IdempotencyClaim(ClaimKind.NEW, resource_id)
                 row = await conn.fetchrow(_HELD, scope, key)
                 if row is None or row["expires_at"] <= now:
