@@ -71,7 +71,12 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
     --workers N` passes false)."""
     exclusive = config.storage.backend == "sqlite" if exclusive_store is None else exclusive_store
     ops = ops_log or build_ops_logger()
-    app = web.Application(middlewares=[error_middleware(ops)], client_max_size=config.server.max_body_bytes)
+    # Bodies are decoded by gateway.api.inputs.read_body, not by the HTTP parser (see there why).
+    # A client hanging up never cancels its handler (run_app's default, pinned here because
+    # aiohttp's test server turns cancellation on): a payment its caller stopped waiting for
+    # still finishes and stores its answer for the caller's retry with the same key.
+    app = web.Application(middlewares=[error_middleware(ops)], client_max_size=config.server.max_body_bytes,
+                          handler_args={"auto_decompress": False, "handler_cancellation": False})
     app[CONFIG] = config
     app[OPS_LOG] = ops
     app[METRICS] = Metrics()

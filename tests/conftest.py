@@ -94,9 +94,11 @@ def make_config(tmp_path: Path, dev_certs: DevCertLayout,
 
 
 @pytest.fixture
-def start_gateway(aiohttp_client: Callable[..., Any]) -> Callable[[GatewayConfig], Any]:
-    async def start(config: GatewayConfig) -> TestClient:
-        app: web.Application = build_app(config, reconcile_interval_s=3600)
+def start_gateway(aiohttp_client: Callable[..., Any]) -> Callable[..., Any]:
+    """`start(config, **build_app_kwargs)`: the gateway on a test server (no reconciler pass
+    during the test unless asked for)."""
+    async def start(config: GatewayConfig, **kwargs: Any) -> TestClient:
+        app: web.Application = build_app(config, **{"reconcile_interval_s": 3600, **kwargs})
         return await aiohttp_client(app)
 
     return start

@@ -1,7 +1,9 @@
 """Every error the API answers has one shape: `{code, message, field}` with a fitting status.
 
-Handlers raise `ApiError`; the middleware renders it, and turns anything unexpected into a 500
-that names no internals, so a bad request can never crash the worker.
+Handlers raise `ApiError`; the middleware renders it, and is the one place that maps what is
+not the handler's to decide: a client that hung up mid-request is counted, not logged (any caller could flood
+the log with tracebacks); anything else unexpected is a 500 that names no internals, so a bad
+request can never crash the worker.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import orjson
 import structlog
 from aiohttp import web
 from pydantic import ValidationError
+
+from gateway.app_keys import METRICS
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -60,6 +64,10 @@ def error_middleware(log: structlog.typing.FilteringBoundLogger) -> Callable[[we
                 return ApiError(exc.status, code, exc.reason).response()
             raise
         except Exception as exc:
+            if isinstance(exc, ConnectionResetError) and request.transport is None:
+                # The caller hung up (mid-body, typically): nobody is left to answer.
+                request.app[METRICS].client_disconnects.inc()
+                return ApiError(400, "client_disconnected", "the client closed the connection").response()
             log.exception("unhandled_error", path=request.path, error=type(exc).__name__)
             return ApiError(500, "internal_error", "the gateway failed to process this request").response()
 

@@ -1,6 +1,6 @@
 """Front-door idempotency after the IETF draft "The Idempotency-Key HTTP Header Field".
 
-Missing or malformed key: 400. Same key, same body: the stored answer, byte for byte, with its
+Missing, malformed or repeated key header: 400. Same key, same body: the stored answer, byte for byte, with its
 status. Same key, another body: 422. Same key while the first is still running: 409. Keys are
 scoped to the calling API key and expire after the configured retention.
 """
@@ -14,6 +14,7 @@ import time
 from aiohttp import web
 
 from gateway.api.errors import ApiError
+from gateway.api.inputs import single_header
 from gateway.journal.records import ClaimKind, PaymentRecord, StoredResponse
 from gateway.journal.store import Store
 
@@ -22,7 +23,7 @@ _VALID = re.compile(r"^[\x21-\x7e]{1,255}$")
 
 
 def idempotency_key(request: web.Request) -> str:
-    key = request.headers.get(HEADER)
+    key = single_header(request, HEADER)
     if key is None:
         raise ApiError(400, "idempotency_key_missing", f"the {HEADER} header is required on this request", HEADER)
     key = key.strip().strip('"')  # the draft sends it as a structured-field string

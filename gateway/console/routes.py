@@ -33,10 +33,11 @@ from urllib.parse import urlsplit
 
 import orjson
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, StrictBool, ValidationError
+from pydantic import BaseModel, ConfigDict, StrictBool
 
 from gateway.api.auth import Caller
-from gateway.api.errors import ApiError, from_validation_error, json_response
+from gateway.api.errors import ApiError, json_response
+from gateway.api.inputs import json_body
 from gateway.app_keys import AUTH, CERT_WATCHER, CONFIG, CONSOLE, CONSOLE_ASSETS, OPS_LOG, POOL, RECONCILER, SERVICE, STORE
 from gateway.console.session import COOKIE, COOKIE_PATH, SessionSigner
 from gateway.console.stats import GATEWAY, ConsoleStats
@@ -229,18 +230,7 @@ def _check_origin(request: web.Request) -> None:
 
 
 async def _json(request: web.Request, model: type[BreakerAction | ReconcileAction]) -> Any:
-    if request.content_type != "application/json":
-        raise ApiError(415, "unsupported_media_type", "send the body as application/json", "Content-Type")
-    try:
-        data = orjson.loads(await request.read() or b"{}")
-    except orjson.JSONDecodeError as exc:
-        raise ApiError(400, "malformed_json", f"the body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "malformed_json", "the body must be a JSON object")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise from_validation_error(exc) from None
+    return (await json_body(request, model))[1]  # the front door's rules: one parser for every JSON body
 
 
 def _confirmed(action: BreakerAction | ReconcileAction) -> None:
