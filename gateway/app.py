@@ -60,7 +60,7 @@ ABANDON_MARGIN_S = 5.0  # past its deadline plus this, an unanswered payment has
 
 def make_store(config: GatewayConfig) -> Store:
     if config.storage.backend == "sqlite":
-        return SqliteStore(Path(config.storage.sqlite_path))
+        return SqliteStore(Path(config.storage.sqlite_path), queue_size=config.storage.sqlite_queue_size)
     return PostgresStore(config.storage.postgres_dsn.get_secret_value())  # read from postgres_dsn_env at load
 
 

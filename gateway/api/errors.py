@@ -1,7 +1,8 @@
 """Every error the API answers has one shape: `{code, message, field}` with a fitting status.
 
 Handlers raise `ApiError`; the middleware renders it, and is the one place that maps what is
-not the handler's to decide: a client that hung up mid-request is counted, not logged (any caller could flood
+not the handler's to decide: a full journal (`StoreOverloaded`) is shed with 503 and
+`Retry-After`; a client that hung up mid-request is counted, not logged (any caller could flood
 the log with tracebacks); anything else unexpected is a 500 that names no internals, so a bad
 request can never crash the worker.
 """
@@ -16,6 +17,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from gateway.app_keys import METRICS
+from gateway.journal.store import StoreOverloaded
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -63,6 +65,10 @@ def error_middleware(log: structlog.typing.FilteringBoundLogger) -> Callable[[we
                 code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
                 return ApiError(exc.status, code, exc.reason).response()
             raise
+        except StoreOverloaded:
+            request.app[METRICS].shed.labels("journal").inc()
+            return ApiError(503, "overloaded", "the journal is at capacity; retry shortly",
+                            headers={"Retry-After": "1"}).response()
         except Exception as exc:
             if isinstance(exc, ConnectionResetError) and request.transport is None:
                 # The caller hung up (mid-body, typically): nobody is left to answer.
