@@ -6,13 +6,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-from tests.conftest import AUTH, card_payment
-from tests.test_engine_failover import (  # noqa: F401  (fixtures)
-    engine_config,
-    journal,
-    pay,
-    stripes,
-)
+from tests.conftest import AUTH, card_payment, journal, pay
 
 
 def key() -> dict[str, str]:
