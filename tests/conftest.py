@@ -1,5 +1,6 @@
 """Shared fixtures and helpers: real dev certificates, real emulators over mTLS, the real gateway
-app, both journal backends.
+app, both journal backends, and the guard that fails any async test whose gateway code blocks the
+event loop.
 
 Everything more than one test module uses lives here; test modules import helpers from here and
 never from each other. A gateway configuration for a test is built one way:
@@ -10,10 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import importlib
+import inspect
 import os
 import sqlite3
+import sys
+import traceback
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +26,12 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
+import blockbuster.blockbuster
 import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from blockbuster import BlockBuster
 
 from gateway.app import build_app
 from gateway.app_keys import LOG_WRITER, STORE
@@ -48,6 +55,98 @@ AUTH = {"Authorization": f"Bearer {CHECKOUT_KEY}"}
 # Soft declines that may cascade, in each provider's own codes (Stripe, Adyen, Checkout.com).
 CASCADE_ON = ["do_not_honor", "issuer_not_available", "2:05", "9", "20005", "20068", "20091"]
 PG_DSN = os.environ.get("GATEWAY_TEST_PG_DSN", "postgresql://gateway:gateway@127.0.0.1:5432/gateway_test")
+
+
+# -- no blocking call on the event loop (DESIGN) ---------------------------------------------------
+
+# A blocking call is the gateway's when gateway code running on the loop makes it: a coroutine of
+# these packages (a handler, a cleanup context, a background task) is on the stack between the
+# call and the test. A test calling a synchronous function of theirs from its own body (a CLI
+# command through CliRunner, `analyze()`, dev certificates for its setup) blocks for itself: that
+# is test-side setup, allowed.
+SCANNED = ("gateway", "providers", "emulators", "domain")
+_TESTS = str(Path(__file__).resolve().parent) + os.sep
+_ASYNC_CODE = inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR | inspect.CO_ITERABLE_COROUTINE
+
+
+@pytest.fixture(autouse=True)
+def _no_blocking_on_the_loop(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """In every async test (its fixtures included), a blocking call on the event loop's thread
+    (sync file I/O, sqlite, time.sleep, a blocking socket, a contended threading lock...) made
+    by gateway code raises `BlockingError` where it is made, and fails the test even where a
+    broad `except` (a background task's) swallows that error."""
+    if request.node.get_closest_marker("asyncio") is None:
+        yield
+        return
+    seen: list[str] = []
+
+    class RecordedBlockingError(blockbuster.BlockingError):
+        def __init__(self, func: str) -> None:
+            super().__init__(func)
+            seen.append(f"{func}\n{''.join(traceback.format_stack(limit=30)[:-1])}")
+
+    monkeypatch.setattr(blockbuster.blockbuster, "BlockingError", RecordedBlockingError)
+    guard = BlockBuster(list(SCANNED))
+    _allow_justified_blocking(guard)
+    guard.activate()
+    try:
+        yield
+    finally:
+        guard.deactivate()
+    if seen:
+        pytest.fail("blocking call on the event loop:\n" + "\n".join(seen), pytrace=False)
+
+
+def _allow_justified_blocking(guard: BlockBuster) -> None:
+    """The exceptions, each with its reason.
+
+    Not seen by the guard at all, and kept on purpose: the certificate watcher's load of a
+    rotated pair into the live SSLContext on the loop thread (gateway/certs/watcher.py `_load`:
+    OpenSSL forbids changing an SSL_CTX while another thread creates connections from it; two
+    files of a few kB from a private temp directory), and the emulators' equivalent. OpenSSL
+    reads those files in C, below anything blockbuster patches."""
+    scanned = tuple(str(Path(importlib.import_module(name).__path__[0])) + os.sep for name in SCANNED)
+
+    def test_side(*_args: Any, **_kwargs: Any) -> bool:
+        frame = sys._getframe(2)
+        while frame is not None:
+            filename = frame.f_code.co_filename
+            if filename.startswith(_TESTS):
+                return True
+            if frame.f_code.co_flags & _ASYNC_CODE and filename.startswith(scanned):
+                return False
+            frame = frame.f_back
+        return False
+
+    for function in guard.functions.values():
+        own = function.can_block_predicate
+        function.can_block_predicate = lambda *a, _own=own, **k: _own(*a, **k) or test_side()
+    for name in ("io.TextIOWrapper.write", "io.BufferedWriter.write"):
+        # The ops logger writes one locked line per event (gateway/txlog/logger.py): events are
+        # rare (start-up, breaker changes, certificate warnings, operator audits), never one per
+        # payment, and its stream is stderr in production (which blockbuster itself exempts);
+        # drills and tests point it at a file.
+        guard.functions[name].can_block_in("structlog/_output.py", "msg")
+    for name in ("os.stat", "os.path.abspath", "io.BufferedReader.read", "io.TextIOWrapper.read"):
+        # asyncpg looks for ~/.pgpass and ~/.postgresql/* while it parses connection arguments,
+        # for every new pool connection; it has no asynchronous way to do that.
+        guard.functions[name].can_block_in("asyncpg/connect_utils.py", "_parse_connect_dsn_and_args")
+    metadata = ("os.stat", "os.listdir", "os.scandir", "os.path.abspath", "io.BufferedReader.read",
+                "io.TextIOWrapper.read")
+    for name in metadata:
+        # A module imported lazily reads its files once per process (duckdb's version metadata).
+        guard.functions[name].can_block_in("<frozen importlib._bootstrap>", "_find_and_load")
+        # redis-py reads its own version from its package metadata for every new connection
+        # (CLIENT SETINFO); breaker sync opens two, at start and on reconnect, never per payment.
+        guard.functions[name].can_block_in("redis/utils.py", "get_lib_version")
+    # The drills' harness (gateway/drill, the lead's) sets up before it loads the gateway: the run's
+    # log directory, the crash drill's config file and its gateway process's log (that gateway is
+    # another process, so its loop is never the one blocked).
+    for name in ("os.stat", "os.path.abspath", "os.mkdir"):
+        guard.functions[name].can_block_in("gateway/drill/runner.py", "new")
+    for name in ("io.TextIOWrapper.write", "io.BufferedWriter.write"):
+        guard.functions[name].can_block_in("gateway/drill/crash.py", "run_crash_drill")
+        guard.functions[name].can_block_in("gateway/drill/process.py", "start")
 
 
 # -- certificates, secrets, emulators ---------------------------------------------------------------

@@ -202,7 +202,7 @@ def _certificate(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 class ConsoleAssets:
-    """The static files, read once when the routes are added (never per request)."""
+    """The static files, read once at start-up in a thread (never per request, never on the loop)."""
 
     def __init__(self) -> None:
         self.files = {name: (STATIC_DIR / name).read_bytes() for name in ASSETS}
@@ -358,12 +358,12 @@ async def reconcile_action(request: web.Request) -> web.Response:
 
 def setup_console(app: web.Application, *, stats: ConsoleStats | None = None) -> None:
     """Add the console to an app built by `gateway.app.build_app` (after its service context):
-    routes, the stats observer on the payment service, a listener on every breaker, and the
-    streams closed on shutdown."""
-    app[CONSOLE_ASSETS] = ConsoleAssets()
+    routes, the static files (read in a thread at start-up), the stats observer on the payment
+    service, a listener on every breaker, and the streams closed on shutdown."""
     app[CONSOLE] = Console(app, stats=stats)
 
     async def console_ctx(app: web.Application) -> AsyncIterator[None]:
+        app[CONSOLE_ASSETS] = await asyncio.to_thread(ConsoleAssets)
         console = app[CONSOLE]
         service = app[SERVICE]
         service.observers.append(console.stats.observe)

@@ -84,7 +84,6 @@ class SqliteStore:
         self.operations = 0
 
     async def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._loop = asyncio.get_running_loop()
         ready: asyncio.Future[None] = self._loop.create_future()
         self._thread = threading.Thread(target=self._run, args=(ready,), name="sqlite-journal", daemon=True)
@@ -101,6 +100,8 @@ class SqliteStore:
     # -- the writer thread -------------------------------------------------------------------
 
     def _connect(self) -> sqlite3.Connection:
+        """In the writer thread, like every other touch of the file (never on the event loop)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")  # each commit is on disk before callers resume
