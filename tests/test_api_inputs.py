@@ -152,6 +152,26 @@ async def test_a_client_hanging_up_mid_body_is_counted_not_logged(gateway) -> No
     gateway.assert_no_traceback()
 
 
+async def test_malformed_http_framing_is_counted_not_logged(gateway, caplog) -> None:
+    """What aiohttp's parser refuses never reaches a handler (it answers a bare-text 400): it
+    must not cost a traceback in the log either."""
+    head = (f"POST /v1/payments HTTP/1.1\r\nHost: gateway\r\nAuthorization: {AUTH['Authorization']}\r\n"
+            f"Idempotency-Key: {uuid.uuid4()}\r\nContent-Type: application/json\r\n"
+            "Transfer-Encoding: chunked\r\n\r\nzz\r\n").encode()  # "zz" is no chunk size
+    reader, writer = await asyncio.open_connection(gateway.client.host, gateway.client.port)
+    try:
+        writer.write(head)
+        answer = await asyncio.wait_for(reader.read(), timeout=5)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+    assert answer.split(b"\r\n", 1)[0].split()[1] == b"400"
+    assert await gateway.metric("gateway_malformed_http_total") == 1.0
+    assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records]
+    gateway.assert_no_traceback()
+
+
 # -- duplicate JSON keys ---------------------------------------------------------------------------
 
 

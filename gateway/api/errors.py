@@ -1,7 +1,7 @@
 """Every error the API answers has one shape: `{code, message, field}` with a fitting status.
 
 Handlers raise `ApiError`; the middleware renders it, and is the one place that maps what is
-not the handler's to decide: a full journal (`StoreOverloaded`) is shed with 503 and
+not the handler's to decide (and `ProtocolLog` what fails before any handler): a full journal (`StoreOverloaded`) is shed with 503 and
 `Retry-After`; a client that hung up mid-request is counted, not logged (any caller could flood
 the log with tracebacks); anything else unexpected is a 500 that names no internals, so a bad
 request can never crash the worker.
@@ -9,15 +9,20 @@ request can never crash the worker.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import orjson
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.log import server_logger
 from pydantic import ValidationError
 
 from gateway.app_keys import METRICS
 from gateway.journal.store import StoreOverloaded
+from gateway.metrics import Metrics
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -78,3 +83,23 @@ def error_middleware(log: structlog.typing.FilteringBoundLogger) -> Callable[[we
             return ApiError(500, "internal_error", "the gateway failed to process this request").response()
 
     return middleware
+
+
+class ProtocolLog:
+    """aiohttp's server logger (`handler_args={"logger": ...}`). A request its HTTP parser
+    refuses (a malformed request line, header or chunked framing) never reaches a handler:
+    aiohttp answers it with a bare-text 400 and logs a traceback each time, so any caller could
+    flood the log. Those are counted instead; everything else goes to aiohttp's own logger."""
+
+    def __init__(self, metrics: Metrics, logger: logging.Logger = server_logger) -> None:
+        self._metrics = metrics
+        self._logger = logger
+
+    def debug(self, *args: Any, **kwargs: Any) -> None:
+        self._logger.debug(*args, **kwargs)
+
+    def exception(self, *args: Any, exc_info: object = True, **kwargs: Any) -> None:
+        if isinstance(exc_info, HttpProcessingError):
+            self._metrics.malformed_http.inc()
+            return
+        self._logger.exception(*args, exc_info=exc_info, **kwargs)  # type: ignore[arg-type]
