@@ -309,7 +309,7 @@ class EmulatorServer:
             return json_response(409, {"error": "this emulator has no certificate issuer"})
         doc = orjson.loads(await request.read() or b"{}")
         days = float(doc.get("days_valid", 1))
-        cert, key = self._issue_certificate(days)
+        cert, key = await asyncio.to_thread(self._issue_certificate, days)  # key generation and file I/O
         self.reload_certificate(cert, key)
         return json_response(200, {"days_valid": days, "cert": str(cert)})
 

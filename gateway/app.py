@@ -21,7 +21,7 @@ from aiohttp import web
 
 from gateway.api import health, openapi, payments
 from gateway.api.auth import Authenticator
-from gateway.api.errors import error_middleware
+from gateway.api.errors import ProtocolLog, error_middleware
 from gateway.app_keys import (
     AUTH,
     BREAKER_SYNC,
@@ -64,7 +64,7 @@ ABANDON_MARGIN_S = 5.0  # past its deadline plus this, an unanswered payment has
 def make_store(config: GatewayConfig, metrics: Metrics | None = None) -> Store:
     storage = config.storage
     if storage.backend == "sqlite":
-        return SqliteStore(Path(storage.sqlite_path), migrate=storage.auto_migrate)
+        return SqliteStore(Path(storage.sqlite_path), migrate=storage.auto_migrate, queue_size=storage.sqlite_queue_size)
     pool = storage.postgres_pool
     store = PostgresStore(
         storage.postgres_dsn.get_secret_value(),  # read from postgres_dsn_env at load
@@ -88,10 +88,17 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
     --workers N` passes false)."""
     exclusive = config.storage.backend == "sqlite" if exclusive_store is None else exclusive_store
     ops = ops_log or build_ops_logger()
-    app = web.Application(middlewares=[error_middleware(ops)], client_max_size=config.server.max_body_bytes)
+    metrics = Metrics()
+    # Bodies are decoded by gateway.api.inputs.read_body, not by the HTTP parser (see there why).
+    # A client hanging up never cancels its handler (run_app's default, pinned here because
+    # aiohttp's test server turns cancellation on): a payment its caller stopped waiting for
+    # still finishes and stores its answer for the caller's retry with the same key.
+    app = web.Application(middlewares=[error_middleware(ops)], client_max_size=config.server.max_body_bytes,
+                          handler_args={"auto_decompress": False, "handler_cancellation": False,
+                                        "logger": ProtocolLog(metrics)})
     app[CONFIG] = config
     app[OPS_LOG] = ops
-    app[METRICS] = Metrics()
+    app[METRICS] = metrics
     app[AUTH] = Authenticator(config.auth)
 
     async def log_writer(app: web.Application) -> AsyncIterator[None]:

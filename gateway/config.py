@@ -88,6 +88,8 @@ class PostgresPoolConfig(_Model):
 class StorageConfig(_Model):
     backend: Literal["sqlite", "postgres"] = "sqlite"
     sqlite_path: Path = Path("data/gateway.db")
+    # Operations waiting for the SQLite writer thread; past this, requests are shed with 503.
+    sqlite_queue_size: int = Field(10_000, gt=0, le=1_000_000)
     postgres_dsn_env: str = "GATEWAY_PG_DSN"
     postgres_pool: PostgresPoolConfig = PostgresPoolConfig()
     idempotency_retention_h: float = Field(24.0, gt=0)

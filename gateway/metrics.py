@@ -28,6 +28,10 @@ class Metrics:
         self.bulkhead_active = Gauge("gateway_bulkhead_active", "Calls in flight per provider", ["provider"],
                                      registry=r)
         self.shed = Counter("gateway_shed_total", "Requests refused to protect the gateway", ["reason"], registry=r)
+        self.client_disconnects = Counter("gateway_client_disconnects_total",
+                                          "Requests whose client hung up before they were answered", registry=r)
+        self.malformed_http = Counter("gateway_malformed_http_total",
+                                      "Requests the HTTP parser refused before any handler", registry=r)
         self.log_dropped = Gauge("gateway_log_dropped_lines", "Transaction log lines that could not be queued",
                                  registry=r)
         self.in_flight = Gauge("gateway_in_flight_requests", "Payments being processed", registry=r)

@@ -14,18 +14,7 @@ import time
 
 from gateway.app_keys import POOL
 from emulators.faults import FaultRule
-from tests.test_engine_failover import (  # noqa: F401  (fixtures)
-    charges,
-    engine_config,
-    entries,
-    journal,
-    metrics_text,
-    pay,
-    set_faults,
-    steps,
-    stripes,
-    txlog,
-)
+from tests.conftest import charges, entries, journal, metrics_text, pay, set_faults, steps, txlog
 
 RESET_TIMEOUT_S = 0.5
 

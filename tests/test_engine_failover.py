@@ -5,160 +5,44 @@ mTLS under different provider names ("primary", "backup", "third"), faults injec
 time. Every scenario is checked from four sides: the HTTP answer, the journal, the emulators'
 ledgers and the transaction log.
 
-The fixtures and helpers at the top are shared with test_engine_breaker_budget.py,
-test_engine_properties.py and test_reconciler.py.
+The fixtures (`stripes`, `engine_config`) and helpers come from conftest.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
 import random
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
-from typing import Any
 
 import orjson
 import pytest
-from aiohttp.test_utils import TestClient
 
 from gateway.api.payments import new_payment_id
-from gateway.app_keys import LOG_WRITER, STORE
 from gateway.app_keys import RECONCILER
-from gateway.certs.devca import DevCertLayout
-from gateway.config import GatewayConfig, parse_config
-from gateway.journal.records import PaymentRecord
 from gateway.txlog.redaction import Redactor
-from emulators.faults import FaultPlan, FaultRule
-from emulators.ledger import LedgerEntry
-from gateway.emulator_launch import start_emulator
-from emulators.server import EmulatorServer
-from tests.conftest import AUTH, card_payment
+from emulators.faults import FaultRule
+from tests.conftest import (
+    AUTH,
+    PROVIDER_NAMES,
+    card_payment,
+    charges,
+    entries,
+    idem,
+    journal,
+    metrics_text,
+    pay,
+    set_faults,
+    steps,
+    txlog,
+)
 
-PROVIDER_NAMES = ("primary", "backup", "third")
 APPROVE = "4242424242424242"
 HARD_DECLINE = "4000000000009995"  # insufficient_funds
 DO_NOT_HONOR = "4000000000001018"
 GENERIC_DECLINE = "4000000000000002"
 
 
-# -- fixtures and helpers (shared) ----------------------------------------------------------------
-
-
-@pytest.fixture
-async def stripes(dev_certs: DevCertLayout) -> AsyncIterator[dict[str, EmulatorServer]]:
-    """Three independent Stripe emulators over mTLS, one per provider name."""
-    servers: dict[str, EmulatorServer] = {}
-    try:
-        for name in PROVIDER_NAMES:
-            servers[name] = await start_emulator("stripe", certs=dev_certs)
-        yield servers
-    finally:
-        for server in servers.values():
-            await server.stop()
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def engine_config_data(tmp_path: Path, certs: DevCertLayout, servers: dict[str, EmulatorServer],
-                       order: tuple[str, ...], *, providers: dict[str, dict[str, Any]] | None = None,
-                       route: dict[str, Any] | None = None, engine: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The shape of conftest.gateway_config_data, with free provider names of kind stripe."""
-    provider_docs = {}
-    for name in order:
-        doc = {
-            "kind": "stripe",
-            "base_url": servers[name].url,
-            "api_key_env": f"{name.upper()}_API_KEY",
-            "connect_timeout_ms": 300,
-            "timeout_ms": 1000,
-            "tls": {"ca": str(certs.provider_ca("stripe")), "client_cert": str(certs.client_cert("stripe")),
-                    "client_key": str(certs.client_key("stripe"))},
-            "breaker": {"fail_max": 100, "reset_timeout_s": 30},
-            "retry": {"max_attempts": 2, "base_delay_ms": 1, "max_delay_ms": 5},
-        }
-        provider_docs[name] = _merge(doc, (providers or {}).get(name, {}))
-    return {
-        "auth": {"clients": [
-            {"name": "checkout", "key_env": "GATEWAY_KEY_CHECKOUT"},
-            {"name": "reporting", "key_env": "GATEWAY_KEY_REPORTING", "permissions": ["payments:read"]},
-        ]},
-        "storage": {"sqlite_path": str(tmp_path / "data" / "gateway.db")},
-        "log": {"dir": str(tmp_path / "logs")},
-        "engine": _merge({"deadline_ms": 5000}, engine or {}),
-        "providers": provider_docs,
-        "routes": [_merge({"name": "default", "providers": list(order),
-                           "cascade_on": ["do_not_honor", "issuer_not_available"]}, route or {})],
-    }
-
-
-def set_provider_keys(monkeypatch: pytest.MonkeyPatch, names: tuple[str, ...] = PROVIDER_NAMES) -> None:
-    for name in names:
-        monkeypatch.setenv(f"{name.upper()}_API_KEY", f"sk_test_{name}")
-
-
-@pytest.fixture
-def engine_config(tmp_path: Path, dev_certs: DevCertLayout, stripes: dict[str, EmulatorServer],
-                  monkeypatch: pytest.MonkeyPatch) -> Callable[..., GatewayConfig]:
-    set_provider_keys(monkeypatch)
-
-    def make(order: tuple[str, ...] = ("primary", "backup"), **kwargs: Any) -> GatewayConfig:
-        return parse_config(engine_config_data(tmp_path, dev_certs, stripes, order, **kwargs))
-
-    return make
-
-
-def idem() -> dict[str, str]:
-    return {**AUTH, "Idempotency-Key": str(uuid.uuid4())}
-
-
-async def pay(client: TestClient, body: dict[str, Any] | None = None,
-              headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
-    resp = await client.post("/v1/payments", json=body or card_payment(), headers=headers or idem())
-    return resp.status, await resp.json()
-
-
-async def journal(client: TestClient, payment_id: str) -> PaymentRecord:
-    record = await client.app[STORE].get_payment(payment_id)
-    assert record is not None, f"{payment_id} has no journal row"
-    return record
-
-
-async def txlog(client: TestClient, payment_id: str | None = None) -> list[dict[str, Any]]:
-    """Transaction log lines, after waiting for the writer to flush what was queued."""
-    writer = client.app[LOG_WRITER]
-    assert await writer.wait_flushed()
-    if not writer.path.exists():
-        return []
-    lines = [orjson.loads(line) for line in writer.path.read_bytes().splitlines() if line.strip()]
-    return [line for line in lines if payment_id is None or line.get("payment_id") == payment_id]
-
-
-def entries(server: EmulatorServer, payment_id: str) -> list[LedgerEntry]:
-    return server.emulator.ledger.find_by_ref(payment_id)
-
-
-def charges(server: EmulatorServer, payment_id: str) -> list[LedgerEntry]:
-    return [e for e in entries(server, payment_id) if e.approved]
-
-
-def steps(doc: dict[str, Any]) -> list[tuple[str, int, str, str | None]]:
-    """(provider, try, operation, outcome) of every attempt in an API document."""
-    return [(a["provider"], a["try"], a["operation"], a["outcome"]) for a in doc["attempts"]]
-
-
-def set_faults(server: EmulatorServer, *rules: FaultRule, seed: int | None = None) -> None:
-    server.emulator.faults.set(FaultPlan(rules=rules, seed=seed))
+# -- helpers --------------------------------------------------------------------------------------
 
 
 def seed_hitting_first_only(share: float = 0.5) -> int:
@@ -171,10 +55,6 @@ def seed_hitting_first_only(share: float = 0.5) -> int:
         if rng.random() < share <= rng.random():
             return seed
     raise AssertionError("no seed found")
-
-
-async def metrics_text(client: TestClient) -> str:
-    return await (await client.get("/metrics")).text()
 
 
 # -- 1. outage: fail over ---------------------------------------------------------------------------

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -37,16 +36,7 @@ from gateway.config import parse_config
 from domain.outcome import PaymentStatus
 from emulators.faults import FaultPlan, FaultRule
 from emulators.server import EmulatorServer
-from tests.conftest import AUTH, card_payment
-from tests.test_engine_failover import (  # noqa: F401  (stripes is a fixture)
-    PROVIDER_NAMES,
-    engine_config_data,
-    entries,
-    journal,
-    set_provider_keys,
-    stripes,
-    txlog,
-)
+from tests.conftest import AUTH, PROVIDER_NAMES, card_payment, engine_config_data, entries, journal, txlog
 
 CASCADE_ON = ("do_not_honor",)
 TIMEOUT_MS = 250
@@ -134,10 +124,8 @@ def _check_attempt_rules(record) -> None:  # type: ignore[no-untyped-def]
 @settings(max_examples=25, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(scenario=scenarios)
-async def test_random_faults_never_double_charge_or_lose(scenario, stripes, dev_certs, tmp_path: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_random_faults_never_double_charge_or_lose(scenario, stripes, dev_certs, tmp_path: Path) -> None:
     drawn, kinds = scenario
-    set_provider_keys(monkeypatch)
     order = PROVIDER_NAMES[:len(drawn)]
     await _apply(stripes, order, drawn)
     workdir = tmp_path / f"ex-{next(_examples)}"

@@ -7,13 +7,7 @@ import asyncio
 import uuid
 
 from gateway.app_keys import POOL, RECONCILER
-from tests.conftest import AUTH, card_payment
-from tests.test_engine_failover import (  # noqa: F401  (fixtures)
-    engine_config,
-    journal,
-    pay,
-    stripes,
-)
+from tests.conftest import AUTH, card_payment, journal, pay
 
 
 def key() -> dict[str, str]:

@@ -38,8 +38,7 @@ from gateway.preflight import (
     store_findings,
 )
 from emulators.server import EmulatorServer
-from tests.conftest import gateway_config_data
-from tests.test_store_contract import PG_DSN, dsn_with_search_path
+from tests.conftest import PG_DSN, dsn_with_search_path, gateway_config_data
 
 # Three providers of 2 tries × 1000 ms + 5 ms backoff each: 6015 ms through the whole route.
 ROOMY_DEADLINE = {"deadline_ms": 8000}

@@ -29,15 +29,7 @@ from domain.outcome import Outcome, PaymentStatus
 from domain.types import Card, Operation, PaymentOrder
 from providers.stripe.mapping import StripeMapping
 from providers.transport import ProviderTransport
-from tests.conftest import AUTH, card_payment
-from tests.test_engine_failover import (  # noqa: F401  (fixtures)
-    charges,
-    engine_config,
-    entries,
-    journal,
-    stripes,
-    txlog,
-)
+from tests.conftest import AUTH, card_payment, charges, entries, journal, txlog
 
 SCOPE = "checkout"  # the API client the payments belonged to
 

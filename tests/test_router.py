@@ -12,12 +12,7 @@ from gateway.config import RouteConfig, RouteMatch
 from gateway.router import NoRoute, Router, RoutingFacts
 from gateway.success_window import SuccessWindow
 from emulators.faults import FaultRule
-from tests.test_engine_failover import (  # noqa: F401  (fixtures)
-    engine_config,
-    pay,
-    set_faults,
-    stripes,
-)
+from tests.conftest import pay, set_faults
 
 EUR = RoutingFacts(amount=1000, currency="EUR", country="DE", brand="visa", merchant="m1")
 

@@ -39,20 +39,19 @@ from gateway.config import ConfigError, GatewayConfig, parse_config
 from gateway.journal.postgres import PostgresStore
 from emulators.faults import FaultRule
 from emulators.server import EmulatorServer
-from tests.conftest import AUTH, card_payment
-from tests.test_engine_failover import (  # noqa: F401  (stripes is a fixture)
+from tests.conftest import (
+    AUTH,
+    card_payment,
     charges,
     engine_config_data,
     entries,
     idem,
     pay,
+    pg_schema,
     set_faults,
-    set_provider_keys,
-    stripes,
     txlog,
 )
 from tests.redis_server import RedisServer
-from tests.test_store_contract import pg_schema
 
 REDIS_URL = os.environ.get("GATEWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 WAIT_S = 5.0  # bound on every wait for a change to cross the fleet
@@ -68,7 +67,6 @@ async def fleet_data(tmp_path: Path, dev_certs: DevCertLayout, stripes: dict[str
     """`make(replica, **engine_config_data kwargs)`: the configuration data of a replica of one
     fleet (its own log directory, one PostgreSQL schema, one Redis prefix, an admin key for the
     console)."""
-    set_provider_keys(monkeypatch)
     monkeypatch.setenv("GATEWAY_KEY_ADMIN", ADMIN_KEY)
     monkeypatch.setenv("GATEWAY_REDIS_URL", REDIS_URL)
     prefix = f"gateway-test:{uuid.uuid4().hex}"
@@ -138,7 +136,6 @@ def breaker_event(client: TestClient, provider: str, state: str) -> asyncio.Even
 
 def test_missing_dsn_or_redis_url_is_a_config_error_naming_the_field(tmp_path: Path, dev_certs: DevCertLayout,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    set_provider_keys(monkeypatch)
     nowhere = {name: SimpleNamespace(url="https://127.0.0.1:1") for name in ("primary", "backup")}
     data = engine_config_data(tmp_path, dev_certs, nowhere, ("primary", "backup"))  # type: ignore[arg-type]
     monkeypatch.delenv("GATEWAY_PG_DSN", raising=False)

@@ -1,8 +1,8 @@
 """One contract for every journal backend: the SQLite store and the PostgreSQL store must agree.
 
-Real databases only: SQLite in a temporary file, PostgreSQL at GATEWAY_TEST_PG_DSN (default
-postgresql://gateway:gateway@127.0.0.1:5432/gateway_test; `.ci/run` starts it). Each PostgreSQL
-test gets a fresh schema, dropped afterwards. When PostgreSQL is down these tests fail, they
+Real databases only (the `backend` fixture of conftest.py): SQLite in a temporary file,
+PostgreSQL at GATEWAY_TEST_PG_DSN (default postgresql://gateway:gateway@127.0.0.1:5432/gateway_test;
+`.ci/run` starts it). Each PostgreSQL test gets a fresh schema, dropped afterwards. When PostgreSQL is down these tests fail, they
 do not skip.
 
 Atomicity is shown with the databases' own triggers: a trigger that refuses one payment write
@@ -16,17 +16,11 @@ real processes.
 from __future__ import annotations
 
 import asyncio
-import os
 import sqlite3
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-import asyncpg
 import pytest
 
 from gateway.journal.postgres import PostgresStore
@@ -42,93 +36,12 @@ from gateway.journal.records import (
 from gateway.journal.sqlite import SqliteStore
 from gateway.journal.store import StaleWrite
 from domain.outcome import PaymentStatus
+from tests.conftest import DB_ERRORS, REFUSE_APPROVED_BOOM, Backend
 
-PG_DSN = os.environ.get("GATEWAY_TEST_PG_DSN", "postgresql://gateway:gateway@127.0.0.1:5432/gateway_test")
 SCOPE = "checkout"
 FP = "f" * 64
 OTHER_FP = "e" * 64
 HOUR = 3600.0
-
-
-def dsn_with_search_path(dsn: str, schema: str) -> str:
-    """asyncpg passes unknown DSN query parameters to the server as settings."""
-    parts = urlsplit(dsn)
-    query = [(k, v) for k, v in parse_qsl(parts.query) if k != "search_path"] + [("search_path", schema)]
-    return urlunsplit(parts._replace(query=urlencode(query)))
-
-
-@asynccontextmanager
-async def pg_schema() -> AsyncIterator[str]:
-    """A DSN whose tables live in a schema of their own, dropped afterwards."""
-    schema = f"gw_test_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(PG_DSN, timeout=5)
-    try:
-        await admin.execute(f'CREATE SCHEMA "{schema}"')
-        yield dsn_with_search_path(PG_DSN, schema)
-    finally:
-        await admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        await admin.close()
-
-
-@pytest.fixture
-async def pg_dsn() -> AsyncIterator[str]:
-    async with pg_schema() as dsn:
-        yield dsn
-
-
-@dataclass
-class Backend:
-    kind: str
-    store: SqliteStore | PostgresStore
-    new_store: Callable[[], SqliteStore | PostgresStore]  # another store on the same database (a replica)
-    execute: Callable[[str], Awaitable[None]]  # DDL through a separate connection
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
-    if request.param == "sqlite":
-        async with _opened(sqlite_backend(tmp_path / "journal.db")) as opened:
-            yield opened
-    else:
-        async with pg_schema() as dsn, _opened(postgres_backend(dsn)) as opened:
-            yield opened
-
-
-def sqlite_backend(path: Path) -> Backend:
-    async def execute(sql: str) -> None:
-        def run() -> None:
-            conn = sqlite3.connect(path)
-            try:
-                conn.executescript(sql)
-            finally:
-                conn.close()
-
-        await asyncio.to_thread(run)
-
-    return Backend("sqlite", SqliteStore(path), lambda: SqliteStore(path), execute)
-
-
-def postgres_backend(dsn: str) -> Backend:
-    async def execute(sql: str) -> None:
-        conn = await asyncpg.connect(dsn, timeout=5)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    def new_store() -> PostgresStore:
-        return PostgresStore(dsn, min_size=1, max_size=5)
-
-    return Backend("postgres", new_store(), new_store, execute)
-
-
-@asynccontextmanager
-async def _opened(backend: Backend) -> AsyncIterator[Backend]:
-    await backend.store.open()
-    try:
-        yield backend
-    finally:
-        await backend.store.close()
 
 
 def payment(payment_id: str | None = None, status: PaymentStatus = PaymentStatus.RECEIVED,
@@ -150,21 +63,6 @@ async def claim(store: SqliteStore | PostgresStore, k: str, fp: str = FP, resour
     return await store.claim_idempotency(scope, k, fp, resource, now, now + ttl, record)
 
 
-REFUSE_APPROVED_BOOM = {
-    "sqlite": """
-        CREATE TRIGGER refuse_boom_insert BEFORE INSERT ON payments
-        WHEN NEW.id = 'pay_boom' AND NEW.status = 'approved' BEGIN SELECT RAISE(ABORT, 'refused by test'); END;
-        CREATE TRIGGER refuse_boom_update BEFORE UPDATE ON payments
-        WHEN NEW.id = 'pay_boom' AND NEW.status = 'approved' BEGIN SELECT RAISE(ABORT, 'refused by test'); END;
-    """,
-    "postgres": """
-        CREATE FUNCTION refuse_boom() RETURNS trigger LANGUAGE plpgsql AS
-            $$ BEGIN RAISE EXCEPTION 'refused by test'; END $$;
-        CREATE TRIGGER refuse_boom BEFORE INSERT OR UPDATE ON payments FOR EACH ROW
-            WHEN (NEW.id = 'pay_boom' AND NEW.status = 'approved') EXECUTE FUNCTION refuse_boom();
-    """,
-}
-DB_ERRORS = (sqlite3.Error, asyncpg.PostgresError)
 
 
 # -- payments ---------------------------------------------------------------------------------------

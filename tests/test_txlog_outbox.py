@@ -48,19 +48,13 @@ from gateway.txlog.outbox import (
     logged_ids,
 )
 from emulators.server import EmulatorServer
-from tests.conftest import card_payment
-from tests.test_engine_failover import (  # noqa: F401  (stripes is a fixture)
-    engine_config_data,
-    idem,
-    set_provider_keys,
-    stripes,
-)
-from tests.test_store_contract import (  # noqa: F401  (backend and pg_dsn are fixtures)
+from tests.conftest import (
     DB_ERRORS,
     REFUSE_APPROVED_BOOM,
     Backend,
-    backend,
-    pg_dsn,
+    card_payment,
+    engine_config_data,
+    idem,
     pg_schema,
 )
 
@@ -117,7 +111,6 @@ class Gateway:
 @pytest.fixture(params=["sqlite", "postgres"])
 async def gateway(request: pytest.FixtureRequest, tmp_path: Path, dev_certs: DevCertLayout,
                   stripes: dict[str, EmulatorServer], monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Gateway]:
-    set_provider_keys(monkeypatch)
     data = engine_config_data(tmp_path, dev_certs, stripes, ("primary", "backup"))
     if request.param == "sqlite":
         yield Gateway("sqlite", parse_config(data), None)

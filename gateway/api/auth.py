@@ -1,4 +1,5 @@
-"""Bearer API keys from configuration: 401 without a known key, 403 for a key not allowed."""
+"""Bearer API keys from configuration: 401 without a known key, 403 for a key not allowed, 400
+for two Authorization headers (never "the first one that matches")."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from gateway.api.errors import ApiError
+from gateway.api.inputs import single_header
 from gateway.config import AuthConfig
 
 
@@ -23,7 +25,7 @@ class Authenticator:
                       for c in config.clients]
 
     def caller(self, request: web.Request, permission: str) -> Caller:
-        header = request.headers.get("Authorization", "")
+        header = single_header(request, "Authorization") or ""
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise ApiError(401, "unauthenticated", "an Authorization: Bearer <api key> header is required",

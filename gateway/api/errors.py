@@ -1,20 +1,29 @@
 """Every error the API answers has one shape: `{code, message, field}` with a fitting status.
 
-Handlers raise `ApiError`; the middleware renders it, and turns anything unexpected into a 500
-that names no internals, so a bad request can never crash the worker. A journal that cannot
-take the request's write (`JournalUnavailable`) is a 503 the caller may retry, not a 500.
+Handlers raise `ApiError`; the middleware renders it, and is the one place that maps what is
+not the handler's to decide (and `ProtocolLog` what fails before any handler): a journal that
+cannot take the request's write now is a 503 the caller may retry (`JournalUnavailable`:
+unreachable; `StoreOverloaded`: at capacity, shed with `Retry-After`); a client that hung up
+mid-request is counted, not logged (any caller could flood the log with tracebacks); anything
+else unexpected is a 500 that names no internals, so a bad request can never crash the worker.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import orjson
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.log import server_logger
 from pydantic import ValidationError
 
-from gateway.journal.store import JournalUnavailable
+from gateway.app_keys import METRICS
+from gateway.journal.store import JournalUnavailable, StoreOverloaded
+from gateway.metrics import Metrics
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 JOURNAL_RETRY_AFTER_S = "2"  # about one readiness probe: by then the load balancer knows
@@ -67,8 +76,36 @@ def error_middleware(log: structlog.typing.FilteringBoundLogger) -> Callable[[we
             log.warning("journal_unavailable", path=request.path, reason=str(exc))
             return ApiError(503, "journal_unavailable", "the payment journal is unavailable; retry shortly",
                             headers={"Retry-After": JOURNAL_RETRY_AFTER_S}).response()
+        except StoreOverloaded:
+            request.app[METRICS].shed.labels("journal").inc()
+            return ApiError(503, "overloaded", "the journal is at capacity; retry shortly",
+                            headers={"Retry-After": "1"}).response()
         except Exception as exc:
+            if isinstance(exc, ConnectionResetError) and request.transport is None:
+                # The caller hung up (mid-body, typically): nobody is left to answer.
+                request.app[METRICS].client_disconnects.inc()
+                return ApiError(400, "client_disconnected", "the client closed the connection").response()
             log.exception("unhandled_error", path=request.path, error=type(exc).__name__)
             return ApiError(500, "internal_error", "the gateway failed to process this request").response()
 
     return middleware
+
+
+class ProtocolLog:
+    """aiohttp's server logger (`handler_args={"logger": ...}`). A request its HTTP parser
+    refuses (a malformed request line, header or chunked framing) never reaches a handler:
+    aiohttp answers it with a bare-text 400 and logs a traceback each time, so any caller could
+    flood the log. Those are counted instead; everything else goes to aiohttp's own logger."""
+
+    def __init__(self, metrics: Metrics, logger: logging.Logger = server_logger) -> None:
+        self._metrics = metrics
+        self._logger = logger
+
+    def debug(self, *args: Any, **kwargs: Any) -> None:
+        self._logger.debug(*args, **kwargs)
+
+    def exception(self, *args: Any, exc_info: object = True, **kwargs: Any) -> None:
+        if isinstance(exc_info, HttpProcessingError):
+            self._metrics.malformed_http.inc()
+            return
+        self._logger.exception(*args, exc_info=exc_info, **kwargs)  # type: ignore[arg-type]

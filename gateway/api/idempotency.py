@@ -1,9 +1,10 @@
 """Front-door idempotency after the IETF draft "The Idempotency-Key HTTP Header Field": the
 key header and the request's fingerprint. Missing or malformed key: 400.
 
-What a claimed key answers (same key and body: the stored answer, byte for byte; another body:
-422; still running: 409) is the payment service's (`gateway.orchestrator`, `gateway.answers`).
-Keys are scoped to the calling API key and expire after the configured retention.
+A repeated key header is refused like a missing one. What a claimed key answers (same key and
+body: the stored answer, byte for byte; another body: 422; still running: 409) is the payment
+service's (`gateway.orchestrator`, `gateway.answers`). Keys are scoped to the calling API key and
+expire after the configured retention.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ import re
 from aiohttp import web
 
 from gateway.api.errors import ApiError
+from gateway.api.inputs import single_header
 
 HEADER = "Idempotency-Key"
 _VALID = re.compile(r"^[\x21-\x7e]{1,255}$")
 
 
 def idempotency_key(request: web.Request) -> str:
-    key = request.headers.get(HEADER)
+    key = single_header(request, HEADER)
     if key is None:
         raise ApiError(400, "idempotency_key_missing", f"the {HEADER} header is required on this request", HEADER)
     key = key.strip().strip('"')  # the draft sends it as a structured-field string

@@ -33,10 +33,11 @@ from urllib.parse import urlsplit
 
 import orjson
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, StrictBool, ValidationError
+from pydantic import BaseModel, ConfigDict, StrictBool
 
 from gateway.api.auth import Caller
-from gateway.api.errors import ApiError, from_validation_error, json_response
+from gateway.api.errors import ApiError, json_response
+from gateway.api.inputs import json_body
 from gateway.app_keys import AUTH, CERT_WATCHER, CONFIG, CONSOLE, CONSOLE_ASSETS, OPS_LOG, POOL, RECONCILER, SERVICE, STORE
 from gateway.console.session import COOKIE, COOKIE_PATH, SessionSigner
 from gateway.console.stats import GATEWAY, ConsoleStats
@@ -201,7 +202,7 @@ def _certificate(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 class ConsoleAssets:
-    """The static files, read once when the routes are added (never per request)."""
+    """The static files, read once at start-up in a thread (never per request, never on the loop)."""
 
     def __init__(self) -> None:
         self.files = {name: (STATIC_DIR / name).read_bytes() for name in ASSETS}
@@ -229,18 +230,7 @@ def _check_origin(request: web.Request) -> None:
 
 
 async def _json(request: web.Request, model: type[BreakerAction | ReconcileAction]) -> Any:
-    if request.content_type != "application/json":
-        raise ApiError(415, "unsupported_media_type", "send the body as application/json", "Content-Type")
-    try:
-        data = orjson.loads(await request.read() or b"{}")
-    except orjson.JSONDecodeError as exc:
-        raise ApiError(400, "malformed_json", f"the body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "malformed_json", "the body must be a JSON object")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise from_validation_error(exc) from None
+    return (await json_body(request, model))[1]  # the front door's rules: one parser for every JSON body
 
 
 def _confirmed(action: BreakerAction | ReconcileAction) -> None:
@@ -368,12 +358,12 @@ async def reconcile_action(request: web.Request) -> web.Response:
 
 def setup_console(app: web.Application, *, stats: ConsoleStats | None = None) -> None:
     """Add the console to an app built by `gateway.app.build_app` (after its service context):
-    routes, the stats observer on the payment service, a listener on every breaker, and the
-    streams closed on shutdown."""
-    app[CONSOLE_ASSETS] = ConsoleAssets()
+    routes, the static files (read in a thread at start-up), the stats observer on the payment
+    service, a listener on every breaker, and the streams closed on shutdown."""
     app[CONSOLE] = Console(app, stats=stats)
 
     async def console_ctx(app: web.Application) -> AsyncIterator[None]:
+        app[CONSOLE_ASSETS] = await asyncio.to_thread(ConsoleAssets)
         console = app[CONSOLE]
         service = app[SERVICE]
         service.observers.append(console.stats.observe)

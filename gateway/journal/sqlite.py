@@ -74,7 +74,6 @@ class SqliteStore:
         self.migrated: list[Migration] = []  # the schema steps the last open applied
 
     async def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._loop = asyncio.get_running_loop()
         ready: asyncio.Future[None] = self._loop.create_future()
         thread = threading.Thread(target=self._run, args=(ready,), name="sqlite-journal", daemon=True)
@@ -100,6 +99,8 @@ class SqliteStore:
     # -- the writer thread -------------------------------------------------------------------
 
     def _connect(self) -> sqlite3.Connection:
+        """In the writer thread, like every other touch of the file (never on the event loop)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
             conn.execute("PRAGMA journal_mode=WAL")

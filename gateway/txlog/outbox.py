@@ -115,7 +115,7 @@ class TransactionLog:
                  owner: str | None = None, ops_log: Any = None, tail_bytes: int = TAIL_BYTES) -> None:
         self.writer = writer
         self.store = store
-        self.owner = owner if owner is not None else log_owner(writer.path)
+        self.owner = owner or ""  # by default log_owner(writer.path), resolved in start(): off the loop
         self.tail_bytes = tail_bytes
         self._render = build_transaction_renderer(redactor=redactor)
         self._ops = ops_log
@@ -133,6 +133,8 @@ class TransactionLog:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        if not self.owner:
+            self.owner = await asyncio.to_thread(log_owner, self.writer.path)  # resolving the path stats the disk
         self.writer.set_flush_listener(self._durable_through)
 
     async def settle(self, timeout: float = 10) -> bool:
