@@ -17,6 +17,7 @@ import os
 import sqlite3
 import sys
 import traceback
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
@@ -39,6 +40,7 @@ from gateway.certs.devca import DevCertLayout, generate_dev_certs
 from gateway.config import GatewayConfig, parse_config
 from gateway.emulator_launch import start_emulator
 from gateway.journal.postgres import PostgresStore
+from domain.outcome import PaymentStatus
 from gateway.journal.records import PaymentRecord
 from gateway.journal.sqlite import SqliteStore
 from emulators.faults import FaultPlan, FaultRule
@@ -451,3 +453,14 @@ REFUSE_APPROVED_BOOM = {
     """,
 }
 DB_ERRORS = (sqlite3.Error, asyncpg.PostgresError)
+
+
+STORE_SCOPE = "checkout"  # the scope the store tests claim keys in
+
+
+def payment(payment_id: str | None = None, status: PaymentStatus = PaymentStatus.RECEIVED,
+            updated_at: float | None = None, **extra: object) -> PaymentRecord:
+    now = time.time()
+    return PaymentRecord(id=payment_id or f"pay_{uuid.uuid4().hex}", client=STORE_SCOPE, amount=1299, currency="EUR",
+                         capture=True, merchant_reference="order-1", status=status, created_at=now,
+                         updated_at=updated_at if updated_at is not None else now, **extra)  # type: ignore[arg-type]

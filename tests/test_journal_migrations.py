@@ -31,7 +31,7 @@ from gateway.journal.schema import migrations, postgres_prepare
 from gateway.journal.sqlite import SqliteStore
 from gateway.journal.store import JournalUnavailable, SchemaMismatch
 from domain.outcome import PaymentStatus
-from tests.test_store_contract import payment, pg_schema
+from tests.conftest import payment, pg_schema
 
 LATEST = len(migrations("sqlite"))
 ALL_STEPS = [m.label for m in migrations("sqlite")]

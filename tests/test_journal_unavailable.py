@@ -30,7 +30,7 @@ from gateway.journal.postgres import PostgresStore
 from gateway.journal.store import JournalUnavailable
 from tests.conftest import AUTH, card_payment, gateway_config_data
 from tests.netfault import TcpProxy
-from tests.test_store_contract import PG_DSN, payment, pg_schema
+from tests.conftest import PG_DSN, payment, pg_schema
 
 
 def through(dsn: str, port: int) -> str:

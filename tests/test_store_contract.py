@@ -36,20 +36,12 @@ from gateway.journal.records import (
 from gateway.journal.sqlite import SqliteStore
 from gateway.journal.store import StaleWrite
 from domain.outcome import PaymentStatus
-from tests.conftest import DB_ERRORS, REFUSE_APPROVED_BOOM, Backend
+from tests.conftest import DB_ERRORS, REFUSE_APPROVED_BOOM, STORE_SCOPE, Backend, payment
 
-SCOPE = "checkout"
+SCOPE = STORE_SCOPE
 FP = "f" * 64
 OTHER_FP = "e" * 64
 HOUR = 3600.0
-
-
-def payment(payment_id: str | None = None, status: PaymentStatus = PaymentStatus.RECEIVED,
-            updated_at: float | None = None, **extra: object) -> PaymentRecord:
-    now = time.time()
-    return PaymentRecord(id=payment_id or f"pay_{uuid.uuid4().hex}", client=SCOPE, amount=1299, currency="EUR",
-                         capture=True, merchant_reference="order-1", status=status, created_at=now,
-                         updated_at=updated_at if updated_at is not None else now, **extra)  # type: ignore[arg-type]
 
 
 def key() -> str:

@@ -23,7 +23,7 @@ from domain.outcome import PaymentStatus
 from gateway.journal.postgres import PostgresStore
 from gateway.journal.sqlite import SqliteStore
 from gateway.journal.store import StaleWrite
-from tests.test_store_contract import payment, pg_schema
+from tests.conftest import payment, pg_schema
 
 PROCESSES = 3
 ORPHANS = 40
