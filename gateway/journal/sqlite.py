@@ -14,6 +14,7 @@ operation, and the deletes of a whole flushed batch of lines are one operation.
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
 import sqlite3
 import threading
@@ -23,6 +24,7 @@ from typing import Any, TypeVar
 
 import orjson
 
+from gateway.file_errors import describe_os_error
 from gateway.journal.records import (
     ClaimKind,
     IdempotencyClaim,
@@ -32,7 +34,7 @@ from gateway.journal.records import (
     PaymentRecord,
     StoredResponse,
 )
-from gateway.journal.store import UNRESOLVED_STATUSES, StoreOverloaded, payment_row
+from gateway.journal.store import UNRESOLVED_STATUSES, StoreOverloaded, StoreUnavailable, payment_row
 
 T = TypeVar("T")
 _STOP = object()
@@ -84,7 +86,8 @@ class SqliteStore:
         self.operations = 0
 
     async def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        """Start the writer thread on the database file; `StoreUnavailable` naming the file and
+        the problem when it cannot be created, opened or read as a database."""
         self._loop = asyncio.get_running_loop()
         ready: asyncio.Future[None] = self._loop.create_future()
         self._thread = threading.Thread(target=self._run, args=(ready,), name="sqlite-journal", daemon=True)
@@ -101,11 +104,26 @@ class SqliteStore:
     # -- the writer thread -------------------------------------------------------------------
 
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")  # each commit is on disk before callers resume
-        conn.execute("PRAGMA busy_timeout=5000")
-        conn.executescript(SCHEMA)
+        where = str(self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # SQLite says only "unable to open database file"; opening it ourselves first gets the
+            # reason (permission denied, is a directory, read-only file system).
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+        except OSError as exc:
+            raise StoreUnavailable(where, describe_os_error(exc, self.path)) from None
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(where, f"cannot open it: {exc}") from None
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")  # each commit is on disk before callers resume
+            conn.execute("PRAGMA busy_timeout=5000")
+            conn.executescript(SCHEMA)
+        except sqlite3.DatabaseError as exc:  # "file is not a database", a directory the WAL cannot go in
+            conn.close()
+            raise StoreUnavailable(where, f"not usable as an SQLite journal: {exc}") from None
         return conn
 
     def _run(self, ready: asyncio.Future[None]) -> None:
