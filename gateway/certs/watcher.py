@@ -6,7 +6,8 @@ Every ``interval_s`` it:
 * reads the certificate files in a thread (never blocking the event loop) and probes each HTTPS
   provider endpoint with a real handshake (`gateway.certs.check`);
 * for each live pair (each provider's client certificate, the gateway's server certificate when
-  given its server context) compares the files with what is loaded. Changed and usable now (key
+  given its server context) first completes a swap that a crashed `gateway certs rotate` or
+  `rollback` left half done (`gateway.certs.swap`), then compares the files with what is loaded. Changed and usable now (key
   matches, within its validity dates) -> loaded into the live ``SSLContext`` with
   `reload_cert_chain`: new connections present it, connections in flight keep theirs. Changed
   but not usable -> not loaded, a warning once, the loaded pair stays in service;
@@ -61,6 +62,7 @@ from gateway.certs.check import (
     unusable_reason,
 )
 from gateway.certs.inspect import CertStatus, inspect_pem
+from gateway.certs.swap import PairLocation, SwapError, recover_unless_busy
 from gateway.certs.tls import reload_cert_chain
 from gateway.config import GatewayConfig
 from gateway.metrics import Metrics
@@ -104,6 +106,7 @@ class _Slot:
     loaded_pem: bytes | None = None  # certificate currently in `ctx`, as far as we know
     loaded_digest: bytes | None = None  # `PairFiles.digest` of what was loaded
     refused_digest: bytes | None = None  # last changed pair we refused (warned about once)
+    swap_error: str | None = None  # why an interrupted swap could not be completed (warned about once)
 
 
 class CertificateWatcher:
@@ -170,6 +173,7 @@ class CertificateWatcher:
 
     async def _sync(self, slot: _Slot, now: datetime) -> CertReport:
         """Load the pair on disk if it changed and is usable; report the pair in service."""
+        await self._complete_interrupted_swap(slot)
         files = await asyncio.to_thread(PairFiles.read, slot.cert, slot.key)
         report = rate_pair(slot.provider, slot.kind, files, now=now, thresholds=self._thresholds)
         if files.digest == slot.loaded_digest:
@@ -197,6 +201,25 @@ class CertificateWatcher:
                            critical_days=self._thresholds.critical_days, path=str(slot.cert))
         return CertReport.from_info(slot.provider, slot.kind, str(slot.cert), info,
                                     error=f"the pair on disk is not loaded: {problem}")
+
+    async def _complete_interrupted_swap(self, slot: _Slot) -> None:
+        """A rotation killed between its renames leaves its intent behind: finish it, so the
+        pair on disk is whole again (a mismatched pair is never loaded either way)."""
+        location = PairLocation(slot.cert, slot.key)
+        try:
+            operation = await asyncio.to_thread(recover_unless_busy, location)
+        except (OSError, SwapError) as exc:
+            if str(exc) != slot.swap_error:
+                slot.swap_error = str(exc)
+                self._ops.warning("certificate_swap_incomplete", provider=slot.provider, kind=slot.kind,
+                                  intent=str(location.intent), reason=str(exc),
+                                  detail="run `gateway certs rotate` or `rollback` to complete it")
+            return
+        slot.swap_error = None
+        if operation is not None:
+            self._ops.warning("certificate_swap_completed", provider=slot.provider, kind=slot.kind,
+                              path=str(slot.cert), operation=operation,
+                              detail="a certificate command had stopped mid-way; its swap is now complete")
 
     async def _load(self, slot: _Slot, files: PairFiles) -> str | None:
         """Load exactly the bytes that were judged (a private copy, not the live paths, which
