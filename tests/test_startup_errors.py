@@ -14,6 +14,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -27,8 +28,7 @@ from emulators.server import EmulatorServer
 from tests.conftest import AUTH, card_payment, gateway_config_data
 
 ROOT = Path(__file__).resolve().parent.parent
-OFFLINE = {name: type("Offline", (), {"url": f"https://127.0.0.1:{port}"})()
-           for name, port in (("stripe", 9), ("adyen", 9), ("checkout", 9))}
+OFFLINE = {name: SimpleNamespace(url="https://127.0.0.1:9") for name in ("stripe", "adyen", "checkout")}
 
 
 @pytest.fixture

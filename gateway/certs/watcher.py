@@ -7,10 +7,11 @@ Every ``interval_s`` it:
   provider endpoint with a real handshake (`gateway.certs.check`);
 * for each live pair (each provider's client certificate, the gateway's server certificate when
   given its server context) first completes a swap that a crashed `gateway certs rotate` or
-  `rollback` left half done (`gateway.certs.swap`), then compares the files with what is loaded. Changed and usable now (key
-  matches, within its validity dates) -> loaded into the live ``SSLContext`` with
-  `reload_cert_chain`: new connections present it, connections in flight keep theirs. Changed
-  but not usable -> not loaded, a warning once, the loaded pair stays in service;
+  `rollback` left half done (`gateway.certs.swap`), then compares the files with what is
+  loaded. Changed and usable now (key matches, within its validity dates) -> loaded into the
+  live ``SSLContext`` with `reload_cert_chain`: new connections present it, connections in
+  flight keep theirs. Changed but not usable -> not loaded, a warning once, the loaded pair
+  stays in service;
 * gives a provider context that trusts no CA yet (its bundle did not load at start) the bundle
   once it loads;
 * reports a provider whose *loaded* client certificate is expired, not yet valid or unreadable,
@@ -186,7 +187,7 @@ class CertificateWatcher:
                                serial=report.serial, subject=report.subject,
                                not_after=report.not_after.isoformat() if report.not_after else None)
             return report
-        if first:  # the pool tried these very files at start: if they did not load, nothing is presented
+        if first:  # the pool tried these very files at start, and they did not load either
             slot.loaded_pem, slot.loaded_digest = files.cert_pem, files.digest
             if unusable_reason(report) is None:  # they look right, yet do not load into the context
                 return dataclasses.replace(report, status=CertStatus.INVALID, error=problem)

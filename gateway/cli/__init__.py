@@ -177,12 +177,13 @@ def _run(coro) -> None:  # type: ignore[no-untyped-def]
 def dev(config: ConfigOpt = DEFAULT_CONFIG,
         certs_dir: Annotated[Path, typer.Option("--certs")] = DEFAULT_CERTS) -> None:
     """Local stack for `make run`: dev certificates, every configured emulator, the gateway."""
+    from gateway.app import StartupError
     from gateway.devstack import run_dev_stack
 
     cfg = load_or_exit(config)
     try:
         _run(run_dev_stack(cfg, certs_dir))
-    except ConfigError as exc:
+    except (ConfigError, StartupError) as exc:
         raise fail(str(exc)) from None
 
 
