@@ -46,7 +46,7 @@ from gateway.journal.postgres import PostgresStore
 from gateway.journal.probe import JournalProbe
 from gateway.journal.sqlite import SqliteStore
 from gateway.journal.startup import open_store
-from gateway.journal.store import Store
+from gateway.journal.store import Store, StoreUnavailable
 from gateway.metrics import Metrics
 from gateway.orchestrator import PaymentService
 from gateway.provider_client import ProviderClient
@@ -57,8 +57,15 @@ from gateway.router import Router
 from gateway.tasks import stop_task
 from gateway.txlog import JsonLinesWriter, build_ops_logger
 from gateway.txlog.outbox import TransactionLog
+from gateway.txlog.writer import LogFileUnavailable, LogWriterStalled
 
 ABANDON_MARGIN_S = 5.0  # past its deadline plus this, an unanswered payment has lost its process
+
+
+class StartupError(Exception):
+    """The gateway cannot start: one line naming the setting, the file and the problem
+    (`storage.sqlite_path /srv/gw/data/gateway.db: file is not a database`). `gateway serve`
+    prints it and exits non-zero, without a traceback."""
 
 
 def make_store(config: GatewayConfig, metrics: Metrics | None = None) -> Store:
@@ -104,16 +111,29 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
     async def log_writer(app: web.Application) -> AsyncIterator[None]:
         writer = JsonLinesWriter(Path(config.log.dir) / config.log.file, queue_size=config.log.queue_size,
                                  max_bytes=config.log.max_bytes)
+        try:
+            await asyncio.to_thread(writer.open)  # a log that cannot be written stops us here, not later
+        except LogFileUnavailable as exc:
+            raise StartupError(f"log.dir {config.log.dir}: cannot open {config.log.file}: {exc.problem}") from None
         writer.start()
         app[LOG_WRITER] = writer
         yield
-        await writer.aclose()
+        try:
+            await writer.aclose()
+        except LogWriterStalled as exc:
+            ops.error("transaction_log_abandoned", log=str(exc.path), unwritten=exc.unwritten, reason=exc.problem,
+                      detail="their lines stay in the journal's outbox and are written at the next start")
+            raise
 
     async def store(app: web.Application) -> AsyncIterator[None]:
         s = make_store(config, app[METRICS])
-        # A PostgreSQL that is not up yet is waited for; a local SQLite file that cannot open will not come up.
-        await open_store(s, wait_s=config.storage.start_wait_s if config.storage.backend == "postgres" else 0,
-                         log=ops)
+        try:
+            # A PostgreSQL that is not up yet is waited for; a local SQLite file that cannot open will not come up.
+            await open_store(s, wait_s=config.storage.start_wait_s if config.storage.backend == "postgres" else 0,
+                             log=ops)
+        except StoreUnavailable as exc:
+            field = "storage.sqlite_path" if config.storage.backend == "sqlite" else "storage"
+            raise StartupError(f"{field} {exc}") from None
         if s.migrated:
             ops.info("journal_migrated", steps=[step.label for step in s.migrated])
         app[STORE] = s
@@ -131,7 +151,10 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
         await stop_task(task)
 
     async def transaction_log(app: web.Application) -> AsyncIterator[None]:
-        txlog = TransactionLog(app[LOG_WRITER], app[STORE], ops_log=ops)
+        writer = app[LOG_WRITER]
+        txlog = TransactionLog(writer, app[STORE], ops_log=ops, max_backlog=config.log.max_outbox_backlog)
+        app[METRICS].track_transaction_log(write_errors=lambda: writer.write_errors, backlog=lambda: txlog.backlog,
+                                           healthy=lambda: writer.healthy)
         await txlog.start()
         try:
             # Before serving: lines whose journal commit a crash outran, unless the file has them.

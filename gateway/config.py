@@ -142,6 +142,9 @@ class LogConfig(_Model):
     file: str = "transactions.jsonl"
     queue_size: int = Field(10_000, gt=0)
     max_bytes: int = Field(100 * 1024 * 1024, gt=1024)
+    # New payments are refused (503 overloaded) while more transaction lines than this wait to
+    # be on disk: a log that cannot be written must not let charges pile up unlogged.
+    max_outbox_backlog: int = Field(1000, gt=0)
 
 
 class ProviderTls(_Model):
@@ -278,11 +281,16 @@ def _format(exc: ValidationError) -> str:
     return "; ".join(lines)
 
 
+_TOO_DEEP = "nested too deeply (no gateway setting is more than a few levels deep)"
+
+
 def parse_config(data: Any) -> GatewayConfig:
     try:
         return GatewayConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format(exc)) from None
+    except RecursionError:
+        raise ConfigError(_TOO_DEEP) from None
 
 
 def load_config(path: Path) -> GatewayConfig:
@@ -290,6 +298,10 @@ def load_config(path: Path) -> GatewayConfig:
         data = yaml.safe_load(path.read_text())
     except OSError as exc:
         raise ConfigError(f"cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"not UTF-8 text: {exc.reason} at byte {exc.start}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"not valid YAML: {exc}") from None
+    except RecursionError:  # PyYAML composes nested nodes recursively
+        raise ConfigError(f"not valid YAML: {_TOO_DEEP}") from None
     return parse_config(data)

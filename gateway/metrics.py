@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 
 BREAKER_STATES = {"closed": 0, "half-open": 1, "open": 2}
@@ -60,9 +63,31 @@ class Metrics:
                                            "Breaker sync trouble (disconnect, publish, dropped, bad_message)",
                                            ["kind"], registry=r)
 
+    def track_transaction_log(self, *, write_errors: Callable[[], int], backlog: Callable[[], int],
+                              healthy: Callable[[], bool]) -> None:
+        """Export the transaction log's own counters, read at each scrape (they are plain ints
+        kept by the writer thread, which must not call into prometheus_client per line)."""
+        self.registry.register(_TransactionLogCollector(write_errors, backlog, healthy))
+
     def breaker_changed(self, provider: str, _old: str, new: str) -> None:
         self.breaker_state.labels(provider).set(BREAKER_STATES.get(new, -1))
         self.breaker_changes.labels(provider, new).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _TransactionLogCollector:
+    def __init__(self, write_errors: Callable[[], int], backlog: Callable[[], int],
+                 healthy: Callable[[], bool]) -> None:
+        self._write_errors, self._backlog, self._healthy = write_errors, backlog, healthy
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily("gateway_txlog_write_errors",
+                                  "Failed transaction log disk operations (each is retried, no line is dropped)",
+                                  value=self._write_errors())
+        yield GaugeMetricFamily("gateway_txlog_outbox_backlog",
+                                "Transaction lines emitted and not yet on disk (held in the journal's outbox)",
+                                value=self._backlog())
+        yield GaugeMetricFamily("gateway_txlog_writable", "1 while the transaction log file can be written, else 0",
+                                value=1 if self._healthy() else 0)

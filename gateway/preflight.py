@@ -34,12 +34,11 @@ from urllib.parse import urlsplit
 
 from gateway.certs.check import CertReport, Thresholds, collect
 from gateway.certs.inspect import CertStatus
-from gateway.certs.tls import client_context
 from gateway.config import EngineConfig, GatewayConfig, ProviderConfig
 from domain.types import FollowUp, Operation
 from gateway.metrics import Metrics
 from gateway.provider_client import MIN_TRY_S, ProviderClient
-from gateway.provider_pool import make_handle
+from gateway.provider_pool import make_handle, provider_ssl_context
 
 Severity = Literal["error", "warn"]
 ERROR: Severity = "error"
@@ -177,11 +176,12 @@ async def probe_provider(name: str, cfg: ProviderConfig) -> list[Finding]:
     that it is unwell. A connect or TLS failure is the problem this check exists for.
     """
     subject = f"provider {name}"
-    try:
-        ctx = await asyncio.to_thread(_ssl_context, cfg)
-    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-        return [Finding("provider.tls_config", ERROR, subject, f"cannot build the TLS client context: {exc}")]
-    handle = make_handle(name, cfg, EngineConfig(), ssl_context=ctx)
+    ctx, problem = await asyncio.to_thread(provider_ssl_context, cfg)
+    if problem is not None:
+        return [Finding("provider.tls_config", ERROR, subject,
+                        f"cannot build the TLS client context: {problem.value} (tls.ca {cfg.tls.ca}, "
+                        f"tls.client_cert {cfg.tls.client_cert}, tls.client_key {cfg.tls.client_key})")]
+    handle = make_handle(name, cfg, EngineConfig(), tls=(ctx, None))
     probe = FollowUp(payment_id=status_probe_reference(), provider_reference=None)
     request = handle.mapping.build(Operation.STATUS, probe, None)
     if request.method != "GET" or request.body:
@@ -258,12 +258,6 @@ async def _tls_refusal(base_url: str, ctx: ssl.SSLContext, timeout_s: float) -> 
         with contextlib.suppress(OSError, TimeoutError):
             async with asyncio.timeout(timeout_s):
                 await writer.wait_closed()
-
-
-def _ssl_context(cfg: ProviderConfig) -> ssl.SSLContext | None:
-    if not cfg.base_url.startswith("https://"):
-        return None
-    return client_context(cfg.tls.ca, cfg.tls.client_cert, cfg.tls.client_key)
 
 
 # --- routes: backups and what they can take ------------------------------------------------------

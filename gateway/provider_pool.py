@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 from gateway.breaker import ProviderBreaker
 from gateway.bulkhead import Bulkhead
-from gateway.certs.tls import client_context
+from gateway.certs.check import CertificateProblem
+from gateway.certs.tls import TlsFileError, client_context, load_pair, untrusting_client_context
 from gateway.config import EngineConfig, GatewayConfig, ProviderConfig
 from gateway.success_window import SuccessWindow
 from providers.base import ProviderMapping
@@ -31,7 +32,7 @@ class ProviderHandle:
     bulkhead: Bulkhead
     ssl_context: ssl.SSLContext | None
     success: SuccessWindow
-    certificate_problem: str | None = None  # reported by the certificate watcher
+    certificate_problem: str | None = None  # files that did not load at start; then the watcher's
 
     @property
     def timeout_s(self) -> float:
@@ -48,17 +49,36 @@ class ProviderHandle:
         return None
 
 
-def _ssl_context(cfg: ProviderConfig) -> ssl.SSLContext | None:
+def provider_ssl_context(cfg: ProviderConfig) -> tuple[ssl.SSLContext | None, CertificateProblem | None]:
+    """The provider's client TLS context, and why its files make the provider unusable.
+
+    A file that does not load (missing, empty, garbled, a key of another certificate) takes this
+    provider out of service, not the gateway: the context is built without it (no client
+    certificate, or no trusted CA so that no handshake verifies), the router skips the provider,
+    and the certificate watcher names the file and loads the fixed one into this same context.
+    """
     if not cfg.base_url.startswith("https://"):
-        return None
-    return client_context(cfg.tls.ca, cfg.tls.client_cert, cfg.tls.client_key)
+        return None, None
+    tls, problem = cfg.tls, None
+    try:
+        ctx = client_context(tls.ca)
+    except TlsFileError:
+        ctx, problem = untrusting_client_context(), CertificateProblem.CA_INVALID
+    if tls.client_cert is not None:
+        try:
+            load_pair(ctx, tls.client_cert, tls.client_key)
+        except TlsFileError:
+            problem = problem or CertificateProblem.CLIENT_INVALID
+    return ctx, problem
 
 
-def make_handle(name: str, cfg: ProviderConfig, engine: EngineConfig, *,
-                ssl_context: ssl.SSLContext | None = None) -> ProviderHandle:
+TlsSetup = tuple[ssl.SSLContext | None, CertificateProblem | None]
+
+
+def make_handle(name: str, cfg: ProviderConfig, engine: EngineConfig, *, tls: TlsSetup | None = None) -> ProviderHandle:
     """One provider's runtime parts, from its configuration (its transport not yet started).
-    `ssl_context`: one already built (preflight builds it off the event loop)."""
-    ctx = ssl_context if ssl_context is not None else _ssl_context(cfg)
+    `tls`: its `provider_ssl_context` already built (preflight builds it off the event loop)."""
+    ctx, problem = tls if tls is not None else provider_ssl_context(cfg)
     return ProviderHandle(
         name=name,
         config=cfg,
@@ -69,6 +89,7 @@ def make_handle(name: str, cfg: ProviderConfig, engine: EngineConfig, *,
         bulkhead=Bulkhead(cfg.bulkhead.max_concurrent, cfg.bulkhead.max_queue),
         ssl_context=ctx,
         success=SuccessWindow(engine.health_window_s, engine.health_min_samples),
+        certificate_problem=problem,
     )
 
 
@@ -91,8 +112,9 @@ class ProviderPool:
         return {h.name: h.ssl_context for h in self._handles.values() if h.ssl_context is not None}
 
     def set_certificate_problem(self, name: str, problem: str | None) -> None:
-        """The certificate watcher's callback: why this provider's client certificate makes it
-        unusable (expired, not yet valid, unreadable), or None once a good pair is loaded."""
+        """The certificate watcher's callback: why this provider's TLS files make it unusable
+        (client certificate expired, not yet valid or invalid; CA bundle invalid), or None once
+        good ones are loaded."""
         self._handles[name].certificate_problem = problem
 
     def health(self, name: str) -> str | None:

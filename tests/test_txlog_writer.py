@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import orjson
 import pytest
 
 from gateway.txlog import JsonLinesWriter, LogQueueFull, LogWriterClosed
+from gateway.txlog.writer import STALL_GRACE_S, LogFileUnavailable, LogWriterStalled
 
 
 def line(**fields: object) -> bytes:
@@ -159,3 +161,99 @@ def test_flush_barrier_times_out_when_the_thread_never_started(tmp_path: Path) -
     assert not writer.flush_barrier(timeout=0.05)
     writer.close()
     assert (tmp_path / "tx.jsonl").read_bytes() == line(n=1)
+
+
+# --- a log that cannot be written is noticed ---------------------------------------------------
+
+
+def test_open_names_the_file_in_the_way(tmp_path: Path) -> None:
+    (tmp_path / "plain").write_bytes(b"x")
+    with pytest.raises(LogFileUnavailable) as err:
+        JsonLinesWriter(tmp_path / "plain" / "logs" / "tx.jsonl").open()
+    assert err.value.problem == f"{tmp_path / 'plain'} is not a directory"
+    (tmp_path / "tx.jsonl").mkdir()
+    with pytest.raises(LogFileUnavailable, match="Is a directory"):
+        JsonLinesWriter(tmp_path / "tx.jsonl").open()
+
+
+def _replace_with_directory(path: Path) -> Path:
+    """What an operator (or a broken deploy) does to the log: the file moved away, a directory
+    where it was. The writer's open descriptor still writes happily into the moved file."""
+    moved = path.with_name("moved-away.jsonl")
+    path.rename(moved)
+    path.mkdir()
+    return moved
+
+
+def test_a_log_file_replaced_under_the_writer_is_noticed_and_nothing_reported_is_lost(tmp_path: Path) -> None:
+    path = tmp_path / "tx.jsonl"
+    reported: list[int] = []
+    all_durable = threading.Event()
+    writer = JsonLinesWriter(path)
+
+    def listener(seq: int) -> None:
+        reported.append(seq)
+        if seq == 30:
+            all_durable.set()
+
+    writer.set_flush_listener(listener)
+    writer.open()
+    writer.start()
+    for n in range(10):
+        writer.write(line(n=n))
+    assert writer.flush_barrier(5) and writer.healthy
+
+    moved = _replace_with_directory(path)
+    for n in range(10, 20):
+        writer.write(line(n=n))
+    started = time.monotonic()
+    assert not writer.flush_barrier(5)  # released as "not flushed" as soon as the check fails
+    assert time.monotonic() - started < 2
+    assert not writer.healthy
+    assert writer.problem == f"cannot write {path}: Is a directory"
+    assert writer.write_errors > 0 and reported[-1] == 10  # lines 11-20 not reported durable
+    assert not writer.flush_barrier(5)  # and no one waits for a disk that is failing
+
+    path.rmdir()  # fixed: the writer opens a new file at the path
+    for n in range(20, 30):
+        writer.write(line(n=n))
+    assert all_durable.wait(5)
+    assert writer.healthy and writer.problem is None
+    writer.close()
+    assert path.read_bytes() == b"".join(line(n=n) for n in range(10, 30))  # the unreported ones again
+    assert moved.read_bytes().startswith(b"".join(line(n=n) for n in range(10)))
+
+
+def test_close_is_bounded_while_the_disk_fails_and_says_what_was_not_written(tmp_path: Path) -> None:
+    path = tmp_path / "tx.jsonl"
+    writer = JsonLinesWriter(path)
+    writer.set_flush_listener(lambda _seq: None)
+    writer.open()
+    writer.start()
+    _replace_with_directory(path)
+    for n in range(5):
+        writer.write(line(n=n))
+    assert not writer.flush_barrier(5)
+    started = time.monotonic()
+    with pytest.raises(LogWriterStalled) as err:
+        writer.close(timeout=30)
+    assert time.monotonic() - started < STALL_GRACE_S + 2
+    assert (err.value.unwritten, err.value.problem) == (5, "Is a directory")
+    assert str(err.value) == f"{path}: 5 line(s) not written: Is a directory"
+    assert not writer.healthy
+
+
+def test_a_log_file_removed_while_idle_is_created_again(tmp_path: Path) -> None:
+    path = tmp_path / "tx.jsonl"
+    durable = threading.Event()
+    writer = JsonLinesWriter(path)
+    writer.set_flush_listener(lambda seq: durable.set() if seq == 2 else None)
+    writer.open()
+    writer.start()
+    writer.write(line(n=1))
+    assert writer.flush_barrier(5)
+    path.unlink()
+    writer.write(line(n=2))
+    assert durable.wait(5)
+    writer.close()
+    assert path.read_bytes() == line(n=2)

@@ -17,7 +17,7 @@ from gateway.api.errors import ApiError
 from gateway.api.idempotency import fingerprint, idempotency_key
 from gateway.api.inputs import json_body, request_deadline
 from gateway.api.schemas import CaptureCreate, CardMethod, PaymentCreate, RefundCreate, VoidCreate
-from gateway.app_keys import AUTH, CONFIG, LOG_WRITER, SERVICE
+from gateway.app_keys import AUTH, CONFIG, LOG_WRITER, SERVICE, TRANSACTION_LOG
 from gateway.journal.records import PaymentRecord
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -45,7 +45,7 @@ def _shed_if_overloaded(request: web.Request) -> None:
     if len(service.in_flight) >= request.app[CONFIG].server.max_in_flight:
         service.metrics.shed.labels("in_flight").inc()
         raise ApiError(503, "overloaded", "the gateway is at capacity; retry shortly", headers={"Retry-After": "1"})
-    if not request.app[LOG_WRITER].has_capacity(reserve=16):
+    if not request.app[LOG_WRITER].has_capacity(reserve=16) or request.app[TRANSACTION_LOG].backlogged():
         service.metrics.shed.labels("log_queue").inc()
         raise ApiError(503, "overloaded", "the transaction log is backed up; retry shortly",
                        headers={"Retry-After": "1"})

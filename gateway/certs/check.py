@@ -18,6 +18,7 @@ import ssl
 from collections.abc import Container, Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -26,7 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from gateway.certs.inspect import CertInfo, CertStatus, inspect_pem, key_matches_cert
-from gateway.certs.tls import client_context
+from gateway.certs.tls import TlsFileError, client_context
 from gateway.config import GatewayConfig, ProviderConfig, ProviderTls
 
 Kind = Literal["client", "ca", "server", "endpoint"]
@@ -34,6 +35,20 @@ GATEWAY = "gateway"  # the `provider` of the gateway's own certificates
 
 # Statuses that make a certificate unusable right now (not merely close to expiry).
 UNUSABLE = frozenset({CertStatus.EXPIRED, CertStatus.NOT_YET_VALID, CertStatus.INVALID})
+
+
+class CertificateProblem(StrEnum):
+    """Why a provider's TLS files make it unusable: the router's skip reason and `/readyz`'s."""
+
+    CLIENT_EXPIRED = "client_certificate_expired"
+    CLIENT_NOT_YET_VALID = "client_certificate_not_yet_valid"
+    CLIENT_INVALID = "client_certificate_invalid"  # unreadable, garbled, or its key does not match
+    CA_INVALID = "ca_bundle_invalid"  # the CA bundle did not load: no server can be verified
+
+
+CLIENT_PROBLEM = {CertStatus.EXPIRED: CertificateProblem.CLIENT_EXPIRED,
+                  CertStatus.NOT_YET_VALID: CertificateProblem.CLIENT_NOT_YET_VALID,
+                  CertStatus.INVALID: CertificateProblem.CLIENT_INVALID}
 
 
 @dataclass(frozen=True)
@@ -182,7 +197,7 @@ async def probe_endpoint(name: str, provider: ProviderConfig, *, now: datetime,
     location = f"{host}:{port}"
     try:
         verifying, reading = await asyncio.to_thread(_probe_contexts, provider.tls)
-    except (OSError, ssl.SSLError) as exc:
+    except (OSError, TlsFileError) as exc:
         return CertReport.unseen(name, "endpoint", location, f"cannot build the TLS context: {exc}")
     verify_error: str | None = None
     try:

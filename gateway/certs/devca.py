@@ -37,8 +37,8 @@ RENEW_WITHIN_DAYS = 30
 CLOCK_SKEW = timedelta(minutes=5)
 
 _EKU = {"server": ExtendedKeyUsageOID.SERVER_AUTH, "client": ExtendedKeyUsageOID.CLIENT_AUTH}
-_CERT_MODE = 0o644
-_KEY_MODE = 0o600
+CERT_MODE = 0o644
+KEY_MODE = 0o600
 
 
 @dataclass(frozen=True)
@@ -146,8 +146,8 @@ def write_pair(cert: x509.Certificate, key: PrivateKey, cert_path: Path, key_pat
 
 def write_pem_pair(cert_pem: bytes, key_pem: bytes, cert_path: Path, key_path: Path) -> None:
     """`write_pair` for material already in PEM form (key first, each file atomically)."""
-    _atomic_write(key_path, key_pem, _KEY_MODE)
-    _atomic_write(cert_path, cert_pem, _CERT_MODE)
+    atomic_write(key_path, key_pem, KEY_MODE)
+    atomic_write(cert_path, cert_pem, CERT_MODE)
 
 
 def generate_dev_certs(
@@ -238,7 +238,7 @@ class _Run:
 
     def ensure_ca_copy(self, path: Path) -> None:
         if self.force or _read(path) != self.ca_pem:
-            _atomic_write(path, self.ca_pem, _CERT_MODE)
+            atomic_write(path, self.ca_pem, CERT_MODE)
 
     def _leaf_is_fresh(self, cert_path: Path, key_path: Path, spec: _LeafSpec) -> bool:
         cert_pem, key_pem = _read(cert_path), _read(key_path)
@@ -365,11 +365,12 @@ def _read(path: Path) -> bytes | None:
         return None
 
 
-def _atomic_write(path: Path, data: bytes, mode: int) -> None:
+def atomic_write(path: Path, data: bytes, mode: int) -> None:
     """Write to a temp file in the same directory, then rename over ``path``.
 
     ``os.replace`` is atomic on one filesystem, so readers see the old file or the new one;
     the temp file is created 0600 and only then given ``mode``, so a key is never world-readable.
+    The file and then its directory are fsynced, so the rename survives a power cut too.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -383,6 +384,16 @@ def _atomic_write(path: Path, data: bytes, mode: int) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_directory(path.parent)
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make the renames and removals in ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _safe_name(name: str) -> str:

@@ -6,10 +6,12 @@ connections present the new pair and connections in flight keep theirs. This mod
 sure that what lands on disk is right, and that it can be undone:
 
 * nothing is written unless every check passes; a refusal lists every reason;
-* the previous pair is kept next to the live one as ``<file>.prev`` for `rollback`;
-* each file is replaced with ``os.replace`` (key first, then certificate). Between the two
-  renames the pair on disk does not match; the watcher refuses a mismatched pair and keeps the
-  loaded one, so that instant is never served.
+* the previous pair is kept next to the live one as ``<file>.prev`` for `rollback`, unless its
+  key does not match (then the ``.prev`` already there is kept instead: never a broken pair);
+* the swap is crash-safe (`gateway.certs.swap`): written down before any file changes, each
+  file replaced atomically, and completed by the next `rotate`, `rollback` or watcher pass if
+  the process dies in between. Rotating to the pair already live changes nothing, so running
+  an interrupted `rotate` again is safe.
 
 Which CA the chain must verify against: ``--ca`` when given (the CA that issued the new
 certificate, e.g. the one the provider accepts client certificates from). Without it, the bundle
@@ -29,23 +31,25 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from gateway.certs.devca import Usage, write_pem_pair
+from gateway.certs.devca import Usage
 from gateway.certs.inspect import CertInfo, CertStatus, inspect_pem, key_matches_cert, verify_chain
+from gateway.certs.swap import Pair, PairLocation, SwapError, locked, recover, swap
 from gateway.config import GatewayConfig
 
-PREV_SUFFIX = ".prev"
 _WILDCARD_BINDS = {"0.0.0.0", "::", ""}
 _EKU = {"client": (ExtendedKeyUsageOID.CLIENT_AUTH, "clientAuth"),
         "server": (ExtendedKeyUsageOID.SERVER_AUTH, "serverAuth")}
 
 
 class RotationRefused(Exception):
-    """Nothing on disk was changed; ``reasons`` says every check that failed."""
+    """Nothing on disk was changed, beyond completing an interrupted swap (``recovered`` names
+    its operation); ``reasons`` says every check that failed."""
 
-    def __init__(self, target: str, reasons: list[str]) -> None:
+    def __init__(self, target: str, reasons: list[str], recovered: str | None = None) -> None:
         super().__init__(f"{target}: " + "; ".join(reasons))
         self.target = target
         self.reasons = reasons
+        self.recovered = recovered
 
 
 @dataclass(frozen=True)
@@ -60,12 +64,16 @@ class PairTarget:
     hostnames: tuple[str, ...] = ()  # server: names the SAN must cover
 
     @property
+    def location(self) -> PairLocation:
+        return PairLocation(self.cert, self.key)
+
+    @property
     def prev_cert(self) -> Path:
-        return self.cert.with_name(self.cert.name + PREV_SUFFIX)
+        return self.location.prev_cert
 
     @property
     def prev_key(self) -> Path:
-        return self.key.with_name(self.key.name + PREV_SUFFIX)
+        return self.location.prev_key
 
 
 @dataclass(frozen=True)
@@ -73,6 +81,9 @@ class RotationResult:
     target: PairTarget
     installed: CertInfo  # the pair now live
     previous_serial: str | None  # None: there was no pair before
+    previous_kept: bool = True  # False: the pair replaced did not match its key; `.prev` left as it was
+    unchanged: bool = False  # the pair was already live: nothing was written
+    recovered: str | None = None  # an interrupted swap completed first (its operation)
 
 
 def provider_target(config: GatewayConfig, name: str) -> PairTarget:
@@ -149,39 +160,47 @@ def rotate(target: PairTarget, cert_pem: bytes, key_pem: bytes, *, now: datetime
                                   now=now, min_days=min_days)
     if reasons:
         raise RotationRefused(target.label, reasons)
-    return RotationResult(target, info, _swap(target, cert_pem, key_pem))
+    return _install(target, Pair(cert_pem, key_pem), info, operation="rotate")
 
 
 def rollback(target: PairTarget, *, now: datetime) -> RotationResult:
     """Put the ``.prev`` pair back; the pair it replaces becomes ``.prev`` (so rollback undoes itself).
 
+    A rollback that a crash interrupted is completed and counts as this one: running an
+    interrupted `rollback` again rolls back once, not twice.
+
     Refused when there is no previous pair, or it is not usable now (key mismatch, expired, not
     yet valid): rolling back to a certificate the provider would reject helps no one. The chain
     and --min-days are not checked again: the pair was in service before.
     """
-    previous = _read_pair(target.prev_cert, target.prev_key)
-    if previous is None:
-        raise RotationRefused(target.label, [f"no previous pair to roll back to ({target.prev_cert} and "
-                                             f"{target.prev_key} must both exist)"])
-    info = inspect_pem(previous[0], now=now)
-    if info.status is CertStatus.INVALID:
-        raise RotationRefused(target.label, [f"{target.prev_cert} is not a PEM certificate ({info.error})"])
-    reasons = _validity_reasons(info, "the previous certificate")
-    if not key_matches_cert(*previous):
-        reasons.append(f"{target.prev_key} does not match {target.prev_cert}")
-    if reasons:
-        raise RotationRefused(target.label, reasons)
-    current = _read_pair(target.cert, target.key)
-    write_pem_pair(previous[0], previous[1], target.cert, target.key)
-    if current is not None:
-        write_pem_pair(current[0], current[1], target.prev_cert, target.prev_key)
-    return RotationResult(target, info, _serial(current[0]) if current else None)
+    location = target.location
+    with locked(location):
+        recovered = _recover(target)
+        if recovered == "rollback":  # the interrupted one was this very request: once is enough
+            live = location.live()
+            assert live is not None  # recover just wrote it
+            info = inspect_pem(live.cert_pem, now=now)
+            return RotationResult(target, info, info.serial, unchanged=True, recovered=recovered)
+        previous = location.previous()
+        if previous is None:
+            raise RotationRefused(target.label, [f"no previous pair to roll back to ({target.prev_cert} and "
+                                                 f"{target.prev_key} must both exist)"], recovered)
+        info = inspect_pem(previous.cert_pem, now=now)
+        if info.status is CertStatus.INVALID:
+            raise RotationRefused(target.label, [f"{target.prev_cert} is not a PEM certificate ({info.error})"],
+                                  recovered)
+        reasons = _validity_reasons(info, "the previous certificate")
+        if not previous.matches:
+            reasons.append(f"{target.prev_key} does not match {target.prev_cert}")
+        if reasons:
+            raise RotationRefused(target.label, reasons, recovered)
+        return _swap_in(target, previous, info, "rollback", recovered)
 
 
 def install_pair(target: PairTarget, cert_pem: bytes, key_pem: bytes, *, now: datetime) -> RotationResult:
     """Install without validation, still keeping ``.prev`` (dev only: `certs issue-dev` uses it to
     stage expiring or expired certificates on purpose)."""
-    return RotationResult(target, inspect_pem(cert_pem, now=now), _swap(target, cert_pem, key_pem))
+    return _install(target, Pair(cert_pem, key_pem), inspect_pem(cert_pem, now=now), operation="install")
 
 
 def san_covers(sans: tuple[str, ...], host: str) -> bool:
@@ -239,13 +258,28 @@ def _eku_problem(cert: x509.Certificate, usage: Usage) -> str | None:
     return f"the certificate's extended key usage ({present}) does not include {name}, needed for a {usage} certificate"
 
 
-def _swap(target: PairTarget, cert_pem: bytes, key_pem: bytes) -> str | None:
-    """Keep the live pair as ``.prev``, then install the new one; the previous serial, if any."""
-    previous = _read_pair(target.cert, target.key)
-    if previous is not None:
-        write_pem_pair(previous[0], previous[1], target.prev_cert, target.prev_key)
-    write_pem_pair(cert_pem, key_pem, target.cert, target.key)
-    return _serial(previous[0]) if previous else None
+def _install(target: PairTarget, new: Pair, info: CertInfo, *, operation: str) -> RotationResult:
+    with locked(target.location):
+        recovered = _recover(target)
+        if target.location.live() == new:  # e.g. an interrupted rotate run again
+            return RotationResult(target, info, info.serial, unchanged=True, recovered=recovered)
+        return _swap_in(target, new, info, operation, recovered)
+
+
+def _swap_in(target: PairTarget, new: Pair, info: CertInfo, operation: str, recovered: str | None) -> RotationResult:
+    """Under the lock: ``new`` goes live, the live pair becomes ``.prev`` if its key matches."""
+    current = target.location.live()
+    keep = current if current is not None and current.matches else None
+    swap(target.location, new, keep, operation=operation)
+    return RotationResult(target, info, _serial(current.cert_pem) if current is not None else None,
+                          previous_kept=keep is not None or current is None, recovered=recovered)
+
+
+def _recover(target: PairTarget) -> str | None:
+    try:
+        return recover(target.location)
+    except SwapError as exc:
+        raise RotationRefused(target.label, [str(exc)]) from None
 
 
 def _validity_reasons(info: CertInfo, what: str) -> list[str]:
@@ -254,13 +288,6 @@ def _validity_reasons(info: CertInfo, what: str) -> list[str]:
     if info.status is CertStatus.NOT_YET_VALID and info.not_before is not None:
         return [f"{what} is not valid before {info.not_before:%Y-%m-%d %H:%M} UTC"]
     return []
-
-
-def _read_pair(cert: Path, key: Path) -> tuple[bytes, bytes] | None:
-    try:
-        return cert.read_bytes(), key.read_bytes()
-    except FileNotFoundError:
-        return None
 
 
 def _serial(cert_pem: bytes) -> str | None:

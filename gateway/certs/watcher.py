@@ -6,14 +6,19 @@ Every ``interval_s`` it:
 * reads the certificate files in a thread (never blocking the event loop) and probes each HTTPS
   provider endpoint with a real handshake (`gateway.certs.check`);
 * for each live pair (each provider's client certificate, the gateway's server certificate when
-  given its server context) compares the files with what is loaded. Changed and usable now (key
-  matches, within its validity dates) -> loaded into the live ``SSLContext`` with
-  `reload_cert_chain`: new connections present it, connections in flight keep theirs. Changed
-  but not usable -> not loaded, a warning once, the loaded pair stays in service;
-* reports a provider whose *loaded* client certificate is expired, not yet valid or unreadable
-  as unusable through its ``on_certificate_problem`` callback (the composition root hands the
-  provider pool's setter), so the router skips it before calls fail, and reports ``None`` once a
-  good pair is loaded;
+  given its server context) first completes a swap that a crashed `gateway certs rotate` or
+  `rollback` left half done (`gateway.certs.swap`), then compares the files with what is
+  loaded. Changed and usable now (key matches, within its validity dates) -> loaded into the
+  live ``SSLContext`` with `reload_cert_chain`: new connections present it, connections in
+  flight keep theirs. Changed but not usable -> not loaded, a warning once, the loaded pair
+  stays in service;
+* gives a provider context that trusts no CA yet (its bundle did not load at start) the bundle
+  once it loads;
+* reports a provider whose *loaded* client certificate is expired, not yet valid or unreadable,
+  or whose context has no CA, as unusable through its ``on_certificate_problem`` callback (the
+  composition root hands the provider pool's setter), so the router skips it before calls fail,
+  and reports ``None`` once good files are loaded. The first pass reports every provider, so it
+  also settles what the pool found when it built the contexts;
 * exports ``gateway_certificate_expiry_seconds{provider,kind,subject}`` (seconds until
   not-after, negative once expired) and ``gateway_certificate_status{provider,kind}``
   (0 ok, 1 warn, 2 critical, 3 expired/not yet valid/invalid; the worst of the kind);
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import shutil
 import ssl
 import tempfile
@@ -44,7 +50,9 @@ import structlog
 from prometheus_client import CollectorRegistry, Gauge
 
 from gateway.certs.check import (
+    CLIENT_PROBLEM,
     GATEWAY,
+    CertificateProblem,
     CertReport,
     Kind,
     PairFiles,
@@ -55,6 +63,7 @@ from gateway.certs.check import (
     unusable_reason,
 )
 from gateway.certs.inspect import CertStatus, inspect_pem
+from gateway.certs.swap import PairLocation, SwapError, recover_unless_busy
 from gateway.certs.tls import reload_cert_chain
 from gateway.config import GatewayConfig
 from gateway.metrics import Metrics
@@ -63,9 +72,6 @@ OpsLog = structlog.typing.FilteringBoundLogger
 
 STATUS_VALUE = {CertStatus.OK: 0, CertStatus.WARN: 1, CertStatus.CRITICAL: 2, CertStatus.EXPIRED: 3,
                 CertStatus.NOT_YET_VALID: 3, CertStatus.INVALID: 3}
-CLIENT_PROBLEM = {CertStatus.EXPIRED: "client_certificate_expired",
-                  CertStatus.NOT_YET_VALID: "client_certificate_not_yet_valid",
-                  CertStatus.INVALID: "client_certificate_invalid"}
 
 
 class CertificateGauges:
@@ -101,6 +107,7 @@ class _Slot:
     loaded_pem: bytes | None = None  # certificate currently in `ctx`, as far as we know
     loaded_digest: bytes | None = None  # `PairFiles.digest` of what was loaded
     refused_digest: bytes | None = None  # last changed pair we refused (warned about once)
+    swap_error: str | None = None  # why an interrupted swap could not be completed (warned about once)
 
 
 class CertificateWatcher:
@@ -124,6 +131,7 @@ class CertificateWatcher:
         self._lock = asyncio.Lock()
         self._on_problem = on_certificate_problem
         self._problems: dict[str, str | None] = {}  # provider -> problem last reported
+        self._contexts = dict(client_contexts)
         self._slots = _slots(config, client_contexts, server_ssl_context)
         self._slot_keys = {(slot.provider, slot.kind) for slot in self._slots}
         self._levels: dict[tuple[str, str, str], tuple[str, int]] = {}  # cert -> (serial, rank) last logged
@@ -136,6 +144,7 @@ class CertificateWatcher:
         probe = self._probe if probe_endpoints is None else probe_endpoints
         async with self._lock:
             now = self._clock()
+            await self._trust_missing_cas()
             reports = [await self._sync(slot, now) for slot in self._slots]
             reports += await asyncio.to_thread(collect_files, self._config, now=now, thresholds=self._thresholds,
                                                skip_pairs=self._slot_keys)
@@ -165,6 +174,7 @@ class CertificateWatcher:
 
     async def _sync(self, slot: _Slot, now: datetime) -> CertReport:
         """Load the pair on disk if it changed and is usable; report the pair in service."""
+        await self._complete_interrupted_swap(slot)
         files = await asyncio.to_thread(PairFiles.read, slot.cert, slot.key)
         report = rate_pair(slot.provider, slot.kind, files, now=now, thresholds=self._thresholds)
         if files.digest == slot.loaded_digest:
@@ -177,8 +187,10 @@ class CertificateWatcher:
                                serial=report.serial, subject=report.subject,
                                not_after=report.not_after.isoformat() if report.not_after else None)
             return report
-        if first:  # the pool loaded these very files at start: they are what we present
+        if first:  # the pool tried these very files at start, and they did not load either
             slot.loaded_pem, slot.loaded_digest = files.cert_pem, files.digest
+            if unusable_reason(report) is None:  # they look right, yet do not load into the context
+                return dataclasses.replace(report, status=CertStatus.INVALID, error=problem)
             return report
         if files.digest != slot.refused_digest:
             slot.refused_digest = files.digest
@@ -190,6 +202,25 @@ class CertificateWatcher:
                            critical_days=self._thresholds.critical_days, path=str(slot.cert))
         return CertReport.from_info(slot.provider, slot.kind, str(slot.cert), info,
                                     error=f"the pair on disk is not loaded: {problem}")
+
+    async def _complete_interrupted_swap(self, slot: _Slot) -> None:
+        """A rotation killed between its renames leaves its intent behind: finish it, so the
+        pair on disk is whole again (a mismatched pair is never loaded either way)."""
+        location = PairLocation(slot.cert, slot.key)
+        try:
+            operation = await asyncio.to_thread(recover_unless_busy, location)
+        except (OSError, SwapError) as exc:
+            if str(exc) != slot.swap_error:
+                slot.swap_error = str(exc)
+                self._ops.warning("certificate_swap_incomplete", provider=slot.provider, kind=slot.kind,
+                                  intent=str(location.intent), reason=str(exc),
+                                  detail="run `gateway certs rotate` or `rollback` to complete it")
+            return
+        slot.swap_error = None
+        if operation is not None:
+            self._ops.warning("certificate_swap_completed", provider=slot.provider, kind=slot.kind,
+                              path=str(slot.cert), operation=operation,
+                              detail="a certificate command had stopped mid-way; its swap is now complete")
 
     async def _load(self, slot: _Slot, files: PairFiles) -> str | None:
         """Load exactly the bytes that were judged (a private copy, not the live paths, which
@@ -208,19 +239,37 @@ class CertificateWatcher:
         slot.loaded_pem, slot.loaded_digest = files.cert_pem, files.digest
         return None
 
-    def _mark_providers(self, reports: list[CertReport]) -> None:
-        by_provider = {r.provider: r for r in reports if r.kind == "client"}
-        for slot in self._slots:
-            if slot.kind != "client":
+    async def _trust_missing_cas(self) -> None:
+        """Load the configured CA bundle into each provider context that has none (it did not
+        load at start). Read in a thread; loaded on the loop thread, like `_load`."""
+        for name, ctx in self._contexts.items():
+            ca = self._config.providers[name].tls.ca
+            if ca is None or ctx.get_ca_certs():
                 continue
-            report = by_provider.get(slot.provider)
-            problem = CLIENT_PROBLEM.get(report.status) if report is not None else None
-            if problem != self._problems.get(slot.provider):
+            try:
+                pem = await asyncio.to_thread(ca.read_bytes)
+                ctx.load_verify_locations(cadata=pem.decode("ascii"))
+            except (OSError, ValueError):  # unreadable, not ASCII, no certificate: reported by collect_files
+                continue
+            self._ops.info("certificate_authority_loaded", provider=name, path=str(ca))
+
+    def _mark_providers(self, reports: list[CertReport]) -> None:
+        """Tell the pool each provider's problem when it changes, and every one on the first pass."""
+        clients = {r.provider: r for r in reports if r.kind == "client"}
+        for name, ctx in self._contexts.items():
+            problem: str | None = None
+            if self._config.providers[name].tls.ca is not None and not ctx.get_ca_certs():
+                problem = CertificateProblem.CA_INVALID
+            elif name in clients:
+                problem = CLIENT_PROBLEM.get(clients[name].status)
+            if name in self._problems and problem == self._problems[name]:
+                continue
+            if problem is not None or name in self._problems:
                 log = self._ops.warning if problem else self._ops.info
-                log("provider_certificate_state", provider=slot.provider, certificate_problem=problem,
+                log("provider_certificate_state", provider=name, certificate_problem=problem,
                     usable_by_certificate=problem is None)
-                self._problems[slot.provider] = problem
-                self._on_problem(slot.provider, problem)
+            self._problems[name] = problem
+            self._on_problem(name, problem)
 
     def _export(self, reports: list[CertReport], now: datetime) -> None:
         worst: dict[tuple[str, str], int] = {}

@@ -41,12 +41,19 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 
 
 def _server_ssl(config: GatewayConfig):  # type: ignore[no-untyped-def]
+    """The gateway's own TLS context; without it there is nothing to serve, so a file that does
+    not load stops the start, naming the setting and the file."""
     if config.server.tls is None:
         return None
-    from gateway.certs.tls import server_context
+    from gateway.app import StartupError
+    from gateway.certs.tls import TlsFileError, server_context
 
     tls = config.server.tls
-    return server_context(tls.cert, tls.key, client_ca=tls.client_ca, require_client_cert=False)
+    try:
+        return server_context(tls.cert, tls.key, client_ca=tls.client_ca, require_client_cert=False)
+    except TlsFileError as exc:
+        fields = {tls.cert: "server.tls.cert", tls.key: "server.tls.key", tls.client_ca: "server.tls.client_ca"}
+        raise StartupError(f"{fields.get(exc.path, 'server.tls')} {exc}") from None
 
 
 @app.command()
@@ -70,7 +77,8 @@ def serve(
 def _serve_one(cfg: GatewayConfig, *, reuse_port: bool) -> None:
     from aiohttp import web
 
-    from gateway.app import build_app
+    from gateway.app import StartupError, build_app
+    from gateway.txlog.writer import LogWriterStalled
 
     try:
         ssl_ctx = _server_ssl(cfg)
@@ -80,10 +88,13 @@ def _serve_one(cfg: GatewayConfig, *, reuse_port: bool) -> None:
                     ssl_context=ssl_ctx,
                     shutdown_timeout=cfg.server.shutdown_grace_s, access_log=None, reuse_port=reuse_port,
                     loop=_new_loop(), print=lambda msg: typer.echo(msg, err=True))
-    except (JournalUnavailable, SchemaMismatch) as exc:  # already one line that says what to do
+    except (JournalUnavailable, SchemaMismatch, StartupError) as exc:  # already one line that says what to do
         raise fail(str(exc)) from None
-    except OSError as exc:
-        raise fail(f"cannot serve on {cfg.server.host}:{cfg.server.port}: {exc.strerror}") from None
+    except LogWriterStalled as exc:
+        raise fail(f"stopped with the transaction log failing: {exc}; those lines stay in the journal's outbox "
+                   "and are written at the next start") from None
+    except OSError as exc:  # what is left once start-up succeeded: binding the listening socket
+        raise fail(f"cannot serve on {cfg.server.host}:{cfg.server.port}: {exc.strerror or exc}") from None
 
 
 def _serve_workers(path: Path, cfg: GatewayConfig, workers: int) -> None:
@@ -169,12 +180,13 @@ def _run(coro) -> None:  # type: ignore[no-untyped-def]
 def dev(config: ConfigOpt = DEFAULT_CONFIG,
         certs_dir: Annotated[Path, typer.Option("--certs")] = DEFAULT_CERTS) -> None:
     """Local stack for `make run`: dev certificates, every configured emulator, the gateway."""
+    from gateway.app import StartupError
     from gateway.devstack import run_dev_stack
 
     cfg = load_or_exit(config)
     try:
         _run(run_dev_stack(cfg, certs_dir))
-    except ConfigError as exc:
+    except (ConfigError, StartupError) as exc:
         raise fail(str(exc)) from None
 
 

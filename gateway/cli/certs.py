@@ -212,19 +212,35 @@ def _target(cfg: GatewayConfig, provider: str | None, server: bool, hostnames: t
 
 
 def _refused(exc: RotationRefused) -> typer.Exit:
-    typer.secho(f"refused: {exc.target}: nothing was changed", fg=typer.colors.RED, err=True)
+    if exc.recovered:
+        _report_recovered(exc.recovered)
+    changed = "nothing else was changed" if exc.recovered else "nothing was changed"
+    typer.secho(f"refused: {exc.target}: {changed}", fg=typer.colors.RED, err=True)
     for reason in exc.reasons:
         typer.secho(f"  - {reason}", err=True)
     return typer.Exit(EXIT_PROBLEM)
 
 
+def _report_recovered(operation: str) -> None:
+    typer.secho(f"completed an interrupted {operation} first (the process doing it had stopped mid-way)",
+                fg=typer.colors.YELLOW, err=True)
+
+
 def _report_swap(verb: str, result: RotationResult) -> None:
     info, target = result.installed, result.target
+    if result.recovered:
+        _report_recovered(result.recovered)
+    if result.unchanged:
+        typer.echo(f"{target.label}: serial {info.serial} is already in service; nothing was changed")
+        return
     previous = f"serial {result.previous_serial}" if result.previous_serial else "nothing"
     not_after = f"{info.not_after:%Y-%m-%d %H:%M} UTC" if info.not_after else "?"
     typer.echo(f"{verb} {target.label}: {previous} -> serial {info.serial} ({info.subject}, "
                f"expires {not_after}, {info.days_left:.1f} days)")
-    if result.previous_serial:
+    if not result.previous_kept:
+        typer.echo(f"the pair replaced did not match its key, so it was not kept: {target.prev_cert} is "
+                   "unchanged and still what `rollback` restores")
+    elif result.previous_serial:
         typer.echo(f"previous pair kept as {target.prev_cert} / {target.prev_key}")
     typer.echo("a running gateway loads it on its certificate watcher's next pass, without a restart")
 

@@ -23,6 +23,7 @@ applies pending steps under the write lock.
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
 import sqlite3
 import threading
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 
+from gateway.file_errors import describe_os_error
 from gateway.journal.records import (
     ClaimKind,
     IdempotencyClaim,
@@ -47,6 +49,7 @@ from gateway.journal.store import (
     JournalUnavailable,
     StaleWrite,
     StoreOverloaded,
+    StoreUnavailable,
     next_version,
     payment_from_row,
     payment_row,
@@ -74,6 +77,8 @@ class SqliteStore:
         self.migrated: list[Migration] = []  # the schema steps the last open applied
 
     async def open(self) -> None:
+        """Start the writer thread on the database file; `StoreUnavailable` naming the file and
+        the problem when it cannot be created, opened or read as a database."""
         self._loop = asyncio.get_running_loop()
         ready: asyncio.Future[None] = self._loop.create_future()
         thread = threading.Thread(target=self._run, args=(ready,), name="sqlite-journal", daemon=True)
@@ -100,13 +105,26 @@ class SqliteStore:
 
     def _connect(self) -> sqlite3.Connection:
         """In the writer thread, like every other touch of the file (never on the event loop)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        where = str(self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # SQLite says only "unable to open database file"; opening it ourselves first gets the
+            # reason (permission denied, is a directory, read-only file system).
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+        except OSError as exc:
+            raise StoreUnavailable(where, describe_os_error(exc, self.path)) from None
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(where, f"cannot open it: {exc}") from None
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")  # each commit is on disk before callers resume
             conn.execute("PRAGMA busy_timeout=5000")
             self.migrated = sqlite_prepare(conn, migrate=self._migrate)
+        except sqlite3.DatabaseError as exc:  # "file is not a database", a directory the WAL cannot go in
+            conn.close()
+            raise StoreUnavailable(where, f"not usable as an SQLite journal: {exc}") from None
         except BaseException:
             conn.close()
             raise

@@ -73,6 +73,16 @@ class SchemaMismatch(Exception):
     migrated here; or newer). The message is one line saying what to do."""
 
 
+class StoreUnavailable(Exception):
+    """`Store.open` failed: ``problem`` says why in one line, naming the component at fault when
+    it is not the database file itself."""
+
+    def __init__(self, where: str, problem: str) -> None:
+        super().__init__(f"{where}: {problem}")
+        self.where = where
+        self.problem = problem
+
+
 def payment_row(record: PaymentRecord) -> tuple[str, str, float, float, bytes]:
     """The columns every backend stores: id, status and times for the indexes, the document."""
     return (record.id, record.status.value, record.created_at, record.updated_at, orjson.dumps(record))

@@ -112,9 +112,13 @@ class TransactionLog:
     """
 
     def __init__(self, writer: JsonLinesWriter, store: Store, *, redactor: Redactor | None = None,
-                 owner: str | None = None, ops_log: Any = None, tail_bytes: int = TAIL_BYTES) -> None:
+                 owner: str | None = None, ops_log: Any = None, tail_bytes: int = TAIL_BYTES,
+                 max_backlog: int | None = None) -> None:
+        if max_backlog is not None and max_backlog < 1:
+            raise ValueError("max_backlog must be positive")
         self.writer = writer
         self.store = store
+        self.max_backlog = max_backlog
         self.owner = owner or ""  # by default log_owner(writer.path), resolved in start(): off the loop
         self.tail_bytes = tail_bytes
         self._render = build_transaction_renderer(redactor=redactor)
@@ -128,6 +132,19 @@ class TransactionLog:
         self.emit_failures = 0
         self.delete_errors = 0
         self.deleted = 0
+
+    # -- health --------------------------------------------------------------------------------
+
+    @property
+    def backlog(self) -> int:
+        """Lines emitted by this process and not yet on disk: each is still only in the outbox."""
+        return len(self._pending)
+
+    def backlogged(self) -> bool:
+        """True once `max_backlog` lines (`log.max_outbox_backlog`; None: no bound) wait for the
+        disk: the API refuses new payments (503) rather than charge more whose lines cannot be
+        written (a full disk, a directory gone)."""
+        return self.max_backlog is not None and len(self._pending) >= self.max_backlog
 
     # -- lifetime --------------------------------------------------------------------------------
 
@@ -153,7 +170,8 @@ class TransactionLog:
         return not self._pending and not self._deletable
 
     async def close(self, timeout: float = 10) -> None:
-        """Drain (bounded), then stop listening; rows still in the outbox wait for the next start."""
+        """Drain (bounded: at once when the disk is failing), then stop listening; rows still in
+        the outbox wait for the next start."""
         try:
             await self.settle(timeout)
         finally:
