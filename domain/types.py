@@ -63,7 +63,9 @@ class FollowUp:
 
 @dataclass(frozen=True, slots=True)
 class ProviderResult:
-    """One classified answer. `raw_code` keeps the provider's own code for the log."""
+    """One classified answer to an authorisation or a follow-up (capture, void, refund).
+    `raw_code` keeps the provider's own code for the log. A status query's answer is a
+    `StatusAnswer`, which says found / not found / unknown as a type rather than a flag here."""
 
     outcome: Outcome
     raw_code: str | None = None
@@ -72,7 +74,6 @@ class ProviderResult:
     provider_status: str | None = None
     retry_after_s: float | None = None
     message: str | None = None
-    found: bool = True
     extra: Mapping[str, str] = field(default_factory=dict)
     # The provider's own verdict on re-sending this request with the same idempotency key:
     # True "a retry can succeed" (Stripe-Should-Retry: true, Adyen's transient-error: true),

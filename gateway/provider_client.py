@@ -27,7 +27,7 @@ from gateway.metrics import Metrics
 from gateway.policy import counts_against_breaker
 from gateway.provider_pool import ProviderHandle
 from providers.base import ProviderRequest, ProviderResponse
-from providers.classify import result_from_transport_error
+from providers.classify import lookup_failed, result_from_transport_error
 from providers.errors import TransportError
 
 MIN_TRY_S = 0.05
@@ -69,7 +69,12 @@ class ProviderClient:
     async def call(self, op: Operation, subject: PaymentOrder | FollowUp, key: str | None, deadline: float,
                    attempt: Attempt, *, before_send: BeforeSend | None = None) -> ProviderResult:
         """`op` at this provider, once. `before_send` runs after the local checks pass and
-        before any byte leaves: the journal write of `attempt`."""
+        before any byte leaves: the journal write of `attempt`.
+
+        A status query is `lookup`'s (its answer is a `StatusAnswer`, not an outcome): `call`
+        raises ValueError for `Operation.STATUS` before anything is checked or sent."""
+        if op is Operation.STATUS:
+            raise ValueError("a status query goes through ProviderClient.lookup, which answers a StatusAnswer")
         started = time.monotonic()
         try:
             request = self._admit(op, subject, key, deadline)
@@ -90,9 +95,9 @@ class ProviderClient:
         try:
             request = self._admit(Operation.STATUS, subject, None, deadline)
             answer, _ = await self._exchange(request, deadline, self.mapping.parse_status, _answer_fails,
-                                             lambda e: StatusAnswer(Lookup.UNKNOWN, e))
+                                             lookup_failed)
         except _Refused as refused:
-            answer = StatusAnswer(Lookup.UNKNOWN, refused.result)
+            answer = lookup_failed(refused.result)
         self._finish(attempt, answer.result, started, lookup=answer.lookup)
         return answer
 

@@ -52,7 +52,8 @@ class ProviderMapping(Protocol):
         ...
 
     def parse(self, op: Operation, response: ProviderResponse) -> ProviderResult:
-        """Classify any HTTP answer into exactly one outcome."""
+        """Classify any HTTP answer to an authorisation, capture, void or refund into exactly one
+        outcome. Raises ValueError for `Operation.STATUS`: a status answer is `parse_status`'s."""
         ...
 
     def parse_status(self, response: ProviderResponse) -> StatusAnswer:

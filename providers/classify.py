@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 
 from domain.outcome import Outcome
-from domain.types import Lookup, ProviderResult, StatusAnswer
+from domain.types import Lookup, Operation, ProviderResult, StatusAnswer
 from providers.errors import MaybeSent, TransportError
 
 MAX_RETRY_AFTER_S = 60.0
@@ -103,19 +103,22 @@ def result_from_transport_error(exc: TransportError) -> ProviderResult:
     return ProviderResult(outcome, raw_code=exc.code, message=str(exc))
 
 
-def status_from_transport_error(exc: TransportError) -> StatusAnswer:
-    """A status query that produced no HTTP answer learnt nothing about the payment."""
-    return StatusAnswer(Lookup.UNKNOWN, result_from_transport_error(exc))
+def reject_status_query(op: Operation) -> None:
+    """`parse` classifies the answer to an authorisation or a follow-up. A status query's answer
+    is `parse_status`'s `StatusAnswer` (found / not found / unknown as a type), never an outcome
+    read as one: asking `parse` for it is a programming error, refused loudly."""
+    if op is Operation.STATUS:
+        raise ValueError("parse classifies authorisations and follow-ups; a status answer is parse_status's")
 
 
 def lookup_failed(result: ProviderResult) -> StatusAnswer:
-    """A status query answered with an error (5xx, auth, a 404 that proves nothing): unknown,
-    with the classified error kept for the log and for retry decisions."""
+    """A status query that learnt nothing about the payment: answered with an error (5xx, auth, a
+    404 that proves nothing), or not answered at all (a transport error): unknown, with the
+    classified error kept for the log and for retry decisions."""
     return StatusAnswer(Lookup.UNKNOWN, result)
 
 
 def not_found(http_status: int, extra: Mapping[str, str] | None = None) -> StatusAnswer:
     """The provider's own lookup answered with an explicit empty result."""
     return StatusAnswer(Lookup.NOT_FOUND, ProviderResult(Outcome.UNKNOWN, raw_code="not_found",
-                                                         http_status=http_status, found=False,
-                                                         extra=dict(extra or {})))
+                                                         http_status=http_status, extra=dict(extra or {})))

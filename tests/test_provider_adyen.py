@@ -17,33 +17,25 @@ from emulators.adyen import SCENARIO_CARDS, TEST_CARDS, AdyenEmulator
 from providers.adyen.mapping import ERROR_STATUS, REFUSAL_REASONS, AdyenMapping, classify_refusal
 from domain.types import Card, FollowUp, FollowUpState, Lookup, Operation, PaymentOrder, ProviderResult
 from providers.base import ProviderRequest, ProviderResponse
-from providers.classify import result_from_transport_error
 from emulators.faults import FaultPlan, FaultRule
 from emulators.server import EmulatorServer
-from providers.errors import TransportError
-from providers.transport import ProviderTransport
+from tests.conftest import PROVIDER_KEYS
+from tests.gateway_calls import GatewayCalls, start_client
 
-API_KEY = "adyen_test_key"
+API_KEY = PROVIDER_KEYS["adyen"]  # what the autouse fixture puts in ADYEN_API_KEY
 MERCHANT = "GatewayTestECOM"
 VISA = "4111111145551142"
 
 
 @dataclass
-class Rig:
+class Rig(GatewayCalls):
     server: EmulatorServer
     emulator: AdyenEmulator
-    transport: ProviderTransport
-    mapping: AdyenMapping
 
-    async def send(self, op: Operation, request: ProviderRequest, timeout_s: float = 2.0) -> ProviderResult:
-        try:
-            response = await self.transport.send(request, timeout_s)
-        except TransportError as exc:
-            return result_from_transport_error(exc)
-        return self.mapping.parse(op, response)
-
-    async def call(self, op: Operation, subject: PaymentOrder | FollowUp, key: str | None) -> ProviderResult:
-        return await self.send(op, self.mapping.build(op, subject, key))
+    async def send(self, op: Operation, request: ProviderRequest) -> ProviderResult:
+        """A request the gateway never builds (Adyen's test triggers in additionalData, a
+        stripped API key), sent as is and classified by the mapping."""
+        return self.mapping.parse(op, await self.transport.send(request, 2.0))
 
 
 @pytest.fixture
@@ -51,12 +43,13 @@ async def rig() -> AsyncIterator[Rig]:
     emulator = AdyenEmulator(api_key=API_KEY, merchant_account=MERCHANT)
     server = EmulatorServer(emulator)
     await server.start()
-    transport = ProviderTransport("adyen", server.url, ssl_context=None, connect_timeout_s=1.0, max_connections=10)
-    await transport.start()
     try:
-        yield Rig(server, emulator, transport, AdyenMapping("adyen", API_KEY, merchant_account=MERCHANT))
+        r = Rig(await start_client("adyen", server.url, merchant_account=MERCHANT), server, emulator)
+        try:
+            yield r
+        finally:
+            await r.close()
     finally:
-        await transport.close()
         await server.stop()
 
 
@@ -170,9 +163,10 @@ async def test_transient_error_is_unavailable_and_the_key_processes_afresh(rig: 
     assert first.outcome is Outcome.UNAVAILABLE and first.extra["transient"] == "true"
     assert first.http_status == 500
     assert rig.emulator.ledger.charges() == []
-    assert not (await rig.call(Operation.STATUS, status_of(o), None)).found  # nothing reached an issuer
-    # Adyen did not keep the key: the same key with the plain body is a first request, not a 422.
-    second = await rig.send(Operation.AUTHORIZE, plain)
+    assert (await rig.status(status_of(o))).lookup is Lookup.NOT_FOUND  # nothing reached an issuer
+    # Adyen did not keep the key: the gateway's retry with the same key (and the plain body) is
+    # a first request, not a 422.
+    second = await rig.call(Operation.AUTHORIZE, o, "k-transient")
     assert second.outcome is Outcome.APPROVED
     assert len(rig.emulator.ledger.charges()) == 1
 
@@ -185,10 +179,10 @@ async def test_ioexception_is_unknown_kept_for_the_key_and_found_by_status(rig: 
     assert first.outcome is Outcome.UNKNOWN and "transient" not in first.extra
     replay = await rig.send(Operation.AUTHORIZE, request)
     assert (replay.outcome, replay.http_status) == (Outcome.UNKNOWN, 500)
-    status = await rig.call(Operation.STATUS, status_of(o), None)
-    assert status.found and status.outcome is Outcome.APPROVED
+    status = await rig.status(status_of(o))
+    assert (status.lookup, status.result.outcome, status.charges) == (Lookup.FOUND, Outcome.APPROVED, 1)
     # An error's pspReference names the failed request, so it is logged, never followed up by.
-    assert first.reference is None and status.reference == first.extra["pspReference"]
+    assert first.reference is None and status.result.reference == first.extra["pspReference"]
     assert len(rig.emulator.ledger.charges()) == 1
 
 
@@ -216,8 +210,11 @@ async def test_requests_without_or_with_a_wrong_api_key_are_401(rig: Rig) -> Non
 
 
 async def test_wrong_merchant_account_is_403_unavailable(rig: Rig) -> None:
-    other = AdyenMapping("adyen", API_KEY, merchant_account="SomeoneElseECOM")
-    result = await rig.send(Operation.AUTHORIZE, other.build(Operation.AUTHORIZE, order(), "k-ma"))
+    other = GatewayCalls(await start_client("adyen", rig.server.url, merchant_account="SomeoneElseECOM"))
+    try:
+        result = await other.call(Operation.AUTHORIZE, order(), "k-ma")
+    finally:
+        await other.close()
     assert (result.outcome, result.raw_code) == (Outcome.UNAVAILABLE, "901")
 
 
@@ -275,8 +272,8 @@ async def test_pending_is_unknown_until_it_settles(rig: Rig) -> None:
     o = order(holder="PENDING")
     result = await rig.call(Operation.AUTHORIZE, o, "k-pending")
     assert (result.outcome, result.provider_status) == (Outcome.UNKNOWN, "Received")
-    status = await rig.call(Operation.STATUS, status_of(o), None)
-    assert status.found and status.outcome is Outcome.UNKNOWN
+    status = await rig.status(status_of(o))
+    assert (status.lookup, status.result.outcome) == (Lookup.FOUND, Outcome.UNKNOWN)
 
 
 def test_refusal_table_classes() -> None:
@@ -308,14 +305,16 @@ async def test_modifications_are_validated(rig: Rig) -> None:
     captured = await rig.call(Operation.CAPTURE, follow, "k-mod-cap")
     assert (captured.outcome, captured.provider_status, captured.http_status) == (Outcome.APPROVED, "received", 201)
     assert captured.reference and captured.reference != auth.reference
-    status = await rig.call(Operation.STATUS, replace(follow, provider_reference=auth.reference), None)
-    assert (status.outcome, status.extra["lifecycle"]) == (Outcome.APPROVED, "captured")
+    status = await rig.status(replace(follow, provider_reference=auth.reference))
+    assert (status.lookup, status.result.outcome, status.result.extra["lifecycle"]) == (
+        Lookup.FOUND, Outcome.APPROVED, "captured")
     # A 404 cannot tell "no such payment" from "no such endpoint" (the real Adyen has none), so
     # it never clears a payment for failover; only the emulator's empty list does.
-    missing = await rig.call(Operation.STATUS, replace(follow, provider_reference="EMUA999999999999"), None)
-    assert (missing.outcome, missing.found, missing.http_status) == (Outcome.UNKNOWN, True, 404)
-    nothing = await rig.call(Operation.STATUS, FollowUp(payment_id="pay_never_sent", provider_reference=None), None)
-    assert not nothing.found
+    missing = await rig.status(replace(follow, provider_reference="EMUA999999999999"))
+    assert (missing.lookup, missing.result.outcome, missing.result.http_status) == (
+        Lookup.UNKNOWN, Outcome.UNKNOWN, 404)
+    nothing = await rig.status(FollowUp(payment_id="pay_never_sent", provider_reference=None))
+    assert nothing.lookup is Lookup.NOT_FOUND
 
 
 @pytest.mark.parametrize(("status", "doc", "lookup"), [
@@ -338,8 +337,7 @@ async def test_status_probe_lists_the_modifications_with_our_references(rig: Rig
                       follow_up_id="k-probe-cap")
     await rig.call(Operation.CAPTURE, follow, "k-probe-cap")
     await rig.call(Operation.REFUND, replace(follow, amount=400, follow_up_id="k-probe-ref"), "k-probe-ref")
-    request = rig.mapping.build(Operation.STATUS, status_of(o), None)
-    status = rig.mapping.parse_status(await rig.transport.send(request, 2.0))
+    status = await rig.status(status_of(o))
     assert (status.lookup, status.result.outcome, status.result.reference, status.charges) == (
         Lookup.FOUND, Outcome.APPROVED, auth.reference, 1)
     assert status.follow_ups_listed

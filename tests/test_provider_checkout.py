@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import warnings
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from itertools import count
 from typing import Any
@@ -29,63 +30,53 @@ from checkout_sdk.payments.payments import (
 )
 
 from domain.outcome import Outcome
-from domain.types import Card, FollowUp, FollowUpState, Lookup, Operation, PaymentOrder, ProviderResult, StatusAnswer
+from domain.types import Card, FollowUp, FollowUpState, Lookup, Operation, PaymentOrder, ProviderResult
 from providers.base import ProviderRequest, ProviderResponse
 from emulators.checkout import SCENARIO_CARDS, TEST_CARDS, CheckoutEmulator
 from providers.checkout.mapping import IDEMPOTENCY_HEADER, CheckoutMapping, decline_outcome
-from providers.classify import result_from_transport_error, status_from_transport_error
 from emulators.faults import FaultPlan, FaultRule
 from emulators.server import EmulatorServer
-from providers.errors import TransportError
-from providers.transport import ProviderTransport
+from tests.gateway_calls import GatewayCalls, start_client
 
 # Matches the SDK's own key check: ^sk_(sbox_)?[a-z2-7]{26}[a-z2-7*#$=]$
 SANDBOX_KEY = "sk_sbox_" + "m2kq7vaxyz3bcdefghijklmnop" + "q"
+SANDBOX_KEY_ENV = "CHECKOUT_SANDBOX_KEY"  # where the gateway's config reads it from
+
+
+@pytest.fixture(autouse=True)
+def _sandbox_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(SANDBOX_KEY_ENV, SANDBOX_KEY)
 
 
 @dataclass
-class Rig:
+class Rig(GatewayCalls):
     server: EmulatorServer
     emulator: CheckoutEmulator
-    transport: ProviderTransport
-    mapping: CheckoutMapping
 
-    async def call(self, op: Operation, subject: PaymentOrder | FollowUp, key: str | None,
-                   timeout_s: float = 2.0) -> ProviderResult:
-        return await self.send(op, self.mapping.build(op, subject, key), timeout_s)
-
-    async def send(self, op: Operation, request: ProviderRequest, timeout_s: float = 2.0) -> ProviderResult:
-        try:
-            response = await self.transport.send(request, timeout_s)
-        except TransportError as exc:
-            return result_from_transport_error(exc)
-        return self.mapping.parse(op, response)
-
-    async def status(self, subject: FollowUp) -> StatusAnswer:
-        request = self.mapping.build(Operation.STATUS, subject, None)
-        try:
-            response = await self.transport.send(request, 2.0)
-        except TransportError as exc:
-            return status_from_transport_error(exc)
-        return self.mapping.parse_status(response)
+    async def send(self, op: Operation, request: ProviderRequest) -> ProviderResult:
+        """A request the gateway never builds (an old-style auth header), sent as is and
+        classified by the mapping."""
+        return self.mapping.parse(op, await self.transport.send(request, 2.0))
 
 
-async def _rig(emulator: CheckoutEmulator) -> Rig:
+@asynccontextmanager
+async def _rig(emulator: CheckoutEmulator) -> AsyncIterator[Rig]:
     server = EmulatorServer(emulator)
     await server.start()
-    transport = ProviderTransport("checkout", server.url, ssl_context=None, connect_timeout_s=1.0, max_connections=10)
-    await transport.start()
-    return Rig(server, emulator, transport, CheckoutMapping("checkout", SANDBOX_KEY))
+    try:
+        r = Rig(await start_client("checkout", server.url, api_key_env=SANDBOX_KEY_ENV), server, emulator)
+        try:
+            yield r
+        finally:
+            await r.close()
+    finally:
+        await server.stop()
 
 
 @pytest.fixture
 async def rig() -> AsyncIterator[Rig]:
-    r = await _rig(CheckoutEmulator(api_key=SANDBOX_KEY))
-    try:
+    async with _rig(CheckoutEmulator(api_key=SANDBOX_KEY)) as r:
         yield r
-    finally:
-        await r.transport.close()
-        await r.server.stop()
 
 
 _seq = count(1)
@@ -201,16 +192,12 @@ def test_response_code_table(code: str, expected: Outcome) -> None:
         (202, {"action_id": "act_1"}, {}, Operation.CAPTURE, Outcome.APPROVED),  # action accepted
         (202, {"action_id": "act_2"}, {}, Operation.REFUND, Outcome.APPROVED),
         (202, {"action_id": "act_3"}, {}, Operation.VOID, Outcome.APPROVED),
-        (200, {"id": "pay_v", "status": "Voided", "approved": True}, {}, Operation.STATUS, Outcome.APPROVED),
-        (200, {"id": "pay_d", "status": "Declined", "approved": False}, {}, Operation.STATUS, Outcome.HARD_DECLINE),
         (401, None, {}, Operation.AUTHORIZE, Outcome.UNAVAILABLE),
         (403, None, {}, Operation.VOID, Outcome.REJECTED),
-        (404, None, {}, Operation.STATUS, Outcome.REJECTED),
         (422, {"request_id": "r", "error_type": "request_invalid", "error_codes": ["card_number_invalid"]}, {},
          Operation.AUTHORIZE, Outcome.REJECTED),
         (429, None, {"Retry-After": "3"}, Operation.AUTHORIZE, Outcome.UNAVAILABLE),  # a rate limit
         (429, None, {}, Operation.AUTHORIZE, Outcome.UNKNOWN),  # a concurrent request with our key
-        (429, None, {}, Operation.STATUS, Outcome.UNAVAILABLE),  # reads carry no key
         (500, None, {}, Operation.AUTHORIZE, Outcome.UNKNOWN),
         (502, None, {}, Operation.AUTHORIZE, Outcome.UNKNOWN),  # a proxy's answer: may have been processed
         (503, None, {}, Operation.AUTHORIZE, Outcome.UNKNOWN),  # Checkout documents no "not processed" 5xx
@@ -221,7 +208,21 @@ def test_answer_classification(status: int, doc: Any, headers: dict[str, str], o
                                expected: Outcome) -> None:
     result = CheckoutMapping("checkout", "sk_sbox_x").parse(op, answer(status, doc, headers))
     assert result.outcome is expected, result
-    assert result.found  # only an explicit empty list (GET /payments?reference=) proves absence
+
+
+@pytest.mark.parametrize(
+    ("status", "doc", "lookup", "expected"),
+    [
+        (200, {"id": "pay_v", "status": "Voided", "approved": True}, Lookup.FOUND, Outcome.APPROVED),
+        (200, {"id": "pay_d", "status": "Declined", "approved": False}, Lookup.FOUND, Outcome.HARD_DECLINE),
+        # A 404 by id is no proof of absence (a proxy, a wrong path): only the explicit empty list is.
+        (404, None, Lookup.UNKNOWN, Outcome.REJECTED),
+        (429, None, Lookup.UNKNOWN, Outcome.UNAVAILABLE),  # reads carry no key: a plain rate limit
+    ],
+)
+def test_status_answer_classification(status: int, doc: Any, lookup: Lookup, expected: Outcome) -> None:
+    answered = CheckoutMapping("checkout", "sk_sbox_x").parse_status(answer(status, doc))
+    assert (answered.lookup, answered.result.outcome) == (lookup, expected), answered
 
 
 # --- test cards ---------------------------------------------------------------------------------
@@ -249,17 +250,13 @@ async def test_each_test_card_answers_its_response_code(rig: Rig, number: str, c
 async def test_amount_triggers_are_the_previous_platforms_and_off_by_default(rig: Rig) -> None:
     plain = await rig.call(Operation.AUTHORIZE, order(amount=1051), "k-plain")
     assert plain.outcome is Outcome.APPROVED
-    legacy = await _rig(CheckoutEmulator(amount_triggers=True))
-    try:
+    async with _rig(CheckoutEmulator(amount_triggers=True)) as legacy:
         cases = {1051: ("20051", Outcome.HARD_DECLINE), 1205: ("20005", Outcome.SOFT_DECLINE),
                  9998: ("20068", Outcome.SOFT_DECLINE), 4001: ("40101", Outcome.HARD_DECLINE),
                  1000: ("10000", Outcome.APPROVED)}
         for amount, (code, outcome) in cases.items():
             result = await legacy.call(Operation.AUTHORIZE, order(amount=amount), f"k-amount-{amount}")
             assert (result.raw_code, result.outcome) == (code, outcome)
-    finally:
-        await legacy.transport.close()
-        await legacy.server.stop()
 
 
 async def test_expired_or_invalid_card_is_rejected_not_declined(rig: Rig) -> None:
@@ -290,12 +287,9 @@ async def test_retry_after_a_500_that_followed_processing_charges_a_second_time(
     assert retry.reference != charges[0].id
     assert rig.emulator.ledger.duplicates() == {o.payment_id: 2}
     # A status query by reference surfaces both charges, so reconciliation can see the duplicate.
-    status = await rig.call(Operation.STATUS, by_ref(o), None)
-    assert status.found and status.outcome is Outcome.APPROVED
-    assert (status.extra["matches"], status.extra["charged_matches"]) == ("2", "2")
-    answer_ = await rig.status(by_ref(o))
-    assert (answer_.lookup, answer_.charges, answer_.result.outcome) == (Lookup.FOUND, 2, Outcome.APPROVED)
-    assert answer_.result.reference == retry.reference  # newest first: the duplicate is the one reported
+    status = await rig.status(by_ref(o))
+    assert (status.lookup, status.charges, status.result.outcome) == (Lookup.FOUND, 2, Outcome.APPROVED)
+    assert status.result.reference == retry.reference  # newest first: the duplicate is the one reported
 
 
 async def test_status_query_after_a_500_finds_the_charge_without_a_retry(rig: Rig) -> None:
@@ -304,9 +298,10 @@ async def test_status_query_after_a_500_finds_the_charge_without_a_retry(rig: Ri
     o = order()
     assert (await rig.call(Operation.AUTHORIZE, o, "k-500-safe")).outcome is Outcome.UNKNOWN
     rig.emulator.faults.clear()
-    status = await rig.call(Operation.STATUS, by_ref(o), None)
-    assert (status.found, status.outcome, status.provider_status) == (True, Outcome.APPROVED, "Captured")
-    assert status.reference == rig.emulator.ledger.charges()[0].id
+    status = await rig.status(by_ref(o))
+    assert (status.lookup, status.result.outcome, status.result.provider_status) == (
+        Lookup.FOUND, Outcome.APPROVED, "Captured")
+    assert status.result.reference == rig.emulator.ledger.charges()[0].id
     assert len(rig.emulator.ledger.charges()) == 1
 
 
@@ -362,18 +357,19 @@ async def test_status_query_during_processing_finds_the_pending_payment(rig: Rig
     )))
     o = order()
     authorize = asyncio.ensure_future(rig.call(Operation.AUTHORIZE, o, "k-slow"))
-    status = await rig.call(Operation.STATUS, by_ref(o), None)
-    assert (status.found, status.outcome, status.provider_status) == (True, Outcome.UNKNOWN, "Pending")
+    status = await rig.status(by_ref(o))
+    assert (status.lookup, status.result.outcome, status.result.provider_status) == (
+        Lookup.FOUND, Outcome.UNKNOWN, "Pending")
     assert (await authorize).outcome is Outcome.APPROVED
 
 
 async def test_unknown_payment_is_not_found_by_reference_or_by_id(rig: Rig) -> None:
     never_sent = FollowUp(payment_id="pay_never_sent", provider_reference=None)
-    by_reference = await rig.call(Operation.STATUS, never_sent, None)
-    assert (by_reference.found, by_reference.raw_code) == (False, "not_found")
-    by_id = await rig.call(Operation.STATUS, FollowUp(payment_id="x", provider_reference="pay_missing"), None)
+    by_reference = await rig.status(never_sent)
+    assert (by_reference.lookup, by_reference.result.raw_code) == (Lookup.NOT_FOUND, "not_found")
+    by_id = await rig.status(FollowUp(payment_id="x", provider_reference="pay_missing"))
     # A 404 by id is not proof of absence (a proxy, a wrong path): only the empty list is.
-    assert (by_id.found, by_id.http_status) == (True, 404)
+    assert (by_id.lookup, by_id.result.http_status) == (Lookup.UNKNOWN, 404)
 
 
 # --- status answers -----------------------------------------------------------------------------
@@ -435,15 +431,19 @@ async def test_status_by_id_reports_the_payment_and_its_actions_the_follow_ups(r
 # --- auth ---------------------------------------------------------------------------------------
 
 
-async def test_401_without_bearer_or_with_another_key(rig: Rig) -> None:
+async def test_401_without_bearer_or_with_another_key(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
     request = rig.mapping.build(Operation.AUTHORIZE, order(), "k-auth")
     previous_style = ProviderRequest(request.method, request.path,
                                      {**request.headers, "Authorization": SANDBOX_KEY}, request.body)
     result = await rig.send(Operation.AUTHORIZE, previous_style)
     assert (result.outcome, result.http_status, result.raw_code) == (Outcome.UNAVAILABLE, 401, "http_401")
     assert result.extra.get("request_id")
-    other_key = CheckoutMapping("checkout", "sk_sbox_someoneelse").build(Operation.AUTHORIZE, order(), "k-auth2")
-    assert (await rig.send(Operation.AUTHORIZE, other_key)).http_status == 401
+    monkeypatch.setenv("CHECKOUT_OTHER_KEY", "sk_sbox_someoneelse")
+    other = GatewayCalls(await start_client("checkout", rig.server.url, api_key_env="CHECKOUT_OTHER_KEY"))
+    try:
+        assert (await other.call(Operation.AUTHORIZE, order(), "k-auth2")).http_status == 401
+    finally:
+        await other.close()
     assert rig.emulator.ledger.snapshot()["entries"] == []
 
 
@@ -464,8 +464,8 @@ async def test_partial_capture_refund_and_void_rules(rig: Rig) -> None:
     assert (too_much.outcome, too_much.raw_code) == (Outcome.REJECTED, "refund_amount_exceeds_balance")
     refund = await rig.call(Operation.REFUND, FollowUp(o.payment_id, ref, amount=200), "k-r2")
     assert refund.outcome is Outcome.APPROVED
-    status = await rig.call(Operation.STATUS, FollowUp(o.payment_id, ref), None)
-    assert (status.outcome, status.provider_status) == (Outcome.APPROVED, "Partially Refunded")
+    status = await rig.status(FollowUp(o.payment_id, ref))
+    assert (status.result.outcome, status.result.provider_status) == (Outcome.APPROVED, "Partially Refunded")
     entry = rig.emulator.ledger.get(ref)
     assert entry is not None and (entry.captured, entry.refunded) == (600, 200)
 
@@ -572,13 +572,13 @@ async def test_official_checkout_sdk_against_the_emulator(rig: Rig, sdk_http: _D
     assert [rig.mapping.build(op, follow, "k").path for op in (Operation.CAPTURE, Operation.REFUND, Operation.VOID)] \
         == ["/" + p for p in seen["paths"]]
     # ...and our mapping reads what the SDK created, by reference and by id.
-    by_reference = await rig.call(Operation.STATUS, FollowUp("pay_sdk_1", None), None)
-    assert (by_reference.found, by_reference.reference, by_reference.provider_status) == (
-        True, payment_id, "Partially Refunded")
-    voided = await rig.call(Operation.STATUS, FollowUp("pay_sdk_3", seen["void_id"]), None)
-    assert (voided.outcome, voided.provider_status) == (Outcome.APPROVED, "Voided")
-    declined = await rig.call(Operation.STATUS, FollowUp("pay_sdk_2", None), None)
-    assert declined.outcome is Outcome.HARD_DECLINE
+    by_reference = await rig.status(FollowUp("pay_sdk_1", None))
+    assert (by_reference.lookup, by_reference.result.reference, by_reference.result.provider_status) == (
+        Lookup.FOUND, payment_id, "Partially Refunded")
+    voided = await rig.status(FollowUp("pay_sdk_3", seen["void_id"]))
+    assert (voided.result.outcome, voided.result.provider_status) == (Outcome.APPROVED, "Voided")
+    declined = await rig.status(FollowUp("pay_sdk_2", None))
+    assert (declined.result.outcome, declined.charges) == (Outcome.HARD_DECLINE, 0)
     # And an order our mapping authorises is captured and refunded through the SDK.
     o = order(capture=False, pid="pay_sdk_4")
     ours = await rig.call(Operation.AUTHORIZE, o, "k-ours")

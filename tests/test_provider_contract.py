@@ -1,51 +1,30 @@
-"""One contract, every provider: each outcome class through a real HTTP call to the emulator."""
+"""One contract, every provider: each outcome class through a real HTTP call to the emulator,
+made by the gateway's own `ProviderClient` (`tests/gateway_calls.py`), so the contract holds for
+what the gateway actually runs."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 
 import pytest
 
 from domain.outcome import Outcome
-from domain.types import Card, FollowUp, FollowUpState, Lookup, Operation, PaymentOrder, ProviderResult, StatusAnswer
-from providers.classify import result_from_transport_error, status_from_transport_error
+from domain.types import Card, FollowUp, FollowUpState, Lookup, Operation, PaymentOrder, ProviderResult
 from emulators.faults import FaultPlan, FaultRule
-from emulators.server import EmulatorServer
-from providers.errors import TransportError
 from emulators.registry import EMULATORS
+from emulators.server import EmulatorServer
+from providers.base import ProviderResponse
 from providers.registry import KINDS
-from providers.transport import ProviderTransport
-
-API_KEYS = {"stripe": "sk_test_contract", "adyen": "adyen_test_key", "checkout": "sk_sbox_contract"}
+from tests.gateway_calls import GatewayCalls, start_client
 
 
 @dataclass
-class Rig:
+class Rig(GatewayCalls):
     kind: str
     server: EmulatorServer
-    transport: ProviderTransport
-    mapping: Any
     cards: dict[str, str]
-
-    async def call(self, op: Operation, subject: PaymentOrder | FollowUp, key: str | None,
-                   timeout_s: float = 2.0) -> ProviderResult:
-        request = self.mapping.build(op, subject, key)
-        try:
-            response = await self.transport.send(request, timeout_s)
-        except TransportError as exc:
-            return result_from_transport_error(exc)
-        return self.mapping.parse(op, response)
-
-    async def status(self, subject: FollowUp, timeout_s: float = 2.0) -> StatusAnswer:
-        request = self.mapping.build(Operation.STATUS, subject, None)
-        try:
-            response = await self.transport.send(request, timeout_s)
-        except TransportError as exc:
-            return status_from_transport_error(exc)
-        return self.mapping.parse_status(response)
 
     async def follow_up(self, op: Operation, o: PaymentOrder, reference: str | None, key: str,
                         amount: int | None = None) -> ProviderResult:
@@ -57,17 +36,17 @@ class Rig:
 
 @pytest.fixture(params=sorted(KINDS))
 async def rig(request: pytest.FixtureRequest) -> AsyncIterator[Rig]:
-    kind = KINDS[request.param]
     emulated = EMULATORS[request.param]
     server = EmulatorServer(emulated.emulator())
     await server.start()
-    transport = ProviderTransport(kind.name, server.url, ssl_context=None, connect_timeout_s=1.0, max_connections=10)
-    await transport.start()
-    mapping = kind.mapping(kind.name, API_KEYS[kind.name], merchant_account="GatewayTestECOM")
     try:
-        yield Rig(kind.name, server, transport, mapping, emulated.scenario_cards())
+        client = await start_client(request.param, server.url, merchant_account="GatewayTestECOM")
+        r = Rig(client, request.param, server, emulated.scenario_cards())
+        try:
+            yield r
+        finally:
+            await r.close()
     finally:
-        await transport.close()
         await server.stop()
 
 
@@ -163,8 +142,8 @@ async def test_timeout_after_processing_is_unknown_and_status_query_finds_the_ch
     assert result.outcome is Outcome.UNKNOWN
     assert result.raw_code == "read_timeout"
     rig.server.emulator.faults.clear()
-    status = await rig.call(Operation.STATUS, FollowUp(payment_id=o.payment_id, provider_reference=None), None)
-    assert status.found and status.outcome is Outcome.APPROVED
+    status = await rig.status(FollowUp(payment_id=o.payment_id, provider_reference=None))
+    assert (status.lookup, status.result.outcome) == (Lookup.FOUND, Outcome.APPROVED)
     assert len(rig.server.emulator.ledger.charges()) == 1
 
 
@@ -176,10 +155,17 @@ async def test_reset_after_processing_is_unknown(rig: Rig) -> None:
 
 
 async def test_status_query_of_unknown_payment_is_not_found(rig: Rig) -> None:
-    status = await rig.call(Operation.STATUS, FollowUp(payment_id="pay_never_sent", provider_reference=None), None)
-    assert not status.found
     answered = await rig.status(FollowUp(payment_id="pay_never_sent", provider_reference=None))
     assert (answered.lookup, answered.charges, answered.follow_ups) == (Lookup.NOT_FOUND, 0, ())
+
+
+async def test_a_status_query_is_a_lookup_never_a_call(rig: Rig) -> None:
+    """A status answer is a `StatusAnswer`: `call` and every mapping's `parse` refuse
+    `Operation.STATUS`, so no caller can read one as an outcome."""
+    with pytest.raises(ValueError, match="lookup"):
+        await rig.call(Operation.STATUS, FollowUp(payment_id="pay_never_sent", provider_reference=None), None)
+    with pytest.raises(ValueError, match="parse_status"):
+        rig.mapping.parse(Operation.STATUS, ProviderResponse(200, {}, b"{}"))
 
 
 async def test_status_answer_after_a_timeout_finds_the_one_charge(rig: Rig) -> None:

@@ -21,9 +21,10 @@ from emulators.server import EmulatorServer
 from emulators.stripe import StripeEmulator
 from providers.base import ProviderResponse
 from providers.stripe.mapping import StripeMapping
-from providers.transport import ProviderTransport
+from tests.conftest import PROVIDER_KEYS
+from tests.gateway_calls import GatewayCalls, start_client
 
-API_KEY = "sk_test_x"
+API_KEY = PROVIDER_KEYS["stripe"]  # what the autouse fixture puts in STRIPE_API_KEY
 MAPPING = StripeMapping("stripe", API_KEY)
 
 
@@ -31,14 +32,28 @@ def answer(status: int, doc: dict, headers: dict[str, str] | None = None) -> Pro
     return ProviderResponse(status=status, headers=headers or {}, body=orjson.dumps(doc))
 
 
+CANCELED = {"object": "payment_intent", "id": "pi_1", "status": "canceled"}
+
+
 @pytest.mark.parametrize(("op", "expected"), [
     (Operation.VOID, Outcome.APPROVED),           # our cancel succeeded
-    (Operation.STATUS, Outcome.HARD_DECLINE),     # an intent canceled before capture holds no charge
-    (Operation.AUTHORIZE, Outcome.HARD_DECLINE),
+    (Operation.AUTHORIZE, Outcome.HARD_DECLINE),  # an intent canceled before capture holds no charge
+    (Operation.CAPTURE, Outcome.HARD_DECLINE),
 ])
 def test_a_canceled_intent_is_an_approval_only_for_a_void(op: Operation, expected: Outcome) -> None:
-    result = MAPPING.parse(op, answer(200, {"object": "payment_intent", "id": "pi_1", "status": "canceled"}))
-    assert result.outcome is expected
+    result = MAPPING.parse(op, answer(200, CANCELED))
+    assert (result.outcome, result.raw_code, result.provider_status) == (expected, "canceled", "canceled")
+
+
+def test_a_status_query_of_a_canceled_intent_without_a_charge_is_a_decline() -> None:
+    status = MAPPING.parse_status(answer(200, CANCELED))
+    assert (status.lookup, status.result.outcome, status.charges) == (Lookup.FOUND, Outcome.HARD_DECLINE, 0)
+
+
+def test_parse_refuses_a_status_answer() -> None:
+    """A status answer is `parse_status`'s `StatusAnswer`, never an outcome with a flag."""
+    with pytest.raises(ValueError, match="parse_status"):
+        MAPPING.parse(Operation.STATUS, answer(200, {"object": "search_result", "data": []}))
 
 
 @pytest.mark.parametrize(("error", "expected"), [
@@ -72,8 +87,8 @@ def test_error_statuses(status: int, headers: dict[str, str], expected: Outcome)
 
 
 def test_an_empty_search_is_not_found_but_not_proof() -> None:
-    result = MAPPING.parse(Operation.STATUS, answer(200, {"object": "search_result", "data": []}))
-    assert not result.found
+    status = MAPPING.parse_status(answer(200, {"object": "search_result", "data": []}))
+    assert (status.lookup, status.result.raw_code) == (Lookup.NOT_FOUND, "not_found")
     assert StripeMapping.status_query_consistent is False  # search lags: the engine re-sends instead
 
 
@@ -187,13 +202,12 @@ async def server() -> AsyncIterator[EmulatorServer]:
 
 
 @pytest.fixture
-async def transport(server: EmulatorServer) -> AsyncIterator[ProviderTransport]:
-    t = ProviderTransport("stripe", server.url, ssl_context=None, connect_timeout_s=1.0, max_connections=4)
-    await t.start()
+async def gateway(server: EmulatorServer) -> AsyncIterator[GatewayCalls]:
+    calls = GatewayCalls(await start_client("stripe", server.url))
     try:
-        yield t
+        yield calls
     finally:
-        await t.close()
+        await calls.close()
 
 
 def _order(pid: str) -> PaymentOrder:
@@ -202,27 +216,28 @@ def _order(pid: str) -> PaymentOrder:
 
 
 async def test_emulator_marks_a_stored_500_not_retryable_first_and_on_replay(
-        server: EmulatorServer, transport: ProviderTransport) -> None:
+        server: EmulatorServer, gateway: GatewayCalls) -> None:
     server.emulator.faults.set(FaultPlan(rules=(FaultRule(kind="error", status=500, after_processing=True),)))
-    request = MAPPING.build(Operation.AUTHORIZE, _order("pay_stored_500"), "k-500")
-    first = MAPPING.parse(Operation.AUTHORIZE, await transport.send(request, 2.0))
+    order = _order("pay_stored_500")
+    first = await gateway.call(Operation.AUTHORIZE, order, "k-500")
     server.emulator.faults.clear()
-    replay_response = await transport.send(request, 2.0)
-    replay = MAPPING.parse(Operation.AUTHORIZE, replay_response)
+    replay = await gateway.call(Operation.AUTHORIZE, order, "k-500")
     assert (first.outcome, first.retry_hint) == (Outcome.UNKNOWN, False)
     assert (replay.outcome, replay.retry_hint, replay.http_status) == (Outcome.UNKNOWN, False, 500)
-    assert replay_response.headers["Idempotent-Replayed"] == "true"
+    # The wire evidence that the second answer was Stripe's replay, not a new run of the endpoint.
+    wire = await gateway.transport.send(gateway.mapping.build(Operation.AUTHORIZE, order, "k-500"), 2.0)
+    assert (wire.status, wire.headers["Idempotent-Replayed"]) == (500, "true")
     assert len(server.emulator.ledger.charges()) == 1  # charged: the 500 came after processing
 
 
 async def test_emulator_marks_an_error_before_processing_retryable(
-        server: EmulatorServer, transport: ProviderTransport) -> None:
+        server: EmulatorServer, gateway: GatewayCalls) -> None:
     server.emulator.faults.set(FaultPlan(rules=(FaultRule(kind="error", status=503),)))
-    request = MAPPING.build(Operation.AUTHORIZE, _order("pay_503"), "k-503")
-    result = MAPPING.parse(Operation.AUTHORIZE, await transport.send(request, 2.0))
+    order = _order("pay_503")
+    result = await gateway.call(Operation.AUTHORIZE, order, "k-503")
     assert (result.outcome, result.retry_hint) == (Outcome.UNKNOWN, True)
     server.emulator.faults.clear()
-    retried = MAPPING.parse(Operation.AUTHORIZE, await transport.send(request, 2.0))
+    retried = await gateway.call(Operation.AUTHORIZE, order, "k-503")
     assert retried.outcome is Outcome.APPROVED  # nothing was stored for the key: the retry ran
     assert len(server.emulator.ledger.charges()) == 1
 

@@ -4,8 +4,8 @@ idempotency key then replays the final answer.
 
 The crash is simulated for real: the journal rows and the in-flight idempotency records are
 written with SqliteStore at the configured path, the charge (where there is one) is made at
-the emulator through the Stripe mapping and a ProviderTransport over mTLS, exactly as the dead
-gateway would have; then the gateway starts on that database.
+the emulator through the gateway's own ProviderClient over mTLS, exactly as the dead gateway
+would have; then the gateway starts on that database.
 """
 
 from __future__ import annotations
@@ -20,15 +20,15 @@ import orjson
 from gateway.api.idempotency import fingerprint
 from gateway.app_keys import STORE
 from gateway.app_keys import RECONCILER
-from gateway.certs.tls import client_context
 from gateway.config import GatewayConfig
 from gateway.journal.records import Attempt, PaymentRecord
 from gateway.journal.sqlite import SqliteStore
+from gateway.metrics import Metrics
 from gateway.orchestrator import provider_idempotency_key
+from gateway.provider_client import ProviderClient
+from gateway.provider_pool import make_handle
 from domain.outcome import Outcome, PaymentStatus
 from domain.types import Card, Operation, PaymentOrder
-from providers.stripe.mapping import StripeMapping
-from providers.transport import ProviderTransport
 from tests.conftest import AUTH, card_payment, charges, entries, journal, txlog
 
 SCOPE = "checkout"  # the API client the payments belonged to
@@ -55,21 +55,18 @@ def _crashed_record(payment_id: str, reference: str, provider: str | None) -> Pa
 
 
 async def _charge_directly(config: GatewayConfig, provider: str, payment_id: str, reference: str) -> str:
-    """What the crashed gateway's call did: a real authorisation at the provider."""
-    cfg = config.providers[provider]
-    transport = ProviderTransport(provider, cfg.base_url,
-                                  ssl_context=client_context(cfg.tls.ca, cfg.tls.client_cert, cfg.tls.client_key),
-                                  connect_timeout_s=1.0, max_connections=1)
-    mapping = StripeMapping(provider, cfg.api_key.get_secret_value())
+    """What the crashed gateway's call did: a real authorisation at the provider, through the
+    gateway's own `ProviderClient` on a handle built from the same configuration."""
+    client = ProviderClient(make_handle(provider, config.providers[provider], config.engine), Metrics())
     order = PaymentOrder(payment_id=payment_id, amount=1299, currency="EUR", capture=True,
                          merchant_reference=reference, card=Card("4242424242424242", 12, 2030, "123"))
-    await transport.start()
+    key = provider_idempotency_key(payment_id, provider)
+    await client.handle.transport.start()
     try:
-        response = await transport.send(
-            mapping.build(Operation.AUTHORIZE, order, provider_idempotency_key(payment_id, provider)), 5.0)
+        result = await client.call(Operation.AUTHORIZE, order, key, time.monotonic() + 5.0,
+                                   client.new_attempt(Operation.AUTHORIZE, 1, key))
     finally:
-        await transport.close()
-    result = mapping.parse(Operation.AUTHORIZE, response)
+        await client.handle.transport.close()
     assert result.outcome is Outcome.APPROVED and result.reference
     return result.reference
 

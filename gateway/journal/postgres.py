@@ -65,7 +65,7 @@ from gateway.journal.records import (
     PaymentRecord,
     StoredResponse,
 )
-from gateway.journal.schema import Migration, postgres_prepare
+from gateway.journal.schema import Migration, migrations, postgres_prepare
 from gateway.journal.store import (
     UNRESOLVED_STATUSES,
     JournalUnavailable,
@@ -219,6 +219,7 @@ class PostgresStore:
         except _UNAVAILABLE_TYPES as exc:
             raise self._unavailable(exc) from exc
         try:
+            await asyncio.to_thread(migrations, "postgres")  # reads the step files once, off the loop
             async with pool.acquire(timeout=self._acquire_timeout_s) as conn:
                 self.migrated = await postgres_prepare(conn, migrate=self._migrate)
         except BaseException as exc:

@@ -49,6 +49,7 @@ from providers.classify import (
     lookup_failed,
     not_found,
     parse_retry_after,
+    reject_status_query,
     status_outcome,
 )
 
@@ -269,6 +270,7 @@ class AdyenMapping:
         return doc
 
     def parse(self, op: Operation, response: ProviderResponse) -> ProviderResult:
+        reject_status_query(op)
         doc = json_object(response.body)
         if response.status < 300:
             return _parse_success(op, response.status, doc)
@@ -353,19 +355,6 @@ _STATUS_PRIORITY = {Outcome.APPROVED: 0, Outcome.UNKNOWN: 1}
 
 
 def _parse_success(op: Operation, status: int, doc: dict) -> ProviderResult:
-    if op is Operation.STATUS:
-        if isinstance(doc.get("payments"), list):
-            items = [p for p in doc["payments"] if isinstance(p, dict)]
-            if not items:
-                return ProviderResult(Outcome.APPROVED, raw_code="not_found", http_status=status, found=False)
-            results = [_classify_payment(p, status) for p in items]
-            best = min(reversed(results), key=lambda r: _STATUS_PRIORITY.get(r.outcome, 2))
-            if len(results) > 1:
-                best = ProviderResult(best.outcome, raw_code=best.raw_code, http_status=status,
-                                      reference=best.reference, provider_status=best.provider_status,
-                                      message=best.message, extra={**best.extra, "matches": str(len(results))})
-            return best
-        return _classify_payment(doc, status)
     if op is Operation.AUTHORIZE:
         return _classify_payment(doc, status)
     # Modifications: 201 {"status": "received"}; the outcome itself arrives later by webhook.

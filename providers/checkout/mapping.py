@@ -48,6 +48,7 @@ from providers.classify import (
     lookup_failed,
     not_found,
     parse_retry_after,
+    reject_status_query,
     status_outcome,
 )
 
@@ -254,6 +255,7 @@ class CheckoutMapping:
         return body
 
     def parse(self, op: Operation, response: ProviderResponse) -> ProviderResult:
+        reject_status_query(op)
         doc = json_object(response.body)
         if response.status < 300:
             return _parse_success(op, response, doc)
@@ -292,8 +294,6 @@ def _parse_success(op: Operation, response: ProviderResponse, doc: dict) -> Prov
         # 202 Accepted: the action is queued with the payment; its id is the action's reference.
         return ProviderResult(Outcome.APPROVED, raw_code="accepted", http_status=response.status,
                               reference=doc.get("action_id"), provider_status="Accepted", extra=extra)
-    if op is Operation.STATUS and isinstance(doc.get("data"), list):
-        return _parse_list(response.status, doc["data"], extra)
     return _parse_payment(response.status, doc, extra)
 
 
@@ -355,20 +355,6 @@ def _action_outcome(action: dict) -> Outcome:
     return Outcome.HARD_DECLINE if approved is False else Outcome.UNKNOWN
 
 
-def _parse_list(http_status: int, items: list, extra: dict[str, str]) -> ProviderResult:
-    """`GET /payments?reference=`: newest first. A charge anywhere in the list decides."""
-    payments = json_list(items)
-    if not payments:
-        return ProviderResult(Outcome.APPROVED, raw_code="not_found", http_status=http_status, found=False,
-                              extra=extra)
-    charged = [p for p in payments if _is_charged(p)]
-    result = _parse_payment(http_status, _chosen(payments, charged), extra)
-    counts = {"matches": str(len(payments)), "charged_matches": str(len(charged))}
-    return ProviderResult(result.outcome, raw_code=result.raw_code, http_status=http_status,
-                          reference=result.reference, provider_status=result.provider_status,
-                          message=result.message, extra={**extra, **counts})
-
-
 def _classify_429(op: Operation, response: ProviderResponse) -> Outcome:
     """Checkout answers a concurrent request with an idempotency key still in flight with a bare
     `429 Too many requests`: the first request may yet charge, so failing over would risk a double
@@ -396,6 +382,5 @@ def _parse_error(op: Operation, response: ProviderResponse, doc: dict) -> Provid
         http_status=response.status,
         retry_after_s=parse_retry_after(response.headers.get("Retry-After")),
         message=message,
-        found=True,  # only an explicit empty list proves absence; a 404 may be a proxy or a wrong path
         extra=extra,
     )

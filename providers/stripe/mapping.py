@@ -38,6 +38,7 @@ from providers.classify import (
     lookup_failed,
     not_found,
     parse_retry_after,
+    reject_status_query,
     status_outcome,
 )
 
@@ -80,12 +81,12 @@ DECLINE_CODES: Mapping[str, Outcome] = MappingProxyType(
 )
 UNLISTED_DECLINE = Outcome.SOFT_DECLINE
 
-# PaymentIntent.status -> class, for 2xx answers and status queries.
+# PaymentIntent.status -> class, for 2xx answers and status queries. `canceled` is not listed:
+# what it means depends on who asks (see `_intent_result`'s callers).
 INTENT_STATUS: Mapping[str, Outcome] = MappingProxyType(
     {
         "succeeded": Outcome.APPROVED,
         "requires_capture": Outcome.APPROVED,
-        "canceled": Outcome.APPROVED,  # a void succeeded; for any other operation see _parse_success
         "processing": Outcome.UNKNOWN,
         "requires_payment_method": Outcome.SOFT_DECLINE,
         "requires_action": Outcome.SOFT_DECLINE,
@@ -171,6 +172,7 @@ class StripeMapping:
         raise ValueError(f"unsupported operation {op}")
 
     def parse(self, op: Operation, response: ProviderResponse) -> ProviderResult:
+        reject_status_query(op)
         doc = json_object(response.body)
         if response.status < 300:
             return _parse_success(op, response.status, doc)
@@ -244,25 +246,27 @@ def _quoted_key(key: str) -> str:
 
 
 def _parse_success(op: Operation, status: int, doc: dict) -> ProviderResult:
-    if op is Operation.STATUS and doc.get("object") == "search_result":
-        items = doc.get("data") or []
-        if not items:
-            return ProviderResult(Outcome.APPROVED, raw_code="not_found", http_status=status, found=False)
-        doc = items[0]
     if doc.get("object") == "refund":
         outcome = Outcome.APPROVED if doc.get("status") in ("succeeded", "pending") else Outcome.SOFT_DECLINE
         return ProviderResult(outcome, raw_code=doc.get("status"), http_status=status, reference=doc.get("id"),
                               provider_status=doc.get("status"))
-    intent_status = str(doc.get("status", ""))
-    outcome = INTENT_STATUS.get(intent_status, Outcome.UNKNOWN)
-    if intent_status == "canceled" and op is not Operation.VOID:
-        outcome = Outcome.HARD_DECLINE  # an intent canceled before capture holds no charge
+    # An answer to our own call: `canceled` is our void succeeding; after an authorisation or a
+    # capture it is an intent canceled before capture, which holds no charge.
+    return _intent_result(doc, status, canceled=Outcome.APPROVED if op is Operation.VOID else Outcome.HARD_DECLINE)
+
+
+def _intent_result(intent: dict, http_status: int, *, canceled: Outcome) -> ProviderResult:
+    """A PaymentIntent's state as an outcome, `canceled` being what a canceled intent means to
+    the caller; a declined intent is refined by its `last_payment_error`."""
+    intent_status = str(intent.get("status", ""))
+    outcome = canceled if intent_status == "canceled" else INTENT_STATUS.get(intent_status, Outcome.UNKNOWN)
     raw = intent_status
-    error = doc.get("last_payment_error") or {}
+    error = intent.get("last_payment_error") or {}
     if outcome is Outcome.SOFT_DECLINE and error:
         raw = error.get("decline_code") or error.get("code") or raw
         outcome = DECLINE_CODES.get(raw, UNLISTED_DECLINE)
-    return ProviderResult(outcome, raw_code=raw, http_status=status, reference=doc.get("id"), provider_status=intent_status)
+    return ProviderResult(outcome, raw_code=raw, http_status=http_status, reference=intent.get("id"),
+                          provider_status=intent_status)
 
 
 def _retry_hint(response: ProviderResponse) -> bool | None:
@@ -303,7 +307,6 @@ def _parse_error(response: ProviderResponse, doc: dict) -> ProviderResult:
         reference=reference,
         retry_after_s=retry_after,
         message=error.get("message"),
-        found=response.status != 404,
         retry_hint=retry_hint,
     )
 
@@ -326,12 +329,8 @@ def _intent_state(intent: dict, http_status: int) -> ProviderResult:
     """The payment's state as a status query sees it. Unlike an answer to our own call, a
     `canceled` intent that holds a charge was authorised and then voided: an approval whose
     void is listed among the follow-ups; one without a charge never charged anything."""
-    status = str(intent.get("status", ""))
-    if status == "canceled":
-        outcome = Outcome.APPROVED if _charged(intent) else Outcome.HARD_DECLINE
-        return ProviderResult(outcome, raw_code=status, http_status=http_status, reference=intent.get("id"),
-                              provider_status=status)
-    return _parse_success(Operation.STATUS, http_status, intent)
+    return _intent_result(intent, http_status,
+                          canceled=Outcome.APPROVED if _charged(intent) else Outcome.HARD_DECLINE)
 
 
 def _follow_ups(intent: dict) -> tuple[tuple[FollowUpState, ...], bool]:
