@@ -169,7 +169,7 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
         await txlog.close()  # after every producer stopped, before the store closes
 
     async def providers(app: web.Application) -> AsyncIterator[None]:
-        pool = ProviderPool(config)
+        pool = await asyncio.to_thread(ProviderPool, config)  # reads every TLS file: off the loop
         metrics = app[METRICS]
         for handle in pool:
             handle.breaker.listeners.append(metrics.breaker_changed)

@@ -137,10 +137,11 @@ _CLAIM_WITH_RECORD = _CLAIM_CTE + """, journal AS (
     SELECT $7, $8, $9, $10, $11, 1 WHERE EXISTS (SELECT 1 FROM claim)
 )
 SELECT count(*) FROM claim"""
-# ... or the existing payment row, still at version $12, moved to its next version (a follow-up).
+# ... or the existing payment row ($7 id, $8 status, $9 updated_at, $10 doc), still at version
+# $11, moved to its next version (a follow-up).
 _CLAIM_WITH_UPDATE = _CLAIM_CTE + """, journal AS (
-    UPDATE payments SET status = $8, updated_at = $10, doc = $11, version = $12 + 1
-    WHERE id = $7 AND version = $12 AND EXISTS (SELECT 1 FROM claim) RETURNING 1
+    UPDATE payments SET status = $8, updated_at = $9, doc = $10, version = $11 + 1
+    WHERE id = $7 AND version = $11 AND EXISTS (SELECT 1 FROM claim) RETURNING 1
 )
 SELECT (SELECT count(*) FROM claim) AS claimed, (SELECT count(*) FROM journal) AS journalled"""
 
@@ -349,7 +350,8 @@ class PostgresStore:
                         raise
                     raise StaleWrite(record.id) from exc
             else:
-                claim = await self._claim(_CLAIM_WITH_UPDATE, args + payment_row(record) + (expected,),
+                payment_id, status, _created_at, updated_at, doc = payment_row(record)
+                claim = await self._claim(_CLAIM_WITH_UPDATE, args + (payment_id, status, updated_at, doc, expected),
                                           resource_id, payment_id=record.id)
         if claim.kind is not ClaimKind.NEW:
             record.version -= 1  # the key was held: nothing of the record was written
