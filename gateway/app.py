@@ -33,6 +33,7 @@ from gateway.app_keys import (
     OPS_LOG,
     POOL,
     RECONCILER,
+    REDACTOR,
     SERVICE,
     STORE,
     TRANSACTION_LOG,
@@ -54,6 +55,7 @@ from gateway.router import Router
 from gateway.tasks import stop_task
 from gateway.txlog import JsonLinesWriter, build_ops_logger
 from gateway.txlog.outbox import TransactionLog
+from gateway.txlog.redaction import Redactor
 
 ABANDON_MARGIN_S = 5.0  # past its deadline plus this, an unanswered payment has lost its process
 
@@ -70,10 +72,12 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
     """`exclusive_store`: no other process uses this journal (default: true for SQLite; `serve
     --workers N` passes false)."""
     exclusive = config.storage.backend == "sqlite" if exclusive_store is None else exclusive_store
-    ops = ops_log or build_ops_logger()
+    redactor = Redactor(secrets=config.secret_values())  # hides every secret value the config loaded
+    ops = ops_log or build_ops_logger(redactor=redactor)
     app = web.Application(middlewares=[error_middleware(ops)], client_max_size=config.server.max_body_bytes)
     app[CONFIG] = config
     app[OPS_LOG] = ops
+    app[REDACTOR] = redactor
     app[METRICS] = Metrics()
     app[AUTH] = Authenticator(config.auth)
 
@@ -94,7 +98,7 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
         await s.close()
 
     async def transaction_log(app: web.Application) -> AsyncIterator[None]:
-        txlog = TransactionLog(app[LOG_WRITER], app[STORE], ops_log=ops)
+        txlog = TransactionLog(app[LOG_WRITER], app[STORE], redactor=redactor, ops_log=ops)
         await txlog.start()
         try:
             # Before serving: lines whose journal commit a crash outran, unless the file has them.

@@ -18,7 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from domain.cards import card_brand
 from gateway.executor import AttemptExecutor
 from gateway.journal.records import Attempt, IdempotentAnswer, OutboxLine, PaymentRecord, StoredResponse
 from gateway.journal.store import Store
@@ -68,7 +67,7 @@ class PaymentService:
         """Route in memory before anything is written, and mark the record as attempting its
         first candidate, so the row the front door journals with its key claim already says
         where the first call goes: that write is the first attempt's durable journal entry."""
-        brand = card_brand(order.card.number) if order.card else None
+        brand = order.card.brand if order.card else None
         facts = RoutingFacts(order.amount, order.currency, order.country, brand, order.merchant_reference)
         try:
             decision = self.router.route(facts)

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from domain.outcome import Outcome
+from domain.secret import Secret
 from domain.types import Card, FollowUp, Operation, PaymentOrder, ProviderResult
 from providers.classify import result_from_transport_error
 from emulators.faults import FaultPlan, FaultRule
@@ -62,7 +63,7 @@ _seq = iter(range(1, 1_000_000))
 def order(card: str, *, amount: int = 1000, capture: bool = True) -> PaymentOrder:
     pid = f"pay_contract_{next(_seq)}"
     return PaymentOrder(payment_id=pid, amount=amount, currency="EUR", capture=capture, merchant_reference=f"ref-{pid}",
-                        card=Card(number=card, exp_month=3, exp_year=2030, cvc="737", holder_name="J Smith"))
+                        card=Card(number=Secret(card), exp_month=3, exp_year=2030, cvc=Secret("737"), holder_name="J Smith"))
 
 
 @pytest.mark.parametrize(

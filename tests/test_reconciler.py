@@ -26,6 +26,7 @@ from gateway.journal.records import Attempt, PaymentRecord
 from gateway.journal.sqlite import SqliteStore
 from gateway.orchestrator import provider_idempotency_key
 from domain.outcome import Outcome, PaymentStatus
+from domain.secret import Secret
 from domain.types import Card, Operation, PaymentOrder
 from providers.stripe.mapping import StripeMapping
 from providers.transport import ProviderTransport
@@ -70,7 +71,7 @@ async def _charge_directly(config: GatewayConfig, provider: str, payment_id: str
                                   connect_timeout_s=1.0, max_connections=1)
     mapping = StripeMapping(provider, cfg.api_key.get_secret_value())
     order = PaymentOrder(payment_id=payment_id, amount=1299, currency="EUR", capture=True,
-                         merchant_reference=reference, card=Card("4242424242424242", 12, 2030, "123"))
+                         merchant_reference=reference, card=Card(Secret("4242424242424242"), 12, 2030, Secret("123")))
     await transport.start()
     try:
         response = await transport.send(

@@ -1,6 +1,6 @@
-"""What a front-door request carries besides its route: the JSON body, validated into its model,
-and the deadline the caller asked for. Every malformed input ends here as a clear 4xx
-(`ApiError`), never as a traceback."""
+"""What a front-door request carries besides its route: the JSON body, validated into its model
+(and free of card data in its free-text fields), and the deadline the caller asked for. Every
+malformed input ends here as a clear 4xx (`ApiError`), never as a traceback."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ from typing import TypeVar
 
 import orjson
 from aiohttp import web
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from gateway.api.errors import ApiError, from_validation_error
-from gateway.app_keys import CONFIG
+from gateway.api.free_text import refuse_card_data
+from gateway.api.schemas import Body
+from gateway.app_keys import CONFIG, REDACTOR
 
-M = TypeVar("M", bound=BaseModel)
+M = TypeVar("M", bound=Body)
 MAX_REQUEST_TIMEOUT_MS = 120_000
 
 
@@ -29,9 +31,11 @@ async def json_body(request: web.Request, model: type[M]) -> tuple[bytes, M]:
     if not isinstance(data, dict):
         raise ApiError(400, "malformed_json", "the body must be a JSON object")
     try:
-        return body, model.model_validate(data)
+        payload = model.model_validate(data)
     except ValidationError as exc:
         raise from_validation_error(exc) from None
+    refuse_card_data(payload, request.app[REDACTOR])
+    return body, payload
 
 
 def request_deadline(request: web.Request) -> float:

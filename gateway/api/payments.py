@@ -18,11 +18,11 @@ from gateway.api.idempotency import fingerprint, idempotency_key
 from gateway.api.inputs import json_body, request_deadline
 from gateway.api.schemas import CaptureCreate, CardMethod, PaymentCreate, RefundCreate, VoidCreate
 from gateway.app_keys import AUTH, CONFIG, FRONT_DOOR, LOG_WRITER, POOL, SERVICE, STORE
-from domain.cards import card_brand
+from domain.cards import truncate_pan
 from gateway.journal.records import PaymentRecord
 from gateway.payment_view import payment_doc
 from domain.outcome import Outcome, PaymentStatus
-from domain.types import Card, Operation, PaymentOrder
+from domain.types import Operation, PaymentOrder
 
 
 
@@ -83,13 +83,12 @@ def _new_payment(caller: Caller, p: PaymentCreate) -> tuple[PaymentRecord, Payme
     record = PaymentRecord(id=payment_id, client=caller.name, amount=p.amount, currency=p.currency, capture=p.capture,
                            merchant_reference=p.merchant_reference, country=p.country, metadata=dict(p.metadata))
     if isinstance(method, CardMethod):
-        card = Card(method.number, method.exp_month, method.exp_year, method.cvc, method.holder_name)
-        record.card_brand = card_brand(method.number)
-        record.card_bin = method.number[:6]
-        record.card_last4 = method.number[-4:]
+        card = method.to_card()
+        record.card_brand = card.brand
+        record.card_bin, record.card_last4 = truncate_pan(card.number.reveal())  # >= 6 digits hidden
     order = PaymentOrder(payment_id=payment_id, amount=p.amount, currency=p.currency, capture=p.capture,
                          merchant_reference=p.merchant_reference, card=card,
-                         token=None if card else method.token, country=p.country,  # type: ignore[union-attr]
+                         token=None if card else method.to_secret(), country=p.country,  # type: ignore[union-attr]
                          description=p.description)
     return record, order
 
