@@ -23,6 +23,7 @@ from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
+import orjson
 import pytest
 
 from gateway.journal.postgres import PostgresStore
@@ -76,6 +77,7 @@ class Backend:
     store: SqliteStore | PostgresStore
     new_store: Callable[[], SqliteStore | PostgresStore]  # another store on the same database (a replica)
     execute: Callable[[str], Awaitable[None]]  # DDL through a separate connection
+    stored: Callable[[], Awaitable[bytes]]  # every byte the database holds for the journal, as it is now
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -99,7 +101,12 @@ def sqlite_backend(path: Path) -> Backend:
 
         await asyncio.to_thread(run)
 
-    return Backend("sqlite", SqliteStore(path), lambda: SqliteStore(path), execute)
+    async def stored() -> bytes:
+        """The database file and its write-ahead log, byte for byte."""
+        files = (path, path.with_name(path.name + "-wal"))
+        return b"".join([await asyncio.to_thread(p.read_bytes) for p in files if p.exists()])
+
+    return Backend("sqlite", SqliteStore(path), lambda: SqliteStore(path), execute, stored)
 
 
 def postgres_backend(dsn: str) -> Backend:
@@ -113,7 +120,19 @@ def postgres_backend(dsn: str) -> Backend:
     def new_store() -> PostgresStore:
         return PostgresStore(dsn, min_size=1, max_size=5)
 
-    return Backend("postgres", new_store(), new_store, execute)
+    async def stored() -> bytes:
+        """Every column of every journal table (the server's own files are out of reach)."""
+        conn = await asyncpg.connect(dsn, timeout=5)
+        try:
+            out = []
+            for table in ("payments", "idempotency", "outbox"):
+                for row in await conn.fetch(f"SELECT * FROM {table}"):
+                    out += [v if isinstance(v, bytes) else str(v).encode() for v in row.values()]
+            return b"\n".join(out)
+        finally:
+            await conn.close()
+
+    return Backend("postgres", new_store(), new_store, execute, stored)
 
 
 @asynccontextmanager
@@ -206,6 +225,44 @@ async def test_unresolved_payments_are_received_attempting_pending_oldest_first(
     assert [r.id for r in unresolved] == [records[s].id for s in
                                          (PaymentStatus.PENDING, PaymentStatus.RECEIVED, PaymentStatus.ATTEMPTING)]
     assert [r.id for r in first_two] == [r.id for r in unresolved[:2]]
+
+
+# -- nothing secret at rest (DESIGN rule 6) ---------------------------------------------------------
+
+VISA = "4242424242424242"
+MASTERCARD = "5555555555554444"
+# A provider reference whose 12 digits pass Luhn: an identifier, which must stay verbatim.
+LUHN_REFERENCE = "EMUA424242424242"
+
+
+async def test_card_data_that_reaches_a_record_is_not_at_rest(backend: Backend) -> None:
+    """Whatever way a card number gets into a record or an answer (a provider's message, a caller
+    that skipped the API), the store's codecs redact it; identifiers stay as they were."""
+    record = payment(error_message=f"issuer said {MASTERCARD[:8]} {MASTERCARD[8:]}",
+                     metadata={"note": f"pan {VISA[:4]}.{VISA[4:8]}.{VISA[8:12]}.{VISA[12:]}", "card_cvc": "917",
+                               MASTERCARD: "key"},
+                     provider="adyen", provider_reference=LUHN_REFERENCE,
+                     attempts=[Attempt(provider="adyen", try_number=1, operation="authorize", idempotency_key="k1",
+                                       started_at=time.time(), reference=LUHN_REFERENCE,
+                                       message=f"refused {VISA} cvc=917")])
+    record.merchant_reference = f"order {VISA}"
+    k, other = key(), key()
+    await claim(backend.store, k, resource=record.id, record=record)
+    answer = StoredResponse(201, orjson.dumps({"id": record.id, "provider_reference": LUHN_REFERENCE,
+                                               "merchant_reference": record.merchant_reference, "note": "CVV: 917"}))
+    await backend.store.save_payment(record, IdempotentAnswer(SCOPE, k, answer))
+    await claim(backend.store, other, resource=record.id)
+    await backend.store.complete_idempotency(SCOPE, other, StoredResponse(422, f"refused {MASTERCARD}".encode()))
+
+    raw = await backend.stored()
+    for secret in (VISA, MASTERCARD, "cvc=917", "CVV: 917", '"917"'):
+        assert secret.encode() not in raw, secret
+    got = await backend.store.get_payment(record.id)
+    assert got is not None
+    assert (got.provider_reference, got.attempts[0].reference) == (LUHN_REFERENCE, LUHN_REFERENCE)
+    assert got.merchant_reference == "order 424242******4242" and got.metadata["card_cvc"] == "[REDACTED]"
+    replay = await claim(backend.store, k, resource=record.id)
+    assert replay.response is not None and orjson.loads(replay.response.body)["provider_reference"] == LUHN_REFERENCE
 
 
 # -- claims -----------------------------------------------------------------------------------------

@@ -31,7 +31,9 @@ class FreeText:
 
 
 class Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # A ValidationError's text would otherwise quote the rejected input: a card number that
+    # failed the Luhn check by one digit is still card data.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     def free_text(self) -> Iterator[FreeText]:
         """Every field the caller writes free text into (none by default)."""
