@@ -29,10 +29,23 @@ from gateway.txlog.redaction import Redactor
 _REDACTOR = Redactor()
 
 
-def _redacted_doc(obj: Any, verbatim: frozenset[str]) -> dict[str, Any]:
-    scrub = _REDACTOR.scrub
-    return {f.name: getattr(obj, f.name) if f.name in verbatim else scrub(getattr(obj, f.name))
-            for f in fields(obj)}
+def _codec(cls: type, verbatim: frozenset[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(every field of `cls`, the ones redacted: all but `verbatim`), computed once per class."""
+    names = tuple(f.name for f in fields(cls))
+    unknown = verbatim - set(names)
+    if unknown:
+        raise AssertionError(f"{cls.__name__} has no fields {sorted(unknown)}")
+    return names, tuple(n for n in names if n not in verbatim)
+
+
+def _redacted_doc(obj: Any, codec: tuple[tuple[str, ...], tuple[str, ...]]) -> dict[str, Any]:
+    names, redacted = codec
+    doc = {name: getattr(obj, name) for name in names}
+    for name in redacted:
+        value = doc[name]
+        if value:  # None, "" and {} hold nothing
+            doc[name] = _REDACTOR.scrub(value)
+    return doc
 
 
 @dataclass(slots=True)
@@ -54,11 +67,11 @@ class Attempt:
     message: str | None = None
 
     def to_doc(self) -> dict[str, Any]:
-        return _redacted_doc(self, _ATTEMPT_VERBATIM)
+        return _redacted_doc(self, _ATTEMPT_CODEC)
 
 
-_ATTEMPT_VERBATIM = frozenset({"provider", "try_number", "operation", "idempotency_key", "started_at", "outcome",
-                               "http_status", "latency_ms", "breaker_state", "reference"})
+_ATTEMPT_CODEC = _codec(Attempt, frozenset({"provider", "try_number", "operation", "idempotency_key", "started_at",
+                                            "outcome", "http_status", "latency_ms", "breaker_state", "reference"}))
 
 
 @dataclass(slots=True)
@@ -91,7 +104,7 @@ class PaymentRecord:
 
     def to_doc(self) -> dict[str, Any]:
         """The document every store keeps for this payment, redacted (see the module docstring)."""
-        doc = _redacted_doc(self, _PAYMENT_VERBATIM)
+        doc = _redacted_doc(self, _PAYMENT_CODEC)
         doc["attempts"] = [a.to_doc() for a in self.attempts]
         return doc
 
@@ -103,10 +116,10 @@ class PaymentRecord:
         return cls(**doc)
 
 
-_PAYMENT_VERBATIM = frozenset({"id", "client", "amount", "currency", "capture", "status", "country", "card_brand",
-                               "card_bin", "card_last4", "route", "provider", "provider_reference",
-                               "provider_idempotency_key", "outcome", "attempts", "captured_amount",
-                               "refunded_amount", "created_at", "updated_at"})
+_PAYMENT_CODEC = _codec(PaymentRecord, frozenset({
+    "id", "client", "amount", "currency", "capture", "status", "country", "card_brand", "card_bin", "card_last4",
+    "route", "provider", "provider_reference", "provider_idempotency_key", "outcome", "attempts", "captured_amount",
+    "refunded_amount", "created_at", "updated_at"}))
 
 
 class IdempotencyState(StrEnum):

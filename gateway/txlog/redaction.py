@@ -47,7 +47,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import enum
-import functools
 import re
 import unicodedata
 import uuid
@@ -296,6 +295,7 @@ _OPAQUE_TYPES = (datetime.date, datetime.time, uuid.UUID, enum.Enum)
 _SECRET_TYPES = (Secret, SecretStr, SecretBytes)
 
 _PLAIN, _SENSITIVE, _AMOUNT = 0, 1, 2
+_KEY_CACHE_SIZE = 4096
 
 
 class Redactor:
@@ -315,10 +315,13 @@ class Redactor:
         self._suffixes = tuple(fold_key(k[1:]) for k in keys if k.startswith("*"))
         # Longest first, so a secret containing another is hidden whole.
         self._literals = tuple(sorted({s for s in secrets if len(s) >= MIN_LITERAL_SECRET}, key=len, reverse=True))
-        self._rules = ((Finding.SECRET, self._scrub_literals), *_RULES) if self._literals else _RULES
-        self._rule_functions = tuple(rule for _, rule in self._rules)
-        # Key names repeat from event to event: cache each key's verdict (bounded).
-        self._scrub_key = functools.lru_cache(maxsize=4096)(self._scrub_key_uncached)
+        rules = ((Finding.SECRET, self._scrub_literals), *_RULES) if self._literals else _RULES
+        self._all_rules = tuple(rule for _, rule in rules)
+        self._letter_rules = (self._scrub_literals,) if self._literals else ()
+        self._kinds = {rule: kind for kind, rule in rules}
+        # Key names repeat from event to event: each key's verdict is cached (a plain dict is
+        # the cheapest lookup; it is emptied when full, so odd keys cannot grow it without bound).
+        self._key_verdicts: dict[str, tuple[str, int]] = {}
 
     def __call__(
         self, logger: WrappedLogger, method_name: str, event_dict: EventDict
@@ -329,31 +332,41 @@ class Redactor:
 
     def scrub_text(self, text: str) -> str:
         """`text` with every secret and card number in it hidden; `text` itself if none."""
-        if len(text) < _MIN_SCAN_LEN:
-            return text
-        if text.isalpha() and "AQE" not in text:
-            # Letters only (most values: statuses, names, codes): no digit, separator or key
-            # prefix, so only a configured secret can hide in it.
-            return self._scrub_literals(text) if self._literals else text
-        work = text if text.isascii() else _normalise(text)
+        work, rules = self._prepare(text)
         out = work
-        for rule in self._rule_functions:
+        for rule in rules:
             out = rule(out)
         return text if out is work else out
 
     def finding(self, text: str) -> Finding | None:
         """What `scrub_text` would hide in `text` first, or None if it would leave it as it is."""
-        if len(text) < _MIN_SCAN_LEN:
-            return None
-        work = text if text.isascii() else _normalise(text)
-        for kind, rule in self._rules:
+        work, rules = self._prepare(text)
+        for rule in rules:
             if rule(work) is not work:
-                return kind
+                return self._kinds[rule]
         return None
+
+    def _prepare(self, text: str) -> tuple[str, tuple[Callable[[str], str], ...]]:
+        """The text as the rules read it, and the rules that can match in it at all."""
+        if len(text) < _MIN_SCAN_LEN:
+            return text, ()
+        if text.isalpha() and "AQE" not in text:
+            # Letters only (most values: statuses, names, codes): no digit, separator or key
+            # prefix, so only a configured secret can hide in it.
+            return text, self._letter_rules
+        return (text if text.isascii() else _normalise(text)), self._all_rules
 
     def is_sensitive_key(self, key: str) -> bool:
         """Whether a value under `key` is hidden whole."""
         return self._scrub_key(key)[1] == _SENSITIVE
+
+    def _scrub_key(self, key: str) -> tuple[str, int]:
+        verdict = self._key_verdicts.get(key)
+        if verdict is None:
+            if len(self._key_verdicts) >= _KEY_CACHE_SIZE:
+                self._key_verdicts.clear()
+            verdict = self._key_verdicts[key] = self._scrub_key_uncached(key)
+        return verdict
 
     def scrub(self, value: Any) -> Any:
         """A scrubbed copy of any value the log could hold (what the journal stores goes here)."""
@@ -381,10 +394,11 @@ class Redactor:
     def _scrub_mapping(self, mapping: Mapping[Any, Any], depth: int) -> dict[Any, Any]:
         out: dict[Any, Any] = {}
         text = self.scrub_text
+        verdicts = self._key_verdicts
         for key, value in mapping.items():
             kind = type(value)
             if type(key) is str:
-                key, verdict = self._scrub_key(key)
+                key, verdict = verdicts.get(key) or self._scrub_key(key)
                 if verdict:
                     if verdict == _SENSITIVE:
                         out[key] = REDACTED
@@ -394,8 +408,17 @@ class Redactor:
                         continue
             elif type(key) is int:
                 key = _scrub_int(key)
-            # Strings are most values: scrub them inline, without the dispatch call.
-            out[key] = text(value) if kind is str else self._scrub(value, depth)
+            # The common scalars inline, without a call: this loop is the hot path.
+            if kind is str:
+                out[key] = value if len(value) < _MIN_SCAN_LEN else text(value)
+            elif value is None or kind is bool:
+                out[key] = value
+            elif kind is int:
+                out[key] = value if -_INT_PAN_LOW < value < _INT_PAN_LOW else _scrub_int(value)
+            elif kind is float:
+                out[key] = value if -_FLOAT_PAN_LOW < value < _FLOAT_PAN_LOW else _scrub_float(value)
+            else:
+                out[key] = self._scrub(value, depth)
         return out
 
     def _scrub(self, value: Any, depth: int) -> Any:
