@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from gateway.app_keys import OPS_LOG, TRANSACTION_LOG
+from gateway.app_keys import OPS_LOG, STORE, TRANSACTION_LOG
 from gateway.config import GatewayConfig
 from tests.conftest import AUTH, CHECKOUT_KEY, PROVIDER_KEYS, card_payment
 
@@ -97,6 +97,20 @@ async def test_card_data_and_secrets_in_free_text_are_refused_before_anything_is
     assert ok.status == 201
     assert rows(config, "payments") == rows(config, "idempotency") == 1
     assert_nothing_secret_at_rest(config)
+
+
+async def test_free_text_that_only_looks_like_card_data_is_accepted_as_sent(make_config, start_gateway,
+                                                                          emulators) -> None:
+    """Digits in other shapes (a reference in 6 + 6 digits that passes Luhn, decimals, times, a
+    code that is no security code) go through, and the journal keeps them as sent."""
+    client = await start_gateway(make_config())
+    body = card_payment(merchant_reference="ORD-123456-000017", description="2 items at 1999.50, 2024-05-01 12:00",
+                        metadata={"cvc_check": "pass", "ts": "1714564800.123456", "peer": "192.168.100.200"})
+    resp = await client.post("/v1/payments", json=body, headers=key())
+    assert resp.status == 201, await resp.text()
+    record = await client.app[STORE].get_payment((await resp.json())["id"])
+    assert record is not None
+    assert (record.merchant_reference, record.metadata) == (body["merchant_reference"], body["metadata"])
 
 
 @pytest.mark.parametrize(("operation", "capture"), [("refunds", True), ("void", False)])

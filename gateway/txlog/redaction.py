@@ -22,12 +22,12 @@ Two independent nets catch a secret:
 
 What counts as a card number in text:
 
-* a run of 12-19 digits, or several groups of digits that together hold 12-19, joined by short
-  separators (up to three of whitespace of any kind, ``-``, ``.``, ``/``, ``_``, dashes), that
-  passes the Luhn check. Groups joined by a single space or dash are taken in any grouping;
-  other separators only in a card's own grouping (4 digits first, then groups of 4-6, the last
-  1-6), so decimals, IP addresses and epoch times with fractions (``1714564800.123456``) are not
-  mistaken for cards;
+* a run of 12-19 digits that passes the Luhn check, or groups of digits in a card's own grouping
+  (4 digits first, then groups of 4-6, the last of 1-6) that together hold 12-19 and pass it,
+  joined by short separators (up to three of whitespace of any kind, ``-``, ``.``, ``/``,
+  ``_``, dashes). The grouping is what keeps decimals, IP addresses, epoch times with fractions
+  (``1714564800.123456``) and references such as ``ORD-123456-000012`` from being taken for
+  cards;
 * a card glued to other digits: a 13-19 digit window inside a longer run that passes Luhn *and*
   starts with a card network's prefix for that length (`domain.cards.issuer_plausible`). The
   prefix test is what keeps most long references (a random window passes Luhn one time in ten)
@@ -156,7 +156,6 @@ _INLINE_CODE = re.compile(
 _SEP = r"\s._/\-\u00ad\u2010-\u2015\u2212\u200b-\u200d\u2060\ufeff"
 _CANDIDATE = re.compile(r"[0-9](?<![0-9][0-9])(?:[%s]{0,3}+[0-9]){%d,}+" % (_SEP, PAN_MIN - 1))
 _GROUP = re.compile(r"[0-9]+")
-_LOOSE_SEPARATORS = frozenset({" ", "-"})
 _WINDOW_MIN = 13
 
 
@@ -226,17 +225,15 @@ def _mask_candidate(match: re.Match[str]) -> str:
         hidden.update(positions[lead : len(positions) - last])
 
     # Spans of whole groups: a formatted card, also beside other numbers ("qty 2 4242 4242 ...").
-    for i, (first_start, first_end) in enumerate(groups):
-        count, lengths, loose = 0, [], True
+    for i in range(len(groups)):
+        count, lengths = 0, []
         for j in range(i, len(groups)):
             start, end = groups[j]
-            if j > i:
-                loose = loose and run[groups[j - 1][1] : start] in _LOOSE_SEPARATORS
             count += end - start
             lengths.append(end - start)
             if count > PAN_MAX:
                 break
-            if count < PAN_MIN or not (j == i or loose or _card_shaped(lengths)):
+            if count < PAN_MIN or not (j == i or _card_shaped(lengths)):
                 continue
             digits = "".join(run[s:e] for s, e in groups[i : j + 1])
             if luhn_valid(digits):
@@ -245,14 +242,15 @@ def _mask_candidate(match: re.Match[str]) -> str:
                 hide([p for s, e in groups[i : j + 1] for p in range(s, e)])
     # Windows inside a longer run of digits: a card glued to other digits.
     for start, end in groups:
-        if end - start > _WINDOW_MIN:
-            size = end - start
-            for offset in range(start, end - _WINDOW_MIN + 1):
-                for length in issuer_lengths(run[offset : offset + 4]):
-                    # 13+ digits, inside the run (the whole run was tried above)
-                    if _WINDOW_MIN <= length < size and offset + length <= end \
-                            and luhn_valid(run[offset : offset + length]):
-                        hide(list(range(offset, offset + length)))
+        size = end - start
+        if size <= _WINDOW_MIN:
+            continue
+        for offset in range(start, end - _WINDOW_MIN + 1):
+            for length in issuer_lengths(run[offset : offset + 4]):
+                # 13+ digits, inside the run (the whole run was tried above)
+                if _WINDOW_MIN <= length < size and offset + length <= end \
+                        and luhn_valid(run[offset : offset + length]):
+                    hide(list(range(offset, offset + length)))
     if not hidden:
         return run
     return "".join("*" if p in hidden else ch for p, ch in enumerate(run))
