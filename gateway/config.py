@@ -237,7 +237,6 @@ class GatewayConfig(_Model):
                 raise ValueError(f"route {route.name!r} names unknown providers {unknown}")
         return self
 
-
     def secret_values(self) -> tuple[str, ...]:
         """Every secret value this configuration loaded (API keys, DSNs, ...), for the
         `Redactor` to hide wherever it meets one. Found by walking the models, so a secret

@@ -43,8 +43,8 @@ def _redacted_doc(obj: Any, codec: tuple[tuple[str, ...], tuple[str, ...]]) -> d
     doc = {name: getattr(obj, name) for name in names}
     for name in redacted:
         value = doc[name]
-        if value:  # None, "" and {} hold nothing
-            doc[name] = _REDACTOR.scrub(value)
+        if value is not None:
+            doc[name] = _REDACTOR.scrub(value)  # a copy: the document never shares the record's dicts
     return doc
 
 
