@@ -10,7 +10,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from domain.cards import card_brand
 from domain.outcome import LocalRefusal, Outcome
+from domain.secret import Secret
 
 
 class Operation(StrEnum):
@@ -23,16 +25,21 @@ class Operation(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Card:
-    """Raw card data: held in memory for the provider call only, never journalled or logged."""
+    """Raw card data: held in memory for the provider call only, never journalled or logged.
+    The number and security code are `Secret`s: a mapping `reveal()`s them into its request."""
 
-    number: str
+    number: Secret
     exp_month: int
     exp_year: int
-    cvc: str | None = None
+    cvc: Secret | None = None
     holder_name: str | None = None
 
     def __repr__(self) -> str:  # a Card printed by accident shows nothing sensitive
-        return f"Card(****{self.number[-4:]})"
+        return f"Card({self.brand}, ****{self.number.reveal()[-4:]})"
+
+    @property
+    def brand(self) -> str:
+        return card_brand(self.number.reveal())
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +52,7 @@ class PaymentOrder:
     capture: bool
     merchant_reference: str
     card: Card | None = None
-    token: str | None = None
+    token: Secret | None = None  # a provider's stored payment method or one-time token
     country: str | None = None
     description: str | None = None
 

@@ -33,6 +33,7 @@ from gateway.app_keys import (
     OPS_LOG,
     POOL,
     RECONCILER,
+    REDACTOR,
     SERVICE,
     STORE,
     TRANSACTION_LOG,
@@ -58,6 +59,7 @@ from gateway.tasks import stop_task
 from gateway.txlog import JsonLinesWriter, build_ops_logger
 from gateway.txlog.outbox import TransactionLog
 from gateway.txlog.writer import LogFileUnavailable, LogWriterStalled
+from gateway.txlog.redaction import Redactor
 
 ABANDON_MARGIN_S = 5.0  # past its deadline plus this, an unanswered payment has lost its process
 
@@ -94,7 +96,8 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
     """`exclusive_store`: no other process uses this journal (default: true for SQLite; `serve
     --workers N` passes false)."""
     exclusive = config.storage.backend == "sqlite" if exclusive_store is None else exclusive_store
-    ops = ops_log or build_ops_logger()
+    redactor = Redactor(secrets=config.secret_values())  # hides every secret value the config loaded
+    ops = ops_log or build_ops_logger(redactor=redactor)
     metrics = Metrics()
     # Bodies are decoded by gateway.api.inputs.read_body, not by the HTTP parser (see there why).
     # A client hanging up never cancels its handler (run_app's default, pinned here because
@@ -105,6 +108,7 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
                                         "logger": ProtocolLog(metrics)})
     app[CONFIG] = config
     app[OPS_LOG] = ops
+    app[REDACTOR] = redactor
     app[METRICS] = metrics
     app[AUTH] = Authenticator(config.auth)
 
@@ -152,7 +156,7 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
 
     async def transaction_log(app: web.Application) -> AsyncIterator[None]:
         writer = app[LOG_WRITER]
-        txlog = TransactionLog(writer, app[STORE], ops_log=ops, max_backlog=config.log.max_outbox_backlog)
+        txlog = TransactionLog(writer, app[STORE], redactor=redactor, ops_log=ops, max_backlog=config.log.max_outbox_backlog)
         app[METRICS].track_transaction_log(write_errors=lambda: writer.write_errors, backlog=lambda: txlog.backlog,
                                            healthy=lambda: writer.healthy)
         await txlog.start()

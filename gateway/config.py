@@ -271,6 +271,30 @@ class GatewayConfig(_Model):
                 raise ValueError(f"route {route.name!r} names unknown providers {unknown}")
         return self
 
+    def secret_values(self) -> tuple[str, ...]:
+        """Every secret value this configuration loaded (API keys, DSNs, ...), for the
+        `Redactor` to hide wherever it meets one. Found by walking the models, so a secret
+        added to any section is covered without being listed here."""
+        found: list[str] = []
+        _collect_secrets(self, found)
+        return tuple(dict.fromkeys(found))
+
+
+def _collect_secrets(value: Any, found: list[str]) -> None:
+    if isinstance(value, SecretStr):
+        found.append(value.get_secret_value())
+    elif isinstance(value, BaseModel):
+        for name in type(value).model_fields:
+            _collect_secrets(getattr(value, name), found)
+        for private in (value.__pydantic_private__ or {}).values():
+            _collect_secrets(private, found)
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            _collect_secrets(item, found)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _collect_secrets(item, found)
+
 
 def _format(exc: ValidationError) -> str:
     lines = []

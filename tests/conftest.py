@@ -386,6 +386,7 @@ class Backend:
     store: SqliteStore | PostgresStore
     new_store: Callable[[], SqliteStore | PostgresStore]  # another store on the same database (a replica)
     execute: Callable[[str], Awaitable[None]]  # DDL through a separate connection
+    stored: Callable[[], Awaitable[bytes]]  # every byte the database holds for the journal, as it is now
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -410,7 +411,12 @@ def sqlite_backend(path: Path) -> Backend:
 
         await asyncio.to_thread(run)
 
-    return Backend("sqlite", SqliteStore(path), lambda: SqliteStore(path), execute)
+    async def stored() -> bytes:
+        """The database file and its write-ahead log, byte for byte."""
+        files = (path, path.with_name(path.name + "-wal"))
+        return b"".join([await asyncio.to_thread(p.read_bytes) for p in files if p.exists()])
+
+    return Backend("sqlite", SqliteStore(path), lambda: SqliteStore(path), execute, stored)
 
 
 def postgres_backend(dsn: str) -> Backend:
@@ -424,7 +430,19 @@ def postgres_backend(dsn: str) -> Backend:
     def new_store() -> PostgresStore:
         return PostgresStore(dsn, min_size=1, max_size=5)
 
-    return Backend("postgres", new_store(), new_store, execute)
+    async def stored() -> bytes:
+        """Every column of every journal table (the server's own files are out of reach)."""
+        conn = await asyncpg.connect(dsn, timeout=5)
+        try:
+            out = []
+            for table in ("payments", "idempotency", "outbox"):
+                for row in await conn.fetch(f"SELECT * FROM {table}"):
+                    out += [v if isinstance(v, bytes) else str(v).encode() for v in row.values()]
+            return b"\n".join(out)
+        finally:
+            await conn.close()
+
+    return Backend("postgres", new_store(), new_store, execute, stored)
 
 
 @asynccontextmanager

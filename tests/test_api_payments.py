@@ -8,6 +8,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from gateway.app_keys import STORE
 from gateway.journal.sqlite import SqliteStore
 from tests.conftest import AUTH, READER_KEY, card_payment
 
@@ -148,6 +149,23 @@ async def test_journal_survives_restart_and_log_has_no_card_number(make_config, 
     assert b"sk_test_gateway" not in log
     db = Path(config.storage.sqlite_path).read_bytes()
     assert b"4242424242424242" not in db
+
+
+@pytest.mark.parametrize(("number", "shown_bin", "last4"), [
+    ("4242424242424242", "424242", "4242"),  # 16 digits: BIN and last 4, 6 hidden
+    ("378282246310005", "37828", "0005"),  # 15: a 6-digit BIN would leave only 5 hidden
+    ("675900000018", "67", "0018"),  # 12 (Maestro): 2 + 4 shown, 6 hidden
+])  # fmt: skip
+async def test_the_journal_keeps_at_least_six_card_digits_hidden(make_config, start_gateway, emulators,
+                                                                 number, shown_bin, last4) -> None:
+    config = make_config()
+    client = await start_gateway(config)
+    resp = await client.post("/v1/payments", json=card_payment(number), headers=key())
+    doc = await resp.json()
+    assert resp.status == 201, doc
+    assert (doc["card"]["bin"], doc["card"]["last4"]) == (shown_bin, last4)
+    journalled = await client.app[STORE].get_payment(doc["id"])
+    assert journalled is not None and (journalled.card_bin, journalled.card_last4) == (shown_bin, last4)
 
 
 async def test_openapi_matches_the_validator(make_config, start_gateway) -> None:

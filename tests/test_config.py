@@ -80,3 +80,14 @@ def test_serve_with_a_bad_config_prints_one_line_and_exits_non_zero(tmp_path: Pa
     assert result.exit_code == 1
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "providers.stripe.timeout_ms" in lines[0]
+
+
+def test_secret_values_lists_every_secret_the_config_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATEWAY_PG_DSN", "postgresql://gateway:pg-password@127.0.0.1/gateway")
+    monkeypatch.setenv("GATEWAY_REDIS_URL", "redis://:redis-password@127.0.0.1:6379/0")
+    data = {**base(), "storage": {"backend": "postgres"}, "breaker_sync": {"backend": "redis"}}
+
+    secrets = parse_config(data).secret_values()
+
+    assert set(secrets) == {"test-checkout-key", "sk_test_gateway", "postgresql://gateway:pg-password@127.0.0.1/gateway",
+                            "redis://:redis-password@127.0.0.1:6379/0"}

@@ -15,6 +15,7 @@ from domain.cards import luhn_valid
 from domain.outcome import Outcome
 from emulators.adyen import SCENARIO_CARDS, TEST_CARDS, AdyenEmulator
 from providers.adyen.mapping import ERROR_STATUS, REFUSAL_REASONS, AdyenMapping, classify_refusal
+from domain.secret import Secret
 from domain.types import Card, FollowUp, FollowUpState, Lookup, Operation, PaymentOrder, ProviderResult
 from providers.base import ProviderRequest, ProviderResponse
 from emulators.faults import FaultPlan, FaultRule
@@ -59,7 +60,7 @@ _seq = iter(range(1, 1_000_000))
 def order(card: str = VISA, *, holder: str = "J Smith", amount: int = 1000, capture: bool = True) -> PaymentOrder:
     pid = f"pay_adyen_{next(_seq)}"
     return PaymentOrder(payment_id=pid, amount=amount, currency="EUR", capture=capture, merchant_reference=f"ord-{pid}",
-                        card=Card(number=card, exp_month=3, exp_year=2030, cvc="737", holder_name=holder))
+                        card=Card(number=Secret(card), exp_month=3, exp_year=2030, cvc=Secret("737"), holder_name=holder))
 
 
 def with_additional_data(request: ProviderRequest, **fields: str) -> ProviderRequest:

@@ -30,6 +30,7 @@ from checkout_sdk.payments.payments import (
 )
 
 from domain.outcome import Outcome
+from domain.secret import Secret
 from domain.types import Card, FollowUp, FollowUpState, Lookup, Operation, PaymentOrder, ProviderResult
 from providers.base import ProviderRequest, ProviderResponse
 from emulators.checkout import SCENARIO_CARDS, TEST_CARDS, CheckoutEmulator
@@ -86,7 +87,7 @@ def order(card: str = "4242424242424242", *, amount: int = 1000, capture: bool =
           pid: str | None = None) -> PaymentOrder:
     pid = pid or f"pay_cko_{next(_seq)}"
     return PaymentOrder(payment_id=pid, amount=amount, currency="eur", capture=capture, merchant_reference=f"ord-{pid}",
-                        card=Card(number=card, exp_month=3, exp_year=exp_year, cvc="100", holder_name="J Smith"))
+                        card=Card(number=Secret(card), exp_month=3, exp_year=exp_year, cvc=Secret("100"), holder_name="J Smith"))
 
 
 def by_ref(o: PaymentOrder) -> FollowUp:
@@ -119,11 +120,11 @@ def test_authorize_request_is_checkout_shaped() -> None:
     assert (body["amount"], body["currency"], body["reference"], body["capture"]) == (1000, "EUR", o.payment_id, False)
     assert body["processing_channel_id"] == "pc_test"
     stored = PaymentOrder(payment_id="p1", amount=5, currency="EUR", capture=True, merchant_reference="m",
-                          token="src_abc")
+                          token=Secret("src_abc"))
     assert orjson.loads(mapping.build(Operation.AUTHORIZE, stored, "k").body or b"")["source"] == {
         "type": "id", "id": "src_abc"}
     frames = PaymentOrder(payment_id="p2", amount=5, currency="EUR", capture=True, merchant_reference="m",
-                          token="tok_abc")
+                          token=Secret("tok_abc"))
     assert orjson.loads(mapping.build(Operation.AUTHORIZE, frames, "k").body or b"")["source"] == {
         "type": "token", "token": "tok_abc"}
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import pytest
 
 from domain.outcome import Outcome
+from domain.secret import Secret
 from domain.types import Card, FollowUp, FollowUpState, Lookup, Operation, PaymentOrder, ProviderResult
 from emulators.faults import FaultPlan, FaultRule
 from emulators.registry import EMULATORS
@@ -56,7 +57,7 @@ _seq = iter(range(1, 1_000_000))
 def order(card: str, *, amount: int = 1000, capture: bool = True) -> PaymentOrder:
     pid = f"pay_contract_{next(_seq)}"
     return PaymentOrder(payment_id=pid, amount=amount, currency="EUR", capture=capture, merchant_reference=f"ref-{pid}",
-                        card=Card(number=card, exp_month=3, exp_year=2030, cvc="737", holder_name="J Smith"))
+                        card=Card(number=Secret(card), exp_month=3, exp_year=2030, cvc=Secret("737"), holder_name="J Smith"))
 
 
 @pytest.mark.parametrize(

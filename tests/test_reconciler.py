@@ -28,6 +28,7 @@ from gateway.orchestrator import provider_idempotency_key
 from gateway.provider_client import ProviderClient
 from gateway.provider_pool import make_handle
 from domain.outcome import Outcome, PaymentStatus
+from domain.secret import Secret
 from domain.types import Card, Operation, PaymentOrder
 from tests.conftest import AUTH, card_payment, charges, entries, journal, txlog
 
@@ -59,7 +60,7 @@ async def _charge_directly(config: GatewayConfig, provider: str, payment_id: str
     gateway's own `ProviderClient` on a handle built from the same configuration."""
     client = ProviderClient(make_handle(provider, config.providers[provider], config.engine), Metrics())
     order = PaymentOrder(payment_id=payment_id, amount=1299, currency="EUR", capture=True,
-                         merchant_reference=reference, card=Card("4242424242424242", 12, 2030, "123"))
+                         merchant_reference=reference, card=Card(Secret("4242424242424242"), 12, 2030, Secret("123")))
     key = provider_idempotency_key(payment_id, provider)
     await client.handle.transport.start()
     try:

@@ -21,6 +21,7 @@ import time
 import uuid
 from pathlib import Path
 
+import orjson
 import pytest
 
 from gateway.journal.postgres import PostgresStore
@@ -102,6 +103,44 @@ async def test_unresolved_payments_are_received_attempting_pending_oldest_first(
     assert [r.id for r in unresolved] == [records[s].id for s in
                                          (PaymentStatus.PENDING, PaymentStatus.RECEIVED, PaymentStatus.ATTEMPTING)]
     assert [r.id for r in first_two] == [r.id for r in unresolved[:2]]
+
+
+# -- nothing secret at rest (DESIGN rule 6) ---------------------------------------------------------
+
+VISA = "4242424242424242"
+MASTERCARD = "5555555555554444"
+# A provider reference whose 12 digits pass Luhn: an identifier, which must stay verbatim.
+LUHN_REFERENCE = "EMUA424242424242"
+
+
+async def test_card_data_that_reaches_a_record_is_not_at_rest(backend: Backend) -> None:
+    """Whatever way a card number gets into a record or an answer (a provider's message, a caller
+    that skipped the API), the store's codecs redact it; identifiers stay as they were."""
+    record = payment(error_message=f"issuer said {MASTERCARD[:8]} {MASTERCARD[8:]}",
+                     metadata={"note": f"pan {VISA[:4]}.{VISA[4:8]}.{VISA[8:12]}.{VISA[12:]}", "card_cvc": "917",
+                               MASTERCARD: "key"},
+                     provider="adyen", provider_reference=LUHN_REFERENCE,
+                     attempts=[Attempt(provider="adyen", try_number=1, operation="authorize", idempotency_key="k1",
+                                       started_at=time.time(), reference=LUHN_REFERENCE,
+                                       message=f"refused {VISA} cvc=917")])
+    record.merchant_reference = f"order {VISA}"
+    k, other = key(), key()
+    await claim(backend.store, k, resource=record.id, record=record)
+    answer = StoredResponse(201, orjson.dumps({"id": record.id, "provider_reference": LUHN_REFERENCE,
+                                               "merchant_reference": record.merchant_reference, "note": "CVV: 917"}))
+    await backend.store.save_payment(record, IdempotentAnswer(SCOPE, k, answer))
+    await claim(backend.store, other, resource=record.id)
+    await backend.store.complete_idempotency(SCOPE, other, StoredResponse(422, f"refused {MASTERCARD}".encode()))
+
+    raw = await backend.stored()
+    for secret in (VISA, MASTERCARD, "cvc=917", "CVV: 917", '"917"'):
+        assert secret.encode() not in raw, secret
+    got = await backend.store.get_payment(record.id)
+    assert got is not None
+    assert (got.provider_reference, got.attempts[0].reference) == (LUHN_REFERENCE, LUHN_REFERENCE)
+    assert got.merchant_reference == "order 424242******4242" and got.metadata["card_cvc"] == "[REDACTED]"
+    replay = await claim(backend.store, k, resource=record.id)
+    assert replay.response is not None and orjson.loads(replay.response.body)["provider_reference"] == LUHN_REFERENCE
 
 
 # -- claims -----------------------------------------------------------------------------------------

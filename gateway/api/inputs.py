@@ -1,5 +1,5 @@
 """What a front-door request carries besides its route: the body (decoded, bounded), its JSON
-validated into a model, headers that must come once, and the deadline the caller asked for.
+validated into a model (and free of card data in its free-text fields), headers that must come once, and the deadline the caller asked for.
 Every malformed input ends here as a clear 4xx (`ApiError`), never as a traceback and never
 half-accepted: these run before the idempotency claim, so a refused request leaves nothing.
 
@@ -18,13 +18,15 @@ from typing import TypeVar
 
 import orjson
 from aiohttp import web
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from gateway.api import strict_json
 from gateway.api.errors import ApiError, from_validation_error
-from gateway.app_keys import CONFIG
+from gateway.api.free_text import refuse_card_data
+from gateway.api.schemas import Body
+from gateway.app_keys import CONFIG, REDACTOR
 
-M = TypeVar("M", bound=BaseModel)
+M = TypeVar("M", bound=Body)
 MAX_REQUEST_TIMEOUT_MS = 120_000
 REQUEST_TIMEOUT = "Request-Timeout"
 CONTENT_ENCODING = "Content-Encoding"
@@ -94,9 +96,11 @@ async def json_body(request: web.Request, model: type[M]) -> tuple[bytes, M]:
     if not isinstance(data, dict):
         raise ApiError(400, "malformed_json", "the body must be a JSON object")
     try:
-        return body, model.model_validate(data)
+        payload = model.model_validate(data)
     except ValidationError as exc:
         raise from_validation_error(exc) from None
+    refuse_card_data(payload, request.app[REDACTOR])
+    return body, payload
 
 
 def request_deadline(request: web.Request) -> float:

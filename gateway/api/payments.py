@@ -9,14 +9,14 @@ import time
 from aiohttp import web
 from pydantic import BaseModel
 
-from domain.cards import card_brand
-from domain.types import Card, Operation, PaymentOrder
+from domain.types import Operation, PaymentOrder
 from gateway.answers import Answer
 from gateway.api.auth import Caller
 from gateway.api.errors import ApiError
 from gateway.api.idempotency import fingerprint, idempotency_key
 from gateway.api.inputs import json_body, request_deadline
 from gateway.api.schemas import CaptureCreate, CardMethod, PaymentCreate, RefundCreate, VoidCreate
+from domain.cards import truncate_pan
 from gateway.app_keys import AUTH, CONFIG, LOG_WRITER, SERVICE, TRANSACTION_LOG
 from gateway.journal.records import PaymentRecord
 
@@ -74,13 +74,12 @@ def _new_payment(caller: Caller, p: PaymentCreate) -> tuple[PaymentRecord, Payme
     record = PaymentRecord(id=payment_id, client=caller.name, amount=p.amount, currency=p.currency, capture=p.capture,
                            merchant_reference=p.merchant_reference, country=p.country, metadata=dict(p.metadata))
     if isinstance(method, CardMethod):
-        card = Card(method.number, method.exp_month, method.exp_year, method.cvc, method.holder_name)
-        record.card_brand = card_brand(method.number)
-        record.card_bin = method.number[:6]
-        record.card_last4 = method.number[-4:]
+        card = method.to_card()
+        record.card_brand = card.brand
+        record.card_bin, record.card_last4 = truncate_pan(card.number.reveal())  # >= 6 digits hidden
     order = PaymentOrder(payment_id=payment_id, amount=p.amount, currency=p.currency, capture=p.capture,
                          merchant_reference=p.merchant_reference, card=card,
-                         token=None if card else method.token, country=p.country,  # type: ignore[union-attr]
+                         token=None if card else method.to_secret(), country=p.country,  # type: ignore[union-attr]
                          description=p.description)
     return record, order
 

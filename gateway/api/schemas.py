@@ -1,43 +1,88 @@
-"""Request bodies as pydantic models: validated once at the door, published in /openapi.json."""
+"""Request bodies as pydantic models: validated once at the door, published in /openapi.json.
+
+The card number, security code and token are `SecretStr`s: a model printed, logged or caught in
+a traceback shows ``**********``; `CardMethod.to_card` and `TokenMethod.to_secret` hand them on
+as the domain's own `Secret`. Each body names its free-text fields (`Body.free_text`), which
+the API refuses to accept card data or secrets in (`gateway.api.free_text`)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, StrictBool, StrictInt, StrictStr, field_validator
 
-from gateway.api.currencies import ISO_4217
 from domain.cards import luhn_valid
+from domain.secret import Secret
+from domain.types import Card
+from gateway.api.currencies import ISO_4217
 
 Amount = Annotated[StrictInt, Field(gt=0, le=10**12, description="Amount in minor units (cents)")]
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+@dataclass(frozen=True, slots=True)
+class FreeText:
+    """One piece of caller-written text and the field path an error about it names."""
+
+    field: str
+    text: str
+    is_key: bool = False  # a metadata key: its name must not call for redaction either
 
 
-class CardMethod(_Body):
+class Body(BaseModel):
+    # A ValidationError's text would otherwise quote the rejected input: a card number that
+    # failed the Luhn check by one digit is still card data.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    def free_text(self) -> Iterator[FreeText]:
+        """Every field the caller writes free text into (none by default)."""
+        return iter(())
+
+
+def _digits(value: SecretStr, what: str) -> SecretStr:
+    text = value.get_secret_value()
+    if not (text.isascii() and text.isdigit()):
+        raise ValueError(f"{what} must be digits only")
+    return value
+
+
+class CardMethod(Body):
     type: Literal["card"]
-    number: Annotated[StrictStr, Field(min_length=12, max_length=19, pattern=r"^[0-9]+$")]
+    number: Annotated[SecretStr, Field(min_length=12, max_length=19, json_schema_extra={"pattern": "^[0-9]+$"})]
     exp_month: Annotated[StrictInt, Field(ge=1, le=12)]
     exp_year: Annotated[StrictInt, Field(ge=2000, le=2100)]
-    cvc: Annotated[StrictStr, Field(pattern=r"^[0-9]{3,4}$")] | None = None
+    cvc: Annotated[SecretStr, Field(min_length=3, max_length=4, json_schema_extra={"pattern": "^[0-9]{3,4}$"})] \
+        | None = None
     holder_name: Annotated[StrictStr, Field(max_length=100)] | None = None
 
     @field_validator("number")
     @classmethod
-    def _luhn(cls, value: str) -> str:
-        if not luhn_valid(value):
+    def _luhn(cls, value: SecretStr) -> SecretStr:
+        if not luhn_valid(_digits(value, "card number").get_secret_value()):
             raise ValueError("card number fails the Luhn check")
         return value
 
+    @field_validator("cvc")
+    @classmethod
+    def _cvc_digits(cls, value: SecretStr | None) -> SecretStr | None:
+        return value if value is None else _digits(value, "cvc")
 
-class TokenMethod(_Body):
+    def to_card(self) -> Card:
+        """The card for the provider call, its number and code still unprintable."""
+        return Card(Secret(self.number.get_secret_value()), self.exp_month, self.exp_year,
+                    None if self.cvc is None else Secret(self.cvc.get_secret_value()), self.holder_name)
+
+
+class TokenMethod(Body):
     type: Literal["token"]
-    token: Annotated[StrictStr, Field(min_length=3, max_length=255)]
+    token: Annotated[SecretStr, Field(min_length=3, max_length=255)]
+
+    def to_secret(self) -> Secret:
+        return Secret(self.token.get_secret_value())
 
 
-class PaymentCreate(_Body):
+class PaymentCreate(Body):
     amount: Amount
     currency: Annotated[StrictStr, Field(min_length=3, max_length=3, description="ISO 4217 code")]
     payment_method: Annotated[CardMethod | TokenMethod, Field(discriminator="type")]
@@ -55,15 +100,33 @@ class PaymentCreate(_Body):
             raise ValueError(f"unknown currency {value!r} (ISO 4217)")
         return value.upper()
 
+    def free_text(self) -> Iterator[FreeText]:
+        yield FreeText("merchant_reference", self.merchant_reference)
+        if self.description is not None:
+            yield FreeText("description", self.description)
+        method = self.payment_method
+        if isinstance(method, CardMethod) and method.holder_name is not None:
+            yield FreeText("payment_method.holder_name", method.holder_name)
+        for key, value in self.metadata.items():
+            yield FreeText("metadata", key, is_key=True)
+            yield FreeText(f"metadata.{key}", value)
 
-class CaptureCreate(_Body):
+
+class CaptureCreate(Body):
     amount: Amount | None = None
 
 
-class RefundCreate(_Body):
+class _WithReason(Body):
+    reason: Annotated[StrictStr, Field(max_length=255)] | None = None
+
+    def free_text(self) -> Iterator[FreeText]:
+        if self.reason is not None:
+            yield FreeText("reason", self.reason)
+
+
+class RefundCreate(_WithReason):
     amount: Amount | None = None
-    reason: Annotated[StrictStr, Field(max_length=255)] | None = None
 
 
-class VoidCreate(_Body):
-    reason: Annotated[StrictStr, Field(max_length=255)] | None = None
+class VoidCreate(_WithReason):
+    pass

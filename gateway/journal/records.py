@@ -1,15 +1,51 @@
 """What the journal stores. No card number, CVC or secret is ever part of a record: a crash
 must leave enough to reconcile (provider, its reference, the idempotency key we used), never
-enough to charge again."""
+enough to charge again.
+
+Every document a store writes passes the log's own redaction first (DESIGN rule 6), in the two
+codecs here that every backend uses: `PaymentRecord.to_doc` (the payment row) and
+`StoredResponse` (a key's stored answer). The API already refuses card data in free text
+(`gateway.api.free_text`); this is the net for whatever reaches a record another way (a
+provider's message, a future field, a caller that skipped the API). Identifiers, amounts and
+times are kept verbatim: they are ours or the provider's, never free text, and masking a
+provider reference that happens to pass the Luhn check would break every follow-up on the
+payment. Every other field is redacted, so a new field is covered unless it is listed here.
+"""
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any
 
+import orjson
+
 from domain.outcome import PaymentStatus
+from gateway.txlog.redaction import Redactor
+
+# The journal knows no configured secret values (the log's Redactor does); it hides every
+# pattern the detector knows.
+_REDACTOR = Redactor()
+
+
+def _codec(cls: type, verbatim: frozenset[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(every field of `cls`, the ones redacted: all but `verbatim`), computed once per class."""
+    names = tuple(f.name for f in fields(cls))
+    unknown = verbatim - set(names)
+    if unknown:
+        raise AssertionError(f"{cls.__name__} has no fields {sorted(unknown)}")
+    return names, tuple(n for n in names if n not in verbatim)
+
+
+def _redacted_doc(obj: Any, codec: tuple[tuple[str, ...], tuple[str, ...]]) -> dict[str, Any]:
+    names, redacted = codec
+    doc = {name: getattr(obj, name) for name in names}
+    for name in redacted:
+        value = doc[name]
+        if value is not None:
+            doc[name] = _REDACTOR.scrub(value)  # a copy: the document never shares the record's dicts
+    return doc
 
 
 @dataclass(slots=True)
@@ -51,6 +87,13 @@ class PendingFollowUp:
     deadline_s: float
     answered: bool = False  # the caller got an answer (202, not yet confirmed): no live request holds it
 
+    def to_doc(self) -> dict[str, Any]:
+        return _redacted_doc(self, _ATTEMPT_CODEC)
+
+
+_ATTEMPT_CODEC = _codec(Attempt, frozenset({"provider", "try_number", "operation", "idempotency_key", "started_at",
+                                            "outcome", "http_status", "latency_ms", "breaker_state", "reference"}))
+
 
 @dataclass(slots=True)
 class PaymentRecord:
@@ -87,7 +130,10 @@ class PaymentRecord:
     version: int = 0
 
     def to_doc(self) -> dict[str, Any]:
-        return asdict(self)
+        """The document every store keeps for this payment, redacted (see the module docstring)."""
+        doc = _redacted_doc(self, _PAYMENT_CODEC)
+        doc["attempts"] = [a.to_doc() for a in self.attempts]
+        return doc
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> PaymentRecord:
@@ -99,6 +145,12 @@ class PaymentRecord:
         return cls(**doc)
 
 
+_PAYMENT_CODEC = _codec(PaymentRecord, frozenset({
+    "id", "client", "amount", "currency", "capture", "status", "country", "card_brand", "card_bin", "card_last4",
+    "route", "provider", "provider_reference", "provider_idempotency_key", "outcome", "attempts", "captured_amount",
+    "refunded_amount", "created_at", "updated_at"}))
+
+
 class IdempotencyState(StrEnum):
     IN_FLIGHT = "in_flight"
     DONE = "done"
@@ -106,8 +158,32 @@ class IdempotencyState(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class StoredResponse:
+    """A key's stored answer. The body is redacted on the way in, so no store can keep card data
+    a response carried; our payment id and the provider's reference stay verbatim (the caller
+    acts on them). A body with nothing to hide is kept byte for byte."""
+
     status: int
     body: bytes
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "body", _redacted_answer(self.body))
+
+
+# Top-level answer fields that are identifiers, not free text (see PaymentRecord's).
+_ANSWER_VERBATIM = ("id", "provider_reference")
+
+
+def _redacted_answer(body: bytes) -> bytes:
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        text = body.decode("utf-8", "surrogateescape")
+        scrubbed = _REDACTOR.scrub_text(text)
+        return body if scrubbed is text else scrubbed.encode("utf-8", "surrogateescape")
+    clean = _REDACTOR.scrub(doc)
+    if isinstance(doc, dict):
+        clean.update({k: doc[k] for k in _ANSWER_VERBATIM if k in doc})
+    return body if clean == doc else orjson.dumps(clean)
 
 
 @dataclass(frozen=True, slots=True)

@@ -84,8 +84,8 @@ class StoreUnavailable(Exception):
 
 
 def payment_row(record: PaymentRecord) -> tuple[str, str, float, float, bytes]:
-    """The columns every backend stores: id, status and times for the indexes, the document."""
-    return (record.id, record.status.value, record.created_at, record.updated_at, orjson.dumps(record))
+    """The columns every backend stores: id, status and times for the indexes, the (redacted) document."""
+    return (record.id, record.status.value, record.created_at, record.updated_at, orjson.dumps(record.to_doc()))
 
 
 def payment_from_row(version: int, doc: bytes) -> PaymentRecord:

@@ -12,6 +12,7 @@ from gateway.txlog.logger import build_ops_logger, build_transaction_logger, bui
 from gateway.txlog.redaction import (
     DEFAULT_SENSITIVE_KEYS,
     REDACTED,
+    Finding,
     Redactor,
     luhn_valid,
     mask_pan,
@@ -26,6 +27,7 @@ from gateway.txlog.writer import (
 __all__ = [
     "DEFAULT_SENSITIVE_KEYS",
     "REDACTED",
+    "Finding",
     "JsonLinesWriter",
     "LogQueueFull",
     "LogWriterClosed",

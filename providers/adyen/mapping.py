@@ -243,19 +243,19 @@ class AdyenMapping:
             card = order.card
             method: dict[str, Any] = {
                 "type": "scheme",
-                "number": card.number,
+                "number": card.number.reveal(),
                 "expiryMonth": f"{card.exp_month:02d}",
                 "expiryYear": str(card.exp_year),
             }
             if card.cvc:
-                method["cvc"] = card.cvc
+                method["cvc"] = card.cvc.reveal()
             if card.holder_name:
                 method["holderName"] = card.holder_name
             doc["shopperInteraction"] = "Ecommerce"
         elif order.token:
             # A stored token: Adyen also expects the shopperReference it was stored under, which
             # PaymentOrder does not carry yet.
-            method = {"type": "scheme", "storedPaymentMethodId": order.token}
+            method = {"type": "scheme", "storedPaymentMethodId": order.token.reveal()}
             doc["shopperInteraction"] = "ContAuth"
             doc["recurringProcessingModel"] = "CardOnFile"
         else:

@@ -227,16 +227,16 @@ class CheckoutMapping:
         source: dict[str, Any]
         if order.card is not None:
             card = order.card
-            source = {"type": "card", "number": card.number, "expiry_month": card.exp_month,
+            source = {"type": "card", "number": card.number.reveal(), "expiry_month": card.exp_month,
                       "expiry_year": card.exp_year}
             if card.cvc:
-                source["cvv"] = card.cvc
+                source["cvv"] = card.cvc.reveal()
             if card.holder_name:
                 source["name"] = card.holder_name
-        elif order.token and order.token.startswith("tok_"):
-            source = {"type": "token", "token": order.token}  # a one-time Frames token
+        elif order.token and order.token.reveal().startswith("tok_"):
+            source = {"type": "token", "token": order.token.reveal()}  # a one-time Frames token
         elif order.token:
-            source = {"type": "id", "id": order.token}  # a stored source or instrument (src_…)
+            source = {"type": "id", "id": order.token.reveal()}  # a stored source or instrument (src_…)
         else:
             raise ValueError("a payment needs a card or a token")
         body: dict[str, Any] = {

@@ -218,14 +218,14 @@ def _intent_form(order: PaymentOrder) -> bytes:
         card = order.card
         fields += [
             ("payment_method_data[type]", "card"),
-            ("payment_method_data[card][number]", card.number),
+            ("payment_method_data[card][number]", card.number.reveal()),
             ("payment_method_data[card][exp_month]", str(card.exp_month)),
             ("payment_method_data[card][exp_year]", str(card.exp_year)),
         ]
         if card.cvc:
-            fields.append(("payment_method_data[card][cvc]", card.cvc))
+            fields.append(("payment_method_data[card][cvc]", card.cvc.reveal()))
     elif order.token:
-        fields.append(("payment_method", order.token))
+        fields.append(("payment_method", order.token.reveal()))
     return _form_encode(fields)
 
 

@@ -1,0 +1,41 @@
+"""Refuse card data and secrets in free-text fields (DESIGN rule 6), before anything is written.
+
+A card number in a merchant reference or a key pasted into metadata would otherwise be
+journalled, logged and sent to a provider as text. The check uses the log's own detector (the
+app's `Redactor`, which also knows the configuration's secret values), so what the API accepts
+is exactly what redaction leaves alone: a stored document never differs from what the caller
+sent. It runs right after validation, before the idempotency claim, so a refused request leaves
+no journal row and no key record (the same key is free for the corrected request).
+
+Errors name the field (``metadata.note``) and the kind of data, never the data itself.
+"""
+
+from __future__ import annotations
+
+from gateway.api.errors import ApiError
+from gateway.api.schemas import Body
+from gateway.txlog.redaction import Finding, Redactor
+
+_REFUSED: dict[Finding, tuple[str, str]] = {
+    Finding.CARD_NUMBER: ("card_data_in_free_text", "holds a card number; card data goes in payment_method only"),
+    Finding.SECURITY_CODE: ("card_data_in_free_text",
+                            "holds a card security code; card data goes in payment_method only"),
+    Finding.SECRET: ("secret_in_free_text",
+                     "holds what looks like a secret (an API key, token or private key); never send credentials"),
+}
+
+
+def refuse_card_data(body: Body, redactor: Redactor) -> None:
+    """Raise a 422 `ApiError` for the first free-text field of `body` that holds card data or a
+    secret, or a metadata key whose name the log would redact the value of (``cvc``, ``token``):
+    the journal would keep that value as ``[REDACTED]``, not as sent."""
+    for item in body.free_text():
+        found = redactor.finding(item.text)
+        if found is not None:
+            code, what = _REFUSED[found]
+            where = f"a key of {item.field}" if item.is_key else item.field
+            raise ApiError(422, code, f"{where} {what}", item.field)
+        if item.is_key and redactor.is_sensitive_key(item.text):
+            raise ApiError(422, "sensitive_metadata_key",
+                           f"{item.field} key {item.text!r} names card data or a secret, which the gateway never "
+                           "stores; rename the key or leave it out", f"{item.field}.{item.text}")
