@@ -67,6 +67,14 @@ class Attempt:
     message: str | None = None
     amount: int | None = None  # a follow-up's amount
 
+    def to_doc(self) -> dict[str, Any]:
+        return _redacted_doc(self, _ATTEMPT_CODEC)
+
+
+_ATTEMPT_CODEC = _codec(Attempt, frozenset({"provider", "try_number", "operation", "idempotency_key", "started_at",
+                                            "outcome", "http_status", "latency_ms", "breaker_state", "reference",
+                                            "amount"}))
+
 
 @dataclass(slots=True)
 class PendingFollowUp:
@@ -88,11 +96,11 @@ class PendingFollowUp:
     answered: bool = False  # the caller got an answer (202, not yet confirmed): no live request holds it
 
     def to_doc(self) -> dict[str, Any]:
-        return _redacted_doc(self, _ATTEMPT_CODEC)
+        return _redacted_doc(self, _FOLLOW_UP_CODEC)
 
 
-_ATTEMPT_CODEC = _codec(Attempt, frozenset({"provider", "try_number", "operation", "idempotency_key", "started_at",
-                                            "outcome", "http_status", "latency_ms", "breaker_state", "reference"}))
+# Every field is an identifier, an amount, a state or a time of ours: nothing to redact.
+_FOLLOW_UP_CODEC = _codec(PendingFollowUp, frozenset(f.name for f in fields(PendingFollowUp)))
 
 
 @dataclass(slots=True)
@@ -133,6 +141,7 @@ class PaymentRecord:
         """The document every store keeps for this payment, redacted (see the module docstring)."""
         doc = _redacted_doc(self, _PAYMENT_CODEC)
         doc["attempts"] = [a.to_doc() for a in self.attempts]
+        doc["follow_up"] = self.follow_up.to_doc() if self.follow_up is not None else None
         return doc
 
     @classmethod
@@ -148,7 +157,7 @@ class PaymentRecord:
 _PAYMENT_CODEC = _codec(PaymentRecord, frozenset({
     "id", "client", "amount", "currency", "capture", "status", "country", "card_brand", "card_bin", "card_last4",
     "route", "provider", "provider_reference", "provider_idempotency_key", "outcome", "attempts", "captured_amount",
-    "refunded_amount", "created_at", "updated_at"}))
+    "refunded_amount", "follow_up", "duplicate_charge_suspected", "created_at", "updated_at", "version"}))
 
 
 class IdempotencyState(StrEnum):
