@@ -15,6 +15,7 @@ import requests
 import stripe
 
 from domain.outcome import Outcome
+from domain.secret import Secret
 from domain.types import Card, FollowUp, FollowUpState, Lookup, Operation, PaymentOrder
 from emulators.faults import FaultPlan, FaultRule
 from emulators.server import EmulatorServer
@@ -212,7 +213,7 @@ async def gateway(server: EmulatorServer) -> AsyncIterator[GatewayCalls]:
 
 def _order(pid: str) -> PaymentOrder:
     return PaymentOrder(payment_id=pid, amount=1000, currency="EUR", capture=True, merchant_reference=f"m-{pid}",
-                        card=Card(number="4242424242424242", exp_month=3, exp_year=2030, cvc="123"))
+                        card=Card(number=Secret("4242424242424242"), exp_month=3, exp_year=2030, cvc=Secret("123")))
 
 
 async def test_emulator_marks_a_stored_500_not_retryable_first_and_on_replay(

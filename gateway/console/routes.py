@@ -33,11 +33,12 @@ from urllib.parse import urlsplit
 
 import orjson
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, StrictBool
+from pydantic import StrictBool
 
 from gateway.api.auth import Caller
 from gateway.api.errors import ApiError, json_response
 from gateway.api.inputs import json_body
+from gateway.api.schemas import Body
 from gateway.app_keys import AUTH, CERT_WATCHER, CONFIG, CONSOLE, CONSOLE_ASSETS, OPS_LOG, POOL, RECONCILER, SERVICE, STORE
 from gateway.console.session import COOKIE, COOKIE_PATH, SessionSigner
 from gateway.console.stats import GATEWAY, ConsoleStats
@@ -61,15 +62,13 @@ SECURITY_HEADERS = {
 }
 
 
-class BreakerAction(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class BreakerAction(Body):
     provider: str
     state: Literal["open", "closed"]
     confirm: StrictBool = False
 
 
-class ReconcileAction(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ReconcileAction(Body):
     confirm: StrictBool = False
 
 
