@@ -32,7 +32,7 @@ from gateway import answers
 from gateway.answers import Answer
 from gateway.executor import AttemptExecutor
 from gateway.journal.records import Attempt, ClaimKind, IdempotentAnswer, OutboxLine, PaymentRecord, PendingFollowUp
-from gateway.journal.store import Store
+from gateway.journal.store import StaleWrite, Store
 from gateway.metrics import Metrics
 from gateway.policy import may_fail_over, payment_status
 from gateway.provider_client import ProviderClient
@@ -44,6 +44,7 @@ FOLLOW_UP_PENDING = {
     Operation.VOID: PaymentStatus.VOID_PENDING,
     Operation.REFUND: PaymentStatus.REFUND_PENDING,
 }
+STALE_RETRIES = 3  # re-reads of a payment another process keeps writing, before answering 409
 FOLLOW_UP_DONE = {
     Operation.CAPTURE: PaymentStatus.CAPTURED,
     Operation.VOID: PaymentStatus.VOIDED,
@@ -169,6 +170,10 @@ class PaymentService:
             answer = answers.payment_answer(record)
             await self.commit(record, "payment", IdempotentAnswer(scope, key, answer.stored()),
                               latency_ms=(time.monotonic() - started) * 1000)
+        except StaleWrite:
+            # Another writer moved the row on (a reconciler that took it for abandoned, past the
+            # deadline): it owns the payment and the key's answer now; say what the journal says.
+            return await self._lost_race(record.id, "payment")
         finally:
             self.in_flight.discard(record.id)
         self.metrics.payments.labels(record.status.value).inc()
@@ -290,31 +295,47 @@ class PaymentService:
             return answers.payment_not_found()
         provider_key = provider_idempotency_key(record.id, record.provider or "none", op.value, salt=key)
         async with self.locks.hold(record.id):
-            # Checked against the row as it is now, not as it was before we waited: two refunds
-            # must not both pass one stale check.
-            record = await self._owned(scope, payment_id)
-            assert record is not None
-            amount = follow_up_amount(record, op, asked_amount)
-            problem = follow_up_problem(record, op, amount)
-            now = time.time()
-            if problem is None:
-                record.follow_up = PendingFollowUp(
-                    operation=op.value, amount=amount, provider_key=provider_key, scope=scope, front_key=key,
-                    prior_status=record.status.value, started_at=now, deadline_s=max(0.0, deadline - time.monotonic()))
-                record.status = FOLLOW_UP_PENDING[op]
-                record.updated_at = now
-            claim = await self.store.claim_idempotency(scope, key, fingerprint, provider_key, now,
-                                                       now + self.retention_s, record if problem is None else None)
-            if claim.kind is not ClaimKind.NEW:
-                return answers.claim_answer(claim)  # a replay, or the key is another request's
-            if problem is not None:
-                await self.store.release_idempotency(scope, key)
-                return problem
-            self.in_flight.add(record.id)
-            try:
-                return await self._run_follow_up(record, op, amount, scope, key, provider_key, deadline)
-            finally:
-                self.in_flight.discard(record.id)
+            for _ in range(STALE_RETRIES):
+                try:
+                    return await self._claim_and_run_follow_up(scope, key, fingerprint, payment_id, op, asked_amount,
+                                                               deadline, provider_key)
+                except StaleWrite:
+                    continue  # another process wrote the payment since we read it: read it again
+            return answers.invalid_state("the payment is being changed by another request; retry shortly")
+
+    async def _claim_and_run_follow_up(self, scope: str, key: str, fingerprint: str, payment_id: str, op: Operation,
+                                       asked_amount: int | None, deadline: float, provider_key: str) -> Answer:
+        """One try at the follow-up against the payment as it is now; `StaleWrite` when another
+        process wrote it between our read and our claim (the caller reads it again)."""
+        # Checked against the row as it is now, not as it was before we waited: two refunds
+        # must not both pass one stale check.
+        record = await self._owned(scope, payment_id)
+        assert record is not None
+        amount = follow_up_amount(record, op, asked_amount)
+        problem = follow_up_problem(record, op, amount)
+        now = time.time()
+        if problem is None:
+            record.follow_up = PendingFollowUp(
+                operation=op.value, amount=amount, provider_key=provider_key, scope=scope, front_key=key,
+                prior_status=record.status.value, started_at=now, deadline_s=max(0.0, deadline - time.monotonic()))
+            record.status = FOLLOW_UP_PENDING[op]
+            record.updated_at = now
+        claim = await self.store.claim_idempotency(scope, key, fingerprint, provider_key, now,
+                                                   now + self.retention_s, record if problem is None else None)
+        if claim.kind is not ClaimKind.NEW:
+            return answers.claim_answer(claim)  # a replay, or the key is another request's
+        if problem is not None:
+            await self.store.release_idempotency(scope, key)
+            return problem
+        self.in_flight.add(record.id)
+        try:
+            return await self._run_follow_up(record, op, amount, scope, key, provider_key, deadline)
+        except StaleWrite:
+            # After our claim, only a reconciler that took the follow-up for abandoned writes
+            # the row: it settles the follow-up and answers the key.
+            return await self._lost_race(record.id, op.value)
+        finally:
+            self.in_flight.discard(record.id)
 
     async def _run_follow_up(self, record: PaymentRecord, op: Operation, amount: int | None, scope: str, key: str,
                              provider_key: str, deadline: float) -> Answer:
@@ -350,6 +371,14 @@ class PaymentService:
             return answer
         await self.commit(record, op.value, IdempotentAnswer(scope, key, answer.stored()), **extra)
         return answer
+
+    async def _lost_race(self, payment_id: str, kind: str) -> Answer:
+        self.ops.warning("journal_write_lost_race", payment_id=payment_id, kind=kind)
+        current = await self.store.get_payment(payment_id)
+        assert current is not None
+        if current.follow_up is not None or current.status is PaymentStatus.PENDING:
+            return Answer(202, answers.payment_read(current).body)
+        return answers.payment_read(current)
 
     # -- the journal's final row and the transaction's one log line -------------------------------
 

@@ -13,6 +13,9 @@ key released, so the caller's retry reaches the same provider key.
 from __future__ import annotations
 
 import asyncio
+import os
+import secrets
+import socket
 import time
 
 import structlog
@@ -21,6 +24,7 @@ from domain.outcome import Outcome, PaymentStatus
 from domain.types import FollowUp, Lookup, Operation, ProviderResult, StatusAnswer
 from gateway import answers
 from gateway.journal.records import PaymentRecord
+from gateway.journal.store import StaleWrite
 from gateway.orchestrator import PaymentService, apply_follow_up
 from gateway.policy import POLICY
 from gateway.provider_client import MIN_TRY_S
@@ -28,6 +32,8 @@ from gateway.settlement import follow_up_entry
 
 MIN_RECHECK_S = 5.0
 MAX_RECHECK_S = 300.0
+BATCH = 200  # rows leased per pass
+LEASE_S = 120.0  # beyond a pass over BATCH rows (each a status query bounded by its provider's timeout)
 
 
 class Reconciler:
@@ -42,6 +48,7 @@ class Reconciler:
         less and less often. An empty lookup proves nothing was made only `in_flight_s` after our
         last call to the provider (`lookup_lag_s` where the lookup is a lagging search)."""
         self.service = service
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"  # its leases' owner
         self.abandoned_after_s = abandoned_after_s
         self.log = log
         self.interval_s = interval_s
@@ -81,7 +88,9 @@ class Reconciler:
         abandoned = self.abandoned_after_s if abandoned_after_s is None else abandoned_after_s
         settled = 0
         now = time.time()
-        unresolved = await self.service.store.unresolved_payments()
+        # Leased to this reconciler: replicas reconciling together split the rows, and a dead
+        # replica's rows come back once its lease runs out.
+        unresolved = await self.service.store.lease_unresolved(self.owner, LEASE_S, limit=BATCH)
         for gone in self._next_check.keys() - {r.id for r in unresolved}:
             del self._next_check[gone]  # settled elsewhere (another replica, a request)
         for record in unresolved:
@@ -92,6 +101,11 @@ class Reconciler:
                 continue
             try:
                 done = await self._settle(record)
+            except StaleWrite:
+                # A request, or another replica, wrote the row since we read it: it is theirs
+                # now, or ours again next pass. Nothing of ours was written, logged or counted.
+                self.log.info("reconcile_lost_race", payment_id=record.id)
+                done = False
             except Exception as exc:  # one payment's trouble must not stop the others
                 self.log.exception("reconcile_failed", payment_id=record.id, provider=record.provider,
                                    error=type(exc).__name__)

@@ -148,7 +148,7 @@ async def opened(db: Db, *, migrate: bool = True) -> list[str]:
 async def test_an_empty_database_is_migrated_once_and_then_only_read(db: Db) -> None:
     assert await opened(db) == ALL_STEPS
     assert await db.versions() == list(range(1, LATEST + 1))
-    assert {"payments", "idempotency", "outbox", "follow_up_claims", "schema_migrations"} <= await db.tables()
+    assert {"payments", "idempotency", "outbox", "schema_migrations"} <= await db.tables()
 
     assert await opened(db) == []
     assert await opened(db, migrate=False) == []  # up to date: no migration needed, none run

@@ -481,37 +481,30 @@ async def test_sqlite_stale_write_fails_only_its_own_operation_in_a_group_commit
     assert got_other is not None and got_other.version == 1
 
 
-# -- follow-up claims ---------------------------------------------------------------------------------
+# -- follow-up claims: the caller's key and the payment's pending row in one conditional write ---------
 
 
-async def test_follow_up_claim_has_one_holder_across_replicas(backend: Backend) -> None:
+async def test_a_follow_up_claim_moves_the_row_on_once_across_replicas(backend: Backend) -> None:
+    """Two replicas read the same approved payment and each claims a follow-up (its own key)
+    with the row moved to `refund_pending`: one wins; the other's claim raises StaleWrite and
+    leaves neither its key nor the row written."""
+    record = payment(status=PaymentStatus.APPROVED)
+    await backend.store.save_payment(record)
     replica = backend.new_store()
     await replica.open()
     try:
-        assert await backend.store.claim_follow_up("pay_f", "req-a", 60) is True
-        assert await replica.claim_follow_up("pay_f", "req-b", 60) is False
-        assert await backend.store.claim_follow_up("pay_f", "req-a", 60) is True  # its own: renewed
-        assert await replica.claim_follow_up("pay_g", "req-b", 60) is True  # claims are per payment
-        await replica.release_follow_up("pay_f", "req-b")  # not its claim: nothing happens
-        assert await replica.claim_follow_up("pay_f", "req-b", 60) is False
-
-        await backend.store.release_follow_up("pay_f", "req-a")
-        assert await replica.claim_follow_up("pay_f", "req-b", 60) is True
+        mine, theirs = await backend.store.get_payment(record.id), await replica.get_payment(record.id)
+        assert mine is not None and theirs is not None
+        mine.status = theirs.status = PaymentStatus.REFUND_PENDING
+        assert (await claim(backend.store, "refund-a", resource="refund-a", record=mine)).kind is ClaimKind.NEW
+        with pytest.raises(StaleWrite):
+            await claim(replica, "refund-b", resource="refund-b", record=theirs)
+        assert theirs.version == 1  # what it read: nothing of it was written
+        assert (await claim(replica, "refund-b", resource="refund-b")).kind is ClaimKind.NEW  # the key stayed free
     finally:
         await replica.close()
-
-
-async def test_follow_up_claim_of_a_dead_holder_is_taken_over_after_its_lease(backend: Backend) -> None:
-    many = await asyncio.gather(*(backend.store.claim_follow_up("pay_f", f"req-{i}", 0.2) for i in range(8)))
-    assert sum(many) == 1
-    assert await backend.store.claim_follow_up("pay_f", "req-late", 60) is False
-
-    await asyncio.sleep(0.3)  # the holder died: nobody renews or releases its claim
-
-    assert await backend.store.claim_follow_up("pay_f", "req-late", 60) is True
-    holder = many.index(True)
-    await backend.store.release_follow_up("pay_f", f"req-{holder}")  # the dead holder's late release
-    assert await backend.store.claim_follow_up("pay_f", "req-other", 60) is False
+    got = await backend.store.get_payment(record.id)
+    assert got is not None and got.status is PaymentStatus.REFUND_PENDING and got.version == 2
 
 
 # -- leases on unresolved payments -----------------------------------------------------------------------

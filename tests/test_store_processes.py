@@ -22,6 +22,7 @@ import pytest
 from domain.outcome import PaymentStatus
 from gateway.journal.postgres import PostgresStore
 from gateway.journal.sqlite import SqliteStore
+from gateway.journal.records import ClaimKind
 from gateway.journal.store import StaleWrite
 from tests.conftest import payment, pg_schema
 
@@ -69,9 +70,18 @@ async def _child(database: Database, number: int, payment_id: str, barrier: Any,
         except StaleWrite:
             results.put(("write", number, "stale"))
 
+        barrier.wait(STEP_TIMEOUT_S)  # every write is done: read the row again, all at version 2
+        current = await store.get_payment(payment_id)
+        assert current is not None
+        current.status = PaymentStatus.REFUND_PENDING  # a follow-up's claim: key and row in one write
         barrier.wait(STEP_TIMEOUT_S)
-        claimed = await store.claim_follow_up(payment_id, f"request-of-{number}", 60)
-        results.put(("follow_up", number, claimed))
+        now = time.time()
+        try:
+            claim = await store.claim_idempotency("checkout", f"refund-of-{number}", "f" * 64, f"refund-{number}",
+                                                  now, now + 60, current)
+            results.put(("follow_up", number, claim.kind is ClaimKind.NEW))
+        except StaleWrite:
+            results.put(("follow_up", number, False))
 
         barrier.wait(STEP_TIMEOUT_S)
         leased = await store.lease_unresolved(f"replica-{number}", 60, limit=ORPHANS)
@@ -115,7 +125,8 @@ async def test_processes_on_one_database_have_one_writer_one_claimant_one_lease_
     assert sorted(writes.values()) == ["ok"] + ["stale"] * (PROCESSES - 1)
     assert sum(by_step["follow_up"].values()) == 1
     leases = by_step["lease"].values()
-    assert sorted(sum(leases, [])) == sorted(r.id for r in orphans), "every orphan has exactly one owner"
+    # The winning follow-up left the payment itself refund_pending: unresolved, leased like the orphans.
+    assert sorted(sum(leases, [])) == sorted([record.id, *(r.id for r in orphans)]), "every row has exactly one owner"
 
     store = database.store()
     await store.open()
@@ -123,4 +134,6 @@ async def test_processes_on_one_database_have_one_writer_one_claimant_one_lease_
         got = await store.get_payment(record.id)
     finally:
         await store.close()
-    assert got is not None and got.provider == f"writer-{winner}" and got.version == 2
+    # the one write, then the one follow-up claim that moved it on: version 3, the winner's provider kept
+    assert got is not None and got.provider == f"writer-{winner}" and got.version == 3
+    assert got.status is PaymentStatus.REFUND_PENDING

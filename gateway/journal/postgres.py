@@ -156,13 +156,6 @@ UPDATE payments SET lease_owner = $1, lease_until = {_NOW} + $2::float8 WHERE id
     ORDER BY updated_at LIMIT $3 FOR UPDATE SKIP LOCKED)
 RETURNING version, doc, updated_at"""
 
-# $1 payment_id, $2 owner, $3 lease_s: free, expired, or already this owner's.
-_CLAIM_FOLLOW_UP = f"""
-INSERT INTO follow_up_claims AS held (payment_id, owner, lease_until) VALUES ($1, $2, {_NOW} + $3::float8)
-ON CONFLICT (payment_id) DO UPDATE SET owner = EXCLUDED.owner, lease_until = EXCLUDED.lease_until
-    WHERE held.lease_until <= {_NOW} OR held.owner = EXCLUDED.owner
-RETURNING 1"""
-
 _WRITABLE = "SELECT NOT pg_is_in_recovery() AND NOT current_setting('transaction_read_only')::bool"
 
 # $1 owner, $2 own_before, $3 any_before, $4 now, $5 lease_until, $6 after, $7 limit. SKIP LOCKED:
@@ -323,14 +316,6 @@ class PostgresStore:
         async with self._conn() as conn:
             rows = await conn.fetch(_LEASE_UNRESOLVED, owner, lease_s, limit)
         return [payment_from_row(r["version"], r["doc"]) for r in sorted(rows, key=lambda r: r["updated_at"])]
-
-    async def claim_follow_up(self, payment_id: str, owner: str, lease_s: float) -> bool:
-        async with self._conn() as conn:
-            return await conn.fetchval(_CLAIM_FOLLOW_UP, payment_id, owner, lease_s) is not None
-
-    async def release_follow_up(self, payment_id: str, owner: str) -> None:
-        async with self._conn() as conn:
-            await conn.execute("DELETE FROM follow_up_claims WHERE payment_id = $1 AND owner = $2", payment_id, owner)
 
     # -- idempotency ---------------------------------------------------------------------------
 

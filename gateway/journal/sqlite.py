@@ -233,17 +233,6 @@ class SqliteStore:
 
         return [payment_from_row(version, doc) for _id, version, doc in await self._submit(op)]
 
-    async def claim_follow_up(self, payment_id: str, owner: str, lease_s: float) -> bool:
-        def op(conn: sqlite3.Connection) -> bool:
-            now = time.time()
-            return conn.execute(_CLAIM_FOLLOW_UP, (payment_id, owner, now + lease_s, now)).rowcount == 1
-
-        return await self._submit(op)
-
-    async def release_follow_up(self, payment_id: str, owner: str) -> None:
-        await self._submit(lambda conn: conn.execute(
-            "DELETE FROM follow_up_claims WHERE payment_id = ? AND owner = ?", (payment_id, owner)))
-
     # -- idempotency ---------------------------------------------------------------------------
 
     async def claim_idempotency(
@@ -337,14 +326,6 @@ _INSERT_PAYMENT = ("INSERT INTO payments (id, status, created_at, updated_at, do
                    "ON CONFLICT (id) DO NOTHING")
 _UPDATE_PAYMENT = ("UPDATE payments SET status = ?, updated_at = ?, doc = ?, version = ? "
                    "WHERE id = ? AND version = ?")
-
-# ?1 payment_id, ?2 owner, ?3 lease_until, ?4 now: free, expired, or already this owner's.
-_CLAIM_FOLLOW_UP = (
-    "INSERT INTO follow_up_claims (payment_id, owner, lease_until) VALUES (?1, ?2, ?3) "
-    "ON CONFLICT (payment_id) DO UPDATE SET owner = excluded.owner, lease_until = excluded.lease_until "
-    "WHERE follow_up_claims.lease_until <= ?4 OR follow_up_claims.owner = excluded.owner"
-)
-
 
 def _write_payment(conn: sqlite3.Connection, row: _Row, expected: int) -> None:
     """The conditional write: insert at version 1, or update the row still at `expected`."""

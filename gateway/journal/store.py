@@ -9,9 +9,11 @@ a stale overwrite), the same for both backends and for any number of processes o
   read before someone else wrote the row fails with `StaleWrite` and changes nothing (not the
   row, not the key's answer, not the outbox): the caller re-reads and decides again. On success
   the caller's `record.version` is the stored one, so it can keep writing the same object.
-- **Follow-up claims.** `claim_follow_up` is a per-payment lease in the database: whichever
-  process a second capture, void or refund of the same payment reaches, it finds the claim held.
-  A claim whose holder died expires after its lease.
+- **Follow-up claims.** `claim_idempotency` with the caller's key and an existing record (moved
+  to `<op>_pending`) writes both in one transaction, conditional on the record's version: a
+  second capture, void or refund of the same payment, whichever process it reached, either finds
+  the row pending (and is refused) or raises `StaleWrite`. A claimer that died leaves a pending
+  follow-up the reconciler settles, never a key stuck with nothing behind it.
 - **Leases for background work.** `lease_unresolved` hands each unresolved row to one owner for
   a lease: replicas reconciling together split the orphans instead of settling each twice; a
   dead replica's rows are taken over when its lease runs out.
@@ -158,16 +160,6 @@ class Store(Protocol):
         already leased to `owner` are renewed. Atomic across processes, so two replicas calling
         together get disjoint rows. The lease says who may work on a row, not what it holds:
         it does not change the row's version, and the owner's writes are still conditional."""
-        ...
-
-    async def claim_follow_up(self, payment_id: str, owner: str, lease_s: float) -> bool:
-        """Take the payment's follow-up claim for `lease_s` seconds: true when it was free, had
-        expired (its holder died), or is `owner`'s already (renewed); false while another
-        owner holds it. `owner` names one request (unique across the fleet)."""
-        ...
-
-    async def release_follow_up(self, payment_id: str, owner: str) -> None:
-        """End `owner`'s claim; a claim that expired and was taken over is left to its new owner."""
         ...
 
     async def claim_idempotency(

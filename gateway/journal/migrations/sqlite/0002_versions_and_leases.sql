@@ -1,11 +1,7 @@
 -- One writer per payment, one owner per background job (gateway/journal/store.py):
 -- a version per payment row for conditional updates (rows written before this are version 1),
--- the reconciler's lease on an unresolved row, and a per-payment follow-up claim.
+-- and the reconciler's lease on an unresolved row. (A follow-up's claim is its payment row's own
+-- conditional move to `<op>_pending`, written with the caller's key: no table of its own.)
 ALTER TABLE payments ADD COLUMN version INTEGER NOT NULL DEFAULT 1;
 ALTER TABLE payments ADD COLUMN lease_owner TEXT;
 ALTER TABLE payments ADD COLUMN lease_until REAL;
-CREATE TABLE follow_up_claims (
-    payment_id TEXT PRIMARY KEY,
-    owner TEXT NOT NULL,
-    lease_until REAL NOT NULL
-) WITHOUT ROWID;
