@@ -16,7 +16,7 @@ Definitions (the drill contract in DESIGN.md):
 - `journal_mismatches`: payments where the journal and the provider's ledger disagree: a charge
   the journal does not hold at that provider (or holds where the ledger has none), or a
   captured, refunded or voided amount that differs. A payment still `pending` is not compared
-  for its charge (the reconciler owns it), but its follow-ups are.
+  (the reconciler owns it, and it has no follow-ups yet); one with a follow-up pending is.
 - `failovers`/`retries`: from the journal's attempts, counted as the transaction log counts them.
 """
 
@@ -105,10 +105,11 @@ def journal_mismatches(by_id: Mapping[str, Mapping[str, Any]], ledger: Mapping[s
             continue
         held = [e for e in entries if e.approved and e.provider == doc.get("provider")]
         status = doc.get("status")
-        if status not in UNSETTLED and (status in HOLDS_A_CHARGE) != bool(held):
-            mismatched += 1
+        if status in UNSETTLED or not held:  # a pending charge is the reconciler's; it has no follow-ups yet
+            mismatched += status not in UNSETTLED and status in HOLDS_A_CHARGE
             continue
-        if not held:
+        if status not in HOLDS_A_CHARGE:
+            mismatched += 1
             continue
         if (doc.get("captured_amount", 0) != sum(e.captured for e in held)
                 or doc.get("refunded_amount", 0) != sum(e.refunded for e in held)

@@ -54,6 +54,7 @@ CLIENT_SLACK_S = 5.0  # the drill client waits this much past the gateway's dead
 # The emulators finish a request within their longest injected delay (under 2 s), so the drill's
 # reconciler may trust an empty lookup sooner than production's minute.
 PROVIDER_IN_FLIGHT_S = 5.0
+EMULATOR_LOOKUP_LAG_S = 10.0  # the emulators' searches have no index lag; Stripe's real one does (600 s)
 HOST = "127.0.0.1"
 CLIENT_NAME = "drill"
 CLIENT_KEY_ENV = "GATEWAY_DRILL_CLIENT_KEY"
@@ -151,7 +152,8 @@ def drill_config_data(scenario: Scenario, servers: Mapping[str, EmulatorServer],
         "storage": {"backend": "sqlite", "sqlite_path": str(log_dir / "gateway.db")},
         "log": {"dir": str(log_dir), "file": "transactions.jsonl"},
         "engine": {"deadline_ms": DEADLINE_MS, "retry_budget_ratio": 0.2, "retry_budget_min_per_s": 10,
-                   "retry_budget_window_s": 10, "provider_in_flight_s": PROVIDER_IN_FLIGHT_S},
+                   "retry_budget_window_s": 10, "provider_in_flight_s": PROVIDER_IN_FLIGHT_S,
+                   "lookup_lag_s": EMULATOR_LOOKUP_LAG_S},
         "providers": providers,
         "routes": [{"name": "drill", "providers": list(scenario.route),
                     "cascade_on": ["do_not_honor", "issuer_not_available", "try_again_later"]}],
