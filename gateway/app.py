@@ -47,7 +47,8 @@ from gateway.journal.postgres import PostgresStore
 from gateway.journal.probe import JournalProbe
 from gateway.journal.sqlite import SqliteStore
 from gateway.journal.startup import open_store
-from gateway.journal.store import Store, StoreUnavailable
+from gateway.journal.errors import StoreUnavailable
+from gateway.journal.store import Store
 from gateway.metrics import Metrics
 from gateway.orchestrator import PaymentService
 from gateway.provider_client import ProviderClient
@@ -103,7 +104,7 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
     # A client hanging up never cancels its handler (run_app's default, pinned here because
     # aiohttp's test server turns cancellation on): a payment its caller stopped waiting for
     # still finishes and stores its answer for the caller's retry with the same key.
-    app = web.Application(middlewares=[error_middleware(ops)], client_max_size=config.server.max_body_bytes,
+    app = web.Application(middlewares=[error_middleware(ops, metrics)], client_max_size=config.server.max_body_bytes,
                           handler_args={"auto_decompress": False, "handler_cancellation": False,
                                         "logger": ProtocolLog(metrics)})
     app[CONFIG] = config

@@ -32,7 +32,8 @@ from gateway import answers
 from gateway.answers import Answer
 from gateway.executor import AttemptExecutor
 from gateway.journal.records import Attempt, ClaimKind, IdempotentAnswer, OutboxLine, PaymentRecord, PendingFollowUp
-from gateway.journal.store import StaleWrite, Store
+from gateway.journal.errors import StaleWrite
+from gateway.journal.store import Store
 from gateway.metrics import Metrics
 from gateway.policy import may_fail_over, payment_status
 from gateway.provider_client import ProviderClient

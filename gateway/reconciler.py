@@ -24,7 +24,7 @@ from domain.outcome import Outcome, PaymentStatus
 from domain.types import FollowUp, Lookup, Operation, ProviderResult, StatusAnswer
 from gateway import answers
 from gateway.journal.records import PaymentRecord
-from gateway.journal.store import StaleWrite
+from gateway.journal.errors import StaleWrite
 from gateway.orchestrator import PaymentService, apply_follow_up
 from gateway.policy import POLICY
 from gateway.provider_client import MIN_TRY_S

@@ -16,7 +16,8 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from gateway.app_keys import STORE
-from gateway.journal.store import Store, StoreOverloaded
+from gateway.journal.errors import StoreOverloaded
+from gateway.journal.store import Store
 from tests.conftest import AUTH, card_payment
 
 QUEUE_SIZE = 2

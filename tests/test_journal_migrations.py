@@ -29,7 +29,7 @@ from gateway.cli import app as cli
 from gateway.journal.postgres import PostgresStore
 from gateway.journal.schema import migrations, postgres_prepare
 from gateway.journal.sqlite import SqliteStore
-from gateway.journal.store import JournalUnavailable, SchemaMismatch
+from gateway.journal.errors import JournalUnavailable, SchemaMismatch
 from domain.outcome import PaymentStatus
 from tests.conftest import payment, pg_schema
 

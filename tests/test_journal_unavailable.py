@@ -27,7 +27,7 @@ from gateway.app_keys import JOURNAL_PROBE, STORE
 from gateway.certs.devca import DevCertLayout
 from gateway.config import ConfigError, GatewayConfig, parse_config
 from gateway.journal.postgres import PostgresStore
-from gateway.journal.store import JournalUnavailable
+from gateway.journal.errors import JournalUnavailable
 from tests.conftest import AUTH, card_payment, gateway_config_data
 from tests.netfault import TcpProxy
 from tests.conftest import PG_DSN, payment, pg_schema

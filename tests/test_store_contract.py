@@ -35,7 +35,7 @@ from gateway.journal.records import (
     StoredResponse,
 )
 from gateway.journal.sqlite import SqliteStore
-from gateway.journal.store import StaleWrite
+from gateway.journal.errors import StaleWrite
 from domain.outcome import PaymentStatus
 from tests.conftest import DB_ERRORS, REFUSE_APPROVED_BOOM, STORE_SCOPE, Backend, payment
 

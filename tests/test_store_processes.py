@@ -23,7 +23,7 @@ from domain.outcome import PaymentStatus
 from gateway.journal.postgres import PostgresStore
 from gateway.journal.sqlite import SqliteStore
 from gateway.journal.records import ClaimKind
-from gateway.journal.store import StaleWrite
+from gateway.journal.errors import StaleWrite
 from tests.conftest import payment, pg_schema
 
 PROCESSES = 3

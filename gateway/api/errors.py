@@ -21,8 +21,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.log import server_logger
 from pydantic import ValidationError
 
-from gateway.app_keys import METRICS
-from gateway.journal.store import JournalUnavailable, StoreOverloaded
+from gateway.journal.errors import JournalUnavailable, StoreOverloaded
 from gateway.metrics import Metrics
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -58,7 +57,7 @@ def from_validation_error(exc: ValidationError) -> ApiError:
     return ApiError(422, "invalid_field", message, field)
 
 
-def error_middleware(log: structlog.typing.FilteringBoundLogger) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def error_middleware(log: structlog.typing.FilteringBoundLogger, metrics: Metrics) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
@@ -77,13 +76,13 @@ def error_middleware(log: structlog.typing.FilteringBoundLogger) -> Callable[[we
             return ApiError(503, "journal_unavailable", "the payment journal is unavailable; retry shortly",
                             headers={"Retry-After": JOURNAL_RETRY_AFTER_S}).response()
         except StoreOverloaded:
-            request.app[METRICS].shed.labels("journal").inc()
+            metrics.shed.labels("journal").inc()
             return ApiError(503, "overloaded", "the journal is at capacity; retry shortly",
                             headers={"Retry-After": "1"}).response()
         except Exception as exc:
             if isinstance(exc, ConnectionResetError) and request.transport is None:
                 # The caller hung up (mid-body, typically): nobody is left to answer.
-                request.app[METRICS].client_disconnects.inc()
+                metrics.client_disconnects.inc()
                 return ApiError(400, "client_disconnected", "the client closed the connection").response()
             log.exception("unhandled_error", path=request.path, error=type(exc).__name__)
             return ApiError(500, "internal_error", "the gateway failed to process this request").response()

@@ -23,8 +23,8 @@ from pydantic import ValidationError
 from gateway.api import strict_json
 from gateway.api.errors import ApiError, from_validation_error
 from gateway.api.free_text import refuse_card_data
+from gateway.txlog.redaction import Redactor
 from gateway.api.schemas import Body
-from gateway.app_keys import CONFIG, REDACTOR
 
 M = TypeVar("M", bound=Body)
 MAX_REQUEST_TIMEOUT_MS = 120_000
@@ -82,8 +82,10 @@ def _content_coding(request: web.Request) -> str | None:
     return coding
 
 
-async def json_body(request: web.Request, model: type[M]) -> tuple[bytes, M]:
-    """The decoded body and its model. A JSON object only, each key once per object."""
+async def json_body(request: web.Request, model: type[M], redactor: Redactor) -> tuple[bytes, M]:
+    """The decoded body and its model. A JSON object only, each key once per object, and no
+    card data or secret in its free text (`redactor`: the app's, which knows the configured
+    secrets)."""
     if request.content_type != "application/json":
         raise ApiError(415, "unsupported_media_type", "send the body as application/json", "Content-Type")
     body = await read_body(request)
@@ -99,13 +101,14 @@ async def json_body(request: web.Request, model: type[M]) -> tuple[bytes, M]:
         payload = model.model_validate(data)
     except ValidationError as exc:
         raise from_validation_error(exc) from None
-    refuse_card_data(payload, request.app[REDACTOR])
+    refuse_card_data(payload, redactor)
     return body, payload
 
 
-def request_deadline(request: web.Request) -> float:
-    """The configured deadline, lowered (never raised) by the caller's `Request-Timeout` (ms)."""
-    budget_ms = request.app[CONFIG].engine.deadline_ms
+def request_deadline(request: web.Request, deadline_ms: int) -> float:
+    """The configured deadline (`deadline_ms`), lowered (never raised) by the caller's
+    `Request-Timeout` (ms)."""
+    budget_ms = deadline_ms
     header = single_header(request, REQUEST_TIMEOUT)
     if header is not None:
         budget_ms = min(budget_ms, parse_timeout_ms(header))

@@ -17,7 +17,7 @@ from gateway.api.idempotency import fingerprint, idempotency_key
 from gateway.api.inputs import json_body, request_deadline
 from gateway.api.schemas import CaptureCreate, CardMethod, PaymentCreate, RefundCreate, VoidCreate
 from domain.cards import truncate_pan
-from gateway.app_keys import AUTH, CONFIG, LOG_WRITER, SERVICE, TRANSACTION_LOG
+from gateway.app_keys import AUTH, CONFIG, LOG_WRITER, REDACTOR, SERVICE, TRANSACTION_LOG
 from gateway.journal.records import PaymentRecord
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -60,8 +60,8 @@ async def create_payment(request: web.Request) -> web.Response:
     caller = request.app[AUTH].caller(request, "payments:write")
     key = idempotency_key(request)
     _shed_if_overloaded(request)
-    body, payload = await json_body(request, PaymentCreate)
-    deadline = request_deadline(request)
+    body, payload = await json_body(request, PaymentCreate, request.app[REDACTOR])
+    deadline = request_deadline(request, request.app[CONFIG].engine.deadline_ms)
     record, order = _new_payment(caller, payload)
     return _write(await request.app[SERVICE].create_payment(caller.name, key, fingerprint(request, body), record,
                                                             order, deadline))
@@ -99,8 +99,8 @@ def follow_up_handler(op: Operation):  # type: ignore[no-untyped-def]
         caller = request.app[AUTH].caller(request, "payments:write")
         key = idempotency_key(request)
         _shed_if_overloaded(request)
-        body, payload = await json_body(request, _FOLLOW_UP_MODELS[op])
-        deadline = request_deadline(request)
+        body, payload = await json_body(request, _FOLLOW_UP_MODELS[op], request.app[REDACTOR])
+        deadline = request_deadline(request, request.app[CONFIG].engine.deadline_ms)
         return _write(await request.app[SERVICE].follow_up(
             caller.name, key, fingerprint(request, body), request.match_info["payment_id"], op,
             getattr(payload, "amount", None), deadline))

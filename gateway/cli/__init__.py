@@ -16,7 +16,7 @@ from gateway.cli.certs import certs_app
 from gateway.cli.db import db_app
 from gateway.cli.errors import fail, load_or_exit
 from gateway.config import ConfigError, GatewayConfig, load_config
-from gateway.journal.store import JournalUnavailable, SchemaMismatch
+from gateway.journal.errors import JournalUnavailable, SchemaMismatch
 from gateway.cli.preflight import preflight
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Payment-resilience gateway.")

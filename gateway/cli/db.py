@@ -37,7 +37,7 @@ from gateway.journal.schema import (
     sqlite_prepare,
     sqlite_status,
 )
-from gateway.journal.store import JournalUnavailable, SchemaMismatch
+from gateway.journal.errors import JournalUnavailable, SchemaMismatch
 
 T = TypeVar("T")
 db_app = typer.Typer(no_args_is_help=True, help="The journal's schema: version and migrations.")

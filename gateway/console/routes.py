@@ -39,7 +39,7 @@ from gateway.api.auth import Caller
 from gateway.api.errors import ApiError, json_response
 from gateway.api.inputs import json_body
 from gateway.api.schemas import Body
-from gateway.app_keys import AUTH, CERT_WATCHER, CONFIG, CONSOLE, CONSOLE_ASSETS, OPS_LOG, POOL, RECONCILER, SERVICE, STORE
+from gateway.app_keys import AUTH, CERT_WATCHER, CONFIG, CONSOLE, CONSOLE_ASSETS, OPS_LOG, POOL, RECONCILER, REDACTOR, SERVICE, STORE
 from gateway.console.session import COOKIE, COOKIE_PATH, SessionSigner
 from gateway.console.stats import GATEWAY, ConsoleStats
 
@@ -229,7 +229,7 @@ def _check_origin(request: web.Request) -> None:
 
 
 async def _json(request: web.Request, model: type[BreakerAction | ReconcileAction]) -> Any:
-    return (await json_body(request, model))[1]  # the front door's rules: one parser for every JSON body
+    return (await json_body(request, model, request.app[REDACTOR]))[1]  # the front door's rules: one parser for every JSON body
 
 
 def _confirmed(action: BreakerAction | ReconcileAction) -> None:

@@ -66,14 +66,8 @@ from gateway.journal.records import (
     StoredResponse,
 )
 from gateway.journal.schema import Migration, migrations, postgres_prepare
-from gateway.journal.store import (
-    UNRESOLVED_STATUSES,
-    JournalUnavailable,
-    StaleWrite,
-    next_version,
-    payment_from_row,
-    payment_row,
-)
+from gateway.journal.errors import JournalUnavailable, StaleWrite
+from gateway.journal.store import UNRESOLVED_STATUSES, next_version, payment_from_row, payment_row
 
 _UNRESOLVED_SQL = "(" + ", ".join(f"'{s}'" for s in UNRESOLVED_STATUSES) + ")"
 _IN_FLIGHT = IdempotencyState.IN_FLIGHT.value

@@ -15,7 +15,8 @@ from collections.abc import Callable
 
 import structlog
 
-from gateway.journal.store import JournalUnavailable, Store, StoreOverloaded
+from gateway.journal.errors import JournalUnavailable, StoreOverloaded
+from gateway.journal.store import Store
 
 
 class JournalProbe:

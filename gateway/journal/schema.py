@@ -39,7 +39,7 @@ from typing import Literal
 
 import asyncpg
 
-from gateway.journal.store import JournalUnavailable, SchemaMismatch
+from gateway.journal.errors import JournalUnavailable, SchemaMismatch
 
 Backend = Literal["sqlite", "postgres"]
 

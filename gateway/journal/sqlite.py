@@ -44,16 +44,8 @@ from gateway.journal.records import (
     StoredResponse,
 )
 from gateway.journal.schema import Migration, sqlite_prepare
-from gateway.journal.store import (
-    UNRESOLVED_STATUSES,
-    JournalUnavailable,
-    StaleWrite,
-    StoreOverloaded,
-    StoreUnavailable,
-    next_version,
-    payment_from_row,
-    payment_row,
-)
+from gateway.journal.errors import JournalUnavailable, StaleWrite, StoreOverloaded, StoreUnavailable
+from gateway.journal.store import UNRESOLVED_STATUSES, next_version, payment_from_row, payment_row
 
 T = TypeVar("T")
 _STOP = object()

@@ -10,7 +10,8 @@ import time
 
 import structlog
 
-from gateway.journal.store import JournalUnavailable, Store
+from gateway.journal.errors import JournalUnavailable
+from gateway.journal.store import Store
 
 FIRST_RETRY_S = 0.25
 MAX_RETRY_S = 5.0

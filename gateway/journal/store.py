@@ -21,7 +21,7 @@ a stale overwrite), the same for both backends and for any number of processes o
 Lease times are the store's own clock (PostgreSQL's for the shared database, so replicas with
 skewed clocks still agree on when a lease ends).
 
-Typed failures a caller can act on: `StaleWrite` (re-read), `JournalUnavailable` (the database
+Typed failures a caller can act on (`gateway.journal.errors`): `StaleWrite` (re-read), `JournalUnavailable` (the database
 cannot take the write now: answer 503 and let the caller retry), `StoreOverloaded` (shed load),
 `SchemaMismatch` (this code and the database disagree on the schema: refuse to start).
 """
@@ -30,6 +30,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
+
+
 
 import orjson
 
@@ -51,40 +53,6 @@ UNRESOLVED_STATUSES = tuple(s.value for s in (
     PaymentStatus.CAPTURE_PENDING, PaymentStatus.VOID_PENDING, PaymentStatus.REFUND_PENDING))
 
 
-class StoreOverloaded(Exception):
-    """The journal cannot take more work now: shed load rather than queue without bound."""
-
-
-class StaleWrite(Exception):
-    """The payment row changed since this record was read (another request, replica or the
-    reconciler wrote it): nothing was written. Re-read the payment and decide again."""
-
-    def __init__(self, payment_id: str) -> None:
-        super().__init__(f"payment {payment_id} was changed by another writer since it was read")
-        self.payment_id = payment_id
-
-
-class JournalUnavailable(Exception):
-    """The journal cannot be reached or written right now (database down, restarting or read-only,
-    no pool connection free, a command timed out). Retryable: the API answers 503. A write that
-    failed this way may or may not have committed; the row's version tells a later reader."""
-
-
-class SchemaMismatch(Exception):
-    """The database's schema version is not the one this code was built for (older, and not to be
-    migrated here; or newer). The message is one line saying what to do."""
-
-
-class StoreUnavailable(Exception):
-    """`Store.open` failed: ``problem`` says why in one line, naming the component at fault when
-    it is not the database file itself."""
-
-    def __init__(self, where: str, problem: str) -> None:
-        super().__init__(f"{where}: {problem}")
-        self.where = where
-        self.problem = problem
-
-
 def payment_row(record: PaymentRecord) -> tuple[str, str, float, float, bytes]:
     """The columns every backend stores: id, status and times for the indexes, the (redacted) document."""
     return (record.id, record.status.value, record.created_at, record.updated_at, orjson.dumps(record.to_doc()))
@@ -96,6 +64,8 @@ def payment_from_row(version: int, doc: bytes) -> PaymentRecord:
     record = PaymentRecord.from_doc(orjson.loads(doc))
     record.version = version
     return record
+
+
 
 
 class next_version:  # noqa: N801 - used like a function: `with next_version(record) as expected:`
