@@ -186,3 +186,28 @@ async def test_health_ready_metrics(make_config, start_gateway) -> None:
     await client.post("/v1/payments", json=card_payment(), headers=key())
     text = await (await client.get("/metrics")).text()
     assert 'gateway_payments_total{status="approved"} 1.0' in text
+
+
+async def test_a_stored_fingerprint_cannot_be_searched_for_the_card(make_config, start_gateway) -> None:
+    """The key's fingerprint hashes the body, which holds the card number and CVC; stored beside
+    the BIN, last four and amount, a plain SHA-256 of it gives them back by a small search. It
+    is keyed by a secret derived from the caller's API key instead."""
+    import hashlib
+    import sqlite3
+
+    config = make_config()
+    client = await start_gateway(config)
+    body = card_payment(number="4000056655665556")
+    raw = orjson.dumps(body)
+    resp = await client.post("/v1/payments", data=raw,
+                             headers={**AUTH, "Idempotency-Key": "fp-key", "Content-Type": "application/json"})
+    assert resp.status == 201
+    conn = sqlite3.connect(config.storage.sqlite_path)
+    try:
+        [(stored,)] = conn.execute("SELECT fingerprint FROM idempotency WHERE key = 'fp-key'").fetchall()
+    finally:
+        conn.close()
+    assert stored != hashlib.sha256(b"POST /v1/payments\n" + raw).hexdigest()
+    replay = await client.post("/v1/payments", data=raw,
+                               headers={**AUTH, "Idempotency-Key": "fp-key", "Content-Type": "application/json"})
+    assert replay.status == 201 and replay.headers.get("Idempotent-Replayed") == "true"

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 import orjson
 
+from gateway.api.auth import fingerprint_key
 from gateway.api.idempotency import fingerprint
 from gateway.app_keys import STORE
 from gateway.app_keys import RECONCILER
@@ -30,7 +31,7 @@ from gateway.provider_pool import make_handle
 from domain.outcome import Outcome, PaymentStatus
 from domain.secret import Secret
 from domain.types import Card, Operation, PaymentOrder
-from tests.conftest import AUTH, card_payment, charges, entries, journal, txlog
+from tests.conftest import AUTH, CHECKOUT_KEY, card_payment, charges, entries, journal, txlog
 
 SCOPE = "checkout"  # the API client the payments belonged to
 
@@ -80,7 +81,7 @@ async def _leave_crash_behind(config: GatewayConfig, records: list[tuple[Payment
             await store.save_payment(record)
             now = time.time()
             request = SimpleNamespace(method="POST", path="/v1/payments")
-            claim = await store.claim_idempotency(SCOPE, key, fingerprint(request, _body(record.merchant_reference)),
+            claim = await store.claim_idempotency(SCOPE, key, fingerprint(request, _body(record.merchant_reference), fingerprint_key(CHECKOUT_KEY)),
                                                   record.id, now, now + 3600)
             assert claim.kind.value == "new"
     finally:
@@ -177,7 +178,7 @@ async def test_crash_right_after_the_key_claim_gets_a_final_answer(engine_config
         request = SimpleNamespace(method="POST", path="/v1/payments")
         record = PaymentRecord(id="pay_crash_orphan", client=SCOPE, amount=1299, currency="EUR", capture=True,
                                merchant_reference="order-orphan", created_at=CRASHED_AT, updated_at=CRASHED_AT)
-        await store.claim_idempotency(SCOPE, "key-orphan", fingerprint(request, _body("order-orphan")),
+        await store.claim_idempotency(SCOPE, "key-orphan", fingerprint(request, _body("order-orphan"), fingerprint_key(CHECKOUT_KEY)),
                                       record.id, now, now + config.storage.idempotency_retention_h * 3600, record)
     finally:
         await store.close()

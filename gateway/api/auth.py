@@ -3,8 +3,9 @@ for two Authorization headers (never "the first one that matches")."""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
@@ -17,11 +18,15 @@ from gateway.config import AuthConfig
 class Caller:
     name: str
     permissions: frozenset[str]
+    # Keys the caller's request fingerprints (gateway.api.idempotency): derived from its API key,
+    # so a stored fingerprint cannot be searched for the card data of the body it hashes.
+    fingerprint_key: bytes = field(default=b"", repr=False)
 
 
 class Authenticator:
     def __init__(self, config: AuthConfig) -> None:
-        self._keys = [(c.key.get_secret_value().encode(), Caller(c.name, frozenset(c.permissions)))
+        self._keys = [(c.key.get_secret_value().encode(),
+                       Caller(c.name, frozenset(c.permissions), fingerprint_key(c.key.get_secret_value())))
                       for c in config.clients]
 
     def caller(self, request: web.Request, permission: str) -> Caller:
@@ -37,3 +42,7 @@ class Authenticator:
                     raise ApiError(403, "forbidden", f"this API key may not {permission.replace(':', ' ')}")
                 return caller
         raise ApiError(401, "unauthenticated", "unknown API key", headers={"WWW-Authenticate": "Bearer"})
+
+
+def fingerprint_key(api_key: str) -> bytes:
+    return hmac.new(api_key.encode(), b"gateway idempotency fingerprint v1", hashlib.sha256).digest()

@@ -63,7 +63,7 @@ async def create_payment(request: web.Request) -> web.Response:
     body, payload = await json_body(request, PaymentCreate, request.app[REDACTOR])
     deadline = request_deadline(request, request.app[CONFIG].engine.deadline_ms)
     record, order = _new_payment(caller, payload)
-    return _write(await request.app[SERVICE].create_payment(caller.name, key, fingerprint(request, body), record,
+    return _write(await request.app[SERVICE].create_payment(caller.name, key, fingerprint(request, body, caller.fingerprint_key), record,
                                                             order, deadline))
 
 
@@ -102,7 +102,7 @@ def follow_up_handler(op: Operation):  # type: ignore[no-untyped-def]
         body, payload = await json_body(request, _FOLLOW_UP_MODELS[op], request.app[REDACTOR])
         deadline = request_deadline(request, request.app[CONFIG].engine.deadline_ms)
         return _write(await request.app[SERVICE].follow_up(
-            caller.name, key, fingerprint(request, body), request.match_info["payment_id"], op,
+            caller.name, key, fingerprint(request, body, caller.fingerprint_key), request.match_info["payment_id"], op,
             getattr(payload, "amount", None), deadline))
 
     return handle
