@@ -93,6 +93,12 @@ def follow_up_answer(record: PaymentRecord, op: Operation, result: ProviderResul
     return error(422, f"{op.value}_refused", f"{record.provider} refused the {op.value}: {result.raw_code}")
 
 
+def follow_up_not_made(op: Operation) -> Answer:
+    """A follow-up answered "accepted" (202) that the provider proved it never received."""
+    return error(409, f"{op.value}_not_made", f"the provider never received this {op.value}; the payment is as it "
+                 "was before it, and it may be sent again with a new Idempotency-Key", "status")
+
+
 def payment_not_found() -> Answer:
     return error(404, "payment_not_found", "no payment with this id", "payment_id")
 

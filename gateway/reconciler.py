@@ -248,7 +248,10 @@ class Reconciler:
               and self._quiet_since(record, None, pending.provider_key, floor=pending.started_at,
                                     consistent=True)):
             apply_follow_up(record, op, Outcome.UNAVAILABLE)
-            await svc.store.release_idempotency(pending.scope, pending.front_key)  # a retry may make it now
+            if pending.answered:  # its key replays "accepted"; say what became of it instead
+                await svc.store.complete_idempotency_for(pending.provider_key, answers.follow_up_not_made(op).stored())
+            else:
+                await svc.store.release_idempotency(pending.scope, pending.front_key)  # a retry may make it now
             follow_up["never_made"] = True
         else:
             if not pending.answered:

@@ -34,9 +34,14 @@ def provider_finished(unknown: ProviderResult) -> bool:
 
 
 def follow_up_entry(answer: StatusAnswer, op: Operation, reference: str | None) -> FollowUpState | None:
-    """Our follow-up in the provider's list of the payment's follow-ups, if it is there."""
+    """Our follow-up in the provider's list of the payment's follow-ups, if it is there. A void
+    listed without a reference is ours too: a payment is cancelled at most once, and a provider
+    whose cancel takes no reference of ours (Stripe) lists it so."""
     for state in answer.follow_ups:
-        if state.operation is op and reference is not None and state.reference == reference:
+        if state.operation is not op:
+            continue
+        if (reference is not None and state.reference == reference) or (
+                op is Operation.VOID and state.reference is None):
             return state
     return None
 

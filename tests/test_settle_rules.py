@@ -55,3 +55,17 @@ def test_not_found_never_settles_a_lagging_lookup_but_a_replaying_provider_may_r
 def test_a_payment_we_hold_a_provider_id_for_is_never_not_found() -> None:
     with_id = ProviderResult(Outcome.UNKNOWN, raw_code="processing", http_status=500, reference="pay_123")
     assert settle_unknown(Operation.AUTHORIZE, with_id, NOT_FOUND, CHECKOUT).outcome is Outcome.UNKNOWN
+
+
+def test_a_void_listed_without_our_reference_is_ours() -> None:
+    """Stripe's cancel takes no metadata, so its void is listed with no reference; a payment is
+    cancelled once, so that entry settles our void (a crashed void was marked never made)."""
+    from domain.types import FollowUpState
+    from gateway.settlement import follow_up_entry
+
+    voided = StatusAnswer(Lookup.FOUND, ProviderResult(Outcome.APPROVED, raw_code="canceled"),
+                          follow_ups=(FollowUpState(Operation.VOID, None, 1299, Outcome.APPROVED),),
+                          follow_ups_listed=True)
+    entry = follow_up_entry(voided, Operation.VOID, "pay_x-stripe-void-abc")
+    assert entry is not None and entry.outcome is Outcome.APPROVED
+    assert follow_up_entry(voided, Operation.REFUND, "pay_x-stripe-refund-abc") is None
