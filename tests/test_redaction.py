@@ -638,3 +638,13 @@ def test_the_api_refuses_card_data_in_every_free_text_field(card: tuple[str, str
         assert refused.value.code in ("card_data_in_free_text", "secret_in_free_text"), (model.__name__, text)
         assert (refused.value.status, refused.value.field) == (422, field), (model.__name__, field, text)
         assert card[0] not in refused.value.message and code not in refused.value.message
+
+
+@pytest.mark.parametrize("text", ["42424242 42424242", "4 2 4 2 4 2 4 2 4 2 4 2 4 2 4 2", "5555-55555555-4444",
+                                  "note: 37 8282 246310005 ok"])
+def test_a_card_in_any_grouping_of_an_issuers_length_is_redacted(text: str) -> None:
+    """Not only a card's own grouping (4 first): 8+8, a digit at a time, any split of a number
+    with a payment network's prefix and length that passes Luhn (found by the outside attack)."""
+    out = Redactor().scrub(text)
+    assert out != text and not any(pan in out.replace(" ", "").replace("-", "")
+                                   for pan in ("4242424242424242", "5555555555554444", "378282246310005"))

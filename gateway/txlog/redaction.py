@@ -233,9 +233,13 @@ def _mask_candidate(match: re.Match[str]) -> str:
             lengths.append(end - start)
             if count > PAN_MAX:
                 break
-            if count < PAN_MIN or not (j == i or _card_shaped(lengths)):
+            if count < PAN_MIN:
                 continue
             digits = "".join(run[s:e] for s, e in groups[i : j + 1])
+            # A card's own grouping, or any grouping (8+8, a digit at a time) whose digits are
+            # an issuer's number of that length: a payment network's prefix, length and Luhn.
+            if not (j == i or _card_shaped(lengths) or count in issuer_lengths(digits[:4])):
+                continue
             if luhn_valid(digits):
                 if i == 0 and j == len(groups) - 1:
                     return mask_pan(digits)  # the whole run is one card: print it compactly
