@@ -8,6 +8,7 @@ from typing import Any
 from aiohttp import web
 from pydantic.json_schema import models_json_schema
 
+from domain.outcome import PaymentStatus
 from gateway.api.errors import json_response
 from gateway.api.schemas import CaptureCreate, PaymentCreate, RefundCreate, VoidCreate
 
@@ -35,7 +36,10 @@ def build_openapi() -> dict[str, Any]:
         "required": ["id", "status", "provider", "provider_reference", "decline_code", "attempts"],
         "properties": {
             "id": {"type": "string"},
-            "status": {"enum": ["approved", "declined", "pending", "failed", "captured", "voided", "refunded"]},
+            "status": {"enum": [s.value for s in PaymentStatus if s not in (PaymentStatus.RECEIVED,
+                                                                            PaymentStatus.ATTEMPTING)]},
+            "pending_follow_up": {"type": ["object", "null"]},
+            "duplicate_charge_suspected": {"type": "boolean"},
             "provider": {"type": ["string", "null"]},
             "provider_reference": {"type": ["string", "null"]},
             "decline_code": {"type": ["string", "null"]},
