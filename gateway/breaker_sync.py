@@ -28,6 +28,10 @@ stays a memory read) and the fleet converges by messages:
   was down, or a Redis restarted empty, is shared once it is back; the script keeps whichever is
   newer), then reads both hashes, so it holds the fleet's view and no change falls in between.
 
+The part that is not Redis (listeners, the publisher queue, applying others' changes) is
+`BreakerSync`; `gateway.workers.link.HostBreakerSync` carries the same messages between the
+workers of one host through the supervisor's hub, when there is no Redis.
+
 Redis being down never stops payments, nor a replica's start: publishing retries a few times
 then gives up (counted; the change is republished on reconnect), and the subscriber reconnects
 with capped backoff. Meanwhile each replica's breaker keeps working alone, and `/readyz` shows

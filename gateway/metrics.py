@@ -40,7 +40,8 @@ class Metrics:
         self.failovers = Counter("gateway_failovers_total", "Moves to the next provider", ["from_provider", "reason"],
                                  registry=r)
         self.retries = Counter("gateway_retries_total", "Retries to the same provider", ["provider"], registry=r)
-        self.breaker_state = Gauge("gateway_breaker_state", "0 closed, 1 half-open, 2 open", ["provider"], multiprocess_mode="livemax", registry=r)
+        self.breaker_state = Gauge("gateway_breaker_state", "0 closed, 1 half-open, 2 open", ["provider"],
+                                   multiprocess_mode="livemax", registry=r)
         self.breaker_changes = Counter("gateway_breaker_transitions_total", "Breaker state changes",
                                        ["provider", "to_state"], registry=r)
         self.bulkhead_active = Gauge("gateway_bulkhead_active", "Calls in flight per provider", ["provider"],
@@ -52,7 +53,8 @@ class Metrics:
                                       "Requests the HTTP parser refused before any handler", registry=r)
         self.log_dropped = Gauge("gateway_log_dropped_lines", "Transaction log lines that could not be queued",
                                  multiprocess_mode="livesum", registry=r)
-        self.in_flight = Gauge("gateway_in_flight_requests", "Payments being processed", multiprocess_mode="livesum", registry=r)
+        self.in_flight = Gauge("gateway_in_flight_requests", "Payments being processed",
+                               multiprocess_mode="livesum", registry=r)
         self.duplicates_suspected = Counter(
             "gateway_duplicate_charges_suspected_total",
             "Payments for which a status query found more than one charge", ["provider"], registry=r)
@@ -65,7 +67,8 @@ class Metrics:
                                       ["kind"], registry=r)
         self.journal_pool_size = Gauge("gateway_journal_pool_connections", "PostgreSQL connections open",
                                        multiprocess_mode="livesum", registry=r)
-        self.journal_pool_in_use = Gauge("gateway_journal_pool_in_use", "PostgreSQL connections in use", multiprocess_mode="livesum", registry=r)
+        self.journal_pool_in_use = Gauge("gateway_journal_pool_in_use", "PostgreSQL connections in use",
+                                         multiprocess_mode="livesum", registry=r)
         self.journal_pool_max = Gauge("gateway_journal_pool_max_connections", "PostgreSQL pool maximum size",
                                       multiprocess_mode="livesum", registry=r)
         self.journal_acquire = Histogram("gateway_journal_pool_acquire_seconds",
@@ -73,7 +76,8 @@ class Metrics:
                                          buckets=(.0001, .0005, .001, .005, .01, .05, .1, .5, 1, 2.5, 5), registry=r)
         # Breaker state shared through Redis (gateway.breaker_sync): optional, so degraded, never unready.
         self.breaker_sync_connected = Gauge("gateway_breaker_sync_connected",
-                                            "1 while subscribed to the fleet's breaker state in Redis", multiprocess_mode="livemin", registry=r)
+                                            "1 while subscribed to the fleet's breaker state in Redis",
+                                            multiprocess_mode="livemin", registry=r)
         self.breaker_sync_errors = Counter("gateway_breaker_sync_errors_total",
                                            "Breaker sync trouble (disconnect, publish, dropped, bad_message)",
                                            ["kind"], registry=r)

@@ -20,7 +20,9 @@ lose the line for good (DESIGN rule 5). The outbox closes that gap:
    behind while the process runs: a commit whose answer was lost, a line the full queue refused,
    or, on a store shared by replicas, the rows of a replica that died.
 
-Shared stores: the rows carry their `owner` (host and log file). At start-up a process that does
+Shared stores: the rows carry their `owner` (host and log file; each worker of `serve --workers
+N` has a file of its own, so a worker restarted in its seat is that file's sole writer and takes
+its predecessor's rows at once: `recover(sole_writer=True)`). At start-up a process that does
 not own its store alone deletes the rows of its own file that the file already holds, writes
 again only those of its own older than `ORPHAN_AGE_S` (younger ones may belong to a live worker
 writing the same file; the sweep writes them later if they stay), and adopts other owners' rows
