@@ -12,6 +12,7 @@ import asyncio
 import gzip
 import os
 import signal
+import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -27,14 +28,13 @@ from emulators.server import EmulatorServer
 from gateway.analysis.view import resolve_paths
 from gateway.certs.devca import DevCertLayout
 from gateway.drill.process import GatewayProcess, free_port
+from gateway.journal.records import OutboxLine
 from gateway.journal.postgres import PostgresStore
 from gateway.txlog.outbox import OutboxPass, TransactionLog, logged_ids
 from gateway.txlog.writer import JsonLinesWriter
 from gateway.workers import worker_log_file
 from tests.conftest import AUTH, card_payment, engine_config_data, idem
 from tests.test_txlog_outbox import final_record
-
-from gateway.journal.records import OutboxLine
 
 GRACE_S = 3.0
 WAIT_S = 10.0
@@ -324,3 +324,27 @@ def test_a_workers_file_is_neither_a_rotated_file_of_the_single_log_nor_missed_b
     assert {p.name for p in resolve_paths([tmp_path])} == {
         "transactions-w1.jsonl", "transactions-w2-20250101T000000000000.jsonl.gz",
         "transactions-20250101T000000000000.jsonl.gz"}
+
+
+async def test_a_worker_that_cannot_start_fails_the_command_instead_of_restarting(
+        tmp_path: Path, dev_certs: DevCertLayout, stripes: dict[str, EmulatorServer]) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    data = engine_config_data(tmp_path, dev_certs, stripes, ("primary", "backup"), log={"dir": str(blocker)})
+    data["server"] = {"host": "127.0.0.1", "port": free_port("127.0.0.1")}
+    config = tmp_path / "gateway.yaml"
+    config.write_text(yaml.safe_dump(data))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.cli", "serve", "--workers", "2", "--config", str(config),
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    text = err.decode()
+    assert proc.returncode == 1
+    assert f"log.dir {blocker}" in text  # the worker's own reason
+    assert "error: worker " in text and "exited with status 1 while starting" in text
+    assert "worker_restarted" not in text

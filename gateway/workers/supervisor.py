@@ -9,8 +9,10 @@ stops them all.
   served for `STABLE_AFTER_S`; each restart is an ops line `worker_restarted` with the exit code
   or the signal. A worker that fails on its first start (bad configuration, a journal that will
   not open) fails the whole start instead: restarting it would only repeat the error.
-- SIGTERM or SIGINT is forwarded to every worker; each drains its in-flight requests (up to
-  `server.shutdown_grace_s`) and closes its stores. A worker still running `STOP_MARGIN_S` after
+- SIGTERM or SIGINT stops every worker with one SIGTERM (workers run in their own process group,
+  so a terminal's Ctrl-C reaches only the supervisor and no worker gets a second signal in the
+  middle of its drain); each drains its in-flight requests (up to `server.shutdown_grace_s`)
+  and closes its stores. A worker still running `STOP_MARGIN_S` after
   that is SIGKILLed (its journal rows and outbox lines are what a crash leaves, recovered at
   the next start). Then the supervisor exits: 0 when every worker stopped cleanly.
 - A worker notices its supervisor's death (its end of a pipe closes) and stops itself.
@@ -60,8 +62,7 @@ class _Slot:
     process: Any = None  # multiprocessing.Process (spawn context)
     pipe: multiprocessing.connection.Connection | None = None
     started_at: float = 0.0
-    ready: bool = False
-    ever_ready: bool = False
+    ever_ready: bool = False  # served once: a later death is restarted, not a failed start
     quick_deaths: int = 0
     exited: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -165,7 +166,7 @@ class Supervisor:
                                     name=f"gateway-worker-{slot.seat.index}")
         process.start()
         theirs.close()
-        slot.process, slot.pipe, slot.ready = process, ours, False
+        slot.process, slot.pipe = process, ours
         slot.started_at = time.monotonic()
         slot.exited.clear()
         loop.add_reader(ours.fileno(), self._on_message, slot)
@@ -179,7 +180,7 @@ class Supervisor:
             asyncio.get_running_loop().remove_reader(slot.pipe.fileno())
             return
         if message == READY:
-            slot.ready = slot.ever_ready = True
+            slot.ever_ready = True
             self._log.info("worker_ready", worker=slot.seat.index, pid=slot.process.pid,
                            seconds=round(time.monotonic() - slot.started_at, 3))
 
@@ -200,12 +201,11 @@ class Supervisor:
     # -- stopping ------------------------------------------------------------------------------
 
     async def _stop_all(self) -> bool:
-        """Forward the signal, wait for the drains, SIGKILL what is left; True when all were clean."""
-        signum = self._signal or signal.SIGTERM
+        """SIGTERM every worker, wait for the drains, SIGKILL what is left; True when all were clean."""
         live = [s for s in self._slots if s.process is not None and not s.exited.is_set()]
         for slot in live:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(slot.process.pid, signum)
+                os.kill(slot.process.pid, signal.SIGTERM)
         killed: list[int] = []
         try:
             await asyncio.wait_for(asyncio.gather(*(s.exited.wait() for s in live)), self._grace_s + STOP_MARGIN_S)
@@ -219,8 +219,7 @@ class Supervisor:
                             detail="still running after the drain; what they had in flight is reconciled at the "
                                    "next start")
             await asyncio.gather(*(s.exited.wait() for s in live))
-        expected = {0, 130} if signum == signal.SIGINT else {0}
-        return not killed and all(s.process.exitcode in expected for s in live)
+        return not killed and all(s.process.exitcode == 0 for s in live)
 
 
 # -- in the worker ---------------------------------------------------------------------------------
@@ -233,7 +232,9 @@ def announce_ready(pipe: multiprocessing.connection.Connection) -> None:
 
 
 def watch_supervisor(pipe: multiprocessing.connection.Connection) -> None:
-    """Stop this worker (SIGTERM to itself: the ordinary drain) when the supervisor is gone."""
+    """Leave the terminal's process group (the supervisor alone decides when workers stop), and
+    stop this worker (SIGTERM to itself: the ordinary drain) when the supervisor is gone."""
+    os.setpgid(0, 0)
     def wait() -> None:
         with contextlib.suppress(EOFError, OSError):
             while True:
