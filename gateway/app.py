@@ -38,7 +38,7 @@ from gateway.app_keys import (
     STORE,
     TRANSACTION_LOG,
 )
-from gateway.breaker_sync import RedisBreakerSync
+from gateway.breaker_sync import BreakerSync, RedisBreakerSync
 from gateway.certs.watcher import CertificateWatcher
 from gateway.config import GatewayConfig
 from gateway.console import setup_console
@@ -61,6 +61,8 @@ from gateway.txlog import JsonLinesWriter, build_ops_logger
 from gateway.txlog.outbox import TransactionLog
 from gateway.txlog.writer import LogFileUnavailable, LogWriterStalled
 from gateway.txlog.redaction import Redactor
+from gateway.workers import WorkerSeat
+from gateway.workers.link import HostBreakerSync
 
 ABANDON_MARGIN_S = 5.0  # past its deadline plus this, an unanswered payment has lost its process
 
@@ -85,21 +87,25 @@ def make_store(config: GatewayConfig, metrics: Metrics | None = None) -> Store:
         on_error=(lambda kind: metrics.journal_errors.labels(kind).inc()) if metrics is not None else None,
     )
     if metrics is not None:  # read at each scrape
-        metrics.journal_pool_size.set_function(lambda: store.pool_stats().size)
-        metrics.journal_pool_in_use.set_function(lambda: store.pool_stats().in_use)
-        metrics.journal_pool_max.set_function(lambda: store.pool_stats().max_size)
+        metrics.observe(metrics.journal_pool_size, lambda: store.pool_stats().size)
+        metrics.observe(metrics.journal_pool_in_use, lambda: store.pool_stats().in_use)
+        metrics.observe(metrics.journal_pool_max, lambda: store.pool_stats().max_size)
     return store
 
 
 def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBoundLogger | None = None,
               reconcile_interval_s: float = 5.0, server_ssl_context: ssl.SSLContext | None = None,
-              certificate_check_interval_s: float = 60.0, exclusive_store: bool | None = None) -> web.Application:
-    """`exclusive_store`: no other process uses this journal (default: true for SQLite; `serve
-    --workers N` passes false)."""
-    exclusive = config.storage.backend == "sqlite" if exclusive_store is None else exclusive_store
+              certificate_check_interval_s: float = 60.0, exclusive_store: bool | None = None,
+              worker: WorkerSeat | None = None) -> web.Application:
+    """`exclusive_store`: no other process uses this journal (default: true for SQLite, false for
+    a worker of `serve --workers N`). `worker`: this app is that worker (see `gateway.workers`)."""
+    if exclusive_store is None:
+        exclusive_store = config.storage.backend == "sqlite" and worker is None
+    exclusive = exclusive_store
+    log_file = worker.log_file(config.log.file) if worker is not None else config.log.file
     redactor = Redactor(secrets=config.secret_values())  # hides every secret value the config loaded
     ops = ops_log or build_ops_logger(redactor=redactor)
-    metrics = Metrics()
+    metrics = Metrics(multiprocess_dir=worker.metrics_dir if worker is not None else None)
     # Bodies are decoded by gateway.api.inputs.read_body, not by the HTTP parser (see there why).
     # A client hanging up never cancels its handler (run_app's default, pinned here because
     # aiohttp's test server turns cancellation on): a payment its caller stopped waiting for
@@ -114,12 +120,12 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
     app[AUTH] = Authenticator(config.auth)
 
     async def log_writer(app: web.Application) -> AsyncIterator[None]:
-        writer = JsonLinesWriter(Path(config.log.dir) / config.log.file, queue_size=config.log.queue_size,
+        writer = JsonLinesWriter(Path(config.log.dir) / log_file, queue_size=config.log.queue_size,
                                  max_bytes=config.log.max_bytes)
         try:
             await asyncio.to_thread(writer.open)  # a log that cannot be written stops us here, not later
         except LogFileUnavailable as exc:
-            raise StartupError(f"log.dir {config.log.dir}: cannot open {config.log.file}: {exc.problem}") from None
+            raise StartupError(f"log.dir {config.log.dir}: cannot open {log_file}: {exc.problem}") from None
         writer.start()
         app[LOG_WRITER] = writer
         yield
@@ -163,7 +169,8 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
         await txlog.start()
         try:
             # Before serving: lines whose journal commit a crash outran, unless the file has them.
-            await txlog.recover(exclusive=exclusive)
+            # A worker's file is its seat's alone: what its predecessor left is orphaned now.
+            await txlog.recover(exclusive=exclusive, sole_writer=exclusive or worker is not None)
         except BaseException:
             await txlog.close()
             raise
@@ -187,14 +194,18 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
         await pool.close()
 
     async def breaker_sync(app: web.Application) -> AsyncIterator[None]:
-        if config.breaker_sync.backend == "none":
+        metrics = app[METRICS]
+        on_error = lambda kind: metrics.breaker_sync_errors.labels(kind).inc()  # noqa: E731
+        sync: BreakerSync
+        if config.breaker_sync.backend == "redis":
+            sync = RedisBreakerSync(config.breaker_sync.redis_url.get_secret_value(),
+                                    config.breaker_sync.channel_prefix, log=ops, on_error=on_error)
+        elif worker is not None and worker.breaker_socket is not None:
+            sync = HostBreakerSync(worker.breaker_socket, log=ops, on_error=on_error)
+        else:
             yield
             return
-        metrics = app[METRICS]
-        sync = RedisBreakerSync(config.breaker_sync.redis_url.get_secret_value(),
-                                config.breaker_sync.channel_prefix, log=ops,
-                                on_error=lambda kind: metrics.breaker_sync_errors.labels(kind).inc())
-        metrics.breaker_sync_connected.set_function(lambda: float(sync.connected))
+        metrics.observe(metrics.breaker_sync_connected, lambda: float(sync.connected))
         await sync.start(handle.breaker for handle in app[POOL])
         app[BREAKER_SYNC] = sync
         yield
@@ -239,8 +250,17 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
         yield
         await stop_task(task)
 
+    async def host_metrics(app: web.Application) -> AsyncIterator[None]:
+        """Across workers, callback readings reach the shared values only by being copied."""
+        metrics = app[METRICS]
+        task = asyncio.create_task(metrics.refresh_forever(), name="metrics-refresh") \
+            if metrics.multiprocess_dir is not None else None
+        yield
+        if task is not None:
+            await stop_task(task)
+
     app.cleanup_ctx.extend([log_writer, store, journal_probe, transaction_log, providers, breaker_sync, certificates,
-                            service, reconciler])
+                            service, reconciler, host_metrics])
     payments.add_routes(app)
     health.add_routes(app)
     openapi.add_routes(app)

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     import structlog
 
     from gateway.api.auth import Authenticator
-    from gateway.breaker_sync import RedisBreakerSync
+    from gateway.breaker_sync import BreakerSync
     from gateway.certs.watcher import CertificateWatcher
     from gateway.config import GatewayConfig
     from gateway.journal.probe import JournalProbe
@@ -42,7 +42,7 @@ STORE: web.AppKey[Store] = web.AppKey("store")
 JOURNAL_PROBE: web.AppKey[JournalProbe] = web.AppKey("journal_probe")
 TRANSACTION_LOG: web.AppKey[TransactionLog] = web.AppKey("transaction_log")
 POOL: web.AppKey[ProviderPool] = web.AppKey("pool")
-BREAKER_SYNC: web.AppKey[RedisBreakerSync] = web.AppKey("breaker_sync")
+BREAKER_SYNC: web.AppKey[BreakerSync] = web.AppKey("breaker_sync")
 CERT_WATCHER: web.AppKey[CertificateWatcher] = web.AppKey("certificate_watcher")
 SERVICE: web.AppKey[PaymentService] = web.AppKey("service")
 RECONCILER: web.AppKey[Reconciler] = web.AppKey("reconciler")

@@ -28,6 +28,10 @@ stays a memory read) and the fleet converges by messages:
   was down, or a Redis restarted empty, is shared once it is back; the script keeps whichever is
   newer), then reads both hashes, so it holds the fleet's view and no change falls in between.
 
+The part that is not Redis (listeners, the publisher queue, applying others' changes) is
+`BreakerSync`; `gateway.workers.link.HostBreakerSync` carries the same messages between the
+workers of one host through the supervisor's hub, when there is no Redis.
+
 Redis being down never stops payments, nor a replica's start: publishing retries a few times
 then gives up (counted; the change is republished on reconnect), and the subscriber reconnects
 with capped backoff. Meanwhile each replica's breaker keeps working alone, and `/readyz` shows
@@ -59,6 +63,7 @@ CLOSED = "closed"
 _SHARED_STATES = (OPEN, CLOSED)
 STATE = "state"  # message kinds
 HOLD = "hold"
+KINDS = (STATE, HOLD)
 _PUBLISH_TRIES = 3
 MAX_BACKOFF_S = 5.0
 
@@ -77,24 +82,22 @@ return 1
 """
 
 
-class RedisBreakerSync:
-    """`on_error(kind)` counts trouble for the metrics: `connection` (Redis unreachable, each
-    failed (re)subscription), `publish` (a change not sent after its retries), `dropped` (the
+class BreakerSync:
+    """What every breaker sync shares, whatever carries its messages: listeners that turn local
+    changes into messages on a bounded queue, one publisher task, and `apply` for the others'
+    messages (last writer wins per kind and provider). A transport subclass implements `_open`
+    (first connection at start; must not raise for an unreachable peer), `_send`, `_receive_forever`
+    (the subscriber task, reconnecting), `_close_transport`, `connected` and `health`.
+
+    `on_error(kind)` counts trouble for the metrics: `connection` (the peer unreachable, each
+    failed (re)connection), `publish` (a change not sent after its retries), `dropped` (the
     queue was full), `bad_message`."""
 
-    def __init__(self, url: str, channel_prefix: str = "gateway:breaker", *, replica_id: str | None = None,
-                 log: Any = None, queue_size: int = 1000, connect_timeout_s: float = 2.0,
-                 command_timeout_s: float = 5.0, on_error: Callable[[str], None] | None = None) -> None:
-        self._url = url
-        self.channel = f"{channel_prefix}:events"
-        self.state_key = f"{channel_prefix}:state"
-        self.holds_key = f"{channel_prefix}:holds"
-        self._keys = {STATE: self.state_key, HOLD: self.holds_key}
+    def __init__(self, *, replica_id: str | None = None, log: Any = None, queue_size: int = 1000,
+                 on_error: Callable[[str], None] | None = None) -> None:
         self.replica_id = replica_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._log = log if log is not None else structlog.get_logger("gateway.breaker_sync")
         self._queue_size = queue_size
-        self._connect_timeout_s = connect_timeout_s
-        self._command_timeout_s = command_timeout_s
         self._on_error = on_error
         self._breakers: dict[str, ProviderBreaker] = {}
         self._listeners: dict[str, tuple[Any, Any]] = {}
@@ -103,52 +106,41 @@ class RedisBreakerSync:
         self._latest: dict[tuple[str, str], dict[str, Any]] = {}
         self._applying: str | None = None
         self._outbox: asyncio.Queue[dict[str, Any]] | None = None
-        self._redis: aioredis.Redis | None = None
-        self._pubsub: Any = None
-        self._script: Any = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._unreachable_since: float | None = None
-        self._last_error: str | None = None
         self.published = 0
         self.applied = 0
         self.dropped = 0
         self.publish_errors = 0
 
-    def __repr__(self) -> str:  # never the URL: it may hold a password
-        return f"RedisBreakerSync(replica_id={self.replica_id!r}, channel={self.channel!r})"
-
     @property
     def connected(self) -> bool:
-        """Subscribed and holding the fleet's view (False while Redis is unreachable)."""
-        return self._pubsub is not None
+        raise NotImplementedError
 
     def health(self) -> dict[str, Any]:
-        """For `/readyz`: `ok`, or `degraded` with why and since when (epoch seconds)."""
-        if self.connected:
-            return {"status": "ok"}
-        return {"status": "degraded", "since": self._unreachable_since,
-                "reason": f"Redis unreachable ({self._last_error}): this replica's breakers and holds are its own "
-                          "until it reconnects"}
+        raise NotImplementedError
+
+    async def _open(self) -> None:
+        raise NotImplementedError
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    async def _receive_forever(self) -> None:
+        raise NotImplementedError
+
+    async def _close_transport(self) -> None:
+        raise NotImplementedError
 
     # -- lifetime ------------------------------------------------------------------------------
 
     async def start(self, breakers: Iterable[ProviderBreaker]) -> None:
-        """Connect, subscribe, take the fleet's last known state and holds, then listen and publish."""
+        """Connect, take the others' last known state and holds, then listen and publish."""
         self._breakers = {b.provider: b for b in breakers}
         self._outbox = asyncio.Queue(maxsize=self._queue_size)
-        self._redis = aioredis.from_url(self._url, socket_connect_timeout=self._connect_timeout_s,
-                                        socket_timeout=self._command_timeout_s, health_check_interval=30)
-        self._script = self._redis.register_script(_PUBLISH_IF_NEWER)
         try:
-            async with asyncio.timeout(self._connect_timeout_s + self._command_timeout_s):
-                await self._subscribe()
-        except (RedisError, OSError, TimeoutError) as exc:
-            # Redis is an optimisation, not a dependency: serve with local breakers, keep trying.
-            await self._lost(exc)
-            self._log.warning("breaker_sync_unavailable", error=type(exc).__name__,
-                              detail="starting with this replica's own breaker state; retrying in the background")
+            await self._open()
         except BaseException:
-            await self._close_redis()
+            await self._close_transport()
             raise
         for provider, breaker in self._breakers.items():
             on_state, on_hold = self._listeners_for(provider)
@@ -156,7 +148,7 @@ class RedisBreakerSync:
             breaker.listeners.append(on_state)
             breaker.hold_listeners.append(on_hold)
         self._tasks = [asyncio.create_task(self._publisher(), name="breaker-sync-publisher"),
-                       asyncio.create_task(self._subscriber(), name="breaker-sync-subscriber")]
+                       asyncio.create_task(self._receive_forever(), name="breaker-sync-subscriber")]
 
     async def close(self, *, flush_timeout_s: float = 1.0) -> None:
         for provider, (on_state, on_hold) in self._listeners.items():
@@ -171,53 +163,19 @@ class RedisBreakerSync:
                 await asyncio.wait_for(self._outbox.join(), flush_timeout_s)
         await asyncio.gather(*(stop_task(task) for task in self._tasks))
         self._tasks = []
-        await self._close_redis()
-
-    async def _close_redis(self) -> None:
-        await self._drop_pubsub()
-        if self._redis is not None:
-            redis, self._redis = self._redis, None
-            with contextlib.suppress(RedisError, OSError):
-                await redis.aclose()
-
-    async def _drop_pubsub(self) -> None:
-        if self._pubsub is not None:
-            pubsub, self._pubsub = self._pubsub, None
-            with contextlib.suppress(RedisError, OSError):
-                await pubsub.aclose()
-
-    async def _lost(self, exc: BaseException) -> None:
-        await self._drop_pubsub()
-        if self._unreachable_since is None:
-            self._unreachable_since = time.time()
-        self._last_error = type(exc).__name__
-        self._count("connection")
-
-    async def _subscribe(self) -> None:
-        """Subscribe first, so no change falls between the snapshot and the stream; share what
-        this replica knows that Redis may have missed; then take the fleet's view."""
-        assert self._redis is not None
-        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
-        try:
-            await pubsub.subscribe(self.channel)
-            for message in list(self._latest.values()):
-                await self._send(message)
-            for key in self._keys.values():
-                snapshot = await self._redis.hgetall(key)
-                for raw in snapshot.values():
-                    self._apply_raw(raw)
-        except BaseException:
-            with contextlib.suppress(RedisError, OSError):
-                await pubsub.aclose()
-            raise
-        self._pubsub = pubsub
-        self._unreachable_since = self._last_error = None
+        await self._close_transport()
 
     def _count(self, kind: str) -> None:
         if self._on_error is not None:
             self._on_error(kind)
 
-    # -- local changes -> Redis ------------------------------------------------------------------
+    async def _republish(self) -> None:
+        """After (re)connecting: share the newest change known of each kind per provider (its own,
+        or one it applied), which the peer may have missed while it was away."""
+        for message in list(self._latest.values()):
+            await self._send(message)
+
+    # -- local changes -> the others -------------------------------------------------------------
 
     def _listeners_for(self, provider: str) -> tuple[Any, Any]:
         def on_state(_provider: str, _old: str, new: str) -> None:
@@ -273,29 +231,7 @@ class RedisBreakerSync:
                     return
                 await asyncio.sleep(0.05 * 2 ** attempt)
 
-    async def _send(self, message: dict[str, Any]) -> None:
-        await self._script(keys=[self._keys[message["kind"]]],
-                           args=[message["provider"], orjson.dumps(message), repr(message["at"]), self.channel])
-
-    # -- Redis -> local breakers ---------------------------------------------------------------
-
-    async def _subscriber(self) -> None:
-        backoff = 0.1
-        while True:
-            try:
-                if self._pubsub is None:
-                    await self._subscribe()
-                    self._log.info("breaker_sync_resubscribed", channel=self.channel)
-                message = await self._pubsub.get_message(timeout=1.0)
-                backoff = 0.1
-                if message is not None and message.get("type") == "message":
-                    self._apply_raw(message["data"])
-            except (RedisError, OSError) as exc:
-                if self._pubsub is not None:
-                    self._log.warning("breaker_sync_disconnected", error=type(exc).__name__, retry_in_s=backoff)
-                await self._lost(exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF_S)
+    # -- the others' changes -> local breakers ---------------------------------------------------
 
     def _apply_raw(self, raw: bytes | str) -> None:
         try:
@@ -312,7 +248,7 @@ class RedisBreakerSync:
         kind = message.get("kind", STATE)  # a release before holds were shared sends no kind
         provider = message["provider"]
         breaker = self._breakers.get(provider)
-        if breaker is None or kind not in self._keys or (kind == STATE and message["state"] not in _SHARED_STATES):
+        if breaker is None or kind not in KINDS or (kind == STATE and message["state"] not in _SHARED_STATES):
             return
         at = float(message["at"])
         if at <= self._seen.get((kind, provider), 0.0):
@@ -337,3 +273,118 @@ class RedisBreakerSync:
         self.applied += 1
         self._log.info("breaker_sync_applied", provider=provider, kind=kind,
                        state=message.get("state"), held=message.get("held"), from_replica=message.get("replica"))
+
+
+class RedisBreakerSync(BreakerSync):
+    """The fleet's breaker sync through Redis (see the module docstring)."""
+
+    def __init__(self, url: str, channel_prefix: str = "gateway:breaker", *, replica_id: str | None = None,
+                 log: Any = None, queue_size: int = 1000, connect_timeout_s: float = 2.0,
+                 command_timeout_s: float = 5.0, on_error: Callable[[str], None] | None = None) -> None:
+        super().__init__(replica_id=replica_id, log=log, queue_size=queue_size, on_error=on_error)
+        self._url = url
+        self.channel = f"{channel_prefix}:events"
+        self.state_key = f"{channel_prefix}:state"
+        self.holds_key = f"{channel_prefix}:holds"
+        self._keys = {STATE: self.state_key, HOLD: self.holds_key}
+        self._connect_timeout_s = connect_timeout_s
+        self._command_timeout_s = command_timeout_s
+        self._redis: aioredis.Redis | None = None
+        self._pubsub: Any = None
+        self._script: Any = None
+        self._unreachable_since: float | None = None
+        self._last_error: str | None = None
+
+    def __repr__(self) -> str:  # never the URL: it may hold a password
+        return f"RedisBreakerSync(replica_id={self.replica_id!r}, channel={self.channel!r})"
+
+    @property
+    def connected(self) -> bool:
+        """Subscribed and holding the fleet's view (False while Redis is unreachable)."""
+        return self._pubsub is not None
+
+    def health(self) -> dict[str, Any]:
+        """For `/readyz`: `ok`, or `degraded` with why and since when (epoch seconds)."""
+        if self.connected:
+            return {"status": "ok"}
+        return {"status": "degraded", "since": self._unreachable_since,
+                "reason": f"Redis unreachable ({self._last_error}): this replica's breakers and holds are its own "
+                          "until it reconnects"}
+
+    # -- lifetime ------------------------------------------------------------------------------
+
+    async def _open(self) -> None:
+        self._redis = aioredis.from_url(self._url, socket_connect_timeout=self._connect_timeout_s,
+                                        socket_timeout=self._command_timeout_s, health_check_interval=30)
+        self._script = self._redis.register_script(_PUBLISH_IF_NEWER)
+        try:
+            async with asyncio.timeout(self._connect_timeout_s + self._command_timeout_s):
+                await self._subscribe()
+        except (RedisError, OSError, TimeoutError) as exc:
+            # Redis is an optimisation, not a dependency: serve with local breakers, keep trying.
+            await self._lost(exc)
+            self._log.warning("breaker_sync_unavailable", error=type(exc).__name__,
+                              detail="starting with this replica's own breaker state; retrying in the background")
+
+    async def _close_transport(self) -> None:
+        await self._drop_pubsub()
+        if self._redis is not None:
+            redis, self._redis = self._redis, None
+            with contextlib.suppress(RedisError, OSError):
+                await redis.aclose()
+
+    async def _drop_pubsub(self) -> None:
+        if self._pubsub is not None:
+            pubsub, self._pubsub = self._pubsub, None
+            with contextlib.suppress(RedisError, OSError):
+                await pubsub.aclose()
+
+    async def _lost(self, exc: BaseException) -> None:
+        await self._drop_pubsub()
+        if self._unreachable_since is None:
+            self._unreachable_since = time.time()
+        self._last_error = type(exc).__name__
+        self._count("connection")
+
+    async def _subscribe(self) -> None:
+        """Subscribe first, so no change falls between the snapshot and the stream; share what
+        this replica knows that Redis may have missed; then take the fleet's view."""
+        assert self._redis is not None
+        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(self.channel)
+            await self._republish()
+            for key in self._keys.values():
+                snapshot = await self._redis.hgetall(key)
+                for raw in snapshot.values():
+                    self._apply_raw(raw)
+        except BaseException:
+            with contextlib.suppress(RedisError, OSError):
+                await pubsub.aclose()
+            raise
+        self._pubsub = pubsub
+        self._unreachable_since = self._last_error = None
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        await self._script(keys=[self._keys[message["kind"]]],
+                           args=[message["provider"], orjson.dumps(message), repr(message["at"]), self.channel])
+
+    # -- Redis -> local breakers ---------------------------------------------------------------
+
+    async def _receive_forever(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                if self._pubsub is None:
+                    await self._subscribe()
+                    self._log.info("breaker_sync_resubscribed", channel=self.channel)
+                message = await self._pubsub.get_message(timeout=1.0)
+                backoff = 0.1
+                if message is not None and message.get("type") == "message":
+                    self._apply_raw(message["data"])
+            except (RedisError, OSError) as exc:
+                if self._pubsub is not None:
+                    self._log.warning("breaker_sync_disconnected", error=type(exc).__name__, retry_in_s=backoff)
+                await self._lost(exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)

@@ -1,18 +1,33 @@
-"""Prometheus metrics, one registry per app so tests and replicas never share state."""
+"""Prometheus metrics, one registry per app so tests and replicas never share state.
+
+Under `serve --workers N` (`multiprocess_dir` given, and PROMETHEUS_MULTIPROC_DIR set by the
+supervisor before the worker's first metric) prometheus-client keeps every value in files shared
+by the host's workers, and `render` sums them (`MultiProcessCollector`): `/metrics` on any worker
+shows the host's totals. Each gauge says how workers combine (`multiprocess_mode`, ignored in
+one process): sums for what is in flight, the worst for states, the lowest for "is ready".
+Values a callback reads at scrape time (`observe`) cannot be read across processes, so there
+each worker copies them into its gauges every `REFRESH_INTERVAL_S` (`refresh_forever`).
+"""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 
 BREAKER_STATES = {"closed": 0, "half-open": 1, "open": 2}
+REFRESH_INTERVAL_S = 1.0
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, *, multiprocess_dir: Path | None = None) -> None:
+        self.multiprocess_dir = multiprocess_dir
+        self._refreshers: list[Callable[[], None]] = []
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.payments = Counter("gateway_payments_total", "Payments by final status", ["status"], registry=r)
@@ -25,19 +40,21 @@ class Metrics:
         self.failovers = Counter("gateway_failovers_total", "Moves to the next provider", ["from_provider", "reason"],
                                  registry=r)
         self.retries = Counter("gateway_retries_total", "Retries to the same provider", ["provider"], registry=r)
-        self.breaker_state = Gauge("gateway_breaker_state", "0 closed, 1 half-open, 2 open", ["provider"], registry=r)
+        self.breaker_state = Gauge("gateway_breaker_state", "0 closed, 1 half-open, 2 open", ["provider"],
+                                   multiprocess_mode="livemax", registry=r)
         self.breaker_changes = Counter("gateway_breaker_transitions_total", "Breaker state changes",
                                        ["provider", "to_state"], registry=r)
         self.bulkhead_active = Gauge("gateway_bulkhead_active", "Calls in flight per provider", ["provider"],
-                                     registry=r)
+                                     multiprocess_mode="livesum", registry=r)
         self.shed = Counter("gateway_shed_total", "Requests refused to protect the gateway", ["reason"], registry=r)
         self.client_disconnects = Counter("gateway_client_disconnects_total",
                                           "Requests whose client hung up before they were answered", registry=r)
         self.malformed_http = Counter("gateway_malformed_http_total",
                                       "Requests the HTTP parser refused before any handler", registry=r)
         self.log_dropped = Gauge("gateway_log_dropped_lines", "Transaction log lines that could not be queued",
-                                 registry=r)
-        self.in_flight = Gauge("gateway_in_flight_requests", "Payments being processed", registry=r)
+                                 multiprocess_mode="livesum", registry=r)
+        self.in_flight = Gauge("gateway_in_flight_requests", "Payments being processed",
+                               multiprocess_mode="livesum", registry=r)
         self.duplicates_suspected = Counter(
             "gateway_duplicate_charges_suspected_total",
             "Payments for which a status query found more than one charge", ["provider"], registry=r)
@@ -45,36 +62,80 @@ class Metrics:
                                   registry=r)
         # The journal (gateway.journal): readiness probe, and the PostgreSQL pool.
         self.journal_ready = Gauge("gateway_journal_ready", "1 while the journal takes writes (readiness probe)",
-                                   registry=r)
+                                   multiprocess_mode="livemin", registry=r)
         self.journal_errors = Counter("gateway_journal_errors_total", "Journal operations that found it unavailable",
                                       ["kind"], registry=r)
         self.journal_pool_size = Gauge("gateway_journal_pool_connections", "PostgreSQL connections open",
-                                       registry=r)
-        self.journal_pool_in_use = Gauge("gateway_journal_pool_in_use", "PostgreSQL connections in use", registry=r)
+                                       multiprocess_mode="livesum", registry=r)
+        self.journal_pool_in_use = Gauge("gateway_journal_pool_in_use", "PostgreSQL connections in use",
+                                         multiprocess_mode="livesum", registry=r)
         self.journal_pool_max = Gauge("gateway_journal_pool_max_connections", "PostgreSQL pool maximum size",
-                                      registry=r)
+                                      multiprocess_mode="livesum", registry=r)
         self.journal_acquire = Histogram("gateway_journal_pool_acquire_seconds",
                                          "Wait for a PostgreSQL pool connection",
                                          buckets=(.0001, .0005, .001, .005, .01, .05, .1, .5, 1, 2.5, 5), registry=r)
         # Breaker state shared through Redis (gateway.breaker_sync): optional, so degraded, never unready.
         self.breaker_sync_connected = Gauge("gateway_breaker_sync_connected",
-                                            "1 while subscribed to the fleet's breaker state in Redis", registry=r)
+                                            "1 while subscribed to the fleet's breaker state in Redis",
+                                            multiprocess_mode="livemin", registry=r)
         self.breaker_sync_errors = Counter("gateway_breaker_sync_errors_total",
                                            "Breaker sync trouble (disconnect, publish, dropped, bad_message)",
                                            ["kind"], registry=r)
+
+    def observe(self, gauge: Gauge, read: Callable[[], float]) -> None:
+        """`gauge` shows `read()`: at each scrape in one process, every refresh across workers."""
+        if self.multiprocess_dir is None:
+            gauge.set_function(read)
+        else:
+            self._refreshers.append(lambda: gauge.set(read()))
 
     def track_transaction_log(self, *, write_errors: Callable[[], int], backlog: Callable[[], int],
                               healthy: Callable[[], bool]) -> None:
         """Export the transaction log's own counters, read at each scrape (they are plain ints
         kept by the writer thread, which must not call into prometheus_client per line)."""
-        self.registry.register(_TransactionLogCollector(write_errors, backlog, healthy))
+        if self.multiprocess_dir is None:
+            self.registry.register(_TransactionLogCollector(write_errors, backlog, healthy))
+            return
+        r = self.registry
+        errors = Counter("gateway_txlog_write_errors", _WRITE_ERRORS_HELP, registry=r)
+        self.observe(Gauge("gateway_txlog_outbox_backlog", _BACKLOG_HELP, multiprocess_mode="livesum", registry=r),
+                     backlog)
+        self.observe(Gauge("gateway_txlog_writable", _WRITABLE_HELP, multiprocess_mode="livemin", registry=r),
+                     lambda: 1 if healthy() else 0)
+        counted = [0]
+
+        def count_errors() -> None:
+            now = write_errors()
+            errors.inc(now - counted[0])
+            counted[0] = now
+
+        self._refreshers.append(count_errors)
+
+    def refresh(self) -> None:
+        for refresh in self._refreshers:
+            refresh()
+
+    async def refresh_forever(self, interval_s: float = REFRESH_INTERVAL_S) -> None:
+        while True:
+            self.refresh()
+            await asyncio.sleep(interval_s)
 
     def breaker_changed(self, provider: str, _old: str, new: str) -> None:
         self.breaker_state.labels(provider).set(BREAKER_STATES.get(new, -1))
         self.breaker_changes.labels(provider, new).inc()
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        self.refresh()  # this worker's own readings are current; the others' at most one interval old
+        host = CollectorRegistry()
+        MultiProcessCollector(host, path=str(self.multiprocess_dir))
+        return generate_latest(host)
+
+
+_WRITE_ERRORS_HELP = "Failed transaction log disk operations (each is retried, no line is dropped)"
+_BACKLOG_HELP = "Transaction lines emitted and not yet on disk (held in the journal's outbox)"
+_WRITABLE_HELP = "1 while the transaction log file can be written, else 0"
 
 
 class _TransactionLogCollector:
@@ -83,11 +144,6 @@ class _TransactionLogCollector:
         self._write_errors, self._backlog, self._healthy = write_errors, backlog, healthy
 
     def collect(self) -> Iterator[Metric]:
-        yield CounterMetricFamily("gateway_txlog_write_errors",
-                                  "Failed transaction log disk operations (each is retried, no line is dropped)",
-                                  value=self._write_errors())
-        yield GaugeMetricFamily("gateway_txlog_outbox_backlog",
-                                "Transaction lines emitted and not yet on disk (held in the journal's outbox)",
-                                value=self._backlog())
-        yield GaugeMetricFamily("gateway_txlog_writable", "1 while the transaction log file can be written, else 0",
-                                value=1 if self._healthy() else 0)
+        yield CounterMetricFamily("gateway_txlog_write_errors", _WRITE_ERRORS_HELP, value=self._write_errors())
+        yield GaugeMetricFamily("gateway_txlog_outbox_backlog", _BACKLOG_HELP, value=self._backlog())
+        yield GaugeMetricFamily("gateway_txlog_writable", _WRITABLE_HELP, value=1 if self._healthy() else 0)

@@ -82,10 +82,10 @@ class CertificateGauges:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.expiry = Gauge("gateway_certificate_expiry_seconds",
                             "Seconds until the certificate's not-after (negative once expired)",
-                            ["provider", "kind", "subject"], registry=registry)
+                            ["provider", "kind", "subject"], multiprocess_mode="livemin", registry=registry)
         self.status = Gauge("gateway_certificate_status",
                             "Worst certificate of the kind: 0 ok, 1 warn, 2 critical, 3 expired/not yet valid/invalid",
-                            ["provider", "kind"], registry=registry)
+                            ["provider", "kind"], multiprocess_mode="livemax", registry=registry)
 
     @classmethod
     def on(cls, registry: CollectorRegistry) -> CertificateGauges:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import os
+import functools
 import signal
+import socket
 import sys
+from collections.abc import Callable
+from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -15,9 +18,10 @@ from gateway.analysis.commands import logs_app
 from gateway.cli.certs import certs_app
 from gateway.cli.db import db_app
 from gateway.cli.errors import fail, load_or_exit
-from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.config import ConfigError, GatewayConfig
 from gateway.journal.errors import JournalUnavailable, SchemaMismatch
 from gateway.cli.preflight import preflight
+from gateway.workers import WorkerSeat
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Payment-resilience gateway.")
 app.add_typer(certs_app, name="certs")
@@ -71,23 +75,30 @@ def serve(
     if workers > 1:
         _serve_workers(config, cfg, workers)
         return
-    _serve_one(cfg, reuse_port=False)
+    _serve_one(cfg)
 
 
-def _serve_one(cfg: GatewayConfig, *, reuse_port: bool) -> None:
+def _serve_one(cfg: GatewayConfig, *, worker: WorkerSeat | None = None, sock: socket.socket | None = None,
+               on_serving: Callable[[], None] | None = None) -> None:
+    """One process serving until SIGTERM/SIGINT: the whole gateway, or (with `worker` and the
+    supervisor's listening `sock`) one worker of `serve --workers N`."""
     from aiohttp import web
 
     from gateway.app import StartupError, build_app
     from gateway.txlog.writer import LogWriterStalled
 
+    def announce(msg: str) -> None:  # aiohttp says it once the server accepts
+        typer.echo(msg, err=True)
+        if on_serving is not None:
+            on_serving()
+
     try:
         ssl_ctx = _server_ssl(cfg)
-        # Workers share one journal: none of them may treat another's live rows as orphans.
-        app = build_app(cfg, server_ssl_context=ssl_ctx, exclusive_store=False if reuse_port else None)
-        web.run_app(app, host=cfg.server.host, port=cfg.server.port,
-                    ssl_context=ssl_ctx,
-                    shutdown_timeout=cfg.server.shutdown_grace_s, access_log=None, reuse_port=reuse_port,
-                    loop=_new_loop(), print=lambda msg: typer.echo(msg, err=True))
+        app = build_app(cfg, server_ssl_context=ssl_ctx, worker=worker)
+        where: dict[str, Any] = {"sock": sock} if sock is not None else {"host": cfg.server.host,
+                                                                         "port": cfg.server.port}
+        web.run_app(app, **where, ssl_context=ssl_ctx, shutdown_timeout=cfg.server.shutdown_grace_s,
+                    access_log=None, loop=_new_loop(), print=announce)
     except (JournalUnavailable, SchemaMismatch, StartupError) as exc:  # already one line that says what to do
         raise fail(str(exc)) from None
     except LogWriterStalled as exc:
@@ -98,33 +109,32 @@ def _serve_one(cfg: GatewayConfig, *, reuse_port: bool) -> None:
 
 
 def _serve_workers(path: Path, cfg: GatewayConfig, workers: int) -> None:
-    """N processes on one port (SO_REUSEPORT); the kernel spreads connections across them."""
-    import multiprocessing
+    """N worker processes behind one supervisor (see `gateway.workers`)."""
+    from gateway.txlog import build_ops_logger
+    from gateway.txlog.redaction import Redactor
+    from gateway.workers.supervisor import Supervisor, SupervisorError
 
-    ctx = multiprocessing.get_context("spawn")
-    server = (cfg.server.host, cfg.server.port)
-    procs = [ctx.Process(target=_worker_main, args=(str(path), server), name=f"gateway-worker-{i}")
-             for i in range(workers)]
-    for p in procs:
-        p.start()
-
-    def forward(signum: int, _frame: object) -> None:
-        for p in procs:
-            if p.pid:
-                os.kill(p.pid, signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    for p in procs:
-        p.join()
-    if any(p.exitcode for p in procs):
-        raise typer.Exit(1)
+    server = cfg.server
+    supervisor = Supervisor(functools.partial(_worker_main, str(path)), workers, host=server.host, port=server.port,
+                            grace_s=server.shutdown_grace_s, share_breakers=cfg.breaker_sync.backend == "none",
+                            log=build_ops_logger(redactor=Redactor(secrets=cfg.secret_values())))
+    try:
+        code = supervisor.run()
+    except SupervisorError as exc:
+        raise fail(str(exc)) from None
+    raise typer.Exit(code)
 
 
-def _worker_main(path: str, server: tuple[str, int]) -> None:
-    cfg = load_config(Path(path))
-    cfg = cfg.model_copy(update={"server": cfg.server.model_copy(update={"host": server[0], "port": server[1]})})
-    _serve_one(cfg, reuse_port=True)
+def _worker_main(path: str, seat: WorkerSeat, sock: socket.socket, pipe: Connection) -> None:
+    """A spawned worker: the configuration read again (its secrets come from the environment),
+    serving on the supervisor's socket."""
+    from gateway.workers.supervisor import announce_ready, watch_supervisor
+
+    watch_supervisor(pipe)
+    try:
+        _serve_one(load_or_exit(Path(path)), worker=seat, sock=sock, on_serving=lambda: announce_ready(pipe))
+    except typer.Exit as exc:  # fail() printed why; the supervisor sees the status
+        sys.exit(exc.exit_code)
 
 
 @app.command()

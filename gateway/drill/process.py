@@ -15,7 +15,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import aiohttp
@@ -40,8 +40,10 @@ def free_port(host: str) -> int:
 
 
 class GatewayProcess:
-    def __init__(self, config_path: Path, url: str, env: Mapping[str, str], log_path: Path) -> None:
+    def __init__(self, config_path: Path, url: str, env: Mapping[str, str], log_path: Path,
+                 args: Sequence[str] = ()) -> None:
         self.config_path = config_path
+        self.args = tuple(args)  # more `gateway serve` options (`--workers 2`)
         self.url = url
         self._env = {**os.environ, **env,
                      "PYTHONPATH": os.pathsep.join(p for p in (str(_PROJECT_ROOT), os.environ.get("PYTHONPATH"))
@@ -68,7 +70,7 @@ class GatewayProcess:
             log.write(f"--- start {self.starts + 1} ---\n".encode())
             log.flush()
             self._proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "gateway.cli", "serve", "--config", str(self.config_path),
+                sys.executable, "-m", "gateway.cli", "serve", "--config", str(self.config_path), *self.args,
                 stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, env=self._env, cwd=str(_PROJECT_ROOT),
             )
         self.starts += 1

@@ -20,7 +20,9 @@ lose the line for good (DESIGN rule 5). The outbox closes that gap:
    behind while the process runs: a commit whose answer was lost, a line the full queue refused,
    or, on a store shared by replicas, the rows of a replica that died.
 
-Shared stores: the rows carry their `owner` (host and log file). At start-up a process that does
+Shared stores: the rows carry their `owner` (host and log file; each worker of `serve --workers
+N` has a file of its own, so a worker restarted in its seat is that file's sole writer and takes
+its predecessor's rows at once: `recover(sole_writer=True)`). At start-up a process that does
 not own its store alone deletes the rows of its own file that the file already holds, writes
 again only those of its own older than `ORPHAN_AGE_S` (younger ones may belong to a live worker
 writing the same file; the sweep writes them later if they stay), and adopts other owners' rows
@@ -247,18 +249,19 @@ class TransactionLog:
 
     # -- rows a crash left behind ----------------------------------------------------------------
 
-    async def recover(self, *, exclusive: bool) -> OutboxPass:
+    async def recover(self, *, exclusive: bool, sole_writer: bool = False) -> OutboxPass:
         """Start-up: write again the outbox lines the file does not hold (see the module docstring).
 
         `exclusive`: no other process uses this store, so every row is an orphan of a previous
-        process (and its leases are void)."""
+        process (and its leases are void). `sole_writer`: no other live process writes this log
+        file (a worker of `serve --workers N` in its own seat), so its rows are orphans at once."""
         now = time.time()
         if exclusive:
             result = await self._pass(own_before=math.inf, any_before=math.inf, free_at=math.inf,
                                       emit_own_before=math.inf, now=now)
         else:
             result = await self._pass(own_before=math.inf, any_before=now - FOREIGN_ORPHAN_AGE_S, free_at=now,
-                                      emit_own_before=now - ORPHAN_AGE_S, now=now)
+                                      emit_own_before=math.inf if sole_writer else now - ORPHAN_AGE_S, now=now)
         if result.claimed:
             self._info("txlog_outbox_recovered", claimed=result.claimed, already_logged=result.already_logged,
                        reemitted=result.reemitted, deferred=result.deferred)
@@ -351,7 +354,7 @@ def newest_rotated(path: Path) -> Path | None:
     """The most recently rotated file of the log at `path` (stamps sort in write order); a plain
     file whose compression a crash interrupted wins over its partial ``.gz``."""
     best: tuple[str, int, Path] | None = None
-    for candidate in path.parent.glob(f"{path.stem}-*.jsonl*"):
+    for candidate in path.parent.glob(f"{path.stem}-[0-9]*.jsonl*"):  # a stamp, not another worker's file
         name = candidate.name
         if name.endswith(".jsonl"):
             key = (name[: -len(".jsonl")], 1, candidate)

@@ -1,0 +1,53 @@
+"""`gateway serve --workers N`: N worker processes on one host that behave as a fleet of one.
+
+The supervisor (`gateway.workers.supervisor`) binds the listening socket once and hands it to
+every worker (one accept queue: a dying worker loses no queued connection, and a port that is
+taken fails the start once, clearly). Each worker runs the ordinary `build_app` with a
+`WorkerSeat`, which is all that differs from a single process:
+
+- its own transaction log file, ``<stem>-w<index><suffix>`` in `log.dir`, rotated by its own
+  writer: one writer per file, so rotation never races another process's appends, and the
+  outbox rows it leaves at a crash are its own (their `owner` names the file) and written by the
+  worker restarted in its seat;
+- Prometheus multiprocess mode (`PROMETHEUS_MULTIPROC_DIR` in the supervisor's runtime
+  directory), so `/metrics` on any worker shows the host's totals;
+- when `breaker_sync.backend` is `none`, breaker trips and operator holds shared through the
+  supervisor's hub on a Unix socket (`gateway.workers.hub`, `gateway.workers.link`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["WorkerSeat", "worker_log_file"]
+
+
+def worker_log_file(name: str, index: int) -> str:
+    """`transactions.jsonl` -> `transactions-w2.jsonl`: still matched by `gateway logs analyze`'s
+    ``transactions*.jsonl*``, and never mistaken for a rotated file (their stamps start with a digit)."""
+    path = Path(name)
+    return f"{path.stem}-w{index}{path.suffix}"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSeat:
+    """Worker `index` (1..N, kept across restarts) of the supervisor whose runtime directory is
+    `runtime_dir`. `breaker_socket` is the hub's socket, None when breakers are shared otherwise
+    (Redis) or not at all."""
+
+    index: int
+    runtime_dir: Path
+    breaker_socket: Path | None = None
+
+    @property
+    def metrics_dir(self) -> Path:
+        return metrics_dir(self.runtime_dir)
+
+    def log_file(self, name: str) -> str:
+        return worker_log_file(name, self.index)
+
+
+def metrics_dir(runtime_dir: Path) -> Path:
+    """Where the workers' prometheus-client value files live (PROMETHEUS_MULTIPROC_DIR)."""
+    return runtime_dir / "metrics"

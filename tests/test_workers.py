@@ -1,0 +1,350 @@
+"""`gateway serve --workers 2`: real processes behaving as a fleet of one host (gateway.workers).
+
+The supervisor and its workers are real `python -m gateway.cli serve --workers 2` processes in
+front of the in-test Stripe emulators, on one SQLite journal. A keep-alive connection stays with
+the worker that accepted it, and which worker that is shows in the transaction log file its
+payment line lands in (`transactions-w<N>.jsonl`), so a test can talk to each worker on purpose.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import os
+import signal
+import sys
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+import yaml
+
+from emulators.server import EmulatorServer
+from gateway.analysis.view import resolve_paths
+from gateway.certs.devca import DevCertLayout
+from gateway.drill.process import GatewayProcess, free_port
+from gateway.journal.records import OutboxLine
+from gateway.journal.postgres import PostgresStore
+from gateway.txlog.outbox import OutboxPass, TransactionLog, logged_ids
+from gateway.txlog.writer import JsonLinesWriter
+from gateway.workers import worker_log_file
+from tests.conftest import AUTH, card_payment, engine_config_data, idem
+from tests.test_txlog_outbox import final_record
+
+GRACE_S = 3.0
+WAIT_S = 10.0
+
+
+class Host:
+    """A supervisor with two workers, its stderr (the ops lines) in `log`."""
+
+    def __init__(self, tmp_path: Path, data: dict[str, Any]) -> None:
+        port = free_port("127.0.0.1")
+        data["server"] = {"host": "127.0.0.1", "port": port, "shutdown_grace_s": GRACE_S}
+        config = tmp_path / "gateway.yaml"
+        config.write_text(yaml.safe_dump(data))
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_dir = Path(data["log"]["dir"])
+        self.log = tmp_path / "serve.log"
+        self.process = GatewayProcess(config, self.url, {}, self.log, args=("--workers", "2"))
+
+    def ops(self, event: str) -> list[dict[str, Any]]:
+        found = []
+        for raw in self.log.read_bytes().splitlines():
+            if raw.startswith(b"{") and f'"{event}"'.encode() in raw:
+                doc = orjson.loads(raw)
+                if doc.get("event") == event:
+                    found.append(doc)
+        return found
+
+    async def start(self) -> None:
+        await self.process.start()
+        await eventually(lambda: len(self.ops("worker_ready")) >= 2, "both workers serve")
+
+    def worker_pids(self) -> dict[int, int]:
+        """worker index -> the pid of its latest start."""
+        return {doc["worker"]: doc["pid"] for doc in self.ops("worker_ready")}
+
+    def payment_lines(self) -> dict[str, list[Path]]:
+        """payment_id -> the log files (rotated ones included) holding a `payment` line for it."""
+        found: dict[str, list[Path]] = {}
+        for path in resolve_paths([self.log_dir]):
+            data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+            for raw in data.splitlines():
+                doc = orjson.loads(raw)
+                if doc.get("event") == "payment":
+                    found.setdefault(doc["payment_id"], []).append(path)
+        return found
+
+    def worker_of(self, payment_id: str) -> int | None:
+        for path in self.payment_lines().get(payment_id, []):
+            return int(path.name.split("-w")[1].split(".")[0].split("-")[0])
+        return None
+
+
+async def eventually(check: Callable[[], bool | Awaitable[bool]], what: str, timeout: float = WAIT_S) -> float:
+    """Seconds until `check` holds (polling: these changes happen in other processes)."""
+    started = time.monotonic()
+    while True:
+        result = check()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return time.monotonic() - started
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"not within {timeout:g} s: {what}")
+        await asyncio.sleep(0.02)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture
+async def host(tmp_path: Path, dev_certs: DevCertLayout,
+               stripes: dict[str, EmulatorServer]) -> AsyncIterator[Callable[..., Awaitable[Host]]]:
+    started: list[Host] = []
+
+    async def make(**changes: Any) -> Host:
+        h = Host(tmp_path, engine_config_data(tmp_path, dev_certs, stripes, ("primary", "backup"), **changes))
+        started.append(h)
+        await h.start()
+        return h
+
+    yield make
+    for h in started:
+        await h.process.stop()
+
+
+async def pay(session: aiohttp.ClientSession, url: str) -> tuple[int, dict[str, Any]]:
+    async with session.post(f"{url}/v1/payments", json=card_payment(), headers={**AUTH, **idem()}) as resp:
+        return resp.status, await resp.json()
+
+
+def fresh_session() -> aiohttp.ClientSession:
+    """A new connection per request, so the kernel spreads them over the workers."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True),
+                                 timeout=aiohttp.ClientTimeout(total=10))
+
+
+async def pay_many(url: str, count: int, concurrency: int = 16) -> list[tuple[int, dict[str, Any]]]:
+    gate = asyncio.Semaphore(concurrency)
+    async with fresh_session() as session:
+        async def one() -> tuple[int, dict[str, Any]]:
+            async with gate:
+                try:
+                    return await pay(session, url)
+                except aiohttp.ClientError:  # a worker killed under it: status 0
+                    return 0, {}
+
+        return await asyncio.gather(*(one() for _ in range(count)))
+
+
+async def sessions_per_worker(h: Host) -> tuple[dict[int, aiohttp.ClientSession], int]:
+    """One keep-alive session (one connection) pinned to each worker, and the payments (all
+    approved) that took."""
+    pinned: dict[int, aiohttp.ClientSession] = {}
+    for paid in range(1, 41):
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1),
+                                        timeout=aiohttp.ClientTimeout(total=10))
+        status, doc = await pay(session, h.url)
+        assert status == 201, doc
+        await eventually(lambda: h.worker_of(doc["id"]) is not None, "the payment line is on disk")
+        worker = h.worker_of(doc["id"])
+        assert worker is not None
+        if worker in pinned:
+            await session.close()
+        else:
+            pinned[worker] = session
+        if len(pinned) == 2:
+            return pinned, paid
+    for session in pinned.values():
+        await session.close()
+    raise AssertionError("40 connections all reached the same worker")
+
+
+# -- every payment logged exactly once, rotation included; SIGTERM stops them all ------------------
+
+
+async def test_two_workers_log_every_payment_once_across_rotation_and_stop_within_the_grace(host) -> None:
+    h = await host(log={"max_bytes": 16_384})
+    answers = await pay_many(h.url, 300)
+    assert Counter(status for status, _ in answers) == {201: 300}
+    pids = h.worker_pids()
+
+    started = time.monotonic()
+    assert await h.process.stop() == 0
+    assert time.monotonic() - started < GRACE_S + 2
+    assert not any(pid_alive(pid) for pid in pids.values())
+
+    lines = h.payment_lines()
+    assert {doc["id"] for _, doc in answers} == set(lines)
+    assert [p for p, files in lines.items() if len(files) != 1] == []  # exactly one line each
+    files = {path.name for paths in lines.values() for path in paths}
+    assert any(name.endswith(".jsonl.gz") for name in files), "rotation happened"
+    writers = {name.split("-w")[1][0] for name in files}
+    assert writers == {"1", "2"}, "both workers served and each wrote its own file"
+
+
+# -- a SIGKILLed worker is restarted, said so, and payments keep flowing ----------------------------
+
+
+async def test_a_killed_worker_is_restarted_and_logged_while_payments_keep_flowing(host) -> None:
+    h = await host()
+    pids = h.worker_pids()
+    load = asyncio.create_task(pay_many(h.url, 150, concurrency=8))
+    await asyncio.sleep(0.2)
+    os.kill(pids[1], signal.SIGKILL)
+    answers = await load
+
+    await eventually(lambda: bool(h.ops("worker_restarted")), "the supervisor restarts the worker")
+    [restart] = h.ops("worker_restarted")
+    assert (restart["worker"], restart["old_pid"], restart["signal"], restart["exit_code"]) == \
+        (1, pids[1], "SIGKILL", None)
+    await eventually(lambda: h.worker_pids()[1] != pids[1], "the new worker serves")
+    assert pid_alive(pids[2]) and h.worker_pids()[2] == pids[2]
+
+    # Only requests on connections the dead worker held can have failed; the rest went on.
+    assert sum(status == 201 for status, _ in answers) >= 100
+    after = await pay_many(h.url, 40)
+    assert Counter(status for status, _ in after) == {201: 40}
+    assert await h.process.stop() == 0  # SIGTERM still stops both, the restarted one included
+    assert not pid_alive(h.worker_pids()[1]) and not pid_alive(pids[2])
+    lines = h.payment_lines()
+    answered = [doc["id"] for status, doc in answers + after if status == 201]
+    assert [p for p in answered if len(lines.get(p, [])) != 1] == []
+
+
+# -- breakers and metrics are the host's -------------------------------------------------------------
+
+
+async def test_a_breaker_tripped_in_one_worker_is_skipped_by_the_other_and_metrics_sum(host, stripes) -> None:
+    h = await host(providers={"primary": {"breaker": {"fail_max": 2, "reset_timeout_s": 30}}})
+    pinned, approved = await sessions_per_worker(h)
+    try:
+        await stripes["primary"].set_outage(True)
+        tripper, other = pinned[1], pinned[2]
+        status, doc = await pay(tripper, h.url)  # primary fails (twice: the retry), backup approves
+        assert status == 201 and doc["provider"] == "backup"
+
+        assert await _is_open(tripper, h.url)
+        assert await eventually(lambda: _is_open(other, h.url), "the trip reaches the other worker",
+                                timeout=1.0) < 1.0
+        status, doc = await pay(other, h.url)
+        assert status == 201 and doc["provider"] == "backup"
+        assert [(a["provider"], a["outcome"], a["raw_code"]) for a in doc["attempts"]] == [
+            ("primary", "skipped", "breaker_open"), ("backup", "approved", "succeeded")]  # primary not tried
+
+        # /metrics on either worker: the host's totals.
+        approved += 2
+        for session in (tripper, other):
+            async with session.get(f"{h.url}/metrics") as resp:
+                text = await resp.text()
+            assert _sample(text, 'gateway_payments_total{status="approved"}') == approved
+    finally:
+        for session in pinned.values():
+            await session.close()
+
+
+async def _is_open(session: aiohttp.ClientSession, url: str) -> bool:
+    async with session.get(f"{url}/readyz") as resp:
+        return (await resp.json())["providers"]["primary"]["breaker"] == "open"
+
+
+def _sample(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"no sample {name} in /metrics")
+
+
+# -- a dead worker's outbox lines: written once, by the worker restarted in its seat ---------------
+
+
+async def test_a_dead_workers_outbox_lines_are_written_once_by_its_successor_only(tmp_path: Path,
+                                                                                   pg_dsn: str) -> None:
+    store = PostgresStore(pg_dsn, min_size=1, max_size=3)
+    await store.open()
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    seats: list[TransactionLog] = []
+
+    async def seat(index: int) -> TransactionLog:
+        writer = JsonLinesWriter(logs / worker_log_file("transactions.jsonl", index))
+        writer.start()
+        txlog = TransactionLog(writer, store)
+        await txlog.start()
+        seats.append(txlog)
+        return txlog
+
+    try:
+        dead = await seat(1)
+        record = final_record()
+        rendered = dead.render("payment", payment_id=record.id)
+        # SIGKILLed right after the commit: the line is only in the outbox, and seconds young.
+        await store.save_payment(record, outbox=OutboxLine(rendered.log_id, rendered.line, dead.owner, time.time()))
+
+        neighbour = await seat(2)  # another worker's file: not its line to write (yet)
+        assert await neighbour.recover(exclusive=False, sole_writer=True) == OutboxPass()
+
+        successor = await seat(1)  # the supervisor restarts the seat: its file has no other writer
+        result = await successor.recover(exclusive=False, sole_writer=True)
+        assert (result.claimed, result.reemitted, result.deferred) == (1, 1, 0)
+        assert await successor.settle()
+        assert await (await seat(1)).recover(exclusive=False, sole_writer=True) == OutboxPass()
+
+        copies = [path.name for path in resolve_paths([logs]) if rendered.log_id in logged_ids(path)]
+        assert copies == ["transactions-w1.jsonl"]
+    finally:
+        for txlog in seats:
+            await txlog.close()
+            txlog.writer.close()
+        await store.close()
+
+
+def test_a_workers_file_is_neither_a_rotated_file_of_the_single_log_nor_missed_by_analyze(tmp_path: Path) -> None:
+    from gateway.txlog.outbox import newest_rotated
+
+    for name in ("transactions-w1.jsonl", "transactions-w2-20250101T000000000000.jsonl.gz",
+                 "transactions-20250101T000000000000.jsonl.gz"):
+        (tmp_path / name).write_bytes(b"")
+    assert newest_rotated(tmp_path / "transactions.jsonl") == tmp_path / "transactions-20250101T000000000000.jsonl.gz"
+    assert newest_rotated(tmp_path / "transactions-w2.jsonl") == \
+        tmp_path / "transactions-w2-20250101T000000000000.jsonl.gz"
+    assert newest_rotated(tmp_path / "transactions-w1.jsonl") is None
+    assert {p.name for p in resolve_paths([tmp_path])} == {
+        "transactions-w1.jsonl", "transactions-w2-20250101T000000000000.jsonl.gz",
+        "transactions-20250101T000000000000.jsonl.gz"}
+
+
+async def test_a_worker_that_cannot_start_fails_the_command_instead_of_restarting(
+        tmp_path: Path, dev_certs: DevCertLayout, stripes: dict[str, EmulatorServer]) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    data = engine_config_data(tmp_path, dev_certs, stripes, ("primary", "backup"), log={"dir": str(blocker)})
+    data["server"] = {"host": "127.0.0.1", "port": free_port("127.0.0.1")}
+    config = tmp_path / "gateway.yaml"
+    config.write_text(yaml.safe_dump(data))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.cli", "serve", "--workers", "2", "--config", str(config),
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    text = err.decode()
+    assert proc.returncode == 1
+    assert f"log.dir {blocker}" in text  # the worker's own reason
+    assert "error: worker " in text and "exited with status 1 while starting" in text
+    assert "worker_restarted" not in text
