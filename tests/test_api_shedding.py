@@ -1,22 +1,23 @@
 """A journal that cannot take more work sheds the request: 503 with Retry-After and
 `{"code": "overloaded"}`, counted in `gateway_shed_total{reason="journal"}`, nothing half-done.
 
-Real SQLite: the test holds the database's write lock from a connection of its own, so the
-store's writer thread waits on it, and fills the store's (configured, tiny) write queue through
-the store's own API until the store refuses; then a payment comes in.
+Real SQLite: the test keeps the store's writer thread busy with one slow operation, fills the
+store's (configured, tiny) write queue through the store's own API until the store refuses;
+then a payment comes in.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 from gateway.app_keys import STORE
 from gateway.journal.errors import StoreOverloaded
+from gateway.journal.sqlite import SqliteStore
 from gateway.journal.store import Store
 from tests.conftest import AUTH, card_payment
 
@@ -24,16 +25,24 @@ QUEUE_SIZE = 2
 
 
 @asynccontextmanager
-async def write_lock(path: Path) -> AsyncIterator[None]:
-    """Another writer holding the database (the writer thread's BEGIN IMMEDIATE waits on it,
-    up to its busy timeout of 5 s: far longer than the test needs)."""
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+async def writer_busy(store: SqliteStore) -> AsyncIterator[None]:
+    """The store's writer thread busy with one operation that waits for the test (like a slow
+    disk), known to have started: whatever is queued behind it stays queued until the block ends.
+    (Holding the file's write lock instead leaves a race: the queue can look full to the test
+    a moment before the writer takes it as its next batch.)"""
+    started, release = threading.Event(), threading.Event()
+
+    def hold(_conn: sqlite3.Connection) -> None:
+        started.set()
+        release.wait(10)
+
+    held = asyncio.ensure_future(store._submit(hold))
+    assert await asyncio.to_thread(started.wait, 5)
     try:
-        await asyncio.to_thread(conn.execute, "BEGIN IMMEDIATE")
         yield
-        await asyncio.to_thread(conn.execute, "ROLLBACK")
     finally:
-        await asyncio.to_thread(conn.close)
+        release.set()
+        await held
 
 
 async def fill(store: Store) -> list[asyncio.Task[object]]:
@@ -54,8 +63,10 @@ async def test_a_full_journal_answers_503_with_retry_after(make_config, start_ga
     client = await start_gateway(config)
     headers = {**AUTH, "Idempotency-Key": str(uuid.uuid4())}
 
-    async with write_lock(Path(config.storage.sqlite_path)):
-        queued = await fill(client.app[STORE])
+    store = client.app[STORE]
+    assert isinstance(store, SqliteStore)
+    async with writer_busy(store):
+        queued = await fill(store)
         resp = await client.post("/v1/payments", json=card_payment(), headers=headers)
 
         assert resp.status == 503
