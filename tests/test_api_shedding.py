@@ -46,8 +46,8 @@ async def writer_busy(store: SqliteStore) -> AsyncIterator[None]:
 
 
 async def fill(store: Store) -> list[asyncio.Task[object]]:
-    """Reads queued until the store refuses one: the writer thread holds one batch, blocked on
-    the lock, and the queue is full behind it."""
+    """Reads queued until the store refuses one: the writer thread is busy, and the queue is
+    full behind it."""
     queued: list[asyncio.Task[object]] = []
     for _ in range(100):
         task = asyncio.create_task(store.get_payment("pay_filler"))
