@@ -7,8 +7,6 @@ import asyncio
 import json
 import shutil
 import sqlite3
-import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -38,7 +36,7 @@ from gateway.preflight import (
     store_findings,
 )
 from emulators.server import EmulatorServer
-from tests.conftest import PG_DSN, dsn_with_search_path, gateway_config_data
+from tests.conftest import gateway_config_data
 
 # Three providers of 2 tries × 1000 ms + 5 ms backoff each: 6015 ms through the whole route.
 ROOMY_DEADLINE = {"deadline_ms": 8000}
@@ -301,20 +299,6 @@ async def test_store_probe_commits_a_write_and_leaves_the_journal_as_it_was(tmp_
     db.mkdir()  # a directory where the database should be
     [finding] = await store_findings(config)
     assert (finding.id, finding.severity) == ("store.not_writable", "error")
-
-
-@pytest.fixture
-async def pg_dsn() -> AsyncIterator[str]:
-    """A DSN whose tables live in a schema of their own, dropped after the test (PostgreSQL as
-    in test_store_contract: down means failed, not skipped)."""
-    schema = f"gw_preflight_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(PG_DSN, timeout=5)
-    try:
-        await admin.execute(f'CREATE SCHEMA "{schema}"')
-        yield dsn_with_search_path(PG_DSN, schema)
-    finally:
-        await admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        await admin.close()
 
 
 async def test_postgres_store_probe(tmp_path: Path, pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -63,8 +63,8 @@ async def create_payment(request: web.Request) -> web.Response:
     body, payload = await json_body(request, PaymentCreate, request.app[REDACTOR])
     deadline = request_deadline(request, request.app[CONFIG].engine.deadline_ms)
     record, order = _new_payment(caller, payload)
-    return _write(await request.app[SERVICE].create_payment(caller.name, key, fingerprint(request, body, caller.fingerprint_key), record,
-                                                            order, deadline))
+    print_ = fingerprint(request, body, caller.fingerprint_key)
+    return _write(await request.app[SERVICE].create_payment(caller.name, key, print_, record, order, deadline))
 
 
 def _new_payment(caller: Caller, p: PaymentCreate) -> tuple[PaymentRecord, PaymentOrder]:
@@ -101,9 +101,9 @@ def follow_up_handler(op: Operation):  # type: ignore[no-untyped-def]
         _shed_if_overloaded(request)
         body, payload = await json_body(request, _FOLLOW_UP_MODELS[op], request.app[REDACTOR])
         deadline = request_deadline(request, request.app[CONFIG].engine.deadline_ms)
-        return _write(await request.app[SERVICE].follow_up(
-            caller.name, key, fingerprint(request, body, caller.fingerprint_key), request.match_info["payment_id"], op,
-            getattr(payload, "amount", None), deadline))
+        print_ = fingerprint(request, body, caller.fingerprint_key)
+        return _write(await request.app[SERVICE].follow_up(caller.name, key, print_, request.match_info["payment_id"],
+                                                           op, getattr(payload, "amount", None), deadline))
 
     return handle
 
