@@ -293,14 +293,9 @@ class AdyenEmulator(ProviderEmulator):
                 "modifications": list(entry.extra.get("modifications", []))}
 
     async def _payments(self, ctx: EmulatorRequest) -> web.Response:
-        try:
-            doc = orjson.loads(ctx.body)
-        except orjson.JSONDecodeError:
-            return _validation("702", "Unexpected input", 400)
-        if not isinstance(doc, dict):
-            return _validation("702", "Unexpected input", 400)
-        if (denied := self._merchant_problem(doc)) is not None:
-            return denied
+        doc = self._request_doc(ctx)
+        if isinstance(doc, web.Response):
+            return doc
         amount = doc.get("amount")
         if not isinstance(amount, dict) or "value" not in amount:
             return _validation("100", "Required object 'amount' is not provided.")
@@ -396,7 +391,8 @@ class AdyenEmulator(ProviderEmulator):
         return not entry.extra.get("transient") and (
             self._merchant_account is None or entry.extra.get("merchantAccount") == self._merchant_account)
 
-    def _modification(self, ctx: EmulatorRequest) -> tuple[LedgerEntry, dict] | web.Response:
+    def _request_doc(self, ctx: EmulatorRequest) -> dict | web.Response:
+        """The request's JSON object for this merchant account, or Adyen's refusal of it."""
         try:
             doc = orjson.loads(ctx.body)
         except orjson.JSONDecodeError:
@@ -405,6 +401,12 @@ class AdyenEmulator(ProviderEmulator):
             return _validation("702", "Unexpected input", 400)
         if (denied := self._merchant_problem(doc)) is not None:
             return denied
+        return doc
+
+    def _modification(self, ctx: EmulatorRequest) -> tuple[LedgerEntry, dict] | web.Response:
+        doc = self._request_doc(ctx)
+        if isinstance(doc, web.Response):
+            return doc
         psp = ctx.request.match_info["psp"]
         entry = self.ledger.get(psp)
         if entry is None:

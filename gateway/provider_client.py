@@ -81,7 +81,7 @@ class ProviderClient:
             if before_send is not None:
                 await before_send()
             result, caller_cut = await self._exchange(request, deadline, lambda r: self.mapping.parse(op, r),
-                                                      _result_fails, lambda e: e)
+                                                      counts_against_breaker, lambda e: e)
         except _Refused as refused:
             return self._finish(attempt, refused.result, started)
         if op is Operation.AUTHORIZE and not caller_cut:
@@ -156,10 +156,6 @@ class ProviderClient:
         self._metrics.attempts.labels(self.name, attempt.operation, result.outcome.value).inc()
         self._metrics.attempt_latency.labels(self.name).observe(latency)
         return result
-
-
-def _result_fails(result: ProviderResult) -> bool:
-    return counts_against_breaker(result)
 
 
 def _answer_fails(answer: StatusAnswer) -> bool:
