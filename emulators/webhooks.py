@@ -147,7 +147,7 @@ class WebhookSender:
     """Posts one emulator's notifications; see the module docstring."""
 
     def __init__(self, signer: WebhookSigner, schedule: RetrySchedule, faults: FaultInjector, *,
-                 max_in_flight: int = 10_000, history: int = 100_000) -> None:
+                 max_in_flight: int = 10_000, history: int = 20_000) -> None:
         self._signer = signer
         self.schedule = schedule
         self._faults = faults
@@ -211,6 +211,12 @@ class WebhookSender:
             self._spawn(self._deliver(emitted, WebhookDecision(delay_s=decision.delay_s), "duplicate"))
         if decision.forge:
             self._spawn(self._forged(emitted))
+
+    async def idle(self) -> None:
+        """Wait until nothing is being delivered (every notification delivered, abandoned or
+        cancelled), so a drill or test can read the final delivery log."""
+        while self._tasks:
+            await asyncio.wait(list(self._tasks))
 
     def clear(self) -> None:
         """Forget the history and cancel what is still being delivered (the emulator's reset)."""
