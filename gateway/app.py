@@ -68,6 +68,7 @@ from gateway.txlog.writer import LogFileUnavailable, LogWriterStalled
 from gateway.txlog.redaction import Redactor
 from gateway.workers import WorkerSeat
 from gateway.workers.link import HostBreakerSync
+from gateway.workers.peers import SeatPeers
 
 ABANDON_MARGIN_S = 5.0  # past its deadline plus this, an unanswered payment has lost its process
 
@@ -265,17 +266,23 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
             await stop_task(task)
 
     async def console(app: web.Application) -> AsyncIterator[None]:
-        """GET /console (admin key): fed by the payment service, told of every breaker change."""
+        """GET /console (admin key): fed by the payment service, told of every breaker change; a
+        worker's also answers, and asks, the other workers on its seat socket (the host's traffic)."""
         app[CONSOLE_ASSETS] = await asyncio.to_thread(ConsoleAssets)
         service, pool = app[SERVICE], app[POOL]
+        peers = SeatPeers(worker, log=ops) if worker is not None and worker.workers > 1 else None
         view = Console(auth=app[AUTH], sessions=SessionSigner(config.auth.clients), service=service, pool=pool,
-                       store=app[STORE], certificates=app[CERT_WATCHER])
+                       store=app[STORE], certificates=app[CERT_WATCHER], peers=peers)
+        if peers is not None:
+            await peers.start(view.seat_report)
         service.observers.append(view.stats.observe)
         for handle in pool:
             handle.breaker.listeners.append(view.breaker_changed)
         app[CONSOLE] = view
         yield
         view.close()
+        if peers is not None:
+            await peers.close()
         service.observers.remove(view.stats.observe)
 
     app.cleanup_ctx.extend([log_writer, store, journal_probe, transaction_log, providers, breaker_sync, certificates,

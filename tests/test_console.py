@@ -213,6 +213,7 @@ async def test_event_stream_yields_snapshots_of_the_three_providers(gateway: Gat
     cert = snap["certificates"][0]
     assert {"provider", "kind", "days_left", "status"} <= cert.keys() and cert["days_left"] > 0
     assert snap["failures"] == [] and again["ts"] > snap["ts"]
+    assert snap["host"] == {"workers": 1, "reporting": 1, "missing": []}  # one process: the host is itself
 
 
 async def test_snapshot_shows_failovers_and_classified_failures(gateway: Gateway,

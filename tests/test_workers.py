@@ -32,12 +32,18 @@ from gateway.journal.records import OutboxLine
 from gateway.journal.postgres import PostgresStore
 from gateway.txlog.outbox import OutboxPass, TransactionLog, logged_ids
 from gateway.txlog.writer import JsonLinesWriter
-from gateway.workers import worker_log_file
+from gateway.workers import WorkerSeat, worker_log_file
+from gateway.workers.peers import SeatPeers
 from tests.conftest import AUTH, card_payment, engine_config_data, idem
+from tests.test_console import next_event
 from tests.test_txlog_outbox import final_record
 
 GRACE_S = 3.0
 WAIT_S = 10.0
+ADMIN_KEY = "test-workers-admin-key"
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+WITH_ADMIN = {"clients": [{"name": "checkout", "key_env": "GATEWAY_KEY_CHECKOUT"},
+                          {"name": "ops", "key_env": "GATEWAY_KEY_ADMIN", "permissions": ["admin"]}]}
 
 
 class Host:
@@ -265,6 +271,75 @@ def _sample(text: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[-1])
     raise AssertionError(f"no sample {name} in /metrics")
+
+
+# -- the console on any worker shows the whole host's traffic ----------------------------------------
+
+
+async def test_the_console_on_either_worker_shows_the_whole_hosts_traffic(host, stripes, monkeypatch) -> None:
+    monkeypatch.setenv("GATEWAY_KEY_ADMIN", ADMIN_KEY)
+    h = await host(auth=WITH_ADMIN)
+    pinned, paid = await sessions_per_worker(h)  # `paid` approved at primary, on both workers
+    try:
+        for session, count in ((pinned[1], 3), (pinned[2], 2)):
+            for _ in range(count):
+                status, doc = await pay(session, h.url)
+                assert status == 201 and doc["provider"] == "primary"
+        await stripes["primary"].set_outage(True)
+        status, failed_over = await pay(pinned[2], h.url)  # worker 2 alone sees primary fail
+        await stripes["primary"].set_outage(False)
+        assert status == 201 and failed_over["provider"] == "backup"
+        total = paid + 6
+
+        for worker, session in pinned.items():  # each session's last request: the stream keeps its connection
+            async with session.get(f"{h.url}/console/events", headers=ADMIN) as stream:
+                assert stream.status == 200
+                for _ in range(5):  # a worker busy elsewhere may miss one snapshot: it is named, not waited for
+                    snap = await next_event(stream)
+                    if snap["host"]["reporting"] == 2:
+                        break
+            assert snap["host"] == {"workers": 2, "reporting": 2, "missing": []}, worker
+            g = snap["gateway"]
+            assert (g["payments"], g["approved"], g["in_flight"], g["unresolved"]) == (total, total, 0, 0), worker
+            providers = {p["name"]: p["stats"] for p in snap["providers"]}
+            assert (providers["primary"]["payments"], providers["primary"]["approved"]) == (total, total - 1)
+            assert (providers["backup"]["payments"], providers["backup"]["approved"]) == (1, 1)
+            assert providers["primary"]["failovers_per_min"] == 1
+            assert sum(step[0] for step in providers["primary"]["series"]) == total
+            failure = snap["failures"][0]  # made on worker 2, shown on both
+            assert (failure["payment_id"], failure["provider"], failure["outcome"]) == \
+                (failed_over["id"], "primary", "unavailable"), worker
+            assert all(b["bulkhead"]["active"] == 0 for b in snap["providers"])
+            assert snap["providers"][0]["bulkhead"]["max_concurrent"] > 0
+    finally:
+        for session in pinned.values():
+            await session.close()
+
+
+async def test_a_seat_that_is_gone_or_stuck_is_named_missing_within_the_timeout(tmp_path: Path) -> None:
+    seats = [WorkerSeat(i, tmp_path, workers=3) for i in (1, 2, 3)]
+    one, two = SeatPeers(seats[0]), SeatPeers(seats[1], timeout_s=0.3)
+    await one.start(lambda: {"seat": 1})
+    await two.start(lambda: {"seat": 2})
+    held: list[asyncio.StreamWriter] = []
+
+    async def never_answers(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    stuck = await asyncio.start_unix_server(never_answers, path=str(seats[2].seat_socket()))
+    try:
+        started = time.monotonic()
+        answers = await two.ask()
+        assert time.monotonic() - started < 1.0
+        assert (answers.reports, answers.missing) == ([{"seat": 1}], [3])
+        assert (await one.ask()).reports == [{"seat": 2}]
+        await one.close()
+        assert (await two.ask()).missing == [1, 3]  # gone: refused at once
+    finally:
+        for writer in held:
+            writer.close()
+        stuck.close()
+        await two.close()
 
 
 # -- a dead worker's outbox lines: written once, by the worker restarted in its seat ---------------

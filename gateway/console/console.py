@@ -3,14 +3,19 @@ share.
 
 It is handed what it shows at construction (the composition root, `gateway.app`, builds it once
 the payment service runs), so it reads no application state of its own and any part of it can
-be built in a test from real parts.
+be built in a test from real parts. Under `serve --workers N` it is also handed the worker's
+`SeatPeers`: a snapshot then adds up every worker's `seat_report` (`gateway.console.host`), so
+the console on any worker shows the whole host's traffic; breakers and holds are already the
+host's (shared through the hub or Redis).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections import deque
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -18,6 +23,7 @@ from aiohttp import web
 
 from gateway.api.auth import Authenticator, Caller
 from gateway.api.errors import ApiError
+from gateway.console.host import FAILURES_SHOWN, HostFigures
 from gateway.console.session import COOKIE, COOKIE_PATH, SessionSigner
 from gateway.console.stats import GATEWAY, ConsoleStats
 
@@ -26,6 +32,7 @@ if TYPE_CHECKING:
     from gateway.journal.store import Store
     from gateway.orchestrator import PaymentService
     from gateway.provider_pool import ProviderPool
+    from gateway.workers.peers import SeatPeers
 
 SNAPSHOT_INTERVAL_S = 1.0
 MIN_REBUILD_S = 0.2  # streams share a snapshot built less than this long ago (unless a breaker moved)
@@ -37,8 +44,8 @@ MAX_STREAMS = 32
 class Console:
     def __init__(self, *, auth: Authenticator, sessions: SessionSigner, service: PaymentService,
                  pool: ProviderPool, store: Store, certificates: CertificateWatcher | None = None,
-                 stats: ConsoleStats | None = None, interval_s: float = SNAPSHOT_INTERVAL_S,
-                 max_streams: int = MAX_STREAMS) -> None:
+                 stats: ConsoleStats | None = None, peers: SeatPeers | None = None,
+                 interval_s: float = SNAPSHOT_INTERVAL_S, max_streams: int = MAX_STREAMS) -> None:
         self.auth = auth
         self.sessions = sessions
         self.service = service
@@ -46,6 +53,7 @@ class Console:
         self.store = store
         self.certificates = certificates
         self.stats = stats or ConsoleStats()
+        self.peers = peers
         self.interval_s = interval_s
         self.max_streams = max_streams
         self.streams: set[asyncio.Event] = set()
@@ -102,27 +110,58 @@ class Console:
         self._snapshot, self._snapshot_at = orjson.dumps(doc), now
         return self._snapshot
 
-    async def unresolved(self, *, fresh: bool = False) -> tuple[int | None, bool]:
-        """Payments awaiting the reconciler (pending, or attempting with no request in flight):
-        (count, capped at PENDING_LIMIT). Counted in the store at most every PENDING_REFRESH_S."""
+    async def unresolved(self, *, fresh: bool = False,
+                         in_flight: Collection[str] | None = None) -> tuple[int | None, bool]:
+        """Payments awaiting the reconciler (pending, or attempting with no request in flight on
+        this host): (count, capped at PENDING_LIMIT). Counted in the store at most every
+        PENDING_REFRESH_S."""
         now = time.monotonic()
         if fresh or now - self._unresolved_at >= PENDING_REFRESH_S:
             self._unresolved_at = now
+            if in_flight is None:
+                in_flight = (await self.host())[0].in_flight
             try:
                 records = await self.store.unresolved_payments(limit=PENDING_LIMIT)
             except Exception:  # noqa: BLE001 - the console shows the store's trouble as "?", it does not add to it
                 self._unresolved = (None, False)
             else:
-                in_flight = self.service.in_flight
                 self._unresolved = (sum(1 for r in records if r.id not in in_flight), len(records) >= PENDING_LIMIT)
         return self._unresolved
 
-    async def build_snapshot(self) -> dict[str, Any]:
+    def seat_report(self) -> dict[str, Any]:
+        """What this process adds to the host's figures (JSON-ready: it crosses to the other
+        workers' consoles). Bounded: one folded window per provider, the last failures, at most
+        PENDING_LIMIT in-flight ids."""
         service = self.service
-        unresolved, capped = await self.unresolved()
-        gateway = self.stats.summary(GATEWAY)
-        gateway.update(in_flight=len(service.in_flight), unresolved=unresolved, unresolved_capped=capped,
-                       retry_budget_left=round(service.executor.budget.remaining(), 1))
+        return {
+            "traffic": {key: self.stats.traffic(key).to_wire() for key in (GATEWAY, *(h.name for h in self.pool))},
+            "failures": self.stats.failures(FAILURES_SHOWN),
+            "in_flight": list(itertools.islice(service.in_flight, PENDING_LIMIT)),
+            "in_flight_count": len(service.in_flight),
+            "retry_budget_left": service.executor.budget.remaining(),
+            "bulkheads": {h.name: {"active": h.bulkhead.active, "waiting": h.bulkhead.waiting,
+                                   "max_concurrent": h.bulkhead.max_concurrent, "max_queue": h.bulkhead.max_queue}
+                          for h in self.pool},
+        }
+
+    async def host(self) -> tuple[HostFigures, dict[str, Any]]:
+        """This host's figures (every worker's report added to this one's), and who reported."""
+        reports = [self.seat_report()]
+        missing: list[int] = []
+        if self.peers is not None:
+            others = await self.peers.ask()
+            reports.extend(others.reports)
+            missing = others.missing
+        workers = self.peers.workers if self.peers is not None else 1
+        return HostFigures.of(reports), {"workers": workers, "reporting": len(reports), "missing": missing}
+
+    async def build_snapshot(self) -> dict[str, Any]:
+        host, reporting = await self.host()
+        unresolved, capped = await self.unresolved(in_flight=host.in_flight)
+        rate_window_s = self.stats.rate_window_s
+        gateway = host.traffic[GATEWAY].summary(rate_window_s)
+        gateway.update(in_flight=host.in_flight_count, unresolved=unresolved, unresolved_capped=capped,
+                       retry_budget_left=round(host.retry_budget_left, 1))
         providers = []
         for handle in self.pool:
             breaker = handle.breaker
@@ -136,21 +175,21 @@ class Console:
                 "breaker": {"state": breaker.state, "changed_at": breaker.changed_at,
                             "allows_call": breaker.allows_call(), "fail_max": handle.config.breaker.fail_max,
                             "reset_timeout_s": handle.config.breaker.reset_timeout_s},
-                "bulkhead": {"active": handle.bulkhead.active, "max_concurrent": handle.bulkhead.max_concurrent,
-                             "waiting": handle.bulkhead.waiting, "max_queue": handle.bulkhead.max_queue},
-                "stats": self.stats.summary(handle.name),
+                "bulkhead": host.bulkheads[handle.name],
+                "stats": host.traffic[handle.name].summary(rate_window_s),
             })
         reports = sorted(self.certificates.reports if self.certificates is not None else [],
                          key=lambda r: r.days_left)
         return {
             "ts": time.time(),
             "window_s": self.stats.window_s,
-            "rate_window_s": self.stats.rate_window_s,
+            "rate_window_s": rate_window_s,
             "series_step_s": self.stats.series_step_s,
+            "host": reporting,
             "gateway": gateway,
             "providers": providers,
             "certificates": [_certificate(r.to_dict()) for r in reports],
-            "failures": self.stats.failures(),
+            "failures": host.failures,
             "breaker_changes": list(reversed(self.breaker_changes)),
         }
 
