@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import time
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -47,17 +48,21 @@ WITH_ADMIN = {"clients": [{"name": "checkout", "key_env": "GATEWAY_KEY_CHECKOUT"
 
 
 class Host:
-    """A supervisor with two workers, its stderr (the ops lines) in `log`."""
+    """A supervisor with two workers (or, with `workers=1`, one plain process), its stderr (the
+    ops lines) in `log`."""
 
-    def __init__(self, tmp_path: Path, data: dict[str, Any]) -> None:
+    def __init__(self, home: Path, data: dict[str, Any], workers: int = 2) -> None:
         port = free_port("127.0.0.1")
         data["server"] = {"host": "127.0.0.1", "port": port, "shutdown_grace_s": GRACE_S}
-        config = tmp_path / "gateway.yaml"
+        home.mkdir(parents=True, exist_ok=True)
+        config = home / "gateway.yaml"
         config.write_text(yaml.safe_dump(data))
         self.url = f"http://127.0.0.1:{port}"
         self.log_dir = Path(data["log"]["dir"])
-        self.log = tmp_path / "serve.log"
-        self.process = GatewayProcess(config, self.url, {}, self.log, args=("--workers", "2"))
+        self.log = home / "serve.log"
+        self.workers = workers
+        self.process = GatewayProcess(config, self.url, {}, self.log,
+                                      args=("--workers", str(workers)) if workers > 1 else ())
 
     def ops(self, event: str) -> list[dict[str, Any]]:
         found = []
@@ -70,7 +75,8 @@ class Host:
 
     async def start(self) -> None:
         await self.process.start()
-        await eventually(lambda: len(self.ops("worker_ready")) >= 2, "both workers serve")
+        if self.workers > 1:
+            await eventually(lambda: len(self.ops("worker_ready")) >= self.workers, "every worker serves")
 
     def worker_pids(self) -> dict[int, int]:
         """worker index -> the pid of its latest start."""
@@ -120,8 +126,10 @@ async def host(tmp_path: Path, dev_certs: DevCertLayout,
                stripes: dict[str, EmulatorServer]) -> AsyncIterator[Callable[..., Awaitable[Host]]]:
     started: list[Host] = []
 
-    async def make(**changes: Any) -> Host:
-        h = Host(tmp_path, engine_config_data(tmp_path, dev_certs, stripes, ("primary", "backup"), **changes))
+    async def make(home: str = "", workers: int = 2, **changes: Any) -> Host:
+        """`home`: a directory of its own under tmp_path (config, journal, logs) for a second process."""
+        where = tmp_path / home
+        h = Host(where, engine_config_data(where, dev_certs, stripes, ("primary", "backup"), **changes), workers)
         started.append(h)
         await h.start()
         return h
@@ -259,6 +267,105 @@ async def test_a_breaker_tripped_in_one_worker_is_skipped_by_the_other_and_metri
     finally:
         for session in pinned.values():
             await session.close()
+
+
+# -- with breaker_sync: redis, every worker is a replica of the fleet's sync ------------------------
+
+REDIS_URL = os.environ.get("GATEWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+RESET_S = 1.0  # short: a hold must outlast it (no trial call while held), a plain open does not
+
+
+@pytest.fixture
+async def redis_fleet(pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[dict[str, Any]]:
+    """Config changes for processes of one fleet: one PostgreSQL schema, one Redis key prefix."""
+    from redis import asyncio as aioredis
+
+    prefix = f"gateway-test:{uuid.uuid4().hex}"
+    monkeypatch.setenv("GATEWAY_PG_DSN", pg_dsn)
+    monkeypatch.setenv("GATEWAY_REDIS_URL", REDIS_URL)
+    monkeypatch.setenv("GATEWAY_KEY_ADMIN", ADMIN_KEY)
+    try:
+        yield {"auth": WITH_ADMIN, "storage": {"backend": "postgres"},
+               "breaker_sync": {"backend": "redis", "channel_prefix": prefix},
+               "providers": {"primary": {"breaker": {"fail_max": 2, "reset_timeout_s": RESET_S}}}}
+    finally:
+        redis = aioredis.from_url(REDIS_URL)
+        try:
+            await redis.delete(f"{prefix}:state", f"{prefix}:holds")
+        finally:
+            await redis.aclose()
+
+
+async def test_with_redis_sync_a_trip_and_a_hold_reach_every_worker_and_the_other_replica(
+        host, stripes, redis_fleet) -> None:
+    h = await host(**redis_fleet)
+    replica = await host(home="replica", workers=1, **redis_fleet)
+    pinned, _ = await sessions_per_worker(h)
+    async with fresh_session() as other:
+        everyone = {"worker 1": (pinned[1], h.url), "worker 2": (pinned[2], h.url), "replica": (other, replica.url)}
+
+        async def all_see(what: str, check: Callable[[dict[str, Any]], bool]) -> None:
+            for name, (session, url) in everyone.items():
+                await eventually(lambda: _primary_is(session, url, check), f"{what} reaches {name}", timeout=5.0)
+
+        try:
+            for name, (session, url) in everyone.items():  # each worker its own subscriber, none through a hub
+                async with session.get(f"{url}/readyz") as resp:
+                    assert (await resp.json())["breaker_sync"] == {"status": "ok"}, name
+            async with pinned[1].get(f"{h.url}/metrics") as resp:
+                assert _sample(await resp.text(), "gateway_breaker_sync_connected") == 1
+            assert h.ops("workers_started")[0]["breaker_hub"] is False
+
+            # A trip on worker 1 (primary fails twice: the retry) is every process's.
+            await stripes["primary"].set_outage(True)
+            status, doc = await pay(pinned[1], h.url)
+            assert status == 201 and doc["provider"] == "backup"
+            await stripes["primary"].set_outage(False)
+            await all_see("the trip", lambda p: p["breaker"] == "open")
+
+            # An operator's hold set on the other replica holds every worker past the reset timeout.
+            held = await _console_breaker(other, replica.url, "open")
+            assert held["state"] == "open"
+            await asyncio.sleep(RESET_S + 0.2)  # a breaker only tripped would let its trial call through now
+            await all_see("the hold", lambda p: p["breaker"] == "open" and p["usable"] is False)
+            status, doc = await pay(pinned[2], h.url)
+            assert status == 201 and [(a["provider"], a["raw_code"]) for a in doc["attempts"]] == [
+                ("primary", "breaker_open"), ("backup", "succeeded")]
+
+            # A worker restarted in its seat reads the hold from Redis before it serves.
+            old = h.worker_pids()[2]
+            os.kill(old, signal.SIGKILL)
+            await eventually(lambda: h.worker_pids()[2] != old, "worker 2 is restarted and serves")
+            await pinned.pop(2).close()
+            while 2 not in pinned:
+                more, _ = await sessions_per_worker(h)
+                await more.pop(1).close()
+                pinned.update(more)
+            everyone["worker 2"] = (pinned[2], h.url)
+            assert await _primary_is(pinned[2], h.url, lambda p: p["breaker"] == "open" and p["usable"] is False)
+
+            # Released on worker 1: closed everywhere, and primary takes payments again.
+            released = await _console_breaker(pinned[1], h.url, "closed")
+            assert released["state"] == "closed"
+            await all_see("the release", lambda p: p["breaker"] == "closed" and p["usable"] is True)
+            for session, url in everyone.values():
+                status, doc = await pay(session, url)
+                assert status == 201 and doc["provider"] == "primary"
+        finally:
+            for session in pinned.values():
+                await session.close()
+
+
+async def _primary_is(session: aiohttp.ClientSession, url: str, check: Callable[[dict[str, Any]], bool]) -> bool:
+    async with session.get(f"{url}/readyz") as resp:
+        return check((await resp.json())["providers"]["primary"])
+
+
+async def _console_breaker(session: aiohttp.ClientSession, url: str, state: str) -> dict[str, Any]:
+    async with session.post(f"{url}/console/actions/breaker", headers=ADMIN,
+                            json={"provider": "primary", "state": state, "confirm": True}) as resp:
+        assert resp.status == 200, await resp.text()
+        return await resp.json()  # type: ignore[no-any-return]
 
 
 async def _is_open(session: aiohttp.ClientSession, url: str) -> bool:
