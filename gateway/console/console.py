@@ -119,7 +119,7 @@ class Console:
         if fresh or now - self._unresolved_at >= PENDING_REFRESH_S:
             self._unresolved_at = now
             if in_flight is None:
-                in_flight = (await self.host())[0].in_flight
+                in_flight = (await self.host()).in_flight
             try:
                 records = await self.store.unresolved_payments(limit=PENDING_LIMIT)
             except Exception:  # noqa: BLE001 - the console shows the store's trouble as "?", it does not add to it
@@ -144,19 +144,16 @@ class Console:
                           for h in self.pool},
         }
 
-    async def host(self) -> tuple[HostFigures, dict[str, Any]]:
-        """This host's figures (every worker's report added to this one's), and who reported."""
-        reports = [self.seat_report()]
-        missing: list[int] = []
-        if self.peers is not None:
-            others = await self.peers.ask()
-            reports.extend(others.reports)
-            missing = others.missing
-        workers = self.peers.workers if self.peers is not None else 1
-        return HostFigures.of(reports), {"workers": workers, "reporting": len(reports), "missing": missing}
+    async def host(self) -> HostFigures:
+        """This host's figures: every other worker's report added to this one's."""
+        mine = self.seat_report()
+        if self.peers is None:
+            return HostFigures.of([mine])
+        others = await self.peers.ask()
+        return HostFigures.of([mine, *others.reports], workers=self.peers.workers, missing=others.missing)
 
     async def build_snapshot(self) -> dict[str, Any]:
-        host, reporting = await self.host()
+        host = await self.host()
         unresolved, capped = await self.unresolved(in_flight=host.in_flight)
         rate_window_s = self.stats.rate_window_s
         gateway = host.traffic[GATEWAY].summary(rate_window_s)
@@ -185,7 +182,7 @@ class Console:
             "window_s": self.stats.window_s,
             "rate_window_s": rate_window_s,
             "series_step_s": self.stats.series_step_s,
-            "host": reporting,
+            "host": host.who(),
             "gateway": gateway,
             "providers": providers,
             "certificates": [_certificate(r.to_dict()) for r in reports],

@@ -21,6 +21,9 @@ BULKHEAD_FIELDS = ("active", "waiting", "max_concurrent", "max_queue")
 
 @dataclass(slots=True)
 class HostFigures:
+    workers: int = 1  # seats on this host
+    missing: list[int] = field(default_factory=list)  # seats that did not answer
+    reporting: int = 0  # reports added up (this process's included)
     traffic: dict[str, Traffic] = field(default_factory=dict)
     failures: list[dict[str, Any]] = field(default_factory=list)  # newest first
     in_flight: set[str] = field(default_factory=set)  # ids (each report lists at most a bounded number)
@@ -29,9 +32,10 @@ class HostFigures:
     bulkheads: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, reports: Iterable[dict[str, Any]]) -> HostFigures:
-        host = cls()
+    def of(cls, reports: Iterable[dict[str, Any]], *, workers: int = 1, missing: Iterable[int] = ()) -> HostFigures:
+        host = cls(workers=workers, missing=list(missing))
         for report in reports:
+            host.reporting += 1
             for key, doc in report["traffic"].items():
                 traffic = Traffic.from_wire(doc)
                 if key in host.traffic:
@@ -49,3 +53,7 @@ class HostFigures:
         host.failures.sort(key=lambda f: f["at"], reverse=True)
         del host.failures[FAILURES_SHOWN:]
         return host
+
+    def who(self) -> dict[str, Any]:
+        """The snapshot's `host`: how many seats, how many answered, which did not."""
+        return {"workers": self.workers, "reporting": self.reporting, "missing": self.missing}

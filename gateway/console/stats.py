@@ -3,7 +3,9 @@
 The payment service calls `ConsoleStats.observe` once per logged transaction (the same place
 that writes the transaction log line), so the window sees every payment exactly once. Per
 provider and per second it keeps counters and a latency histogram; a snapshot (about once a
-second, only while someone watches) folds the seconds of the window together.
+second, only while someone watches) folds the seconds of the window together into a `Traffic`
+per provider. A `Traffic` is sums only, so the workers of one host add theirs into the host's
+(`gateway.console.host`) with nothing lost: the host's percentiles come from the summed bins.
 
 Bounded by construction: one bucket per provider per second of the window, each histogram at
 most `_BINS` entries, the last failures in a fixed-size deque. `observe` is O(attempts) and
