@@ -304,9 +304,12 @@ async def test_with_redis_sync_a_trip_and_a_hold_reach_every_worker_and_the_othe
     async with fresh_session() as other:
         everyone = {"worker 1": (pinned[1], h.url), "worker 2": (pinned[2], h.url), "replica": (other, replica.url)}
 
-        async def all_see(what: str, check: Callable[[dict[str, Any]], bool]) -> None:
+        async def all_see(what: str, check: Callable[[dict[str, Any]], bool]) -> float:
+            """Seconds until every process shows it."""
+            started = time.monotonic()
             for name, (session, url) in everyone.items():
                 await eventually(lambda: _primary_is(session, url, check), f"{what} reaches {name}", timeout=5.0)
+            return time.monotonic() - started
 
         try:
             for name, (session, url) in everyone.items():  # each worker its own subscriber, none through a hub
@@ -321,7 +324,7 @@ async def test_with_redis_sync_a_trip_and_a_hold_reach_every_worker_and_the_othe
             status, doc = await pay(pinned[1], h.url)
             assert status == 201 and doc["provider"] == "backup"
             await stripes["primary"].set_outage(False)
-            await all_see("the trip", lambda p: p["breaker"] == "open")
+            assert await all_see("the trip", lambda p: p["breaker"] == "open") < 1.0, "within a second"
 
             # An operator's hold set on the other replica holds every worker past the reset timeout.
             held = await _console_breaker(other, replica.url, "open")
