@@ -4,9 +4,10 @@ One `cleanup_ctx` generator per resource, in dependency order: the transaction l
 store (waited for at start, its schema checked), the journal's readiness probe, the transaction
 log's outbox (start-up re-emit of lines a crash kept from the file), the provider pool (one
 ClientSession each), breaker sync, the certificate watcher, the payment service, the
-reconciler, the console. aiohttp tears down in reverse and only what started. Every
-piece of state they share is an `AppKey` of `gateway.app_keys`; nothing below this module wires
-another module's objects together.
+reconciler, host metrics, the console (handed the service, pool, store and watcher it shows).
+aiohttp tears down in reverse and only what started. Every piece of state they share is an
+`AppKey` of `gateway.app_keys`; nothing below this module wires another module's objects
+together.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from gateway.app_keys import (
     BREAKER_SYNC,
     CERT_WATCHER,
     CONFIG,
+    CONSOLE,
+    CONSOLE_ASSETS,
     JOURNAL_PROBE,
     LOG_WRITER,
     METRICS,
@@ -41,7 +44,9 @@ from gateway.app_keys import (
 from gateway.breaker_sync import BreakerSync, RedisBreakerSync
 from gateway.certs.watcher import CertificateWatcher
 from gateway.config import GatewayConfig
-from gateway.console import setup_console
+from gateway.console import Console, SessionSigner
+from gateway.console import routes as console_routes
+from gateway.console.assets import ConsoleAssets
 from gateway.executor import AttemptExecutor
 from gateway.journal.postgres import PostgresStore
 from gateway.journal.probe import JournalProbe
@@ -63,6 +68,7 @@ from gateway.txlog.writer import LogFileUnavailable, LogWriterStalled
 from gateway.txlog.redaction import Redactor
 from gateway.workers import WorkerSeat
 from gateway.workers.link import HostBreakerSync
+from gateway.workers.peers import SeatPeers
 
 ABANDON_MARGIN_S = 5.0  # past its deadline plus this, an unanswered payment has lost its process
 
@@ -259,10 +265,30 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
         if task is not None:
             await stop_task(task)
 
+    async def console(app: web.Application) -> AsyncIterator[None]:
+        """GET /console (admin key): fed by the payment service, told of every breaker change; a
+        worker's also answers, and asks, the other workers on its seat socket (the host's traffic)."""
+        app[CONSOLE_ASSETS] = await asyncio.to_thread(ConsoleAssets)
+        service, pool = app[SERVICE], app[POOL]
+        peers = SeatPeers(worker, log=ops) if worker is not None and worker.workers > 1 else None
+        view = Console(auth=app[AUTH], sessions=SessionSigner(config.auth.clients), service=service, pool=pool,
+                       store=app[STORE], certificates=app[CERT_WATCHER], peers=peers)
+        if peers is not None:
+            await peers.start(view.seat_report)
+        service.observers.append(view.stats.observe)
+        for handle in pool:
+            handle.breaker.listeners.append(view.breaker_changed)
+        app[CONSOLE] = view
+        yield
+        view.close()
+        if peers is not None:
+            await peers.close()
+        service.observers.remove(view.stats.observe)
+
     app.cleanup_ctx.extend([log_writer, store, journal_probe, transaction_log, providers, breaker_sync, certificates,
-                            service, reconciler, host_metrics])
+                            service, reconciler, host_metrics, console])
     payments.add_routes(app)
     health.add_routes(app)
     openapi.add_routes(app)
-    setup_console(app)  # GET /console (admin key); its context runs last
+    console_routes.add_routes(app)
     return app

@@ -19,8 +19,9 @@ if TYPE_CHECKING:
     from gateway.breaker_sync import BreakerSync
     from gateway.certs.watcher import CertificateWatcher
     from gateway.config import GatewayConfig
+    from gateway.console.assets import ConsoleAssets
+    from gateway.console.console import Console
     from gateway.journal.probe import JournalProbe
-    from gateway.console.routes import Console, ConsoleAssets
     from gateway.journal.store import Store
     from gateway.metrics import Metrics
     from gateway.orchestrator import PaymentService

@@ -20,6 +20,7 @@ from gateway.app_keys import CONSOLE, POOL
 from gateway.app import build_app
 from gateway.config import AuthConfig, GatewayConfig
 from gateway.console import COOKIE, ConsoleStats, SessionSigner
+from gateway.console.host import HostFigures
 from gateway.console.stats import GATEWAY, latency_bin, percentile
 from gateway.journal.records import Attempt, PaymentRecord
 from domain.outcome import PaymentStatus
@@ -213,6 +214,7 @@ async def test_event_stream_yields_snapshots_of_the_three_providers(gateway: Gat
     cert = snap["certificates"][0]
     assert {"provider", "kind", "days_left", "status"} <= cert.keys() and cert["days_left"] > 0
     assert snap["failures"] == [] and again["ts"] > snap["ts"]
+    assert snap["host"] == {"workers": 1, "reporting": 1, "missing": []}  # one process: the host is itself
 
 
 async def test_snapshot_shows_failovers_and_classified_failures(gateway: Gateway,
@@ -378,6 +380,39 @@ def test_window_counts_rates_percentiles_and_forgets_old_traffic() -> None:
     assert s["payments"] == 100 and s["failovers_per_min"] == 0
     now[0] += 60  # out of the window
     assert stats.summary("stripe")["payments"] == 0 and stats.summary("stripe")["approval_rate"] is None
+
+
+def test_the_windows_of_two_workers_add_up_to_the_window_of_all_their_traffic() -> None:
+    now = [1000.0]
+    one, two, both = (ConsoleStats(window_s=120, rate_window_s=60, series_step_s=10, clock=lambda: now[0])
+                      for _ in range(3))
+    for i in range(60):
+        if i % 4 == 0:  # a failover now and then
+            attempts = [_try("stripe", "unavailable", 2.0, code="connect_refused"),
+                        _try("adyen", "approved", 20.0 + i, reason="unavailable:connect_refused")]
+        else:
+            attempts = [_try("stripe", "approved", 3.0 + i * 7)]
+        record = _record(f"p{i}", PaymentStatus.APPROVED, attempts, attempts[-1].provider)
+        for stats in (one if i % 3 else two, both):
+            stats.observe(record, "payment", {"latency_ms": 4.0 + i * 7})
+        if i == 30:
+            now[0] += 70  # the first half leaves the rate window, not the window
+
+    def report(stats: ConsoleStats) -> dict[str, Any]:
+        return {"traffic": {k: stats.traffic(k).to_wire() for k in (GATEWAY, "stripe", "adyen")},
+                "failures": stats.failures(), "in_flight": ["x"] if stats is one else ["x", "y"],
+                "in_flight_count": 1 if stats is one else 2, "retry_budget_left": 2.5,
+                "bulkheads": {"stripe": {"active": 1, "waiting": 0, "max_concurrent": 8, "max_queue": 4}}}
+
+    host = HostFigures.of(orjson.loads(orjson.dumps([report(one), report(two)])), workers=2)  # as they travel
+    for key in (GATEWAY, "stripe", "adyen"):
+        assert host.traffic[key].summary(60) == both.summary(key), key
+    assert one.summary("stripe")["payments"] < both.summary("stripe")["payments"]
+    assert sorted(f["payment_id"] for f in host.failures) == sorted(f["payment_id"] for f in both.failures())
+    assert [f["at"] for f in host.failures] == sorted((f["at"] for f in host.failures), reverse=True)
+    assert (host.in_flight, host.in_flight_count, host.retry_budget_left) == ({"x", "y"}, 3, 5.0)
+    assert host.bulkheads["stripe"] == {"active": 2, "waiting": 0, "max_concurrent": 16, "max_queue": 8}
+    assert host.who() == {"workers": 2, "reporting": 2, "missing": []}
 
 
 def test_percentile_of_a_log_histogram() -> None:

@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import time
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -32,26 +33,36 @@ from gateway.journal.records import OutboxLine
 from gateway.journal.postgres import PostgresStore
 from gateway.txlog.outbox import OutboxPass, TransactionLog, logged_ids
 from gateway.txlog.writer import JsonLinesWriter
-from gateway.workers import worker_log_file
+from gateway.workers import WorkerSeat, worker_log_file
+from gateway.workers.peers import SeatPeers
 from tests.conftest import AUTH, card_payment, engine_config_data, idem
+from tests.test_console import next_event
 from tests.test_txlog_outbox import final_record
 
 GRACE_S = 3.0
 WAIT_S = 10.0
+ADMIN_KEY = "test-workers-admin-key"
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+WITH_ADMIN = {"clients": [{"name": "checkout", "key_env": "GATEWAY_KEY_CHECKOUT"},
+                          {"name": "ops", "key_env": "GATEWAY_KEY_ADMIN", "permissions": ["admin"]}]}
 
 
 class Host:
-    """A supervisor with two workers, its stderr (the ops lines) in `log`."""
+    """A supervisor with two workers (or, with `workers=1`, one plain process), its stderr (the
+    ops lines) in `log`."""
 
-    def __init__(self, tmp_path: Path, data: dict[str, Any]) -> None:
+    def __init__(self, home: Path, data: dict[str, Any], workers: int = 2) -> None:
         port = free_port("127.0.0.1")
         data["server"] = {"host": "127.0.0.1", "port": port, "shutdown_grace_s": GRACE_S}
-        config = tmp_path / "gateway.yaml"
+        home.mkdir(parents=True, exist_ok=True)
+        config = home / "gateway.yaml"
         config.write_text(yaml.safe_dump(data))
         self.url = f"http://127.0.0.1:{port}"
         self.log_dir = Path(data["log"]["dir"])
-        self.log = tmp_path / "serve.log"
-        self.process = GatewayProcess(config, self.url, {}, self.log, args=("--workers", "2"))
+        self.log = home / "serve.log"
+        self.workers = workers
+        self.process = GatewayProcess(config, self.url, {}, self.log,
+                                      args=("--workers", str(workers)) if workers > 1 else ())
 
     def ops(self, event: str) -> list[dict[str, Any]]:
         found = []
@@ -64,7 +75,8 @@ class Host:
 
     async def start(self) -> None:
         await self.process.start()
-        await eventually(lambda: len(self.ops("worker_ready")) >= 2, "both workers serve")
+        if self.workers > 1:
+            await eventually(lambda: len(self.ops("worker_ready")) >= self.workers, "every worker serves")
 
     def worker_pids(self) -> dict[int, int]:
         """worker index -> the pid of its latest start."""
@@ -114,8 +126,10 @@ async def host(tmp_path: Path, dev_certs: DevCertLayout,
                stripes: dict[str, EmulatorServer]) -> AsyncIterator[Callable[..., Awaitable[Host]]]:
     started: list[Host] = []
 
-    async def make(**changes: Any) -> Host:
-        h = Host(tmp_path, engine_config_data(tmp_path, dev_certs, stripes, ("primary", "backup"), **changes))
+    async def make(home: str = "", workers: int = 2, **changes: Any) -> Host:
+        """`home`: a directory of its own under tmp_path (config, journal, logs) for a second process."""
+        where = tmp_path / home
+        h = Host(where, engine_config_data(where, dev_certs, stripes, ("primary", "backup"), **changes), workers)
         started.append(h)
         await h.start()
         return h
@@ -255,6 +269,108 @@ async def test_a_breaker_tripped_in_one_worker_is_skipped_by_the_other_and_metri
             await session.close()
 
 
+# -- with breaker_sync: redis, every worker is a replica of the fleet's sync ------------------------
+
+REDIS_URL = os.environ.get("GATEWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+RESET_S = 1.0  # short: a hold must outlast it (no trial call while held), a plain open does not
+
+
+@pytest.fixture
+async def redis_fleet(pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[dict[str, Any]]:
+    """Config changes for processes of one fleet: one PostgreSQL schema, one Redis key prefix."""
+    from redis import asyncio as aioredis
+
+    prefix = f"gateway-test:{uuid.uuid4().hex}"
+    monkeypatch.setenv("GATEWAY_PG_DSN", pg_dsn)
+    monkeypatch.setenv("GATEWAY_REDIS_URL", REDIS_URL)
+    monkeypatch.setenv("GATEWAY_KEY_ADMIN", ADMIN_KEY)
+    try:
+        yield {"auth": WITH_ADMIN, "storage": {"backend": "postgres"},
+               "breaker_sync": {"backend": "redis", "channel_prefix": prefix},
+               "providers": {"primary": {"breaker": {"fail_max": 2, "reset_timeout_s": RESET_S}}}}
+    finally:
+        redis = aioredis.from_url(REDIS_URL)
+        try:
+            await redis.delete(f"{prefix}:state", f"{prefix}:holds")
+        finally:
+            await redis.aclose()
+
+
+async def test_with_redis_sync_a_trip_and_a_hold_reach_every_worker_and_the_other_replica(
+        host, stripes, redis_fleet) -> None:
+    h = await host(**redis_fleet)
+    replica = await host(home="replica", workers=1, **redis_fleet)
+    pinned, _ = await sessions_per_worker(h)
+    async with fresh_session() as other:
+        everyone = {"worker 1": (pinned[1], h.url), "worker 2": (pinned[2], h.url), "replica": (other, replica.url)}
+
+        async def all_see(what: str, check: Callable[[dict[str, Any]], bool]) -> float:
+            """Seconds until every process shows it."""
+            started = time.monotonic()
+            for name, (session, url) in everyone.items():
+                await eventually(lambda: _primary_is(session, url, check), f"{what} reaches {name}", timeout=5.0)
+            return time.monotonic() - started
+
+        try:
+            for name, (session, url) in everyone.items():  # each worker its own subscriber, none through a hub
+                async with session.get(f"{url}/readyz") as resp:
+                    assert (await resp.json())["breaker_sync"] == {"status": "ok"}, name
+            async with pinned[1].get(f"{h.url}/metrics") as resp:
+                assert _sample(await resp.text(), "gateway_breaker_sync_connected") == 1
+            assert h.ops("workers_started")[0]["breaker_hub"] is False
+
+            # A trip on worker 1 (primary fails twice: the retry) is every process's.
+            await stripes["primary"].set_outage(True)
+            status, doc = await pay(pinned[1], h.url)
+            assert status == 201 and doc["provider"] == "backup"
+            await stripes["primary"].set_outage(False)
+            assert await all_see("the trip", lambda p: p["breaker"] == "open") < 1.0, "within a second"
+
+            # An operator's hold set on the other replica holds every worker past the reset timeout.
+            held = await _console_breaker(other, replica.url, "open")
+            assert held["state"] == "open"
+            await asyncio.sleep(RESET_S + 0.2)  # a breaker only tripped would let its trial call through now
+            await all_see("the hold", lambda p: p["breaker"] == "open" and p["usable"] is False)
+            status, doc = await pay(pinned[2], h.url)
+            assert status == 201 and [(a["provider"], a["raw_code"]) for a in doc["attempts"]] == [
+                ("primary", "breaker_open"), ("backup", "succeeded")]
+
+            # A worker restarted in its seat reads the hold from Redis before it serves.
+            old = h.worker_pids()[2]
+            os.kill(old, signal.SIGKILL)
+            await eventually(lambda: h.worker_pids()[2] != old, "worker 2 is restarted and serves")
+            await pinned.pop(2).close()
+            while 2 not in pinned:
+                more, _ = await sessions_per_worker(h)
+                await more.pop(1).close()
+                pinned.update(more)
+            everyone["worker 2"] = (pinned[2], h.url)
+            assert await _primary_is(pinned[2], h.url, lambda p: p["breaker"] == "open" and p["usable"] is False)
+
+            # Released on worker 1: closed everywhere, and primary takes payments again.
+            released = await _console_breaker(pinned[1], h.url, "closed")
+            assert released["state"] == "closed"
+            await all_see("the release", lambda p: p["breaker"] == "closed" and p["usable"] is True)
+            for session, url in everyone.values():
+                status, doc = await pay(session, url)
+                assert status == 201 and doc["provider"] == "primary"
+        finally:
+            for session in pinned.values():
+                await session.close()
+
+
+async def _primary_is(session: aiohttp.ClientSession, url: str, check: Callable[[dict[str, Any]], bool]) -> bool:
+    async with session.get(f"{url}/readyz") as resp:
+        return check((await resp.json())["providers"]["primary"])
+
+
+async def _console_breaker(session: aiohttp.ClientSession, url: str, state: str) -> dict[str, Any]:
+    async with session.post(f"{url}/console/actions/breaker", headers=ADMIN,
+                            json={"provider": "primary", "state": state, "confirm": True}) as resp:
+        assert resp.status == 200, await resp.text()
+        return await resp.json()  # type: ignore[no-any-return]
+
+
 async def _is_open(session: aiohttp.ClientSession, url: str) -> bool:
     async with session.get(f"{url}/readyz") as resp:
         return (await resp.json())["providers"]["primary"]["breaker"] == "open"
@@ -265,6 +381,75 @@ def _sample(text: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[-1])
     raise AssertionError(f"no sample {name} in /metrics")
+
+
+# -- the console on any worker shows the whole host's traffic ----------------------------------------
+
+
+async def test_the_console_on_either_worker_shows_the_whole_hosts_traffic(host, stripes, monkeypatch) -> None:
+    monkeypatch.setenv("GATEWAY_KEY_ADMIN", ADMIN_KEY)
+    h = await host(auth=WITH_ADMIN)
+    pinned, paid = await sessions_per_worker(h)  # `paid` approved at primary, on both workers
+    try:
+        for session, count in ((pinned[1], 3), (pinned[2], 2)):
+            for _ in range(count):
+                status, doc = await pay(session, h.url)
+                assert status == 201 and doc["provider"] == "primary"
+        await stripes["primary"].set_outage(True)
+        status, failed_over = await pay(pinned[2], h.url)  # worker 2 alone sees primary fail
+        await stripes["primary"].set_outage(False)
+        assert status == 201 and failed_over["provider"] == "backup"
+        total = paid + 6
+
+        for worker, session in pinned.items():  # each session's last request: the stream keeps its connection
+            async with session.get(f"{h.url}/console/events", headers=ADMIN) as stream:
+                assert stream.status == 200
+                for _ in range(5):  # a worker busy elsewhere may miss one snapshot: it is named, not waited for
+                    snap = await next_event(stream)
+                    if snap["host"]["reporting"] == 2:
+                        break
+            assert snap["host"] == {"workers": 2, "reporting": 2, "missing": []}, worker
+            g = snap["gateway"]
+            assert (g["payments"], g["approved"], g["in_flight"], g["unresolved"]) == (total, total, 0, 0), worker
+            providers = {p["name"]: p["stats"] for p in snap["providers"]}
+            assert (providers["primary"]["payments"], providers["primary"]["approved"]) == (total, total - 1)
+            assert (providers["backup"]["payments"], providers["backup"]["approved"]) == (1, 1)
+            assert providers["primary"]["failovers_per_min"] == 1
+            assert sum(step[0] for step in providers["primary"]["series"]) == total
+            failure = snap["failures"][0]  # made on worker 2, shown on both
+            assert (failure["payment_id"], failure["provider"], failure["outcome"]) == \
+                (failed_over["id"], "primary", "unavailable"), worker
+            assert all(b["bulkhead"]["active"] == 0 for b in snap["providers"])
+            assert snap["providers"][0]["bulkhead"]["max_concurrent"] > 0
+    finally:
+        for session in pinned.values():
+            await session.close()
+
+
+async def test_a_seat_that_is_gone_or_stuck_is_named_missing_within_the_timeout(tmp_path: Path) -> None:
+    seats = [WorkerSeat(i, tmp_path, workers=3) for i in (1, 2, 3)]
+    one, two = SeatPeers(seats[0]), SeatPeers(seats[1], timeout_s=0.3)
+    await one.start(lambda: {"seat": 1})
+    await two.start(lambda: {"seat": 2})
+    held: list[asyncio.StreamWriter] = []
+
+    async def never_answers(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    stuck = await asyncio.start_unix_server(never_answers, path=str(seats[2].seat_socket()))
+    try:
+        started = time.monotonic()
+        answers = await two.ask()
+        assert time.monotonic() - started < 1.0
+        assert (answers.reports, answers.missing) == ([{"seat": 1}], [3])
+        assert (await one.ask()).reports == [{"seat": 2}]
+        await one.close()
+        assert (await two.ask()).missing == [1, 3]  # gone: refused at once
+    finally:
+        for writer in held:
+            writer.close()
+        stuck.close()
+        await two.close()
 
 
 # -- a dead worker's outbox lines: written once, by the worker restarted in its seat ---------------

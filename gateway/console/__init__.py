@@ -6,12 +6,13 @@ retry budget left; certificates with days left; the last failures with their cla
 reason. It updates live over server-sent events, and lets an operator force a breaker open or
 closed and wake the reconciler, each with a confirmation and an audit line in the ops log.
 
-`setup_console(app)` adds it to the app; `ConsoleStats` is the sliding
-window the payment service feeds.
+`Console` (console.py) is its state, handed what it shows by the composition root
+(`gateway.app`); `routes.add_routes(app)` adds its handlers; `ConsoleStats` (stats.py) is the
+sliding window the payment service feeds.
 """
 
-from gateway.console.routes import Console, setup_console
+from gateway.console.console import Console
 from gateway.console.session import COOKIE, SessionSigner
 from gateway.console.stats import ConsoleStats
 
-__all__ = ["COOKIE", "Console", "ConsoleStats", "SessionSigner", "setup_console"]
+__all__ = ["COOKIE", "Console", "ConsoleStats", "SessionSigner"]

@@ -25,9 +25,6 @@ import asyncio
 import contextlib
 import html
 import time
-from collections import deque
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -35,21 +32,13 @@ import orjson
 from aiohttp import web
 from pydantic import StrictBool
 
-from gateway.api.auth import Caller
 from gateway.api.errors import ApiError, json_response
 from gateway.api.inputs import json_body
 from gateway.api.schemas import Body
-from gateway.app_keys import AUTH, CERT_WATCHER, CONFIG, CONSOLE, CONSOLE_ASSETS, OPS_LOG, POOL, RECONCILER, REDACTOR, SERVICE, STORE
-from gateway.console.session import COOKIE, COOKIE_PATH, SessionSigner
-from gateway.console.stats import GATEWAY, ConsoleStats
+from gateway.app_keys import CONSOLE, CONSOLE_ASSETS, OPS_LOG, POOL, RECONCILER, REDACTOR
+from gateway.console.assets import ASSETS
+from gateway.console.session import COOKIE, COOKIE_PATH
 
-STATIC_DIR = Path(__file__).parent / "static"
-ASSETS = {"console.js": "application/javascript", "console.css": "text/css"}
-SNAPSHOT_INTERVAL_S = 1.0
-MIN_REBUILD_S = 0.2  # streams share a snapshot built less than this long ago (unless a breaker moved)
-PENDING_REFRESH_S = 2.0  # how often the unresolved payments are counted in the store
-PENDING_LIMIT = 1000  # counted up to this many ("1000+")
-MAX_STREAMS = 32
 MAX_STREAM_S = 15 * 60  # then the browser reconnects (and the session is checked again)
 
 SECURITY_HEADERS = {
@@ -72,143 +61,7 @@ class ReconcileAction(Body):
     confirm: StrictBool = False
 
 
-class Console:
-    """The console's state: the stats window, the sessions, the open streams and the snapshot
-    they share. Created by `setup_console`; wired to the service and breakers at start."""
-
-    def __init__(self, app: web.Application, *, stats: ConsoleStats | None = None,
-                 interval_s: float = SNAPSHOT_INTERVAL_S, max_streams: int = MAX_STREAMS) -> None:
-        self.app = app
-        self.stats = stats or ConsoleStats()
-        self.sessions = SessionSigner(app[CONFIG].auth.clients)
-        self.interval_s = interval_s
-        self.max_streams = max_streams
-        self.streams: set[asyncio.Event] = set()
-        self.breaker_changes: deque[dict[str, Any]] = deque(maxlen=20)
-        self.closed = False
-        self._snapshot: bytes | None = None
-        self._snapshot_at = 0.0
-        self._unresolved: tuple[int | None, bool] = (None, False)
-        self._unresolved_at = -PENDING_REFRESH_S
-
-    # -- wiring ---------------------------------------------------------------------------------
-
-    def breaker_changed(self, provider: str, old: str, new: str) -> None:
-        """A breaker listener: remember the change and push a snapshot now."""
-        self.breaker_changes.append({"at": time.time(), "provider": provider, "from": old, "to": new})
-        self.poke()
-
-    def poke(self) -> None:
-        self._snapshot = None
-        for wake in self.streams:
-            wake.set()
-
-    def close(self) -> None:
-        """End every stream (on shutdown: before the server waits for handlers to finish)."""
-        self.closed = True
-        self.poke()
-
-    # -- authentication -------------------------------------------------------------------------
-
-    def authenticate(self, request: web.Request) -> tuple[Caller, str]:
-        """(caller, "bearer" | "session"); 401 without credentials, 403 for a non-admin key."""
-        if "Authorization" in request.headers:
-            return request.app[AUTH].caller(request, "admin"), "bearer"
-        cookie = request.cookies.get(COOKIE)
-        if cookie:
-            caller = self.sessions.verify(cookie)
-            if caller is not None:
-                return caller, "session"
-        raise ApiError(401, "unauthenticated",
-                       "the console needs an admin API key: Authorization: Bearer <key>, or sign in at /console",
-                       headers={"WWW-Authenticate": "Bearer"})
-
-    def set_session(self, response: web.StreamResponse, request: web.Request, caller: Caller) -> None:
-        response.set_cookie(COOKIE, self.sessions.issue(caller), max_age=self.sessions.ttl_s, path=COOKIE_PATH,
-                            httponly=True, samesite="Strict", secure=request.secure)
-
-    # -- the snapshot ---------------------------------------------------------------------------
-
-    async def snapshot(self) -> bytes:
-        now = time.monotonic()
-        if self._snapshot is not None and now - self._snapshot_at < MIN_REBUILD_S:
-            return self._snapshot
-        doc = await self.build_snapshot()
-        self._snapshot, self._snapshot_at = orjson.dumps(doc), now
-        return self._snapshot
-
-    async def unresolved(self, *, fresh: bool = False) -> tuple[int | None, bool]:
-        """Payments awaiting the reconciler (pending, or attempting with no request in flight):
-        (count, capped at PENDING_LIMIT). Counted in the store at most every PENDING_REFRESH_S."""
-        now = time.monotonic()
-        if fresh or now - self._unresolved_at >= PENDING_REFRESH_S:
-            self._unresolved_at = now
-            try:
-                records = await self.app[STORE].unresolved_payments(limit=PENDING_LIMIT)
-            except Exception:  # noqa: BLE001 - the console shows the store's trouble as "?", it does not add to it
-                self._unresolved = (None, False)
-            else:
-                in_flight = self.app[SERVICE].in_flight
-                self._unresolved = (sum(1 for r in records if r.id not in in_flight), len(records) >= PENDING_LIMIT)
-        return self._unresolved
-
-    async def build_snapshot(self) -> dict[str, Any]:
-        app = self.app
-        service = app[SERVICE]
-        unresolved, capped = await self.unresolved()
-        gateway = self.stats.summary(GATEWAY)
-        gateway.update(in_flight=len(service.in_flight), unresolved=unresolved, unresolved_capped=capped,
-                       retry_budget_left=round(service.executor.budget.remaining(), 1))
-        providers = []
-        for handle in app[POOL]:
-            breaker = handle.breaker
-            reason = handle.unusable_reason()
-            providers.append({
-                "name": handle.name,
-                "kind": handle.config.kind,
-                "usable": reason is None,
-                "unusable_reason": reason,
-                "certificate_problem": handle.certificate_problem,
-                "breaker": {"state": breaker.state, "changed_at": breaker.changed_at,
-                            "allows_call": breaker.allows_call(), "fail_max": handle.config.breaker.fail_max,
-                            "reset_timeout_s": handle.config.breaker.reset_timeout_s},
-                "bulkhead": {"active": handle.bulkhead.active, "max_concurrent": handle.bulkhead.max_concurrent,
-                             "waiting": handle.bulkhead.waiting, "max_queue": handle.bulkhead.max_queue},
-                "stats": self.stats.summary(handle.name),
-            })
-        watcher = app.get(CERT_WATCHER)
-        reports = sorted(watcher.reports if watcher is not None else [], key=lambda r: r.days_left)
-        certificates = [_certificate(r.to_dict()) for r in reports]
-        return {
-            "ts": time.time(),
-            "window_s": self.stats.window_s,
-            "rate_window_s": self.stats.rate_window_s,
-            "series_step_s": self.stats.series_step_s,
-            "gateway": gateway,
-            "providers": providers,
-            "certificates": certificates,
-            "failures": self.stats.failures(),
-            "breaker_changes": list(reversed(self.breaker_changes)),
-        }
-
-
-def _certificate(doc: dict[str, Any]) -> dict[str, Any]:
-    keep = ("provider", "kind", "subject", "location", "days_left", "not_after", "status", "error")
-    return {k: doc[k] for k in keep}
-
-
 # -- handlers ------------------------------------------------------------------------------------
-
-
-class ConsoleAssets:
-    """The static files, read once at start-up in a thread (never per request, never on the loop)."""
-
-    def __init__(self) -> None:
-        self.files = {name: (STATIC_DIR / name).read_bytes() for name in ASSETS}
-        self.page = (STATIC_DIR / "console.html").read_text(encoding="utf-8")
-        self.login = (STATIC_DIR / "login.html").read_text(encoding="utf-8")
-
-
 
 
 def _html(body: str, status: int = 200) -> web.Response:
@@ -355,29 +208,17 @@ async def reconcile_action(request: web.Request) -> web.Response:
 # -- wiring --------------------------------------------------------------------------------------
 
 
-def setup_console(app: web.Application, *, stats: ConsoleStats | None = None) -> None:
-    """Add the console to an app built by `gateway.app.build_app` (after its service context):
-    routes, the static files (read in a thread at start-up), the stats observer on the payment
-    service, a listener on every breaker, and the streams closed on shutdown."""
-    app[CONSOLE] = Console(app, stats=stats)
-
-    async def console_ctx(app: web.Application) -> AsyncIterator[None]:
-        app[CONSOLE_ASSETS] = await asyncio.to_thread(ConsoleAssets)
-        console = app[CONSOLE]
-        service = app[SERVICE]
-        service.observers.append(console.stats.observe)
-        for handle in app[POOL]:
-            handle.breaker.listeners.append(console.breaker_changed)
-        yield
-        console.close()
-        with contextlib.suppress(ValueError):
-            service.observers.remove(console.stats.observe)
+def add_routes(app: web.Application) -> None:
+    """The console's routes. The `Console` and its assets are the composition root's
+    (`gateway.app`), created once the payment service runs; the streams end on shutdown, before
+    the server waits for its handlers."""
 
     async def close_streams(app: web.Application) -> None:
-        app[CONSOLE].close()
+        console = app.get(CONSOLE)
+        if console is not None:
+            console.close()
 
-    app.cleanup_ctx.append(console_ctx)
-    app.on_shutdown.append(close_streams)  # before the server waits for handlers: end the streams
+    app.on_shutdown.append(close_streams)
     app.router.add_get("/console", page)
     app.router.add_post("/console/login", login)
     app.router.add_post("/console/logout", logout)

@@ -3,7 +3,9 @@
 The payment service calls `ConsoleStats.observe` once per logged transaction (the same place
 that writes the transaction log line), so the window sees every payment exactly once. Per
 provider and per second it keeps counters and a latency histogram; a snapshot (about once a
-second, only while someone watches) folds the seconds of the window together.
+second, only while someone watches) folds the seconds of the window together into a `Traffic`
+per provider. A `Traffic` is sums only, so the workers of one host add theirs into the host's
+(`gateway.console.host`) with nothing lost: the host's percentiles come from the summed bins.
 
 Bounded by construction: one bucket per provider per second of the window, each histogram at
 most `_BINS` entries, the last failures in a fixed-size deque. `observe` is O(attempts) and
@@ -91,6 +93,72 @@ class _Tally:
         self.skipped += other.skipped
         self.outcomes.update(other.outcomes)
         self.latency.update(other.latency)
+
+    def to_wire(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {name: getattr(self, name) for name in _COUNTS}
+        doc["outcomes"] = dict(self.outcomes)
+        doc["latency"] = sorted(self.latency.items())  # [[bin, count], ...]: JSON keys are strings
+        return doc
+
+    @classmethod
+    def from_wire(cls, doc: Mapping[str, Any]) -> _Tally:
+        tally = cls(0, **{name: int(doc[name]) for name in _COUNTS})
+        tally.outcomes.update({str(k): int(v) for k, v in doc["outcomes"].items()})
+        tally.latency.update({int(b): int(n) for b, n in doc["latency"]})
+        return tally
+
+
+_COUNTS = ("payments", "approved", "declined", "pending", "failed", "attempts", "retries", "failovers", "skipped")
+
+
+@dataclass(slots=True)
+class Traffic:
+    """One provider's (or the gateway's) figures before they are rendered: the window folded,
+    the rate window folded, and the series. Every part is a sum, so the windows of several
+    processes add up to exactly the window of all their traffic (histograms included: the
+    host's p99 is computed from the summed bins, never averaged)."""
+
+    window: _Tally
+    recent: _Tally
+    series: list[list[int]]  # [payments, approved] per step, oldest first
+
+    def add(self, other: Traffic) -> None:
+        self.window.add(other.window)
+        self.recent.add(other.recent)
+        for mine, theirs in zip(self.series, other.series):
+            mine[0] += theirs[0]
+            mine[1] += theirs[1]
+
+    def summary(self, rate_window_s: int) -> dict[str, Any]:
+        """JSON-ready, as the console shows it."""
+        window, recent = self.window, self.recent
+        per_min = 60.0 / rate_window_s
+        p50, p99 = percentile(window.latency, 0.50), percentile(window.latency, 0.99)
+        return {
+            "payments": window.payments,
+            "approved": window.approved,
+            "declined": window.declined,
+            "pending": window.pending,
+            "failed": window.failed,
+            "approval_rate": window.approved / window.payments if window.payments else None,
+            "attempts": window.attempts,
+            "latency_p50_ms": round(p50, 1) if p50 is not None else None,
+            "latency_p99_ms": round(p99, 1) if p99 is not None else None,
+            "outcomes": dict(window.outcomes),
+            "failovers_per_min": round(recent.failovers * per_min, 1),
+            "retries_per_min": round(recent.retries * per_min, 1),
+            "skipped_per_min": round(recent.skipped * per_min, 1),
+            "payments_per_min": round(recent.payments * per_min, 1),
+            "series": [list(step) for step in self.series],
+        }
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"window": self.window.to_wire(), "recent": self.recent.to_wire(), "series": self.series}
+
+    @classmethod
+    def from_wire(cls, doc: Mapping[str, Any]) -> Traffic:
+        return cls(_Tally.from_wire(doc["window"]), _Tally.from_wire(doc["recent"]),
+                   [[int(p), int(a)] for p, a in doc["series"]])
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,30 +298,20 @@ class ConsoleStats:
                 slot[1] += tally.approved
         return series
 
+    @property
+    def keys(self) -> list[str]:
+        """The providers (and `GATEWAY`) seen in the window."""
+        return list(self._tallies)
+
+    def traffic(self, key: str) -> Traffic:
+        """The window for one provider (or `GATEWAY`), folded."""
+        now_s = int(self._clock())
+        return Traffic(self._fold(key, now_s, self.window_s), self._fold(key, now_s, self.rate_window_s),
+                       self._series(key, now_s))
+
     def summary(self, key: str) -> dict[str, Any]:
         """The window for one provider (or `GATEWAY`), JSON-ready."""
-        now_s = int(self._clock())
-        window = self._fold(key, now_s, self.window_s)
-        recent = self._fold(key, now_s, self.rate_window_s)
-        per_min = 60.0 / self.rate_window_s
-        p50, p99 = percentile(window.latency, 0.50), percentile(window.latency, 0.99)
-        return {
-            "payments": window.payments,
-            "approved": window.approved,
-            "declined": window.declined,
-            "pending": window.pending,
-            "failed": window.failed,
-            "approval_rate": window.approved / window.payments if window.payments else None,
-            "attempts": window.attempts,
-            "latency_p50_ms": round(p50, 1) if p50 is not None else None,
-            "latency_p99_ms": round(p99, 1) if p99 is not None else None,
-            "outcomes": dict(window.outcomes),
-            "failovers_per_min": round(recent.failovers * per_min, 1),
-            "retries_per_min": round(recent.retries * per_min, 1),
-            "skipped_per_min": round(recent.skipped * per_min, 1),
-            "payments_per_min": round(recent.payments * per_min, 1),
-            "series": self._series(key, now_s),
-        }
+        return self.traffic(key).summary(self.rate_window_s)
 
     def failures(self, limit: int = 15) -> list[dict[str, Any]]:
         """The most recent failures first."""

@@ -12,7 +12,10 @@ taken fails the start once, clearly). Each worker runs the ordinary `build_app` 
 - Prometheus multiprocess mode (`PROMETHEUS_MULTIPROC_DIR` in the supervisor's runtime
   directory), so `/metrics` on any worker shows the host's totals;
 - when `breaker_sync.backend` is `none`, breaker trips and operator holds shared through the
-  supervisor's hub on a Unix socket (`gateway.workers.hub`, `gateway.workers.link`).
+  supervisor's hub on a Unix socket (`gateway.workers.hub`, `gateway.workers.link`); with
+  `redis`, each worker is a replica of the fleet's Redis sync like any other process;
+- a seat socket (`gateway.workers.peers`) on which the worker tells the others, when asked, what
+  only it knows (the console's traffic window), so the console on any worker shows the host.
 """
 
 from __future__ import annotations
@@ -33,12 +36,17 @@ def worker_log_file(name: str, index: int) -> str:
 @dataclass(frozen=True, slots=True)
 class WorkerSeat:
     """Worker `index` (1..N, kept across restarts) of the supervisor whose runtime directory is
-    `runtime_dir`. `breaker_socket` is the hub's socket, None when breakers are shared otherwise
-    (Redis) or not at all."""
+    `runtime_dir`, one of `workers`. `breaker_socket` is the hub's socket, None when breakers
+    are shared otherwise (Redis) or not at all."""
 
     index: int
     runtime_dir: Path
     breaker_socket: Path | None = None
+    workers: int = 1  # seats on this host
+
+    def seat_socket(self, index: int | None = None) -> Path:
+        """Where seat `index` (this one by default) answers the others (`gateway.workers.peers`)."""
+        return self.runtime_dir / f"seat-{self.index if index is None else index}.sock"
 
     @property
     def metrics_dir(self) -> Path:

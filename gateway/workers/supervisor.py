@@ -2,8 +2,8 @@
 stops them all.
 
 - The listening socket is bound here, once, and inherited by every worker (see the package
-  docstring). The runtime directory (Prometheus value files, the breaker hub's socket) is
-  created here and removed at exit.
+  docstring). The runtime directory (Prometheus value files, the breaker hub's socket, the
+  workers' seat sockets) is created here, private to this user, and removed at exit.
 - A worker that dies is started again in its seat (same index, same transaction log file) after
   a backoff that doubles per quick death up to `MAX_BACKOFF_S` and resets once a worker has
   served for `STABLE_AFTER_S`; each restart is an ops line `worker_restarted` with the exit code
@@ -105,7 +105,7 @@ class Supervisor:
         if hub is not None:
             await hub.start()
         socket_path = hub.path if hub is not None else None
-        self._slots = [_Slot(WorkerSeat(i, runtime, socket_path)) for i in range(1, self._workers + 1)]
+        self._slots = [_Slot(WorkerSeat(i, runtime, socket_path, self._workers)) for i in range(1, self._workers + 1)]
         keepers = [asyncio.create_task(self._keep(slot, sock), name=f"worker-{slot.seat.index}")
                    for slot in self._slots]
         self._log.info("workers_started", workers=self._workers, host=self._host, port=self._port,

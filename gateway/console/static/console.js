@@ -206,7 +206,9 @@
     renderFailures(snap.failures);
     renderCertificates(snap.certificates);
     renderChanges(snap.breaker_changes);
-    $("updated").textContent = `updated ${clock(snap.ts)}`;
+    const host = snap.host;
+    const workers = host.workers > 1 ? ` · ${host.reporting} of ${host.workers} workers` : "";
+    $("updated").textContent = `updated ${clock(snap.ts)}${workers}`;
   }
 
   // -- the stream ------------------------------------------------------------------------------
