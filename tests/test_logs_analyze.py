@@ -19,7 +19,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from gateway.analysis.commands import logs_app
+from gateway.cli.logs import logs_app
 from gateway.analysis.report import analyze, format_window, parse_bucket, parse_time
 from gateway.analysis.view import LogFilesNotFound, TimeRange, open_log, resolve_paths
 from gateway.config import parse_config

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from gateway.analysis.commands import logs_app
+from gateway.cli.logs import logs_app
 from gateway.cli.certs import certs_app
 from gateway.cli.db import db_app
 from gateway.cli.errors import fail, load_or_exit
