@@ -49,7 +49,13 @@ import yaml
 
 from emulators.server import EmulatorServer
 from gateway.certs.devca import generate_dev_certs
-from gateway.drill.crash import _Checkout, _pay, _Progress, _settle
+from gateway.drill.crash import (
+    _charged_at_other_provider,
+    _Checkout,
+    _pay,
+    _Progress,
+    _settle,
+)
 from gateway.drill.fleet_report import (
     read_lines,
     read_postgres_journal,
@@ -71,7 +77,7 @@ from gateway.drill.fleet_services import (
 )
 from gateway.drill.follow_ups import PENDING_STATUSES, FollowUpTally, FollowUpTarget, _post, _settled, run_follow_ups
 from gateway.drill.process import GatewayProcess, free_port, run_gateway_command
-from gateway.drill.report import summarize
+from gateway.drill.report import charges_of, summarize
 from gateway.drill.runner import (
     HOST,
     DrillOptions,
@@ -95,7 +101,7 @@ DEFAULT_PG_DSN = "postgresql://gateway:gateway@127.0.0.1:5432/gateway_test"
 PG_DSN_ENV = "GATEWAY_DRILL_PG_DSN"
 REDIS_URL_ENV = "GATEWAY_DRILL_REDIS_URL"
 POOL_MAX = 4  # per process: replicas x workers x 4 stays far below a shared server's max_connections
-LOG_MAX_BYTES = 256 * 1024  # small, so every replica's log rotates (and gzips) under load
+LOG_MAX_BYTES = 64 * 1024  # small (about 50 lines), so every replica's log rotates (and gzips) under load
 MIN_LOAD_S = 20.0  # the payments are spread over at least this long ...
 PACE_PER_S = 60.0  # ... or N / this, so every event below lands under load
 RACE_EVERY = 3  # one approved payment in this many: capture and refund at once, via two replicas
@@ -496,7 +502,8 @@ async def run_fleet_drill(options: DrillOptions | None = None, *,
         ledger = ledger_view(servers)
         journal = await read_postgres_journal(dsn, setup.reference_prefix)
 
-    lines = await asyncio.to_thread(lambda: list(read_lines(transaction_files(r.log_dir for r in replicas))))
+    files = transaction_files(r.log_dir for r in replicas)
+    lines = await asyncio.to_thread(lambda: list(read_lines(files)))
     by_id = {d["id"]: d for d in journal}
     seen = [ms for ms in chaos.breaker.values() if ms is not None]
     extra.update({
@@ -512,6 +519,9 @@ async def run_fleet_drill(options: DrillOptions | None = None, *,
         "schema": {"start": begin_at, "after": _final_version(chaos), "latest": latest},
         "racing": {"payments": len(follow_ups.racing), "refunds_first_409": follow_ups.race_refund_409,
                    "refunds_made": sum(1 for pid in follow_ups.racing if by_id.get(pid, {}).get("refunded_amount"))},
+        "charged_at_other_provider": _charged_at_other_provider(charges_of(ledger), by_id),
+        "txlog_files": len(files),
+        "txlog_files_rotated": sum(1 for f in files if f.suffix == ".gz"),
         **follow_ups.tally.as_summary(),
         **txlog_figures(lines, journal),
     })
