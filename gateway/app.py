@@ -227,7 +227,8 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
     async def reconciler(app: web.Application) -> AsyncIterator[None]:
         rec = Reconciler(app[SERVICE], interval_s=reconcile_interval_s, log=ops,
                          abandoned_after_s=config.engine.deadline_ms / 1000 + ABANDON_MARGIN_S,
-                         in_flight_s=config.engine.provider_in_flight_s, lookup_lag_s=config.engine.lookup_lag_s)
+                         in_flight_s=config.engine.provider_in_flight_s, lookup_lag_s=config.engine.lookup_lag_s,
+                         owner=f"reconciler:{app[TRANSACTION_LOG].owner}")  # a restart in place renews its leases
         app[RECONCILER] = rec
         # Whatever a crash left behind. A process that owns its store alone knows every
         # unanswered row is an orphan; on a shared store another replica may still own it.
