@@ -15,7 +15,6 @@ import asyncio
 import os
 import secrets
 import signal
-import subprocess
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -46,16 +45,16 @@ class RedisServer:
 
     def __init__(self) -> None:
         self.port = free_port(HOST)
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._proc: asyncio.subprocess.Process | None = None
 
     @property
     def url(self) -> str:
         return f"redis://{HOST}:{self.port}/0"
 
     async def start(self) -> None:
-        self._proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", HOST, "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self._proc = await asyncio.create_subprocess_exec(
+            "redis-server", "--port", str(self.port), "--bind", HOST, "--save", "", "--appendonly", "no",
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
         client = aioredis.from_url(self.url, socket_connect_timeout=0.5)
         try:
             deadline = time.monotonic() + START_TIMEOUT_S
@@ -64,7 +63,7 @@ class RedisServer:
                     await client.ping()
                     return
                 except (RedisError, OSError):
-                    if time.monotonic() > deadline or self._proc.poll() is not None:
+                    if time.monotonic() > deadline or self._proc.returncode is not None:
                         raise FleetSetupError(f"redis-server did not start on port {self.port}") from None
                     await asyncio.sleep(0.02)
         finally:
@@ -74,8 +73,9 @@ class RedisServer:
         if self._proc is None:
             return
         proc, self._proc = self._proc, None
-        proc.terminate()
-        await asyncio.to_thread(proc.wait, START_TIMEOUT_S)
+        if proc.returncode is None:
+            proc.terminate()
+        await asyncio.wait_for(proc.wait(), START_TIMEOUT_S)
 
 
 @dataclass(frozen=True, slots=True)
