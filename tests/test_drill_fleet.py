@@ -55,7 +55,7 @@ def assert_fleet_figures(code: int, s: dict[str, Any], payments: int, workers: i
     assert s["breaker_spread_ms"] <= 1000
     assert s["failovers"] > 0 and s["charges_by_provider"].get("adyen", 0) > 0  # the outage was routed around
     kill = events["replica_sigkill"]
-    assert kill["processes_killed"] == 1 + (workers if workers > 1 else 0)  # the supervisor and its workers
+    assert kill["processes_killed"] >= 1 + (workers if workers > 1 else 0)  # the supervisor and its workers
     assert -9 in s["gateway_exit_codes"][kill["replica"]]
     assert events["postgres_sessions_terminated"]["sessions_terminated"] > 0
     roll = events["migration_and_rolling_restart"]
