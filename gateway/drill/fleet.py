@@ -48,7 +48,7 @@ import aiohttp
 import yaml
 
 from emulators.server import EmulatorServer
-from gateway.certs.devca import generate_dev_certs
+from gateway.certs.devca import DevCertLayout, generate_dev_certs
 from gateway.drill.crash import (
     _charged_at_other_provider,
     _Checkout,
@@ -94,7 +94,7 @@ from gateway.drill.runner import (
     secret_env,
     start_emulators,
 )
-from gateway.drill.scenarios import FLEET
+from gateway.drill.scenarios import FLEET, Scenario
 from gateway.journal.schema import migrations
 
 DEFAULT_PG_DSN = "postgresql://gateway:gateway@127.0.0.1:5432/gateway_test"
@@ -170,9 +170,9 @@ class Fleet:
         return [pid for r in self.replicas for pid in r.pids()]
 
 
-def _replica_config(setup: RunSetup, servers: Mapping[str, EmulatorServer], certs: Any, log_dir: Path, port: int,
-                    concurrency: int) -> dict[str, Any]:
-    data = drill_config_data(FLEET, servers, certs, log_dir, concurrency, port=port)
+def _replica_config(scenario: Scenario, setup: RunSetup, servers: Mapping[str, EmulatorServer], certs: DevCertLayout,
+                    log_dir: Path, port: int, concurrency: int) -> dict[str, Any]:
+    data = drill_config_data(scenario, servers, certs, log_dir, concurrency, port=port)
     data["storage"] = {
         "backend": "postgres", "postgres_dsn_env": PG_DSN_ENV, "auto_migrate": False, "start_wait_s": 30,
         "probe_interval_s": 0.5,
@@ -439,7 +439,7 @@ async def run_fleet_drill(options: DrillOptions | None = None, *,
             port, rdir = free_port(HOST), setup.log_dir / f"r{i}"
             rdir.mkdir(exist_ok=True)
             config_path = rdir / "gateway.yaml"
-            config_path.write_text(yaml.safe_dump(_replica_config(setup, servers, certs, rdir, port,
+            config_path.write_text(yaml.safe_dump(_replica_config(scenario, setup, servers, certs, rdir, port,
                                                                   options.concurrency), sort_keys=False))
             args = ("--workers", str(options.workers)) if options.workers > 1 else ()
             replicas.append(Replica(f"r{i}", port, rdir, config_path, GatewayProcess(
