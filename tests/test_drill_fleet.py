@@ -25,6 +25,9 @@ from gateway.journal.schema import migrations
 
 ROOT = Path(__file__).resolve().parent.parent
 LATEST = len(migrations("postgres"))
+# The fleet starts one step behind when the newest step is deferrable (0003, an index), so the
+# drill migrates live; a newer step that is not deferrable makes the live migration a no-op.
+START = LATEST - 1 if migrations("postgres")[-1].deferrable else LATEST
 EVENTS = ["primary_outage", "replica_sigkill", "redis_restart", "postgres_sessions_terminated",
           "migration_and_rolling_restart"]
 
@@ -59,7 +62,7 @@ def assert_fleet_figures(code: int, s: dict[str, Any], payments: int, workers: i
     assert -9 in s["gateway_exit_codes"][kill["replica"]]
     assert events["postgres_sessions_terminated"]["sessions_terminated"] > 0
     roll = events["migration_and_rolling_restart"]
-    assert (roll["schema_before"], roll["schema_after"]) == (LATEST - 1, LATEST) and roll["migrate_exit_code"] == 0
+    assert (roll["schema_before"], roll["schema_after"]) == (START, LATEST) and roll["migrate_exit_code"] == 0
     assert [r["exit_code"] for r in roll["replicas"]] == [0, 0, 0]  # drained, then stopped cleanly
     assert s["restarts"] == 1 + 3
 
