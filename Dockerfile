@@ -3,6 +3,8 @@
 FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY domain ./domain
+COPY emulators ./emulators
 COPY gateway ./gateway
 COPY providers ./providers
 RUN pip install --no-cache-dir --upgrade pip \

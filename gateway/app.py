@@ -63,6 +63,7 @@ from gateway.retry_policy import RetryBudget
 from gateway.router import Router
 from gateway.tasks import stop_task
 from gateway.txlog import JsonLinesWriter, build_ops_logger
+from gateway.txlog.file_lock import LogFileInUse, LogFileLock
 from gateway.txlog.outbox import TransactionLog
 from gateway.txlog.writer import LogFileUnavailable, LogWriterStalled
 from gateway.txlog.redaction import Redactor
@@ -128,10 +129,15 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
     async def log_writer(app: web.Application) -> AsyncIterator[None]:
         writer = JsonLinesWriter(Path(config.log.dir) / log_file, queue_size=config.log.queue_size,
                                  max_bytes=config.log.max_bytes)
+        lock = LogFileLock(writer.path)  # this process is the file's one writer (txlog/file_lock.py)
         try:
             await asyncio.to_thread(writer.open)  # a log that cannot be written stops us here, not later
+            await asyncio.to_thread(lock.acquire)
         except LogFileUnavailable as exc:
             raise StartupError(f"log.dir {config.log.dir}: cannot open {log_file}: {exc.problem}") from None
+        except (LogFileInUse, OSError) as exc:
+            await asyncio.to_thread(writer.close)
+            raise StartupError(f"log.dir {config.log.dir}: {exc}") from None
         writer.start()
         app[LOG_WRITER] = writer
         yield
@@ -141,6 +147,8 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
             ops.error("transaction_log_abandoned", log=str(exc.path), unwritten=exc.unwritten, reason=exc.problem,
                       detail="their lines stay in the journal's outbox and are written at the next start")
             raise
+        finally:
+            lock.release()
 
     async def store(app: web.Application) -> AsyncIterator[None]:
         s = make_store(config, app[METRICS])
@@ -175,8 +183,8 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
         await txlog.start()
         try:
             # Before serving: lines whose journal commit a crash outran, unless the file has them.
-            # A worker's file is its seat's alone: what its predecessor left is orphaned now.
-            await txlog.recover(exclusive=exclusive, sole_writer=exclusive or worker is not None)
+            # The file is this process's alone (its lock): what its predecessor left is orphaned now.
+            await txlog.recover(exclusive=exclusive, sole_writer=True)
         except BaseException:
             await txlog.close()
             raise
@@ -233,7 +241,8 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
     async def reconciler(app: web.Application) -> AsyncIterator[None]:
         rec = Reconciler(app[SERVICE], interval_s=reconcile_interval_s, log=ops,
                          abandoned_after_s=config.engine.deadline_ms / 1000 + ABANDON_MARGIN_S,
-                         in_flight_s=config.engine.provider_in_flight_s, lookup_lag_s=config.engine.lookup_lag_s)
+                         in_flight_s=config.engine.provider_in_flight_s, lookup_lag_s=config.engine.lookup_lag_s,
+                         owner=f"reconciler:{app[TRANSACTION_LOG].owner}")  # a restart in place renews its leases
         app[RECONCILER] = rec
         # Whatever a crash left behind. A process that owns its store alone knows every
         # unanswered row is an orphan; on a shared store another replica may still own it.

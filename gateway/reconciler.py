@@ -43,12 +43,17 @@ class Reconciler:
 
     def __init__(self, service: PaymentService, *, abandoned_after_s: float,
                  log: structlog.typing.FilteringBoundLogger, interval_s: float = 5.0, min_age_s: float = 2.0,
-                 in_flight_s: float = 60.0, lookup_lag_s: float = 600.0) -> None:
+                 in_flight_s: float = 60.0, lookup_lag_s: float = 600.0, owner: str | None = None) -> None:
         """Unsettled payments are asked again after `interval_s` (at most MIN_RECHECK_S), then
         less and less often. An empty lookup proves nothing was made only `in_flight_s` after our
-        last call to the provider (`lookup_lag_s` where the lookup is a lagging search)."""
+        last call to the provider (`lookup_lag_s` where the lookup is a lagging search).
+
+        `owner` names its leases: a name that only one live process holds at a time and that
+        its successor holds again (the app passes its transaction log's: host and log file), so
+        a replica restarted in place, killed or rolled, takes its leases back at its first pass
+        instead of waiting LEASE_S for them; by default a name of this process alone."""
         self.service = service
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"  # its leases' owner
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"  # its leases' owner
         self.abandoned_after_s = abandoned_after_s
         self.log = log
         self.interval_s = interval_s

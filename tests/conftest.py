@@ -24,7 +24,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 import blockbuster.blockbuster
@@ -38,6 +37,7 @@ from gateway.app import build_app
 from gateway.app_keys import LOG_WRITER, STORE
 from gateway.certs.devca import DevCertLayout, generate_dev_certs
 from gateway.config import GatewayConfig, parse_config
+from gateway.drill.fleet_services import dsn_with_search_path
 from gateway.emulator_launch import start_emulator
 from gateway.journal.postgres import PostgresStore
 from domain.outcome import PaymentStatus
@@ -352,13 +352,6 @@ async def metrics_text(client: TestClient) -> str:
 
 
 # -- journal backends: SQLite in a temporary file, PostgreSQL in a schema of its own ----------------
-
-
-def dsn_with_search_path(dsn: str, schema: str) -> str:
-    """asyncpg passes unknown DSN query parameters to the server as settings."""
-    parts = urlsplit(dsn)
-    query = [(k, v) for k, v in parse_qsl(parts.query) if k != "search_path"] + [("search_path", schema)]
-    return urlunsplit(parts._replace(query=urlencode(query)))
 
 
 @asynccontextmanager

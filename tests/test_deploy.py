@@ -143,3 +143,15 @@ def test_haproxy_balances_over_exactly_the_replicas_checking_readyz(replica_conf
     assert "retry-on conn-failure" in defaults, "only a request that never reached a replica is retried"
     assert any(line.startswith("default-server") and " check " in f" {line} " for line in defaults)
     assert "bind :8080" in sections["frontend payments"]
+
+
+def test_haproxy_runtime_api_for_draining_is_published_to_operators_only(compose: dict[str, Any]) -> None:
+    """The rolling restart drains a replica through HAProxy's runtime API (`set server
+    gateways/gateway-1 state drain`), as the fleet drill does: it must exist, at admin level,
+    and be reachable from the host's loopback only."""
+    config = (DEPLOY / "haproxy.cfg").read_text()
+    [socket_line] = [line.strip() for line in config.splitlines() if line.strip().startswith("stats socket")]
+    address = socket_line.split()[2]
+    assert socket_line.endswith("level admin")
+    port = address.rsplit(":", 1)[1]
+    assert f"127.0.0.1:{port}:{port}" in compose["services"]["haproxy"]["ports"]

@@ -64,3 +64,20 @@ def test_the_command_the_image_runs_exists() -> None:
     help_text = CliRunner().invoke(app, [sub, "--help"]).output
     for option in (o for o in options if o.startswith("--")):
         assert option in help_text, option
+
+
+def test_the_build_stage_copies_every_package_the_wheel_includes() -> None:
+    """The wheel is built from what was copied: a package pyproject.toml includes but the
+    Dockerfile leaves out builds an image whose first import fails (`domain` and `emulators`
+    were missing once, and `gateway serve` died on `import domain`)."""
+    import tomllib
+
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = {pattern.rstrip("*") for pattern in include}
+    first_from = next(i for i, c in enumerate(COMMANDS) if c.cmd.upper() == "FROM")
+    second_from = next(i for i, c in enumerate(COMMANDS) if c.cmd.upper() == "FROM" and i > first_from)
+    copied = {source.rstrip("/") for c in COMMANDS[first_from:second_from] if c.cmd.upper() == "COPY"
+              for source in c.value[:-1]}
+    assert packages <= copied, sorted(packages - copied)
+    for package in packages:
+        assert (ROOT / package / "__init__.py").exists(), package

@@ -340,3 +340,31 @@ async def test_serve_refuses_a_schema_it_does_not_know_in_one_line(tmp_path: Pat
     assert done.stderr.splitlines()[-1] == (
         f"error: journal schema version {LATEST + 1} is newer than this gateway knows ({LATEST}): run a gateway "
         "release that knows it, or restore a database of this release")
+
+
+async def test_a_release_serves_on_a_database_lacking_only_its_deferrable_steps(
+        db: Db, tmp_path: Path, cli_env: dict[str, str]) -> None:
+    """The rolling upgrade the fleet drill runs: the database one step behind (`migrate --to`),
+    replicas that may not migrate start on it because that step is declared deferrable (an
+    index), the step is applied live, and nothing else is ever skipped."""
+    config = str(write_config(tmp_path, db, auto_migrate=False))
+    last = migrations(db.kind)[-1]
+    assert last.deferrable and not any(m.deferrable for m in migrations(db.kind)[:-1])
+
+    code, out, _ = await asyncio.to_thread(run_cli, "db", "migrate", "--config", config, "--to", "1")
+    assert code == 0 and out.splitlines()[0] == f"applied {ALL_STEPS[0]}"
+    with pytest.raises(SchemaMismatch, match="gateway db migrate"):  # 0002 is not deferrable
+        await opened(db, migrate=False)
+
+    code, out, _ = await asyncio.to_thread(run_cli, "db", "migrate", "--config", config, "--to", str(LATEST - 1))
+    assert code == 0 and out.splitlines()[:-1] == [f"applied {label}" for label in ALL_STEPS[1:-1]]
+    assert await opened(db, migrate=False) == []  # serves, and runs no DDL
+    assert await db.versions() == list(range(1, LATEST))
+    code, out, _ = await asyncio.to_thread(run_cli, "db", "status", "--config", config)
+    assert code == 1 and last.label in out  # still pending, and ops are told
+
+    code, _, err = await asyncio.to_thread(run_cli, "db", "migrate", "--config", config, "--to", "1")
+    assert code == 1 and "migrations only go forward" in err
+    code, out, _ = await asyncio.to_thread(run_cli, "db", "migrate", "--config", config)
+    assert code == 0 and out.splitlines()[0] == f"applied {last.label}"
+    assert await db.versions() == list(range(1, LATEST + 1))

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
 import pytest
 import yaml
 from aiohttp import web
@@ -26,6 +27,7 @@ from gateway.app import build_app
 from gateway.app_keys import JOURNAL_PROBE, STORE
 from gateway.certs.devca import DevCertLayout
 from gateway.config import ConfigError, GatewayConfig, parse_config
+from gateway.drill.fleet_services import client_ports
 from gateway.journal.postgres import PostgresStore
 from gateway.journal.errors import JournalUnavailable
 from tests.conftest import AUTH, card_payment, gateway_config_data
@@ -117,6 +119,49 @@ async def test_a_database_that_goes_away_is_journal_unavailable_and_comes_back(p
         assert got is not None and got.version == 2
     finally:
         await store.close()
+
+
+async def test_sessions_terminated_under_load_are_journal_unavailable_never_anything_else() -> None:
+    """`pg_terminate_backend` on the store's sessions while writes run (what an operator, a
+    failover or the fleet drill does): asyncpg can be left mid-operation on such a session and
+    fail the next statement, or the pool's reset, with InternalClientError; that was answered
+    500 (9 in a 3,000-payment fleet drill). Every failure must be JournalUnavailable, and the
+    pool recovers by itself."""
+    errors = Errors()
+    async with pg_schema() as dsn:
+        store = PostgresStore(dsn, min_size=4, max_size=4, on_error=errors)
+        await store.open()
+        admin = await asyncpg.connect(PG_DSN, timeout=5)
+        unexpected: list[BaseException] = []
+        terminated = 0
+        until = asyncio.get_running_loop().time() + 3.0
+
+        async def writer() -> None:
+            while asyncio.get_running_loop().time() < until:
+                try:
+                    await store.save_payment(payment())
+                except JournalUnavailable:
+                    pass
+                except Exception as exc:  # noqa: BLE001 - what the test is looking for
+                    unexpected.append(exc)
+
+        async def terminator() -> None:
+            nonlocal terminated
+            while asyncio.get_running_loop().time() < until:
+                ports = client_ports([os.getpid()], urlsplit(PG_DSN).port or 5432)
+                terminated += await admin.fetchval(
+                    "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE application_name = 'payment-gateway' AND client_port = ANY($1::int[])", ports)
+                await asyncio.sleep(0.05)
+
+        try:
+            await asyncio.gather(terminator(), *(writer() for _ in range(8)))
+            assert terminated > 10 and "connection" in errors
+            assert not unexpected, sorted({type(e).__name__ for e in unexpected})
+            await store.save_payment(payment())  # and the pool works again, without a restart
+        finally:
+            await admin.close()
+            await store.close()
 
 
 async def test_a_hung_database_times_out_and_an_exhausted_pool_is_unavailable(proxy: TcpProxy,

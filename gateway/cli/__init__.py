@@ -205,7 +205,7 @@ def drill(
     name: Annotated[str, typer.Argument(help="baseline | primary-outage | brownout | flapping | "
                                              "timeout-after-processing | decline-storm | ambiguous-5xx | "
                                              "followup-unknown | rate-limited | crash-restart | followup-crash | "
-                                             "cert-expiry")],
+                                             "cert-expiry | fleet")],
     payments: Annotated[int, typer.Option(min=1, max=100_000, help="payments to send")] = 200,
     concurrency: Annotated[int, typer.Option(min=1, max=1000, help="payments in flight at once")] = 16,
     log_dir: Annotated[Optional[Path], typer.Option("--log-dir", help="certs, journal and logs of the run "
@@ -219,6 +219,8 @@ def drill(
                                                 "(default: random, reported)")] = None,
     primary: Annotated[Optional[str], typer.Option(help="stripe | adyen | checkout: the provider that plays "
                                                    "the scenario's primary")] = None,
+    replicas: Annotated[int, typer.Option(min=2, max=8, help="fleet: gateway processes behind HAProxy")] = 3,
+    workers: Annotated[int, typer.Option(min=1, max=4, help="fleet: `serve --workers N` in each replica")] = 1,
 ) -> None:
     """Run a failure drill on loopback; the last line is a JSON summary. Exit 1 when a check
     fails (any duplicate charge or lost payment among them)."""
@@ -236,7 +238,7 @@ def drill(
     if primary is not None and primary not in ("stripe", "adyen", "checkout"):
         raise fail(f"unknown provider {primary!r} for --primary; choose stripe, adyen or checkout", code=2)
     options = DrillOptions(payments=payments, concurrency=concurrency, log_dir=log_dir, max_seconds=max_seconds,
-                           kills=kills, seed=seed, primary=primary)
+                           kills=kills, seed=seed, primary=primary, replicas=replicas, workers=workers)
     show_progress = not as_json and sys.stdout.isatty()
 
     async def main() -> DrillReport:

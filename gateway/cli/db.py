@@ -21,7 +21,7 @@ import sqlite3
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, Optional, TypeVar
 
 import asyncpg
 import typer
@@ -67,14 +67,16 @@ def status(config: ConfigOpt = DEFAULT_CONFIG,
 
 
 @db_app.command()
-def migrate(config: ConfigOpt = DEFAULT_CONFIG) -> None:
+def migrate(config: ConfigOpt = DEFAULT_CONFIG,
+            to: Annotated[Optional[int], typer.Option("--to", min=1, help="stop at this schema version "
+                                                      "(default: the latest this gateway knows)")] = None) -> None:
     """Apply the pending migrations, each printed as it is applied. Exit 0 done, 1 refused, 2 error."""
     cfg = load_or_exit(config, EXIT_ERROR)
     with _one_line_errors(cfg, "migrate", unavailable=EXIT_PROBLEM):
         if cfg.storage.backend == "sqlite":
-            applied = _sqlite_migrate(Path(cfg.storage.sqlite_path))
+            applied = _sqlite_migrate(Path(cfg.storage.sqlite_path), to)
         else:
-            applied = asyncio.run(_on_postgres(cfg, lambda conn: postgres_prepare(conn, migrate=True)))
+            applied = asyncio.run(_on_postgres(cfg, lambda conn: postgres_prepare(conn, migrate=True, target=to)))
     for step in applied:
         typer.echo(f"applied {step.label}")
     done = f"migrated to schema version {applied[-1].version}" if applied else "already up to date"
@@ -110,11 +112,11 @@ def _sqlite_status(path: Path) -> SchemaStatus:
         conn.close()
 
 
-def _sqlite_migrate(path: Path) -> list[Migration]:
+def _sqlite_migrate(path: Path, target: int | None) -> list[Migration]:
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, isolation_level=None, timeout=5.0)
     try:
-        return sqlite_prepare(conn, migrate=True)
+        return sqlite_prepare(conn, migrate=True, target=target)
     finally:
         conn.close()
 

@@ -39,15 +39,37 @@ def free_port(host: str) -> int:
         return int(sock.getsockname()[1])
 
 
+def child_env(env: Mapping[str, str]) -> dict[str, str]:
+    """The drill's environment plus `env` (the child's secrets), with this checkout importable."""
+    return {**os.environ, **env,
+            "PYTHONPATH": os.pathsep.join(p for p in (str(_PROJECT_ROOT), os.environ.get("PYTHONPATH")) if p)}
+
+
+async def run_gateway_command(args: Sequence[str], env: Mapping[str, str], log_path: Path,
+                              timeout_s: float = READY_TIMEOUT_S) -> int:
+    """One `gateway ...` command to its end (`db migrate`, as ops would run it); its exit code.
+    Its output is appended to `log_path`."""
+    with log_path.open("ab") as log:
+        log.write(f"--- gateway {' '.join(args)} ---\n".encode())
+        log.flush()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway.cli", *args, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
+            env=child_env(env), cwd=str(_PROJECT_ROOT))
+        try:
+            return await asyncio.wait_for(proc.wait(), timeout_s)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise GatewayProcessError(f"gateway {' '.join(args)} did not finish within {timeout_s:g} s") from None
+
+
 class GatewayProcess:
     def __init__(self, config_path: Path, url: str, env: Mapping[str, str], log_path: Path,
                  args: Sequence[str] = ()) -> None:
         self.config_path = config_path
         self.args = tuple(args)  # more `gateway serve` options (`--workers 2`)
         self.url = url
-        self._env = {**os.environ, **env,
-                     "PYTHONPATH": os.pathsep.join(p for p in (str(_PROJECT_ROOT), os.environ.get("PYTHONPATH"))
-                                                   if p)}
+        self._env = child_env(env)
         self.log_path = log_path
         self._proc: asyncio.subprocess.Process | None = None
         self.starts = 0

@@ -47,6 +47,8 @@ from emulators.registry import EMULATORS
 MAX_PAYMENTS = 100_000
 MAX_CONCURRENCY = 1_000
 MAX_KILLS = 20
+MAX_REPLICAS = 8
+MAX_WORKERS = 4
 DEFAULT_MAX_SECONDS = 300.0
 SETTLE_MAX_S = 10.0  # after the load: how long the reconciler may take to settle what is pending
 SETTLE_PAUSE_S = 0.2
@@ -76,6 +78,8 @@ class DrillOptions:
     seed: int | None = None  # fault plans and card mix; random when None (reported)
     kills: int = 3  # crash-restart only: how many times the gateway process is killed under load
     primary: str | None = None  # another provider kind as the scenario's primary
+    replicas: int = 3  # fleet only: gateway processes behind HAProxy
+    workers: int = 1  # fleet only: `serve --workers N` in each replica
 
     def __post_init__(self) -> None:
         if not 1 <= self.payments <= MAX_PAYMENTS:
@@ -86,6 +90,10 @@ class DrillOptions:
             raise ValueError("max_seconds must be in (0, 3600]")
         if not 0 <= self.kills <= MAX_KILLS:
             raise ValueError(f"kills must be 0..{MAX_KILLS}")
+        if not 2 <= self.replicas <= MAX_REPLICAS:  # one is killed while another serves
+            raise ValueError(f"replicas must be 2..{MAX_REPLICAS}")
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise ValueError(f"workers must be 1..{MAX_WORKERS}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,11 +263,14 @@ async def send_one(session: aiohttp.ClientSession, payment: PlannedPayment) -> S
     return result
 
 
-def client_session(base_url: str, client_key: str, concurrency: int) -> aiohttp.ClientSession:
-    """The drill's checkout client: one keep-alive session, at most `concurrency` connections."""
+def client_session(base_url: str, client_key: str, concurrency: int,
+                   trace_configs: Sequence[aiohttp.TraceConfig] = ()) -> aiohttp.ClientSession:
+    """The drill's checkout client: one keep-alive session, at most `concurrency` connections
+    (`trace_configs`: to count every answer, retries included)."""
     timeout = aiohttp.ClientTimeout(total=DEADLINE_MS / 1000 + CLIENT_SLACK_S)
     return aiohttp.ClientSession(base_url, connector=aiohttp.TCPConnector(limit=concurrency), timeout=timeout,
-                                 headers={"Authorization": f"Bearer {client_key}"})
+                                 headers={"Authorization": f"Bearer {client_key}"},
+                                 trace_configs=list(trace_configs) or None)
 
 
 async def _send_all(base_url: str, client_key: str, plan: list[PlannedPayment], concurrency: int, max_seconds: float,

@@ -84,6 +84,11 @@ _UNAVAILABLE: tuple[tuple[type[BaseException], str], ...] = (
     (asyncpg.InsufficientResourcesError, "server_resources"),  # too many connections, disk full
     (asyncpg.OperatorInterventionError, "connection"),  # shutting down, starting up, crashed
     (asyncpg.PostgresConnectionError, "connection"),
+    # A session the server terminated (pg_terminate_backend, a failover) can leave asyncpg's
+    # protocol mid-operation: the next statement on it, or the pool's reset when it is handed
+    # back, fails with "cannot switch to state N; another operation is in progress". Once
+    # answered 500 (9 in the fleet drill), sometimes after the payment's row was committed.
+    (asyncpg.InternalClientError, "connection"),
     (OSError, "connection"),  # refused, reset, unreachable
 )
 _UNAVAILABLE_TYPES = tuple(t for t, _ in _UNAVAILABLE)

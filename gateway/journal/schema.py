@@ -22,7 +22,11 @@ start (`storage.auto_migrate`), one migrator at a time.
   with one line that says what to do.
 
 Steps must be additive (expand now, contract in a later release): the previous release keeps
-serving beside a migrated database during a rolling upgrade.
+serving beside a migrated database during a rolling upgrade. A step this release's code does not
+depend on (an index: queries are right without it, only slower) says so with a header line
+`-- deferrable: true` (and why); a replica that may not migrate starts on a database that lacks only such
+steps, so they can be applied live (`gateway db migrate`) after the release is out, and
+`gateway db migrate --to VERSION` stops short of them.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ Backend = Literal["sqlite", "postgres"]
 LOCK_TIMEOUT_MS = 5000  # a step waits this long for its table locks, then fails and is retried
 _ADVISORY_CLASS = 0x67617465  # "gate": pg_advisory_lock(class, hashtext(current_schema()))
 _STEP_FILE = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
+_DEFERRABLE = re.compile(r"^-- deferrable: true\b", re.MULTILINE)
 
 _VERSIONS_TABLE = {
     "sqlite": "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, "
@@ -60,6 +65,11 @@ class Migration:
     version: int
     name: str
     sql: str
+
+    @property
+    def deferrable(self) -> bool:
+        """This release's code runs correctly on a database that lacks this step."""
+        return _DEFERRABLE.search(self.sql) is not None
 
     @property
     def label(self) -> str:
@@ -120,13 +130,27 @@ class SchemaStatus:
         pending = ", ".join(m.label for m in self.pending)
         return f"{at}; this gateway needs version {self.latest} (pending: {pending})"
 
+    @property
+    def serviceable(self) -> bool:
+        """This code can run on the database as it is: up to date, or lacking only deferrable steps."""
+        return not self.newer and all(m.deferrable for m in self.pending)
+
+    def to(self, target: int | None) -> tuple[Migration, ...]:
+        """The pending steps up to `target` (None: all of them)."""
+        if target is None:
+            return self.pending
+        if not self.current <= target <= self.latest:
+            raise SchemaMismatch(f"cannot migrate to schema version {target}: the journal is at {self.current}, "
+                                 f"this gateway knows 1..{self.latest} (migrations only go forward)")
+        return tuple(m for m in self.pending if m.version <= target)
+
     def require(self, *, migrate: bool) -> None:
         """Raise `SchemaMismatch` unless this code can run on the database (after migrating, if
         `migrate`)."""
         if self.newer:
             raise SchemaMismatch(f"journal {self.describe()}: run a gateway release that knows it, "
                                  "or restore a database of this release")
-        if not self.up_to_date and not migrate:
+        if not self.serviceable and not migrate:
             raise SchemaMismatch(f"journal at {self.describe()}: run `gateway db migrate --config FILE` first, "
                                  "or set storage.auto_migrate: true")
 
@@ -145,14 +169,15 @@ def sqlite_status(conn: sqlite3.Connection) -> SchemaStatus:
     return SchemaStatus("sqlite", 0, legacy=has("payments"))
 
 
-def sqlite_prepare(conn: sqlite3.Connection, *, migrate: bool) -> list[Migration]:
-    """Check the schema and, when behind and `migrate`, apply what is pending, all under the
-    write lock; returns the steps applied (none for an up-to-date database: no DDL runs)."""
+def sqlite_prepare(conn: sqlite3.Connection, *, migrate: bool, target: int | None = None) -> list[Migration]:
+    """Check the schema and, when behind and `migrate`, apply what is pending (up to `target`),
+    all under the write lock; returns the steps applied (none for an up-to-date database: no
+    DDL runs)."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         status = sqlite_status(conn)
         status.require(migrate=migrate)
-        applied = list(status.pending)
+        applied = list(status.to(target)) if migrate else []
         if applied:
             conn.execute(_VERSIONS_TABLE["sqlite"])
         for step in applied:
@@ -192,20 +217,21 @@ async def postgres_status(conn: asyncpg.Connection) -> SchemaStatus:
     return SchemaStatus("postgres", 0, legacy=payments)
 
 
-async def postgres_prepare(conn: asyncpg.Connection, *, migrate: bool,
+async def postgres_prepare(conn: asyncpg.Connection, *, migrate: bool, target: int | None = None,
                            lock_timeout_ms: int = LOCK_TIMEOUT_MS) -> list[Migration]:
     """Check the schema (one read, no lock, on an up-to-date database) and, when behind and
-    `migrate`, apply what is pending under the advisory lock; returns the steps applied here."""
+    `migrate`, apply what is pending (up to `target`) under the advisory lock; returns the steps
+    applied here."""
     status = await postgres_status(conn)
     status.require(migrate=migrate)
-    if status.up_to_date:
+    if not migrate or not status.to(target):
         return []
     await conn.execute("SELECT pg_advisory_lock($1, hashtext(current_schema()))", _ADVISORY_CLASS)
     try:
         status = await postgres_status(conn)  # another replica may have migrated while we waited
         status.require(migrate=True)
         applied = []
-        for step in status.pending:
+        for step in status.to(target):
             try:
                 async with conn.transaction():
                     await conn.execute(f"SET LOCAL lock_timeout = {int(lock_timeout_ms)}")

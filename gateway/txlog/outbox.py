@@ -21,12 +21,13 @@ lose the line for good (DESIGN rule 5). The outbox closes that gap:
    or, on a store shared by replicas, the rows of a replica that died.
 
 Shared stores: the rows carry their `owner` (host and log file; each worker of `serve --workers
-N` has a file of its own, so a worker restarted in its seat is that file's sole writer and takes
-its predecessor's rows at once: `recover(sole_writer=True)`). At start-up a process that does
-not own its store alone deletes the rows of its own file that the file already holds, writes
-again only those of its own older than `ORPHAN_AGE_S` (younger ones may belong to a live worker
-writing the same file; the sweep writes them later if they stay), and adopts other owners' rows
-only after `FOREIGN_ORPHAN_AGE_S` (a replica that never came back). A claim leases the rows, so
+N` has a file of its own, and one live process holds a file's lock, `gateway.txlog.file_lock`,
+so a process restarted on its file is that file's sole writer and takes its predecessor's rows
+at once: `recover(sole_writer=True)`). At start-up a process that does not own its store alone
+deletes the rows of its own file that the file already holds, writes again the others of its
+own (without `sole_writer`, only those older than `ORPHAN_AGE_S`: younger ones might belong to
+a live writer of the same file; the sweep writes them later if they stay), and adopts other
+owners' rows only after `FOREIGN_ORPHAN_AGE_S` (a replica that never came back). A claim leases the rows, so
 workers starting together do not both write the same line.
 
 The one remaining gap: the check reads a bounded tail, `TAIL_BYTES` of the current file and,
@@ -254,7 +255,7 @@ class TransactionLog:
 
         `exclusive`: no other process uses this store, so every row is an orphan of a previous
         process (and its leases are void). `sole_writer`: no other live process writes this log
-        file (a worker of `serve --workers N` in its own seat), so its rows are orphans at once."""
+        file (the app holds its lock), so its rows are orphans at once."""
         now = time.time()
         if exclusive:
             result = await self._pass(own_before=math.inf, any_before=math.inf, free_at=math.inf,
