@@ -91,7 +91,7 @@ def _worth_retrying(result: SendResult) -> bool:
 
 
 @dataclass(slots=True)
-class _Checkout:
+class Checkout:
     """What the checkout client knows about one payment (one Idempotency-Key)."""
 
     payment: PlannedPayment
@@ -119,7 +119,7 @@ class _Checkout:
         return r is not None and (r.status == "pending" or _worth_retrying(r))
 
 
-class _Progress:
+class Progress:
     """Answered payments (however they ended) and client requests in flight."""
 
     def __init__(self, total: int, hook: ProgressHook | None) -> None:
@@ -148,7 +148,7 @@ class _Progress:
             await self._changed.wait_for(lambda: self.done >= count or self.closed)
 
 
-async def _pay(session: aiohttp.ClientSession, checkout: _Checkout, rng: random.Random, progress: _Progress) -> None:
+async def pay_until_answered(session: aiohttp.ClientSession, checkout: Checkout, rng: random.Random, progress: Progress) -> None:
     started = time.perf_counter()
     give_up = time.monotonic() + PAYMENT_MAX_S
     backoff = BACKOFF_MIN_S
@@ -173,8 +173,8 @@ async def _pay(session: aiohttp.ClientSession, checkout: _Checkout, rng: random.
     await progress.finished_one()
 
 
-async def _load(session: aiohttp.ClientSession, checkouts: Sequence[_Checkout], concurrency: int,
-                max_seconds: float, rng: random.Random, progress: _Progress) -> None:
+async def _load(session: aiohttp.ClientSession, checkouts: Sequence[Checkout], concurrency: int,
+                max_seconds: float, rng: random.Random, progress: Progress) -> None:
     """C workers take payments in order until the plan is done or the time cap passes."""
     pending = iter(checkouts)
     cap_at = time.monotonic() + max_seconds
@@ -183,7 +183,7 @@ async def _load(session: aiohttp.ClientSession, checkouts: Sequence[_Checkout], 
         for checkout in pending:
             if time.monotonic() >= cap_at:
                 return
-            await _pay(session, checkout, rng, progress)
+            await pay_until_answered(session, checkout, rng, progress)
 
     await asyncio.gather(*(worker() for _ in range(min(concurrency, len(checkouts)))))
 
@@ -202,7 +202,7 @@ def _unresolved_in_journal(db: Path) -> int | None:
     return int(row[0])
 
 
-async def _kill_loop(gateway: GatewayProcess, kills: int, rng: random.Random, progress: _Progress,
+async def _kill_loop(gateway: GatewayProcess, kills: int, rng: random.Random, progress: Progress,
                      db: Path) -> list[dict[str, Any]]:
     """Kill and restart the gateway `kills` times at seeded points; one record per kill."""
     points = sorted(rng.uniform(*KILL_WINDOW) for _ in range(kills))
@@ -224,7 +224,7 @@ async def _kill_loop(gateway: GatewayProcess, kills: int, rng: random.Random, pr
     return records
 
 
-async def _under_kills(gateway: GatewayProcess, kills: int, rng: random.Random, progress: _Progress, db: Path,
+async def _under_kills(gateway: GatewayProcess, kills: int, rng: random.Random, progress: Progress, db: Path,
                        work: Awaitable[None]) -> list[dict[str, Any]]:
     """Run `work` while the kill loop kills and restarts the gateway; a restart that fails ends
     the work too."""
@@ -238,14 +238,14 @@ async def _under_kills(gateway: GatewayProcess, kills: int, rng: random.Random, 
 
 
 async def _follow_ups_under_kills(session: aiohttp.ClientSession, gateway: GatewayProcess,
-                                  checkouts: Sequence[_Checkout], options: DrillOptions, rng: random.Random, db: Path,
+                                  checkouts: Sequence[Checkout], options: DrillOptions, rng: random.Random, db: Path,
                                   run_id: str, seed: int, extra: dict[str, Any]) -> list[dict[str, Any]]:
     """followup-crash: capture and partly refund every approved payment while the gateway is
     killed at seeded points of this phase."""
     targets = [FollowUpTarget(c.result.payment_id, c.payment.amount, f"drill-{run_id}-{c.payment.index:06d}")
                for c in checkouts if c.result is not None and c.result.payment_id is not None
                and c.result.status == "approved"]
-    progress = _Progress(len(targets), None)
+    progress = Progress(len(targets), None)
 
     async def follow_ups() -> None:
         try:
@@ -257,7 +257,7 @@ async def _follow_ups_under_kills(session: aiohttp.ClientSession, gateway: Gatew
     return await _under_kills(gateway, options.kills, rng, progress, db, follow_ups())
 
 
-async def _recheck(session: aiohttp.ClientSession, checkout: _Checkout) -> None:
+async def _recheck(session: aiohttp.ClientSession, checkout: Checkout) -> None:
     """Ask again about an open payment: its document when we know its id, else the same POST."""
     assert checkout.result is not None
     current = checkout.result
@@ -277,14 +277,14 @@ async def _recheck(session: aiohttp.ClientSession, checkout: _Checkout) -> None:
         checkout.result = replace(result, http_status=current.http_status)
 
 
-async def _settle(session: aiohttp.ClientSession, checkouts: Sequence[_Checkout], concurrency: int) -> dict[str, int]:
+async def settle_all(session: aiohttp.ClientSession, checkouts: Sequence[Checkout], concurrency: int) -> dict[str, int]:
     """Until no payment is open or SETTLE_MAX_S passes; what it took."""
     until = time.monotonic() + SETTLE_MAX_S
     open_at_start = sum(1 for c in checkouts if c.open)
     gate = asyncio.Semaphore(concurrency)
     rounds = 0
 
-    async def one(checkout: _Checkout) -> None:
+    async def one(checkout: Checkout) -> None:
         async with gate:
             await _recheck(session, checkout)
 
@@ -300,7 +300,7 @@ async def _settle(session: aiohttp.ClientSession, checkouts: Sequence[_Checkout]
             "open_after_settling": sum(1 for c in checkouts if c.open)}
 
 
-def _answers_contradicting_journal(checkouts: Sequence[_Checkout], by_id: Mapping[str, Mapping[str, Any]]) -> int:
+def _answers_contradicting_journal(checkouts: Sequence[Checkout], by_id: Mapping[str, Mapping[str, Any]]) -> int:
     """Final answers the client holds that the journal disagrees with."""
     contradicting = 0
     for c in checkouts:
@@ -313,7 +313,7 @@ def _answers_contradicting_journal(checkouts: Sequence[_Checkout], by_id: Mappin
     return contradicting
 
 
-def _charged_at_other_provider(charges: Mapping[str, Sequence[str]], by_id: Mapping[str, Mapping[str, Any]]) -> int:
+def charged_at_other_provider(charges: Mapping[str, Sequence[str]], by_id: Mapping[str, Mapping[str, Any]]) -> int:
     """Charges at a provider other than the one the journal says holds the payment."""
     return sum(1 for pid, providers in charges.items()
                if pid in by_id and any(p != by_id[pid].get("provider") for p in providers))
@@ -353,7 +353,7 @@ async def run_crash_drill(options: DrillOptions | None = None, *, scenario: Scen
     started = time.monotonic()
     certs = await asyncio.to_thread(generate_dev_certs, setup.log_dir / "certs", list(scenario.route))
     plan = plan_payments(scenario, options.payments, setup.run_id, setup.seed)
-    checkouts = [_Checkout(p) for p in plan]
+    checkouts = [Checkout(p) for p in plan]
     kill_rng, client_rng = random.Random(setup.seed), random.Random(setup.seed + 1)
     db = setup.log_dir / "gateway.db"
     extra: dict[str, Any] = {"seed": setup.seed, "run_id": setup.run_id, "kills_requested": options.kills}
@@ -368,7 +368,7 @@ async def run_crash_drill(options: DrillOptions | None = None, *, scenario: Scen
                                  setup.log_dir / "gateway-process.log")
         stack.push_async_callback(gateway.kill)  # whatever happens, no gateway outlives the drill
         await gateway.start()
-        progress = _Progress(len(checkouts), on_progress)
+        progress = Progress(len(checkouts), on_progress)
         async with client_session(gateway.url, setup.client_key, options.concurrency) as session:
             injections = await inject_faults(scenario, servers, setup.seed)
 
@@ -383,14 +383,14 @@ async def run_crash_drill(options: DrillOptions | None = None, *, scenario: Scen
             try:
                 if scenario.follow_ups:
                     await load()
-                    extra.update(await _settle(session, checkouts, options.concurrency))
+                    extra.update(await settle_all(session, checkouts, options.concurrency))
                     kill_records = await _follow_ups_under_kills(
                         session, gateway, checkouts, options, kill_rng, db, setup.run_id, setup.seed, extra)
                 else:
                     kill_records = await _under_kills(gateway, options.kills, kill_rng, progress, db, load())
             finally:
                 await lift_faults(injections)
-            extra.update(await _settle(session, checkouts, options.concurrency))
+            extra.update(await settle_all(session, checkouts, options.concurrency))
         extra["gateway_exit_code"] = await gateway.stop()
         ledger = ledger_view(servers)
         charges = charges_of(ledger)
@@ -413,7 +413,7 @@ async def run_crash_drill(options: DrillOptions | None = None, *, scenario: Scen
         "answers_5xx_without_payment": sum(c.shed for c in answered),
         "pending_answers": sum(1 for c in answered if c.first_status == "pending"),
         "answers_contradicting_journal": _answers_contradicting_journal(answered, by_id),
-        "charged_at_other_provider": _charged_at_other_provider(charges, by_id),
+        "charged_at_other_provider": charged_at_other_provider(charges, by_id),
         **_transaction_log_gaps(setup.log_dir / "transactions.jsonl", journal),
     })
     summary = summarize(scenario=scenario, sends=sends, journal=journal, ledger=ledger,

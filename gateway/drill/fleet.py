@@ -50,11 +50,11 @@ import yaml
 from emulators.server import EmulatorServer
 from gateway.certs.devca import DevCertLayout, generate_dev_certs
 from gateway.drill.crash import (
-    _charged_at_other_provider,
-    _Checkout,
-    _pay,
-    _Progress,
-    _settle,
+    charged_at_other_provider,
+    Checkout,
+    pay_until_answered,
+    Progress,
+    settle_all,
 )
 from gateway.drill.fleet_report import (
     read_lines,
@@ -75,7 +75,7 @@ from gateway.drill.fleet_services import (
     process_tree,
     terminate_backends,
 )
-from gateway.drill.follow_ups import PENDING_STATUSES, FollowUpTally, FollowUpTarget, _post, _settled, run_follow_ups
+from gateway.drill.follow_ups import PENDING_STATUSES, FollowUpTally, FollowUpTarget, post_follow_up, await_settled, run_follow_ups
 from gateway.drill.process import GatewayProcess, free_port, run_gateway_command
 from gateway.drill.report import charges_of, summarize
 from gateway.drill.runner import (
@@ -238,10 +238,10 @@ class _FollowUps:
         async def follow_up(session: aiohttp.ClientSession, op: str, path: str, body: dict[str, object],
                             key: str) -> tuple[int | None, dict[str, object]]:
             self.tally.sent[op] += 1
-            status, doc = await _post(session, path, body, key, self.tally, self._rng)
+            status, doc = await post_follow_up(session, path, body, key, self.tally, self._rng)
             self.tally.answers[f"{op}:{status if status is not None else 'no_answer'}"] += 1
             if status == 202 or doc.get("status") in PENDING_STATUSES:
-                await _settled(session, target.payment_id, time.monotonic() + 30.0)
+                await await_settled(session, target.payment_id, time.monotonic() + 30.0)
             return status, doc
 
         async def capture() -> None:
@@ -291,7 +291,7 @@ class _Chaos:
     """The events, in order, each at its share of the planned load time."""
 
     def __init__(self, fleet: Fleet, servers: Mapping[str, EmulatorServer], primary: str, redis: RedisServer,
-                 dsn: str, load_s: float, progress: _Progress) -> None:
+                 dsn: str, load_s: float, progress: Progress) -> None:
         self.fleet, self.servers, self.primary, self.redis, self.dsn = fleet, servers, primary, redis, dsn
         self.load_s = load_s
         self.progress = progress
@@ -373,9 +373,9 @@ class _Chaos:
         return record
 
 
-async def _load(session: aiohttp.ClientSession, checkouts: Sequence[_Checkout], concurrency: int, load_s: float,
-                max_seconds: float, rng: random.Random, progress: _Progress,
-                on_approved: Callable[[_Checkout], None]) -> None:
+async def _load(session: aiohttp.ClientSession, checkouts: Sequence[Checkout], concurrency: int, load_s: float,
+                max_seconds: float, rng: random.Random, progress: Progress,
+                on_approved: Callable[[Checkout], None]) -> None:
     """C workers take payments in order, payment i not before i/N of the planned load time,
     until the plan is done or the time cap passes."""
     pending = iter(checkouts)
@@ -390,7 +390,7 @@ async def _load(session: aiohttp.ClientSession, checkouts: Sequence[_Checkout], 
                 await asyncio.sleep(delay)
             if time.monotonic() >= cap_at:
                 return
-            await _pay(session, checkout, rng, progress)
+            await pay_until_answered(session, checkout, rng, progress)
             if checkout.result is not None and checkout.result.status == "approved":
                 on_approved(checkout)
 
@@ -421,7 +421,7 @@ async def run_fleet_drill(options: DrillOptions | None = None, *,
     started = time.monotonic()
     certs = await asyncio.to_thread(generate_dev_certs, setup.log_dir / "certs", list(scenario.route))
     plan: list[PlannedPayment] = plan_payments(scenario, options.payments, setup.run_id, setup.seed)
-    checkouts = [_Checkout(p) for p in plan]
+    checkouts = [Checkout(p) for p in plan]
     load_s = max(MIN_LOAD_S, options.payments / PACE_PER_S)
     begin_at, latest = _starting_version()
     extra: dict[str, Any] = {"seed": setup.seed, "run_id": setup.run_id, "replicas": options.replicas,
@@ -454,7 +454,7 @@ async def run_fleet_drill(options: DrillOptions | None = None, *,
         await fleet.start()
 
         answers = _Answers()
-        progress = _Progress(len(checkouts), on_progress)
+        progress = Progress(len(checkouts), on_progress)
         client_rng = random.Random(setup.seed + 1)
         chaos = _Chaos(fleet, servers, scenario.primary, redis, dsn, load_s, progress)
         sessions = [client_session(haproxy.url, setup.client_key, options.concurrency, [answers.trace])]
@@ -462,7 +462,7 @@ async def run_fleet_drill(options: DrillOptions | None = None, *,
         for session in sessions:
             await stack.enter_async_context(session)
         follow_ups = _FollowUps(sessions[0], sessions[1:], setup.seed)
-        queue: asyncio.Queue[_Checkout | None] = asyncio.Queue()
+        queue: asyncio.Queue[Checkout | None] = asyncio.Queue()
 
         async def follow_up_worker() -> None:
             while (checkout := await queue.get()) is not None:
@@ -496,7 +496,7 @@ async def run_fleet_drill(options: DrillOptions | None = None, *,
         finally:
             await lift_faults(injections)
         extra.update(await _reconciled(dsn))
-        extra.update(await _settle(sessions[0], checkouts, options.concurrency))
+        extra.update(await settle_all(sessions[0], checkouts, options.concurrency))
         await fleet.stop()
         extra["gateway_exit_codes"] = {r.name: r.process.exit_codes for r in replicas}
         ledger = ledger_view(servers)
@@ -519,7 +519,7 @@ async def run_fleet_drill(options: DrillOptions | None = None, *,
         "schema": {"start": begin_at, "after": _final_version(chaos), "latest": latest},
         "racing": {"payments": len(follow_ups.racing), "refunds_first_409": follow_ups.race_refund_409,
                    "refunds_made": sum(1 for pid in follow_ups.racing if by_id.get(pid, {}).get("refunded_amount"))},
-        "charged_at_other_provider": _charged_at_other_provider(charges_of(ledger), by_id),
+        "charged_at_other_provider": charged_at_other_provider(charges_of(ledger), by_id),
         "txlog_files": len(files),
         "txlog_files_rotated": sum(1 for f in files if f.suffix == ".gz"),
         **follow_ups.tally.as_summary(),

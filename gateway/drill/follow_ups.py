@@ -53,7 +53,7 @@ class FollowUpTally:
 Hook = Callable[[], Awaitable[None]]
 
 
-async def _post(session: aiohttp.ClientSession, path: str, body: dict[str, object], key: str,
+async def post_follow_up(session: aiohttp.ClientSession, path: str, body: dict[str, object], key: str,
                 tally: FollowUpTally, rng: random.Random) -> tuple[int | None, dict[str, object]]:
     """One follow-up, retried with the same key while no answer can be final yet."""
     give_up = time.monotonic() + MAX_S
@@ -82,7 +82,7 @@ async def _post(session: aiohttp.ClientSession, path: str, body: dict[str, objec
     return status, doc
 
 
-async def _settled(session: aiohttp.ClientSession, payment_id: str, until: float) -> None:
+async def await_settled(session: aiohttp.ClientSession, payment_id: str, until: float) -> None:
     """Until the payment no longer reads `<op>_pending` (the reconciler settles it), bounded."""
     while time.monotonic() < until:
         try:
@@ -107,10 +107,10 @@ async def run_follow_ups(session: aiohttp.ClientSession, targets: Sequence[Follo
         for op, path, body in (("capture", f"{base}/capture", {}),
                                ("refund", f"{base}/refunds", {"amount": max(1, target.amount // 3)})):
             tally.sent[op] += 1
-            status, doc = await _post(session, path, body, f"{target.key_prefix}-{op}", tally, rng)
+            status, doc = await post_follow_up(session, path, body, f"{target.key_prefix}-{op}", tally, rng)
             tally.answers[f"{op}:{status if status is not None else 'no_answer'}"] += 1
             if status == 202 or doc.get("status") in PENDING_STATUSES:
-                await _settled(session, target.payment_id, time.monotonic() + MAX_S)
+                await await_settled(session, target.payment_id, time.monotonic() + MAX_S)
             elif status != 200:
                 break  # the capture did not happen: nothing to refund
         if on_done is not None:
