@@ -457,3 +457,164 @@ async def test_an_abandoned_challenge_waits_until_it_is_cancelled(rig: Rig) -> N
     assert rig.charges(reference) == 0
     assert rig.shop.returns.empty()
     assert [c["state"] for c in rig.server.emulator.challenges.snapshot()] == ["cancelled"]
+
+
+# -- over TLS, as the gateway reaches the emulators ------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["stripe", "adyen", "checkout"])
+async def test_the_challenge_works_over_mtls(kind: str, dev_certs: DevCertLayout,
+                                             aiohttp_server: Callable[..., Any]) -> None:
+    """The emulator as `gateway emulator` and drills start it: HTTPS with client certificates;
+    the challenge page is served on the same site and the browser trusts the dev CA."""
+    shop = await _shop(aiohttp_server)
+    receiver, hooks = await _receiver(aiohttp_server, kind)
+    server = await start_emulator(kind, certs=dev_certs, webhook=WebhookTarget(url=hooks, secret=SECRETS[kind]))
+    tls = client_context(dev_certs.provider_ca(kind), dev_certs.client_cert(kind), dev_certs.client_key(kind))
+    try:
+        assert server.url.startswith("https://")
+        async with ClientSession() as http:
+            driver = DRIVERS[kind](server, http, shop, tls)
+            rig = Rig(driver, Browser(http, tls), receiver, shop)
+            reference = f"pay_3ds_tls_{next(_seq)}"
+            _, answer = await driver.pay(driver.challenge, reference)
+            action = driver.action(answer)
+            assert action is not None and action.url.startswith(server.url)
+            assert await rig.browser.press(action.method, action.url, "Complete", action.data) == 200
+            _, params = await shop.returned()
+            assert driver.outcome(await driver.complete(params)) == "approved"
+            assert (await rig.events_for(driver.payment_id(answer), 1))[0] == driver.approved_event
+            assert rig.charges(reference) == 1
+    finally:
+        await server.stop()
+
+
+# -- the official SDKs read the action shapes -----------------------------------------------------------
+
+
+class _DirectSession(HttpClientBuilderInterface):
+    """A requests session that ignores proxy settings from the environment: loopback only."""
+
+    def __init__(self) -> None:
+        self.session = requests.Session()
+        self.session.trust_env = False
+
+    def get_client(self) -> requests.Session:
+        return self.session
+
+
+@pytest.fixture
+def direct() -> Iterator[_DirectSession]:
+    http = _DirectSession()
+    try:
+        yield http
+    finally:
+        http.session.close()
+
+
+@pytest.fixture
+async def emulator(request: pytest.FixtureRequest) -> AsyncIterator[EmulatorServer]:
+    server = EmulatorServer(EMULATORS[request.param].emulator())
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@pytest.mark.parametrize("emulator", ["stripe"], indirect=True)
+async def test_stripe_python_sees_redirect_to_url_and_the_result(
+        emulator: EmulatorServer, direct: _DirectSession, aiohttp_server: Callable[..., Any]) -> None:
+    shop = await _shop(aiohttp_server)
+    client = stripe.StripeClient("sk_test_threeds", base_addresses={"api": emulator.url}, max_network_retries=0,
+                                 http_client=stripe.RequestsClient(session=direct.session))
+    params: Any = {"amount": 1500, "currency": "eur", "confirm": True, "payment_method": "pm_card_threeDSecure2Required",
+                   "return_url": f"{shop.url}/return", "metadata": {"gateway_payment_id": "pay_sdk_3ds"}}
+    intent = await asyncio.to_thread(client.v1.payment_intents.create, params, {"idempotency_key": "sdk-3ds"})
+    assert isinstance(intent, stripe.PaymentIntent) and intent.status == "requires_action"
+    assert intent.next_action is not None and intent.next_action.type == "redirect_to_url"
+    redirect = intent.next_action.redirect_to_url
+    assert redirect is not None and redirect.url and redirect.url.startswith(emulator.url)
+    assert redirect.return_url == f"{shop.url}/return"
+    # The same shape, constructed from the raw JSON the way a webhook handler or client would.
+    raw = await asyncio.to_thread(direct.session.get, f"{emulator.url}/v1/payment_intents/{intent.id}",
+                                  headers={"Authorization": "Bearer sk_test_threeds"})
+    constructed = stripe.PaymentIntent.construct_from(raw.json(), "sk_test_threeds")
+    assert constructed.next_action.redirect_to_url.url == redirect.url  # type: ignore[union-attr]
+    # Confirming while the shopper is away answers the same action.
+    again = await asyncio.to_thread(client.v1.payment_intents.confirm, intent.id)
+    assert again.status == "requires_action"
+
+    async with ClientSession() as http:
+        assert await Browser(http).press("GET", redirect.url, "Complete") == 200
+    _, back = await shop.returned()
+    assert back["payment_intent"] == intent.id and back["redirect_status"] == "succeeded"
+    done = await asyncio.to_thread(client.v1.payment_intents.retrieve, intent.id)
+    assert done.status == "succeeded" and done.next_action is None
+    with pytest.raises(stripe.InvalidRequestError) as info:
+        await asyncio.to_thread(client.v1.payment_intents.confirm, intent.id)
+    assert info.value.code == "payment_intent_unexpected_state"
+
+
+@pytest.mark.parametrize("emulator", ["adyen"], indirect=True)
+async def test_adyen_python_sees_the_redirect_action_and_completes_with_details(
+        emulator: EmulatorServer, aiohttp_server: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    shop = await _shop(aiohttp_server)
+    checkout = Adyen.Adyen(xapikey="AQE-sdk", platform="test", http_timeout=5).checkout
+    checkout.payments_api.baseUrl = f"{emulator.url}/v71"
+    request = {"amount": {"value": 1500, "currency": "EUR"}, "reference": "pay_sdk_3ds", "merchantAccount": MERCHANT,
+               "returnUrl": f"{shop.url}/return",
+               "paymentMethod": {"type": "scheme", "number": AdyenDriver.challenge, "expiryMonth": "03",
+                                 "expiryYear": "2030", "cvc": "737"}}
+    paid = await asyncio.to_thread(checkout.payments_api.payments, request, idempotency_key="sdk-3ds")
+    assert paid.status_code == 200 and paid.message["resultCode"] == "RedirectShopper"
+    action = paid.message["action"]
+    assert (action["type"], action["method"]) == ("redirect", "GET") and action["url"].startswith(emulator.url)
+
+    async with ClientSession() as http:
+        assert await Browser(http).press(action["method"], action["url"], "Complete") == 200
+    _, back = await shop.returned()
+    details = await asyncio.to_thread(checkout.payments_api.payments_details,
+                                      {"details": {"redirectResult": back["redirectResult"]}},
+                                      idempotency_key="sdk-3ds-details")
+    assert details.status_code == 200 and details.message["resultCode"] == "Authorised"
+    assert details.psp == paid.psp and "action" not in details.message
+
+
+def _checkout_sdk(base_uri: str, http: _DirectSession) -> Any:
+    environment = Environment(base_uri=base_uri, authorization_uri=base_uri + "connect/token", files_uri=base_uri,
+                              transfers_uri=base_uri, balances_uri=base_uri, forward_uri=base_uri,
+                              identity_uri=base_uri, is_sandbox=True)
+    builder = CheckoutSdk.builder().secret_key("sk_sbox_" + "t" * 27).environment(environment)
+    # A loopback address takes no merchant subdomain: the SDK's shared host (deprecated), as in
+    # tests/test_provider_checkout.py.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return builder.http_client_builder(http).use_legacy_domain().build()
+
+
+@pytest.mark.parametrize("emulator", ["checkout"], indirect=True)
+async def test_checkout_sdk_sees_pending_with_a_redirect_link_and_the_result(
+        emulator: EmulatorServer, direct: _DirectSession, aiohttp_server: Callable[..., Any]) -> None:
+    shop = await _shop(aiohttp_server)
+    payments = _checkout_sdk(emulator.url + "/", direct).payments
+    source = PaymentRequestCardSource()
+    source.number, source.expiry_month, source.expiry_year, source.cvv = CheckoutDriver.challenge, 3, 2030, "100"
+    three_ds = ThreeDsRequest()
+    three_ds.enabled = True
+    request = PaymentRequest()
+    request.source, request.amount, request.currency, request.reference = source, 1500, Currency.EUR, "pay_sdk_3ds"
+    request.three_ds, request.success_url, request.failure_url = three_ds, f"{shop.url}/success", f"{shop.url}/failure"
+    pending = await asyncio.to_thread(payments.request_payment, request, "sdk-3ds")
+    assert pending.http_metadata.status_code == 202 and pending.status == "Pending"
+    href = getattr(pending, "_links").redirect.href
+    assert href.startswith(emulator.url)
+
+    async with ClientSession() as http:
+        assert await Browser(http).press("GET", href, "Complete") == 200
+    path, back = await shop.returned()
+    assert path == "/success"
+    done = await asyncio.to_thread(payments.get_payment_details, back["cko-session-id"])
+    assert (done.id, done.status, done.approved) == (pending.id, "Captured", True)
+    assert urlsplit(href).path.startswith("/3ds/")
