@@ -142,6 +142,11 @@ THREEDS_CARDS: dict[str, ThreeDSCard] = {
     "5201281505129736": ThreeDSCard(Flow.FRICTIONLESS),  # Mastercard, frictionless flow
 }
 PENDING_AUTHENTICATION = "pending_authentication"
+# The 3-D Secure cards drills use, by behaviour (a challenge's outcome is the shopper's choice).
+THREEDS_SCENARIO_CARDS: dict[str, str] = {
+    "frictionless": "5201281505129736",
+    "challenge": "4212345678910006",
+}
 # The cards drills and the contract suite use for each behaviour, by a provider-neutral name.
 SCENARIO_CARDS: dict[str, str] = {
     "approve": "4111111145551142",

@@ -103,6 +103,12 @@ THREEDS_CARDS: dict[str, ThreeDSCard] = {
 }
 SIMULATOR_DEFAULT = ThreeDSCard(Flow.CHALLENGE)
 AUTHENTICATION_FAILED = "20151"
+# The 3-D Secure cards drills use, by behaviour (a challenge's outcome is the shopper's choice).
+THREEDS_SCENARIO_CARDS: dict[str, str] = {
+    "frictionless": "4485040371536584",
+    "challenge": "4010061700000021",
+    "challenge_not_authenticated": "4243754271700719",
+}
 # The cards drills and the contract suite use for each behaviour, by a provider-neutral name. All
 # are Checkout.com's own sandbox cards; "issuer_unavailable" is its issuer-timeout card (20068).
 SCENARIO_CARDS: dict[str, str] = {

@@ -90,7 +90,7 @@ THREEDS_CARDS: dict[str, ThreeDSCard] = {
     "4000008260003178": ThreeDSCard(Flow.CHALLENGE, decline_after="insufficient_funds"),
     "4000000000003220": _REQUIRED,  # 3DS2 authentication must be completed
     "4000000000003063": _REQUIRED,  # 3DS authentication must be completed
-    "4000008400001629": ThreeDSCard(Flow.CHALLENGE, decline_after="card_declined"),
+    "4000008400001629": ThreeDSCard(Flow.CHALLENGE, decline_after="generic_decline"),
     "4000008400001280": ThreeDSCard(Flow.CHALLENGE, decline_after="processing_error"),
     "4000000000003055": ThreeDSCard(Flow.CHALLENGE, only_when_requested=True),  # supported, not required
     "pm_card_authenticationRequiredOnSetup": _REQUIRED,
@@ -99,7 +99,7 @@ THREEDS_CARDS: dict[str, ThreeDSCard] = {
         ThreeDSCard(Flow.CHALLENGE, decline_after="insufficient_funds"),
     "pm_card_threeDSecure2Required": _REQUIRED,
     "pm_card_threeDSecureRequired": _REQUIRED,
-    "pm_card_threeDSecureRequiredChargeDeclined": ThreeDSCard(Flow.CHALLENGE, decline_after="card_declined"),
+    "pm_card_threeDSecureRequiredChargeDeclined": ThreeDSCard(Flow.CHALLENGE, decline_after="generic_decline"),
     "pm_card_threeDSecureOptional": ThreeDSCard(Flow.CHALLENGE, only_when_requested=True),
 }
 # `payment_method_options[card][request_three_d_secure]` values that ask for a challenge.
@@ -108,6 +108,12 @@ AUTHENTICATION_FAILURE = {
     "type": "invalid_request_error", "code": "payment_intent_authentication_failure",
     "message": "The provided PaymentMethod has failed authentication. You can provide payment_method_data or a "
                "new PaymentMethod to attempt to fulfill this PaymentIntent again.",
+}
+# The 3-D Secure cards drills use, by behaviour (a challenge's outcome is the shopper's choice).
+THREEDS_SCENARIO_CARDS: dict[str, str] = {
+    "frictionless": "4000000000003055",
+    "challenge": "4000000000003220",
+    "challenge_then_declined": "4000008400001629",
 }
 # The cards drills and the contract suite use for each behaviour, by a provider-neutral name.
 SCENARIO_CARDS: dict[str, str] = {
@@ -124,7 +130,6 @@ DECLINE_MESSAGES = {
     "expired_card": "Your card has expired.",
     "incorrect_cvc": "Your card's security code is incorrect.",
     "processing_error": "An error occurred while processing your card. Try again in a little bit.",
-    "card_declined": "Your card was declined.",
 }
 _SEARCH = re.compile(r"metadata\['(?P<key>[^']+)'\]:'(?P<value>[^']*)'")
 WEBHOOK_RETRIES = RetrySchedule.doubling(60.0, 12 * 3600.0, 3 * 86400.0)

@@ -618,3 +618,35 @@ async def test_checkout_sdk_sees_pending_with_a_redirect_link_and_the_result(
     done = await asyncio.to_thread(payments.get_payment_details, back["cko-session-id"])
     assert (done.id, done.status, done.approved) == (pending.id, "Captured", True)
     assert urlsplit(href).path.startswith("/3ds/")
+
+
+@pytest.mark.parametrize("kind", ["stripe", "checkout"])
+async def test_a_card_that_authenticates_can_still_be_declined(kind: str, aiohttp_server: Callable[..., Any]) -> None:
+    """Stripe's "3DS required, then declined" card and Checkout.com's "not authenticated"
+    challenge card: the shopper completes the challenge and the payment is still declined."""
+    card = EMULATORS[kind].threeds_cards()[{"stripe": "challenge_then_declined",
+                                            "checkout": "challenge_not_authenticated"}[kind]]
+    shop = await _shop(aiohttp_server)
+    receiver, hooks = await _receiver(aiohttp_server, kind)
+    server = EmulatorServer(EMULATORS[kind].emulator())
+    server.emulator.webhooks.set_target(WebhookTarget(url=hooks, secret=SECRETS[kind]))
+    await server.start()
+    try:
+        async with ClientSession() as http:
+            driver = DRIVERS[kind](server, http, shop)
+            rig = Rig(driver, Browser(http), receiver, shop)
+            reference = f"pay_3ds_{next(_seq)}"
+            _, answer = await driver.pay(card, reference)
+            action = driver.action(answer)
+            assert action is not None
+            assert await rig.browser.press(action.method, action.url, "Complete") == 200
+            _, params = await shop.returned()
+            driver.expected_return(driver.payment_id(answer), params, approved=False)
+            completed = await driver.complete(params)
+            assert driver.outcome(completed) == "declined"
+            if kind == "stripe":
+                assert completed["last_payment_error"]["code"] == "card_declined"  # Stripe's "card_declined failure code"
+            assert await rig.events_for(driver.payment_id(answer), 1) == [driver.declined_event]
+            assert rig.charges(reference) == 0
+    finally:
+        await server.stop()
