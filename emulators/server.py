@@ -104,7 +104,7 @@ class ProviderEmulator(ABC):
         # API requests by operation, so a drill can prove what settled without a status query.
         self.requests: Counter[str] = Counter()
         # 3-D Secure challenges waiting for (or decided by) the shopper: see emulators/threeds.py.
-        self.challenges = ChallengeDesk(self)
+        self.challenges = ChallengeDesk(self, self.ledger)
         self.closing = asyncio.Event()
 
     @abstractmethod

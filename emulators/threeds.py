@@ -32,6 +32,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from aiohttp import web
 
+from emulators.ledger import Ledger
+
 CHALLENGE_PATH = "/3ds/challenge/{token}"
 
 
@@ -74,8 +76,8 @@ class Challenge:
     decided_at: float | None = None
 
     def view(self) -> dict[str, object]:
-        return {"token": self.token, "payment_id": self.payment_id, "state": self.state.value,
-                "created_at": self.created_at, "decided_at": self.decided_at}
+        return {"payment_id": self.payment_id, "state": self.state.value, "created_at": self.created_at,
+                "decided_at": self.decided_at}
 
 
 class ChallengeIssuer(Protocol):
@@ -102,8 +104,9 @@ def base_url(request: web.Request) -> str:
 class ChallengeDesk:
     """The challenges of one emulator, and the page that serves them."""
 
-    def __init__(self, issuer: ChallengeIssuer) -> None:
+    def __init__(self, issuer: ChallengeIssuer, ledger: Ledger) -> None:
         self._issuer = issuer
+        self._ledger = ledger
         self._by_token: dict[str, Challenge] = {}
         self._by_payment: dict[str, Challenge] = {}
 
@@ -111,7 +114,16 @@ class ChallengeDesk:
         challenge = Challenge(secrets.token_urlsafe(18), payment_id, return_url, card)
         self._by_token[challenge.token] = challenge
         self._by_payment[payment_id] = challenge
+        self._record(challenge)
         return challenge
+
+    def _record(self, challenge: Challenge) -> None:
+        """The challenge's state on its ledger entry (`extra["three_ds"]`), so the ledger shows
+        what the shopper did (never the page's token)."""
+        entry = self._ledger.get(challenge.payment_id)
+        if entry is not None:
+            entry.extra["three_ds"] = {"state": challenge.state.value, "created_at": challenge.created_at,
+                                       "decided_at": challenge.decided_at}
 
     def url(self, request: web.Request, challenge: Challenge) -> str:
         return base_url(request) + CHALLENGE_PATH.format(token=challenge.token)
@@ -129,6 +141,7 @@ class ChallengeDesk:
         if challenge is None or challenge.state is not ChallengeState.PENDING:
             return False
         challenge.state, challenge.decided_at = ChallengeState.CANCELLED, time.time()
+        self._record(challenge)
         return True
 
     def clear(self) -> None:
@@ -169,6 +182,7 @@ class ChallengeDesk:
             authenticated = choice == "complete" and challenge.card.authenticates
             challenge.state = ChallengeState.AUTHENTICATED if authenticated else ChallengeState.FAILED
             challenge.decided_at = time.time()
+            self._record(challenge)
             self._issuer.finish_challenge(challenge, authenticated)
         return self._back(challenge, request)
 

@@ -341,6 +341,12 @@ class Rig:
         assert {payment_of(self.kind, r.body) for r in got} == {payment_id}
         return [label(self.kind, r.body) for r in got]
 
+    def challenge_state(self, payment_id: str) -> str:
+        """What the ledger records of the shopper's choice."""
+        entry = self.server.emulator.ledger.get(payment_id)
+        assert entry is not None
+        return str(entry.extra["three_ds"]["state"])
+
     def charges(self, reference: str) -> int:
         return sum(1 for e in self.server.emulator.ledger.charges() if e.payment_ref == reference)
 
@@ -399,6 +405,7 @@ async def test_a_completed_challenge_is_approved_and_notified_once(rig: Rig) -> 
     action = rig.driver.action(answer)
     assert action is not None
     assert rig.charges(reference) == 0  # nothing charged while the shopper is away
+    assert rig.challenge_state(payment_id) == "pending"
     assert rig.driver.outcome(await rig.driver.read(payment_id)) == "pending"
 
     assert await rig.browser.press(action.method, action.url, "Complete", action.data) == 200
@@ -416,6 +423,7 @@ async def test_a_completed_challenge_is_approved_and_notified_once(rig: Rig) -> 
     assert (await rig.shop.returned())[1] == params
     assert rig.driver.outcome(await rig.driver.complete(params)) == "approved"
     assert rig.charges(reference) == 1 and rig.server.emulator.ledger.duplicates() == {}
+    assert rig.challenge_state(payment_id) == "authenticated"
     await rig.server.emulator.webhooks.idle()
     assert len(rig.server.emulator.webhooks.emitted()) == len(events)
 
@@ -433,7 +441,7 @@ async def test_a_failed_challenge_is_declined_and_notified(rig: Rig) -> None:
     assert await rig.events_for(payment_id, 1) == [rig.driver.declined_event]  # the webhook first this time
     assert rig.driver.outcome(await rig.driver.complete(params)) == "declined"
     assert rig.driver.outcome(await rig.driver.read(payment_id)) == "declined"
-    assert rig.charges(reference) == 0
+    assert rig.charges(reference) == 0 and rig.challenge_state(payment_id) == "failed"
 
 
 async def test_an_abandoned_challenge_waits_until_it_is_cancelled(rig: Rig) -> None:
@@ -457,6 +465,7 @@ async def test_an_abandoned_challenge_waits_until_it_is_cancelled(rig: Rig) -> N
     assert rig.charges(reference) == 0
     assert rig.shop.returns.empty()
     assert [c["state"] for c in rig.server.emulator.challenges.snapshot()] == ["cancelled"]
+    assert rig.challenge_state(payment_id) == "cancelled"
 
 
 # -- over TLS, as the gateway reaches the emulators ------------------------------------------------
