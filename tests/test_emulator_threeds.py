@@ -659,3 +659,49 @@ async def test_a_card_that_authenticates_can_still_be_declined(kind: str, aiohtt
             assert rig.charges(reference) == 0
     finally:
         await server.stop()
+
+
+@pytest.mark.parametrize("emulator", ["stripe"], indirect=True)
+async def test_stripe_without_a_return_url_answers_use_stripe_sdk_and_optional_cards_challenge_on_request(
+        emulator: EmulatorServer) -> None:
+    headers = {"Authorization": "Bearer sk_test_threeds"}
+    base = {"amount": "900", "currency": "eur", "confirm": "true", "payment_method_data[type]": "card"}
+    async with ClientSession() as http:
+        async with http.post(f"{emulator.url}/v1/payment_intents", headers=headers, data={
+                **base, "payment_method_data[card][number]": StripeDriver.challenge}) as answer:
+            doc = await answer.json()
+        assert (doc["status"], doc["next_action"]["type"]) == ("requires_action", "use_stripe_sdk")
+        assert doc["next_action"]["use_stripe_sdk"]["stripe_js"].startswith(emulator.url)
+        async with http.post(f"{emulator.url}/v1/payment_intents", headers=headers, data={
+                **base, "payment_method_data[card][number]": StripeDriver.frictionless,
+                "payment_method_options[card][request_three_d_secure]": "any",
+                "return_url": "http://127.0.0.1:9/return"}) as answer:
+            doc = await answer.json()
+        assert (doc["status"], doc["next_action"]["type"]) == ("requires_action", "redirect_to_url")
+
+
+@pytest.mark.parametrize("emulator", ["adyen"], indirect=True)
+async def test_the_page_and_details_refuse_what_no_shopper_brought(emulator: EmulatorServer) -> None:
+    """Bad input gets a clear 4xx: an unknown challenge, a choice that is neither button, a
+    redirectResult the emulator never issued, a details call before the shopper came back."""
+    headers = {"X-API-Key": "AQE-threeds-test"}
+    async with ClientSession() as http:
+        async with http.get(f"{emulator.url}/3ds/challenge/unknown") as page:
+            assert page.status == 410
+        async with http.post(f"{emulator.url}/v71/payments", headers=headers, json={
+                "amount": {"value": 100, "currency": "EUR"}, "reference": "pay_bad", "merchantAccount": MERCHANT,
+                "returnUrl": "http://127.0.0.1:9/return",
+                "paymentMethod": {"type": "scheme", "number": AdyenDriver.challenge, "expiryMonth": "03",
+                                  "expiryYear": "2030"}}) as answer:
+            url = (await answer.json())["action"]["url"]
+        async with http.post(url, data={"choice": "maybe"}) as page:
+            assert page.status == 400
+        token = urlsplit(url).path.rsplit("/", 1)[1]
+        early = base64.urlsafe_b64encode(orjson.dumps({"token": token})).decode()
+        for result in ("not-base64!", base64.urlsafe_b64encode(b"[1]").decode(), early):
+            async with http.post(f"{emulator.url}/v71/payments/details", headers=headers,
+                                 json={"details": {"redirectResult": result}}) as answer:
+                assert answer.status == 422 and (await answer.json())["errorType"] == "validation"
+        async with http.post(f"{emulator.url}/v71/payments/details", headers=headers, json={"details": {}}) as answer:
+            assert answer.status == 422
+    assert emulator.emulator.ledger.charges() == []
