@@ -477,7 +477,7 @@ class AdyenEmulator(ProviderEmulator):
         self._settle(entry, APPROVAL if authenticated else NOT_AUTHENTICATED)
         self._notify_authorisation(entry)
 
-    def challenge_return(self, challenge: Challenge, request: web.Request) -> str | None:
+    def challenge_return(self, challenge: Challenge) -> str | None:
         entry = self.ledger.get(challenge.payment_id)
         if challenge.return_url is None or entry is None:
             return None

@@ -523,7 +523,7 @@ class CheckoutEmulator(ProviderEmulator):
         action = self._authorise(entry, None if authenticated else AUTHENTICATION_FAILED)
         self._notify_outcome(entry.extra["base"], entry, action)
 
-    def challenge_return(self, challenge: Challenge, request: web.Request) -> str | None:
+    def challenge_return(self, challenge: Challenge) -> str | None:
         entry = self.ledger.get(challenge.payment_id)
         if entry is None:
             return None

@@ -147,7 +147,7 @@ class ProviderEmulator(ABC):
         """The shopper decided a 3-D Secure challenge: settle its payment and notify."""
 
     @abstractmethod
-    def challenge_return(self, challenge: Challenge, request: web.Request) -> str | None:
+    def challenge_return(self, challenge: Challenge) -> str | None:
         """The merchant's return URL with the provider's parameters (None: there is none)."""
 
     def notify(self, operation: str, event_id: str, label: str, doc: dict[str, Any]) -> None:

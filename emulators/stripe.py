@@ -383,7 +383,7 @@ class StripeEmulator(ProviderEmulator):
         entry.extra["authentication_failed"] = True
         self._emit("authorize", "payment_intent.payment_failed", self._intent(entry), entry.idempotency_key)
 
-    def challenge_return(self, challenge: Challenge, request: web.Request) -> str | None:
+    def challenge_return(self, challenge: Challenge) -> str | None:
         entry = self.ledger.get(challenge.payment_id)
         if challenge.return_url is None or entry is None:
             return None

@@ -86,7 +86,7 @@ class ChallengeIssuer(Protocol):
     def finish_challenge(self, challenge: Challenge, authenticated: bool) -> None:
         """Settle the payment (ledger and notification) for the shopper's outcome."""
 
-    def challenge_return(self, challenge: Challenge, request: web.Request) -> str | None:
+    def challenge_return(self, challenge: Challenge) -> str | None:
         """Where the browser goes next, with the provider's parameters; None: no return URL."""
 
 
@@ -157,10 +157,9 @@ class ChallengeDesk:
     async def _page(self, request: web.Request) -> web.Response:
         challenge = self._by_token.get(request.match_info["token"])
         if challenge is None or challenge.state is ChallengeState.CANCELLED:
-            return _html(410, "Authentication no longer available",
-                         "<p>This authentication has expired or was cancelled. Nothing was charged.</p>")
+            return _gone()
         if challenge.state is not ChallengeState.PENDING:
-            return self._back(challenge, request)
+            return self._back(challenge)
         action = html.escape(CHALLENGE_PATH.format(token=challenge.token), quote=True)
         body = (f"<p>Test 3-D Secure challenge for payment {html.escape(challenge.payment_id)}.</p>"
                 f'<form method="post" action="{action}">'
@@ -172,8 +171,7 @@ class ChallengeDesk:
     async def _choose(self, request: web.Request) -> web.Response:
         challenge = self._by_token.get(request.match_info["token"])
         if challenge is None or challenge.state is ChallengeState.CANCELLED:
-            return _html(410, "Authentication no longer available",
-                         "<p>This authentication has expired or was cancelled. Nothing was charged.</p>")
+            return _gone()
         form = await request.post()
         choice = form.get("choice")
         if choice not in ("complete", "fail"):
@@ -184,13 +182,18 @@ class ChallengeDesk:
             challenge.decided_at = time.time()
             self._record(challenge)
             self._issuer.finish_challenge(challenge, authenticated)
-        return self._back(challenge, request)
+        return self._back(challenge)
 
-    def _back(self, challenge: Challenge, request: web.Request) -> web.Response:
-        location = self._issuer.challenge_return(challenge, request)
+    def _back(self, challenge: Challenge) -> web.Response:
+        location = self._issuer.challenge_return(challenge)
         if location is None:
             return _html(200, "Authentication finished", f"<p>Outcome: {challenge.state.value}.</p>")
         raise web.HTTPSeeOther(location)
+
+
+def _gone() -> web.Response:
+    return _html(410, "Authentication no longer available",
+                 "<p>This authentication has expired or was cancelled. Nothing was charged.</p>")
 
 
 def _html(status: int, title: str, body: str) -> web.Response:
