@@ -5,7 +5,9 @@ action to the emulator's challenge page, posts the page's form as a browser does
 the 303 like a browser), lands on a return-URL server the test runs (the "shop"), and then makes
 the provider's completion call with what the browser brought back. The signed notification goes
 to a receiver the test runs, and is verified the provider's way (tests/test_emulator_webhooks.py).
-Last, the official SDKs read the action shapes the emulators answer with.
+The same flow runs over mTLS as the gateway reaches the emulators, and once in Debian's headless
+chromium (the page needs no JavaScript). Last, the official SDKs read the action shapes the
+emulators answer with.
 """
 
 from __future__ import annotations
@@ -705,3 +707,55 @@ async def test_the_page_and_details_refuse_what_no_shopper_brought(emulator: Emu
         async with http.post(f"{emulator.url}/v71/payments/details", headers=headers, json={"details": {}}) as answer:
             assert answer.status == 422
     assert emulator.emulator.ledger.charges() == []
+
+
+# -- a real browser on the challenge page --------------------------------------------------------------
+
+
+def _chromium(profile: str) -> Any:
+    """Debian's headless chromium through Selenium, as tests/test_console_browser.py drives it."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    options.binary_location = "/usr/bin/chromium"
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--no-first-run", f"--user-data-dir={profile}"):
+        options.add_argument(arg)
+    return webdriver.Chrome(options=options, service=Service(executable_path="/usr/bin/chromedriver"))
+
+
+def _click_through(browser: Any, url: str, button: str) -> str:
+    """Blocking: open the challenge page, click the button, return the URL the browser lands on."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(url)
+    browser.find_element(By.ID, button).click()
+    WebDriverWait(browser, 10, poll_frequency=0.05).until(lambda b: "Back at the shop" in b.page_source)
+    return str(browser.current_url)
+
+
+@pytest.mark.parametrize("kind", ["stripe", "adyen", "checkout"])
+async def test_headless_chromium_completes_the_challenge_without_javascript(
+        kind: str, aiohttp_server: Callable[..., Any], tmp_path: Any) -> None:
+    shop = await _shop(aiohttp_server)
+    server = EmulatorServer(EMULATORS[kind].emulator())
+    await server.start()
+    browser = await asyncio.to_thread(_chromium, str(tmp_path / "chromium"))
+    try:
+        async with ClientSession() as http:
+            driver = DRIVERS[kind](server, http, shop)
+            _, answer = await driver.pay(driver.challenge, f"pay_3ds_chromium_{next(_seq)}")
+            action = driver.action(answer)
+            assert action is not None and action.method == "GET"
+            landed = await asyncio.to_thread(_click_through, browser, action.url, "complete")
+            assert landed.startswith(shop.url)
+            _, params = await shop.returned()
+            driver.expected_return(driver.payment_id(answer), params, approved=True)
+            assert driver.outcome(await driver.complete(params)) == "approved"
+    finally:
+        await asyncio.to_thread(browser.quit)
+        await server.stop()
