@@ -35,6 +35,19 @@ refunds `success: "true"` then `CAPTURE_FAILED`/`REFUND_FAILED` ("failed_later")
 ledger never counts it. Retries: at 9 s, 18 s and 27 s after the first failure, then the retry
 queue: 2 m, 5 m, 10 m, 15 m, 30 m, 1 h, 2 h, 4 h, 8 h, then every 8 hours up to 30 days
 ("Troubleshoot webhooks").
+
+3-D Secure (Adyen's 3D Secure 2 test cards, `THREEDS_CARDS`): a challenge card answers
+`resultCode: RedirectShopper` with `action: {type: "redirect", paymentMethodType: "scheme", url,
+method: "GET"}` (the redirect flow), or, when the request prefers native 3DS2
+(`authenticationData.threeDSRequestData.nativeThreeDS: "preferred"`), `ChallengeShopper` with
+`action: {type: "threeDS2", subtype: "challenge", token, authorisationToken, paymentData}` whose
+token carries the challenge page as `acsURL`. The page stands in for Adyen's test ACS (password
+"password" passes, any other fails): Complete authorises, Fail refuses with refusalReasonCode 11
+"3D Not Authenticated", each with its AUTHORISATION notification, and the browser goes back to the
+`returnUrl` with `redirectResult` (native: `threeDSResult`, in place of the 3DS2 component).
+`POST /v71/payments/details` with `details.redirectResult` or `details.threeDSResult` answers the
+result; a payment still waiting for its shopper can be cancelled (`/cancels`), which ends its page.
+The frictionless card authorises at once.
 """
 
 from __future__ import annotations
@@ -58,6 +71,7 @@ from emulators.idempotency import Claim, ProviderIdempotency, StoredAnswer
 from providers.adyen.mapping import API_VERSION, EMULATOR_LOOKUP_PATH, REFUSAL_REASONS, TRANSIENT_ERROR_HEADER
 from emulators.ledger import LedgerEntry
 from emulators.server import ApiRoute, EmulatorRequest, ProviderEmulator, json_response
+from emulators.threeds import Challenge, ChallengeState, Flow, ThreeDSCard, with_query
 from emulators.webhooks import RetrySchedule, SignedRequest
 
 BASE = f"/{API_VERSION}"
@@ -118,6 +132,20 @@ TEST_CARDS: dict[str, str | None] = {
     "4400000000000099": "ERROR",
     "4400000000000107": "PENDING",
     "4400000000000115": "DECLINED",
+}
+# Card number -> 3-D Secure behaviour: Adyen's 3D Secure 2 test cards (its test-card page and
+# adyen-web's test constants). A failed challenge is the test ACS's wrong password, on any of them.
+THREEDS_CARDS: dict[str, ThreeDSCard] = {
+    "4212345678910006": ThreeDSCard(Flow.CHALLENGE),  # Visa, challenge-only flow
+    "4917610000000000": ThreeDSCard(Flow.CHALLENGE),  # Visa, 3D Secure 2
+    "5000550000000029": ThreeDSCard(Flow.CHALLENGE),  # Maestro, full flow (fingerprint, then challenge)
+    "5201281505129736": ThreeDSCard(Flow.FRICTIONLESS),  # Mastercard, frictionless flow
+}
+PENDING_AUTHENTICATION = "pending_authentication"
+# The 3-D Secure cards drills use, by behaviour (a challenge's outcome is the shopper's choice).
+THREEDS_SCENARIO_CARDS: dict[str, str] = {
+    "frictionless": "5201281505129736",
+    "challenge": "4212345678910006",
 }
 # The cards drills and the contract suite use for each behaviour, by a provider-neutral name.
 SCENARIO_CARDS: dict[str, str] = {
@@ -216,6 +244,7 @@ def notification_item(event_code: str, success: bool, psp: str, entry: LedgerEnt
 
 APPROVAL = Decision(SimulatedResult("Authorised"), "AUTHORISED")
 GENERIC_REFUSAL = Decision(HOLDER_NAME_TRIGGERS["DECLINED"], "Refused")
+NOT_AUTHENTICATED = Decision(HOLDER_NAME_TRIGGERS["NOT_3D_AUTHENTICATED"], "3D Not Authenticated")
 
 
 def _expiry_decision(method: dict) -> Decision | None:
@@ -283,6 +312,7 @@ class AdyenEmulator(ProviderEmulator):
     def routes(self) -> list[ApiRoute]:
         return [
             ApiRoute("POST", f"{BASE}/payments", self._payments, "authorize"),
+            ApiRoute("POST", f"{BASE}/payments/details", self._details, "complete"),
             ApiRoute("GET", EMULATOR_LOOKUP_PATH, self._find_by_reference, "status", idempotent=False),
             ApiRoute("GET", f"{EMULATOR_LOOKUP_PATH}/{{psp}}", self._find_by_psp, "status", idempotent=False),
             ApiRoute("POST", f"{BASE}/payments/{{psp}}/captures", self._capture, "capture"),
@@ -358,6 +388,8 @@ class AdyenEmulator(ProviderEmulator):
             doc["additionalData"] = {"refusalReasonRaw": entry.extra["refusalReasonRaw"]}
             if entry.approved:
                 doc["additionalData"]["authCode"] = entry.extra["authCode"]
+        if entry.status == PENDING_AUTHENTICATION:
+            doc["action"] = entry.extra["action"]
         return doc
 
     def _status_doc(self, entry: LedgerEntry) -> dict[str, Any]:
@@ -407,10 +439,71 @@ class AdyenEmulator(ProviderEmulator):
                 self.idempotency.mark_transient(ctx.idempotency_key)
             return _error(500, "701", "No connection available to the issuer", "internal", psp=entry.id,
                           headers={TRANSIENT_ERROR_HEADER: "true"})
-        self._settle(entry, self._decide(ctx.forced_decline, additional, method, card_key))
+        decision = self._decide(ctx.forced_decline, additional, method, card_key)
+        threeds = THREEDS_CARDS.get(card_key)
+        if decision is APPROVAL and threeds is not None and threeds.flow is Flow.CHALLENGE:
+            return self._challenge_shopper(ctx, entry, doc, threeds)
+        self._settle(entry, decision)
         self._notify_authorisation(entry)
         if error_trigger == "IOEXCEPTION_RECEIVED":
             return _error(500, "701", "server could not process request", "internal", psp=entry.id)
+        return json_response(200, self._payment_doc(entry))
+
+    def _challenge_shopper(self, ctx: EmulatorRequest, entry: LedgerEntry, doc: dict,
+                           card: ThreeDSCard) -> web.Response:
+        """RedirectShopper (or ChallengeShopper for native 3DS2): the shopper authenticates first."""
+        challenge = self.challenges.open(entry.id, str(doc["returnUrl"]), card)
+        url = self.challenges.url(ctx.request, challenge)
+        request_data = (doc.get("authenticationData") or {}).get("threeDSRequestData") or {}
+        native = isinstance(request_data, dict) and request_data.get("nativeThreeDS") == "preferred"
+        entry.status, entry.extra["native"] = PENDING_AUTHENTICATION, native
+        payment_data = _b64json({"psp": entry.id})
+        if native:
+            entry.extra["resultCode"] = "ChallengeShopper"
+            token = _b64json({"acsURL": url, "acsTransID": challenge.token, "messageVersion": "2.2.0",
+                              "threeDSServerTransID": entry.id})
+            entry.extra["action"] = {"paymentData": payment_data, "paymentMethodType": "scheme",
+                                     "authorisationToken": challenge.token, "subtype": "challenge", "token": token,
+                                     "type": "threeDS2"}
+        else:
+            entry.extra["resultCode"] = "RedirectShopper"
+            entry.extra["action"] = {"paymentMethodType": "scheme", "url": url, "method": "GET", "type": "redirect"}
+        return json_response(200, self._payment_doc(entry))
+
+    def finish_challenge(self, challenge: Challenge, authenticated: bool) -> None:
+        entry = self.ledger.get(challenge.payment_id)
+        if entry is None or entry.status != PENDING_AUTHENTICATION:
+            return
+        self._settle(entry, APPROVAL if authenticated else NOT_AUTHENTICATED)
+        self._notify_authorisation(entry)
+
+    def challenge_return(self, challenge: Challenge) -> str | None:
+        entry = self.ledger.get(challenge.payment_id)
+        if challenge.return_url is None or entry is None:
+            return None
+        if entry.extra.get("native"):
+            status = "Y" if challenge.state is ChallengeState.AUTHENTICATED else "N"
+            return with_query(challenge.return_url, {"threeDSResult": _b64json(
+                {"transStatus": status, "authorisationToken": challenge.token})})
+        return with_query(challenge.return_url, {"redirectResult": _b64json({"token": challenge.token})})
+
+    async def _details(self, ctx: EmulatorRequest) -> web.Response:
+        """`/payments/details`: what the shopper's return brought back, answered with the result."""
+        await ctx.simulate_processing()
+        try:
+            doc = orjson.loads(ctx.body)
+        except orjson.JSONDecodeError:
+            return _validation("702", "Unexpected input", 400)
+        details = doc.get("details") if isinstance(doc, dict) else None
+        if not isinstance(details, dict) or not (details.get("redirectResult") or details.get("threeDSResult")):
+            return _validation("000", "Required object 'details' is not provided.")
+        payload = _from_b64json(str(details.get("redirectResult") or details.get("threeDSResult")))
+        challenge = self.challenges.get(str(payload.get("token") or payload.get("authorisationToken") or ""))
+        entry = self.ledger.get(challenge.payment_id) if challenge is not None else None
+        if challenge is None or entry is None or challenge.state is ChallengeState.PENDING:
+            return _validation("000", "Invalid payload provided")
+        if challenge.state is ChallengeState.CANCELLED:
+            return json_response(200, {**self._payment_doc(entry), "resultCode": "Cancelled"})
         return json_response(200, self._payment_doc(entry))
 
     @staticmethod
@@ -589,9 +682,25 @@ class AdyenEmulator(ProviderEmulator):
         if isinstance(found, web.Response):
             return found
         entry, doc = found
-        if entry.status != "authorised" or entry.captured:
+        if entry.status not in ("authorised", PENDING_AUTHENTICATION) or entry.captured:
             return _validation("000", f"Payment cannot be cancelled: it is {entry.status}")
         failure = ctx.modification_failure
         if failure is None:
+            if entry.status == PENDING_AUTHENTICATION:  # an abandoned challenge: its page is gone
+                self.challenges.cancel(entry.id)
+                entry.extra["resultCode"] = "Cancelled"
             entry.status, entry.voided = "cancelled", True
         return self._received(entry, doc, "cancel", None, failure)
+
+
+def _b64json(doc: dict[str, Any]) -> str:
+    """An opaque Adyen-style blob (redirectResult, threeDSResult, token): base64 of JSON."""
+    return base64.urlsafe_b64encode(orjson.dumps(doc)).decode()
+
+
+def _from_b64json(blob: str) -> dict[str, Any]:
+    try:
+        doc = orjson.loads(base64.urlsafe_b64decode(blob.encode() + b"=" * (-len(blob) % 4)))
+    except (binascii.Error, ValueError, orjson.JSONDecodeError):
+        return {}
+    return doc if isinstance(doc, dict) else {}

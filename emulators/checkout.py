@@ -20,6 +20,17 @@ receiver"). Captures, refunds and voids answer 202 Accepted and their outcome co
 notification: `fail_by_notification` makes it `payment_<op>_declined`, its action `approved:
 false`, and the ledger unchanged. Retries after 5 m, 10 m, 15 m, 30 m, 1 h, 4 h, 12 h and 12 h
 ("Receive webhooks").
+
+3-D Secure (Checkout.com's 3DS test cards, `THREEDS_CARDS`), only when the request asks for it
+(`"3ds": {"enabled": true}`), as in the sandbox: a challenge answers `202 {"status": "Pending",
+"3ds": …, "_links": {"redirect": {"href": …}}}`; the href is the challenge page, which stands in
+for Checkout.com's 3DS simulator (password "Checkout1!" passes) and for any card not listed (the
+simulator authenticates by default). Complete authorises (`payment_approved`, then the automatic
+capture), Fail declines with 20151 "Cardholder failed 3D-Secure authentication"
+(`payment_authentication_failed`), and the browser goes to `success_url` or `failure_url` with
+`cko-session-id`; `GET /payments/{id}` (or `/payments/{cko-session-id}`) then shows the result. The
+frictionless cards answer at once (the "not authenticated" one declines with 20151). A payment
+still Pending can be voided (an abandoned challenge): it ends Canceled with `payment_canceled`.
 """
 
 from __future__ import annotations
@@ -40,6 +51,7 @@ from emulators.faults import FaultRule
 from emulators.idempotency import Claim, StoredAnswer
 from emulators.ledger import LedgerEntry
 from emulators.server import ApiRoute, EmulatorRequest, ProviderEmulator, json_response
+from emulators.threeds import Challenge, ChallengeState, Flow, ThreeDSCard, base_url, with_query
 from emulators.webhooks import RetrySchedule, SignedRequest
 
 # Card number -> response_code (None approves), from Checkout.com's sandbox test-card docs. Any
@@ -77,6 +89,26 @@ TEST_CARDS: dict[str, str | None] = {
     "4941202060999329": "30041",  # Lost card - pick up
     "4539253655711767": "30043",  # Stolen card - pick up
 }
+# Card number -> 3-D Secure behaviour, from Checkout.com's 3DS test cards (frictionless results
+# are decided by the card; challenge ones by the simulator, "not authenticated" / "rejected"
+# cards failing whatever the shopper enters). Any other card is challenged and authenticates.
+THREEDS_CARDS: dict[str, ThreeDSCard] = {
+    "4485040371536584": ThreeDSCard(Flow.FRICTIONLESS),  # Visa, authentication successful
+    "5588686116426417": ThreeDSCard(Flow.FRICTIONLESS),  # Mastercard, authentication successful
+    "4539628347117863": ThreeDSCard(Flow.FRICTIONLESS, authenticates=False),  # Visa, not authenticated
+    "4010061700000021": ThreeDSCard(Flow.CHALLENGE),  # Visa, authentication successful
+    "5385308360135181": ThreeDSCard(Flow.CHALLENGE),  # Mastercard, authentication successful
+    "4243754271700719": ThreeDSCard(Flow.CHALLENGE, authenticates=False),  # Visa, not authenticated
+    "4150561000000019": ThreeDSCard(Flow.CHALLENGE, authenticates=False),  # Visa, authentication rejected
+}
+SIMULATOR_DEFAULT = ThreeDSCard(Flow.CHALLENGE)
+AUTHENTICATION_FAILED = "20151"
+# The 3-D Secure cards drills use, by behaviour (a challenge's outcome is the shopper's choice).
+THREEDS_SCENARIO_CARDS: dict[str, str] = {
+    "frictionless": "4485040371536584",
+    "challenge": "4010061700000021",
+    "challenge_not_authenticated": "4243754271700719",
+}
 # The cards drills and the contract suite use for each behaviour, by a provider-neutral name. All
 # are Checkout.com's own sandbox cards; "issuer_unavailable" is its issuer-timeout card (20068).
 SCENARIO_CARDS: dict[str, str] = {
@@ -107,6 +139,7 @@ RESPONSE_SUMMARIES: dict[str, str] = {
     "20078": "Blocked, first use",
     "20087": "Bad Track Data",
     "20091": "Issuer unavailable",
+    "20151": "Cardholder failed 3D-Secure authentication",
     "20154": "3DS authentication required",
     "200N7": "Decline for CVV2 failure",
     "200R1": "Issuer initiated a stop payment (revocation order) for this authorization",
@@ -258,10 +291,14 @@ class CheckoutEmulator(ProviderEmulator):
     def forge_webhook(self, doc: dict[str, Any]) -> dict[str, Any]:
         return {**doc, "type": _FORGED_TYPES.get(doc["type"], doc["type"])}
 
-    def _notify(self, request: web.Request, entry: LedgerEntry, action: dict[str, Any]) -> None:
-        """The event reporting one processed action."""
+    def _notify(self, request: web.Request, entry: LedgerEntry, action: dict[str, Any],
+                event_type: str | None = None) -> None:
+        self._notify_at(base_url(request), entry, action, event_type)
+
+    def _notify_at(self, base: str, entry: LedgerEntry, action: dict[str, Any], event_type: str | None = None) -> None:
+        """The event reporting one processed action (`event_type` where it is not the action's usual one)."""
         operation, approved_type, declined_type = ACTION_EVENTS[action["type"]]
-        event_type = approved_type if action["approved"] else declined_type
+        event_type = event_type or (approved_type if action["approved"] else declined_type)
         data: dict[str, Any] = {
             "id": entry.id, "action_id": action["id"], "amount": action["amount"], "currency": entry.currency,
             "reference": action.get("reference") or entry.payment_ref, "response_code": action["response_code"],
@@ -273,7 +310,6 @@ class CheckoutEmulator(ProviderEmulator):
             if entry.approved:
                 data["auth_code"] = entry.extra.get("auth_code")
         event_id = _event_id()
-        base = f"{request.scheme}://{request.host}"
         doc = {"id": event_id, "type": event_type, "version": WEBHOOK_VERSION, "created_on": _timestamp(time.time()),
                "data": data, "_links": {"self": {"href": f"{base}/workflows/events/{event_id}"},
                                         "payment": {"href": f"{base}/payments/{entry.id}"}}}
@@ -293,6 +329,9 @@ class CheckoutEmulator(ProviderEmulator):
             links["void"] = {"href": f"{base}/voids"}
         if entry.status in REFUNDABLE:
             links["refund"] = {"href": f"{base}/refunds"}
+        if entry.status == "Pending" and (challenge := self.challenges.for_payment(entry.id)) is not None:
+            links["redirect"] = {"href": self.challenges.url(request, challenge)}
+            links["void"] = {"href": f"{base}/voids"}
         return links
 
     def _payment(self, request: web.Request, entry: LedgerEntry) -> dict[str, Any]:
@@ -324,6 +363,8 @@ class CheckoutEmulator(ProviderEmulator):
         }
         if entry.extra.get("description"):
             doc["description"] = entry.extra["description"]
+        if entry.extra.get("3ds"):
+            doc["3ds"] = entry.extra["3ds"]
         return doc
 
     def _add_action(self, entry: LedgerEntry, kind: str, amount: int, code: str | None,
@@ -367,7 +408,7 @@ class CheckoutEmulator(ProviderEmulator):
             if source.get("name"):
                 facts["name"] = str(source["name"])
             code = TEST_CARDS.get(number)
-            self._sources[src_id] = {"facts": facts, "code": code}
+            self._sources[src_id] = {"facts": facts, "code": code, "threeds": THREEDS_CARDS.get(number)}
             return facts, code
         if kind == "id":
             src_id = str(source.get("id") or "")
@@ -413,16 +454,14 @@ class CheckoutEmulator(ProviderEmulator):
         ))
         await ctx.simulate_processing()
         code = ctx.forced_decline or card_code or self._amount_code(amount)
-        if code and not code.startswith("1"):
-            entry.status, entry.decline_code = "Declined", code
-            action = self._add_action(entry, "Authorization", amount, code, reference)
-        else:
-            entry.approved = True
-            if amount == 0:
-                entry.status = "Card Verified"
-            else:
-                entry.status = "Authorized"
-            action = self._add_action(entry, "Authorization", amount, None, reference)
+        three_ds = doc.get("3ds") if isinstance(doc.get("3ds"), dict) else {}
+        if three_ds.get("enabled") is True and not (code and not code.startswith("1")):
+            card = self._sources.get(str(facts.get("id")), {}).get("threeds") or SIMULATOR_DEFAULT
+            entry.extra["3ds"] = {"downgraded": False, "enrolled": "Y", "challenged": card.flow is Flow.CHALLENGE}
+            if card.flow is Flow.CHALLENGE:
+                return self._pending(ctx, entry, doc, card)
+            code = None if card.authenticates else AUTHENTICATION_FAILED
+        action = self._authorise(entry, code)
         answer: dict[str, Any] = {
             "id": entry.id,
             "action_id": action["id"],
@@ -439,19 +478,66 @@ class CheckoutEmulator(ProviderEmulator):
             "_links": self._links(ctx.request, entry),
         }
         if entry.approved:
-            answer["auth_code"] = entry.extra["auth_code"] = f"{int(entry.id[7:]) % 1_000_000:06d}"
-        self._notify(ctx.request, entry, action)
-        if entry.approved and capture and amount > 0:
+            answer["auth_code"] = entry.extra["auth_code"]
+        if entry.extra.get("3ds"):
+            answer["3ds"] = entry.extra["3ds"]
+        self._notify_outcome(base_url(ctx.request), entry, action)
+        return json_response(201, answer, _headers())
+
+    def _authorise(self, entry: LedgerEntry, code: str | None) -> dict[str, Any]:
+        """Approve or decline the payment: its Authorization action (not yet notified)."""
+        if code and not code.startswith("1"):
+            entry.status, entry.decline_code = "Declined", code
+            return self._add_action(entry, "Authorization", entry.amount, code, entry.payment_ref)
+        entry.approved = True
+        entry.status = "Card Verified" if entry.amount == 0 else "Authorized"
+        entry.extra["auth_code"] = f"{int(entry.id[7:]) % 1_000_000:06d}"
+        return self._add_action(entry, "Authorization", entry.amount, None, entry.payment_ref)
+
+    def _notify_outcome(self, base: str, entry: LedgerEntry, action: dict[str, Any]) -> None:
+        """Notify the authorisation, then capture an auto-capture payment."""
+        failed_3ds = action["response_code"] == AUTHENTICATION_FAILED
+        self._notify_at(base, entry, action, "payment_authentication_failed" if failed_3ds else None)
+        if entry.approved and entry.extra["capture"] and entry.amount > 0:
             # Checkout captures an auto-capture payment asynchronously right after the
             # authorisation (the answer still says Authorized); this emulator does it at once.
-            entry.status, entry.captured = "Captured", amount
-            self._notify(ctx.request, entry, self._add_action(entry, "Capture", amount, None, reference))
-        return json_response(201, answer, _headers())
+            entry.status, entry.captured = "Captured", entry.amount
+            self._notify_at(base, entry, self._add_action(entry, "Capture", entry.amount, None, entry.payment_ref))
+
+    def _pending(self, ctx: EmulatorRequest, entry: LedgerEntry, doc: dict[str, Any],
+                 card: ThreeDSCard) -> web.Response:
+        """202 Pending: the shopper is redirected to authenticate first."""
+        success_url, failure_url = doc.get("success_url"), doc.get("failure_url")
+        challenge = self.challenges.open(entry.id, success_url if isinstance(success_url, str) else None, card)
+        entry.extra.update(failure_url=failure_url if isinstance(failure_url, str) else None,
+                           session_id=f"sid_emu{challenge.token.lower()}", base=base_url(ctx.request))
+        answer = {"id": entry.id, "status": "Pending", "reference": entry.payment_ref, "3ds": entry.extra["3ds"],
+                  "_links": self._links(ctx.request, entry)}
+        return json_response(202, answer, _headers())
+
+    def finish_challenge(self, challenge: Challenge, authenticated: bool) -> None:
+        entry = self.ledger.get(challenge.payment_id)
+        if entry is None or entry.status != "Pending":
+            return
+        entry.extra["3ds"] = {**entry.extra["3ds"], "authentication_response": "Y" if authenticated else "N"}
+        action = self._authorise(entry, None if authenticated else AUTHENTICATION_FAILED)
+        self._notify_outcome(entry.extra["base"], entry, action)
+
+    def challenge_return(self, challenge: Challenge) -> str | None:
+        entry = self.ledger.get(challenge.payment_id)
+        if entry is None:
+            return None
+        url = challenge.return_url if challenge.state is ChallengeState.AUTHENTICATED else entry.extra["failure_url"]
+        return None if url is None else with_query(url, {"cko-session-id": entry.extra["session_id"]})
 
     # --- reads -------------------------------------------------------------------------------
 
     def _lookup(self, request: web.Request) -> LedgerEntry | web.Response:
-        entry = self.ledger.get(request.match_info["id"])
+        """A payment by its id, or (reads) by the `cko-session-id` its shopper came back with."""
+        wanted = request.match_info["id"]
+        entry = self.ledger.get(wanted)
+        if entry is None and wanted.startswith("sid_"):
+            entry = next((e for e in self.ledger.entries() if e.extra.get("session_id") == wanted), None)
         return entry if entry is not None else _error(404)
 
     async def _details(self, ctx: EmulatorRequest) -> web.Response:
@@ -489,9 +575,10 @@ class CheckoutEmulator(ProviderEmulator):
 
     # --- actions -----------------------------------------------------------------------------
 
-    def _accepted(self, request: web.Request, entry: LedgerEntry, action: dict[str, Any]) -> web.Response:
+    def _accepted(self, request: web.Request, entry: LedgerEntry, action: dict[str, Any],
+                  event_type: str | None = None) -> web.Response:
         """202 Accepted; the action's outcome goes out as its notification."""
-        self._notify(request, entry, action)
+        self._notify(request, entry, action, event_type)
         href = f"{request.scheme}://{request.host}/payments/{entry.id}"
         doc: dict[str, Any] = {"action_id": action["id"], "_links": {"payment": {"href": href}}}
         if action.get("reference"):
@@ -557,10 +644,15 @@ class CheckoutEmulator(ProviderEmulator):
         if isinstance(parsed, web.Response):
             return parsed
         entry, doc = parsed
-        if entry.status not in CAPTURABLE:
+        # A Pending payment is one whose shopper has not come back from its challenge: voiding it
+        # is how a reconciler expires an abandoned one.
+        pending = entry.status == "Pending" and self.challenges.for_payment(entry.id) is not None
+        if entry.status not in CAPTURABLE and not pending:
             return _error(403)  # Void not allowed
         declined = self._declined_code(ctx)
         if declined is None:
-            entry.status, entry.voided = "Voided", True
+            if pending:
+                self.challenges.cancel(entry.id)
+            entry.status, entry.voided = ("Canceled" if pending else "Voided"), True
         action = self._add_action(entry, "Void", entry.amount, declined, doc.get("reference"))
-        return self._accepted(ctx.request, entry, action)
+        return self._accepted(ctx.request, entry, action, "payment_canceled" if pending and declined is None else None)

@@ -1,5 +1,5 @@
 """Emulator kinds by name: which emulator class stands in for each provider kind, on which
-default port, with which public test cards."""
+default port, with which public test cards (3-D Secure ones too)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,11 @@ class EmulatorKind:
         """Cards by behaviour ("approve", "insufficient_funds", "stolen_card", "do_not_honor",
         "issuer_unavailable"), as the provider's public test-card docs define them."""
         return dict(import_module(self.module).SCENARIO_CARDS)
+
+    def threeds_cards(self) -> dict[str, str]:
+        """3-D Secure cards by behaviour ("frictionless", "challenge": the shopper's Complete /
+        Fail decides), from the provider's test-card docs."""
+        return dict(import_module(self.module).THREEDS_SCENARIO_CARDS)
 
 
 EMULATORS: dict[str, EmulatorKind] = {

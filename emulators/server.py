@@ -27,6 +27,7 @@ from pydantic import ValidationError
 from emulators.faults import FaultDecision, FaultInjector, FaultPlan, FaultRule
 from emulators.idempotency import Claim, ProviderIdempotency, StoredAnswer, StorePolicy
 from emulators.ledger import Ledger
+from emulators.threeds import Challenge, ChallengeDesk
 from emulators.webhooks import RetrySchedule, SignedRequest, WebhookEvent, WebhookSender, WebhookTarget
 
 
@@ -102,6 +103,8 @@ class ProviderEmulator(ABC):
         self.webhooks = WebhookSender(self, self.webhook_retries, self.faults)
         # API requests by operation, so a drill can prove what settled without a status query.
         self.requests: Counter[str] = Counter()
+        # 3-D Secure challenges waiting for (or decided by) the shopper: see emulators/threeds.py.
+        self.challenges = ChallengeDesk(self, self.ledger)
         self.closing = asyncio.Event()
 
     @abstractmethod
@@ -139,6 +142,14 @@ class ProviderEmulator(ABC):
     def check_webhook_secret(self, secret: str) -> None:
         """Raise ValueError when `secret` cannot be this provider's signing secret."""
 
+    @abstractmethod
+    def finish_challenge(self, challenge: Challenge, authenticated: bool) -> None:
+        """The shopper decided a 3-D Secure challenge: settle its payment and notify."""
+
+    @abstractmethod
+    def challenge_return(self, challenge: Challenge) -> str | None:
+        """The merchant's return URL with the provider's parameters (None: there is none)."""
+
     def notify(self, operation: str, event_id: str, label: str, doc: dict[str, Any]) -> None:
         """Post a notification of what was just done (see emulators/webhooks.py)."""
         self.webhooks.emit(WebhookEvent(event_id, label, operation, doc))
@@ -149,11 +160,14 @@ class ProviderEmulator(ABC):
         self.idempotency.clear()
         self.webhooks.clear()
         self.requests.clear()
+        self.challenges.clear()
 
     def build_app(self) -> web.Application:
         app = web.Application(client_max_size=1 << 20)
         for route in self.routes():
             app.router.add_route(route.method, route.path, self._wrap(route))
+        # The shopper's challenge page: a browser page, outside the API's auth and faults.
+        app.router.add_routes(self.challenges.routes())
         return app
 
     def _wrap(self, route: ApiRoute) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
@@ -306,12 +320,16 @@ class EmulatorServer:
         app.router.add_post("/_emulator/certificate", self._post_certificate)
         app.router.add_get("/_emulator/requests", self._get_requests)
         app.router.add_get("/_emulator/webhooks", self._get_webhooks)
+        app.router.add_get("/_emulator/challenges", self._get_challenges)
         app.router.add_put("/_emulator/webhooks/target", self._put_webhook_target)
         app.router.add_delete("/_emulator/webhooks/target", self._delete_webhook_target)
         return app
 
     async def _get_requests(self, _request: web.Request) -> web.Response:
         return json_response(200, {"by_operation": dict(self.emulator.requests)})
+
+    async def _get_challenges(self, _request: web.Request) -> web.Response:
+        return json_response(200, {"challenges": self.emulator.challenges.snapshot()})
 
     async def _get_webhooks(self, _request: web.Request) -> web.Response:
         return json_response(200, self.emulator.webhooks.snapshot())

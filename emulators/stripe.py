@@ -24,6 +24,18 @@ Stripe retries an undelivered event "for up to three days" with exponential back
 unpublished: here 1 minute doubling to 12 hours. Captures and cancels are synchronous at Stripe,
 so `fail_by_notification` applies to refunds only: the refund is answered `pending`, then
 `refund.failed` (as a refund the card network refuses later is).
+
+3-D Secure (Stripe's "Regulatory (3D Secure) cards" and "Authentication and setup" test cards,
+`THREEDS_CARDS`): a confirmed intent whose card needs authentication answers 200 `status:
+requires_action` with `next_action: {type: "redirect_to_url", redirect_to_url: {url, return_url}}`
+when the request has a `return_url` (else `use_stripe_sdk`, as Stripe answers a server-side
+confirm without one). The url is the emulator's challenge page (emulators/threeds.py): Complete
+settles the intent as the card would have been (`succeeded` / `requires_capture`, or the card's
+decline after authentication) and Fail leaves it `requires_payment_method` with
+`payment_intent_authentication_failure`, each with its usual event; the browser goes back to the
+return_url with `payment_intent`, `payment_intent_client_secret` and `redirect_status`. Retrieve
+then shows the result; `/confirm` on an intent still waiting answers it unchanged; cancel works
+on a `requires_action` intent (an abandoned challenge).
 """
 
 from __future__ import annotations
@@ -43,6 +55,7 @@ from emulators.faults import FaultRule
 from emulators.idempotency import Claim, StoredAnswer
 from emulators.ledger import LedgerEntry
 from emulators.server import ApiRoute, EmulatorRequest, ProviderEmulator, json_response
+from emulators.threeds import Challenge, Flow, ThreeDSCard, with_query
 from emulators.webhooks import RetrySchedule, SignedRequest
 from providers.stripe.mapping import API_VERSION, METADATA_KEY, RETRY_HEADER
 
@@ -68,6 +81,39 @@ TEST_CARDS: dict[str, str | None] = {
     "pm_card_chargeDeclinedStolenCard": "stolen_card",
     "pm_card_chargeDeclinedExpiredCard": "expired_card",
     "pm_card_chargeDeclinedProcessingError": "processing_error",
+}
+# Card number or PaymentMethod id -> its 3-D Secure behaviour, from Stripe's testing docs.
+_REQUIRED = ThreeDSCard(Flow.CHALLENGE)
+THREEDS_CARDS: dict[str, ThreeDSCard] = {
+    "4000002500003155": _REQUIRED,  # authentication required unless set up for off-session use
+    "4000002760003184": _REQUIRED,  # authentication always required
+    "4000008260003178": ThreeDSCard(Flow.CHALLENGE, decline_after="insufficient_funds"),
+    "4000000000003220": _REQUIRED,  # 3DS2 authentication must be completed
+    "4000000000003063": _REQUIRED,  # 3DS authentication must be completed
+    "4000008400001629": ThreeDSCard(Flow.CHALLENGE, decline_after="generic_decline"),
+    "4000008400001280": ThreeDSCard(Flow.CHALLENGE, decline_after="processing_error"),
+    "4000000000003055": ThreeDSCard(Flow.CHALLENGE, only_when_requested=True),  # supported, not required
+    "pm_card_authenticationRequiredOnSetup": _REQUIRED,
+    "pm_card_authenticationRequired": _REQUIRED,
+    "pm_card_authenticationRequiredChargeDeclinedInsufficientFunds":
+        ThreeDSCard(Flow.CHALLENGE, decline_after="insufficient_funds"),
+    "pm_card_threeDSecure2Required": _REQUIRED,
+    "pm_card_threeDSecureRequired": _REQUIRED,
+    "pm_card_threeDSecureRequiredChargeDeclined": ThreeDSCard(Flow.CHALLENGE, decline_after="generic_decline"),
+    "pm_card_threeDSecureOptional": ThreeDSCard(Flow.CHALLENGE, only_when_requested=True),
+}
+# `payment_method_options[card][request_three_d_secure]` values that ask for a challenge.
+_REQUESTED_3DS = ("any", "challenge")
+AUTHENTICATION_FAILURE = {
+    "type": "invalid_request_error", "code": "payment_intent_authentication_failure",
+    "message": "The provided PaymentMethod has failed authentication. You can provide payment_method_data or a "
+               "new PaymentMethod to attempt to fulfill this PaymentIntent again.",
+}
+# The 3-D Secure cards drills use, by behaviour (a challenge's outcome is the shopper's choice).
+THREEDS_SCENARIO_CARDS: dict[str, str] = {
+    "frictionless": "4000000000003055",
+    "challenge": "4000000000003220",
+    "challenge_then_declined": "4000008400001629",
 }
 # The cards drills and the contract suite use for each behaviour, by a provider-neutral name.
 SCENARIO_CARDS: dict[str, str] = {
@@ -149,6 +195,7 @@ class StripeEmulator(ProviderEmulator):
             ApiRoute("GET", "/v1/payment_intents/{id}", self._retrieve, "status", idempotent=False),
             ApiRoute("POST", "/v1/payment_intents/{id}/capture", self._capture, "capture"),
             ApiRoute("POST", "/v1/payment_intents/{id}/cancel", self._cancel, "void"),
+            ApiRoute("POST", "/v1/payment_intents/{id}/confirm", self._confirm, "complete"),
             ApiRoute("POST", "/v1/refunds", self._refund, "refund"),
         ]
 
@@ -191,7 +238,10 @@ class StripeEmulator(ProviderEmulator):
         return {**doc, "type": _FORGED_TYPES.get(doc["type"], doc["type"])}
 
     def _notify(self, operation: str, event_type: str, obj: dict[str, Any], ctx: EmulatorRequest) -> None:
-        event = stripe_event(event_type, obj, ctx.idempotency_key)
+        self._emit(operation, event_type, obj, ctx.idempotency_key)
+
+    def _emit(self, operation: str, event_type: str, obj: dict[str, Any], idempotency_key: str | None) -> None:
+        event = stripe_event(event_type, obj, idempotency_key)
         self.notify(operation, event["id"], event_type, event)
 
     def replay_headers(self, stored: StoredAnswer) -> dict[str, str]:
@@ -239,10 +289,13 @@ class StripeEmulator(ProviderEmulator):
             "payment_method": entry.extra.get("payment_method"),
             "status": entry.status,
             "last_payment_error": None,
+            "next_action": entry.extra.get("next_action") if entry.status == "requires_action" else None,
         }
         if doc["latest_charge"] is not None and expand & {"latest_charge", "latest_charge.refunds"}:
             doc["latest_charge"] = self._charge(entry, "latest_charge.refunds" in expand)
-        if entry.decline_code:
+        if entry.extra.get("authentication_failed"):
+            doc["last_payment_error"] = dict(AUTHENTICATION_FAILURE)
+        elif entry.decline_code:
             doc["last_payment_error"] = {
                 "type": "card_error",
                 "code": "card_declined" if entry.decline_code != "expired_card" else "expired_card",
@@ -276,20 +329,79 @@ class StripeEmulator(ProviderEmulator):
         await ctx.simulate_processing()
         # Any number not in the table approves, as in Stripe's test mode.
         decline = ctx.forced_decline or TEST_CARDS.get(card_key)
+        threeds = THREEDS_CARDS.get(card_key)
+        if not decline and threeds is not None and (
+                not threeds.only_when_requested
+                or form.get("payment_method_options[card][request_three_d_secure]") in _REQUESTED_3DS):
+            return self._require_action(ctx, entry, threeds, form.get("return_url") or None)
+        self._authorise(entry, decline, ctx.idempotency_key)
+        intent = self._intent(entry)
         if decline:
-            entry.status, entry.decline_code = "requires_payment_method", decline
-            intent = self._intent(entry)
-            self._notify("authorize", "payment_intent.payment_failed", intent, ctx)
             return _error(402, "card_error", intent["last_payment_error"]["message"],
                           code=intent["last_payment_error"]["code"], decline_code=decline, payment_intent=intent)
+        return json_response(200, intent)
+
+    def _authorise(self, entry: LedgerEntry, decline: str | None, idempotency_key: str | None) -> None:
+        """Charge the card (or decline it) and notify: at confirmation, or once the shopper has
+        authenticated."""
+        if decline:
+            entry.status, entry.decline_code = "requires_payment_method", decline
+            self._emit("authorize", "payment_intent.payment_failed", self._intent(entry), idempotency_key)
+            return
         entry.approved = True
         entry.extra["charge"] = f"ch_emu{entry.id[6:]}"
         if entry.extra["capture_method"] == "manual":
             entry.status = "requires_capture"
-            self._notify("authorize", "payment_intent.amount_capturable_updated", self._intent(entry), ctx)
+            self._emit("authorize", "payment_intent.amount_capturable_updated", self._intent(entry), idempotency_key)
         else:
-            entry.status, entry.captured = "succeeded", amount
-            self._notify("authorize", "payment_intent.succeeded", self._intent(entry), ctx)
+            entry.status, entry.captured = "succeeded", entry.amount
+            self._emit("authorize", "payment_intent.succeeded", self._intent(entry), idempotency_key)
+
+    def _require_action(self, ctx: EmulatorRequest, entry: LedgerEntry, card: ThreeDSCard,
+                        return_url: str | None) -> web.Response:
+        """`requires_action`: the shopper authenticates on the challenge page first."""
+        challenge = self.challenges.open(entry.id, return_url, card)
+        url = self.challenges.url(ctx.request, challenge)
+        entry.status = "requires_action"
+        if return_url is not None:
+            entry.extra["next_action"] = {"type": "redirect_to_url",
+                                          "redirect_to_url": {"url": url, "return_url": return_url}}
+        else:
+            entry.extra["next_action"] = {"type": "use_stripe_sdk",
+                                          "use_stripe_sdk": {"type": "three_d_secure_redirect", "stripe_js": url,
+                                                             "source": f"src_emu{entry.id[6:]}"}}
+        return json_response(200, self._intent(entry))
+
+    def finish_challenge(self, challenge: Challenge, authenticated: bool) -> None:
+        entry = self.ledger.get(challenge.payment_id)
+        if entry is None or entry.status != "requires_action":
+            return
+        if authenticated:
+            self._authorise(entry, challenge.card.decline_after, entry.idempotency_key)
+            return
+        entry.status = "requires_payment_method"
+        entry.extra["authentication_failed"] = True
+        self._emit("authorize", "payment_intent.payment_failed", self._intent(entry), entry.idempotency_key)
+
+    def challenge_return(self, challenge: Challenge) -> str | None:
+        entry = self.ledger.get(challenge.payment_id)
+        if challenge.return_url is None or entry is None:
+            return None
+        succeeded = entry.status in ("succeeded", "requires_capture")
+        return with_query(challenge.return_url, {
+            "payment_intent": entry.id, "payment_intent_client_secret": f"{entry.id}_secret_emulator",
+            "redirect_status": "succeeded" if succeeded else "failed"})
+
+    async def _confirm(self, ctx: EmulatorRequest) -> web.Response:
+        """Confirming an intent that still waits for its shopper answers it unchanged (the action
+        stays the same); one already confirmed cannot be confirmed again."""
+        await ctx.simulate_processing()
+        entry = self._lookup(ctx.request)
+        if isinstance(entry, web.Response):
+            return entry
+        if entry.status != "requires_action":
+            return _error(400, "invalid_request_error", f"You cannot confirm this PaymentIntent because it has a "
+                          f"status of {entry.status}.", code="payment_intent_unexpected_state")
         return json_response(200, self._intent(entry))
 
     def _lookup(self, request: web.Request) -> LedgerEntry | web.Response:
@@ -340,9 +452,10 @@ class StripeEmulator(ProviderEmulator):
         entry = self._lookup(ctx.request)
         if isinstance(entry, web.Response):
             return entry
-        if entry.status not in ("requires_capture", "requires_payment_method"):
+        if entry.status not in ("requires_capture", "requires_payment_method", "requires_action"):
             return _error(400, "invalid_request_error", f"You cannot cancel this PaymentIntent because it has a "
                           f"status of {entry.status}.", code="payment_intent_unexpected_state")
+        self.challenges.cancel(entry.id)  # an abandoned challenge: its page is gone
         entry.status, entry.voided = "canceled", True
         self._notify("void", "payment_intent.canceled", self._intent(entry), ctx)
         return json_response(200, self._intent(entry))
