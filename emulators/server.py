@@ -13,6 +13,7 @@ import socket
 import ssl
 import struct
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,8 @@ from pydantic import ValidationError
 from emulators.faults import FaultDecision, FaultInjector, FaultPlan, FaultRule
 from emulators.idempotency import Claim, ProviderIdempotency, StoredAnswer, StorePolicy
 from emulators.ledger import Ledger
+
+RECEIVED_KEPT = 1000
 
 
 @dataclass(slots=True)
@@ -91,6 +94,9 @@ class ProviderEmulator(ABC):
         self.faults = FaultInjector()
         self.idempotency = ProviderIdempotency(self.store_policy)
         self.closing = asyncio.Event()
+        # The headers of the last requests that reached a handler (what a test may check the
+        # gateway sent: never the checkout's trace context, say). Bounded.
+        self.received_headers: deque[dict[str, str]] = deque(maxlen=RECEIVED_KEPT)
 
     @abstractmethod
     def routes(self) -> list[ApiRoute]: ...
@@ -120,6 +126,7 @@ class ProviderEmulator(ABC):
         self.ledger.clear()
         self.faults.clear()
         self.idempotency.clear()
+        self.received_headers.clear()
 
     def build_app(self) -> web.Application:
         app = web.Application(client_max_size=1 << 20)
@@ -129,6 +136,7 @@ class ProviderEmulator(ABC):
 
     def _wrap(self, route: ApiRoute) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def handle(request: web.Request) -> web.StreamResponse:
+            self.received_headers.append(dict(request.headers))
             denied = self.authenticate(request)
             if denied is not None:
                 return denied

@@ -130,7 +130,9 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
 
     async def tracing(app: web.Application) -> AsyncIterator[None]:
         """First up, last down: the other contexts' spans are exported before it stops."""
-        app[TRACING] = build_tracing(config.observability.tracing, redactor, exporter=span_exporter)
+        # Off the loop: the SDK's resource detectors (OTEL_RESOURCE_ATTRIBUTES, host, process) run in threads.
+        app[TRACING] = await asyncio.to_thread(build_tracing, config.observability.tracing, redactor,
+                                               exporter=span_exporter)
         yield
         await asyncio.to_thread(app[TRACING].shutdown)  # flushes what the exporter still holds
 

@@ -126,7 +126,11 @@ class LiveTracing(Tracing):
         return self._span(name, kind, None)
 
     def server_span(self, name: str, headers: Mapping[str, str]) -> AbstractContextManager[SpanHandle]:
-        return self._span(name, SpanKind.SERVER, self._propagator.extract(headers))
+        # `traceparent` only: `tracestate` is the caller's free text, and it would ride along in
+        # every span we export.
+        parent = headers.get("traceparent")
+        context = self._propagator.extract({"traceparent": parent}) if parent is not None else None
+        return self._span(name, SpanKind.SERVER, context)
 
     @contextmanager
     def _span(self, name: str, kind: SpanKind, context: Context | None) -> Iterator[SpanHandle]:
