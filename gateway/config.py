@@ -145,6 +145,8 @@ class LogConfig(_Model):
     # New payments are refused (503 overloaded) while more transaction lines than this wait to
     # be on disk: a log that cannot be written must not let charges pile up unlogged.
     max_outbox_backlog: int = Field(1000, gt=0)
+    # /readyz says the log is stalled once a line has waited this long for the disk.
+    stall_after_s: float = Field(5.0, gt=0, le=300)
 
 
 class ProviderTls(_Model):
