@@ -26,7 +26,7 @@ from opentelemetry.trace import SpanKind
 from emulators.faults import FaultRule
 from emulators.server import EmulatorServer
 from gateway.app import build_app
-from gateway.app_keys import OPS_LOG, TRACING
+from gateway.app_keys import OPS_LOG, RECONCILER, TRACING
 from gateway.certs.devca import DevCertLayout
 from gateway.config import TracingConfig, parse_config
 from gateway.tracing.middleware import tracing_middleware
@@ -110,6 +110,32 @@ async def test_a_payment_that_fails_over_is_one_trace_with_a_span_per_attempt(
     [check] = [s for s in exporter.get_finished_spans() if s.name == "ops.check"]
     assert (inside["trace_id"], inside["span_id"]) == (format(check.context.trace_id, "032x"),
                                                        format(check.context.span_id, "016x"))
+
+
+async def test_the_reconciler_settling_a_pending_payment_is_a_trace_of_its_own(
+        tmp_path: Path, dev_certs: DevCertLayout, stripes: dict[str, EmulatorServer]) -> None:
+    exporter = InMemorySpanExporter()
+    config = parse_config(engine_config_data(
+        tmp_path, dev_certs, stripes, ("primary", "backup"),
+        providers={"primary": {"timeout_ms": 300, "retry": {"max_attempts": 1}}}, **TRACED))
+    set_faults(stripes["primary"], FaultRule(kind="timeout_after", hang_s=5, operations=("authorize",)),
+               FaultRule(kind="latency", latency_ms=1500, operations=("status",)))
+    async with TestClient(TestServer(build_app(config, reconcile_interval_s=3600, span_exporter=exporter))) as client:
+        status, doc = await pay(client)
+        assert status == 201 and doc["status"] == "pending"
+        stripes["primary"].emulator.faults.clear()
+        exporter.clear()
+        assert await client.app[RECONCILER].run_once(min_age_s=0, ignore_backoff=True) == 1
+        [_, settled] = await txlog(client, doc["id"])
+    spans = exporter.get_finished_spans()
+    assert span_tree(spans) == [
+        "reconcile.payment [internal] provider=primary journal.kind=reconciliation payment_status=pending",
+        "  provider.status [client] http.response.status_code=200 provider=primary try=0 outcome=approved"
+        " raw_code=succeeded breaker_state=closed",
+        "  journal.commit [internal] provider=primary journal.kind=reconciliation payment_status=approved",
+    ]
+    [root] = [s for s in spans if s.parent is None]
+    assert settled["event"] == "reconciliation" and settled["trace_id"] == format(root.context.trace_id, "032x")
 
 
 async def test_a_request_without_traceparent_starts_its_own_trace_and_a_bad_one_is_ignored(

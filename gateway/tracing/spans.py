@@ -95,9 +95,8 @@ class _LiveHandle(SpanHandle):
 
     def set(self, attributes: Mapping[str, AttrValue | None]) -> None:
         scrub = self._redactor.scrub_text
-        for key, value in attributes.items():
-            if value is not None:
-                self._span.set_attribute(key, scrub(value) if isinstance(value, str) else value)
+        self._span.set_attributes({key: scrub(value) if isinstance(value, str) else value  # one lock, not one each
+                                   for key, value in attributes.items() if value is not None})
 
     def attempt(self, attempt: Attempt) -> None:
         self.set(attempt_attributes(attempt))
@@ -137,7 +136,9 @@ class LiveTracing(Tracing):
         with self._tracer.start_as_current_span(name, context=context, kind=kind, record_exception=False,
                                                 set_status_on_exception=False) as span:
             try:
-                yield _LiveHandle(span, self._redactor)
+                # A span the sampler dropped still carries the trace's ids (for the logs and the
+                # children), but nothing of it is exported: no attribute is worth computing.
+                yield _LiveHandle(span, self._redactor) if span.is_recording() else _NO_HANDLE
             except BaseException as exc:
                 span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
                 raise
