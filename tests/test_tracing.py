@@ -16,9 +16,11 @@ from pathlib import Path
 from urllib.parse import quote
 
 import orjson
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
@@ -167,6 +169,35 @@ async def test_tracing_off_is_no_middleware_and_no_span(tmp_path: Path, dev_cert
         [line] = await txlog(client, doc["id"])
     assert exporter.get_finished_spans() == ()
     assert "trace_id" not in line and "span_id" not in line
+
+
+async def test_spans_reach_an_otlp_collector_at_the_configured_endpoint(
+        tmp_path: Path, dev_certs: DevCertLayout, stripes: dict[str, EmulatorServer]) -> None:
+    """The real exporter: OTLP/HTTP protobuf to a collector on loopback, flushed when the app stops."""
+    received: list[ExportTraceServiceRequest] = []
+
+    async def traces(request: web.Request) -> web.Response:
+        assert request.content_type == "application/x-protobuf"
+        message = ExportTraceServiceRequest()
+        message.ParseFromString(await request.read())
+        received.append(message)
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
+    collector = web.Application()
+    collector.router.add_post("/v1/traces", traces)
+    async with TestServer(collector) as sink:
+        config = parse_config(engine_config_data(tmp_path, dev_certs, stripes, ("primary",), observability={
+            "tracing": {"enabled": True, "endpoint": str(sink.make_url("/v1/traces")), "service_name": "gw-test"}}))
+        async with TestClient(TestServer(build_app(config, reconcile_interval_s=3600))) as client:
+            status, doc = await pay(client, headers={**idem(), "traceparent": f"00-{CHECKOUT_TRACE}-{CHECKOUT_SPAN}-01"})
+            assert status == 201
+    spans = [(resource.resource, span) for message in received for resource in message.resource_spans
+             for scope in resource.scope_spans for span in scope.spans]
+    assert {span.name for _, span in spans} >= {"POST /v1/payments", "journal.claim", "provider.authorize",
+                                                "journal.commit"}
+    assert {span.trace_id.hex() for _, span in spans if span.name != "reconcile.payment"} == {CHECKOUT_TRACE}
+    assert all(any(a.key == "service.name" and a.value.string_value == "gw-test" for a in resource.attributes)
+               for resource, _ in spans)
 
 
 def test_tracing_settings_are_validated_with_their_field_path(tmp_path: Path, dev_certs: DevCertLayout) -> None:
