@@ -28,7 +28,7 @@ from opentelemetry.trace import SpanKind
 from emulators.faults import FaultRule
 from emulators.server import EmulatorServer
 from gateway.app import build_app
-from gateway.app_keys import OPS_LOG, RECONCILER, TRACING
+from gateway.app_keys import CONSOLE, OPS_LOG, RECONCILER, TRACING
 from gateway.certs.devca import DevCertLayout
 from gateway.config import TracingConfig, parse_config
 from gateway.tracing.middleware import tracing_middleware
@@ -81,6 +81,7 @@ async def test_a_payment_that_fails_over_is_one_trace_with_a_span_per_attempt(
         status, doc = await pay(client, headers=headers)
         assert status == 201 and doc["provider"] == "backup"
         [line] = await txlog(client, doc["id"])
+        failures = client.app[CONSOLE].stats.failures()
         spans = exporter.get_finished_spans()
         with app[TRACING].span("ops.check"):
             app[OPS_LOG].info("inside_a_span")
@@ -108,6 +109,9 @@ async def test_a_payment_that_fails_over_is_one_trace_with_a_span_per_attempt(
     assert received and not any(name.lower() in ("traceparent", "tracestate") for h in received for name in h)
     # The transaction line and the ops log name the trace and the span they were written in.
     assert line["trace_id"] == CHECKOUT_TRACE and line["span_id"] == format(server.context.span_id, "016x")
+    # The console's last failures: the primary's two refused connections, each with the trace.
+    assert [(f["provider"], f["code"], f["trace_id"]) for f in failures] == [
+        ("primary", "connect_failed", CHECKOUT_TRACE)] * 2
     [inside] = [orjson.loads(t) for t in ops_stream.getvalue().splitlines() if "inside_a_span" in t]
     [check] = [s for s in exporter.get_finished_spans() if s.name == "ops.check"]
     assert (inside["trace_id"], inside["span_id"]) == (format(check.context.trace_id, "032x"),
