@@ -7,7 +7,8 @@ ClientSession each), breaker sync, the certificate watcher, the payment service,
 reconciler, host metrics, the console (handed the service, pool, store and watcher it shows).
 aiohttp tears down in reverse and only what started. Every piece of state they share is an
 `AppKey` of `gateway.app_keys`; nothing below this module wires another module's objects
-together.
+together. The tracer (`gateway.tracing`) comes up first and goes down last, so every other
+context's spans are exported.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import structlog
 from aiohttp import web
+from opentelemetry.sdk.trace.export import SpanExporter
 
 from gateway.api import health, openapi, payments
 from gateway.api.auth import Authenticator
@@ -39,6 +41,7 @@ from gateway.app_keys import (
     REDACTOR,
     SERVICE,
     STORE,
+    TRACING,
     TRANSACTION_LOG,
 )
 from gateway.breaker_sync import BreakerSync, RedisBreakerSync
@@ -62,6 +65,8 @@ from gateway.reconciler import Reconciler
 from gateway.retry_policy import RetryBudget
 from gateway.router import Router
 from gateway.tasks import stop_task
+from gateway.tracing.middleware import tracing_middleware
+from gateway.tracing.setup import build_tracing
 from gateway.txlog import JsonLinesWriter, build_ops_logger
 from gateway.txlog.file_lock import LogFileInUse, LogFileLock
 from gateway.txlog.outbox import TransactionLog
@@ -103,9 +108,10 @@ def make_store(config: GatewayConfig, metrics: Metrics | None = None) -> Store:
 def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBoundLogger | None = None,
               reconcile_interval_s: float = 5.0, server_ssl_context: ssl.SSLContext | None = None,
               certificate_check_interval_s: float = 60.0, exclusive_store: bool | None = None,
-              worker: WorkerSeat | None = None) -> web.Application:
+              worker: WorkerSeat | None = None, span_exporter: SpanExporter | None = None) -> web.Application:
     """`exclusive_store`: no other process uses this journal (default: true for SQLite, false for
-    a worker of `serve --workers N`). `worker`: this app is that worker (see `gateway.workers`)."""
+    a worker of `serve --workers N`). `worker`: this app is that worker (see `gateway.workers`).
+    `span_exporter`: where spans go when `observability.tracing` is on (default: OTLP)."""
     if exclusive_store is None:
         exclusive_store = config.storage.backend == "sqlite" and worker is None
     exclusive = exclusive_store
@@ -117,7 +123,9 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
     # A client hanging up never cancels its handler (run_app's default, pinned here because
     # aiohttp's test server turns cancellation on): a payment its caller stopped waiting for
     # still finishes and stores its answer for the caller's retry with the same key.
-    app = web.Application(middlewares=[error_middleware(ops, metrics)], client_max_size=config.server.max_body_bytes,
+    # The server span, outermost so it sees the status of every answer, only when tracing is on.
+    traced = [tracing_middleware] if config.observability.tracing.enabled else []
+    app = web.Application(middlewares=[*traced, error_middleware(ops, metrics)], client_max_size=config.server.max_body_bytes,
                           handler_args={"auto_decompress": False, "handler_cancellation": False,
                                         "logger": ProtocolLog(metrics)})
     app[CONFIG] = config
@@ -125,6 +133,14 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
     app[REDACTOR] = redactor
     app[METRICS] = metrics
     app[AUTH] = Authenticator(config.auth)
+
+    async def tracing(app: web.Application) -> AsyncIterator[None]:
+        """First up, last down: the other contexts' spans are exported before it stops."""
+        # Off the loop: the SDK's resource detectors (OTEL_RESOURCE_ATTRIBUTES, host, process) run in threads.
+        app[TRACING] = await asyncio.to_thread(build_tracing, config.observability.tracing, redactor,
+                                               exporter=span_exporter)
+        yield
+        await asyncio.to_thread(app[TRACING].shutdown)  # flushes what the exporter still holds
 
     async def log_writer(app: web.Application) -> AsyncIterator[None]:
         writer = JsonLinesWriter(Path(config.log.dir) / log_file, queue_size=config.log.queue_size,
@@ -231,10 +247,10 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
         budget = RetryBudget(ratio=engine.retry_budget_ratio, min_per_s=engine.retry_budget_min_per_s,
                              window_s=engine.retry_budget_window_s)
         app[SERVICE] = PaymentService(
-            store=app[STORE], clients={h.name: ProviderClient(h, metrics) for h in pool},
+            store=app[STORE], clients={h.name: ProviderClient(h, metrics, app[TRACING]) for h in pool},
             router=Router(config.routes, pool.health, success_rate=pool.success_rate, capabilities=config.providers),
             executor=AttemptExecutor(budget, metrics), metrics=metrics, txlog=app[TRANSACTION_LOG],
-            retention_s=config.storage.idempotency_retention_h * 3600, ops_log=ops,
+            retention_s=config.storage.idempotency_retention_h * 3600, ops_log=ops, tracing=app[TRACING],
         )
         yield
 
@@ -294,8 +310,8 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
             await peers.close()
         service.observers.remove(view.stats.observe)
 
-    app.cleanup_ctx.extend([log_writer, store, journal_probe, transaction_log, providers, breaker_sync, certificates,
-                            service, reconciler, host_metrics, console])
+    app.cleanup_ctx.extend([tracing, log_writer, store, journal_probe, transaction_log, providers, breaker_sync,
+                            certificates, service, reconciler, host_metrics, console])
     payments.add_routes(app)
     health.add_routes(app)
     openapi.add_routes(app)

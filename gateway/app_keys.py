@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from gateway.orchestrator import PaymentService
     from gateway.provider_pool import ProviderPool
     from gateway.reconciler import Reconciler
+    from gateway.tracing.spans import Tracing
     from gateway.txlog.outbox import TransactionLog
     from gateway.txlog.redaction import Redactor
     from gateway.txlog.writer import JsonLinesWriter
@@ -36,6 +37,7 @@ OPS_LOG: web.AppKey[structlog.typing.FilteringBoundLogger] = web.AppKey("ops_log
 # The one detector: the log's redaction (with the configuration's secret values) and the API's
 # refusal of card data in free text.
 REDACTOR: web.AppKey[Redactor] = web.AppKey("redactor")
+TRACING: web.AppKey[Tracing] = web.AppKey("tracing")  # gateway.tracing.spans.NO_TRACING when off
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 AUTH: web.AppKey[Authenticator] = web.AppKey("authenticator")
 LOG_WRITER: web.AppKey[JsonLinesWriter] = web.AppKey("log_writer")

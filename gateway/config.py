@@ -145,6 +145,8 @@ class LogConfig(_Model):
     # New payments are refused (503 overloaded) while more transaction lines than this wait to
     # be on disk: a log that cannot be written must not let charges pile up unlogged.
     max_outbox_backlog: int = Field(1000, gt=0)
+    # /readyz says the log is stalled once a line has waited this long for the disk.
+    stall_after_s: float = Field(5.0, gt=0, le=300)
 
 
 class ProviderTls(_Model):
@@ -253,6 +255,24 @@ class EngineConfig(_Model):
     lookup_lag_s: float = Field(600.0, gt=0)
 
 
+class TracingConfig(_Model):
+    """OpenTelemetry traces (gateway/tracing/): off by default; on, spans are batched and sent
+    over OTLP/HTTP to `endpoint` (a collector's `/v1/traces`)."""
+
+    enabled: bool = False
+    endpoint: str = Field("http://127.0.0.1:4318/v1/traces", pattern=r"^https?://[^/\s]+(/\S*)?$")
+    # Share of the traces the gateway starts that are kept; a caller's sampled flag always wins.
+    sample_ratio: float = Field(1.0, ge=0, le=1)
+    service_name: str = Field("payment-gateway", min_length=1, max_length=100)
+    export_timeout_s: float = Field(10.0, gt=0, le=60)
+    # Spans waiting for export; past this they are dropped (a collector that is down never slows a payment).
+    max_queue_size: int = Field(2048, gt=0, le=1_000_000)
+
+
+class ObservabilityConfig(_Model):
+    tracing: TracingConfig = TracingConfig()
+
+
 class GatewayConfig(_Model):
     server: ServerConfig = ServerConfig()
     auth: AuthConfig
@@ -260,6 +280,7 @@ class GatewayConfig(_Model):
     breaker_sync: BreakerSyncConfig = BreakerSyncConfig()
     log: LogConfig = LogConfig()
     engine: EngineConfig = EngineConfig()
+    observability: ObservabilityConfig = ObservabilityConfig()
     providers: dict[str, ProviderConfig] = Field(min_length=1)
     routes: tuple[RouteConfig, ...] = Field(min_length=1)
 

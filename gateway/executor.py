@@ -50,18 +50,20 @@ class AttemptExecutor:
 
     async def run(self, client: ProviderClient, op: Operation, subject: PaymentOrder | FollowUp,
                   idempotency_key: str, deadline: float, attempts: list[Attempt], journal: AttemptHook,
-                  *, amount: int | None = None) -> ProviderResult:
+                  *, amount: int | None = None, failover_reason: str | None = None) -> ProviderResult:
         """Try `op` at one provider until an answer that retrying cannot change.
 
         Each try is appended to `attempts` (the payment's own list); `journal` persists it after
-        the local checks pass and before the provider can see the request."""
+        the local checks pass and before the provider can see the request. `failover_reason`:
+        why the payment moved on to this provider, on its first try's record (and span)."""
         retry = client.handle.config.retry
         wait: wait_base = wait_retry_after(retry.base_delay_ms / 1000, retry.max_delay_ms / 1000)
         open_unknown: ProviderResult | None = None
         try_number = 0
         while True:
             try_number += 1
-            attempt = client.new_attempt(op, try_number, idempotency_key, amount=amount)
+            attempt = client.new_attempt(op, try_number, idempotency_key, amount=amount,
+                                         failover_reason=failover_reason if try_number == 1 else None)
             attempts.append(attempt)
             result = await client.call(op, subject, idempotency_key, deadline, attempt,
                                        before_send=lambda attempt=attempt: journal(attempt))

@@ -38,6 +38,7 @@ from gateway.metrics import Metrics
 from gateway.policy import may_fail_over, payment_status
 from gateway.provider_client import ProviderClient
 from gateway.router import NoRoute, RouteDecision, Router, RoutingFacts
+from gateway.tracing.spans import NO_TRACING, Tracing
 from gateway.txlog.outbox import TransactionLog
 
 FOLLOW_UP_PENDING = {
@@ -133,7 +134,7 @@ def apply_follow_up(record: PaymentRecord, op: Operation, outcome: Outcome) -> N
 class PaymentService:
     def __init__(self, *, store: Store, clients: Mapping[str, ProviderClient], router: Router,
                  executor: AttemptExecutor, metrics: Metrics, txlog: TransactionLog, retention_s: float,
-                 ops_log: structlog.typing.FilteringBoundLogger) -> None:
+                 ops_log: structlog.typing.FilteringBoundLogger, tracing: Tracing = NO_TRACING) -> None:
         self.store = store
         self.clients = clients
         self.router = router
@@ -142,6 +143,7 @@ class PaymentService:
         self.txlog = txlog
         self.retention_s = retention_s
         self.ops = ops_log
+        self.tracing = tracing  # journal-write spans here; the reconciler's pass spans too
         self.locks = PaymentLocks()
         self.in_flight: set[str] = set()
         # Called with (record, kind, extra) after each transaction line (the live console's window).
@@ -155,8 +157,10 @@ class PaymentService:
         pending state, commit the final row with the key's answer and the log line."""
         decision = self._plan(record, order)
         now = time.time()
-        claim = await self.store.claim_idempotency(scope, key, fingerprint, record.id, now, now + self.retention_s,
-                                                   record)
+        with self.tracing.span("journal.claim") as span:
+            span.record(record, "payment")
+            claim = await self.store.claim_idempotency(scope, key, fingerprint, record.id, now,
+                                                       now + self.retention_s, record)
         if claim.kind is not ClaimKind.NEW:
             return answers.claim_answer(claim)
         # From here the journal holds the payment: if this request dies, the reconciler settles
@@ -215,7 +219,6 @@ class PaymentService:
         for position, name in enumerate(decision.candidates):
             client = self.clients[name]
             key = provider_idempotency_key(record.id, name)
-            first = len(record.attempts)
 
             async def journal(_attempt: Attempt, name: str = name, key: str = key) -> None:
                 """The journal must say where this call goes before the provider sees it; a
@@ -224,13 +227,13 @@ class PaymentService:
                 record.status, record.provider, record.provider_idempotency_key = PaymentStatus.ATTEMPTING, name, key
                 if journalled != (name, key):
                     record.updated_at = time.time()
-                    await self.store.save_payment(record)
+                    with self.tracing.span("journal.save") as span:
+                        span.record(record, "payment")
+                        await self.store.save_payment(record)
                     journalled = (name, key)
 
             result = await self.executor.run(client, Operation.AUTHORIZE, order, key, deadline, record.attempts,
-                                             journal)
-            if len(record.attempts) > first:
-                record.attempts[first].failover_reason = failover_reason
+                                             journal, failover_reason=failover_reason)
             last = result
             record.provider, record.provider_idempotency_key = name, key
             has_next = position + 1 < len(decision.candidates)
@@ -321,8 +324,10 @@ class PaymentService:
                 prior_status=record.status.value, started_at=now, deadline_s=max(0.0, deadline - time.monotonic()))
             record.status = FOLLOW_UP_PENDING[op]
             record.updated_at = now
-        claim = await self.store.claim_idempotency(scope, key, fingerprint, provider_key, now,
-                                                   now + self.retention_s, record if problem is None else None)
+        with self.tracing.span("journal.claim") as span:
+            span.record(record, op.value)
+            claim = await self.store.claim_idempotency(scope, key, fingerprint, provider_key, now,
+                                                       now + self.retention_s, record if problem is None else None)
         if claim.kind is not ClaimKind.NEW:
             return answers.claim_answer(claim)  # a replay, or the key is another request's
         if problem is not None:
@@ -391,7 +396,9 @@ class PaymentService:
         transaction, then write the line (a crash before it is on disk leaves the outbox row,
         written at the next start-up) and tell the observers."""
         line = self.transaction_line(record, kind, **extra)
-        await self.store.save_payment(record, answer, outbox=line)
+        with self.tracing.span("journal.commit") as span:
+            span.record(record, kind)
+            await self.store.save_payment(record, answer, outbox=line)
         self.txlog.emit(line)
         for observe in self.observers:
             observe(record, kind, extra)

@@ -105,7 +105,9 @@ class Reconciler:
             if not _ours_now(record, now, age=age, abandoned=abandoned):
                 continue
             try:
-                done = await self._settle(record)
+                with self.service.tracing.span("reconcile.payment") as span:
+                    span.record(record, "reconciliation")
+                    done = await self._settle(record)
             except StaleWrite:
                 # A request, or another replica, wrote the row since we read it: it is theirs
                 # now, or ours again next pass. Nothing of ours was written, logged or counted.

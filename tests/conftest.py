@@ -40,6 +40,7 @@ from gateway.config import GatewayConfig, parse_config
 from gateway.drill.fleet_services import dsn_with_search_path
 from gateway.emulator_launch import start_emulator
 from gateway.journal.postgres import PostgresStore
+from domain.cards import luhn_valid
 from domain.outcome import PaymentStatus
 from gateway.journal.records import PaymentRecord
 from gateway.journal.sqlite import SqliteStore
@@ -293,6 +294,11 @@ def start_gateway(aiohttp_client: Callable[..., Any]) -> Callable[..., Any]:
 
 
 # -- requests and what they left behind -------------------------------------------------------------
+
+
+def luhn_complete(body: str) -> str:
+    """Append the check digit that makes `body` Luhn-valid."""
+    return next(body + d for d in "0123456789" if luhn_valid(body + d))
 
 
 def card_payment(number: str = "4242424242424242", **extra: Any) -> dict[str, Any]:
