@@ -1,7 +1,9 @@
-"""A checkout's notification endpoint for the tests: a real aiohttp server on loopback that
-records every delivery and answers from a script (statuses in turn, then 200), or holds every
-request until released (a hanging receiver). Used in-process and, for the fleet and crash
-tests, while the gateway runs as other processes."""
+"""The checkout's side of merchant notifications, for the tests (tests/test_notifications_*.py).
+
+`Receiver`: a real aiohttp server on loopback that records every delivery and answers from a
+script (statuses in turn, then 200), or holds every request until released (a hanging
+receiver); in-process, or while the gateway runs as other processes. `settle_later`: a pending
+payment settled through the API every background settler uses."""
 
 from __future__ import annotations
 
@@ -9,11 +11,18 @@ import asyncio
 import hashlib
 import hmac
 import socket
-from collections.abc import Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import orjson
 from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from domain.outcome import PaymentStatus
+from gateway.app_keys import SERVICE, STORE
+from gateway.notifications.events import Settling
+from tests.conftest import payment
 
 SECRET_ENV = "GATEWAY_NOTIFY_SECRET"
 SECRET = "whsec_test_0123456789abcdefghijklmnop"
@@ -94,3 +103,21 @@ def signature_ok(delivery: Delivery, secret: str) -> bool:
     t = next(v for k, v in parts if k == "t")
     expected = hmac.new(secret.encode(), f"{t}.".encode() + delivery.body, hashlib.sha256).hexdigest()
     return any(k == "v1" and hmac.compare_digest(v, expected) for k, v in parts)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
+    """Until `check()` holds: for store state no event announces (a delivery's recorded result)."""
+    async with asyncio.timeout(timeout):
+        while not await check():
+            await asyncio.sleep(0.02)
+
+
+async def settle_later(client: TestClient, status: PaymentStatus = PaymentStatus.APPROVED) -> str:
+    """A pending payment in the journal, settled by a background settler through the API other
+    settlers use: `PaymentService.commit(record, kind, settled_from=Settling.of(before))`."""
+    record = payment(status=PaymentStatus.PENDING)
+    await client.app[STORE].save_payment(record)
+    before = Settling.of(record)
+    record.status, record.updated_at = status, time.time()
+    await client.app[SERVICE].commit(record, "reconciliation", settled_from=before)
+    return record.id

@@ -6,24 +6,25 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import orjson
 import pytest
 
 from emulators.faults import FaultRule
-from gateway.app_keys import NOTIFICATION_SENDER, RECONCILER, SERVICE, STORE
-from gateway.notifications.events import Settling
+from gateway.app_keys import NOTIFICATION_SENDER, RECONCILER, STORE
 from gateway.notifications.records import DeliveryState
 from domain.outcome import PaymentStatus
-from tests.conftest import AUTH, card_payment, idem, metrics_text, pay, payment, set_faults, txlog
+from tests.conftest import AUTH, card_payment, idem, metrics_text, pay, set_faults, txlog
 from tests.notification_receiver import (
     OLD_SECRET,
     OLD_SECRET_ENV,
     SECRET,
     SECRET_ENV,
     Receiver,
+    eventually,
     notifications_config,
+    settle_later,
     signature_ok,
 )
 
@@ -41,24 +42,6 @@ async def receiver() -> AsyncIterator[Receiver]:
         yield r
     finally:
         await r.stop()
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
-    """Until `check()` holds: for store state no event announces (a delivery's recorded result)."""
-    async with asyncio.timeout(timeout):
-        while not await check():
-            await asyncio.sleep(0.02)
-
-
-async def settle_later(client, status: PaymentStatus = PaymentStatus.APPROVED) -> str:
-    """A pending payment in the journal, settled by a background settler through the API other
-    settlers use: `PaymentService.commit(record, kind, settled_from=Settling.of(before))`."""
-    record = payment(status=PaymentStatus.PENDING)
-    await client.app[STORE].save_payment(record)
-    before = Settling.of(record)
-    record.status, record.updated_at = status, time.time()
-    await client.app[SERVICE].commit(record, "reconciliation", settled_from=before)
-    return record.id
 
 
 async def test_a_pending_payment_settled_by_the_reconciler_is_notified_once(engine_config, start_gateway, stripes,

@@ -170,3 +170,49 @@ async def test_senders_lease_disjoint_rows_and_record_each_attempt_once(backend:
         assert await backend.store.count_pending_notifications() == 6
     finally:
         await other.close()
+
+
+# -- the configuration ------------------------------------------------------------------------------
+
+
+def _config(notifications: dict) -> dict:
+    return {
+        "auth": {"clients": [{"name": "checkout", "key_env": "GATEWAY_KEY_CHECKOUT"}]},
+        "providers": {"stripe": {"kind": "stripe", "base_url": "https://127.0.0.1:9101",
+                                 "api_key_env": "STRIPE_API_KEY"}},
+        "routes": [{"name": "default", "providers": ["stripe"]}],
+        "notifications": notifications,
+    }
+
+
+@pytest.mark.parametrize(("section", "message"), [
+    ({"url": "https://checkout.test/hooks"}, "notifications: secret_env: at least one variable is required"),
+    ({"url": "https://checkout.test/hooks", "secret_env": ["NOT_SET_ANYWHERE"]},
+     "environment variable NOT_SET_ANYWHERE (named by notifications.secret_env[0]) is not set"),
+    ({"url": "https://checkout.test/hooks", "secret_env": ["NOTIFY_OK", "NOTIFY_SHORT"]},
+     "notifications: secret_env[1]: NOTIFY_SHORT holds fewer than 24 characters"),
+    ({"url": "ftp://checkout.test/hooks", "secret_env": ["NOTIFY_OK"]}, "notifications.url"),
+    ({"retry_base_s": 10, "retry_max_s": 1}, "notifications: retry_max_s must be at least retry_base_s"),
+    ({"max_concurrency": 0}, "notifications.max_concurrency"),
+])
+def test_config_errors_name_the_field(section: dict, message: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.config import ConfigError, parse_config
+
+    monkeypatch.setenv("NOTIFY_OK", "x" * 32)
+    monkeypatch.setenv("NOTIFY_SHORT", "short")
+    with pytest.raises(ConfigError) as err:
+        parse_config(_config(section))
+    assert message in str(err.value)
+
+
+def test_config_loads_every_secret_and_the_redactor_knows_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.config import parse_config
+
+    monkeypatch.setenv("NOTIFY_NEW", "n" * 32)
+    monkeypatch.setenv("NOTIFY_OLD", "o" * 32)
+    config = parse_config(_config({"url": "https://checkout.test/hooks", "secret_env": ["NOTIFY_NEW", "NOTIFY_OLD"]}))
+    assert config.notifications.enabled
+    assert [s.get_secret_value() for s in config.notifications.secrets] == ["n" * 32, "o" * 32]
+    assert {"n" * 32, "o" * 32} <= set(config.secret_values())
+    assert "n" * 32 not in repr(config)
+    assert not parse_config(_config({})).notifications.enabled
