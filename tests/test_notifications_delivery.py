@@ -4,11 +4,9 @@ once, every attempt logged; a receiver that hangs never slows payments."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 
-import orjson
 import pytest
 
 from emulators.faults import FaultRule
