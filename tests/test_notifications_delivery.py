@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from emulators.faults import FaultRule
-from gateway.app_keys import NOTIFICATION_SENDER, RECONCILER, STORE
+from gateway.app_keys import NOTIFICATION_SENDER, POOL, RECONCILER, STORE
 from gateway.notifications.records import DeliveryState
 from domain.outcome import PaymentStatus
 from tests.conftest import AUTH, card_payment, idem, metrics_text, pay, set_faults, txlog
@@ -75,6 +75,45 @@ async def test_a_pending_payment_settled_by_the_reconciler_is_notified_once(engi
     await eventually(delivered)
     await client.app[NOTIFICATION_SENDER].run_once()
     assert len(receiver.deliveries) == 1  # exactly one event, delivered once
+
+
+async def test_a_refund_answered_202_and_settled_later_is_notified_once(make_config, start_gateway, emulators,
+                                                                        receiver: Receiver) -> None:
+    """Checkout.com's refund answer is lost and its status query fails: 202 `refund_pending`; the
+    reconciler later finds the refund made. The checkout hears `refund.succeeded`, once; the
+    synchronous payment and a synchronous capture-free refund before it are never notified."""
+    from emulators.faults import FaultPlan
+
+    client = await start_gateway(make_config(order=("checkout", "stripe"),
+                                             notifications=notifications_config(receiver.url)))
+    status, doc = await pay(client, card_payment(amount=1500))
+    assert status == 201 and doc["status"] == "approved" and doc["provider"] == "checkout"
+    done = await client.post(f"/v1/payments/{doc['id']}/refunds", json={"amount": 200}, headers=idem())
+    assert done.status == 200  # answered refunded at once: nobody is notified
+    emulator = emulators["checkout"].emulator
+    emulator.faults.set(FaultPlan(rules=(FaultRule(kind="timeout_after", hang_s=5, operations=("refund",)),
+                                         FaultRule(kind="error", status=503, operations=("status",)))))
+    first = await client.post(f"/v1/payments/{doc['id']}/refunds", json={"amount": 500}, headers=idem())
+    assert first.status == 202 and (await first.json())["status"] == "refund_pending"
+    emulator.faults.clear()
+    client.app[POOL]["checkout"].breaker.force_close()  # as its reset timeout would
+
+    reconciler = client.app[RECONCILER]
+    assert await reconciler.run_once(min_age_s=0, ignore_backoff=True) == 1
+    assert await reconciler.run_once(min_age_s=0, ignore_backoff=True) == 0
+    [delivery] = await receiver.wait_for(1)
+    event = delivery.event
+    assert event["type"] == "refund.succeeded" and event["payment_id"] == doc["id"]
+    assert event["payment"]["status"] == "refunded" and event["payment"]["refunded_amount"] == 700
+    assert event["payment"]["pending_follow_up"] is None
+
+    async def delivered() -> bool:
+        rows = await client.app[STORE].list_notifications()
+        return [(r.event_type, r.state) for r in rows] == [("refund.succeeded", DeliveryState.DELIVERED)]
+
+    await eventually(delivered)
+    await client.app[NOTIFICATION_SENDER].run_once()
+    assert len(receiver.deliveries) == 1
 
 
 async def test_a_failing_receiver_is_retried_until_delivered_once_and_every_attempt_is_logged(

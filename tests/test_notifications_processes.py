@@ -1,7 +1,8 @@
 """Merchant notifications with real gateway processes (`gateway serve`):
 
-- two gateways on one PostgreSQL journal deliver each event once between them (leases, SKIP
-  LOCKED), both taking part;
+- two gateways on one PostgreSQL journal (leases, SKIP LOCKED), or the two workers of one
+  `serve --workers 2` on one SQLite file (its write lock), deliver each event once between
+  them, both taking part;
 - a gateway SIGKILLed after a payment settled (the event committed with it) but before the
   event was delivered delivers it after its restart, once.
 """
@@ -23,6 +24,7 @@ from domain.outcome import PaymentStatus
 from emulators.faults import FaultRule
 from gateway.drill.process import GatewayProcess, free_port
 from gateway.journal.postgres import PostgresStore
+from gateway.journal.sqlite import SqliteStore
 from gateway.notifications.events import Settling
 from gateway.notifications.outbox import NotificationOutbox
 from tests.conftest import AUTH, card_payment, engine_config_data, idem, payment, set_faults
@@ -45,44 +47,52 @@ async def receiver() -> AsyncIterator[Receiver]:
         await r.stop()
 
 
-def gateway_process(root: Path, data: dict[str, Any], env: dict[str, str] | None = None) -> GatewayProcess:
+def gateway_process(root: Path, data: dict[str, Any], env: dict[str, str] | None = None,
+                    args: tuple[str, ...] = ()) -> GatewayProcess:
     """A `gateway serve` process of its own (port, log directory) on the journal `data` names."""
     port = free_port("127.0.0.1")
     root.mkdir(parents=True)
     data = {**data, "server": {"host": "127.0.0.1", "port": port}, "log": {"dir": str(root / "logs")}}
     config = root / "gateway.yaml"
     config.write_bytes(orjson.dumps(data))  # JSON is YAML
-    return GatewayProcess(config, f"http://127.0.0.1:{port}", env or {}, root / "process.log")
+    return GatewayProcess(config, f"http://127.0.0.1:{port}", env or {}, root / "process.log", args)
 
 
-def delivery_lines(root: Path) -> list[dict[str, Any]]:
-    lines = []
-    for path in sorted((root / "logs").glob("transactions*.jsonl")):
-        lines += [orjson.loads(raw) for raw in path.read_bytes().splitlines() if raw.strip()]
+def delivery_lines(log: Path) -> list[dict[str, Any]]:
+    """The `notification_delivery` lines of one transaction log file."""
+    lines = [orjson.loads(raw) for raw in log.read_bytes().splitlines() if raw.strip()]
     return [line["notification"] for line in lines if line.get("event") == "notification_delivery"]
 
 
-async def test_two_gateways_on_one_journal_deliver_each_event_once(tmp_path: Path, dev_certs, stripes, pg_dsn: str,
-                                                                   receiver: Receiver) -> None:
-    receiver.statuses = []
-    data = engine_config_data(tmp_path, dev_certs, stripes, ("primary",),
-                              storage={"backend": "postgres", "postgres_dsn_env": "GATEWAY_TEST_NOTIFY_DSN"},
-                              notifications=notifications_config(receiver.url, max_concurrency=4))
-    env = {"GATEWAY_TEST_NOTIFY_DSN": pg_dsn}
-    gateways = [gateway_process(tmp_path / f"replica-{n}", data, env) for n in range(2)]
+@pytest.mark.parametrize("fleet", ["postgres-replicas", "sqlite-workers"])
+async def test_processes_on_one_journal_deliver_each_event_once(fleet: str, tmp_path: Path, dev_certs, stripes,
+                                                                pg_dsn: str, receiver: Receiver) -> None:
+    """Two `gateway serve` replicas on one PostgreSQL schema, or one `serve --workers 2` on one
+    SQLite file: the events committed while they run reach the receiver once each, and every
+    process delivers some of them."""
+    sections: dict[str, Any] = {"notifications": notifications_config(receiver.url, max_concurrency=4)}
+    env: dict[str, str] = {}
+    if fleet == "postgres-replicas":
+        sections["storage"] = {"backend": "postgres", "postgres_dsn_env": "GATEWAY_TEST_NOTIFY_DSN"}
+        env["GATEWAY_TEST_NOTIFY_DSN"] = pg_dsn
+    data = engine_config_data(tmp_path, dev_certs, stripes, ("primary",), **sections)
+    if fleet == "postgres-replicas":
+        gateways = [gateway_process(tmp_path / f"replica-{n}", data, env) for n in range(2)]
+        store: SqliteStore | PostgresStore = PostgresStore(pg_dsn, min_size=1, max_size=2)
+    else:
+        gateways = [gateway_process(tmp_path / "host", data, args=("--workers", "2"))]
+        store = SqliteStore(Path(data["storage"]["sqlite_path"]))
     async with AsyncExitStack() as stack:
         for gateway in gateways:
             stack.push_async_callback(gateway.kill)
             await gateway.start()
-        store = PostgresStore(pg_dsn, min_size=1, max_size=2)
         await store.open()
         stack.push_async_callback(store.close)
         outbox = NotificationOutbox(enabled=True)
         ids = []
-        for _ in range(EVENTS):  # settlements committed while both replicas poll the outbox
+        for _ in range(EVENTS):  # settlements committed while every process polls the outbox
             record = payment(status=PaymentStatus.PENDING)
-            await store.save_payment(record)
-            before = Settling.of(record)
+            before = Settling.of(record)  # (never journalled pending: the processes' reconcilers would own it)
             record.status = PaymentStatus.APPROVED
             rows = outbox.rows(before, record)
             await store.save_payment(record, notifications=rows)
@@ -95,11 +105,11 @@ async def test_two_gateways_on_one_journal_deliver_each_event_once(tmp_path: Pat
         for gateway in gateways:
             assert await gateway.stop() == 0
     assert sorted(receiver.event_ids()) == sorted(ids), "every event delivered, none twice"
-    per_replica = [delivery_lines(tmp_path / f"replica-{n}") for n in range(2)]
-    assert all(per_replica), "both replicas delivered some"
-    logged = [line["event_id"] for lines in per_replica for line in lines]
-    assert sorted(logged) == sorted(ids)  # one attempt line per delivery, in the replica that made it
-    assert all(line["outcome"] == "delivered" for lines in per_replica for line in lines)
+    per_process = [delivery_lines(path) for path in sorted(tmp_path.glob("*/logs/transactions*.jsonl"))]
+    assert len(per_process) == 2 and all(per_process), "both processes delivered some"
+    logged = [line["event_id"] for lines in per_process for line in lines]
+    assert sorted(logged) == sorted(ids)  # one attempt line per delivery, in the process that made it
+    assert all(line["outcome"] == "delivered" for lines in per_process for line in lines)
 
 
 def _notification_rows(db: Path) -> list[tuple[str, str, int]]:
@@ -153,6 +163,6 @@ async def test_a_gateway_killed_before_delivering_delivers_after_restart_once(tm
     assert len(accepted) == 1, "delivered once after the restart"
     assert accepted[0].event["id"] == first.event["id"] and accepted[0].event["payment"]["status"] == "approved"
     assert read["status"] == "approved"
-    lines = delivery_lines(tmp_path / "gateway")
+    lines = delivery_lines(tmp_path / "gateway" / "logs" / "transactions.jsonl")
     assert [line["outcome"] for line in lines].count("delivered") == 1
     assert lines[-1]["outcome"] == "delivered" and lines[-1]["event_id"] == first.event["id"]
