@@ -235,7 +235,7 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
             return
         sender = NotificationSender(app[STORE], config.notifications, txlog=app[TRANSACTION_LOG],
                                     metrics=app[METRICS], ops_log=ops, wake=app[SERVICE].notifications.wake)
-        await sender.start()
+        await sender.start(exclusive=exclusive)
         app[NOTIFICATION_SENDER] = sender
         task = asyncio.create_task(sender.run_forever(), name="notification-sender")
         yield

@@ -269,6 +269,7 @@ class NotificationsConfig(_Model):
     retry_max_s: float = Field(3600.0, gt=0, le=86400)  # ... up to this
     give_up_after_s: float = Field(3 * 86400.0, gt=0, le=30 * 86400)  # retry window from the event
     poll_interval_s: float = Field(1.0, gt=0, le=60)  # how often a sender looks for due rows
+    retention_days: float = Field(30.0, gt=0, le=3650)  # delivered and given-up rows are kept this long
     _secrets: tuple[SecretStr, ...] = PrivateAttr(())
 
     @model_validator(mode="after")

@@ -58,6 +58,13 @@ def gateway_process(root: Path, data: dict[str, Any], env: dict[str, str] | None
     return GatewayProcess(config, f"http://127.0.0.1:{port}", env or {}, root / "process.log", args)
 
 
+async def workers_ready(gateway: GatewayProcess, count: int, timeout: float = 30.0) -> None:
+    """Until the supervisor has logged `worker_ready` for `count` workers (its log is a file)."""
+    async with asyncio.timeout(timeout):
+        while (await asyncio.to_thread(gateway.log_path.read_bytes)).count(b'"event":"worker_ready"') < count:
+            await asyncio.sleep(0.05)
+
+
 def delivery_lines(log: Path) -> list[dict[str, Any]]:
     """The `notification_delivery` lines of one transaction log file."""
     lines = [orjson.loads(raw) for raw in log.read_bytes().splitlines() if raw.strip()]
@@ -86,6 +93,8 @@ async def test_processes_on_one_journal_deliver_each_event_once(fleet: str, tmp_
         for gateway in gateways:
             stack.push_async_callback(gateway.kill)
             await gateway.start()
+        if fleet == "sqlite-workers":
+            await workers_ready(gateways[0], 2)  # /healthz answered as soon as one served
         await store.open()
         stack.push_async_callback(store.close)
         outbox = NotificationOutbox(enabled=True)

@@ -172,6 +172,30 @@ async def test_senders_lease_disjoint_rows_and_record_each_attempt_once(backend:
         await other.close()
 
 
+async def test_leases_end_when_released_and_old_finished_rows_are_purged(backend: Backend) -> None:
+    outbox = NotificationOutbox(enabled=True)
+    ids = []
+    for _ in range(3):
+        record = payment(status=PaymentStatus.PENDING)
+        before = Settling.of(record)
+        record.status = PaymentStatus.DECLINED
+        rows = outbox.rows(before, record)
+        await backend.store.save_payment(record, notifications=rows)
+        ids.append(rows[0].event_id)
+    assert len(await backend.store.lease_notifications("a", 600, limit=2)) == 2
+    assert len(await backend.store.lease_notifications("b", 600, limit=2)) == 1
+    assert await backend.store.release_notification_leases("a") == 2  # a stopping sender's own
+    assert len(await backend.store.lease_notifications("c", 600, limit=5)) == 2
+    assert await backend.store.release_notification_leases(None) == 3  # a sole owner at start: all of them
+    [first, second, third] = await backend.store.lease_notifications("d", 600, limit=5)
+    await backend.store.finish_notification(first.event_id, AttemptRecord(DeliveryOutcome.DELIVERED))
+    await backend.store.finish_notification(second.event_id, AttemptRecord(DeliveryOutcome.GIVEN_UP))
+
+    assert await backend.store.purge_notifications(time.time() - 3600) == 0  # younger than the retention
+    assert await backend.store.purge_notifications(time.time() + 1) == 2  # finished ones only
+    assert [n.event_id for n in await backend.store.list_notifications()] == [third.event_id]
+
+
 # -- the configuration ------------------------------------------------------------------------------
 
 

@@ -460,6 +460,19 @@ class PostgresStore:
         async with self._conn() as conn:
             return int(await conn.fetchval("SELECT count(*) FROM notifications WHERE state = 'pending'"))
 
+    async def release_notification_leases(self, owner: str | None) -> int:
+        async with self._conn() as conn:
+            tag = await conn.execute("UPDATE notifications SET lease_owner = NULL, lease_until = NULL "
+                                     "WHERE state = 'pending' AND lease_owner IS NOT NULL "
+                                     "AND ($1::text IS NULL OR lease_owner = $1)", owner)
+        return int(tag.rsplit(" ", 1)[-1])
+
+    async def purge_notifications(self, before: float, limit: int = 10_000) -> int:
+        async with self._conn() as conn:
+            tag = await conn.execute("DELETE FROM notifications WHERE event_id IN (SELECT event_id FROM notifications "
+                                     "WHERE created_at < $1 AND state <> 'pending' LIMIT $2)", before, limit)
+        return int(tag.rsplit(" ", 1)[-1])
+
 
 # $1 owner, $2 lease_s, $3 limit. SKIP LOCKED: a row another sender is leasing right now is its own.
 _LEASE_NOTIFICATIONS = f"""

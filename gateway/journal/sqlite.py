@@ -380,6 +380,21 @@ class SqliteStore:
 
         return await self._submit(op)
 
+    async def release_notification_leases(self, owner: str | None) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            return conn.execute("UPDATE notifications SET lease_owner = NULL, lease_until = NULL "
+                                "WHERE state = 'pending' AND lease_owner IS NOT NULL AND (? IS NULL OR lease_owner = ?)",
+                                (owner, owner)).rowcount
+
+        return await self._submit(op)
+
+    async def purge_notifications(self, before: float, limit: int = 10_000) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            return conn.execute("DELETE FROM notifications WHERE event_id IN (SELECT event_id FROM notifications "
+                                "WHERE created_at < ? AND state <> 'pending' LIMIT ?)", (before, limit)).rowcount
+
+        return await self._submit(op)
+
 
 _INSERT_NOTIFICATION = ("INSERT INTO notifications (event_id, payment_id, event_type, created_at, body, retry_from, "
                         "next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?)")

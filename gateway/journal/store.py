@@ -210,3 +210,13 @@ class Store(Protocol):
         ...
 
     async def count_pending_notifications(self) -> int: ...
+
+    async def release_notification_leases(self, owner: str | None) -> int:
+        """End `owner`'s leases (a sender stopping: its abandoned attempts are due at once), or
+        every lease (`None`: a process that owns its store alone, starting after a crash)."""
+        ...
+
+    async def purge_notifications(self, before: float, limit: int = 10_000) -> int:
+        """Forget up to `limit` delivered or given-up notifications created before `before`
+        (`notifications.retention_days`); pending ones are kept whatever their age."""
+        ...

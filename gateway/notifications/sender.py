@@ -14,6 +14,8 @@ Runs beside the payments in every gateway process, never in their way:
   connection) is tried again after `retry_base_s`, doubling up to `retry_max_s`, with jitter,
   until `give_up_after_s` after the event (default 3 days): then `given_up`, left for
   `gateway webhooks replay`.
+
+Delivered and given-up rows are kept `retention_days` (for `gateway webhooks list`), then purged.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from gateway.txlog.outbox import TransactionLog
 
 USER_AGENT = "payment-gateway-notifications/1"
 LEASE_MARGIN_S = 5.0  # a lease: two attempts' worth plus this (the attempt's own store write)
+PURGE_INTERVAL_S = 3600.0
 _RESPONSE_BYTES = 4096  # read at most this much of a receiver's answer
 
 
@@ -59,14 +62,25 @@ class NotificationSender:
         self._session: aiohttp.ClientSession | None = None
         self._in_flight: set[asyncio.Task[None]] = set()
         self._gauge_due = 0.0
+        self._purge_due = 0.0
 
-    async def start(self) -> None:
+    async def start(self, *, exclusive: bool = False) -> None:
+        """`exclusive`: this process owns its store alone, so every lease left is a dead
+        process's (a crash mid-delivery): those events are due at once, not when it runs out."""
+        if exclusive:
+            await self.store.release_notification_leases(None)
         timeout = aiohttp.ClientTimeout(total=self.config.timeout_s, connect=self.config.connect_timeout_s)
         self._session = aiohttp.ClientSession(
             timeout=timeout, connector=aiohttp.TCPConnector(limit=self.config.max_concurrency),
             headers={"User-Agent": USER_AGENT}, raise_for_status=False)
 
     async def close(self) -> None:
+        """After `run_forever` stopped: the attempts it abandoned are due again at once, for
+        whichever sender comes next (the next start, another replica)."""
+        try:
+            await self.store.release_notification_leases(self.owner)
+        except Exception as exc:  # noqa: BLE001 - then the leases simply run out
+            self.log.warning("notification_leases_not_released", error=repr(exc))
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -78,6 +92,7 @@ class NotificationSender:
             while True:
                 try:
                     await self._fill()
+                    await self._purge_if_due()
                 except Exception as exc:  # noqa: BLE001 - a bad pass (journal down) must not end delivery
                     self.log.warning("notification_pass_failed", error=repr(exc))
                 try:
@@ -110,6 +125,16 @@ class NotificationSender:
             self._gauge_due = now + self.config.poll_interval_s
             self.metrics.notifications_pending.set(await self.store.count_pending_notifications())
         return started
+
+    async def _purge_if_due(self) -> None:
+        """Once per PURGE_INTERVAL_S: forget delivered and given-up rows past the retention."""
+        now = time.monotonic()
+        if now < self._purge_due:
+            return
+        self._purge_due = now + PURGE_INTERVAL_S
+        purged = await self.store.purge_notifications(time.time() - self.config.retention_days * 86400)
+        if purged:
+            self.log.info("notifications_purged", rows=purged, retention_days=self.config.retention_days)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._in_flight.discard(task)
