@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from domain.outcome import PaymentStatus
+from domain.types import Operation
 from gateway.journal.records import PaymentRecord
 
 
@@ -35,13 +36,13 @@ class Settling:
     """What a settler found in the row before it changed it (take it before the first change)."""
 
     status: PaymentStatus
-    follow_up: str | None  # the pending follow-up's operation (capture, void, refund), if any
+    follow_up: Operation | None  # the pending follow-up's operation (capture, void, refund), if any
     captured_amount: int
     refunded_amount: int
 
     @classmethod
     def of(cls, record: PaymentRecord) -> Settling:
-        return cls(record.status, record.follow_up.operation if record.follow_up is not None else None,
+        return cls(record.status, Operation(record.follow_up.operation) if record.follow_up is not None else None,
                    record.captured_amount, record.refunded_amount)
 
 
@@ -55,16 +56,16 @@ _PAYMENT_EVENTS = {
 # operation -> (succeeded, failed). Success is read from what moved (a refund after an earlier
 # partial refund returns to `refunded` whether or not it was made).
 _FOLLOW_UP_EVENTS = {
-    "capture": (EventType.CAPTURE_SUCCEEDED, EventType.CAPTURE_FAILED),
-    "refund": (EventType.REFUND_SUCCEEDED, EventType.REFUND_FAILED),
-    "void": (EventType.VOID_SUCCEEDED, EventType.VOID_FAILED),
+    Operation.CAPTURE: (EventType.CAPTURE_SUCCEEDED, EventType.CAPTURE_FAILED),
+    Operation.REFUND: (EventType.REFUND_SUCCEEDED, EventType.REFUND_FAILED),
+    Operation.VOID: (EventType.VOID_SUCCEEDED, EventType.VOID_FAILED),
 }
 
 
-def _follow_up_made(operation: str, before: Settling, after: PaymentRecord) -> bool:
-    if operation == "capture":
+def _follow_up_made(operation: Operation, before: Settling, after: PaymentRecord) -> bool:
+    if operation is Operation.CAPTURE:
         return after.captured_amount > before.captured_amount
-    if operation == "refund":
+    if operation is Operation.REFUND:
         return after.refunded_amount > before.refunded_amount
     return after.status is PaymentStatus.VOIDED
 

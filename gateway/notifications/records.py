@@ -22,8 +22,12 @@ class DeliveryOutcome(StrEnum):
 
     @property
     def state(self) -> DeliveryState:
-        return {DeliveryOutcome.DELIVERED: DeliveryState.DELIVERED, DeliveryOutcome.FAILED: DeliveryState.PENDING,
-                DeliveryOutcome.GIVEN_UP: DeliveryState.GIVEN_UP}[self]
+        """The row's state after an attempt with this outcome."""
+        return _STATE_AFTER[self]
+
+
+_STATE_AFTER = {DeliveryOutcome.DELIVERED: DeliveryState.DELIVERED, DeliveryOutcome.FAILED: DeliveryState.PENDING,
+                DeliveryOutcome.GIVEN_UP: DeliveryState.GIVEN_UP}
 
 
 @dataclass(frozen=True, slots=True)
