@@ -3,10 +3,10 @@
 One `cleanup_ctx` generator per resource, in dependency order: the transaction log writer, the
 store (waited for at start, its schema checked), the journal's readiness probe, the transaction
 log's outbox (start-up re-emit of lines a crash kept from the file), the provider pool (one
-ClientSession each), breaker sync, the certificate watcher, the payment service, the
-merchant notification sender, the reconciler, the console. aiohttp tears down in reverse and only what started. Every
-piece of state they share is an `AppKey` of `gateway.app_keys`; nothing below this module wires
-another module's objects together.
+ClientSession each), breaker sync, the certificate watcher, the payment service, the merchant
+notification sender, the reconciler, the console. aiohttp tears down in reverse and only what
+started. Every piece of state they share is an `AppKey` of `gateway.app_keys`; nothing below
+this module wires another module's objects together.
 """
 
 from __future__ import annotations

@@ -200,8 +200,9 @@ class SqliteStore:
                 if outbox is not None:
                     conn.execute(_INSERT_OUTBOX, (outbox.log_id, outbox.owner, outbox.created_at, outbox.line))
                 if notifications:
-                    conn.executemany(_INSERT_NOTIFICATION, [(n.event_id, n.payment_id, n.event_type, n.created_at,
-                                                             n.body, n.created_at, n.created_at) for n in notifications])
+                    conn.executemany(_INSERT_NOTIFICATION, [
+                        (n.event_id, n.payment_id, n.event_type, n.created_at, n.body, n.created_at, n.created_at)
+                        for n in notifications])
 
             await self._submit(op)
 
@@ -382,8 +383,8 @@ class SqliteStore:
 
     async def release_notification_leases(self, owner: str | None) -> int:
         def op(conn: sqlite3.Connection) -> int:
-            return conn.execute("UPDATE notifications SET lease_owner = NULL, lease_until = NULL "
-                                "WHERE state = 'pending' AND lease_owner IS NOT NULL AND (? IS NULL OR lease_owner = ?)",
+            return conn.execute("UPDATE notifications SET lease_owner = NULL, lease_until = NULL WHERE state = 'pending' "
+                                "AND lease_owner IS NOT NULL AND (? IS NULL OR lease_owner = ?)",
                                 (owner, owner)).rowcount
 
         return await self._submit(op)
