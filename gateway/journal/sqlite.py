@@ -383,9 +383,9 @@ class SqliteStore:
 
     async def release_notification_leases(self, owner: str | None) -> int:
         def op(conn: sqlite3.Connection) -> int:
-            return conn.execute("UPDATE notifications SET lease_owner = NULL, lease_until = NULL WHERE state = 'pending' "
-                                "AND lease_owner IS NOT NULL AND (? IS NULL OR lease_owner = ?)",
-                                (owner, owner)).rowcount
+            return conn.execute("UPDATE notifications SET lease_owner = NULL, lease_until = NULL "
+                                "WHERE state = 'pending' AND lease_owner IS NOT NULL "
+                                "AND (? IS NULL OR lease_owner = ?)", (owner, owner)).rowcount
 
         return await self._submit(op)
 
