@@ -88,6 +88,15 @@ async def test_the_readme_receiver_verifies_and_deduplicates_a_real_delivery(
     assert listed.exit_code == 0, listed.output
     [shown] = [orjson.loads(line) for line in listed.stdout.splitlines()]
     assert (shown["event_id"], shown["state"], shown["attempts"]) == (row.event_id, "delivered", 1)
+    plain = await asyncio.to_thread(runner.invoke, cli, ["webhooks", "list", "--config", str(config_path),
+                                                         "--since", "2000-01-01T00:00Z"])
+    assert plain.exit_code == 0 and row.event_id in plain.stdout and "delivered" in plain.stdout
+    later = await asyncio.to_thread(runner.invoke, cli, ["webhooks", "list", "--config", str(config_path),
+                                                         "--since", "2999-01-01T00:00Z"])
+    assert later.exit_code == 1
+    bad = await asyncio.to_thread(runner.invoke, cli, ["webhooks", "list", "--config", str(config_path),
+                                                       "--since", "yesterday-ish"])
+    assert bad.exit_code == 2 and "--since" in bad.output
     replayed = await asyncio.to_thread(runner.invoke, cli, ["webhooks", "replay", "--config", str(config_path),
                                                             "--event", row.event_id])
     assert replayed.exit_code == 0 and "replayed 1" in replayed.stdout
