@@ -169,6 +169,25 @@ async def test_a_receiver_failing_past_the_retry_window_is_given_up(engine_confi
     assert len(receiver.deliveries) == attempts  # given up: no more attempts until a replay
 
 
+async def test_a_receiver_that_is_down_is_a_failed_attempt_that_says_why(engine_config, start_gateway) -> None:
+    from gateway.drill.process import free_port
+
+    url = f"http://127.0.0.1:{free_port('127.0.0.1')}/hooks"  # nothing listens there
+    client = await start_gateway(engine_config(notifications=notifications_config(url, give_up_after_s=0.3)))
+    await settle_later(client)
+
+    async def given_up() -> bool:
+        [row] = await client.app[STORE].list_notifications()
+        return row.state is DeliveryState.GIVEN_UP
+
+    await eventually(given_up)
+    [row] = await client.app[STORE].list_notifications()
+    assert row.last_error == "connect_failed" and row.last_status is None and row.attempts >= 1
+    lines = [line["notification"] for line in await txlog(client) if line["event"] == "notification_delivery"]
+    assert len(lines) == row.attempts and {line["error"] for line in lines} == {"connect_failed"}
+    assert lines[-1]["outcome"] == "given_up"
+
+
 async def test_a_hanging_receiver_never_slows_payments(engine_config, start_gateway, receiver: Receiver) -> None:
     receiver.hang = True
     client = await start_gateway(engine_config(notifications=notifications_config(
