@@ -261,7 +261,7 @@ class NotificationsConfig(_Model):
     variable, let the checkout accept the new secret, then remove the old one."""
 
     url: str | None = Field(None, pattern=r"^https?://[^\s]+$")
-    secret_env: tuple[str, ...] = Field((), max_length=4)
+    secret_env: tuple[str, ...] = Field((), max_length=4, repr=False)  # names only, yet no "secret" in a repr
     timeout_s: float = Field(10.0, gt=0, le=60)  # one delivery attempt, connect to last byte
     connect_timeout_s: float = Field(3.0, gt=0, le=60)
     max_concurrency: int = Field(8, ge=1, le=256)  # deliveries in flight per process
