@@ -3,6 +3,7 @@
 - two gateways on one PostgreSQL journal (leases, SKIP LOCKED), or the two workers of one
   `serve --workers 2` on one SQLite file (its write lock), deliver each event once between
   them, both taking part;
+- a gateway SIGKILLed mid-delivery sends the same event again after its restart (at least once);
 - a gateway SIGKILLed after a payment settled (the event committed with it) but before the
   event was delivered delivers it after its restart, once.
 """
@@ -175,3 +176,45 @@ async def test_a_gateway_killed_before_delivering_delivers_after_restart_once(tm
     lines = delivery_lines(tmp_path / "gateway" / "logs" / "transactions.jsonl")
     assert [line["outcome"] for line in lines].count("delivered") == 1
     assert lines[-1]["outcome"] == "delivered" and lines[-1]["event_id"] == first.event["id"]
+
+
+async def test_a_gateway_killed_mid_delivery_delivers_again_after_restart(tmp_path: Path, dev_certs, stripes,
+                                                                         receiver: Receiver) -> None:
+    """At least once: the checkout had the request, the gateway died before hearing the answer.
+    The restarted gateway (the journal's sole owner, so the dead lease is void at once) sends the
+    same event id again; the receiver deduplicates. The attempt the crash cut short is not
+    recorded: one attempt, one line."""
+    receiver.hang = True
+    data = engine_config_data(tmp_path, dev_certs, stripes, ("primary",),
+                              notifications=notifications_config(receiver.url, timeout_s=30))
+    gateway = gateway_process(tmp_path / "gateway", data)
+    db = Path(data["storage"]["sqlite_path"])
+    try:
+        await gateway.start()
+        outbox = NotificationOutbox(enabled=True)
+        store = SqliteStore(db)
+        await store.open()
+        try:
+            record = payment(status=PaymentStatus.PENDING)
+            before = Settling.of(record)
+            record.status = PaymentStatus.APPROVED
+            [row] = outbox.rows(before, record)
+            await store.save_payment(record, notifications=[row])
+        finally:
+            await store.close()
+        [held] = await receiver.wait_for(1)  # the checkout has it; the gateway waits for the answer
+        await gateway.kill()
+        receiver.release()
+        await gateway.start()
+        async with asyncio.timeout(30):
+            while (await asyncio.to_thread(_notification_rows, db))[0][1] != "delivered":
+                await asyncio.sleep(0.05)
+        assert await gateway.stop() == 0
+    finally:
+        await gateway.kill()
+    assert receiver.event_ids() == [row.event_id, row.event_id]  # the same event, sent twice: dedupe by id
+    assert held.body == receiver.deliveries[1].body
+    [(_payment_id, state, attempts)] = await asyncio.to_thread(_notification_rows, db)
+    assert (state, attempts) == ("delivered", 1)
+    lines = delivery_lines(tmp_path / "gateway" / "logs" / "transactions.jsonl")
+    assert [(line["event_id"], line["outcome"]) for line in lines] == [(row.event_id, "delivered")]
