@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from gateway.journal.probe import JournalProbe
     from gateway.journal.store import Store
     from gateway.metrics import Metrics
+    from gateway.notifications.sender import NotificationSender
     from gateway.orchestrator import PaymentService
     from gateway.provider_pool import ProviderPool
     from gateway.reconciler import Reconciler
@@ -49,5 +50,7 @@ BREAKER_SYNC: web.AppKey[BreakerSync] = web.AppKey("breaker_sync")
 CERT_WATCHER: web.AppKey[CertificateWatcher] = web.AppKey("certificate_watcher")
 SERVICE: web.AppKey[PaymentService] = web.AppKey("service")
 RECONCILER: web.AppKey[Reconciler] = web.AppKey("reconciler")
+# Present only with notifications.url set.
+NOTIFICATION_SENDER: web.AppKey[NotificationSender] = web.AppKey("notification_sender")
 CONSOLE: web.AppKey[Console] = web.AppKey("console")
 CONSOLE_ASSETS: web.AppKey[ConsoleAssets] = web.AppKey("console_assets")

@@ -49,14 +49,6 @@ def test_the_document_is_valid_openapi_3_1() -> None:
     assert len(ids) == len(set(ids))
 
 
-def test_a_webhooks_section_is_placed_as_given() -> None:
-    webhooks = {"paymentUpdated": {"post": {"requestBody": {"content": {"application/json": {
-        "schema": {"type": "object"}}}}, "responses": {"200": {"description": "received"}}}}}
-    document = build_openapi(webhooks)
-    validate_openapi(document)
-    assert document["webhooks"] == webhooks and "webhooks" not in DOCUMENT
-
-
 # -- the published constraints are the models' ----------------------------------------------------
 
 _ODD_LETTERS = "ıſK"  # upper-case to ASCII letters in Python ("ınr".upper() == "INR")

@@ -9,8 +9,8 @@ body (a payment, or the one error shape with the codes it can carry); `Retry-Aft
 published on the 409 and 503 answers that send it. The constraints the models cannot say in
 JSON Schema are in their descriptions (the Luhn check; card data refused in free text).
 
-The merchant notifications are published in `webhooks`, which their own module provides
-(`add_routes(app, webhooks=...)`): this one only places them in the document.
+The merchant notifications are published in `webhooks`, which their own module builds
+(`gateway/api/openapi_webhooks.py`): this one only places them in the document.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pydantic.json_schema import models_json_schema
 
 from domain.outcome import PaymentStatus
 from gateway.api.errors import json_response
+from gateway.api.openapi_webhooks import webhooks as notification_webhooks
 from gateway.api.schemas import CaptureCreate, PaymentCreate, RefundCreate, VoidCreate
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
@@ -149,8 +150,8 @@ def _schemas() -> dict[str, Any]:
     return schemas
 
 
-def build_openapi(webhooks: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The document; `webhooks`: the merchant notifications' `webhooks` section, from their module."""
+def build_openapi() -> dict[str, Any]:
+    """The document, the merchant notifications' `webhooks` section included."""
     idem = {"name": "Idempotency-Key", "in": "header", "required": True,
             "schema": {"type": "string", "pattern": "^[\\x21-\\x7e]{1,255}$"},
             "description": "the same key and body replays the stored answer (IETF draft Idempotency-Key)"}
@@ -192,6 +193,7 @@ def build_openapi(webhooks: Mapping[str, Any] | None = None) -> dict[str, Any]:
                                        "schema": {"type": "integer", "minimum": 0}}},
         },
         "security": [{"bearer": []}],
+        "webhooks": notification_webhooks(),
         "paths": {
             "/v1/payments": mutating(
                 "createPayment", "PaymentCreate", "Authorise (and optionally capture) a payment", {
@@ -214,8 +216,6 @@ def build_openapi(webhooks: Mapping[str, Any] | None = None) -> dict[str, Any]:
                               unready=True),
         },
     }
-    if webhooks:
-        document["webhooks"] = dict(webhooks)
     return document
 
 
@@ -229,8 +229,8 @@ def _probe(operation_id: str, summary: str, *, unready: bool = False) -> dict[st
     return {"get": {"operationId": operation_id, "summary": summary, "security": [], "responses": responses}}
 
 
-def add_routes(app: web.Application, *, webhooks: Mapping[str, Any] | None = None) -> None:
-    document = build_openapi(webhooks)
+def add_routes(app: web.Application) -> None:
+    document = build_openapi()
 
     async def openapi(_request: web.Request) -> web.Response:
         return json_response(200, document)
