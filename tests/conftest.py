@@ -33,6 +33,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from blockbuster import BlockBuster
 
+from gateway.api.payments import new_payment_id
 from gateway.app import build_app
 from gateway.app_keys import LOG_WRITER, STORE
 from gateway.certs.devca import DevCertLayout, generate_dev_certs
@@ -478,6 +479,6 @@ STORE_SCOPE = "checkout"  # the scope the store tests claim keys in
 def payment(payment_id: str | None = None, status: PaymentStatus = PaymentStatus.RECEIVED,
             updated_at: float | None = None, **extra: object) -> PaymentRecord:
     now = time.time()
-    return PaymentRecord(id=payment_id or f"pay_{uuid.uuid4().hex}", client=STORE_SCOPE, amount=1299, currency="EUR",
+    return PaymentRecord(id=payment_id or new_payment_id(), client=STORE_SCOPE, amount=1299, currency="EUR",
                          capture=True, merchant_reference="order-1", status=status, created_at=now,
                          updated_at=updated_at if updated_at is not None else now, **extra)  # type: ignore[arg-type]
