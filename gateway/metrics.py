@@ -128,9 +128,11 @@ class Metrics:
 
     def track_provider(self, provider: str, bulkhead: BulkheadReading) -> None:
         """A provider's series from the start: its breaker closed, its bulkhead read at each
-        scrape (in flight, waiting, limit), its retry and authorisation counters at 0."""
+        scrape (in flight, waiting, limit), its retry, suspected-duplicate and authorisation
+        counters at 0."""
         self.breaker_state.labels(provider).set(BREAKER_STATES["closed"])
         self.retries.labels(provider)
+        self.duplicates_suspected.labels(provider)
         self.attempt_latency.labels(provider)
         for outcome in Outcome:
             self.attempts.labels(provider, Operation.AUTHORIZE.value, outcome.value)

@@ -9,6 +9,10 @@ few payments at a time, while the test polls Prometheus's `/api/v1/alerts` (boun
 `GatewayBreakerOpen` fires for the primary: Prometheus saw stripe's breaker not closed for the
 rule's full minute. Still inside the outage, every panel query of deploy/grafana/gateway.json
 (its variables substituted as Grafana would) runs against Prometheus and must return data.
+
+With PROMETHEUS_SCREENSHOTS=docs, Debian's headless chromium photographs Prometheus's alerts
+page and graphs of the dashboard's breaker, approval and failover queries at that moment
+(docs/prometheus-alerts.png, docs/prometheus-graphs.png: that is how README's are made).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import re
 import shutil
 import time
@@ -24,6 +29,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 import pytest
@@ -45,6 +51,8 @@ CHUNK = 4  # payments per round of load between two looks at the alerts
 LOOK_EVERY_S = 0.5  # between two looks: Prometheus scrapes and evaluates every second
 # Grafana's substitutions for the dashboard's variables: every job, a rate window of a minute.
 VARIABLES = {"$job": ".+", "$__rate_interval": "1m"}
+SCREENSHOTS = os.environ.get("PROMETHEUS_SCREENSHOTS")  # a directory to keep them in (docs)
+GRAPHED = ("Breaker state per provider", "Approval rate per provider", "Failovers per second")
 
 
 @dataclass
@@ -132,6 +140,23 @@ def panel_queries() -> list[tuple[str, str]]:
     return out
 
 
+async def screenshot(url: str, path: Path, height: int) -> None:
+    chromium = shutil.which("chromium")
+    assert chromium is not None, "PROMETHEUS_SCREENSHOTS needs Debian's chromium"
+    proc = await asyncio.create_subprocess_exec(
+        chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--window-size=1400,{height}",
+        "--virtual-time-budget=5000", f"--screenshot={path}", url,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    assert await asyncio.wait_for(proc.wait(), 60) == 0
+
+
+def graphs_url(base: str, queries: list[tuple[str, str]]) -> str:
+    params: dict[str, str] = {}
+    for n, (_title, expr) in enumerate(q for q in queries if q[0] in GRAPHED):
+        params.update({f"g{n}.expr": expr, f"g{n}.tab": "0", f"g{n}.range_input": "2m"})
+    return f"{base}/classic/graph?{urlencode(params)}"  # Debian's build serves the classic UI
+
+
 def values(result: list[dict[str, Any]]) -> list[float]:
     return [float(series["value"][1]) for series in result]
 
@@ -172,6 +197,9 @@ async def test_breaker_alert_fires_in_a_real_prometheus_during_a_primary_outage_
             seen["panels"] = [(title, expr, await prometheus.query(expr)) for title, expr in queries]
             seen["other_breakers"] = await prometheus.query('max by (provider) (gateway_breaker_state{provider!="%s"})'
                                                             % PRIMARY)
+            if SCREENSHOTS:
+                await screenshot(f"{prometheus.url}/classic/alerts", Path(SCREENSHOTS) / "prometheus-alerts.png", 1350)
+                await screenshot(graphs_url(prometheus.url, queries), Path(SCREENSHOTS) / "prometheus-graphs.png", 2200)
             return sends
 
         monkeypatch.setattr(drill_runner, "start_gateway_in_process", with_prometheus)
