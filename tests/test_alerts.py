@@ -5,7 +5,9 @@ gateway as it is.
 example scrape configuration, and runs `alerts_test.yml`, where every alert has a case in which
 it fires (labels and expanded annotations compared) and one in which it does not. Beyond
 promtool: every metric a rule or a dashboard panel reads is one the gateway exports and README
-lists, and every runbook's commands parse as real `gateway` commands with real options.
+lists, and every runbook's commands parse as real `gateway` commands with real options. The
+dashboard is checked for the shape Grafana imports: its data source a variable every panel and
+query uses, unique ids, panels on the 24-column grid without overlap, core panel types.
 `tests/test_prometheus_live.py` runs the rules and the dashboard in a real Prometheus.
 """
 
@@ -38,6 +40,9 @@ NOTIFICATION_METRICS = {"gateway_notification_deliveries_total", "gateway_notifi
 # ... and its ops command, `gateway webhooks list|replay` (DESIGN.md's interfaces).
 NOTIFICATION_COMMANDS = {("webhooks", "list"), ("webhooks", "replay")}
 SUFFIXES = ("_bucket", "_count", "_sum", "_created")
+GRID_COLUMNS = 24
+CORE_PANELS = {"timeseries", "state-timeline", "bargauge", "stat", "gauge", "table"}
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess[str]:
@@ -138,3 +143,25 @@ def test_readme_lists_every_metric() -> None:
     readme = (ROOT / "README.md").read_text()
     listed = set(re.findall(r"^\| `(gateway_[a-z0-9_]+)` \|", readme, re.M))
     assert listed == exported_metrics() | NOTIFICATION_METRICS
+
+
+def test_dashboard_is_a_grafana_model_with_the_datasource_as_a_variable() -> None:
+    doc = json.loads(DASHBOARD.read_text())
+    assert doc["uid"] and doc["title"] and isinstance(doc["schemaVersion"], int)
+    variables = {v["name"]: v for v in doc["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    assert variables["job"]["datasource"] == DATASOURCE
+    panels = doc["panels"]
+    assert len({p["id"] for p in panels}) == len(panels)
+    cells: set[tuple[int, int]] = set()
+    for panel in panels:
+        assert panel["type"] in CORE_PANELS, panel["title"]
+        assert panel["datasource"] == DATASOURCE, panel["title"]
+        grid = panel["gridPos"]
+        assert grid["x"] >= 0 and grid["w"] > 0 and grid["x"] + grid["w"] <= GRID_COLUMNS, panel["title"]
+        mine = {(x, y) for x in range(grid["x"], grid["x"] + grid["w"]) for y in range(grid["y"], grid["y"] + grid["h"])}
+        assert not cells & mine, f"{panel['title']} overlaps another panel"
+        cells |= mine
+        targets = panel["targets"]
+        assert targets and len({t["refId"] for t in targets}) == len(targets), panel["title"]
+        assert all(t["datasource"] == DATASOURCE and t["expr"].strip() for t in targets), panel["title"]
