@@ -197,8 +197,8 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
     async def transaction_log(app: web.Application) -> AsyncIterator[None]:
         writer = app[LOG_WRITER]
         txlog = TransactionLog(writer, app[STORE], redactor=redactor, ops_log=ops, max_backlog=config.log.max_outbox_backlog)
-        app[METRICS].track_transaction_log(write_errors=lambda: writer.write_errors, backlog=lambda: txlog.backlog,
-                                           healthy=lambda: writer.healthy)
+        app[METRICS].track_transaction_log(write_errors=lambda: writer.write_errors, refused=lambda: writer.dropped,
+                                           backlog=lambda: txlog.backlog, healthy=lambda: writer.healthy)
         await txlog.start()
         try:
             # Before serving: lines whose journal commit a crash outran, unless the file has them.
@@ -220,7 +220,7 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
             handle.breaker.listeners.append(metrics.breaker_changed)
             handle.breaker.listeners.append(
                 lambda provider, old, new: ops.warning("breaker_state_change", provider=provider, old=old, new=new))
-            metrics.breaker_state.labels(handle.name).set(0)
+            metrics.track_provider(handle.name, handle.bulkhead)
         await pool.start()
         app[POOL] = pool
         yield
@@ -249,6 +249,7 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
         engine = config.engine
         budget = RetryBudget(ratio=engine.retry_budget_ratio, min_per_s=engine.retry_budget_min_per_s,
                              window_s=engine.retry_budget_window_s)
+        metrics.observe(metrics.retry_budget_remaining, budget.remaining)
         app[SERVICE] = PaymentService(
             store=app[STORE], clients={h.name: ProviderClient(h, metrics, app[TRACING]) for h in pool},
             router=Router(config.routes, pool.health, success_rate=pool.success_rate, capabilities=config.providers),
@@ -256,6 +257,8 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
             retention_s=config.storage.idempotency_retention_h * 3600, ops_log=ops, tracing=app[TRACING],
             notifications=NotificationOutbox(enabled=config.notifications.enabled),
         )
+        in_flight = app[SERVICE].in_flight
+        metrics.observe(metrics.in_flight, lambda: len(in_flight))
         yield
 
     async def notifications(app: web.Application) -> AsyncIterator[None]:

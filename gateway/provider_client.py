@@ -140,7 +140,6 @@ class ProviderClient:
         handle = self.handle
         try:
             async with handle.bulkhead.slot(deadline):
-                self._metrics.bulkhead_active.labels(self.name).set(handle.bulkhead.active)
                 async with handle.breaker.guard():
                     timeout = min(handle.timeout_s, deadline - time.monotonic())
                     if timeout < MIN_TRY_S:

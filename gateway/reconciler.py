@@ -99,11 +99,13 @@ class Reconciler:
         unresolved = await self.service.store.lease_unresolved(self.owner, LEASE_S, limit=BATCH)
         for gone in self._next_check.keys() - {r.id for r in unresolved}:
             del self._next_check[gone]  # settled elsewhere (another replica, a request)
+        left: list[PaymentRecord] = []  # what is still waiting for us after this pass
         for record in unresolved:
+            if record.id in self.service.in_flight or not _ours_now(record, now, age=age, abandoned=abandoned):
+                continue  # a live request, here or elsewhere, may still own it
             due = self._next_check.get(record.id, (0.0, 0.0))[0]
-            if record.id in self.service.in_flight or (not ignore_backoff and due > now):
-                continue
-            if not _ours_now(record, now, age=age, abandoned=abandoned):
+            if not ignore_backoff and due > now:
+                left.append(record)
                 continue
             try:
                 with self.service.tracing.span("reconcile.payment") as span:
@@ -123,7 +125,9 @@ class Reconciler:
                 settled += 1
                 self._next_check.pop(record.id, None)
             else:
+                left.append(record)
                 self._back_off(record.id, now)
+        self.service.metrics.pending_seen(len(left), min((_waiting_since(r) for r in left), default=None), now)
         return settled
 
     def _back_off(self, payment_id: str, now: float) -> None:
@@ -274,6 +278,11 @@ class Reconciler:
         await svc.commit(record, "reconciliation", follow_up=follow_up, settled_from=before)
         svc.metrics.reconciled.labels(record.status.value).inc()
         return True
+
+
+def _waiting_since(record: PaymentRecord) -> float:
+    """When the unsettled thing began: the follow-up's start, else the payment's creation."""
+    return record.follow_up.started_at if record.follow_up is not None else record.created_at
 
 
 def _ours_now(record: PaymentRecord, now: float, *, age: float, abandoned: float) -> bool:
