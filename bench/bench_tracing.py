@@ -25,7 +25,7 @@ from opentelemetry.trace import SpanKind
 
 from domain.outcome import PaymentStatus
 from gateway.journal.records import Attempt, PaymentRecord
-from gateway.tracing.log_ids import add_trace_ids
+from gateway.txlog.trace_ids import add_trace_ids
 from gateway.tracing.spans import NO_TRACING, LiveTracing, Tracing
 from gateway.txlog.redaction import Redactor
 

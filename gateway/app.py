@@ -68,7 +68,7 @@ from gateway.reconciler import Reconciler
 from gateway.retry_policy import RetryBudget
 from gateway.router import Router
 from gateway.tasks import stop_task
-from gateway.tracing.middleware import tracing_middleware
+from gateway.api.tracing import tracing_middleware
 from gateway.tracing.setup import build_tracing
 from gateway.txlog import JsonLinesWriter, build_ops_logger
 from gateway.txlog.file_lock import LogFileInUse, LogFileLock

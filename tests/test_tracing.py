@@ -31,7 +31,7 @@ from gateway.app import build_app
 from gateway.app_keys import CONSOLE, OPS_LOG, RECONCILER, TRACING
 from gateway.certs.devca import DevCertLayout
 from gateway.config import TracingConfig, parse_config
-from gateway.tracing.middleware import tracing_middleware
+from gateway.api.tracing import tracing_middleware
 from gateway.tracing.setup import build_tracing
 from gateway.tracing.spans import NO_TRACING
 from gateway.txlog import build_ops_logger

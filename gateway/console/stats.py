@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.journal.records import Attempt, PaymentRecord
-from gateway.tracing.log_ids import current_trace_id
+from gateway.txlog.trace_ids import current_trace_id
 
 GATEWAY = "*"  # the key of the gateway-wide tally (payments as the checkout service saw them)
 FAILURE_OUTCOMES = frozenset({"unavailable", "unknown", "rejected"})  # listed as failures, unless NOT_SENT

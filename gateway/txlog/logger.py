@@ -13,7 +13,7 @@ The `Redactor` sits inside each chain (DESIGN rule 6). Every event passes throug
 way to bytes, so no call site can forget to redact and no call site redacts its own way. It
 runs after the contextvars merge, so values bound in middleware are scrubbed too, and before
 the timestamp, which we generate ourselves and need not scan; so are the trace ids
-(`gateway.tracing.log_ids`: random hex that the card-number rule could mistake for a card).
+(`gateway.txlog.trace_ids`: random hex that the card-number rule could mistake for a card).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any, TextIO
 import orjson
 import structlog
 
-from gateway.tracing.log_ids import add_trace_ids
+from gateway.txlog.trace_ids import add_trace_ids
 from gateway.txlog.redaction import Redactor
 from gateway.txlog.writer import JsonLinesWriter
 
