@@ -37,6 +37,7 @@ from gateway.app_keys import (
     SERVICE,
     STORE,
     TRANSACTION_LOG,
+    WEBHOOKS,
 )
 from gateway.breaker_sync import BreakerSync, RedisBreakerSync
 from gateway.certs.watcher import CertificateWatcher
@@ -63,6 +64,10 @@ from gateway.txlog.writer import LogFileUnavailable, LogWriterStalled
 from gateway.txlog.redaction import Redactor
 from gateway.workers import WorkerSeat
 from gateway.workers.link import HostBreakerSync
+from gateway.webhooks import routes as webhook_routes
+from gateway.webhooks.metrics import WebhookMetrics
+from gateway.webhooks.processor import WebhookProcessor
+from gateway.webhooks.schemes import endpoints as webhook_endpoints
 
 ABANDON_MARGIN_S = 5.0  # past its deadline plus this, an unanswered payment has lost its process
 
@@ -96,7 +101,7 @@ def make_store(config: GatewayConfig, metrics: Metrics | None = None) -> Store:
 def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBoundLogger | None = None,
               reconcile_interval_s: float = 5.0, server_ssl_context: ssl.SSLContext | None = None,
               certificate_check_interval_s: float = 60.0, exclusive_store: bool | None = None,
-              worker: WorkerSeat | None = None) -> web.Application:
+              worker: WorkerSeat | None = None, webhook_interval_s: float = 1.0) -> web.Application:
     """`exclusive_store`: no other process uses this journal (default: true for SQLite, false for
     a worker of `serve --workers N`). `worker`: this app is that worker (see `gateway.workers`)."""
     if exclusive_store is None:
@@ -236,6 +241,17 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
         yield
         await stop_task(task)
 
+    async def webhooks(app: web.Application) -> AsyncIterator[None]:
+        """Provider webhooks in: the route journals, this processor applies (first what a crash
+        left journalled, then whenever the route wakes it or every `webhook_interval_s`)."""
+        metrics = WebhookMetrics(app[METRICS].registry)
+        processor = WebhookProcessor(app[SERVICE], metrics, log=ops, interval_s=webhook_interval_s)
+        app[WEBHOOKS] = webhook_routes.Webhooks(webhook_endpoints(config), metrics, processor)
+        await processor.run_once()
+        task = asyncio.create_task(processor.run_forever(), name="webhook-processor")
+        yield
+        await stop_task(task)
+
     async def certificates(app: web.Application) -> AsyncIterator[None]:
         """Before the app serves, one pass over the files marks providers whose client
         certificate is unusable (no endpoint probes there: a provider that is still starting
@@ -260,9 +276,10 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
             await stop_task(task)
 
     app.cleanup_ctx.extend([log_writer, store, journal_probe, transaction_log, providers, breaker_sync, certificates,
-                            service, reconciler, host_metrics])
+                            service, reconciler, webhooks, host_metrics])
     payments.add_routes(app)
     health.add_routes(app)
     openapi.add_routes(app)
+    webhook_routes.add_routes(app)
     setup_console(app)  # GET /console (admin key); its context runs last
     return app

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from gateway.txlog.outbox import TransactionLog
     from gateway.txlog.redaction import Redactor
     from gateway.txlog.writer import JsonLinesWriter
+    from gateway.webhooks.routes import Webhooks
 
 CONFIG: web.AppKey[GatewayConfig] = web.AppKey("config")
 OPS_LOG: web.AppKey[structlog.typing.FilteringBoundLogger] = web.AppKey("ops_log")
@@ -46,5 +47,6 @@ BREAKER_SYNC: web.AppKey[BreakerSync] = web.AppKey("breaker_sync")
 CERT_WATCHER: web.AppKey[CertificateWatcher] = web.AppKey("certificate_watcher")
 SERVICE: web.AppKey[PaymentService] = web.AppKey("service")
 RECONCILER: web.AppKey[Reconciler] = web.AppKey("reconciler")
+WEBHOOKS: web.AppKey[Webhooks] = web.AppKey("webhooks")
 CONSOLE: web.AppKey[Console] = web.AppKey("console")
 CONSOLE_ASSETS: web.AppKey[ConsoleAssets] = web.AppKey("console_assets")

@@ -178,8 +178,10 @@ class AdyenMapping:
 
     # Adyen replays the first answer for a key (and says 704 while it is still in progress).
     replays_answers = True
-    # Real Adyen has no lookup (results come by webhook); only the emulator's list answers.
+    # Real Adyen has no lookup: results come by webhook (`providers.adyen.webhook`), and the
+    # engine never asks. STATUS builds the emulator's test probe only (tests, preflight's reach).
     status_query_consistent = False
+    has_status_lookup = False
 
     def __init__(self, name: str, api_key: str, *, merchant_account: str | None = None,
                  return_url: str = DEFAULT_RETURN_URL) -> None:
@@ -357,11 +359,13 @@ _STATUS_PRIORITY = {Outcome.APPROVED: 0, Outcome.UNKNOWN: 1}
 def _parse_success(op: Operation, status: int, doc: dict) -> ProviderResult:
     if op is Operation.AUTHORIZE:
         return _classify_payment(doc, status)
-    # Modifications: 201 {"status": "received"}; the outcome itself arrives later by webhook.
+    # Modifications: 201 {"status": "received"}: accepted, and the outcome itself (CAPTURE with
+    # success true, or false, or CAPTURE_FAILED days later) arrives by webhook.
     mod_status = str(doc.get("status", ""))
-    outcome = Outcome.APPROVED if mod_status == "received" else Outcome.UNKNOWN
-    return ProviderResult(outcome, raw_code=mod_status or f"http_{status}", http_status=status,
-                          reference=doc.get("pspReference"), provider_status=mod_status or None)
+    received = mod_status == "received"
+    return ProviderResult(Outcome.APPROVED if received else Outcome.UNKNOWN, raw_code=mod_status or f"http_{status}",
+                          http_status=status, reference=doc.get("pspReference"), provider_status=mod_status or None,
+                          settles_later=received)
 
 
 def _amount_value(item: dict) -> int | None:
