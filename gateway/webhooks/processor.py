@@ -8,7 +8,7 @@ the reconciler or another replica wrote the payment meanwhile) re-reads and deci
 nothing is ever overwritten. Each applied event writes its transaction-log line through the
 outbox like every settlement (`PaymentService.commit`), then the event is marked done; a crash
 in between applies it again on the next pass, which finds the payment settled and changes
-nothing. An event for a payment we do not know is kept as an `orphan` (ops line, metric,
+nothing. An event for a payment we do not know (of a kind we act on) is kept as an `orphan` (ops line, metric,
 `gateway webhooks orphans`), never dropped.
 """
 
@@ -24,6 +24,7 @@ import structlog
 
 from domain.outcome import Outcome
 from domain.types import ProviderResult
+from domain.webhook import EventKind
 from gateway import answers
 from gateway.journal.errors import StaleWrite
 from gateway.journal.records import PaymentRecord
@@ -77,6 +78,8 @@ class WebhookProcessor:
         payment_id = payment_id_of(reference) if reference else None
         for _ in range(STALE_RETRIES):
             record = await self.service.store.get_payment(payment_id) if payment_id else None
+            if record is None and event.event.kind is EventKind.OTHER:
+                return await self._finish(event, WebhookState.UNCHANGED, None, f"{event.event.type}: not acted on")
             if record is None:
                 self.log.warning("webhook_orphan", provider=event.provider, event_id=event.event_id,
                                  type=event.event.type, reference=reference,
