@@ -12,6 +12,7 @@ another module's objects together.
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -246,7 +247,8 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
         left journalled, then whenever the route wakes it or every `webhook_interval_s`)."""
         metrics = WebhookMetrics(app[METRICS].registry)
         processor = WebhookProcessor(app[SERVICE], metrics, log=ops, interval_s=webhook_interval_s)
-        app[WEBHOOKS] = webhook_routes.Webhooks(webhook_endpoints(config), metrics, processor)
+        app[WEBHOOKS] = webhook_routes.Webhooks(webhook_endpoints(config), metrics, processor,
+                                                os.environ.get(webhook_routes.CRASH_ENV))
         await processor.run_once()
         task = asyncio.create_task(processor.run_forever(), name="webhook-processor")
         yield

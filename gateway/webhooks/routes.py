@@ -9,6 +9,8 @@ it answers 503 and the provider delivers again later. Bad bodies are 4xx, never 
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from dataclasses import dataclass
 
@@ -25,6 +27,9 @@ from gateway.webhooks.processor import WebhookProcessor
 from gateway.webhooks.schemes import WebhookEndpoint
 
 PATH = "/v1/webhooks/{provider}"
+# The crash tests' hook: `journalled` SIGKILLs the process right after a delivery is journalled,
+# before it is answered or applied (the window a restart must close).
+CRASH_ENV = "GATEWAY_WEBHOOK_CRASH_AT"
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +39,7 @@ class Webhooks:
     endpoints: dict[str, WebhookEndpoint]
     metrics: WebhookMetrics
     processor: WebhookProcessor
+    crash_at: str | None = None  # CRASH_ENV, read once at start
 
 
 async def receive(request: web.Request) -> web.Response:
@@ -58,6 +64,8 @@ async def receive(request: web.Request) -> web.Response:
         raise ApiError(400, "malformed_event", str(exc)) from None
     now = time.time()
     new = await request.app[STORE].journal_webhook_events([WebhookEventRecord(name, e, now) for e in events])
+    if hooks.crash_at == "journalled":
+        os.kill(os.getpid(), signal.SIGKILL)
     hooks.metrics.received.labels(name, "new").inc(new)
     if len(events) > new:
         hooks.metrics.received.labels(name, "duplicate").inc(len(events) - new)
