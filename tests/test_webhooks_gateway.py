@@ -4,16 +4,33 @@ Adyen settled by notification only, asynchronous follow-ups pending until theirs
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 from typing import Any
 
+import orjson
 import pytest
+import yaml
 from aiohttp.test_utils import TestClient
+from typer.testing import CliRunner
 
 from emulators.faults import FaultRule
 from gateway.app_keys import RECONCILER, STORE, WEBHOOKS
+from gateway.cli import app as cli
+from gateway.config import parse_config
 from gateway.journal.webhook_events import WebhookState
-from tests.conftest import AUTH, card_payment, charges, idem, journal, metrics_text, pay, set_faults, txlog
+from tests.conftest import (
+    card_payment,
+    charges,
+    gateway_config_data,
+    idem,
+    journal,
+    metrics_text,
+    pay,
+    set_faults,
+    txlog,
+)
 from tests.webhook_shapes import (
     CHECKOUT_OLD_SECRET,
     STRIPE_OLD_SECRET,
@@ -151,9 +168,12 @@ async def test_a_checkout_follow_up_accepted_202_is_pending_until_its_webhook(ma
     assert (record.status.value, record.captured_amount) == ("captured", 1299)
 
 
-async def test_an_event_for_a_payment_we_do_not_know_is_kept_as_an_orphan(make_config, start_gateway,
-                                                                         emulators) -> None:
-    client = await gateway(make_config, start_gateway, ("stripe",))
+async def test_an_event_for_a_payment_we_do_not_know_is_kept_as_an_orphan_and_listed(
+        tmp_path, dev_certs, start_gateway, emulators) -> None:  # type: ignore[no-untyped-def]
+    data = gateway_config_data(tmp_path, dev_certs, emulators, ("stripe",), providers=WEBHOOK_PROVIDERS)
+    config_file = tmp_path / "gateway.yaml"
+    config_file.write_text(yaml.safe_dump(data))
+    client = await start_gateway(parse_config(data), webhook_interval_s=3600)
     intent = {"id": "pi_unknown", "object": "payment_intent", "amount": 700, "currency": "eur",
               "capture_method": "automatic", "status": "succeeded",
               "metadata": {"gateway_payment_id": f"pay_unknown{uuid.uuid4().hex}"}}
@@ -162,6 +182,12 @@ async def test_an_event_for_a_payment_we_do_not_know_is_kept_as_an_orphan(make_c
     [orphan] = await client.app[STORE].webhook_events(WebhookState.ORPHAN)
     assert orphan.event.provider_reference == "pi_unknown" and orphan.outcome == "no such payment"
     assert 'gateway_webhooks_processed_total{provider="stripe",state="orphan"} 1.0' in await metrics_text(client)
+    listed = await asyncio.to_thread(CliRunner().invoke, cli, ["webhooks-in", "list", "--state", "orphan", "--json",
+                                                               "--config", str(config_file)])
+    assert listed.exit_code == 0, listed.output
+    [line] = [orjson.loads(text) for text in listed.output.splitlines()]
+    assert (line["provider"], line["state"], line["provider_reference"], line["amount"]) == (
+        "stripe", "orphan", "pi_unknown", 700)
 
 
 @pytest.mark.parametrize("case", ["stripe_tampered", "stripe_expired", "stripe_unsigned", "adyen_forged",
@@ -177,7 +203,7 @@ async def test_a_delivery_that_does_not_verify_gets_401_and_writes_nothing(make_
     if case == "stripe_tampered":
         body = body.replace(b"1299", b"1290")
     elif case == "stripe_expired":
-        headers = stripe_headers(body, timestamp=int(__import__("time").time()) - 400)
+        headers = stripe_headers(body, timestamp=int(time.time()) - 400)
     elif case == "stripe_unsigned":
         headers = JSON
     elif case == "adyen_forged":
@@ -210,3 +236,5 @@ async def test_rotated_secrets_unreadable_bodies_and_unknown_providers(make_conf
     huge = await client.post("/v1/webhooks/stripe", data=b"x" * 70_000, headers=JSON)
     assert huge.status == 413
     assert len(await client.app[STORE].webhook_events()) == 1
+    paths = (await (await client.get("/openapi.json")).json())["paths"]
+    assert "401" in paths["/v1/webhooks/{provider}"]["post"]["responses"]

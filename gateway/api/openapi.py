@@ -11,6 +11,7 @@ from pydantic.json_schema import models_json_schema
 from domain.outcome import PaymentStatus
 from gateway.api.errors import json_response
 from gateway.api.schemas import CaptureCreate, PaymentCreate, RefundCreate, VoidCreate
+from gateway.webhooks.routes import OPENAPI as WEBHOOK_PATHS
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
 _PAYMENT = {"$ref": "#/components/schemas/Payment"}
@@ -78,6 +79,7 @@ def build_openapi() -> dict[str, Any]:
             "/v1/payments/{payment_id}/capture": post("CaptureCreate", "200", "Capture an authorisation", True),
             "/v1/payments/{payment_id}/void": post("VoidCreate", "200", "Void an authorisation", True),
             "/v1/payments/{payment_id}/refunds": post("RefundCreate", "200", "Refund a captured payment", True),
+            **WEBHOOK_PATHS,
         },
     }
 

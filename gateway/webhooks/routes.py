@@ -40,6 +40,23 @@ class Webhooks:
     metrics: WebhookMetrics
     processor: WebhookProcessor
     crash_at: str | None = None  # CRASH_ENV, read once at start
+# The route's entry in /openapi.json: providers call it, signed with their own scheme (no bearer).
+OPENAPI = {PATH: {"post": {
+    "summary": "A provider's signed notifications (Stripe-Signature, Adyen HMAC per item, Cko-Signature)",
+    "security": [],
+    "parameters": [{"name": "provider", "in": "path", "required": True, "schema": {"type": "string"},
+                    "description": "the provider's name in the configuration"}],
+    "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}},
+    "responses": {
+        "200": {"description": "journalled (Adyen: `[accepted]`); applied to its payment from the journal"},
+        **{str(code): {"description": what, "content": {"application/json": {"schema": {
+            "$ref": "#/components/schemas/Error"}}}}
+           for code, what in ((400, "signed, but not an event we can read"),
+                              (401, "the signature does not verify: nothing written"),
+                              (404, "no webhook secrets configured for this provider"),
+                              (413, "body too large"), (503, "the journal cannot take it now: deliver again"))},
+    },
+}}}
 
 
 async def receive(request: web.Request) -> web.Response:
