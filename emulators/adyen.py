@@ -21,16 +21,32 @@ Emulator extensions, not part of Adyen's API:
   stand in for the webhook feed, so the engine can resolve an `unknown` outcome by status query.
   Each payment lists its modifications as the webhook reports them (`eventCode` CAPTURE, REFUND or
   CANCELLATION, the modification's `pspReference`, our `reference`, `amount`, `success`).
-- Modifications are validated synchronously (422); the real Adyen answers 201 `received` and
-  reports a failed capture or refund later in its webhook.
+- Modifications are validated synchronously (422) where the request itself is wrong.
+
+Webhooks: standard notifications, one `NotificationRequestItem` per POST
+(`{"live": "false", "notificationItems": [{"NotificationRequestItem": {…}}]}`), with eventCode
+AUTHORISATION (success true/false), CAPTURE, CAPTURE_FAILED, REFUND, REFUND_FAILED, CANCELLATION,
+each signed in `additionalData.hmacSignature`: base64 HMAC-SHA256, under the hex HMAC key, of
+`pspReference:originalReference:merchantAccountCode:merchantReference:value:currency:eventCode:success`
+("Verify HMAC signatures"; the Adyen libraries' `is_valid_hmac_notification`). A modification
+answers 201 `received` and its outcome comes only by notification: `fail_by_notification` makes it
+`CAPTURE`/`REFUND`/`CANCELLATION` with `success: "false"` ("refused"), or for captures and
+refunds `success: "true"` then `CAPTURE_FAILED`/`REFUND_FAILED` ("failed_later"); either way the
+ledger never counts it. Retries: at 9 s, 18 s and 27 s after the first failure, then the retry
+queue: 2 m, 5 m, 10 m, 15 m, 30 m, 1 h, 2 h, 4 h, 8 h, then every 8 hours up to 30 days
+("Troubleshoot webhooks").
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
+import hmac
 import itertools
 import re
 from dataclasses import dataclass
-from datetime import date
+from datetime import UTC, date, datetime
 from typing import Any
 
 import orjson
@@ -42,6 +58,7 @@ from emulators.idempotency import Claim, ProviderIdempotency, StoredAnswer
 from providers.adyen.mapping import API_VERSION, EMULATOR_LOOKUP_PATH, REFUSAL_REASONS, TRANSIENT_ERROR_HEADER
 from emulators.ledger import LedgerEntry
 from emulators.server import ApiRoute, EmulatorRequest, ProviderEmulator, json_response
+from emulators.webhooks import RetrySchedule, SignedRequest
 
 BASE = f"/{API_VERSION}"
 
@@ -112,6 +129,14 @@ SCENARIO_CARDS: dict[str, str] = {
 }
 # Modification kind -> the eventCode of the webhook that reports it.
 MODIFICATION_EVENT_CODES = {"capture": "CAPTURE", "refund": "REFUND", "cancel": "CANCELLATION"}
+# What the scheme's later rejection of a successful modification is reported as.
+LATER_FAILURE_EVENT_CODES = {"capture": "CAPTURE_FAILED", "refund": "REFUND_FAILED"}
+MODIFICATION_OPERATIONS = {"capture": "capture", "refund": "refund", "cancel": "void"}
+WEBHOOK_RETRIES = RetrySchedule.filled((9.0, 9.0, 9.0, 120.0, 300.0, 600.0, 900.0, 1800.0, 3600.0, 7200.0,
+                                        14400.0, 28800.0), 28800.0, 30 * 86400.0)
+# The fields of a NotificationRequestItem its HMAC signs, in order (value and currency: amount's).
+HMAC_FIELDS = ("pspReference", "originalReference", "merchantAccountCode", "merchantReference", "value",
+               "currency", "eventCode", "success")
 TEST_ERROR_TRIGGER = "RequestedTestErrorResponseCode"
 TEST_ACQUIRER_TRIGGER = "RequestedTestAcquirerResponseCode"
 
@@ -157,6 +182,37 @@ def resolve_trigger(value: str | None) -> Decision | None:
 
 def _reason_text(result: SimulatedResult) -> str | None:
     return REFUSAL_REASONS[result.reason_code][0] if result.reason_code in REFUSAL_REASONS else None
+
+
+def notification_hmac(item: dict[str, Any], hex_key: str) -> str:
+    """`additionalData.hmacSignature` of one NotificationRequestItem."""
+    fields = {**item, "value": item["amount"]["value"], "currency": item["amount"]["currency"]}
+    signing_string = ":".join(str(fields.get(name, "")) for name in HMAC_FIELDS)
+    mac = hmac.new(binascii.unhexlify(hex_key), signing_string.encode(), hashlib.sha256).digest()
+    return base64.b64encode(mac).decode()
+
+
+def notification_item(event_code: str, success: bool, psp: str, entry: LedgerEntry, amount: int, *,
+                      original: str | None = None, merchant_reference: str | None = None,
+                      reason: str = "", additional: dict[str, str] | None = None) -> dict[str, Any]:
+    """One NotificationRequestItem before signing; `originalReference` only on modifications."""
+    item: dict[str, Any] = {
+        "additionalData": dict(additional or {}),
+        "amount": {"currency": entry.currency, "value": amount},
+        "eventCode": event_code,
+        "eventDate": datetime.now(UTC).isoformat(timespec="seconds"),
+        "merchantAccountCode": entry.extra.get("merchantAccount") or "",
+        "merchantReference": merchant_reference or entry.payment_ref,
+        "paymentMethod": "visa",
+        "pspReference": psp,
+        "reason": reason,
+        "success": "true" if success else "false",
+    }
+    if original is not None:
+        item["originalReference"] = original
+    if event_code == "AUTHORISATION" and success:
+        item["operations"] = ["CANCEL", "CAPTURE", "REFUND"]
+    return item
 
 
 APPROVAL = Decision(SimulatedResult("Authorised"), "AUTHORISED")
@@ -215,6 +271,7 @@ class AdyenEmulator(ProviderEmulator):
     idempotency_header = "Idempotency-Key"
     store_policy = "all"
     ledger_prefix = "EMUA"  # + 12 digits: a 16-character pspReference, as Adyen's are
+    webhook_retries = WEBHOOK_RETRIES
 
     def __init__(self, api_key: str | None = None, merchant_account: str | None = None) -> None:
         super().__init__()
@@ -262,6 +319,25 @@ class AdyenEmulator(ProviderEmulator):
             return _error(409, "704", "request already processed or in progress", "validation",
                           headers={TRANSIENT_ERROR_HEADER: "true"})
         return _validation("000", "Idempotency-Key was already used with a different request")
+
+    def sign_webhook(self, doc: dict[str, Any], secret: str, now: float) -> SignedRequest:
+        item = {**doc, "additionalData": {**doc["additionalData"], "hmacSignature": notification_hmac(doc, secret)}}
+        body = orjson.dumps({"live": "false", "notificationItems": [{"NotificationRequestItem": item}]})
+        return SignedRequest(body, {"Content-Type": "application/json", "User-Agent": "Adyen HttpClient 1.0"})
+
+    def forge_webhook(self, doc: dict[str, Any]) -> dict[str, Any]:
+        return {**doc, "success": "false" if doc["success"] == "true" else "true"}
+
+    def check_webhook_secret(self, secret: str) -> None:
+        try:
+            if not binascii.unhexlify(secret):
+                raise ValueError("empty")
+        except (binascii.Error, ValueError) as exc:
+            raise ValueError("an Adyen HMAC key is hexadecimal") from exc
+
+    def _notify(self, operation: str, item: dict[str, Any]) -> None:
+        event_id = f"{item['pspReference']}:{item['eventCode']}:{item['success']}"
+        self.notify(operation, event_id, item["eventCode"], item)
 
     def _merchant_problem(self, doc: dict) -> web.Response | None:
         account = doc.get("merchantAccount")
@@ -333,6 +409,7 @@ class AdyenEmulator(ProviderEmulator):
             return _error(500, "701", "No connection available to the issuer", "internal", psp=entry.id,
                           headers={TRANSIENT_ERROR_HEADER: "true"})
         self._settle(entry, self._decide(ctx.forced_decline, additional, method, card_key))
+        self._notify_authorisation(entry)
         if error_trigger == "IOEXCEPTION_RECEIVED":
             return _error(500, "701", "server could not process request", "internal", psp=entry.id)
         return json_response(200, self._payment_doc(entry))
@@ -367,6 +444,19 @@ class AdyenEmulator(ProviderEmulator):
         else:
             entry.status = "refused" if result.result_code == "Refused" else "error"
             entry.decline_code = result.reason_code
+
+    def _notify_authorisation(self, entry: LedgerEntry) -> None:
+        """AUTHORISATION once the payment has an outcome; a `Received` one has none yet."""
+        result_code = entry.extra["resultCode"]
+        if result_code == "Received":
+            return
+        if entry.approved:
+            self._notify("authorize", notification_item("AUTHORISATION", True, entry.id, entry, entry.amount,
+                                                         additional={"authCode": entry.extra["authCode"]}))
+        else:
+            reason = REFUSAL_REASONS.get(entry.decline_code or "", ("Refused",))[0]
+            self._notify("authorize", notification_item("AUTHORISATION", False, entry.id, entry, entry.amount,
+                                                        reason=reason))
 
     async def _find_by_reference(self, ctx: EmulatorRequest) -> web.Response:
         """Emulator extension standing in for Adyen's webhook feed: payments by our reference."""
@@ -423,7 +513,10 @@ class AdyenEmulator(ProviderEmulator):
             return _validation("137", "Invalid amount specified")
         return int(amount["value"])
 
-    def _received(self, entry: LedgerEntry, doc: dict, kind: str, amount: int | None) -> web.Response:
+    def _received(self, entry: LedgerEntry, doc: dict, kind: str, amount: int | None,
+                  failure: FaultRule | None) -> web.Response:
+        """Adyen's 201 `received`, and the notification of the modification's outcome: the ledger
+        has already been changed if (and only if) it succeeded."""
         answer: dict[str, Any] = {"merchantAccount": doc["merchantAccount"], "paymentPspReference": entry.id,
                                   "pspReference": f"EMUM{next(self._modification_seq):012d}",
                                   "status": "received"}
@@ -432,12 +525,24 @@ class AdyenEmulator(ProviderEmulator):
         if amount is not None:
             answer["amount"] = {"value": amount, "currency": entry.currency}
         self.modifications.append({"kind": kind, **answer})
-        # What the modification's webhook would report; this emulator settles it at once.
+        value = amount if amount is not None else entry.amount
+        # The final outcome, as the emulator-only probe lists it.
         event = {"eventCode": MODIFICATION_EVENT_CODES[kind], "pspReference": answer["pspReference"],
                  "originalReference": entry.id, "reference": doc.get("reference"),
-                 "amount": {"value": amount if amount is not None else entry.amount, "currency": entry.currency},
-                 "success": "true"}
+                 "amount": {"value": value, "currency": entry.currency},
+                 "success": "true" if failure is None else "false"}
         entry.extra.setdefault("modifications", []).append(event)
+        later = failure is not None and failure.reported_as == "failed_later" and kind in LATER_FAILURE_EVENT_CODES
+        reason = "" if failure is None else (failure.decline_code or "Modification refused")
+        operation = MODIFICATION_OPERATIONS[kind]
+
+        def item(event_code: str, success: bool, why: str = "") -> dict[str, Any]:
+            return notification_item(event_code, success, answer["pspReference"], entry, value, original=entry.id,
+                                     merchant_reference=doc.get("reference"), reason=why)
+
+        self._notify(operation, item(MODIFICATION_EVENT_CODES[kind], failure is None or later, "" if later else reason))
+        if later:
+            self._notify(operation, item(LATER_FAILURE_EVENT_CODES[kind], True, reason))
         return json_response(201, answer)
 
     async def _priced_modification(self, ctx: EmulatorRequest) -> tuple[LedgerEntry, dict, int] | web.Response:
@@ -459,9 +564,11 @@ class AdyenEmulator(ProviderEmulator):
             return _validation("000", f"Payment cannot be captured: it is {entry.status}")
         if entry.captured + amount > entry.amount:
             return _validation("137", "Capture amount exceeds the authorised amount")
-        entry.captured += amount
-        entry.status = "captured"
-        return self._received(entry, doc, "capture", amount)
+        failure = ctx.modification_failure
+        if failure is None:
+            entry.captured += amount
+            entry.status = "captured"
+        return self._received(entry, doc, "capture", amount, failure)
 
     async def _refund(self, ctx: EmulatorRequest) -> web.Response:
         found = await self._priced_modification(ctx)
@@ -471,9 +578,11 @@ class AdyenEmulator(ProviderEmulator):
         if entry.captured - entry.refunded < amount:
             return _validation("000", "Refund amount exceeds the captured amount" if entry.captured
                                else f"Payment cannot be refunded: it is {entry.status}")
-        entry.refunded += amount
-        entry.status = "refunded" if entry.refunded == entry.captured else "partially_refunded"
-        return self._received(entry, doc, "refund", amount)
+        failure = ctx.modification_failure
+        if failure is None:
+            entry.refunded += amount
+            entry.status = "refunded" if entry.refunded == entry.captured else "partially_refunded"
+        return self._received(entry, doc, "refund", amount, failure)
 
     async def _cancel(self, ctx: EmulatorRequest) -> web.Response:
         await ctx.simulate_processing()
@@ -483,5 +592,7 @@ class AdyenEmulator(ProviderEmulator):
         entry, doc = found
         if entry.status != "authorised" or entry.captured:
             return _validation("000", f"Payment cannot be cancelled: it is {entry.status}")
-        entry.status, entry.voided = "cancelled", True
-        return self._received(entry, doc, "cancel", None)
+        failure = ctx.modification_failure
+        if failure is None:
+            entry.status, entry.voided = "cancelled", True
+        return self._received(entry, doc, "cancel", None, failure)

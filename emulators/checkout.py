@@ -10,11 +10,25 @@ emulator answers 422 `request_invalid` / `idempotency_key_reused` (its own code)
 Test cards: the Unified Payments sandbox drives response codes by card number (Checkout.com
 "Test cards" page). The older Previous (ABC) platform drove them by the amount's last digits; that
 table is here too, off by default (`amount_triggers=True` turns it on).
+
+Webhooks: events `{"id": "evt_…", "type": …, "version": …, "created_on": …, "data": {"id": "pay_…",
+"action_id": …, "amount", "currency", "reference", "response_code", …}, "_links": …}` of types
+payment_approved, payment_declined, payment_captured, payment_capture_declined, payment_refunded,
+payment_refund_declined, payment_voided, payment_void_declined, signed with `Cko-Signature`: the
+hex HMAC-SHA256 of the raw body under the webhook's signature key ("Set up your webhook
+receiver"). Captures, refunds and voids answer 202 Accepted and their outcome comes by
+notification: `fail_by_notification` makes it `payment_<op>_declined`, its action `approved:
+false`, and the ledger unchanged. Retries after 5 m, 10 m, 15 m, 30 m, 1 h, 4 h, 12 h and 12 h
+("Receive webhooks").
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import itertools
+import os
 import time
 import uuid
 from typing import Any
@@ -26,6 +40,7 @@ from emulators.faults import FaultRule
 from emulators.idempotency import Claim, StoredAnswer
 from emulators.ledger import LedgerEntry
 from emulators.server import ApiRoute, EmulatorRequest, ProviderEmulator, json_response
+from emulators.webhooks import RetrySchedule, SignedRequest
 
 # Card number -> response_code (None approves), from Checkout.com's sandbox test-card docs. Any
 # other Luhn-valid number approves, as in the sandbox.
@@ -103,6 +118,20 @@ RESPONSE_SUMMARIES: dict[str, str] = {
     "40101": "Payment blocked due to risk",
     "40108": "Gateway reject - Post code failed",
 }
+WEBHOOK_RETRIES = RetrySchedule((300.0, 600.0, 900.0, 1800.0, 3600.0, 14400.0, 43200.0, 43200.0))
+SIGNATURE_HEADER = "Cko-Signature"
+WEBHOOK_VERSION = "1.0.33"
+# Action type -> (operation, event type when approved, event type when declined).
+ACTION_EVENTS: dict[str, tuple[str, str, str]] = {
+    "Authorization": ("authorize", "payment_approved", "payment_declined"),
+    "Capture": ("capture", "payment_captured", "payment_capture_declined"),
+    "Refund": ("refund", "payment_refunded", "payment_refund_declined"),
+    "Void": ("void", "payment_voided", "payment_void_declined"),
+}
+# What a forger turns each event into: a decline into an approval and back.
+_FORGED_TYPES = {declined: approved for approved, declined in (e[1:] for e in ACTION_EVENTS.values())}
+_FORGED_TYPES |= {approved: declined for declined, approved in _FORGED_TYPES.items()}
+MODIFICATION_DECLINE = "20005"  # a modification's decline when the fault names no code
 CAPTURABLE = ("Authorized",)
 REFUNDABLE = ("Captured", "Partially Captured", "Partially Refunded")
 
@@ -149,6 +178,15 @@ def _error(status: int, error_type: str | None = None, *codes: str, headers: dic
     return json_response(status, doc, all_headers)
 
 
+def sign_checkout_webhook(body: bytes, secret: str) -> str:
+    """`Cko-Signature`: hex HMAC-SHA256 of the raw body under the signature key."""
+    return hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def _event_id() -> str:
+    return "evt_" + base64.b32encode(os.urandom(16)).decode().lower().rstrip("=")
+
+
 def _json_object(body: bytes) -> dict[str, Any] | None:
     if not body.strip():
         return {}
@@ -166,6 +204,7 @@ class CheckoutEmulator(ProviderEmulator):
     idempotency_header = "Cko-Idempotency-Key"
     store_policy = "success"
     ledger_prefix = "pay_emu"
+    webhook_retries = WEBHOOK_RETRIES
 
     def __init__(self, api_key: str | None = None, *, amount_triggers: bool = False) -> None:
         super().__init__()
@@ -210,6 +249,35 @@ class CheckoutEmulator(ProviderEmulator):
 
     def replay_headers(self, stored: StoredAnswer) -> dict[str, str]:
         return _headers()
+
+    def sign_webhook(self, doc: dict[str, Any], secret: str, now: float) -> SignedRequest:
+        body = orjson.dumps(doc)
+        return SignedRequest(body, {SIGNATURE_HEADER: sign_checkout_webhook(body, secret),
+                                    "Content-Type": "application/json"})
+
+    def forge_webhook(self, doc: dict[str, Any]) -> dict[str, Any]:
+        return {**doc, "type": _FORGED_TYPES.get(doc["type"], doc["type"])}
+
+    def _notify(self, request: web.Request, entry: LedgerEntry, action: dict[str, Any]) -> None:
+        """The event reporting one processed action."""
+        operation, approved_type, declined_type = ACTION_EVENTS[action["type"]]
+        event_type = approved_type if action["approved"] else declined_type
+        data: dict[str, Any] = {
+            "id": entry.id, "action_id": action["id"], "amount": action["amount"], "currency": entry.currency,
+            "reference": action.get("reference") or entry.payment_ref, "response_code": action["response_code"],
+            "response_summary": action["response_summary"], "processed_on": action["processed_on"],
+            "metadata": entry.extra.get("metadata", {}),
+        }
+        if action["type"] == "Authorization":
+            data["source"] = {k: v for k, v in entry.extra["source"].items() if k != "bin"}
+            if entry.approved:
+                data["auth_code"] = entry.extra.get("auth_code")
+        event_id = _event_id()
+        base = f"{request.scheme}://{request.host}"
+        doc = {"id": event_id, "type": event_type, "version": WEBHOOK_VERSION, "created_on": _timestamp(time.time()),
+               "data": data, "_links": {"self": {"href": f"{base}/workflows/events/{event_id}"},
+                                        "payment": {"href": f"{base}/payments/{entry.id}"}}}
+        self.notify(operation, event_id, event_type, doc)
 
     def reset(self) -> None:
         super().reset()
@@ -371,12 +439,13 @@ class CheckoutEmulator(ProviderEmulator):
             "_links": self._links(ctx.request, entry),
         }
         if entry.approved:
-            answer["auth_code"] = f"{int(entry.id[7:]) % 1_000_000:06d}"
-            if capture and amount > 0:
-                # Checkout captures an auto-capture payment asynchronously right after the
-                # authorisation (the answer still says Authorized); this emulator does it at once.
-                entry.status, entry.captured = "Captured", amount
-                self._add_action(entry, "Capture", amount, None, reference)
+            answer["auth_code"] = entry.extra["auth_code"] = f"{int(entry.id[7:]) % 1_000_000:06d}"
+        self._notify(ctx.request, entry, action)
+        if entry.approved and capture and amount > 0:
+            # Checkout captures an auto-capture payment asynchronously right after the
+            # authorisation (the answer still says Authorized); this emulator does it at once.
+            entry.status, entry.captured = "Captured", amount
+            self._notify(ctx.request, entry, self._add_action(entry, "Capture", amount, None, reference))
         return json_response(201, answer, _headers())
 
     # --- reads -------------------------------------------------------------------------------
@@ -421,6 +490,8 @@ class CheckoutEmulator(ProviderEmulator):
     # --- actions -----------------------------------------------------------------------------
 
     def _accepted(self, request: web.Request, entry: LedgerEntry, action: dict[str, Any]) -> web.Response:
+        """202 Accepted; the action's outcome goes out as its notification."""
+        self._notify(request, entry, action)
         href = f"{request.scheme}://{request.host}/payments/{entry.id}"
         doc: dict[str, Any] = {"action_id": action["id"], "_links": {"payment": {"href": href}}}
         if action.get("reference"):
@@ -440,6 +511,12 @@ class CheckoutEmulator(ProviderEmulator):
             return _error(422, "request_invalid", "amount_invalid")
         return entry, doc
 
+    @staticmethod
+    def _declined_code(ctx: EmulatorRequest) -> str | None:
+        """The response code of a modification a `fail_by_notification` fault declines."""
+        failure = ctx.modification_failure
+        return None if failure is None else (failure.decline_code or MODIFICATION_DECLINE)
+
     async def _capture(self, ctx: EmulatorRequest) -> web.Response:
         parsed = await self._action_request(ctx)
         if isinstance(parsed, web.Response):
@@ -450,9 +527,11 @@ class CheckoutEmulator(ProviderEmulator):
         amount = doc.get("amount", entry.amount)
         if amount > entry.amount:
             return _error(422, "request_invalid", "capture_amount_exceeds_balance")
-        entry.captured = amount
-        entry.status = "Captured" if amount == entry.amount else "Partially Captured"
-        action = self._add_action(entry, "Capture", amount, None, doc.get("reference"))
+        declined = self._declined_code(ctx)
+        if declined is None:
+            entry.captured = amount
+            entry.status = "Captured" if amount == entry.amount else "Partially Captured"
+        action = self._add_action(entry, "Capture", amount, declined, doc.get("reference"))
         return self._accepted(ctx.request, entry, action)
 
     async def _refund(self, ctx: EmulatorRequest) -> web.Response:
@@ -466,9 +545,11 @@ class CheckoutEmulator(ProviderEmulator):
         amount = doc.get("amount", open_amount)
         if amount > open_amount:
             return _error(422, "request_invalid", "refund_amount_exceeds_balance")
-        entry.refunded += amount
-        entry.status = "Refunded" if entry.refunded == entry.captured else "Partially Refunded"
-        action = self._add_action(entry, "Refund", amount, None, doc.get("reference"))
+        declined = self._declined_code(ctx)
+        if declined is None:
+            entry.refunded += amount
+            entry.status = "Refunded" if entry.refunded == entry.captured else "Partially Refunded"
+        action = self._add_action(entry, "Refund", amount, declined, doc.get("reference"))
         return self._accepted(ctx.request, entry, action)
 
     async def _void(self, ctx: EmulatorRequest) -> web.Response:
@@ -478,6 +559,8 @@ class CheckoutEmulator(ProviderEmulator):
         entry, doc = parsed
         if entry.status not in CAPTURABLE:
             return _error(403)  # Void not allowed
-        entry.status, entry.voided = "Voided", True
-        action = self._add_action(entry, "Void", entry.amount, None, doc.get("reference"))
+        declined = self._declined_code(ctx)
+        if declined is None:
+            entry.status, entry.voided = "Voided", True
+        action = self._add_action(entry, "Void", entry.amount, declined, doc.get("reference"))
         return self._accepted(ctx.request, entry, action)

@@ -1,8 +1,9 @@
 """The emulator base: a real aiohttp server per provider, with faults, idempotency and a ledger.
 
 A provider's emulator subclasses `ProviderEmulator` and declares its routes, auth and error
-shapes. `EmulatorServer` runs it on loopback: the API site (HTTP, TLS or mTLS) and a separate
-plain-HTTP admin site, so the admin endpoints stay reachable during an injected outage.
+shapes, and its webhook signature scheme and retry schedule. `EmulatorServer` runs it on
+loopback: the API site (HTTP, TLS or mTLS) and a separate plain-HTTP admin site, so the admin
+endpoints stay reachable during an injected outage; stopping it stops the webhook feed too.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pydantic import ValidationError
 from emulators.faults import FaultDecision, FaultInjector, FaultPlan, FaultRule
 from emulators.idempotency import Claim, ProviderIdempotency, StoredAnswer, StorePolicy
 from emulators.ledger import Ledger
+from emulators.webhooks import RetrySchedule, SignedRequest, WebhookEvent, WebhookSender, WebhookTarget
 
 
 @dataclass(slots=True)
@@ -40,6 +42,11 @@ class EmulatorRequest:
     @property
     def forced_decline(self) -> str | None:
         return self.decision.decline_code
+
+    @property
+    def modification_failure(self) -> FaultRule | None:
+        """A `fail_by_notification` fault: accept the modification, report its failure."""
+        return self.decision.fail_modification
 
     async def simulate_processing(self) -> None:
         """Handlers call this once the payment object exists, so a status query made while
@@ -85,11 +92,13 @@ class ProviderEmulator(ABC):
     idempotency_header: ClassVar[str]
     store_policy: ClassVar[StorePolicy]
     ledger_prefix: ClassVar[str]
+    webhook_retries: ClassVar[RetrySchedule]
 
     def __init__(self) -> None:
         self.ledger = Ledger(self.ledger_prefix)
         self.faults = FaultInjector()
         self.idempotency = ProviderIdempotency(self.store_policy)
+        self.webhooks = WebhookSender(self, self.webhook_retries, self.faults)
         self.closing = asyncio.Event()
 
     @abstractmethod
@@ -116,10 +125,26 @@ class ProviderEmulator(ABC):
         """Headers the provider adds when it replays the answer stored for a key."""
         return {}
 
+    @abstractmethod
+    def sign_webhook(self, doc: dict[str, Any], secret: str, now: float) -> SignedRequest:
+        """The notification's HTTP body and headers, signed as the provider signs them."""
+
+    @abstractmethod
+    def forge_webhook(self, doc: dict[str, Any]) -> dict[str, Any]:
+        """The event as an attacker would tamper with it (the outcome turned around)."""
+
+    def check_webhook_secret(self, secret: str) -> None:
+        """Raise ValueError when `secret` cannot be this provider's signing secret."""
+
+    def notify(self, operation: str, event_id: str, label: str, doc: dict[str, Any]) -> None:
+        """Post a notification of what was just done (see emulators/webhooks.py)."""
+        self.webhooks.emit(WebhookEvent(event_id, label, operation, doc))
+
     def reset(self) -> None:
         self.ledger.clear()
         self.faults.clear()
         self.idempotency.clear()
+        self.webhooks.clear()
 
     def build_app(self) -> web.Application:
         app = web.Application(client_max_size=1 << 20)
@@ -241,6 +266,7 @@ class EmulatorServer:
             if runner is not None:
                 await runner.cleanup()
         self._api_runner = self._admin_runner = None
+        await self.emulator.webhooks.close()
 
     async def set_outage(self, on: bool) -> None:
         """Outage closes the listener and every open connection, so callers get connection
@@ -273,7 +299,29 @@ class EmulatorServer:
         app.router.add_post("/_emulator/outage", self._post_outage)
         app.router.add_post("/_emulator/reset", self._post_reset)
         app.router.add_post("/_emulator/certificate", self._post_certificate)
+        app.router.add_get("/_emulator/webhooks", self._get_webhooks)
+        app.router.add_put("/_emulator/webhooks/target", self._put_webhook_target)
+        app.router.add_delete("/_emulator/webhooks/target", self._delete_webhook_target)
         return app
+
+    async def _get_webhooks(self, _request: web.Request) -> web.Response:
+        return json_response(200, self.emulator.webhooks.snapshot())
+
+    async def _put_webhook_target(self, request: web.Request) -> web.Response:
+        """`{"url": …, "secret": …, "time_factor": …, "timeout_s": …}`: where notifications go
+        from now on (retries already scheduled included)."""
+        try:
+            target = WebhookTarget.model_validate_json(await request.read())
+            self.emulator.webhooks.set_target(target)
+        except ValidationError as exc:
+            return json_response(422, {"error": "invalid webhook target", "detail": orjson.loads(exc.json())})
+        except ValueError as exc:
+            return json_response(422, {"error": "invalid webhook target", "detail": str(exc)})
+        return json_response(200, {"target": target.public()})
+
+    async def _delete_webhook_target(self, _request: web.Request) -> web.Response:
+        self.emulator.webhooks.set_target(None)
+        return json_response(200, {"target": None})
 
     async def _get_ledger(self, _request: web.Request) -> web.Response:
         return json_response(200, self.emulator.ledger.snapshot())

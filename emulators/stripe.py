@@ -13,22 +13,38 @@ replay it anyway").
 
 Status reads honour `expand[]` for `latest_charge` and `latest_charge.refunds` (`data.…` on
 search), as Stripe does: a Charge lists its refunds only when they are expanded.
+
+Webhooks: Event objects (`{"id": "evt_…", "object": "event", "type": …, "data": {"object": …}}`)
+signed with `Stripe-Signature: t=<unix time>,v1=<hex HMAC-SHA256 of "{t}.{body}" under the
+endpoint's signing secret>` ("Verify webhook signatures with official libraries"), re-signed at
+every attempt. Events: `payment_intent.succeeded` (an automatic capture's payment, or a manual
+one's capture), `payment_intent.amount_capturable_updated` (a manual-capture authorisation),
+`payment_intent.payment_failed`, `payment_intent.canceled`, `refund.created`, `refund.failed`.
+Stripe retries an undelivered event "for up to three days" with exponential backoff, intervals
+unpublished: here 1 minute doubling to 12 hours. Captures and cancels are synchronous at Stripe,
+so `fail_by_notification` applies to refunds only: the refund is answered `pending`, then
+`refund.failed` (as a refund the card network refuses later is).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import re
 import time
+import uuid
 from typing import Any
 from urllib.parse import parse_qsl
 
+import orjson
 from aiohttp import web
 
 from emulators.faults import FaultRule
 from emulators.idempotency import Claim, StoredAnswer
 from emulators.ledger import LedgerEntry
 from emulators.server import ApiRoute, EmulatorRequest, ProviderEmulator, json_response
-from providers.stripe.mapping import METADATA_KEY, RETRY_HEADER
+from emulators.webhooks import RetrySchedule, SignedRequest
+from providers.stripe.mapping import API_VERSION, METADATA_KEY, RETRY_HEADER
 
 # Card number or PaymentMethod id -> decline_code (None approves). From Stripe's testing docs;
 # the last two are this emulator's own, since Stripe has no public card for those codes.
@@ -70,6 +86,32 @@ DECLINE_MESSAGES = {
     "processing_error": "An error occurred while processing your card. Try again in a little bit.",
 }
 _SEARCH = re.compile(r"metadata\['(?P<key>[^']+)'\]:'(?P<value>[^']*)'")
+WEBHOOK_RETRIES = RetrySchedule.doubling(60.0, 12 * 3600.0, 3 * 86400.0)
+SIGNATURE_HEADER = "Stripe-Signature"
+# What a forger turns each event into: a failure into a success and back.
+_FORGED_TYPES = {
+    "payment_intent.payment_failed": "payment_intent.succeeded",
+    "payment_intent.succeeded": "payment_intent.payment_failed",
+    "payment_intent.amount_capturable_updated": "payment_intent.canceled",
+    "payment_intent.canceled": "payment_intent.succeeded",
+    "refund.failed": "refund.created",
+    "refund.created": "refund.failed",
+}
+
+
+def stripe_event(event_type: str, obj: dict[str, Any], idempotency_key: str | None) -> dict[str, Any]:
+    """A v1 snapshot Event, as Stripe posts it to an endpoint."""
+    return {"id": f"evt_{uuid.uuid4().hex[:24]}", "object": "event", "api_version": API_VERSION,
+            "created": int(time.time()), "data": {"object": obj}, "livemode": False, "pending_webhooks": 1,
+            "request": {"id": f"req_{uuid.uuid4().hex[:14]}", "idempotency_key": idempotency_key},
+            "type": event_type}
+
+
+def sign_stripe_webhook(body: bytes, secret: str, now: float) -> str:
+    """The `Stripe-Signature` header: `t=…,v1=…`, HMAC-SHA256 over "{t}.{body}"."""
+    timestamp = int(now)
+    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={timestamp},v1={mac}"
 
 
 def _error(status: int, err_type: str, message: str, *, code: str | None = None,
@@ -89,6 +131,7 @@ class StripeEmulator(ProviderEmulator):
     idempotency_header = "Idempotency-Key"
     store_policy = "all"
     ledger_prefix = "pi_emu"
+    webhook_retries = WEBHOOK_RETRIES
 
     def __init__(self, api_key: str | None = None) -> None:
         super().__init__()
@@ -137,6 +180,19 @@ class StripeEmulator(ProviderEmulator):
                           "Idempotent Key.", code="idempotency_key_in_use", retry=True)
         return _error(400, "idempotency_error", "Keys for idempotent requests can only be used with the same "
                       "parameters they were first used with.")
+
+    def sign_webhook(self, doc: dict[str, Any], secret: str, now: float) -> SignedRequest:
+        body = orjson.dumps(doc)
+        return SignedRequest(body, {SIGNATURE_HEADER: sign_stripe_webhook(body, secret, now),
+                                    "Content-Type": "application/json; charset=utf-8",
+                                    "User-Agent": "Stripe/1.0 (+https://stripe.com/docs/webhooks)"})
+
+    def forge_webhook(self, doc: dict[str, Any]) -> dict[str, Any]:
+        return {**doc, "type": _FORGED_TYPES.get(doc["type"], doc["type"])}
+
+    def _notify(self, operation: str, event_type: str, obj: dict[str, Any], ctx: EmulatorRequest) -> None:
+        event = stripe_event(event_type, obj, ctx.idempotency_key)
+        self.notify(operation, event["id"], event_type, event)
 
     def replay_headers(self, stored: StoredAnswer) -> dict[str, str]:
         headers = {"Idempotent-Replayed": "true"}
@@ -223,14 +279,17 @@ class StripeEmulator(ProviderEmulator):
         if decline:
             entry.status, entry.decline_code = "requires_payment_method", decline
             intent = self._intent(entry)
+            self._notify("authorize", "payment_intent.payment_failed", intent, ctx)
             return _error(402, "card_error", intent["last_payment_error"]["message"],
                           code=intent["last_payment_error"]["code"], decline_code=decline, payment_intent=intent)
         entry.approved = True
         entry.extra["charge"] = f"ch_emu{entry.id[6:]}"
         if entry.extra["capture_method"] == "manual":
             entry.status = "requires_capture"
+            self._notify("authorize", "payment_intent.amount_capturable_updated", self._intent(entry), ctx)
         else:
             entry.status, entry.captured = "succeeded", amount
+            self._notify("authorize", "payment_intent.succeeded", self._intent(entry), ctx)
         return json_response(200, self._intent(entry))
 
     def _lookup(self, request: web.Request) -> LedgerEntry | web.Response:
@@ -273,6 +332,7 @@ class StripeEmulator(ProviderEmulator):
                           code="amount_too_large", param="amount_to_capture")
         entry.status, entry.captured = "succeeded", amount
         entry.extra.setdefault("metadata", {}).update(_metadata(form))  # capture metadata joins the intent's
+        self._notify("capture", "payment_intent.succeeded", self._intent(entry), ctx)
         return json_response(200, self._intent(entry))
 
     async def _cancel(self, ctx: EmulatorRequest) -> web.Response:
@@ -284,6 +344,7 @@ class StripeEmulator(ProviderEmulator):
             return _error(400, "invalid_request_error", f"You cannot cancel this PaymentIntent because it has a "
                           f"status of {entry.status}.", code="payment_intent_unexpected_state")
         entry.status, entry.voided = "canceled", True
+        self._notify("void", "payment_intent.canceled", self._intent(entry), ctx)
         return json_response(200, self._intent(entry))
 
     async def _refund(self, ctx: EmulatorRequest) -> web.Response:
@@ -297,13 +358,22 @@ class StripeEmulator(ProviderEmulator):
         if entry.status != "succeeded" or amount > entry.captured - entry.refunded or amount < 1:
             return _error(400, "invalid_request_error", "Refund amount is greater than unrefunded amount.",
                           code="amount_too_large" if entry.status == "succeeded" else "charge_not_captured")
-        entry.refunded += amount
+        failure = ctx.modification_failure
         refund = {"id": f"re_emu{len(self._refunds) + 1:012d}", "object": "refund", "amount": amount,
                   "charge": entry.extra.get("charge"), "currency": entry.currency, "metadata": _metadata(form),
-                  "payment_intent": entry.id, "status": "succeeded", "created": int(time.time())}
+                  "payment_intent": entry.id, "status": "succeeded" if failure is None else "pending",
+                  "created": int(time.time())}
+        answer = dict(refund)
+        self._notify("refund", "refund.created", answer, ctx)
+        if failure is None:
+            entry.refunded += amount
+        else:
+            # Refused by the card network after Stripe accepted it: the money never left.
+            refund.update(status="failed", failure_reason=failure.decline_code or "declined")
+            self._notify("refund", "refund.failed", dict(refund), ctx)
         self._refunds[refund["id"]] = refund
         entry.extra.setdefault("refunds", []).append(refund["id"])
-        return json_response(200, refund)
+        return json_response(200, answer)
 
 
 def _metadata(form: dict[str, str]) -> dict[str, str]:

@@ -1,14 +1,16 @@
 """Start a provider emulator with the dev certificates: used by the CLI, `make run`, drills
-and tests alike, so every one of them speaks TLS/mTLS the same way."""
+and tests alike, so every one of them speaks TLS/mTLS the same way. With dev certificates its
+webhook feed trusts the dev CA, so it can post to a gateway serving the dev server certificate."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from gateway.certs.devca import DevCertLayout, issue_dev_pair, write_pem_pair
-from gateway.certs.tls import server_context
+from gateway.certs.tls import client_context, server_context
 from emulators.server import EmulatorServer
 from emulators.registry import EMULATORS
+from emulators.webhooks import WebhookTarget
 
 
 def _issuer(layout: DevCertLayout, kind: str):  # type: ignore[no-untyped-def]
@@ -31,15 +33,19 @@ async def start_emulator(
     certs: DevCertLayout | None = None,
     require_client_cert: bool = True,
     api_key: str | None = None,
+    webhook: WebhookTarget | None = None,
 ) -> EmulatorServer:
-    """Plain HTTP when `certs` is None; otherwise HTTPS, and mTLS unless told not to."""
+    """Plain HTTP when `certs` is None; otherwise HTTPS, and mTLS unless told not to.
+    `webhook`: where its notifications go (also settable later on the admin API)."""
     emulator = EMULATORS[kind].emulator(api_key=api_key) if api_key else EMULATORS[kind].emulator()
+    emulator.webhooks.set_target(webhook)
     ssl_context = None
     issuer = None
     if certs is not None:
         ssl_context = server_context(certs.emulator_cert(kind), certs.emulator_key(kind),
                                      client_ca=certs.ca_cert(), require_client_cert=require_client_cert)
         issuer = _issuer(certs, kind)
+        emulator.webhooks.set_client_ssl(client_context(certs.ca_cert()))
     server = EmulatorServer(emulator, port=port, admin_port=admin_port, ssl_context=ssl_context,
                             certificate_issuer=issuer)
     await server.start()
