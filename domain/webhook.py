@@ -51,6 +51,9 @@ class ProviderEvent:
     amount: int | None = None
     currency: str | None = None
     reason: str | None = None  # a refusal code or reason, when the provider gives one
+    # A failure reported after the operation was reported done (Adyen CAPTURE_FAILED,
+    # REFUND_FAILED, REFUNDED_REVERSED; Stripe `refund.failed`): it undoes that success.
+    reverses: bool = False
 
     def __post_init__(self) -> None:
         """The fields come from outside: a value of the wrong type (a number where a reference

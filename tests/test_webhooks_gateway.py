@@ -126,17 +126,17 @@ async def test_adyen_follow_ups_answered_received_stay_pending_until_their_notif
     assert pending is not None and pending.answered
     item = adyen_item("CAPTURE", "CAPTUREPSP1", pending.provider_key, 1299, original=psp)
 
-    # A capture's late refusal delivered before its success, then both again: the state machine
-    # takes the first final answer for the pending capture and ignores what comes after.
     assert await deliver(client, "adyen", adyen_notification(item)) == (200, "[accepted]")
     record = await journal(client, pid)
     assert (record.status.value, record.captured_amount, record.follow_up) == ("captured", 1299, None)
     replayed = await client.post(f"/v1/payments/{pid}/capture", json={}, headers=capture_key)
     assert replayed.status == 200 and (await replayed.json())["status"] == "captured"
-    failed = adyen_item("CAPTURE_FAILED", "CAPTUREPSP1F", pending.provider_key, 1299, original=psp)
-    assert await deliver(client, "adyen", adyen_notification(failed, item)) == (200, "[accepted]")
+    # Delivered again, and a refusal of it delivered late: the first final answer stands.
+    refusal = adyen_item("CAPTURE", "CAPTUREPSP1", pending.provider_key, 1299, original=psp, success=False)
+    assert await deliver(client, "adyen", adyen_notification(item, refusal)) == (200, "[accepted]")
     assert (await journal(client, pid)).status.value == "captured"
 
+    # A refund refused by notification: the payment is as it was, the key answers the refusal.
     refund_key = idem()
     status, body = await follow_up(client, pid, "refunds", {"amount": 500}, refund_key)
     assert (status, body["status"]) == (202, "refund_pending")
@@ -149,6 +149,21 @@ async def test_adyen_follow_ups_answered_received_stay_pending_until_their_notif
     assert (record.status.value, record.refunded_amount, record.follow_up) == ("captured", 0, None)
     answer = await client.post(f"/v1/payments/{pid}/refunds", json={"amount": 500}, headers=refund_key)
     assert answer.status == 422 and (await answer.json())["code"] == "refund_refused"
+
+    # A refund that succeeds, then fails later (REFUND_FAILED): its amount comes off again.
+    refund_key = idem()
+    await follow_up(client, pid, "refunds", {"amount": 300}, refund_key)
+    pending = (await journal(client, pid)).follow_up
+    assert pending is not None
+    done = adyen_item("REFUND", "REFUNDPSP2", pending.provider_key, 300, original=psp)
+    assert await deliver(client, "adyen", adyen_notification(done)) == (200, "[accepted]")
+    assert (await journal(client, pid)).refunded_amount == 300
+    failed = adyen_item("REFUND_FAILED", "REFUNDPSP2F", pending.provider_key, 300, original=psp)
+    assert await deliver(client, "adyen", adyen_notification(failed)) == (200, "[accepted]")
+    record = await journal(client, pid)
+    assert (record.status.value, record.refunded_amount) == ("captured", 0)
+    answer = await client.post(f"/v1/payments/{pid}/refunds", json={"amount": 300}, headers=refund_key)
+    assert answer.status == 422
 
 
 async def test_a_checkout_follow_up_accepted_202_is_pending_until_its_webhook(make_config, start_gateway,

@@ -109,8 +109,8 @@ class WebhookProcessor:
             svc.suspect_duplicate(record, _suspicion(event))
         elif decision.effect is Effect.PAYMENT:
             await svc.store.complete_idempotency_for(record.id, answers.payment_answer(record).stored())
-        else:
-            assert decision.operation is not None and decision.provider_key is not None and decision.result
+        elif decision.provider_key is not None:
+            assert decision.operation is not None and decision.result is not None
             await svc.store.complete_idempotency_for(decision.provider_key, answers.follow_up_answer(
                 record, decision.operation, decision.result).stored())
         extra: dict[str, object] = {"webhook": {"provider": event.provider, "event_id": event.event_id,

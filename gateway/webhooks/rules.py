@@ -10,7 +10,10 @@ The rules, so that deliveries at least once and in any order converge on the pro
 - A capture, refund or cancel result settles the payment's pending follow-up of that kind, once
   it was answered (202; a follow-up whose request is still running waits), when the reference
   the provider echoes is that follow-up's (or none). Without a pending one it changes nothing:
-  the follow-up was settled already (by its answer, a lookup, or this event's first delivery).
+  the follow-up was settled already (by its answer, a lookup, or this event's first delivery)...
+- ...unless it is a failure reported after the success (`reverses`: Adyen CAPTURE_FAILED,
+  REFUND_FAILED, a Stripe refund that failed later): that takes the amount back off the
+  payment, and the follow-up's key then answers that it was refused.
 - A charge reported by a provider the journal does not hold the payment at is never applied; it
   flags the payment `duplicate_charge_suspected` for ops (a charge we did not route there).
 """
@@ -35,7 +38,7 @@ class Effect(Enum):
     NONE = "none"  # nothing to write: the event is `unchanged`
     WAIT = "wait"  # not yet: a live request owns the payment; the event stays pending
     PAYMENT = "payment"  # the payment settled: its keys replay the payment's answer
-    FOLLOW_UP = "follow_up"  # a follow-up settled: its key replays `result`'s answer
+    FOLLOW_UP = "follow_up"  # a follow-up settled (or undone): its key, if known, replays `result`'s answer
     SUSPECT = "suspect"  # a charge at a provider the journal does not name: flag it
 
 
@@ -44,7 +47,7 @@ class Decision:
     effect: Effect
     outcome: str  # for ops and the transaction log: what happened, or why nothing did
     operation: Operation | None = None  # the follow-up settled
-    provider_key: str | None = None  # ... and its provider key (the key claimed for it)
+    provider_key: str | None = None  # ... and its provider key (the key claimed for it), where known
     result: ProviderResult | None = None
 
 
@@ -84,6 +87,8 @@ def _authorisation(record: PaymentRecord, event: ProviderEvent) -> Decision:
 
 def _follow_up(record: PaymentRecord, event: ProviderEvent, op: Operation) -> Decision:
     pending = record.follow_up
+    if event.reverses and (pending is None or pending.operation != op.value):
+        return _reverse(record, event, op)
     if pending is None or pending.operation != op.value:
         return Decision(Effect.NONE, f"no {op.value} pending (payment {record.status.value})")
     if event.follow_up_reference not in (None, pending.provider_key, record.id):
@@ -96,3 +101,23 @@ def _follow_up(record: PaymentRecord, event: ProviderEvent, op: Operation) -> De
     return Decision(Effect.FOLLOW_UP, f"{op.value} {'succeeded' if event.success else 'failed'}", op, provider_key,
                     ProviderResult(outcome, raw_code=f"{op.value}_{outcome.value}" if event.success
                                    else (event.reason or f"{op.value}_failed")))
+
+
+def _reverse(record: PaymentRecord, event: ProviderEvent, op: Operation) -> Decision:
+    """A capture or refund the provider reported done, then failed: its amount comes off."""
+    done = {Operation.CAPTURE: record.captured_amount, Operation.REFUND: record.refunded_amount}.get(op, 0)
+    if done <= 0:
+        return Decision(Effect.NONE, f"no {op.value} made to undo")
+    amount = min(done, event.amount if event.amount is not None and event.amount > 0 else done)
+    if op is Operation.CAPTURE:
+        record.captured_amount -= amount
+        if record.captured_amount == 0 and record.status is PaymentStatus.CAPTURED:
+            record.status = PaymentStatus.APPROVED
+    else:
+        record.refunded_amount -= amount
+        if record.refunded_amount == 0 and record.status is PaymentStatus.REFUNDED:
+            record.status = PaymentStatus.CAPTURED
+    # The follow-up's key answers the refusal now, where the provider echoes our reference.
+    reference = event.follow_up_reference if event.follow_up_reference not in (None, record.id) else None
+    return Decision(Effect.FOLLOW_UP, f"{op.value} failed after it succeeded", op, reference,
+                    ProviderResult(Outcome.HARD_DECLINE, raw_code=event.reason or f"{op.value}_failed"))

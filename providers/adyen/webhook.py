@@ -122,4 +122,5 @@ def _event(item: dict[str, Any]) -> ProviderEvent:
     success = happened if success_means_done else (False if happened else None)
     return ProviderEvent(event_id, kind, success=success, payment_reference=None,
                          follow_up_reference=item.get("merchantReference"),
-                         provider_reference=item.get("originalReference"), **common)
+                         provider_reference=item.get("originalReference"), reverses=not success_means_done,
+                         **common)

@@ -15,7 +15,7 @@ Events (`{"id": "evt_…", "type", "created", "data": {"object": …}}`), by the
   id is the intent's `metadata.gateway_payment_id`.
 - Refund: `refund.created`, `refund.updated`, `refund.failed`, `charge.refund.updated`, with our
   follow-up key in the refund's `metadata.gateway_follow_up` and `status` succeeded / pending /
-  failed / canceled.
+  failed / canceled (a refund can fail after it succeeded: `refund.failed` undoes it).
 Anything else is `EventKind.OTHER`.
 """
 
@@ -127,4 +127,5 @@ def _refund_event(event_id: str, event_type: str, refund: dict[str, Any]) -> Pro
     return ProviderEvent(event_id, EventKind.REFUND, event_type, REFUND_SUCCESS.get(status),
                          payment_reference=None, follow_up_reference=_metadata(refund).get(REFUND_METADATA_KEY),
                          provider_reference=refund.get("payment_intent"), amount=refund.get("amount"),
-                         currency=refund.get("currency"), reason=refund.get("failure_reason"))
+                         currency=refund.get("currency"), reason=refund.get("failure_reason"),
+                         reverses=status == "failed")  # a refund can fail after it succeeded
