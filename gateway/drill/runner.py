@@ -43,6 +43,7 @@ from gateway.txlog import build_ops_logger
 from gateway.emulator_launch import start_emulator
 from emulators.server import EmulatorServer
 from emulators.registry import EMULATORS
+from emulators.webhooks import WebhookTarget
 
 MAX_PAYMENTS = 100_000
 MAX_CONCURRENCY = 1_000
@@ -61,10 +62,32 @@ CLIENT_KEY_ENV = "GATEWAY_DRILL_CLIENT_KEY"
 # Dev values in each provider's key shape (the emulators check the shape, not the value).
 PROVIDER_DEV_KEYS = {"stripe": "sk_test_drill_gateway", "adyen": "adyen_drill_api_key",
                      "checkout": "sk_sbox_drill_gateway"}
+# Each emulator signs its webhooks to the drill's gateway with these (Adyen's HMAC key is hex).
+WEBHOOK_DEV_SECRETS = {"stripe": "whsec_drill_gateway", "adyen": "4452494c4c" * 6 + "00",
+                       "checkout": "cko_drill_webhook_secret"}
+WEBHOOK_TIME_FACTOR = 0.001  # the providers' retry schedules, compressed (Adyen's 9 s is 9 ms)
 
 
 def provider_key_env(kind: str) -> str:
     return f"GATEWAY_DRILL_{kind.upper()}_API_KEY"
+
+
+def webhook_secret_env(kind: str) -> str:
+    return f"GATEWAY_DRILL_{kind.upper()}_WEBHOOK_SECRET"
+
+
+def point_webhooks(servers: Mapping[str, EmulatorServer], gateway_url: str) -> None:
+    """Every emulator posts its signed notifications to the drill's gateway, as the providers
+    would once ops set the webhook up (README, providers)."""
+    for kind, server in servers.items():
+        server.emulator.webhooks.set_target(WebhookTarget(url=f"{gateway_url}/v1/webhooks/{kind}",
+                                                          secret=WEBHOOK_DEV_SECRETS[kind],
+                                                          time_factor=WEBHOOK_TIME_FACTOR))
+
+
+async def webhooks_idle(servers: Mapping[str, EmulatorServer]) -> None:
+    """Until every emulator has delivered (or given up on) what it notified."""
+    await asyncio.gather(*(server.emulator.webhooks.idle() for server in servers.values()))
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +165,7 @@ def drill_config_data(scenario: Scenario, servers: Mapping[str, EmulatorServer],
             "breaker": {"fail_max": 5, "reset_timeout_s": 1.0},
             "retry": {"max_attempts": 2, "base_delay_ms": 10, "max_delay_ms": 50},
             "bulkhead": {"max_concurrent": width, "max_queue": width},
+            "webhook_secret_envs": [webhook_secret_env(kind)],
         }
         for kind in scenario.route
     }
@@ -164,6 +188,7 @@ def secret_env(scenario: Scenario, client_key: str) -> dict[str, str]:
     """The environment variables the drill configuration names for its secrets."""
     env = {CLIENT_KEY_ENV: client_key}
     env.update({provider_key_env(kind): PROVIDER_DEV_KEYS[kind] for kind in scenario.route})
+    env.update({webhook_secret_env(kind): WEBHOOK_DEV_SECRETS[kind] for kind in scenario.route})
     return env
 
 
@@ -414,6 +439,7 @@ async def run_drill(scenario: Scenario | str, options: DrillOptions = DrillOptio
     async with AsyncExitStack() as stack:
         servers = await start_emulators(stack, scenario.route, certs)
         gateway = await start_gateway_in_process(stack, scenario, setup, servers, certs, options.concurrency)
+        point_webhooks(servers, gateway.url)
         injections = await inject_faults(scenario, servers, setup.seed)
         try:
             load_started = time.monotonic()
@@ -430,6 +456,7 @@ async def run_drill(scenario: Scenario | str, options: DrillOptions = DrillOptio
         toggles = sum(getattr(i, "toggles", 0) for i in injections)
         if toggles:
             extra["outage_toggles"] = toggles
+        await webhooks_idle(servers)
         extra["reconciled_after_run"] = await _settle(gateway.app)
         ledger = ledger_view(servers)
 
