@@ -43,7 +43,8 @@ def test_stripe_signature_is_the_one_stripes_sdk_verifies_and_ours_verifies_stri
         stripe.Webhook.construct_event(body.decode().replace("1299", "1298"), header, STRIPE_SECRET)
 
 
-@pytest.mark.parametrize("case", ["tampered", "expired", "unknown_secret", "missing", "no_v1", "garbled"])
+@pytest.mark.parametrize("case", ["tampered", "expired", "unknown_secret", "missing", "no_v1", "garbled",
+                                  "not_ascii"])
 def test_stripe_signature_refusals(case: str) -> None:
     body = stripe_event("payment_intent.succeeded", INTENT)
     now = time.time()
@@ -58,6 +59,8 @@ def test_stripe_signature_refusals(case: str) -> None:
         headers = {}
     elif case == "no_v1":
         headers = {"Stripe-Signature": f"t={int(now)},v0=abc"}
+    elif case == "not_ascii":  # compare_digest refuses non-ASCII str: never a 500
+        headers = {"Stripe-Signature": f"t={int(now)},v1=\u00e9\ud800"}
     else:
         headers = {"Stripe-Signature": "t=12a,v1="}
     with pytest.raises(SignatureInvalid):
@@ -92,9 +95,9 @@ def test_adyen_one_forged_item_refuses_the_whole_delivery_and_rotation_accepts_o
     adyen.verify(adyen_notification(good, old), {}, [ADYEN_HMAC, ADYEN_OLD_HMAC], time.time())
     with pytest.raises(SignatureInvalid):
         adyen.verify(adyen_notification(good, old), {}, [ADYEN_HMAC], time.time())
-    unsigned = {**good, "additionalData": {}}
-    with pytest.raises(SignatureInvalid):
-        adyen.verify(adyen_notification(unsigned), {}, [ADYEN_HMAC], time.time())
+    for additional in ({}, {"hmacSignature": "\u00e9"}, {"hmacSignature": 7}):
+        with pytest.raises(SignatureInvalid):
+            adyen.verify(adyen_notification({**good, "additionalData": additional}), {}, [ADYEN_HMAC], time.time())
     with pytest.raises(SignatureInvalid):
         adyen.verify(b'{"live": "false"}', {}, [ADYEN_HMAC], time.time())
 
@@ -104,7 +107,7 @@ def test_checkout_signature_and_refusals() -> None:
                                                "amount": 1299})
     checkout.verify(body, checkout_headers(body), [CHECKOUT_SECRET], time.time())
     for headers, sent in ((checkout_headers(body, "other"), body), ({}, body),
-                          (checkout_headers(body), body + b" ")):
+                          (checkout_headers(body), body + b" "), ({"Cko-Signature": "\u00e9\ud800"}, body)):
         with pytest.raises(SignatureInvalid):
             checkout.verify(sent, headers, [CHECKOUT_SECRET], time.time())
 

@@ -91,7 +91,7 @@ def verify(body: bytes, headers: Mapping[str, str], secrets: Sequence[str], now:
             raise SignatureInvalid(f"item {number} has no additionalData.hmacSignature")
         matched = False
         for key in keys:
-            matched |= hmac.compare_digest(item_signature(item, key).encode(), signature.encode())
+            matched |= hmac.compare_digest(item_signature(item, key).encode(), signature.encode(errors="replace"))
         if not matched:
             raise SignatureInvalid(f"item {number}: the signature matches no configured HMAC key")
 

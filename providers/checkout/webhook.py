@@ -51,7 +51,7 @@ def verify(body: bytes, headers: Mapping[str, str], secrets: Sequence[str], now:
         raise SignatureInvalid(f"no {SIGNATURE_HEADER} header")
     matched = False
     for secret in secrets:
-        matched |= hmac.compare_digest(sign(body, secret).encode(), signature.strip().lower().encode())
+        matched |= hmac.compare_digest(sign(body, secret).encode(), signature.strip().lower().encode(errors="replace"))
     if not matched:
         raise SignatureInvalid("the signature matches no configured secret")
 

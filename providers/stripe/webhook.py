@@ -73,7 +73,7 @@ def verify(body: bytes, headers: Mapping[str, str], secrets: Sequence[str], now:
     for secret in secrets:
         expected = _mac(secret, timestamp, body)
         for signature in signatures:
-            matched |= hmac.compare_digest(expected, signature)
+            matched |= hmac.compare_digest(expected.encode(), signature.encode(errors="replace"))
     if not matched:
         raise SignatureInvalid("no signature matches a configured secret")
     if int(timestamp) < now - TOLERANCE_S:
