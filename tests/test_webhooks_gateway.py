@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from emulators.faults import FaultRule
 from gateway.app_keys import RECONCILER, STORE, WEBHOOKS
 from gateway.cli import app as cli
-from gateway.config import parse_config
+from gateway.config import ConfigError, parse_config
 from gateway.journal.webhook_events import WebhookState
 from tests.conftest import (
     card_payment,
@@ -253,3 +253,17 @@ async def test_rotated_secrets_unreadable_bodies_and_unknown_providers(make_conf
     assert len(await client.app[STORE].webhook_events()) == 1
     paths = (await (await client.get("/openapi.json")).json())["paths"]
     assert "401" in paths["/v1/webhooks/{provider}"]["post"]["responses"]
+
+
+@pytest.mark.parametrize("env, problem", [({"ADYEN_HMAC_KEY": "not-hex"}, "is not an Adyen HMAC key"),
+                                          ({"ADYEN_HMAC_KEY": ""}, "is not set")])
+def test_webhook_secrets_are_checked_at_start_naming_the_field(tmp_path, dev_certs, monkeypatch,  # type: ignore[no-untyped-def]
+                                                               env: dict[str, str], problem: str) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    servers = {name: type("Server", (), {"url": "https://127.0.0.1:1"})() for name in ("adyen",)}
+    with pytest.raises(ConfigError) as caught:
+        parse_config(gateway_config_data(tmp_path, dev_certs, servers, ("adyen",), providers=WEBHOOK_PROVIDERS))
+    assert str(caught.value).startswith("providers.adyen: environment variable ADYEN_HMAC_KEY (named by "
+                                        "webhook_secret_envs)") and problem in str(caught.value)
+    assert "not-hex" not in str(caught.value)
