@@ -4,7 +4,7 @@ One `cleanup_ctx` generator per resource, in dependency order: the transaction l
 store (waited for at start, its schema checked), the journal's readiness probe, the transaction
 log's outbox (start-up re-emit of lines a crash kept from the file), the provider pool (one
 ClientSession each), breaker sync, the certificate watcher, the payment service, the
-reconciler, the console. aiohttp tears down in reverse and only what started. Every
+reconciler, the provider-webhook processor, the console. aiohttp tears down in reverse and only what started. Every
 piece of state they share is an `AppKey` of `gateway.app_keys`; nothing below this module wires
 another module's objects together.
 """
