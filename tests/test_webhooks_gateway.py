@@ -5,6 +5,7 @@ Adyen settled by notification only, asynchronous follow-ups pending until theirs
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from typing import Any
@@ -28,6 +29,7 @@ from tests.conftest import (
     journal,
     metrics_text,
     pay,
+    pg_schema,
     set_faults,
     txlog,
 )
@@ -73,9 +75,20 @@ async def follow_up(client: TestClient, pid: str, op: str, body: dict[str, Any] 
     return resp.status, await resp.json()
 
 
+@pytest.mark.parametrize("journal_backend", ["sqlite", "postgres"])
 async def test_an_adyen_payment_left_pending_is_settled_by_its_notification_never_by_a_lookup(
-        make_config, start_gateway, emulators) -> None:
-    client = await gateway(make_config, start_gateway, ("adyen", "stripe"))
+        make_config, start_gateway, emulators, monkeypatch, journal_backend: str) -> None:  # type: ignore[no-untyped-def]
+    storage: dict[str, Any] = {}
+    async with contextlib.AsyncExitStack() as stack:
+        if journal_backend == "postgres":
+            monkeypatch.setenv("GATEWAY_PG_DSN", await stack.enter_async_context(pg_schema()))
+            storage = {"storage": {"backend": "postgres"}}
+        client = await gateway(make_config, start_gateway, ("adyen", "stripe"), **storage)
+        await _settled_by_notification(client, emulators)
+        await client.close()
+
+
+async def _settled_by_notification(client: TestClient, emulators: dict[str, Any]) -> None:
     adyen = emulators["adyen"]
     set_faults(adyen, FaultRule(kind="error", status=500, after_processing=True, operations=("authorize",)))
     headers = idem()
