@@ -19,7 +19,7 @@ from tests.webhook_shapes import WEBHOOK_ENV, WEBHOOK_PROVIDERS, adyen_item, ady
 
 
 @pytest.fixture(autouse=True)
-def _webhook_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+def _webhook_keys(monkeypatch: pytest.MonkeyPatch) -> None:
     for name, value in WEBHOOK_ENV.items():
         monkeypatch.setenv(name, value)
 

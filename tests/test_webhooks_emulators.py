@@ -22,7 +22,7 @@ CHAOS = (FaultRule(kind="webhook_duplicate", copies=2), FaultRule(kind="webhook_
 
 
 @pytest.fixture(autouse=True)
-def _webhook_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+def _webhook_keys(monkeypatch: pytest.MonkeyPatch) -> None:
     for name, value in WEBHOOK_ENV.items():
         monkeypatch.setenv(name, value)
 

@@ -50,7 +50,7 @@ JSON = {"Content-Type": "application/json"}
 
 
 @pytest.fixture(autouse=True)
-def _webhook_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+def _webhook_keys(monkeypatch: pytest.MonkeyPatch) -> None:
     for name, value in WEBHOOK_ENV.items():
         monkeypatch.setenv(name, value)
 
@@ -270,7 +270,7 @@ async def test_rotated_secrets_unreadable_bodies_and_unknown_providers(make_conf
 
 @pytest.mark.parametrize("env, problem", [({"ADYEN_HMAC_KEY": "not-hex"}, "is not an Adyen HMAC key"),
                                           ({"ADYEN_HMAC_KEY": ""}, "is not set")])
-def test_webhook_secrets_are_checked_at_start_naming_the_field(tmp_path, dev_certs, monkeypatch,  # type: ignore[no-untyped-def]
+def test_webhook_keys_are_checked_at_start_naming_the_field(tmp_path, dev_certs, monkeypatch,  # type: ignore[no-untyped-def]
                                                                env: dict[str, str], problem: str) -> None:
     for name, value in env.items():
         monkeypatch.setenv(name, value)
@@ -278,5 +278,5 @@ def test_webhook_secrets_are_checked_at_start_naming_the_field(tmp_path, dev_cer
     with pytest.raises(ConfigError) as caught:
         parse_config(gateway_config_data(tmp_path, dev_certs, servers, ("adyen",), providers=WEBHOOK_PROVIDERS))
     assert str(caught.value).startswith("providers.adyen: environment variable ADYEN_HMAC_KEY (named by "
-                                        "webhook_secret_envs)") and problem in str(caught.value)
+                                        "webhook_key_envs)") and problem in str(caught.value)
     assert "not-hex" not in str(caught.value)

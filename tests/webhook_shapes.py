@@ -24,9 +24,9 @@ WEBHOOK_ENV = {"STRIPE_WEBHOOK_SECRET": STRIPE_SECRET, "STRIPE_WEBHOOK_SECRET_OL
                "CHECKOUT_WEBHOOK_SECRET": CHECKOUT_SECRET, "CHECKOUT_WEBHOOK_SECRET_OLD": CHECKOUT_OLD_SECRET}
 # providers= for gateway_config_data: each provider accepts its current and previous secret.
 WEBHOOK_PROVIDERS = {
-    "stripe": {"webhook_secret_envs": ["STRIPE_WEBHOOK_SECRET", "STRIPE_WEBHOOK_SECRET_OLD"]},
-    "adyen": {"webhook_secret_envs": ["ADYEN_HMAC_KEY", "ADYEN_HMAC_KEY_OLD"]},
-    "checkout": {"webhook_secret_envs": ["CHECKOUT_WEBHOOK_SECRET", "CHECKOUT_WEBHOOK_SECRET_OLD"]},
+    "stripe": {"webhook_key_envs": ["STRIPE_WEBHOOK_SECRET", "STRIPE_WEBHOOK_SECRET_OLD"]},
+    "adyen": {"webhook_key_envs": ["ADYEN_HMAC_KEY", "ADYEN_HMAC_KEY_OLD"]},
+    "checkout": {"webhook_key_envs": ["CHECKOUT_WEBHOOK_SECRET", "CHECKOUT_WEBHOOK_SECRET_OLD"]},
 }
 
 

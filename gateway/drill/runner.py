@@ -72,8 +72,8 @@ def provider_key_env(kind: str) -> str:
     return f"GATEWAY_DRILL_{kind.upper()}_API_KEY"
 
 
-def webhook_secret_env(kind: str) -> str:
-    return f"GATEWAY_DRILL_{kind.upper()}_WEBHOOK_SECRET"
+def webhook_key_env(kind: str) -> str:
+    return f"GATEWAY_DRILL_{kind.upper()}_WEBHOOK_KEY"
 
 
 def point_webhooks(servers: Mapping[str, EmulatorServer], gateway_url: str) -> None:
@@ -165,7 +165,7 @@ def drill_config_data(scenario: Scenario, servers: Mapping[str, EmulatorServer],
             "breaker": {"fail_max": 5, "reset_timeout_s": 1.0},
             "retry": {"max_attempts": 2, "base_delay_ms": 10, "max_delay_ms": 50},
             "bulkhead": {"max_concurrent": width, "max_queue": width},
-            "webhook_secret_envs": [webhook_secret_env(kind)],
+            "webhook_key_envs": [webhook_key_env(kind)],
         }
         for kind in scenario.route
     }
@@ -188,7 +188,7 @@ def secret_env(scenario: Scenario, client_key: str) -> dict[str, str]:
     """The environment variables the drill configuration names for its secrets."""
     env = {CLIENT_KEY_ENV: client_key}
     env.update({provider_key_env(kind): PROVIDER_DEV_KEYS[kind] for kind in scenario.route})
-    env.update({webhook_secret_env(kind): WEBHOOK_DEV_SECRETS[kind] for kind in scenario.route})
+    env.update({webhook_key_env(kind): WEBHOOK_DEV_SECRETS[kind] for kind in scenario.route})
     return env
 
 

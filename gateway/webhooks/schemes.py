@@ -40,5 +40,5 @@ def scheme(kind: str) -> WebhookScheme:
 
 def endpoints(config: GatewayConfig) -> dict[str, WebhookEndpoint]:
     """Every provider with webhook secrets configured; the others have no webhook URL."""
-    return {name: WebhookEndpoint(name, scheme(p.kind), tuple(s.get_secret_value() for s in p.webhook_secrets))
-            for name, p in config.providers.items() if p.webhook_secrets}
+    return {name: WebhookEndpoint(name, scheme(p.kind), tuple(s.get_secret_value() for s in p.webhook_keys))
+            for name, p in config.providers.items() if p.webhook_keys}
