@@ -203,7 +203,6 @@ def notification_item(event_code: str, success: bool, psp: str, entry: LedgerEnt
         "eventDate": datetime.now(UTC).isoformat(timespec="seconds"),
         "merchantAccountCode": entry.extra.get("merchantAccount") or "",
         "merchantReference": merchant_reference or entry.payment_ref,
-        "paymentMethod": "visa",
         "pspReference": psp,
         "reason": reason,
         "success": "true" if success else "false",

@@ -14,6 +14,7 @@ import socket
 import ssl
 import struct
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +100,8 @@ class ProviderEmulator(ABC):
         self.faults = FaultInjector()
         self.idempotency = ProviderIdempotency(self.store_policy)
         self.webhooks = WebhookSender(self, self.webhook_retries, self.faults)
+        # API requests by operation, so a drill can prove what settled without a status query.
+        self.requests: Counter[str] = Counter()
         self.closing = asyncio.Event()
 
     @abstractmethod
@@ -145,6 +148,7 @@ class ProviderEmulator(ABC):
         self.faults.clear()
         self.idempotency.clear()
         self.webhooks.clear()
+        self.requests.clear()
 
     def build_app(self) -> web.Application:
         app = web.Application(client_max_size=1 << 20)
@@ -154,6 +158,7 @@ class ProviderEmulator(ABC):
 
     def _wrap(self, route: ApiRoute) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def handle(request: web.Request) -> web.StreamResponse:
+            self.requests[route.operation] += 1
             denied = self.authenticate(request)
             if denied is not None:
                 return denied
@@ -299,10 +304,14 @@ class EmulatorServer:
         app.router.add_post("/_emulator/outage", self._post_outage)
         app.router.add_post("/_emulator/reset", self._post_reset)
         app.router.add_post("/_emulator/certificate", self._post_certificate)
+        app.router.add_get("/_emulator/requests", self._get_requests)
         app.router.add_get("/_emulator/webhooks", self._get_webhooks)
         app.router.add_put("/_emulator/webhooks/target", self._put_webhook_target)
         app.router.add_delete("/_emulator/webhooks/target", self._delete_webhook_target)
         return app
+
+    async def _get_requests(self, _request: web.Request) -> web.Response:
+        return json_response(200, {"by_operation": dict(self.emulator.requests)})
 
     async def _get_webhooks(self, _request: web.Request) -> web.Response:
         return json_response(200, self.emulator.webhooks.snapshot())

@@ -24,8 +24,8 @@ import secrets
 import ssl
 import time
 from collections import deque
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Coroutine, Iterator
+from dataclasses import asdict, dataclass
 from typing import Any, Literal, Protocol
 
 import aiohttp
@@ -136,7 +136,6 @@ class Emitted:
     event: WebhookEvent
     at: float
     state: str = "pending"  # pending, delivered, abandoned, no_target, overflow, cancelled
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def view(self) -> dict[str, Any]:
         return {"seq": self.seq, "event_id": self.event.event_id, "label": self.event.label,
@@ -237,7 +236,7 @@ class WebhookSender:
 
     # --- delivery ---------------------------------------------------------------------------
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

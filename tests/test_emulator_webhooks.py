@@ -31,7 +31,7 @@ from domain.types import Card, FollowUp, Operation, PaymentOrder, ProviderResult
 from emulators.faults import FaultPlan, FaultRule
 from emulators.registry import EMULATORS
 from emulators.server import EmulatorServer
-from emulators.webhooks import WebhookTarget
+from emulators.webhooks import WebhookSender, WebhookTarget
 from gateway.certs.devca import DevCertLayout
 from gateway.certs.tls import client_context, server_context
 from gateway.emulator_launch import start_emulator
@@ -145,7 +145,7 @@ class Rig(GatewayCalls):
     url: str
 
     @property
-    def webhooks(self):  # type: ignore[no-untyped-def]
+    def webhooks(self) -> WebhookSender:
         return self.server.emulator.webhooks
 
     def faults(self, *rules: FaultRule) -> None:
@@ -420,6 +420,8 @@ async def test_the_target_is_set_over_the_control_api(rig: Rig) -> None:
         assert verified(rig.kind, got.headers, got.body)
         await rig.webhooks.idle()
         snapshot = await (await http.get(admin)).read()
+        requests = orjson.loads(await (await http.get(f"{rig.server.admin_url}/_emulator/requests")).read())
+    assert requests == {"by_operation": {"authorize": 2}}  # what a drill reads to count status queries
     assert SECRETS[rig.kind].encode() not in snapshot
     doc = orjson.loads(snapshot)
     assert doc["target"]["url"] == rig.url
