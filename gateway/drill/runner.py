@@ -38,6 +38,7 @@ from gateway.certs.devca import DevCertLayout, generate_dev_certs
 from gateway.config import GatewayConfig, parse_config
 from gateway.drill.follow_ups import FollowUpTarget, run_follow_ups
 from gateway.drill.report import LedgerView, SendResult, summarize
+from gateway.drill.webhook_chaos import feed_measures, final_states
 from gateway.drill.scenarios import DEADLINE_MS, PER_TRY_TIMEOUT_MS, Injection, Scenario, get_scenario
 from gateway.txlog import build_ops_logger
 from gateway.emulator_launch import start_emulator
@@ -459,8 +460,10 @@ async def run_drill(scenario: Scenario | str, options: DrillOptions = DrillOptio
         await webhooks_idle(servers)
         extra["reconciled_after_run"] = await _settle(gateway.app)
         ledger = ledger_view(servers)
+        extra.update(feed_measures(servers))
 
     journal = await asyncio.to_thread(read_journal, Path(gateway.config.storage.sqlite_path), setup.reference_prefix)
+    extra.update(final_states(journal, ledger))
     summary = summarize(scenario=scenario, sends=sends, journal=journal, ledger=ledger,
                         abandoned=len(plan) - len(sends), seconds=time.monotonic() - started,
                         log_dir=str(setup.log_dir), extra=extra)
