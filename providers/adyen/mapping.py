@@ -19,13 +19,14 @@ Two provider verdicts take part in classification, in this order:
    received and acted upon" the message (and Adyen also uses 500 for some bad requests).
 
 Status: Adyen's Checkout API has no payment lookup (results arrive by webhook; `/payments/details`
-only submits a shopper's action result). STATUS therefore targets an emulator-only probe,
-`GET /v71/payments?reference=…` and `GET /v71/payments/{pspReference}` (see `emulators.adyen`),
-which stands in for the webhook feed: each payment with its modifications, shaped like the
-webhook's notification items (`eventCode` CAPTURE / REFUND / CANCELLATION, `pspReference`, our
-`reference`, `amount`, `success`). Only its explicit empty list counts as "not found"; a 404
-stays UNKNOWN, so against the real Adyen (which has no such endpoint) a status query can never
-clear a payment for failover and the engine must resolve `unknown` from the webhook feed instead.
+only submits a shopper's action result), so `has_status_lookup` is False and the engine never
+asks: an unknown or pending Adyen payment, and every modification answered `received`, is
+settled by its notification (`providers.adyen.webhook`, `gateway.webhooks`). STATUS still builds
+the emulator's **test probe**, `GET /v71/payments?reference=…` and `GET /v71/payments/{pspReference}`
+(see `emulators.adyen`: each payment with its modifications, shaped like the notification items),
+used by tests and by `gateway preflight`'s reachability check only. Only its explicit empty list
+counts as "not found"; a 404 stays UNKNOWN, so even a probe against the real Adyen (which has no
+such endpoint) could never clear a payment for failover.
 """
 
 from __future__ import annotations
