@@ -1,5 +1,6 @@
-"""Each provider's webhook signature scheme, as the providers' own SDKs sign and verify it, and
-the events parsed from their documented shapes (pure: providers/<kind>/webhook.py)."""
+"""Each provider's webhook signature scheme, as the providers' own SDKs sign and verify it, the
+events parsed from their documented shapes (pure: providers/<kind>/webhook.py), and the
+payment's state machine deciding what an event does (pure: gateway/webhooks/rules.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ import pytest
 import stripe
 from Adyen.util import generate_notification_sig, is_valid_hmac_notification
 
-from domain.webhook import EventKind, MalformedEvent, SignatureInvalid
+from domain.outcome import PaymentStatus
+from domain.webhook import EventKind, MalformedEvent, ProviderEvent, SignatureInvalid
+from gateway.journal.records import PaymentRecord
+from gateway.webhooks.rules import Effect, decide
 from providers.adyen import webhook as adyen
 from providers.checkout import webhook as checkout
 from providers.stripe import webhook as stripe_hooks
@@ -142,3 +146,28 @@ def test_events_parse_into_one_domain_type() -> None:
 def test_unreadable_events_are_malformed_never_a_crash(parse, body) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(MalformedEvent):
         parse(body)
+
+
+def _record(status: PaymentStatus, **extra: object) -> PaymentRecord:
+    return PaymentRecord(id="pay_abc", client="checkout", amount=1299, currency="EUR", capture=True,
+                         merchant_reference="o-1", status=status, provider="adyen", **extra)  # type: ignore[arg-type]
+
+
+def _auth(success: bool) -> ProviderEvent:
+    return ProviderEvent("e", EventKind.AUTHORISATION, "AUTHORISATION", success, "pay_abc", provider_reference="PSP")
+
+
+def test_the_state_machine_never_undoes_a_final_state_and_waits_for_a_live_request() -> None:
+    captured = _record(PaymentStatus.CAPTURED, captured_amount=1299)
+    assert decide(captured, "adyen", _auth(False)).effect is Effect.NONE
+    assert (captured.status, captured.captured_amount) == (PaymentStatus.CAPTURED, 1299)
+    assert decide(_record(PaymentStatus.ATTEMPTING), "adyen", _auth(True)).effect is Effect.WAIT
+    pending = _record(PaymentStatus.PENDING)
+    assert decide(pending, "adyen", _auth(True)).effect is Effect.PAYMENT
+    assert (pending.status, pending.captured_amount, pending.provider_reference) == (PaymentStatus.APPROVED, 1299,
+                                                                                      "PSP")
+    declined = _record(PaymentStatus.DECLINED)
+    alarm = decide(declined, "adyen", _auth(True))
+    assert (alarm.effect, alarm.alarm, declined.status) == (Effect.NONE, True, PaymentStatus.DECLINED)
+    elsewhere = _record(PaymentStatus.APPROVED)
+    assert decide(elsewhere, "stripe", _auth(True)).effect is Effect.SUSPECT and elsewhere.duplicate_charge_suspected

@@ -90,6 +90,9 @@ class WebhookProcessor:
             decision = decide(record, event.provider, event.event)
             if decision.effect is Effect.WAIT:
                 return False
+            if decision.alarm:
+                self.log.error("webhook_contradicts_journal", provider=event.provider, event_id=event.event_id,
+                               payment_id=record.id, status=record.status.value, detail=decision.outcome)
             if decision.effect is Effect.NONE:
                 return await self._finish(event, WebhookState.UNCHANGED, record.id, decision.outcome)
             try:

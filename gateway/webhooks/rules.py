@@ -15,7 +15,9 @@ The rules, so that deliveries at least once and in any order converge on the pro
   REFUND_FAILED, a Stripe refund that failed later): that takes the amount back off the
   payment, and the follow-up's key then answers that it was refused.
 - A charge reported by a provider the journal does not hold the payment at is never applied; it
-  flags the payment `duplicate_charge_suspected` for ops (a charge we did not route there).
+  flags the payment `duplicate_charge_suspected` for ops (a charge we did not route there). One
+  reported for a payment we hold as declined or failed is not applied either (a final answer was
+  given): it raises an alarm (ops line `webhook_contradicts_journal`).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class Decision:
     operation: Operation | None = None  # the follow-up settled
     provider_key: str | None = None  # ... and its provider key (the key claimed for it), where known
     result: ProviderResult | None = None
+    alarm: bool = False  # the provider contradicts a final state of ours: ops must look (never overwritten)
 
 
 def decide(record: PaymentRecord, provider: str, event: ProviderEvent) -> Decision:
@@ -70,6 +73,8 @@ def decide(record: PaymentRecord, provider: str, event: ProviderEvent) -> Decisi
 def _authorisation(record: PaymentRecord, event: ProviderEvent) -> Decision:
     if record.status in _WAITING and record.follow_up is None:
         return Decision(Effect.WAIT, f"payment {record.status.value}: its request decides first")
+    if event.success and record.status in (PaymentStatus.DECLINED, PaymentStatus.FAILED):
+        return Decision(Effect.NONE, f"charge notified for a {record.status.value} payment", alarm=True)
     if record.status is not PaymentStatus.PENDING or record.follow_up is not None:
         return Decision(Effect.NONE, f"payment already {record.status.value}")
     if event.success:
