@@ -3,10 +3,10 @@
 One `cleanup_ctx` generator per resource, in dependency order: the transaction log writer, the
 store (waited for at start, its schema checked), the journal's readiness probe, the transaction
 log's outbox (start-up re-emit of lines a crash kept from the file), the provider pool (one
-ClientSession each), breaker sync, the certificate watcher, the payment service, the
-reconciler, the provider-webhook processor, the console. aiohttp tears down in reverse and only what started. Every
-piece of state they share is an `AppKey` of `gateway.app_keys`; nothing below this module wires
-another module's objects together.
+ClientSession each), breaker sync, the certificate watcher, the payment service, the merchant
+notification sender, the reconciler, the provider-webhook processor, the console. aiohttp tears
+down in reverse and only what started. Every piece of state they share is an `AppKey` of
+`gateway.app_keys`; nothing below this module wires another module's objects together.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from gateway.app_keys import (
     JOURNAL_PROBE,
     LOG_WRITER,
     METRICS,
+    NOTIFICATION_SENDER,
     OPS_LOG,
     POOL,
     RECONCILER,
@@ -52,6 +53,8 @@ from gateway.journal.startup import open_store
 from gateway.journal.errors import StoreUnavailable
 from gateway.journal.store import Store
 from gateway.metrics import Metrics
+from gateway.notifications.outbox import NotificationOutbox
+from gateway.notifications.sender import NotificationSender
 from gateway.orchestrator import PaymentService
 from gateway.provider_client import ProviderClient
 from gateway.provider_pool import ProviderPool
@@ -227,8 +230,23 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
             router=Router(config.routes, pool.health, success_rate=pool.success_rate, capabilities=config.providers),
             executor=AttemptExecutor(budget, metrics), metrics=metrics, txlog=app[TRANSACTION_LOG],
             retention_s=config.storage.idempotency_retention_h * 3600, ops_log=ops,
+            notifications=NotificationOutbox(enabled=config.notifications.enabled),
         )
         yield
+
+    async def notifications(app: web.Application) -> AsyncIterator[None]:
+        """Merchant notifications out: a sender in every process, on rows it leased."""
+        if not config.notifications.enabled:
+            yield
+            return
+        sender = NotificationSender(app[STORE], config.notifications, txlog=app[TRANSACTION_LOG],
+                                    metrics=app[METRICS], ops_log=ops, wake=app[SERVICE].notifications.wake)
+        await sender.start(exclusive=exclusive)
+        app[NOTIFICATION_SENDER] = sender
+        task = asyncio.create_task(sender.run_forever(), name="notification-sender")
+        yield
+        await stop_task(task)
+        await sender.close()
 
     async def reconciler(app: web.Application) -> AsyncIterator[None]:
         rec = Reconciler(app[SERVICE], interval_s=reconcile_interval_s, log=ops,
@@ -278,7 +296,7 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
             await stop_task(task)
 
     app.cleanup_ctx.extend([log_writer, store, journal_probe, transaction_log, providers, breaker_sync, certificates,
-                            service, reconciler, webhooks, host_metrics])
+                            service, notifications, reconciler, webhooks, host_metrics])
     payments.add_routes(app)
     health.add_routes(app)
     openapi.add_routes(app)

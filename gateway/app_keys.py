@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from gateway.console.routes import Console, ConsoleAssets
     from gateway.journal.store import Store
     from gateway.metrics import Metrics
+    from gateway.notifications.sender import NotificationSender
     from gateway.orchestrator import PaymentService
     from gateway.provider_pool import ProviderPool
     from gateway.reconciler import Reconciler
@@ -48,5 +49,7 @@ CERT_WATCHER: web.AppKey[CertificateWatcher] = web.AppKey("certificate_watcher")
 SERVICE: web.AppKey[PaymentService] = web.AppKey("service")
 RECONCILER: web.AppKey[Reconciler] = web.AppKey("reconciler")
 WEBHOOKS: web.AppKey[Webhooks] = web.AppKey("webhooks")
+# Present only with notifications.url set.
+NOTIFICATION_SENDER: web.AppKey[NotificationSender] = web.AppKey("notification_sender")
 CONSOLE: web.AppKey[Console] = web.AppKey("console")
 CONSOLE_ASSETS: web.AppKey[ConsoleAssets] = web.AppKey("console_assets")

@@ -274,6 +274,54 @@ class EngineConfig(_Model):
     lookup_lag_s: float = Field(600.0, gt=0)
 
 
+class NotificationsConfig(_Model):
+    """Merchant notifications out (gateway/notifications/): off while `url` is absent.
+
+    `secret_env` names one environment variable per active signing secret; every delivery is
+    signed with each (one `v1` per secret in `Gateway-Signature`), so a rotation is: add the new
+    variable, let the checkout accept the new secret, then remove the old one."""
+
+    url: str | None = Field(None, pattern=r"^https?://[^\s]+$")
+    secret_env: tuple[str, ...] = Field((), max_length=4, repr=False)  # names only, yet no "secret" in a repr
+    timeout_s: float = Field(10.0, gt=0, le=60)  # one delivery attempt, connect to last byte
+    connect_timeout_s: float = Field(3.0, gt=0, le=60)
+    max_concurrency: int = Field(8, ge=1, le=256)  # deliveries in flight per process
+    retry_base_s: float = Field(5.0, gt=0, le=3600)  # first pause after a failed attempt, doubling ...
+    retry_max_s: float = Field(3600.0, gt=0, le=86400)  # ... up to this
+    give_up_after_s: float = Field(3 * 86400.0, gt=0, le=30 * 86400)  # retry window from the event
+    poll_interval_s: float = Field(1.0, gt=0, le=60)  # how often a sender looks for due rows
+    retention_days: float = Field(30.0, gt=0, le=3650)  # delivered and given-up rows are kept this long
+    _secrets: tuple[SecretStr, ...] = PrivateAttr(())
+
+    @model_validator(mode="after")
+    def _load_secrets(self) -> Self:
+        if self.retry_max_s < self.retry_base_s:
+            raise ValueError("retry_max_s must be at least retry_base_s")
+        if self.url is None:
+            return self
+        if not self.secret_env:
+            raise ValueError("secret_env: at least one variable is required when url is set (deliveries are signed)")
+        loaded = []
+        for i, var in enumerate(self.secret_env):
+            secret = _secret_from_env(var, f"notifications.secret_env[{i}]")
+            if len(secret.get_secret_value()) < MIN_SIGNING_SECRET:
+                raise ValueError(f"secret_env[{i}]: {var} holds fewer than {MIN_SIGNING_SECRET} characters")
+            loaded.append(secret)
+        self._secrets = tuple(loaded)
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.url is not None
+
+    @property
+    def secrets(self) -> tuple[SecretStr, ...]:
+        return self._secrets
+
+
+MIN_SIGNING_SECRET = 24  # characters; an HMAC key shorter than this is guessable offline
+
+
 class GatewayConfig(_Model):
     server: ServerConfig = ServerConfig()
     auth: AuthConfig
@@ -281,6 +329,7 @@ class GatewayConfig(_Model):
     breaker_sync: BreakerSyncConfig = BreakerSyncConfig()
     log: LogConfig = LogConfig()
     engine: EngineConfig = EngineConfig()
+    notifications: NotificationsConfig = NotificationsConfig()
     providers: dict[str, ProviderConfig] = Field(min_length=1)
     routes: tuple[RouteConfig, ...] = Field(min_length=1)
 

@@ -74,6 +74,13 @@ class Metrics:
         self.journal_acquire = Histogram("gateway_journal_pool_acquire_seconds",
                                          "Wait for a PostgreSQL pool connection",
                                          buckets=(.0001, .0005, .001, .005, .01, .05, .1, .5, 1, 2.5, 5), registry=r)
+        # Merchant notifications out (gateway.notifications): every delivery attempt, and what waits.
+        self.notification_deliveries = Counter("gateway_notification_deliveries_total",
+                                               "Merchant notification delivery attempts (delivered, failed, given_up)",
+                                               ["outcome"], registry=r)
+        self.notifications_pending = Gauge("gateway_notifications_pending",
+                                           "Merchant notifications not yet delivered (the shared outbox)",
+                                           multiprocess_mode="livemax", registry=r)
         # Breaker state shared through Redis (gateway.breaker_sync): optional, so degraded, never unready.
         self.breaker_sync_connected = Gauge("gateway_breaker_sync_connected",
                                             "1 while subscribed to the fleet's breaker state in Redis",

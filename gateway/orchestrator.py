@@ -35,6 +35,8 @@ from gateway.journal.records import Attempt, ClaimKind, IdempotentAnswer, Outbox
 from gateway.journal.errors import StaleWrite
 from gateway.journal.store import Store
 from gateway.metrics import Metrics
+from gateway.notifications.events import Settling
+from gateway.notifications.outbox import NotificationOutbox
 from gateway.policy import may_fail_over, payment_status
 from gateway.provider_client import ProviderClient
 from gateway.router import NoRoute, RouteDecision, Router, RoutingFacts
@@ -139,7 +141,8 @@ def apply_follow_up(record: PaymentRecord, op: Operation, outcome: Outcome) -> N
 class PaymentService:
     def __init__(self, *, store: Store, clients: Mapping[str, ProviderClient], router: Router,
                  executor: AttemptExecutor, metrics: Metrics, txlog: TransactionLog, retention_s: float,
-                 ops_log: structlog.typing.FilteringBoundLogger) -> None:
+                 ops_log: structlog.typing.FilteringBoundLogger,
+                 notifications: NotificationOutbox | None = None) -> None:
         self.store = store
         self.clients = clients
         self.router = router
@@ -148,6 +151,7 @@ class PaymentService:
         self.txlog = txlog
         self.retention_s = retention_s
         self.ops = ops_log
+        self.notifications = notifications or NotificationOutbox(enabled=False)
         self.locks = PaymentLocks()
         self.in_flight: set[str] = set()
         # Called with (record, kind, extra) after each transaction line (the live console's window).
@@ -390,16 +394,24 @@ class PaymentService:
 
     # -- the journal's final row and the transaction's one log line -------------------------------
 
-    async def commit(self, record: PaymentRecord, kind: str, answer: IdempotentAnswer | None = None,
-                     **extra: Any) -> None:
+    async def commit(self, record: PaymentRecord, kind: str, answer: IdempotentAnswer | None = None, *,
+                     settled_from: Settling | None = None, **extra: Any) -> None:
         """The one way a transaction ends (the caller set `updated_at` with the state change, before
         it rendered the answer): render its line (DESIGN rule 5; the logger's pipeline
         redacts), commit the row, the key's answer and the line's outbox entry in one
         transaction, then write the line (a crash before it is on disk leaves the outbox row,
-        written at the next start-up) and tell the observers."""
+        written at the next start-up) and tell the observers.
+
+        `settled_from`: a background settler (reconciler, provider webhook) says what the row was
+        before it changed it (`Settling.of(record)`, taken first); the merchant notification the
+        transition yields commits in the same transaction (`gateway.notifications`). The request
+        path never passes it: its caller hears the outcome in the answer."""
         line = self.transaction_line(record, kind, **extra)
-        await self.store.save_payment(record, answer, outbox=line)
+        notes = self.notifications.rows(settled_from, record) if settled_from is not None else ()
+        await self.store.save_payment(record, answer, outbox=line, notifications=notes)
         self.txlog.emit(line)
+        if notes:
+            self.notifications.committed()
         for observe in self.observers:
             observe(record, kind, extra)
 

@@ -28,6 +28,7 @@ from domain.types import FollowUp, Lookup, Operation, ProviderResult, StatusAnsw
 from gateway import answers
 from gateway.journal.records import PaymentRecord
 from gateway.journal.errors import StaleWrite
+from gateway.notifications.events import Settling
 from gateway.orchestrator import PaymentService, apply_follow_up
 from gateway.policy import POLICY
 from gateway.provider_client import MIN_TRY_S
@@ -166,6 +167,7 @@ class Reconciler:
         if record.follow_up is not None:
             return await self._settle_follow_up(record)
         svc = self.service
+        before = Settling.of(record)  # the checkout is notified of what this pass settles
         if record.provider is None:
             record.status, record.error_code = PaymentStatus.FAILED, "interrupted_before_provider_call"
         else:
@@ -197,7 +199,7 @@ class Reconciler:
         # pass settles the same way, never a final payment whose keys still say "in flight".
         record.updated_at = time.time()
         await svc.store.complete_idempotency_for(record.id, answers.payment_answer(record).stored())
-        await svc.commit(record, "reconciliation")  # the final row and its log line commit together
+        await svc.commit(record, "reconciliation", settled_from=before)  # row, log line, notification: together
         svc.metrics.reconciled.labels(record.status.value).inc()
         return True
 
@@ -266,6 +268,7 @@ class Reconciler:
         """A capture, void or refund the provider did not confirm, or whose request died: the
         provider's list of the payment's follow-ups says whether ours was made."""
         svc = self.service
+        before = Settling.of(record)
         pending = record.follow_up
         assert pending is not None
         op = Operation(pending.operation)
@@ -292,7 +295,7 @@ class Reconciler:
             follow_up["never_made"] = True
         else:
             return await self._keep_follow_up_pending(record)
-        await svc.commit(record, "reconciliation", follow_up=follow_up)
+        await svc.commit(record, "reconciliation", follow_up=follow_up, settled_from=before)
         svc.metrics.reconciled.labels(record.status.value).inc()
         return True
 

@@ -12,8 +12,9 @@ from aiohttp.test_utils import TestClient
 from emulators.faults import FaultPlan, FaultRule
 from emulators.server import EmulatorServer
 from emulators.webhooks import WebhookTarget
-from gateway.app_keys import WEBHOOKS
+from gateway.app_keys import NOTIFICATION_SENDER, WEBHOOKS
 from tests.conftest import card_payment, charges, idem, journal, pay
+from tests.notification_receiver import SECRET, SECRET_ENV, Receiver, notifications_config
 from tests.webhook_shapes import ADYEN_HMAC, CHECKOUT_SECRET, STRIPE_SECRET, WEBHOOK_ENV, WEBHOOK_PROVIDERS
 
 SECRETS = {"stripe": STRIPE_SECRET, "adyen": ADYEN_HMAC, "checkout": CHECKOUT_SECRET}
@@ -102,3 +103,34 @@ async def test_checkout_and_stripe_follow_ups_refused_by_notification(make_confi
     [charge] = charges(stripe, doc["id"])
     assert (record.status.value, record.refunded_amount, charge.refunded) == ("approved", 0, 0)  # as before it
     assert forged_accepted(checkout) == forged_accepted(stripe) == 0
+
+
+async def test_outcomes_settled_by_notification_are_told_to_the_checkout_once(make_config, start_gateway, emulators,
+                                                                             monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The Adyen payment left pending and its capture answered `received`, each settled by the
+    emulator's (duplicated) notifications: the merchant hears payment.approved and
+    capture.succeeded, each once."""
+    monkeypatch.setenv(SECRET_ENV, SECRET)
+    receiver = await Receiver().start()
+    try:
+        client = await start_gateway(make_config(order=("adyen", "stripe"), providers=WEBHOOK_PROVIDERS,
+                                                 notifications=notifications_config(receiver.url)),
+                                     webhook_interval_s=3600)
+        adyen = emulators["adyen"]
+        adyen.emulator.webhooks.set_target(WebhookTarget(url=str(client.make_url("/v1/webhooks/adyen")),
+                                                         secret=ADYEN_HMAC, time_factor=0.001))
+        faults(adyen, FaultRule(kind="error", status=500, after_processing=True, operations=("authorize",)))
+        _, doc = await pay(client, card_payment(capture=False))
+        assert doc["status"] == "pending"
+        await delivered(client, adyen)
+        assert await follow_up(client, doc["id"], "capture") == 202
+        await delivered(client, adyen)
+        events = await receiver.wait_for(2)
+        assert sorted(d.event["type"] for d in events) == ["capture.succeeded", "payment.approved"]
+        assert {d.event["payment_id"] for d in events} == {doc["id"]}
+        assert (await journal(client, doc["id"])).status.value == "captured"
+        await client.app[WEBHOOKS].processor.run_once()
+        await client.app[NOTIFICATION_SENDER].run_once()
+        assert len(receiver.deliveries) == 2  # the duplicated notifications told nobody twice
+    finally:
+        await receiver.stop()

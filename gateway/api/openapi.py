@@ -10,6 +10,7 @@ from pydantic.json_schema import models_json_schema
 
 from domain.outcome import PaymentStatus
 from gateway.api.errors import json_response
+from gateway.api.openapi_webhooks import webhooks
 from gateway.api.schemas import CaptureCreate, PaymentCreate, RefundCreate, VoidCreate
 from gateway.webhooks.routes import OPENAPI as WEBHOOK_PATHS
 
@@ -69,6 +70,7 @@ def build_openapi() -> dict[str, Any]:
         "components": {"schemas": schemas,
                        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
         "security": [{"bearer": []}],
+        "webhooks": webhooks(),  # the merchant notifications out (gateway/api/openapi_webhooks.py)
         "paths": {
             "/v1/payments": post("PaymentCreate", "201", "Authorise (and optionally capture) a payment", False),
             "/v1/payments/{payment_id}": {"get": {

@@ -45,8 +45,16 @@ from gateway.journal.records import (
 )
 from gateway.journal.schema import Migration, sqlite_prepare
 from gateway.journal.errors import JournalUnavailable, StaleWrite, StoreOverloaded, StoreUnavailable
-from gateway.journal.store import UNRESOLVED_STATUSES, next_version, payment_from_row, payment_row
+from gateway.journal.store import (
+    NOTIFICATION_COLUMNS,
+    UNRESOLVED_STATUSES,
+    next_version,
+    notification_from_row,
+    payment_from_row,
+    payment_row,
+)
 from gateway.journal.webhook_events import WebhookEventRecord, WebhookState
+from gateway.notifications.records import AttemptRecord, DeliveryOutcome, Notification
 
 T = TypeVar("T")
 _STOP = object()
@@ -182,7 +190,7 @@ class SqliteStore:
     # -- payments ------------------------------------------------------------------------------
 
     async def save_payment(self, record: PaymentRecord, answer: IdempotentAnswer | None = None,
-                           outbox: OutboxLine | None = None) -> None:
+                           outbox: OutboxLine | None = None, notifications: Sequence[Notification] = ()) -> None:
         with next_version(record) as expected:
             row = payment_row(record)
 
@@ -192,6 +200,10 @@ class SqliteStore:
                     _store_answer(conn, answer.scope, answer.key, answer.response)
                 if outbox is not None:
                     conn.execute(_INSERT_OUTBOX, (outbox.log_id, outbox.owner, outbox.created_at, outbox.line))
+                if notifications:
+                    conn.executemany(_INSERT_NOTIFICATION, [
+                        (n.event_id, n.payment_id, n.event_type, n.created_at, n.body, n.created_at, n.created_at)
+                        for n in notifications])
 
             await self._submit(op)
 
@@ -352,6 +364,91 @@ class SqliteStore:
                                 "ORDER BY received_at DESC LIMIT ?", params).fetchall()
 
         return [_webhook_record(row) for row in await self._submit(op)]
+    # -- merchant notifications' outbox (gateway.notifications) --------------------------------
+
+    async def lease_notifications(self, owner: str, lease_s: float, limit: int) -> list[Notification]:
+        def op(conn: sqlite3.Connection) -> list[Notification]:
+            # One BEGIN IMMEDIATE transaction: no other process can lease in between.
+            now = time.time()
+            rows = conn.execute(
+                f"SELECT {NOTIFICATION_COLUMNS} FROM notifications WHERE state = 'pending' AND next_attempt_at <= ? "
+                "AND (lease_until IS NULL OR lease_until <= ?) ORDER BY next_attempt_at LIMIT ?",
+                (now, now, limit)).fetchall()
+            conn.executemany("UPDATE notifications SET lease_owner = ?, lease_until = ? WHERE event_id = ?",
+                             [(owner, now + lease_s, r[0]) for r in rows])
+            return [notification_from_row(r) for r in rows]
+
+        return await self._submit(op)
+
+    async def finish_notification(self, event_id: str, attempt: AttemptRecord,
+                                  outbox: OutboxLine | None = None) -> bool:
+        def op(conn: sqlite3.Connection) -> bool:
+            now = time.time()
+            delivered = now if attempt.outcome is DeliveryOutcome.DELIVERED else None
+            changed = conn.execute(_FINISH_NOTIFICATION, (attempt.outcome.state.value, now + attempt.retry_in_s,
+                                                          delivered, attempt.http_status, attempt.error,
+                                                          event_id)).rowcount
+            if changed and outbox is not None:
+                conn.execute(_INSERT_OUTBOX, (outbox.log_id, outbox.owner, outbox.created_at, outbox.line))
+            return bool(changed)
+
+        return await self._submit(op)
+
+    async def list_notifications(self, *, since: float | None = None, event_id: str | None = None,
+                                 limit: int = 100) -> list[Notification]:
+        where, params = _notification_filter(since, event_id)
+
+        def op(conn: sqlite3.Connection) -> list[Notification]:
+            return [notification_from_row(r) for r in conn.execute(
+                f"SELECT {NOTIFICATION_COLUMNS} FROM notifications WHERE {where} ORDER BY created_at DESC LIMIT ?",
+                (*params, limit)).fetchall()]
+
+        return await self._submit(op)
+
+    async def replay_notifications(self, *, since: float | None = None, event_id: str | None = None) -> int:
+        where, params = _notification_filter(since, event_id)
+
+        def op(conn: sqlite3.Connection) -> int:
+            now = time.time()
+            return conn.execute(
+                "UPDATE notifications SET state = 'pending', retry_from = ?, next_attempt_at = ?, lease_owner = NULL, "
+                f"lease_until = NULL WHERE {where}", (now, now, *params)).rowcount
+
+        return await self._submit(op)
+
+    async def count_pending_notifications(self) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            return conn.execute("SELECT count(*) FROM notifications WHERE state = 'pending'").fetchone()[0]
+
+        return await self._submit(op)
+
+    async def release_notification_leases(self, owner: str | None) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            return conn.execute("UPDATE notifications SET lease_owner = NULL, lease_until = NULL "
+                                "WHERE state = 'pending' AND lease_owner IS NOT NULL "
+                                "AND (? IS NULL OR lease_owner = ?)", (owner, owner)).rowcount
+
+        return await self._submit(op)
+
+    async def purge_notifications(self, before: float, limit: int = 10_000) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            return conn.execute("DELETE FROM notifications WHERE event_id IN (SELECT event_id FROM notifications "
+                                "WHERE created_at < ? AND state <> 'pending' LIMIT ?)", (before, limit)).rowcount
+
+        return await self._submit(op)
+
+
+_INSERT_NOTIFICATION = ("INSERT INTO notifications (event_id, payment_id, event_type, created_at, body, retry_from, "
+                        "next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?)")
+_FINISH_NOTIFICATION = ("UPDATE notifications SET attempts = attempts + 1, state = ?, next_attempt_at = ?, "
+                        "delivered_at = ?, last_status = ?, last_error = ?, lease_owner = NULL, lease_until = NULL "
+                        "WHERE event_id = ? AND state = 'pending'")
+
+
+def _notification_filter(since: float | None, event_id: str | None) -> tuple[str, tuple[Any, ...]]:
+    if event_id is not None:
+        return "event_id = ?", (event_id,)
+    return "created_at >= ?", (since if since is not None else 0.0,)
 
 
 _INSERT_OUTBOX = "INSERT INTO outbox (log_id, owner, created_at, line) VALUES (?, ?, ?, ?)"

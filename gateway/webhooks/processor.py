@@ -29,6 +29,7 @@ from gateway import answers
 from gateway.journal.errors import StaleWrite
 from gateway.journal.records import PaymentRecord
 from gateway.journal.webhook_events import WebhookEventRecord, WebhookState
+from gateway.notifications.events import Settling
 from gateway.orchestrator import STALE_RETRIES, PaymentService, payment_id_of
 from gateway.webhooks.metrics import WebhookMetrics
 from gateway.webhooks.rules import Decision, Effect, decide
@@ -87,6 +88,7 @@ class WebhookProcessor:
                 return await self._finish(event, WebhookState.ORPHAN, None, "no such payment")
             if record.id in self.service.in_flight:
                 return False  # a request of this process is writing it: after that
+            before = Settling.of(record)  # the checkout is notified of what this event settles
             decision = decide(record, event.provider, event.event)
             if decision.effect is Effect.WAIT:
                 return False
@@ -96,16 +98,17 @@ class WebhookProcessor:
             if decision.effect is Effect.NONE:
                 return await self._finish(event, WebhookState.UNCHANGED, record.id, decision.outcome)
             try:
-                await self._commit(record, event, decision)
+                await self._commit(record, event, decision, before)
             except StaleWrite:
                 continue  # written meanwhile: read it again and decide again
             return await self._finish(event, WebhookState.APPLIED, record.id, decision.outcome)
         return False
 
-    async def _commit(self, record: PaymentRecord, event: WebhookEventRecord, decision: Decision) -> None:
+    async def _commit(self, record: PaymentRecord, event: WebhookEventRecord, decision: Decision,
+                      before: Settling) -> None:
         """The one place a webhook changes a payment: the keys' answers, then the row with its
-        transaction-log line (one transaction), as the reconciler settles. (Merchant
-        notifications of the state change belong in this same commit.)"""
+        transaction-log line and the merchant notification of what it settled (one
+        transaction), as the reconciler settles."""
         svc = self.service
         record.updated_at = time.time()
         if decision.effect is Effect.SUSPECT:
@@ -121,7 +124,7 @@ class WebhookProcessor:
         if decision.operation is not None:
             extra["follow_up"] = {"operation": decision.operation.value, "amount": event.event.amount,
                                   "outcome": decision.result.outcome.value if decision.result else None}
-        await svc.commit(record, "webhook", **extra)
+        await svc.commit(record, "webhook", settled_from=before, **extra)
 
     async def _finish(self, event: WebhookEventRecord, state: WebhookState, payment_id: str | None,
                       outcome: str) -> bool:
