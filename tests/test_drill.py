@@ -53,6 +53,8 @@ def _scenario_holds(name: str, s: dict[str, Any]) -> None:
             assert s["pending_left"] == 0 and s["wrong_final_states"] == 0 and s["forged_accepted"] == 0
             assert s["lookups_by_provider"]["adyen"] == 0
             assert s["webhook_deliveries"].get("forged:401", 0) > 0
+            assert s["notifications_received"] > 0
+            assert s["notifications_missing"] == 0 and s["notifications_repeated"] == 0
         case _:
             raise AssertionError(f"no expectation written for drill {name}")
 

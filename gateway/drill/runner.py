@@ -38,7 +38,7 @@ from gateway.certs.devca import DevCertLayout, generate_dev_certs
 from gateway.config import GatewayConfig, parse_config
 from gateway.drill.follow_ups import FollowUpTarget, run_follow_ups
 from gateway.drill.report import LedgerView, SendResult, summarize
-from gateway.drill.webhook_chaos import feed_measures, final_states
+from gateway.drill.webhook_chaos import NotificationReceiver, feed_measures, final_states, notification_measures
 from gateway.drill.scenarios import DEADLINE_MS, PER_TRY_TIMEOUT_MS, Injection, Scenario, get_scenario
 from gateway.txlog import build_ops_logger
 from gateway.emulator_launch import start_emulator
@@ -67,6 +67,8 @@ PROVIDER_DEV_KEYS = {"stripe": "sk_test_drill_gateway", "adyen": "adyen_drill_ap
 WEBHOOK_DEV_SECRETS = {"stripe": "whsec_drill_gateway", "adyen": "4452494c4c" * 6 + "00",
                        "checkout": "cko_drill_webhook_secret"}
 WEBHOOK_TIME_FACTOR = 0.001  # the providers' retry schedules, compressed (Adyen's 9 s is 9 ms)
+NOTIFY_SECRET_ENV = "GATEWAY_DRILL_NOTIFY_KEY"
+NOTIFY_DEV_SECRET = "drill_merchant_notifications_0123456789"
 
 
 def provider_key_env(kind: str) -> str:
@@ -149,8 +151,10 @@ def _environment(values: Mapping[str, str]) -> Iterator[None]:
 
 
 def drill_config_data(scenario: Scenario, servers: Mapping[str, EmulatorServer], certs: DevCertLayout,
-                      log_dir: Path, concurrency: int, *, port: int = 0) -> dict[str, Any]:
-    """The drill's gateway configuration, in the shape of config/gateway.yaml (port 0: any free one)."""
+                      log_dir: Path, concurrency: int, *, port: int = 0,
+                      notify_url: str | None = None) -> dict[str, Any]:
+    """The drill's gateway configuration, in the shape of config/gateway.yaml (port 0: any free
+    one); with `notify_url`, merchant notifications go to the drill's receiver there."""
     width = max(200, concurrency)
     providers = {
         kind: {
@@ -170,7 +174,11 @@ def drill_config_data(scenario: Scenario, servers: Mapping[str, EmulatorServer],
         }
         for kind in scenario.route
     }
+    notifications = {} if notify_url is None else {"notifications": {
+        "url": notify_url, "secret_env": [NOTIFY_SECRET_ENV], "retry_base_s": 0.05, "retry_max_s": 0.5,
+        "poll_interval_s": 0.05, "timeout_s": 2}}
     return {
+        **notifications,
         "server": {"host": HOST, "port": port, "max_in_flight": max(1000, concurrency), "shutdown_grace_s": 5},
         "auth": {"clients": [{"name": CLIENT_NAME, "key_env": CLIENT_KEY_ENV,
                               "permissions": ["payments:write", "payments:read"]}]},
@@ -190,6 +198,7 @@ def secret_env(scenario: Scenario, client_key: str) -> dict[str, str]:
     env = {CLIENT_KEY_ENV: client_key}
     env.update({provider_key_env(kind): PROVIDER_DEV_KEYS[kind] for kind in scenario.route})
     env.update({webhook_key_env(kind): WEBHOOK_DEV_SECRETS[kind] for kind in scenario.route})
+    env[NOTIFY_SECRET_ENV] = NOTIFY_DEV_SECRET
     return env
 
 
@@ -323,6 +332,14 @@ async def _settle(app: web.Application) -> int:
     return settled
 
 
+async def _notified(app: web.Application) -> None:
+    """Until no merchant notification waits to be delivered, or SETTLE_MAX_S passes."""
+    store = app[RECONCILER].service.store
+    until = time.monotonic() + SETTLE_MAX_S
+    while time.monotonic() < until and await store.count_pending_notifications():
+        await asyncio.sleep(SETTLE_PAUSE_S)
+
+
 def follow_up_targets(sends: Sequence[SendResult], plan: Sequence[PlannedPayment],
                       run_id: str) -> list[FollowUpTarget]:
     """Every payment answered `approved`, for the follow-up phase."""
@@ -408,10 +425,11 @@ class InProcessGateway:
 
 async def start_gateway_in_process(stack: AsyncExitStack, scenario: Scenario, setup: RunSetup,
                                    servers: Mapping[str, EmulatorServer], certs: DevCertLayout,
-                                   concurrency: int) -> InProcessGateway:
+                                   concurrency: int, notify_url: str | None = None) -> InProcessGateway:
     """The gateway on an AppRunner in this process (127.0.0.1, a free port); cleaned up first
     when `stack` unwinds, so the journal is on disk before anyone reads it."""
-    config = build_config(drill_config_data(scenario, servers, certs, setup.log_dir, concurrency),
+    config = build_config(drill_config_data(scenario, servers, certs, setup.log_dir, concurrency,
+                                            notify_url=notify_url),
                           scenario, setup.client_key)
     ops_stream = stack.enter_context((setup.log_dir / "ops.jsonl").open("a", encoding="utf-8"))
     app = build_app(config, ops_log=build_ops_logger(ops_stream), reconcile_interval_s=1.0)
@@ -439,7 +457,10 @@ async def run_drill(scenario: Scenario | str, options: DrillOptions = DrillOptio
 
     async with AsyncExitStack() as stack:
         servers = await start_emulators(stack, scenario.route, certs)
-        gateway = await start_gateway_in_process(stack, scenario, setup, servers, certs, options.concurrency)
+        receiver = await NotificationReceiver().start()
+        stack.push_async_callback(receiver.stop)
+        gateway = await start_gateway_in_process(stack, scenario, setup, servers, certs, options.concurrency,
+                                                 notify_url=receiver.url)
         point_webhooks(servers, gateway.url)
         injections = await inject_faults(scenario, servers, setup.seed)
         try:
@@ -459,11 +480,14 @@ async def run_drill(scenario: Scenario | str, options: DrillOptions = DrillOptio
             extra["outage_toggles"] = toggles
         await webhooks_idle(servers)
         extra["reconciled_after_run"] = await _settle(gateway.app)
+        await _notified(gateway.app)
         ledger = ledger_view(servers)
         extra.update(feed_measures(servers))
+        received = list(receiver.events)
 
     journal = await asyncio.to_thread(read_journal, Path(gateway.config.storage.sqlite_path), setup.reference_prefix)
     extra.update(final_states(journal, ledger))
+    extra.update(notification_measures(received, sends, journal, extra.get("follow_up_answers", {})))
     summary = summarize(scenario=scenario, sends=sends, journal=journal, ledger=ledger,
                         abandoned=len(plan) - len(sends), seconds=time.monotonic() - started,
                         log_dir=str(setup.log_dir), extra=extra)

@@ -241,6 +241,8 @@ SCENARIOS: dict[str, Scenario] = {
                 Check("pending_left==0", lambda s: s["pending_left"] == 0),
                 Check("forged_accepted==0", lambda s: s["forged_accepted"] == 0),
                 Check("no_lookup_at_adyen", lambda s: s["lookups_by_provider"].get("adyen", 0) == 0),
+                Check("notifications_missing==0", lambda s: s["notifications_missing"] == 0),
+                Check("notifications_repeated==0", lambda s: s["notifications_repeated"] == 0),
             ),
         ),
         Scenario(
