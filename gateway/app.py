@@ -4,16 +4,17 @@ One `cleanup_ctx` generator per resource, in dependency order: the transaction l
 store (waited for at start, its schema checked), the journal's readiness probe, the transaction
 log's outbox (start-up re-emit of lines a crash kept from the file), the provider pool (one
 ClientSession each), breaker sync, the certificate watcher, the payment service, the merchant
-notification sender, the reconciler, host metrics, the console (handed the service, pool, store
-and watcher it shows). aiohttp tears down in reverse and only what started. Every piece of state
-they share is an `AppKey` of `gateway.app_keys`; nothing below this module wires another
-module's objects together. The tracer (`gateway.tracing`) comes up first and goes down last, so
-every other context's spans are exported.
+notification sender, the reconciler, the provider-webhook processor, host metrics, the console
+(handed the service, pool, store and watcher it shows). aiohttp tears down in reverse and only
+what started. Every piece of state they share is an `AppKey` of `gateway.app_keys`; nothing
+below this module wires another module's objects together. The tracer (`gateway.tracing`) comes
+up first and goes down last, so every other context's spans are exported.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -44,6 +45,7 @@ from gateway.app_keys import (
     STORE,
     TRACING,
     TRANSACTION_LOG,
+    WEBHOOKS,
 )
 from gateway.breaker_sync import BreakerSync, RedisBreakerSync
 from gateway.certs.watcher import CertificateWatcher
@@ -77,6 +79,10 @@ from gateway.txlog.writer import LogFileUnavailable, LogWriterStalled
 from gateway.txlog.redaction import Redactor
 from gateway.workers import WorkerSeat
 from gateway.workers.link import HostBreakerSync
+from gateway.webhooks import routes as webhook_routes
+from gateway.webhooks.metrics import WebhookMetrics
+from gateway.webhooks.processor import WebhookProcessor
+from gateway.webhooks.schemes import endpoints as webhook_endpoints
 from gateway.workers.peers import SeatPeers
 
 ABANDON_MARGIN_S = 5.0  # past its deadline plus this, an unanswered payment has lost its process
@@ -111,7 +117,8 @@ def make_store(config: GatewayConfig, metrics: Metrics | None = None) -> Store:
 def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBoundLogger | None = None,
               reconcile_interval_s: float = 5.0, server_ssl_context: ssl.SSLContext | None = None,
               certificate_check_interval_s: float = 60.0, exclusive_store: bool | None = None,
-              worker: WorkerSeat | None = None, span_exporter: SpanExporter | None = None) -> web.Application:
+              worker: WorkerSeat | None = None, span_exporter: SpanExporter | None = None,
+              webhook_interval_s: float = 1.0) -> web.Application:
     """`exclusive_store`: no other process uses this journal (default: true for SQLite, false for
     a worker of `serve --workers N`). `worker`: this app is that worker (see `gateway.workers`).
     `span_exporter`: where spans go when `observability.tracing` is on (default: OTLP)."""
@@ -288,6 +295,18 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
         yield
         await stop_task(task)
 
+    async def webhooks(app: web.Application) -> AsyncIterator[None]:
+        """Provider webhooks in: the route journals, this processor applies (first what a crash
+        left journalled, then whenever the route wakes it or every `webhook_interval_s`)."""
+        metrics = WebhookMetrics(app[METRICS].registry)
+        processor = WebhookProcessor(app[SERVICE], metrics, log=ops, interval_s=webhook_interval_s)
+        app[WEBHOOKS] = webhook_routes.Webhooks(webhook_endpoints(config), metrics, processor,
+                                                os.environ.get(webhook_routes.CRASH_ENV))
+        await processor.run_once()
+        task = asyncio.create_task(processor.run_forever(), name="webhook-processor")
+        yield
+        await stop_task(task)
+
     async def certificates(app: web.Application) -> AsyncIterator[None]:
         """Before the app serves, one pass over the files marks providers whose client
         certificate is unusable (no endpoint probes there: a provider that is still starting
@@ -332,9 +351,10 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
         service.observers.remove(view.stats.observe)
 
     app.cleanup_ctx.extend([tracing, log_writer, store, journal_probe, transaction_log, providers, breaker_sync,
-                            certificates, service, notifications, reconciler, host_metrics, console])
+                            certificates, service, notifications, reconciler, webhooks, host_metrics, console])
     payments.add_routes(app)
     health.add_routes(app)
     openapi.add_routes(app)
+    webhook_routes.add_routes(app)
     console_routes.add_routes(app)
     return app

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from gateway.txlog.outbox import TransactionLog
     from gateway.txlog.redaction import Redactor
     from gateway.txlog.writer import JsonLinesWriter
+    from gateway.webhooks.routes import Webhooks
 
 CONFIG: web.AppKey[GatewayConfig] = web.AppKey("config")
 OPS_LOG: web.AppKey[structlog.typing.FilteringBoundLogger] = web.AppKey("ops_log")
@@ -50,6 +51,7 @@ BREAKER_SYNC: web.AppKey[BreakerSync] = web.AppKey("breaker_sync")
 CERT_WATCHER: web.AppKey[CertificateWatcher] = web.AppKey("certificate_watcher")
 SERVICE: web.AppKey[PaymentService] = web.AppKey("service")
 RECONCILER: web.AppKey[Reconciler] = web.AppKey("reconciler")
+WEBHOOKS: web.AppKey[Webhooks] = web.AppKey("webhooks")
 # Present only with notifications.url set.
 NOTIFICATION_SENDER: web.AppKey[NotificationSender] = web.AppKey("notification_sender")
 CONSOLE: web.AppKey[Console] = web.AppKey("console")

@@ -33,6 +33,17 @@ def _secret_from_env(var: str, field: str) -> SecretStr:
     return SecretStr(value)
 
 
+def _webhook_key(kind: str, var: str) -> SecretStr:
+    secret = _secret_from_env(var, "webhook_key_envs")
+    if kind == "adyen":
+        try:
+            bytes.fromhex(secret.get_secret_value())
+        except ValueError:
+            raise ValueError(f"environment variable {var} (named by webhook_key_envs) is not an Adyen HMAC key: "
+                             "Adyen shows it as hexadecimal") from None
+    return secret
+
+
 class TlsServerConfig(_Model):
     cert: Path
     key: Path
@@ -199,14 +210,24 @@ class ProviderConfig(_Model):
     # `gateway preflight` checks that every route's backups can take the route's traffic.
     currencies: tuple[str, ...] | None = None
     countries: tuple[str, ...] | None = None
+    # The keys this provider signs its webhooks with, each read from the environment variable
+    # named here; several at once while ops rotate one (Stripe `whsec_…`, Adyen's HMAC key in
+    # hex, Checkout.com's webhook secret key). None: POST /v1/webhooks/<name> answers 404.
+    webhook_key_envs: tuple[str, ...] = Field((), max_length=5)
     _api_key: SecretStr = PrivateAttr()
+    _webhook_keys: tuple[SecretStr, ...] = PrivateAttr(())
 
     @model_validator(mode="after")
     def _load(self) -> Self:
         if self.kind == "adyen" and not self.merchant_account:
             raise ValueError("merchant_account is required for kind adyen (every Adyen request names one)")
         self._api_key = _secret_from_env(self.api_key_env, "api_key_env")
+        self._webhook_keys = tuple(_webhook_key(self.kind, var) for var in self.webhook_key_envs)
         return self
+
+    @property
+    def webhook_keys(self) -> tuple[SecretStr, ...]:
+        return self._webhook_keys
 
     @property
     def api_key(self) -> SecretStr:

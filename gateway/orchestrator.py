@@ -63,6 +63,12 @@ def provider_idempotency_key(payment_id: str, provider: str, operation: str = "a
     return f"{payment_id}-{provider}-{operation}-{hashlib.sha256(salt.encode()).hexdigest()[:16]}"
 
 
+def payment_id_of(reference: str) -> str:
+    """Our payment id from a reference we sent a provider: the payment id itself, or a provider
+    key of `provider_idempotency_key` (payment ids hold no `-`)."""
+    return reference.split("-", 1)[0]
+
+
 class PaymentLocks:
     """One asyncio.Lock per payment with a follow-up starting in this process; dropped when
     nobody holds it. Across processes, the `<op>_pending` state journalled before the call is
@@ -364,8 +370,9 @@ class PaymentService:
                  "follow_up": {"operation": op.value, "amount": amount, "outcome": result.outcome.value,
                                "raw_code": result.raw_code}}
         record.updated_at = time.time()
-        if result.outcome is Outcome.UNKNOWN:
-            # The provider may have acted: the reconciler asks it, and answers the key then.
+        if result.outcome is Outcome.UNKNOWN or result.settles_later:
+            # The provider may have acted, or has accepted and reports later: its webhook (or the
+            # reconciler's lookup) settles it, and answers the key then.
             assert record.follow_up is not None
             record.follow_up.answered = True
             answer = answers.follow_up_answer(record, op, result)

@@ -4,6 +4,9 @@ confirm). It settles each with a status query at the provider that holds it (thr
 `ProviderClient` as every call: breaker and bulkhead included), and stores the final answer for
 the caller's idempotency key.
 
+A provider without a lookup (Adyen: `has_status_lookup` False) is never asked: its payments and
+follow-ups wait for their webhook (`gateway.webhooks`), which settles them.
+
 Runs once at start (after a crash) and then periodically. Card data is never journalled, so a
 payment the provider never saw is closed as `failed` (nothing charged) rather than re-sent; a
 follow-up the provider never saw is undone (the payment returns to its prior status) and its
@@ -35,6 +38,9 @@ MIN_RECHECK_S = 5.0
 MAX_RECHECK_S = 300.0
 BATCH = 200  # rows leased per pass
 LEASE_S = 120.0  # beyond a pass over BATCH rows (each a status query bounded by its provider's timeout)
+# Adyen retries a notification for days (9 s, 18 s, 27 s, then from a queue); an hour without one
+# is worth an operator's look, never a guess.
+NOTIFICATION_OVERDUE_S = 3600.0
 
 
 class Reconciler:
@@ -65,6 +71,7 @@ class Reconciler:
         self.wake = asyncio.Event()
         self._next_check: dict[str, tuple[float, float]] = {}  # payment id -> (next check, last delay)
         self._pass = asyncio.Lock()  # one pass at a time: two would settle and log a payment twice
+        self._overdue: set[str] = set()  # payments whose missing notification was reported
 
     async def run_forever(self) -> None:
         woken = False
@@ -165,6 +172,9 @@ class Reconciler:
                                    deadline, attempt)
 
     async def _settle(self, record: PaymentRecord) -> bool:
+        client = self.service.clients.get(record.provider) if record.provider is not None else None
+        if client is not None and not client.mapping.has_status_lookup:
+            return await self._await_notification(record)
         if record.follow_up is not None:
             return await self._settle_follow_up(record)
         svc = self.service
@@ -203,6 +213,33 @@ class Reconciler:
         await svc.commit(record, "reconciliation", settled_from=before)  # row, log line, notification: together
         svc.metrics.reconciled.labels(record.status.value).inc()
         return True
+
+    async def _await_notification(self, record: PaymentRecord) -> bool:
+        """A provider without a lookup (Adyen) settles only by webhook (`gateway.webhooks`): the
+        reconciler takes over what a dead request left (its payment line, its key's "pending"
+        answer) and waits; nothing is ever guessed. Past NOTIFICATION_OVERDUE_S it says so once
+        (ops line `notification_overdue`): ops check the provider's back office and have it
+        resend the notification."""
+        age = time.time() - (record.follow_up.started_at if record.follow_up is not None else record.created_at)
+        if age > NOTIFICATION_OVERDUE_S and record.id not in self._overdue:
+            self._overdue.add(record.id)
+            self.log.warning("notification_overdue", payment_id=record.id, provider=record.provider,
+                             status=record.status.value, age_s=round(age))
+        if record.follow_up is None:
+            return await self._keep_pending(record)
+        return await self._keep_follow_up_pending(record)
+
+    async def _keep_follow_up_pending(self, record: PaymentRecord) -> bool:
+        """Not settled yet: asked again later. Taking over a request that died, its key now
+        replays "accepted, pending" (202) until then."""
+        pending = record.follow_up
+        assert pending is not None
+        if not pending.answered:
+            pending.answered = True
+            await self.service.store.complete_idempotency_for(pending.provider_key, answers.follow_up_answer(
+                record, Operation(pending.operation), ProviderResult(Outcome.UNKNOWN)).stored())
+        await self._touch(record)
+        return False
 
     async def _keep_pending(self, record: PaymentRecord) -> bool:
         """Not settled yet: the reconciler owns it and asks again later. A crashed request never
@@ -268,13 +305,7 @@ class Reconciler:
                 await svc.store.release_idempotency(pending.scope, pending.front_key)  # a retry may make it now
             follow_up["never_made"] = True
         else:
-            if not pending.answered:
-                # Taking over a request that died: its key replays "accepted, pending" until then.
-                pending.answered = True
-                await svc.store.complete_idempotency_for(pending.provider_key, answers.follow_up_answer(
-                    record, op, ProviderResult(Outcome.UNKNOWN)).stored())
-            await self._touch(record)
-            return False
+            return await self._keep_follow_up_pending(record)
         await svc.commit(record, "reconciliation", follow_up=follow_up, settled_from=before)
         svc.metrics.reconciled.labels(record.status.value).inc()
         return True

@@ -25,6 +25,7 @@ from domain.outcome import PaymentStatus
 from gateway.api.errors import json_response
 from gateway.api.openapi_webhooks import webhooks as notification_webhooks
 from gateway.api.schemas import CaptureCreate, PaymentCreate, RefundCreate, VoidCreate
+from gateway.webhooks.routes import OPENAPI as WEBHOOK_PATHS
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
 _PAYMENT = {"$ref": "#/components/schemas/Payment"}
@@ -214,6 +215,7 @@ def build_openapi() -> dict[str, Any]:
             "/livez": _probe("getLive", "the process answers (checks nothing outside it)"),
             "/readyz": _probe("getReady", "whether to send this replica traffic; 503 lists the `reasons`",
                               unready=True),
+            **WEBHOOK_PATHS,
         },
     }
     return document

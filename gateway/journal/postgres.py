@@ -75,6 +75,7 @@ from gateway.journal.store import (
     payment_from_row,
     payment_row,
 )
+from gateway.journal.webhook_events import WebhookEventRecord, WebhookState
 from gateway.notifications.records import AttemptRecord, DeliveryOutcome, Notification
 
 _UNRESOLVED_SQL = "(" + ", ".join(f"'{s}'" for s in UNRESOLVED_STATUSES) + ")"
@@ -478,6 +479,38 @@ class PostgresStore:
                                      "WHERE created_at < $1 AND state <> 'pending' LIMIT $2)", before, limit)
         return int(tag.rsplit(" ", 1)[-1])
 
+    # -- provider webhooks in (gateway.webhooks) -------------------------------------------------
+
+    async def journal_webhook_events(self, events: Sequence[WebhookEventRecord]) -> int:
+        rows = [(e.provider, e.event_id, e.state.value, e.received_at, e.payment_id, e.to_doc()) for e in events]
+        async with self._conn() as conn:
+            return await conn.fetchval(_INSERT_WEBHOOKS, [r[0] for r in rows], [r[1] for r in rows],
+                                       [r[2] for r in rows], [r[3] for r in rows], [r[4] for r in rows],
+                                       [r[5] for r in rows])
+
+    async def lease_webhook_events(self, owner: str, lease_s: float, limit: int = 100) -> list[WebhookEventRecord]:
+        async with self._conn() as conn:
+            rows = await conn.fetch(_LEASE_WEBHOOKS, owner, lease_s, limit)
+        return [_webhook_record(r) for r in sorted(rows, key=lambda r: r["received_at"])]
+
+    async def finish_webhook_event(self, record: WebhookEventRecord) -> None:
+        async with self._conn() as conn:
+            await conn.execute(
+                "UPDATE webhook_events SET state = $3, payment_id = $4, processed_at = $5, doc = $6, "
+                "lease_owner = NULL, lease_until = NULL WHERE provider = $1 AND event_id = $2",
+                record.provider, record.event_id, record.state.value, record.payment_id, record.processed_at,
+                record.to_doc())
+
+    async def webhook_events(self, state: WebhookState | None = None, limit: int = 100) -> list[WebhookEventRecord]:
+        async with self._conn() as conn:
+            if state is None:
+                rows = await conn.fetch(f"SELECT {_WEBHOOK_COLUMNS} FROM webhook_events "
+                                        "ORDER BY received_at DESC LIMIT $1", limit)
+            else:
+                rows = await conn.fetch(f"SELECT {_WEBHOOK_COLUMNS} FROM webhook_events WHERE state = $1 "
+                                        "ORDER BY received_at DESC LIMIT $2", state.value, limit)
+        return [_webhook_record(r) for r in rows]
+
 
 # $1 owner, $2 lease_s, $3 limit. SKIP LOCKED: a row another sender is leasing right now is its own.
 _LEASE_NOTIFICATIONS = f"""
@@ -498,6 +531,28 @@ _FINISH = _FINISH_CTE + "\nSELECT count(*) FROM done"
 _FINISH_WITH_LINE = _FINISH_CTE + """, line AS (
     INSERT INTO outbox (log_id, owner, created_at, line) SELECT $7, $8, $9, $10 WHERE EXISTS (SELECT 1 FROM done))
 SELECT count(*) FROM done"""
+
+
+_WEBHOOK_COLUMNS = "provider, event_id, state, received_at, payment_id, processed_at, doc"
+# One statement for a delivery's items (arrays $1..$6): the new ones inserted, repeats left alone.
+_INSERT_WEBHOOKS = """
+WITH added AS (
+    INSERT INTO webhook_events (provider, event_id, state, received_at, payment_id, doc)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[], $5::text[], $6::bytea[])
+    ON CONFLICT (provider, event_id) DO NOTHING RETURNING 1)
+SELECT count(*) FROM added"""
+# $1 owner, $2 lease_s, $3 limit. SKIP LOCKED: an event another replica is leasing right now is its own.
+_LEASE_WEBHOOKS = f"""
+UPDATE webhook_events SET lease_owner = $1, lease_until = {_NOW} + $2::float8 WHERE (provider, event_id) IN (
+    SELECT provider, event_id FROM webhook_events WHERE state = '{WebhookState.PENDING.value}'
+        AND (lease_until IS NULL OR lease_until <= {_NOW} OR lease_owner = $1)
+    ORDER BY received_at LIMIT $3 FOR UPDATE SKIP LOCKED)
+RETURNING {_WEBHOOK_COLUMNS}"""
+
+
+def _webhook_record(row: asyncpg.Record) -> WebhookEventRecord:
+    return WebhookEventRecord.from_row(row["provider"], row["state"], row["received_at"], row["payment_id"],
+                                       row["processed_at"], bytes(row["doc"]))
 
 
 def dsn_location(dsn: str) -> str:

@@ -53,6 +53,7 @@ from gateway.journal.store import (
     payment_from_row,
     payment_row,
 )
+from gateway.journal.webhook_events import WebhookEventRecord, WebhookState
 from gateway.notifications.records import AttemptRecord, DeliveryOutcome, Notification
 
 T = TypeVar("T")
@@ -323,6 +324,46 @@ class SqliteStore:
 
         return await self._submit(op)
 
+    # -- provider webhooks in (gateway.webhooks) -------------------------------------------------
+
+    async def journal_webhook_events(self, events: Sequence[WebhookEventRecord]) -> int:
+        rows = [(e.provider, e.event_id, e.state.value, e.received_at, e.payment_id, e.to_doc()) for e in events]
+
+        def op(conn: sqlite3.Connection) -> int:
+            return sum(conn.execute(_INSERT_WEBHOOK, row).rowcount for row in rows)
+
+        return await self._submit(op)
+
+    async def lease_webhook_events(self, owner: str, lease_s: float, limit: int = 100) -> list[WebhookEventRecord]:
+        def op(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+            # One BEGIN IMMEDIATE transaction: no other process can lease in between.
+            now = time.time()
+            rows = conn.execute(
+                f"SELECT {_WEBHOOK_COLUMNS} FROM webhook_events WHERE state = ? "
+                "AND (lease_until IS NULL OR lease_until <= ? OR lease_owner = ?) ORDER BY received_at LIMIT ?",
+                (WebhookState.PENDING.value, now, owner, limit)).fetchall()
+            conn.executemany("UPDATE webhook_events SET lease_owner = ?, lease_until = ? "
+                             "WHERE provider = ? AND event_id = ?",
+                             [(owner, now + lease_s, r[0], r[1]) for r in rows])
+            return rows
+
+        return [_webhook_record(row) for row in await self._submit(op)]
+
+    async def finish_webhook_event(self, record: WebhookEventRecord) -> None:
+        row = (record.state.value, record.payment_id, record.processed_at, record.to_doc(), record.provider,
+               record.event_id)
+        await self._submit(lambda conn: conn.execute(
+            "UPDATE webhook_events SET state = ?, payment_id = ?, processed_at = ?, doc = ?, lease_owner = NULL, "
+            "lease_until = NULL WHERE provider = ? AND event_id = ?", row))
+
+    async def webhook_events(self, state: WebhookState | None = None, limit: int = 100) -> list[WebhookEventRecord]:
+        where, params = ("WHERE state = ?", (state.value, limit)) if state is not None else ("", (limit,))
+
+        def op(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+            return conn.execute(f"SELECT {_WEBHOOK_COLUMNS} FROM webhook_events {where} "
+                                "ORDER BY received_at DESC LIMIT ?", params).fetchall()
+
+        return [_webhook_record(row) for row in await self._submit(op)]
     # -- merchant notifications' outbox (gateway.notifications) --------------------------------
 
     async def lease_notifications(self, owner: str, lease_s: float, limit: int) -> list[Notification]:
@@ -426,6 +467,16 @@ def _write_payment(conn: sqlite3.Connection, row: _Row, expected: int) -> None:
         changed = conn.execute(_UPDATE_PAYMENT, (status, updated_at, doc, expected + 1, payment_id, expected)).rowcount
     if changed != 1:
         raise StaleWrite(row[0])
+
+
+_INSERT_WEBHOOK = ("INSERT INTO webhook_events (provider, event_id, state, received_at, payment_id, doc) "
+                   "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (provider, event_id) DO NOTHING")
+_WEBHOOK_COLUMNS = "provider, event_id, state, received_at, payment_id, processed_at, doc"
+
+
+def _webhook_record(row: tuple[Any, ...]) -> WebhookEventRecord:
+    provider, _event_id, state, received_at, payment_id, processed_at, doc = row
+    return WebhookEventRecord.from_row(provider, state, received_at, payment_id, processed_at, doc)
 
 
 def _unavailable(path: Path, exc: BaseException) -> BaseException:

@@ -47,6 +47,7 @@ from domain.outcome import PaymentStatus
 
 if TYPE_CHECKING:
     from gateway.journal.schema import Migration
+    from gateway.journal.webhook_events import WebhookEventRecord, WebhookState
 
 # What the reconciler owns: payments without a final answer, and follow-ups without one.
 UNRESOLVED_STATUSES = tuple(s.value for s in (
@@ -182,6 +183,26 @@ class Store(Protocol):
         write it again; `delete_outbox` ends it."""
         ...
 
+    # -- provider webhooks in (gateway.webhooks) ---------------------------------------------------
+
+    async def journal_webhook_events(self, events: Sequence[WebhookEventRecord]) -> int:
+        """Durable on return, in one transaction: each event not yet journalled for its
+        (provider, event id) is inserted `pending`; one already there is left as it is (a
+        repeated delivery). Returns how many were new."""
+        ...
+
+    async def lease_webhook_events(self, owner: str, lease_s: float, limit: int = 100) -> list[WebhookEventRecord]:
+        """Pending events, oldest first, each leased to `owner` for `lease_s` seconds: events
+        leased to another owner whose lease has not run out are skipped, `owner`'s are renewed.
+        Atomic across processes (the same contract as `lease_unresolved`)."""
+        ...
+
+    async def finish_webhook_event(self, record: WebhookEventRecord) -> None:
+        """Store what applying the event did (its state, payment, outcome) and end its lease."""
+        ...
+
+    async def webhook_events(self, state: WebhookState | None = None, limit: int = 100) -> list[WebhookEventRecord]:
+        """Journalled events (in `state`, or any), newest first: for ops (orphans above all)."""
     # -- merchant notifications' outbox (gateway.notifications) -----------------------------------
     # Rows are inserted by `save_payment(..., notifications=...)`; the senders lease them.
 
