@@ -18,6 +18,3 @@ CREATE TABLE notifications (
     last_status INTEGER,
     last_error TEXT
 );
--- What the senders ask for: pending rows that are due, soonest first.
-CREATE INDEX notifications_due ON notifications (next_attempt_at) WHERE state = 'pending';
-CREATE INDEX notifications_created ON notifications (created_at);

@@ -14,5 +14,3 @@ CREATE TABLE webhook_events (
     doc BLOB NOT NULL,
     PRIMARY KEY (provider, event_id)
 ) WITHOUT ROWID;
-CREATE INDEX webhook_events_pending ON webhook_events (received_at) WHERE state = 'pending';
-CREATE INDEX webhook_events_by_state ON webhook_events (state, received_at);
