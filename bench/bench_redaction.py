@@ -33,7 +33,7 @@ from gateway.api.schemas import PaymentCreate  # noqa: E402
 from gateway.journal.records import Attempt, PaymentRecord, StoredResponse  # noqa: E402
 from gateway.journal.store import payment_row  # noqa: E402
 from gateway.answers import payment_doc  # noqa: E402
-from gateway.txlog.redaction import Redactor  # noqa: E402
+from gateway.redaction import Redactor  # noqa: E402
 
 SECRETS = ["test-checkout-key", "test-reporting-key", "sk_test_gateway", "adyen_test_key", "sk_sbox_gateway"]
 

@@ -27,7 +27,7 @@ from domain.outcome import PaymentStatus
 from gateway.journal.records import Attempt, PaymentRecord
 from gateway.txlog.trace_ids import add_trace_ids
 from gateway.tracing.spans import NO_TRACING, LiveTracing, Tracing
-from gateway.txlog.redaction import Redactor
+from gateway.redaction import Redactor
 
 SAMPLED = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}
 NOT_SAMPLED = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"}

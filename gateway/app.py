@@ -76,7 +76,7 @@ from gateway.txlog import JsonLinesWriter, build_ops_logger
 from gateway.txlog.file_lock import LogFileInUse, LogFileLock
 from gateway.txlog.outbox import TransactionLog
 from gateway.txlog.writer import LogFileUnavailable, LogWriterStalled
-from gateway.txlog.redaction import Redactor
+from gateway.redaction import Redactor
 from gateway.workers import WorkerSeat
 from gateway.workers.link import HostBreakerSync
 from gateway.webhooks import routes as webhook_routes

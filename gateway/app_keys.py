@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from gateway.reconciler import Reconciler
     from gateway.tracing.spans import Tracing
     from gateway.txlog.outbox import TransactionLog
-    from gateway.txlog.redaction import Redactor
+    from gateway.redaction import Redactor
     from gateway.txlog.writer import JsonLinesWriter
     from gateway.webhooks.routes import Webhooks
 

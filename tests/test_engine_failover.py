@@ -19,7 +19,7 @@ import pytest
 
 from gateway.api.payments import new_payment_id
 from gateway.app_keys import RECONCILER
-from gateway.txlog.redaction import Redactor
+from gateway.redaction import Redactor
 from emulators.faults import FaultRule
 from tests.conftest import (
     AUTH,

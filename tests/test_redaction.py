@@ -26,16 +26,8 @@ from domain.secret import Secret
 from gateway.api.errors import ApiError
 from gateway.api.free_text import refuse_card_data
 from gateway.api.schemas import Body, PaymentCreate, RefundCreate, VoidCreate
-from gateway.txlog import (
-    REDACTED,
-    Finding,
-    JsonLinesWriter,
-    Redactor,
-    build_ops_logger,
-    build_transaction_logger,
-    luhn_valid,
-    mask_pan,
-)
+from gateway.redaction import REDACTED, Finding, Redactor, luhn_valid, mask_pan
+from gateway.txlog import JsonLinesWriter, build_ops_logger, build_transaction_logger
 from tests.conftest import luhn_complete
 
 VISA = "4242424242424242"

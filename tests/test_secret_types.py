@@ -15,7 +15,7 @@ import pytest
 from domain.secret import Secret
 from domain.types import PaymentOrder
 from gateway.api.schemas import CardMethod, PaymentCreate, TokenMethod
-from gateway.txlog import REDACTED, Redactor
+from gateway.redaction import REDACTED, Redactor
 from tests.conftest import card_payment as _card_payment
 
 PAN = "4111111145551142"

@@ -35,7 +35,7 @@ from gateway.api.tracing import tracing_middleware
 from gateway.tracing.setup import build_tracing
 from gateway.tracing.spans import NO_TRACING
 from gateway.txlog import build_ops_logger
-from gateway.txlog.redaction import Redactor
+from gateway.redaction import Redactor
 from tests.conftest import AUTH, card_payment, engine_config_data, idem, luhn_complete, pay, set_faults, txlog
 
 CHECKOUT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"

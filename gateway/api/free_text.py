@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from gateway.api.errors import ApiError
 from gateway.api.schemas import Body
-from gateway.txlog.redaction import Finding, Redactor
+from gateway.redaction import Finding, Redactor
 
 _REFUSED: dict[Finding, tuple[str, str]] = {
     Finding.CARD_NUMBER: ("card_data_in_free_text", "holds a card number; card data goes in payment_method only"),

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from gateway.api import strict_json
 from gateway.api.errors import ApiError, from_validation_error
 from gateway.api.free_text import refuse_card_data
-from gateway.txlog.redaction import Redactor
+from gateway.redaction import Redactor
 from gateway.api.schemas import Body
 
 M = TypeVar("M", bound=Body)

@@ -115,7 +115,7 @@ def _serve_one(cfg: GatewayConfig, *, worker: WorkerSeat | None = None, sock: so
 def _serve_workers(path: Path, cfg: GatewayConfig, workers: int) -> None:
     """N worker processes behind one supervisor (see `gateway.workers`)."""
     from gateway.txlog import build_ops_logger
-    from gateway.txlog.redaction import Redactor
+    from gateway.redaction import Redactor
     from gateway.workers.supervisor import Supervisor, SupervisorError
 
     server = cfg.server

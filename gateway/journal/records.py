@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 
 from domain.outcome import PaymentStatus
-from gateway.txlog.redaction import Redactor
+from gateway.redaction import Redactor
 
 # The journal knows no configured secret values (the log's Redactor does); it hides every
 # pattern the detector knows.

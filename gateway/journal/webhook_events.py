@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 
 from domain.webhook import EventKind, ProviderEvent
-from gateway.txlog.redaction import Redactor
+from gateway.redaction import Redactor
 
 _REDACTOR = Redactor()
 

@@ -17,7 +17,7 @@ from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
 from gateway.config import TracingConfig
 from gateway.tracing.spans import NO_TRACING, LiveTracing, Tracing
-from gateway.txlog.redaction import Redactor
+from gateway.redaction import Redactor
 
 
 def build_tracing(config: TracingConfig, redactor: Redactor, *, exporter: SpanExporter | None = None) -> Tracing:

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
 
     from gateway.journal.records import Attempt, PaymentRecord
-    from gateway.txlog.redaction import Redactor
+    from gateway.redaction import Redactor
 
 
 class SpanHandle:

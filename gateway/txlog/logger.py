@@ -27,7 +27,7 @@ import orjson
 import structlog
 
 from gateway.txlog.trace_ids import add_trace_ids
-from gateway.txlog.redaction import Redactor
+from gateway.redaction import Redactor
 from gateway.txlog.writer import JsonLinesWriter
 
 __all__ = ["build_ops_logger", "build_transaction_logger", "build_transaction_renderer"]

@@ -61,7 +61,7 @@ from gateway.journal.records import OutboxLine
 from gateway.journal.store import Store
 from gateway.tasks import stop_task
 from gateway.txlog.logger import build_transaction_renderer
-from gateway.txlog.redaction import Redactor
+from gateway.redaction import Redactor
 from gateway.txlog.writer import JsonLinesWriter, LogWriterError
 
 __all__ = [
