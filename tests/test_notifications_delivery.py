@@ -11,7 +11,7 @@ import pytest
 
 from emulators.faults import FaultRule
 from gateway.app_keys import NOTIFICATION_SENDER, POOL, RECONCILER, STORE
-from gateway.notifications.records import DeliveryState
+from gateway.journal.notification_records import DeliveryState
 from domain.outcome import PaymentStatus
 from tests.conftest import AUTH, card_payment, idem, metrics_text, pay, set_faults, txlog
 from tests.notification_receiver import (

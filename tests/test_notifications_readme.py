@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from gateway.app_keys import STORE
 from gateway.cli import app as cli
-from gateway.notifications.records import DeliveryState
+from gateway.journal.notification_records import DeliveryState
 from tests.notification_receiver import SECRET, SECRET_ENV, eventually, notifications_config, settle_later
 
 README = Path(__file__).resolve().parents[1] / "README.md"

@@ -16,7 +16,7 @@ from gateway.journal.errors import StaleWrite
 from gateway.journal.records import OutboxLine, PendingFollowUp
 from gateway.notifications.events import EventType, Settling, late_event
 from gateway.notifications.outbox import NotificationOutbox, event_id
-from gateway.notifications.records import AttemptRecord, DeliveryOutcome, DeliveryState
+from gateway.journal.notification_records import AttemptRecord, DeliveryOutcome, DeliveryState
 from tests.conftest import DB_ERRORS, Backend, payment
 
 

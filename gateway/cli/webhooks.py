@@ -25,7 +25,7 @@ from gateway.cli.errors import fail, load_or_exit
 from gateway.config import GatewayConfig
 from gateway.journal.errors import JournalUnavailable, SchemaMismatch, StoreUnavailable
 from gateway.journal.store import Store
-from gateway.notifications.records import Notification
+from gateway.journal.notification_records import Notification
 
 T = TypeVar("T")
 webhooks_app = typer.Typer(no_args_is_help=True, help="Merchant notifications out: list and replay.")

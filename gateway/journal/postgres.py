@@ -76,7 +76,7 @@ from gateway.journal.store import (
     payment_row,
 )
 from gateway.journal.webhook_events import WebhookEventRecord, WebhookState
-from gateway.notifications.records import AttemptRecord, DeliveryOutcome, Notification
+from gateway.journal.notification_records import AttemptRecord, DeliveryOutcome, Notification
 
 _UNRESOLVED_SQL = "(" + ", ".join(f"'{s}'" for s in UNRESOLVED_STATUSES) + ")"
 _IN_FLIGHT = IdempotencyState.IN_FLIGHT.value

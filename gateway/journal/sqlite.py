@@ -54,7 +54,7 @@ from gateway.journal.store import (
     payment_row,
 )
 from gateway.journal.webhook_events import WebhookEventRecord, WebhookState
-from gateway.notifications.records import AttemptRecord, DeliveryOutcome, Notification
+from gateway.journal.notification_records import AttemptRecord, DeliveryOutcome, Notification
 
 T = TypeVar("T")
 _STOP = object()

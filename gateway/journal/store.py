@@ -42,7 +42,7 @@ from gateway.journal.records import (
     PaymentRecord,
     StoredResponse,
 )
-from gateway.notifications.records import AttemptRecord, DeliveryState, Notification
+from gateway.journal.notification_records import AttemptRecord, DeliveryState, Notification
 from domain.outcome import PaymentStatus
 
 if TYPE_CHECKING:

@@ -1,7 +1,8 @@
 """Merchant notifications out: the checkout hears every outcome that arrives after its answer.
 
 - `events.py` (pure): which state transition yields which event (`late_event`).
-- `records.py`: the outbox row (`Notification`) and a delivery attempt's outcome.
+- the outbox row (`Notification`) and a delivery attempt's outcome are the journal's
+  (`gateway/journal/notification_records.py`), which stores them.
 - `outbox.py`: turns a settlement into the rows committed with it (`NotificationOutbox`).
 - `signing.py`: the `Gateway-Signature` header.
 - `sender.py`: the background task that delivers the rows, at least once, leased per process.

@@ -19,7 +19,7 @@ import orjson
 from gateway.answers import payment_doc
 from gateway.journal.records import PaymentRecord
 from gateway.notifications.events import EventType, Settling, late_event
-from gateway.notifications.records import Notification
+from gateway.journal.notification_records import Notification
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 

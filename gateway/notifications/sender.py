@@ -33,7 +33,7 @@ import structlog
 from gateway.config import NotificationsConfig
 from gateway.journal.store import Store
 from gateway.metrics import Metrics
-from gateway.notifications.records import AttemptRecord, DeliveryOutcome, Notification
+from gateway.journal.notification_records import AttemptRecord, DeliveryOutcome, Notification
 from gateway.notifications.signing import SIGNATURE_HEADER, signature_header
 from gateway.txlog.outbox import TransactionLog
 
