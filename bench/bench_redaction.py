@@ -28,8 +28,8 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gateway.api.free_text import refuse_card_data  # noqa: E402
-from gateway.api.schemas import PaymentCreate  # noqa: E402
+from gateway.http.free_text import refuse_card_data  # noqa: E402
+from gateway.http.schemas import PaymentCreate  # noqa: E402
 from gateway.journal.records import Attempt, PaymentRecord, StoredResponse  # noqa: E402
 from gateway.journal.store import payment_row  # noqa: E402
 from gateway.answers import payment_doc  # noqa: E402

@@ -1,4 +1,4 @@
-"""What refusing duplicate JSON keys costs per request body (gateway/api/strict_json.py).
+"""What refusing duplicate JSON keys costs per request body (gateway/http/strict_json.py).
 
     .venv/bin/python bench/bench_strict_json.py [--rounds 20000]
 
@@ -21,7 +21,7 @@ from pathlib import Path
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from gateway.api import strict_json  # noqa: E402
+from gateway.http import strict_json  # noqa: E402
 
 PAYMENT = {"amount": 1299, "currency": "EUR", "merchant_reference": "order-8812", "capture": True,
            "description": "2 items", "country": "DE",

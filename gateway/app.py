@@ -23,9 +23,11 @@ import structlog
 from aiohttp import web
 from opentelemetry.sdk.trace.export import SpanExporter
 
+from gateway.api import console as console_routes
 from gateway.api import health, openapi, payments
-from gateway.api.auth import Authenticator
-from gateway.api.errors import ProtocolLog, error_middleware
+from gateway.api import webhooks as webhook_routes
+from gateway.http.auth import Authenticator
+from gateway.http.errors import ProtocolLog, error_middleware
 from gateway.app_keys import (
     AUTH,
     BREAKER_SYNC,
@@ -51,7 +53,6 @@ from gateway.breaker_sync import BreakerSync, RedisBreakerSync
 from gateway.certs.watcher import CertificateWatcher
 from gateway.config import GatewayConfig
 from gateway.console import Console, SessionSigner
-from gateway.console import routes as console_routes
 from gateway.console.assets import ConsoleAssets
 from gateway.executor import AttemptExecutor
 from gateway.journal.postgres import PostgresStore
@@ -79,9 +80,9 @@ from gateway.txlog.writer import LogFileUnavailable, LogWriterStalled
 from gateway.redaction import Redactor
 from gateway.workers import WorkerSeat
 from gateway.workers.link import HostBreakerSync
-from gateway.webhooks import routes as webhook_routes
 from gateway.webhooks.metrics import WebhookMetrics
 from gateway.webhooks.processor import WebhookProcessor
+from gateway.webhooks.receiver import CRASH_ENV, Webhooks
 from gateway.webhooks.schemes import endpoints as webhook_endpoints
 from gateway.workers.peers import SeatPeers
 
@@ -129,7 +130,7 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
     redactor = Redactor(secrets=config.secret_values())  # hides every secret value the config loaded
     ops = ops_log or build_ops_logger(redactor=redactor)
     metrics = Metrics(multiprocess_dir=worker.metrics_dir if worker is not None else None)
-    # Bodies are decoded by gateway.api.inputs.read_body, not by the HTTP parser (see there why).
+    # Bodies are decoded by gateway.http.inputs.read_body, not by the HTTP parser (see there why).
     # A client hanging up never cancels its handler (run_app's default, pinned here because
     # aiohttp's test server turns cancellation on): a payment its caller stopped waiting for
     # still finishes and stores its answer for the caller's retry with the same key.
@@ -300,8 +301,7 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
         left journalled, then whenever the route wakes it or every `webhook_interval_s`)."""
         metrics = WebhookMetrics(app[METRICS].registry)
         processor = WebhookProcessor(app[SERVICE], metrics, log=ops, interval_s=webhook_interval_s)
-        app[WEBHOOKS] = webhook_routes.Webhooks(webhook_endpoints(config), metrics, processor,
-                                                os.environ.get(webhook_routes.CRASH_ENV))
+        app[WEBHOOKS] = Webhooks(webhook_endpoints(config), metrics, processor, os.environ.get(CRASH_ENV))
         await processor.run_once()
         task = asyncio.create_task(processor.run_forever(), name="webhook-processor")
         yield

@@ -15,7 +15,7 @@ from aiohttp import web
 if TYPE_CHECKING:
     import structlog
 
-    from gateway.api.auth import Authenticator
+    from gateway.http.auth import Authenticator
     from gateway.breaker_sync import BreakerSync
     from gateway.certs.watcher import CertificateWatcher
     from gateway.config import GatewayConfig
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from gateway.txlog.outbox import TransactionLog
     from gateway.redaction import Redactor
     from gateway.txlog.writer import JsonLinesWriter
-    from gateway.webhooks.routes import Webhooks
+    from gateway.webhooks.receiver import Webhooks
 
 CONFIG: web.AppKey[GatewayConfig] = web.AppKey("config")
 OPS_LOG: web.AppKey[structlog.typing.FilteringBoundLogger] = web.AppKey("ops_log")

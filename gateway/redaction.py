@@ -3,7 +3,7 @@
 The `Redactor` is a structlog processor, so it runs on every event of every logger built by
 `gateway.txlog.logger`; no call site has to remember to redact. The same instance's matching
 also decides what the API refuses in free-text fields (`Redactor.finding`,
-`gateway.api.free_text`) and what the journal scrubs from the documents it stores
+`gateway.http.free_text`) and what the journal scrubs from the documents it stores
 (`gateway.journal.records`), so a value the API accepts passes the log and the journal
 unchanged. It works on a *copy*: structlog only shallow-copies the event dict, so scrubbing
 nested containers in place would corrupt the caller's own payment data.

@@ -20,8 +20,8 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
-from gateway.api.errors import ApiError
-from gateway.api.inputs import parse_timeout_ms
+from gateway.http.errors import ApiError
+from gateway.http.inputs import parse_timeout_ms
 from gateway.txlog import build_ops_logger
 from tests.conftest import AUTH, card_payment
 

@@ -15,7 +15,7 @@ import pytest
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
 
-from gateway.api.auth import Caller
+from gateway.http.auth import Caller
 from gateway.app_keys import CONSOLE, POOL
 from gateway.app import build_app
 from gateway.config import AuthConfig, GatewayConfig

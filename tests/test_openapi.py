@@ -20,9 +20,9 @@ from openapi_spec_validator import validate as validate_openapi
 from pydantic import ValidationError
 
 from emulators.server import EmulatorServer
-from gateway.api.currencies import ISO_4217
+from gateway.http.currencies import ISO_4217
 from gateway.api.openapi import build_openapi
-from gateway.api.schemas import PaymentCreate
+from gateway.http.schemas import PaymentCreate
 from tests.conftest import AUTH, READER_KEY, card_payment, idem, luhn_complete
 
 DOCUMENT = build_openapi()

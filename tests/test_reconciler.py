@@ -17,8 +17,8 @@ from types import SimpleNamespace
 
 import orjson
 
-from gateway.api.auth import fingerprint_key
-from gateway.api.idempotency import fingerprint
+from gateway.http.auth import fingerprint_key
+from gateway.http.idempotency import fingerprint
 from gateway.app_keys import STORE
 from gateway.app_keys import RECONCILER
 from gateway.config import GatewayConfig

@@ -23,9 +23,9 @@ from structlog.testing import LogCapture
 
 from domain.cards import PAN_MAX, PAN_MIN, issuer_lengths, truncate_pan, visible_digits
 from domain.secret import Secret
-from gateway.api.errors import ApiError
-from gateway.api.free_text import refuse_card_data
-from gateway.api.schemas import Body, PaymentCreate, RefundCreate, VoidCreate
+from gateway.http.errors import ApiError
+from gateway.http.free_text import refuse_card_data
+from gateway.http.schemas import Body, PaymentCreate, RefundCreate, VoidCreate
 from gateway.redaction import REDACTED, Finding, Redactor, luhn_valid, mask_pan
 from gateway.txlog import JsonLinesWriter, build_ops_logger, build_transaction_logger
 from tests.conftest import luhn_complete

@@ -14,7 +14,7 @@ import pytest
 
 from domain.secret import Secret
 from domain.types import PaymentOrder
-from gateway.api.schemas import CardMethod, PaymentCreate, TokenMethod
+from gateway.http.schemas import CardMethod, PaymentCreate, TokenMethod
 from gateway.redaction import REDACTED, Redactor
 from tests.conftest import card_payment as _card_payment
 

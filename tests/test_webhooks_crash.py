@@ -13,7 +13,7 @@ import yaml
 
 from emulators.faults import FaultRule
 from gateway.drill.process import GatewayProcess, free_port
-from gateway.webhooks.routes import CRASH_ENV
+from gateway.webhooks.receiver import CRASH_ENV
 from tests.conftest import AUTH, card_payment, charges, gateway_config_data, set_faults
 from tests.webhook_shapes import WEBHOOK_ENV, WEBHOOK_PROVIDERS, adyen_item, adyen_notification
 

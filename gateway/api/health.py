@@ -26,7 +26,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.api.errors import json_response
+from gateway.http.errors import json_response
 from gateway.app_keys import BREAKER_SYNC, CONFIG, JOURNAL_PROBE, LOG_WRITER, METRICS, POOL, TRANSACTION_LOG
 
 

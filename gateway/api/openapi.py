@@ -22,10 +22,10 @@ from aiohttp import web
 from pydantic.json_schema import models_json_schema
 
 from domain.outcome import PaymentStatus
-from gateway.api.errors import json_response
+from gateway.http.errors import json_response
 from gateway.api.openapi_webhooks import webhooks as notification_webhooks
-from gateway.api.schemas import CaptureCreate, PaymentCreate, RefundCreate, VoidCreate
-from gateway.webhooks.routes import OPENAPI as WEBHOOK_PATHS
+from gateway.http.schemas import CaptureCreate, PaymentCreate, RefundCreate, VoidCreate
+from gateway.api.webhooks import OPENAPI as WEBHOOK_PATHS
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
 _PAYMENT = {"$ref": "#/components/schemas/Payment"}

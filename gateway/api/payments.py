@@ -11,11 +11,11 @@ from pydantic import BaseModel
 
 from domain.types import Operation, PaymentOrder
 from gateway.answers import Answer
-from gateway.api.auth import Caller
-from gateway.api.errors import ApiError
-from gateway.api.idempotency import fingerprint, idempotency_key
-from gateway.api.inputs import json_body, request_deadline
-from gateway.api.schemas import CaptureCreate, CardMethod, PaymentCreate, RefundCreate, VoidCreate
+from gateway.http.auth import Caller
+from gateway.http.errors import ApiError
+from gateway.http.idempotency import fingerprint, idempotency_key
+from gateway.http.inputs import json_body, request_deadline
+from gateway.http.schemas import CaptureCreate, CardMethod, PaymentCreate, RefundCreate, VoidCreate
 from domain.cards import truncate_pan
 from gateway.app_keys import AUTH, CONFIG, LOG_WRITER, REDACTOR, SERVICE, TRANSACTION_LOG
 from gateway.journal.records import PaymentRecord

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
-from gateway.api.auth import Authenticator, Caller
-from gateway.api.errors import ApiError
+from gateway.http.auth import Authenticator, Caller
+from gateway.http.errors import ApiError
 from gateway.console.host import FAILURES_SHOWN, HostFigures
 from gateway.console.session import COOKIE, COOKIE_PATH, SessionSigner
 from gateway.console.stats import GATEWAY, ConsoleStats

@@ -19,7 +19,7 @@ import hmac
 import time
 from collections.abc import Callable, Iterable
 
-from gateway.api.auth import Caller
+from gateway.http.auth import Caller
 from gateway.config import ClientKey
 
 COOKIE = "gateway_console"

@@ -5,7 +5,7 @@ enough to charge again.
 Every document a store writes passes the log's own redaction first (DESIGN rule 6), in the two
 codecs here that every backend uses: `PaymentRecord.to_doc` (the payment row) and
 `StoredResponse` (a key's stored answer). The API already refuses card data in free text
-(`gateway.api.free_text`); this is the net for whatever reaches a record another way (a
+(`gateway.http.free_text`); this is the net for whatever reaches a record another way (a
 provider's message, a future field, a caller that skipped the API). Identifiers, amounts and
 times are kept verbatim: they are ours or the provider's, never free text, and masking a
 provider reference that happens to pass the Luhn check would break every follow-up on the

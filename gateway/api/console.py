@@ -32,9 +32,9 @@ import orjson
 from aiohttp import web
 from pydantic import StrictBool
 
-from gateway.api.errors import ApiError, json_response
-from gateway.api.inputs import json_body
-from gateway.api.schemas import Body
+from gateway.http.errors import ApiError, json_response
+from gateway.http.inputs import json_body
+from gateway.http.schemas import Body
 from gateway.app_keys import CONSOLE, CONSOLE_ASSETS, OPS_LOG, POOL, RECONCILER, REDACTOR
 from gateway.console.assets import ASSETS
 from gateway.console.session import COOKIE, COOKIE_PATH

@@ -12,34 +12,18 @@ from __future__ import annotations
 import os
 import signal
 import time
-from dataclasses import dataclass
 
 import structlog
 from aiohttp import web
 
 from domain.webhook import MalformedEvent, SignatureInvalid
-from gateway.api.errors import ApiError
-from gateway.api.inputs import read_body
+from gateway.http.errors import ApiError
+from gateway.http.inputs import read_body
 from gateway.app_keys import OPS_LOG, STORE, WEBHOOKS
 from gateway.journal.webhook_events import WebhookEventRecord
-from gateway.webhooks.metrics import WebhookMetrics
-from gateway.webhooks.processor import WebhookProcessor
-from gateway.webhooks.schemes import WebhookEndpoint
 
 PATH = "/v1/webhooks/{provider}"
-# The crash tests' hook: `journalled` SIGKILLs the process right after a delivery is journalled,
-# before it is answered or applied (the window a restart must close).
-CRASH_ENV = "GATEWAY_WEBHOOK_CRASH_AT"
 
-
-@dataclass(frozen=True, slots=True)
-class Webhooks:
-    """What the route needs: each provider's endpoint, the counters, the processor to wake."""
-
-    endpoints: dict[str, WebhookEndpoint]
-    metrics: WebhookMetrics
-    processor: WebhookProcessor
-    crash_at: str | None = None  # CRASH_ENV, read once at start
 # The route's entry in /openapi.json: providers call it, signed with their own scheme (no bearer).
 OPENAPI = {PATH: {"post": {
     "summary": "A provider's signed notifications (Stripe-Signature, Adyen HMAC per item, Cko-Signature)",

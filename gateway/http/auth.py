@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from gateway.api.errors import ApiError
-from gateway.api.inputs import single_header
+from gateway.http.errors import ApiError
+from gateway.http.inputs import single_header
 from gateway.config import AuthConfig
 
 
@@ -18,7 +18,7 @@ from gateway.config import AuthConfig
 class Caller:
     name: str
     permissions: frozenset[str]
-    # Keys the caller's request fingerprints (gateway.api.idempotency): derived from its API key,
+    # Keys the caller's request fingerprints (gateway.http.idempotency): derived from its API key,
     # so a stored fingerprint cannot be searched for the card data of the body it hashes.
     fingerprint_key: bytes = field(default=b"", repr=False)
 

@@ -12,8 +12,8 @@ Errors name the field (``metadata.note``) and the kind of data, never the data i
 
 from __future__ import annotations
 
-from gateway.api.errors import ApiError
-from gateway.api.schemas import Body
+from gateway.http.errors import ApiError
+from gateway.http.schemas import Body
 from gateway.redaction import Finding, Redactor
 
 _REFUSED: dict[Finding, tuple[str, str]] = {

@@ -3,7 +3,7 @@
 The card number, security code and token are `SecretStr`s: a model printed, logged or caught in
 a traceback shows ``**********``; `CardMethod.to_card` and `TokenMethod.to_secret` hand them on
 as the domain's own `Secret`. Each body names its free-text fields (`Body.free_text`), which
-the API refuses to accept card data or secrets in (`gateway.api.free_text`)."""
+the API refuses to accept card data or secrets in (`gateway.http.free_text`)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, StrictBool, Strict
 from domain.cards import luhn_valid
 from domain.secret import Secret
 from domain.types import Card
-from gateway.api.currencies import ISO_4217, ISO_4217_PATTERN
+from gateway.http.currencies import ISO_4217, ISO_4217_PATTERN
 
 Amount = Annotated[StrictInt, Field(gt=0, le=10**12, description="Amount in minor units (cents)")]
 

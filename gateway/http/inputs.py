@@ -20,11 +20,11 @@ import orjson
 from aiohttp import web
 from pydantic import ValidationError
 
-from gateway.api import strict_json
-from gateway.api.errors import ApiError, from_validation_error
-from gateway.api.free_text import refuse_card_data
+from gateway.http import strict_json
+from gateway.http.errors import ApiError, from_validation_error
+from gateway.http.free_text import refuse_card_data
 from gateway.redaction import Redactor
-from gateway.api.schemas import Body
+from gateway.http.schemas import Body
 
 M = TypeVar("M", bound=Body)
 MAX_REQUEST_TIMEOUT_MS = 120_000

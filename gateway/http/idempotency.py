@@ -15,8 +15,8 @@ import re
 
 from aiohttp import web
 
-from gateway.api.errors import ApiError
-from gateway.api.inputs import single_header
+from gateway.http.errors import ApiError
+from gateway.http.inputs import single_header
 
 HEADER = "Idempotency-Key"
 _VALID = re.compile(r"^[\x21-\x7e]{1,255}$")
