@@ -379,6 +379,9 @@ async def test_rotation_under_load_loses_no_payment(
     tmp_path: Path, certs: DevCertLayout, emulators: dict[str, EmulatorServer], start_gateway: Any
 ) -> None:
     data = gateway_config_data(tmp_path, certs, emulators, order=("stripe",))
+    # Room for 50 concurrent mTLS handshakes on a loaded machine: a timeout would answer a safe
+    # `pending`, not the `approved` this test checks the rotation for.
+    data["providers"]["stripe"].update(connect_timeout_ms=2000, timeout_ms=4000)
     config_file = tmp_path / "running.yaml"
     config_file.write_text(yaml.safe_dump(data))
     client = await start_gateway(parse_config(data))

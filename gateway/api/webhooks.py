@@ -26,6 +26,7 @@ PATH = "/v1/webhooks/{provider}"
 
 # The route's entry in /openapi.json: providers call it, signed with their own scheme (no bearer).
 OPENAPI = {PATH: {"post": {
+    "operationId": "receiveProviderWebhook",
     "summary": "A provider's signed notifications (Stripe-Signature, Adyen HMAC per item, Cko-Signature)",
     "security": [],
     "parameters": [{"name": "provider", "in": "path", "required": True, "schema": {"type": "string"},
