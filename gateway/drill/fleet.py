@@ -91,8 +91,10 @@ from gateway.drill.runner import (
     ledger_view,
     lift_faults,
     plan_payments,
+    point_webhooks,
     secret_env,
     start_emulators,
+    webhooks_idle,
 )
 from gateway.drill.scenarios import FLEET, Scenario
 from gateway.journal.schema import migrations
@@ -452,6 +454,7 @@ async def run_fleet_drill(options: DrillOptions | None = None, *,
         if await fleet.migrate(begin_at) != 0:
             raise FleetSetupError(f"gateway db migrate --to {begin_at} failed (see {setup.log_dir / 'migrate.log'})")
         await fleet.start()
+        point_webhooks(servers, haproxy.url)  # through the load balancer, as a provider would reach the fleet
 
         answers = _Answers()
         progress = Progress(len(checkouts), on_progress)
@@ -495,6 +498,7 @@ async def run_fleet_drill(options: DrillOptions | None = None, *,
                 group.create_task(chaos.run())
         finally:
             await lift_faults(injections)
+        await webhooks_idle(servers)  # the asynchronous follow-ups (Adyen, Checkout.com) settle by notification
         extra.update(await _reconciled(dsn))
         extra.update(await settle_all(sessions[0], checkouts, options.concurrency))
         await fleet.stop()
