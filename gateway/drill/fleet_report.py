@@ -4,14 +4,15 @@ other. Pure functions over lines and documents, so the arithmetic is testable on
 
 A transaction line records one state change: a payment's answer (`payment`), a follow-up's
 (`capture`, `refund`, `void`), or the reconciler settling something (`reconciliation`, of the
-payment or of one follow-up). Definitions:
+payment or of one follow-up), or a provider's notification settling it (`webhook`, once per
+event id). Definitions:
 - `txlog_missing`: a state change the journal holds with no line in any file: a settled payment
-  without a `payment` or `reconciliation` line, a capture or refund the journal counts without
-  a line that made it (its own, or the reconciliation that found it).
+  without a `payment`, `reconciliation` or `webhook` line, a capture or refund the journal counts
+  without a line that made it (its own, the reconciliation that found it, or its notification's).
 - `txlog_repeated`: a state change with more than one line across all files (one payment logged
   by two replicas, a line written again by the outbox after it was on disk). A follow-up the
   provider did not take (`unavailable`: nothing made) is not a state change, and its retry is a
-  new transaction.
+  new transaction. A notification applied twice (two replicas, one event id) is one too.
 - `reconciled_twice`: the part of those that are a payment (or a follow-up of it) settled by two
   reconciliation passes: two replicas that both took one orphan.
 """
@@ -60,6 +61,8 @@ def _change(line: Mapping[str, Any]) -> tuple[str, str, str] | None:
         return pid, "payment", "answer"
     if event == "reconciliation":
         return pid, str(follow_up.get("operation", "authorize")), "reconciliation"
+    if event == "webhook":  # a provider's notification settled it: once per event id, fleet-wide
+        return pid, str(follow_up.get("operation", "authorize")), f"webhook:{(line.get('webhook') or {}).get('event_id')}"
     if event in FOLLOW_UP_EVENTS:
         outcome = follow_up.get("outcome")
         if outcome == NOT_MADE:
@@ -79,7 +82,7 @@ def txlog_figures(lines: Iterable[Mapping[str, Any]], journal: Sequence[Mapping[
             changes[change] += 1
     logged: dict[str, set[str]] = {}
     for (pid, what, how), _n in changes.items():
-        if how == "answer" or how == "reconciliation" or how.removeprefix("answer:") in MADE:
+        if how in ("answer", "reconciliation") or how.startswith("webhook:") or how.removeprefix("answer:") in MADE:
             logged.setdefault(pid, set()).add(what)
     missing = 0
     for doc in journal:
