@@ -48,7 +48,9 @@ def assert_fleet_figures(code: int, s: dict[str, Any], payments: int, workers: i
     for key in ("duplicates", "lost", "journal_mismatches", "http_500", "txlog_missing", "txlog_repeated",
                 "reconciled_twice", "charged_without_approval", "charged_at_other_provider", "follow_ups_pending"):
         assert s[key] == 0, (key, s[key])
-    assert s["approved"] + s["pending"] == payments
+    # A payment may fail while every provider is out at once (the outage meets a killed replica's
+    # breaker trips): failed means never charged (`charged_without_approval` above), and rare.
+    assert s["approved"] + s["pending"] + s["failed"] == payments and s["failed"] <= payments // 50
 
     events = {e["event"]: e for e in s["events"]}
     assert list(events) == EVENTS and s["events_failed"] == 0
