@@ -58,3 +58,15 @@ def rss_bytes(roots: list[int]) -> int:
                 continue
             total += resident * _PAGE
     return total
+
+
+def thread_cpu_seconds(pid: int) -> dict[int, float]:
+    """CPU seconds of each thread of `pid` now, by thread id (py-spy's thread ids are these)."""
+    out: dict[int, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = Path(task, "stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        out[int(task.name)] = (int(fields[11]) + int(fields[12])) / _TICK
+    return out
