@@ -5,8 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
+BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: run test install install-test certs services clean browser bench bench-tools
+.PHONY: run test install install-test certs services clean browser bench bench-tools bench-stages
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (Python 3.11+ is required)"; exit 1; }
@@ -19,6 +20,10 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 $(TEST_STAMP): pyproject.toml $(STAMP)
 	$(BIN)/pip install --quiet -e '.[test]'
+	@touch $@
+
+$(BENCH_STAMP): pyproject.toml $(STAMP)
+	$(BIN)/pip install --quiet -e '.[bench]'
 	@touch $@
 
 install: $(STAMP)
@@ -60,6 +65,10 @@ bench-tools:
 
 bench: $(STAMP) bench-tools
 	$(BIN)/python bench/run_bench.py --readme README.md
+
+# What each stage of a payment costs: py-spy (from PyPI, the `bench` extra) over the gateway under wrk.
+bench-stages: $(BENCH_STAMP) bench-tools
+	$(BIN)/python bench/bench_stages.py --readme README.md
 
 # PostgreSQL and Redis on 127.0.0.1 for the scale-out tests (see .ci/services).
 services:
