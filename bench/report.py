@@ -54,6 +54,18 @@ ROWS = (("req/s", "rps", ",.0f"), ("p50 ms", "p50_ms", ".2f"), ("p99 ms", "p99_m
         ("CPU µs/req", "cpu_us_per_req", ",.0f"), ("emulator CPU µs/req", "upstream_cpu_us_per_req", ",.0f"))
 
 
+def _errors(point: dict[str, Any]) -> str:
+    """Non-2xx answers and socket errors over the point's runs, by kind (wrk's counters)."""
+    if not point["errors"]:
+        return "0"
+    kinds: dict[str, int] = {}
+    for run in point["runs"]:
+        for kind, n in run["error_kinds"].items():
+            kinds[kind] = kinds.get(kind, 0) + n
+    detail = ", ".join(f"{kind.removesuffix('_errors')} {n}" for kind, n in kinds.items())
+    return f"{point['errors']} ({detail})"
+
+
 def print_table(doc: dict[str, Any]) -> None:
     table = Table(title="make bench: min / median over repeats (loopback, shared 2-core machine)")
     table.add_column("target")
@@ -65,7 +77,7 @@ def print_table(doc: dict[str, Any]) -> None:
     for t in doc["targets"]:
         for c, point in t["concurrency"].items():
             table.add_row(t["label"], c, *(_cell(point, key, fmt) for _t, key, fmt in ROWS),
-                          f"{point['max']['rss_mb']:.0f}", str(point["errors"]))
+                          f"{point['max']['rss_mb']:.0f}", _errors(point))
         table.add_section()
     console = Console(width=None if Console().is_terminal else 170)  # a log file gets the whole table
     console.print(table)
@@ -83,12 +95,12 @@ def markdown(doc: dict[str, Any]) -> str:
              f"per point after a {s['warmup_s']:g} s warm-up; {m['cpus']} CPUs, load average before "
              f"{' '.join(m['loadavg_before'])}, after {' '.join(m['loadavg_after'])}. Cells are min / median.",
              "",
-             "| target | c | req/s | p50 ms | p99 ms | CPU µs/req | emulator CPU µs/req | RSS MB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| target | c | req/s | p50 ms | p99 ms | CPU µs/req | emulator CPU µs/req | RSS MB | errors |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for t in doc["targets"]:
         for c, point in t["concurrency"].items():
             lines.append(f"| {t['label']} | {c} | " + " | ".join(_cell(point, key, fmt) for _t, key, fmt in ROWS)
-                         + f" | {point['max']['rss_mb']:.0f} |")
+                         + f" | {point['max']['rss_mb']:.0f} | {_errors(point)} |")
     for gw, per_c in doc["ratios"].items():
         lines += ["", f"{gw} against the mTLS forwarder (medians): "
                   + "; ".join(f"c={c} CPU {r['cpu_ratio']:.2f}×, throughput {r['throughput_ratio']:.2f}×, "

@@ -48,6 +48,7 @@ MAX_ERROR_SHARE = 0.01  # a run answering more non-2xx than this is reported, no
 
 def wrk_run(target: Target, concurrency: int, duration_s: float) -> dict[str, Any]:
     """One wrk run; the target's and the emulator's CPU over exactly that run."""
+    target.upstream.reset()  # every run meets an emulator with an empty ledger and key store
     url = urlsplit(target.url)
     env = {**os.environ, "BENCH_PATH": url.path,
            "BENCH_BODY": target.body, "BENCH_HEADERS": "\n".join(f"{k}: {v}" for k, v in target.headers.items()),
@@ -65,14 +66,15 @@ def wrk_run(target: Target, concurrency: int, duration_s: float) -> dict[str, An
     w = orjson.loads(line.removeprefix("BENCH_RESULT "))
     errors = w["connect_errors"] + w["read_errors"] + w["write_errors"] + w["status_errors"] + w["timeouts"]
     ok = max(1, w["requests"] - errors)
-    return {"requests": w["requests"], "errors": errors, "rps": w["requests"] / (w["duration_us"] / 1e6),
+    kinds = ("connect_errors", "read_errors", "write_errors", "status_errors", "timeouts")
+    return {"requests": w["requests"], "errors": errors, "error_kinds": {k: w[k] for k in kinds if w[k]}, "rps": w["requests"] / (w["duration_us"] / 1e6),
             "p50_ms": w["p50_us"] / 1000, "p90_ms": w["p90_us"] / 1000, "p99_ms": w["p99_us"] / 1000,
             "cpu_us_per_req": cpu / ok * 1e6, "upstream_cpu_us_per_req": up / ok * 1e6,
             "cpu_share": cpu / wall, "rss_mb": rss_bytes(target.pids) / 2**20}
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    keys = [k for k in runs[0] if k not in ("requests", "errors")]
+    keys = [k for k in runs[0] if k not in ("requests", "errors", "error_kinds")]
     return {"runs": runs,
             "min": {k: min(r[k] for r in runs) for k in keys},
             "median": {k: statistics.median(r[k] for r in runs) for k in keys},
@@ -82,7 +84,6 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def measure(s: Stack, name: str, args: argparse.Namespace) -> dict[str, Any]:
     with TARGETS[name](s) as target:
-        target.upstream.reset()
         wrk_run(target, 16, args.warmup)  # connections, caches, JIT-free but lazy imports and pools
         by_c: dict[str, Any] = {}
         for c in args.concurrency:
@@ -90,7 +91,8 @@ def measure(s: Stack, name: str, args: argparse.Namespace) -> dict[str, Any]:
             by_c[str(c)] = summarise(runs)
             m = by_c[str(c)]["median"]
             share = by_c[str(c)]["errors"] / max(1, by_c[str(c)]["requests"])
-            flag = f"  {share:.1%} errors!" if share > MAX_ERROR_SHARE else ""
+            kinds = sorted({k for r in runs for k in r["error_kinds"]})
+            flag = f"  {share:.1%} errors ({', '.join(kinds)})!" if share > MAX_ERROR_SHARE else ""
             print(f"  {name:15} c={c:<4} {m['rps']:8.0f} req/s  p50 {m['p50_ms']:7.2f} ms  p99 {m['p99_ms']:7.2f} ms"
                   f"  CPU {m['cpu_us_per_req']:6.0f} µs/req{flag}", flush=True)
         return {"name": name, "label": target.label, "notes": target.notes, "concurrency": by_c}
