@@ -101,6 +101,9 @@ def markdown(doc: dict[str, Any]) -> str:
         for c, point in t["concurrency"].items():
             lines.append(f"| {t['label']} | {c} | " + " | ".join(_cell(point, key, fmt) for _t, key, fmt in ROWS)
                          + f" | {point['max']['rss_mb']:.0f} | {_errors(point)} |")
+    notes = [f"{t['label']}: {note}" for t in doc["targets"] for note in t["notes"]]
+    if notes:
+        lines += ["", "Notes: " + "; ".join(notes) + "."]
     for gw, per_c in doc["ratios"].items():
         lines += ["", f"{gw} against the mTLS forwarder (medians): "
                   + "; ".join(f"c={c} CPU {r['cpu_ratio']:.2f}×, throughput {r['throughput_ratio']:.2f}×, "
@@ -117,3 +120,13 @@ def update_readme(path: Path, doc: dict[str, Any]) -> None:
     if not pattern.search(text):
         raise SystemExit(f"error: {path} has no bench markers ({BEGIN} … {END})")
     path.write_text(pattern.sub(lambda _m: f"{BEGIN}\n{markdown(doc)}\n{END}", text))
+
+
+if __name__ == "__main__":  # README's table again from a kept result: python bench/report.py RESULT.json README.md
+    import sys
+
+    import orjson
+
+    result = orjson.loads(Path(sys.argv[1]).read_bytes())
+    print_table(result)
+    update_readme(Path(sys.argv[2]), result)

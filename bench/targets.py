@@ -83,7 +83,6 @@ class Stack:
     certs: DevCertLayout
     http: Emulator
     mtls: Emulator
-    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
 
 def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -145,7 +144,7 @@ def stack(work: Path) -> Iterator[Stack]:
         procs.append(proc)
         mtls, proc = _emulator(work, certs, tls=True)
         procs.append(proc)
-        yield Stack(work, certs, http, mtls, procs)
+        yield Stack(work, certs, http, mtls)
     finally:
         for proc in procs:
             _stop(proc)
