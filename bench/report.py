@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import orjson
 from rich.console import Console
 from rich.table import Table
 
@@ -124,8 +125,6 @@ def update_readme(path: Path, doc: dict[str, Any]) -> None:
 
 if __name__ == "__main__":  # README's table again from a kept result: python bench/report.py RESULT.json README.md
     import sys
-
-    import orjson
 
     result = orjson.loads(Path(sys.argv[1]).read_bytes())
     print_table(result)
