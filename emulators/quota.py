@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 
 class QuotaPlan(BaseModel):
@@ -32,6 +32,13 @@ class QuotaPlan(BaseModel):
 
     rate_limit_per_s: float | None = Field(None, gt=0, le=1_000_000)
     burst: int | None = Field(None, ge=1, le=1_000_000)
+
+    @field_validator("burst")
+    @classmethod
+    def _burst_needs_a_rate(cls, burst: int | None, info: ValidationInfo) -> int | None:
+        if burst is not None and info.data.get("rate_limit_per_s") is None:
+            raise ValueError("burst needs rate_limit_per_s (a bucket with no refill rate)")
+        return burst
 
     @property
     def capacity(self) -> float:

@@ -135,6 +135,8 @@ async def test_the_control_api_sets_reads_and_clears_the_quota() -> None:
                 assert (await resp.json())["plan"]["rate_limit_per_s"] is None
             async with http.put(url, json={"rate_limit_per_s": 0}) as resp:
                 assert resp.status == 422  # validated: a quota of zero would refuse everything
+            async with http.put(url, json={"burst": 5}) as resp:
+                assert resp.status == 422  # a burst with no rate is no plan
             async with http.put(url, json={"rate_limit_per_s": 1, "burst": 1}) as resp:
                 assert resp.status == 200
             first = await calls.call(Operation.AUTHORIZE, order(), "a-1")

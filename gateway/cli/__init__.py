@@ -161,7 +161,8 @@ def emulator(
     try:
         quota = QuotaPlan(rate_limit_per_s=rate_limit_per_s, burst=burst)
     except ValidationError as exc:
-        raise fail(f"invalid quota: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}") from None
+        error = exc.errors()[0]
+        raise fail(f"invalid quota: {error['loc'][0]}: {error['msg']}") from None
     layout = generate_dev_certs(certs_dir, sorted(EMULATORS)) if tls else None
 
     async def main() -> None:
