@@ -114,7 +114,7 @@ def machine() -> dict[str, Any]:
 def parse_args() -> argparse.Namespace:
     quick = os.environ.get("BENCH_QUICK", "") not in ("", "0")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", default=quick, help="one short run per point (about 2 min)")
+    ap.add_argument("--quick", action="store_true", default=quick, help="one short run per point (about 90 s)")
     ap.add_argument("--duration", type=float, default=float(os.environ.get("BENCH_DURATION_S", 0)) or None)
     ap.add_argument("--repeat", type=int, default=int(os.environ.get("BENCH_REPEAT", 0)) or None)
     ap.add_argument("--warmup", type=float, default=2.0)
