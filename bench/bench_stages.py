@@ -62,9 +62,10 @@ class Stage:
 # The stages first, then what else a payment runs through. The deepest matching frame of
 # a stack decides; within one frame, the first stage listed that matches it.
 STAGES = (
-    Stage("parse + validate", (r" \(gateway/api/(inputs|schemas|strict_json|free_text|currencies|auth)\.py",
+    # gateway/api/ or gateway/http/: main moved the front door's input modules to gateway/http/.
+    Stage("parse + validate", (r" \(gateway/(api|http)/(inputs|schemas|strict_json|free_text|currencies|auth)\.py",
                                r"^_new_payment \(gateway/api/payments\.py", r"\(domain/cards\.py")),
-    Stage("idempotency claim", (r"\.claim_idempotency\b", r"\(gateway/api/idempotency\.py")),
+    Stage("idempotency claim", (r"\.claim_idempotency\b", r"\(gateway/(api|http)/idempotency\.py")),
     Stage("routing", (r"\(gateway/router\.py", r"^PaymentService\._plan ", r"\(gateway/success_window\.py")),
     Stage("provider call", (r"\(providers/transport\.py", r"^ProviderClient\._exchange ", r"\(aiohttp/client",
                             r"\(aiohttp/connector\.py", r"\(aiohttp/tracing\.py", r"(^|\.)build \(providers/")),
@@ -72,14 +73,16 @@ STAGES = (
     Stage("provider call: TLS records (ssl)", (r"\(ssl\.py",)),
     Stage("parse", (r"(^|\.)_?parse\w* \(providers/", r"\(providers/classify\.py")),
     Stage("final commit", (r"^PaymentService\.commit ", r"\.save_payment\b")),
-    Stage("log line", (r"^PaymentService\.transaction_line ", r"\(gateway/txlog/", r"\(structlog/")),
+    Stage("log line", (r"^PaymentService\.transaction_line ", r"\(gateway/txlog/", r"\(gateway/redaction\.py",
+                       r"\(structlog/")),
+    Stage("tracing", (r"\(gateway/tracing/", r"\(gateway/api/tracing\.py", r"\(opentelemetry/")),
     Stage("metrics", (r"\(gateway/metrics\.py", r"\(prometheus_client/", r"\(gateway/console/stats\.py")),
     Stage("answer", (r"\(gateway/answers\.py", r"^_write \(gateway/api/payments\.py")),
     Stage("engine (orchestrator, executor, breaker, bulkhead)", (
         r"\(gateway/(orchestrator|executor|bulkhead|breaker|retry_policy|policy|provider_client)\.py",
         r"\(pybreaker/", r"\(tenacity/")),
     # aiohttp's writer, parser and streams serve both sides: their caller (web_* or client*) decides.
-    Stage("HTTP server (aiohttp)", (r"\(aiohttp/web_", r"\(gateway/api/")),
+    Stage("HTTP server (aiohttp)", (r"\(aiohttp/web_", r"\(gateway/(api|http)/")),
     Stage("journal transaction (group commit)", (r"^SqliteStore\._(execute|run) ", r"^PostgresStore\.", r"\(asyncpg/")),
 )
 # Leaves of a thread that waits: not cost.
