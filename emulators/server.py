@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import socket
 import ssl
 import struct
@@ -27,6 +28,7 @@ from pydantic import ValidationError
 from emulators.faults import FaultDecision, FaultInjector, FaultPlan, FaultRule
 from emulators.idempotency import Claim, ProviderIdempotency, StoredAnswer, StorePolicy
 from emulators.ledger import Ledger
+from emulators.quota import Quota, QuotaPlan
 from emulators.threeds import Challenge, ChallengeDesk
 from emulators.webhooks import RetrySchedule, SignedRequest, WebhookEvent, WebhookSender, WebhookTarget
 
@@ -101,6 +103,7 @@ class ProviderEmulator(ABC):
     def __init__(self) -> None:
         self.ledger = Ledger(self.ledger_prefix)
         self.faults = FaultInjector()
+        self.quota = Quota()  # the account's rate limit: see emulators/quota.py
         self.idempotency = ProviderIdempotency(self.store_policy)
         self.webhooks = WebhookSender(self, self.webhook_retries, self.faults)
         # API requests by operation, so a drill can prove what settled without a status query.
@@ -127,6 +130,12 @@ class ProviderEmulator(ABC):
 
     @abstractmethod
     def rate_limited_response(self, retry_after_s: float) -> web.Response: ...
+
+    def quota_exceeded_response(self, retry_after_s: float) -> web.Response:
+        """The provider's answer to a request past the account's quota (emulators/quota.py);
+        a provider whose real answer differs from its injected `rate_limit` fault overrides it.
+        `Retry-After` is whole seconds (RFC 9110), so the hint rounds up."""
+        return self.rate_limited_response(float(max(1, math.ceil(retry_after_s))))
 
     @abstractmethod
     def idempotency_conflict(self, claim: Claim) -> web.Response:
@@ -162,6 +171,7 @@ class ProviderEmulator(ABC):
     def reset(self) -> None:
         self.ledger.clear()
         self.faults.clear()
+        self.quota.refill()  # the plan is launch configuration: kept, its bucket full again
         self.idempotency.clear()
         self.webhooks.clear()
         self.requests.clear()
@@ -183,6 +193,9 @@ class ProviderEmulator(ABC):
             denied = self.authenticate(request)
             if denied is not None:
                 return denied
+            wait = self.quota.take()
+            if wait is not None:
+                return self.quota_exceeded_response(wait)
             decision = self.faults.decide(route.operation)
             if decision.reset_before:
                 _reset_connection(request)
@@ -323,6 +336,9 @@ class EmulatorServer:
         app.router.add_put("/_emulator/faults", self._put_faults)
         app.router.add_delete("/_emulator/faults", self._delete_faults)
         app.router.add_post("/_emulator/outage", self._post_outage)
+        app.router.add_get("/_emulator/quota", self._get_quota)
+        app.router.add_put("/_emulator/quota", self._put_quota)
+        app.router.add_delete("/_emulator/quota", self._delete_quota)
         app.router.add_post("/_emulator/reset", self._post_reset)
         app.router.add_post("/_emulator/certificate", self._post_certificate)
         app.router.add_get("/_emulator/requests", self._get_requests)
@@ -375,6 +391,22 @@ class EmulatorServer:
         self.emulator.faults.clear()
         await self.set_outage(False)
         return json_response(200, {"plan": self.emulator.faults.plan.model_dump()})
+
+    async def _get_quota(self, _request: web.Request) -> web.Response:
+        return json_response(200, self.emulator.quota.snapshot())
+
+    async def _put_quota(self, request: web.Request) -> web.Response:
+        """`{"rate_limit_per_s": 25, "burst": 25}`: the account's quota from now on."""
+        try:
+            plan = QuotaPlan.model_validate_json(await request.read())
+        except ValidationError as exc:
+            return json_response(422, {"error": "invalid quota", "detail": orjson.loads(exc.json())})
+        self.emulator.quota.set(plan)
+        return json_response(200, self.emulator.quota.snapshot())
+
+    async def _delete_quota(self, _request: web.Request) -> web.Response:
+        self.emulator.quota.clear()
+        return json_response(200, self.emulator.quota.snapshot())
 
     async def _post_outage(self, request: web.Request) -> web.Response:
         doc = orjson.loads(await request.read() or b"{}")

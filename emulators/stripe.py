@@ -59,6 +59,8 @@ from emulators.threeds import Challenge, Flow, ThreeDSCard, with_query
 from emulators.webhooks import RetrySchedule, SignedRequest
 from providers.stripe.mapping import API_VERSION, METADATA_KEY, RETRY_HEADER
 
+RATE_LIMITED_REASON_HEADER = "Stripe-Rate-Limited-Reason"
+
 # Card number or PaymentMethod id -> decline_code (None approves). From Stripe's testing docs;
 # the last two are this emulator's own, since Stripe has no public card for those codes.
 TEST_CARDS: dict[str, str | None] = {
@@ -219,6 +221,15 @@ class StripeEmulator(ProviderEmulator):
         response = _error(429, "invalid_request_error", "Too many requests hit the API too quickly.",
                           code="rate_limit", retry=True)
         response.headers["Retry-After"] = f"{retry_after_s:g}"
+        return response
+
+    def quota_exceeded_response(self, retry_after_s: float) -> web.Response:
+        """Past the account's rate limit Stripe answers 429 with `Stripe-Rate-Limited-Reason`
+        (`global-rate` for the per-account limit; docs.stripe.com/rate-limits) and no
+        `Retry-After`: its docs ask for exponential backoff instead."""
+        response = _error(429, "invalid_request_error", "Request rate limit exceeded. Learn more about rate limits "
+                          "here https://stripe.com/docs/rate-limits.", code="rate_limit")
+        response.headers[RATE_LIMITED_REASON_HEADER] = "global-rate"
         return response
 
     def idempotency_conflict(self, claim: Claim) -> web.Response:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from gateway.certs.devca import DevCertLayout, issue_dev_pair, write_pem_pair
 from gateway.certs.tls import client_context, server_context
+from emulators.quota import QuotaPlan
 from emulators.server import EmulatorServer
 from emulators.registry import EMULATORS
 from emulators.webhooks import WebhookTarget
@@ -34,11 +35,15 @@ async def start_emulator(
     require_client_cert: bool = True,
     api_key: str | None = None,
     webhook: WebhookTarget | None = None,
+    quota: QuotaPlan | None = None,
 ) -> EmulatorServer:
     """Plain HTTP when `certs` is None; otherwise HTTPS, and mTLS unless told not to.
-    `webhook`: where its notifications go (also settable later on the admin API)."""
+    `webhook`: where its notifications go, `quota`: the account's rate limit (both also
+    settable later on the admin API)."""
     emulator = EMULATORS[kind].emulator(api_key=api_key) if api_key else EMULATORS[kind].emulator()
     emulator.webhooks.set_target(webhook)
+    if quota is not None:
+        emulator.quota.set(quota)
     ssl_context = None
     issuer = None
     if certs is not None:

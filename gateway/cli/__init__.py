@@ -149,20 +149,29 @@ def emulator(
     certs_dir: Annotated[Path, typer.Option("--certs", help="dev certificate root")] = DEFAULT_CERTS,
     tls: Annotated[bool, typer.Option(help="serve HTTPS with the dev certificates")] = True,
     mtls: Annotated[bool, typer.Option(help="require a client certificate from the dev CA")] = True,
+    rate_limit_per_s: Annotated[Optional[float], typer.Option(help="the account's quota: past it, 429")] = None,
+    burst: Annotated[Optional[int], typer.Option(help="requests the quota lets through back to back")] = None,
 ) -> None:
     """Run one provider emulator on loopback until Ctrl-C."""
     from gateway.certs.devca import generate_dev_certs
+    from emulators.quota import QuotaPlan
     from emulators.registry import EMULATORS
     from gateway.emulator_launch import start_emulator
+    from pydantic import ValidationError
 
     if kind not in EMULATORS:
         raise fail(f"unknown provider kind {kind!r}; choose one of {', '.join(sorted(EMULATORS))}")
     api_port = port if port is not None else EMULATORS[kind].default_port
+    try:
+        quota = QuotaPlan(rate_limit_per_s=rate_limit_per_s, burst=burst)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        raise fail(f"invalid quota: {error['loc'][0]}: {error['msg']}") from None
     layout = generate_dev_certs(certs_dir, sorted(EMULATORS)) if tls else None
 
     async def main() -> None:
         server = await start_emulator(kind, port=api_port, admin_port=admin_port or api_port + 100, certs=layout,
-                                      require_client_cert=mtls)
+                                      require_client_cert=mtls, quota=quota)
         typer.echo(f"{kind} emulator on {server.url} (admin {server.admin_url}/_emulator/ledger)", err=True)
         try:
             await _until_signal()
