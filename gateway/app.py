@@ -232,9 +232,11 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
                              window_s=engine.retry_budget_window_s)
         app[SERVICE] = PaymentService(
             store=app[STORE], clients={h.name: ProviderClient(h, metrics) for h in pool},
-            router=Router(config.routes, pool.health, success_rate=pool.success_rate, capabilities=config.providers),
+            router=Router(config.routes, pool.health, success_rate=pool.success_rate, capabilities=config.providers,
+                          without_redirects=[n for n, p in config.providers.items() if not p.redirects]),
             executor=AttemptExecutor(budget, metrics), metrics=metrics, txlog=app[TRANSACTION_LOG],
             retention_s=config.storage.idempotency_retention_h * 3600, ops_log=ops,
+            action_expiry_s=config.three_ds.action_expiry_s,
         )
         yield
 

@@ -38,6 +38,7 @@ from gateway.metrics import Metrics
 from gateway.policy import may_fail_over, payment_status
 from gateway.provider_client import ProviderClient
 from gateway.router import NoRoute, RouteDecision, Router, RoutingFacts
+from gateway.shopper_action import bind_action
 from gateway.txlog.outbox import TransactionLog
 
 FOLLOW_UP_PENDING = {
@@ -133,7 +134,7 @@ def apply_follow_up(record: PaymentRecord, op: Operation, outcome: Outcome) -> N
 class PaymentService:
     def __init__(self, *, store: Store, clients: Mapping[str, ProviderClient], router: Router,
                  executor: AttemptExecutor, metrics: Metrics, txlog: TransactionLog, retention_s: float,
-                 ops_log: structlog.typing.FilteringBoundLogger) -> None:
+                 ops_log: structlog.typing.FilteringBoundLogger, action_expiry_s: float = 900.0) -> None:
         self.store = store
         self.clients = clients
         self.router = router
@@ -142,6 +143,7 @@ class PaymentService:
         self.txlog = txlog
         self.retention_s = retention_s
         self.ops = ops_log
+        self.action_expiry_s = action_expiry_s  # an unfinished shopper action expires after this
         self.locks = PaymentLocks()
         self.in_flight: set[str] = set()
         # Called with (record, kind, extra) after each transaction line (the live console's window).
@@ -154,6 +156,9 @@ class PaymentService:
         """Claim the key with the payment row (one transaction), run the payment to a final or
         pending state, commit the final row with the key's answer and the log line."""
         decision = self._plan(record, order)
+        if decision is not None and decision.return_url_required and order.return_url is None:
+            return answers.error(422, "return_url_required", f"route {decision.route} requires a return_url: its "
+                                 "providers may send the shopper to authenticate (3-D Secure)", "return_url")
         now = time.time()
         claim = await self.store.claim_idempotency(scope, key, fingerprint, record.id, now, now + self.retention_s,
                                                    record)
@@ -185,7 +190,8 @@ class PaymentService:
         """Route in memory before anything is written, and mark the record as attempting its
         first candidate, so the row journalled with the key claim already says where the first
         call goes (and with which provider key): that write is its durable journal entry."""
-        facts = RoutingFacts(order.amount, order.currency, order.country, record.card_brand, order.merchant_reference)
+        facts = RoutingFacts(order.amount, order.currency, order.country, record.card_brand, order.merchant_reference,
+                             redirect=order.return_url is not None)
         try:
             decision = self.router.route(facts)
         except NoRoute as exc:
@@ -245,6 +251,8 @@ class PaymentService:
                 break  # the last candidate was not reached or did not take it
             if result.outcome in (Outcome.APPROVED, Outcome.UNKNOWN):
                 record.provider_reference = result.reference
+            if result.outcome is Outcome.ACTION_REQUIRED:
+                bind_action(record, result, self.action_expiry_s)  # bound to this provider from now on
             if result.outcome is Outcome.APPROVED and order.capture:
                 record.captured_amount = record.amount
             if result.duplicate_suspected:
@@ -268,7 +276,7 @@ class PaymentService:
             record.outcome = result.outcome.value
             if result.outcome.is_decline:
                 record.decline_code = result.raw_code
-            elif result.outcome is not Outcome.APPROVED:
+            elif result.outcome not in (Outcome.APPROVED, Outcome.ACTION_REQUIRED):
                 record.error_code = result.raw_code
         if error is not None:
             record.error_code = error if result is None else f"{error}:{result.raw_code}"

@@ -23,12 +23,14 @@ import structlog
 from domain.outcome import Outcome, PaymentStatus
 from domain.types import FollowUp, Lookup, Operation, ProviderResult, StatusAnswer
 from gateway import answers
+from gateway.action_expiry import expire_abandoned, finish_interrupted_completion
 from gateway.journal.records import PaymentRecord
 from gateway.journal.errors import StaleWrite
 from gateway.orchestrator import PaymentService, apply_follow_up
 from gateway.policy import POLICY
 from gateway.provider_client import MIN_TRY_S
 from gateway.settlement import follow_up_entry
+from gateway.shopper_action import action_due, bind_action
 
 MIN_RECHECK_S = 5.0
 MAX_RECHECK_S = 300.0
@@ -158,8 +160,12 @@ class Reconciler:
                                    deadline, attempt)
 
     async def _settle(self, record: PaymentRecord) -> bool:
+        if record.follow_up is not None and record.follow_up.operation == Operation.COMPLETE.value:
+            return await finish_interrupted_completion(self, record)
         if record.follow_up is not None:
             return await self._settle_follow_up(record)
+        if record.status is PaymentStatus.ACTION_REQUIRED:
+            return await expire_abandoned(self, record)
         svc = self.service
         if record.provider is None:
             record.status, record.error_code = PaymentStatus.FAILED, "interrupted_before_provider_call"
@@ -180,7 +186,9 @@ class Reconciler:
             elif found and POLICY[answer.result.outcome].settles_charge:
                 result = answer.result
                 record.status, record.outcome = POLICY[result.outcome].status, result.outcome.value
-                if result.outcome is Outcome.APPROVED:
+                if result.outcome is Outcome.ACTION_REQUIRED:
+                    bind_action(record, result, svc.action_expiry_s)  # the shopper is asked now
+                elif result.outcome is Outcome.APPROVED:
                     record.provider_reference = result.reference
                     if record.capture:
                         record.captured_amount = record.amount
@@ -282,4 +290,6 @@ def _ours_now(record: PaymentRecord, now: float, *, age: float, abandoned: float
         return now - record.follow_up.started_at >= abandoned
     if record.status is PaymentStatus.PENDING:
         return now - record.updated_at >= age
+    if record.status is PaymentStatus.ACTION_REQUIRED:
+        return action_due(record, now)  # the shopper has until the action expires
     return now - record.created_at >= abandoned

@@ -10,7 +10,7 @@ from pydantic.json_schema import models_json_schema
 
 from domain.outcome import PaymentStatus
 from gateway.api.errors import json_response
-from gateway.api.schemas import CaptureCreate, PaymentCreate, RefundCreate, VoidCreate
+from gateway.api.schemas import CaptureCreate, CompleteCreate, PaymentCreate, RefundCreate, VoidCreate
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
 _PAYMENT = {"$ref": "#/components/schemas/Payment"}
@@ -22,7 +22,7 @@ def _error_responses(*codes: int) -> dict[str, Any]:
 
 def build_openapi() -> dict[str, Any]:
     _, defs = models_json_schema(
-        [(m, "validation") for m in (PaymentCreate, CaptureCreate, RefundCreate, VoidCreate)],
+        [(m, "validation") for m in (PaymentCreate, CaptureCreate, RefundCreate, VoidCreate, CompleteCreate)],
         ref_template="#/components/schemas/{model}",
     )
     schemas = dict(defs["$defs"])
@@ -45,6 +45,9 @@ def build_openapi() -> dict[str, Any]:
             "decline_code": {"type": ["string", "null"]},
             "error_code": {"type": ["string", "null"]},
             "attempts": {"type": "array", "items": {"type": "object"}},
+            "action": {"type": ["object", "null"], "description": "while action_required: what the shopper must "
+                       "do (type redirect|sdk, url, method, data, provider_action)"},
+            "action_expires_at": {"type": ["number", "null"]},
         },
     }
     idem = {"name": "Idempotency-Key", "in": "header", "required": True, "schema": {"type": "string", "maxLength": 255}}
@@ -78,6 +81,8 @@ def build_openapi() -> dict[str, Any]:
             "/v1/payments/{payment_id}/capture": post("CaptureCreate", "200", "Capture an authorisation", True),
             "/v1/payments/{payment_id}/void": post("VoidCreate", "200", "Void an authorisation", True),
             "/v1/payments/{payment_id}/refunds": post("RefundCreate", "200", "Refund a captured payment", True),
+            "/v1/payments/{payment_id}/complete": post("CompleteCreate", "200",
+                                                       "Finish a payment whose shopper is back from 3-D Secure", True),
         },
     }
 
