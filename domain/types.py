@@ -120,6 +120,10 @@ class ProviderResult:
     # False "a retry cannot change this answer" (Stripe-Should-Retry: false), None: no verdict.
     # It never says whether the request was processed: the outcome says that.
     retry_hint: bool | None = None
+    # The provider accepted the request and reports its outcome later (Adyen's `received`,
+    # Checkout.com's 202, a Stripe refund `pending`): a follow-up stays `<op>_pending` until its
+    # webhook (or a lookup, where the provider has one) says what became of it.
+    settles_later: bool = False
     # Set by the engine, not by mappings: the gateway did not send the call (and why).
     refusal: LocalRefusal | None = None
     # Set by the engine: re-sending with the same idempotency key cannot charge twice (the

@@ -14,7 +14,7 @@ import socket
 import ssl
 import struct
 from abc import ABC, abstractmethod
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +29,8 @@ from emulators.idempotency import Claim, ProviderIdempotency, StoredAnswer, Stor
 from emulators.ledger import Ledger
 from emulators.threeds import Challenge, ChallengeDesk
 from emulators.webhooks import RetrySchedule, SignedRequest, WebhookEvent, WebhookSender, WebhookTarget
+
+RECEIVED_KEPT = 1000
 
 
 @dataclass(slots=True)
@@ -106,6 +108,9 @@ class ProviderEmulator(ABC):
         # 3-D Secure challenges waiting for (or decided by) the shopper: see emulators/threeds.py.
         self.challenges = ChallengeDesk(self, self.ledger)
         self.closing = asyncio.Event()
+        # The headers of the last requests that reached a handler (what a test may check the
+        # gateway sent: never the checkout's trace context, say). Bounded.
+        self.received_headers: deque[dict[str, str]] = deque(maxlen=RECEIVED_KEPT)
 
     @abstractmethod
     def routes(self) -> list[ApiRoute]: ...
@@ -161,6 +166,7 @@ class ProviderEmulator(ABC):
         self.webhooks.clear()
         self.requests.clear()
         self.challenges.clear()
+        self.received_headers.clear()
 
     def build_app(self) -> web.Application:
         app = web.Application(client_max_size=1 << 20)
@@ -173,6 +179,7 @@ class ProviderEmulator(ABC):
     def _wrap(self, route: ApiRoute) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def handle(request: web.Request) -> web.StreamResponse:
             self.requests[route.operation] += 1
+            self.received_headers.append(dict(request.headers))
             denied = self.authenticate(request)
             if denied is not None:
                 return denied

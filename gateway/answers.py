@@ -84,12 +84,13 @@ def payment_read(record: PaymentRecord) -> Answer:
 
 
 def follow_up_answer(record: PaymentRecord, op: Operation, result: ProviderResult) -> Answer:
-    """200 done · 202 accepted, not yet confirmed (the reconciler settles it; the key replays
+    """200 done · 202 accepted, not yet confirmed (unknown, or the provider settles it later: the
+    payment reads `<op>_pending`, its webhook or the reconciler settles it, and the key replays
     this until then) · 422 refused by the provider · 503 not sent (the caller may retry the key)."""
+    if result.outcome is Outcome.UNKNOWN or result.settles_later:
+        return Answer(202, orjson.dumps(payment_doc(record)))
     if result.outcome is Outcome.APPROVED:
         return payment_read(record)
-    if result.outcome is Outcome.UNKNOWN:
-        return Answer(202, orjson.dumps(payment_doc(record)))
     if result.outcome is Outcome.UNAVAILABLE:
         return error(503, "provider_unavailable", f"{record.provider} did not take the {op.value} "
                      f"({result.raw_code}); retry with the same Idempotency-Key", headers=RETRY_SOON)

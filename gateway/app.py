@@ -3,22 +3,25 @@
 One `cleanup_ctx` generator per resource, in dependency order: the transaction log writer, the
 store (waited for at start, its schema checked), the journal's readiness probe, the transaction
 log's outbox (start-up re-emit of lines a crash kept from the file), the provider pool (one
-ClientSession each), breaker sync, the certificate watcher, the payment service, the
-reconciler, host metrics, the console (handed the service, pool, store and watcher it shows).
-aiohttp tears down in reverse and only what started. Every piece of state they share is an
-`AppKey` of `gateway.app_keys`; nothing below this module wires another module's objects
-together.
+ClientSession each), breaker sync, the certificate watcher, the payment service, the merchant
+notification sender, the reconciler, the provider-webhook processor, host metrics, the console
+(handed the service, pool, store and watcher it shows). aiohttp tears down in reverse and only
+what started. Every piece of state they share is an `AppKey` of `gateway.app_keys`; nothing
+below this module wires another module's objects together. The tracer (`gateway.tracing`) comes
+up first and goes down last, so every other context's spans are exported.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import structlog
 from aiohttp import web
+from opentelemetry.sdk.trace.export import SpanExporter
 
 from gateway.api import health, openapi, payments
 from gateway.api.auth import Authenticator
@@ -33,13 +36,16 @@ from gateway.app_keys import (
     JOURNAL_PROBE,
     LOG_WRITER,
     METRICS,
+    NOTIFICATION_SENDER,
     OPS_LOG,
     POOL,
     RECONCILER,
     REDACTOR,
     SERVICE,
     STORE,
+    TRACING,
     TRANSACTION_LOG,
+    WEBHOOKS,
 )
 from gateway.breaker_sync import BreakerSync, RedisBreakerSync
 from gateway.certs.watcher import CertificateWatcher
@@ -55,6 +61,8 @@ from gateway.journal.startup import open_store
 from gateway.journal.errors import StoreUnavailable
 from gateway.journal.store import Store
 from gateway.metrics import Metrics
+from gateway.notifications.outbox import NotificationOutbox
+from gateway.notifications.sender import NotificationSender
 from gateway.orchestrator import PaymentService
 from gateway.provider_client import ProviderClient
 from gateway.provider_pool import ProviderPool
@@ -62,6 +70,8 @@ from gateway.reconciler import Reconciler
 from gateway.retry_policy import RetryBudget
 from gateway.router import Router
 from gateway.tasks import stop_task
+from gateway.api.tracing import tracing_middleware
+from gateway.tracing.setup import build_tracing
 from gateway.txlog import JsonLinesWriter, build_ops_logger
 from gateway.txlog.file_lock import LogFileInUse, LogFileLock
 from gateway.txlog.outbox import TransactionLog
@@ -69,6 +79,10 @@ from gateway.txlog.writer import LogFileUnavailable, LogWriterStalled
 from gateway.txlog.redaction import Redactor
 from gateway.workers import WorkerSeat
 from gateway.workers.link import HostBreakerSync
+from gateway.webhooks import routes as webhook_routes
+from gateway.webhooks.metrics import WebhookMetrics
+from gateway.webhooks.processor import WebhookProcessor
+from gateway.webhooks.schemes import endpoints as webhook_endpoints
 from gateway.workers.peers import SeatPeers
 
 ABANDON_MARGIN_S = 5.0  # past its deadline plus this, an unanswered payment has lost its process
@@ -103,9 +117,11 @@ def make_store(config: GatewayConfig, metrics: Metrics | None = None) -> Store:
 def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBoundLogger | None = None,
               reconcile_interval_s: float = 5.0, server_ssl_context: ssl.SSLContext | None = None,
               certificate_check_interval_s: float = 60.0, exclusive_store: bool | None = None,
-              worker: WorkerSeat | None = None) -> web.Application:
+              worker: WorkerSeat | None = None, span_exporter: SpanExporter | None = None,
+              webhook_interval_s: float = 1.0) -> web.Application:
     """`exclusive_store`: no other process uses this journal (default: true for SQLite, false for
-    a worker of `serve --workers N`). `worker`: this app is that worker (see `gateway.workers`)."""
+    a worker of `serve --workers N`). `worker`: this app is that worker (see `gateway.workers`).
+    `span_exporter`: where spans go when `observability.tracing` is on (default: OTLP)."""
     if exclusive_store is None:
         exclusive_store = config.storage.backend == "sqlite" and worker is None
     exclusive = exclusive_store
@@ -117,7 +133,9 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
     # A client hanging up never cancels its handler (run_app's default, pinned here because
     # aiohttp's test server turns cancellation on): a payment its caller stopped waiting for
     # still finishes and stores its answer for the caller's retry with the same key.
-    app = web.Application(middlewares=[error_middleware(ops, metrics)], client_max_size=config.server.max_body_bytes,
+    # The server span, outermost so it sees the status of every answer, only when tracing is on.
+    traced = [tracing_middleware] if config.observability.tracing.enabled else []
+    app = web.Application(middlewares=[*traced, error_middleware(ops, metrics)], client_max_size=config.server.max_body_bytes,
                           handler_args={"auto_decompress": False, "handler_cancellation": False,
                                         "logger": ProtocolLog(metrics)})
     app[CONFIG] = config
@@ -125,6 +143,14 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
     app[REDACTOR] = redactor
     app[METRICS] = metrics
     app[AUTH] = Authenticator(config.auth)
+
+    async def tracing(app: web.Application) -> AsyncIterator[None]:
+        """First up, last down: the other contexts' spans are exported before it stops."""
+        # Off the loop: the SDK's resource detectors (OTEL_RESOURCE_ATTRIBUTES, host, process) run in threads.
+        app[TRACING] = await asyncio.to_thread(build_tracing, config.observability.tracing, redactor,
+                                               exporter=span_exporter)
+        yield
+        await asyncio.to_thread(app[TRACING].shutdown)  # flushes what the exporter still holds
 
     async def log_writer(app: web.Application) -> AsyncIterator[None]:
         writer = JsonLinesWriter(Path(config.log.dir) / log_file, queue_size=config.log.queue_size,
@@ -178,8 +204,8 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
     async def transaction_log(app: web.Application) -> AsyncIterator[None]:
         writer = app[LOG_WRITER]
         txlog = TransactionLog(writer, app[STORE], redactor=redactor, ops_log=ops, max_backlog=config.log.max_outbox_backlog)
-        app[METRICS].track_transaction_log(write_errors=lambda: writer.write_errors, backlog=lambda: txlog.backlog,
-                                           healthy=lambda: writer.healthy)
+        app[METRICS].track_transaction_log(write_errors=lambda: writer.write_errors, refused=lambda: writer.dropped,
+                                           backlog=lambda: txlog.backlog, healthy=lambda: writer.healthy)
         await txlog.start()
         try:
             # Before serving: lines whose journal commit a crash outran, unless the file has them.
@@ -201,7 +227,7 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
             handle.breaker.listeners.append(metrics.breaker_changed)
             handle.breaker.listeners.append(
                 lambda provider, old, new: ops.warning("breaker_state_change", provider=provider, old=old, new=new))
-            metrics.breaker_state.labels(handle.name).set(0)
+            metrics.track_provider(handle.name, handle.bulkhead)
         await pool.start()
         app[POOL] = pool
         yield
@@ -230,15 +256,33 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
         engine = config.engine
         budget = RetryBudget(ratio=engine.retry_budget_ratio, min_per_s=engine.retry_budget_min_per_s,
                              window_s=engine.retry_budget_window_s)
+        metrics.observe(metrics.retry_budget_remaining, budget.remaining)
         app[SERVICE] = PaymentService(
-            store=app[STORE], clients={h.name: ProviderClient(h, metrics) for h in pool},
+            store=app[STORE], clients={h.name: ProviderClient(h, metrics, app[TRACING]) for h in pool},
             router=Router(config.routes, pool.health, success_rate=pool.success_rate, capabilities=config.providers,
                           without_redirects=[n for n, p in config.providers.items() if not p.redirects]),
             executor=AttemptExecutor(budget, metrics), metrics=metrics, txlog=app[TRANSACTION_LOG],
-            retention_s=config.storage.idempotency_retention_h * 3600, ops_log=ops,
+            retention_s=config.storage.idempotency_retention_h * 3600, ops_log=ops, tracing=app[TRACING],
+            notifications=NotificationOutbox(enabled=config.notifications.enabled),
             action_expiry_s=config.three_ds.action_expiry_s,
         )
+        in_flight = app[SERVICE].in_flight
+        metrics.observe(metrics.in_flight, lambda: len(in_flight))
         yield
+
+    async def notifications(app: web.Application) -> AsyncIterator[None]:
+        """Merchant notifications out: a sender in every process, on rows it leased."""
+        if not config.notifications.enabled:
+            yield
+            return
+        sender = NotificationSender(app[STORE], config.notifications, txlog=app[TRANSACTION_LOG],
+                                    metrics=app[METRICS], ops_log=ops, wake=app[SERVICE].notifications.wake)
+        await sender.start(exclusive=exclusive)
+        app[NOTIFICATION_SENDER] = sender
+        task = asyncio.create_task(sender.run_forever(), name="notification-sender")
+        yield
+        await stop_task(task)
+        await sender.close()
 
     async def reconciler(app: web.Application) -> AsyncIterator[None]:
         rec = Reconciler(app[SERVICE], interval_s=reconcile_interval_s, log=ops,
@@ -250,6 +294,18 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
         # unanswered row is an orphan; on a shared store another replica may still own it.
         await rec.run_once(min_age_s=0, abandoned_after_s=0 if exclusive else None)
         task = asyncio.create_task(rec.run_forever(), name="reconciler")
+        yield
+        await stop_task(task)
+
+    async def webhooks(app: web.Application) -> AsyncIterator[None]:
+        """Provider webhooks in: the route journals, this processor applies (first what a crash
+        left journalled, then whenever the route wakes it or every `webhook_interval_s`)."""
+        metrics = WebhookMetrics(app[METRICS].registry)
+        processor = WebhookProcessor(app[SERVICE], metrics, log=ops, interval_s=webhook_interval_s)
+        app[WEBHOOKS] = webhook_routes.Webhooks(webhook_endpoints(config), metrics, processor,
+                                                os.environ.get(webhook_routes.CRASH_ENV))
+        await processor.run_once()
+        task = asyncio.create_task(processor.run_forever(), name="webhook-processor")
         yield
         await stop_task(task)
 
@@ -296,10 +352,11 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
             await peers.close()
         service.observers.remove(view.stats.observe)
 
-    app.cleanup_ctx.extend([log_writer, store, journal_probe, transaction_log, providers, breaker_sync, certificates,
-                            service, reconciler, host_metrics, console])
+    app.cleanup_ctx.extend([tracing, log_writer, store, journal_probe, transaction_log, providers, breaker_sync,
+                            certificates, service, notifications, reconciler, webhooks, host_metrics, console])
     payments.add_routes(app)
     health.add_routes(app)
     openapi.add_routes(app)
+    webhook_routes.add_routes(app)
     console_routes.add_routes(app)
     return app

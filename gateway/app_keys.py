@@ -24,18 +24,22 @@ if TYPE_CHECKING:
     from gateway.journal.probe import JournalProbe
     from gateway.journal.store import Store
     from gateway.metrics import Metrics
+    from gateway.notifications.sender import NotificationSender
     from gateway.orchestrator import PaymentService
     from gateway.provider_pool import ProviderPool
     from gateway.reconciler import Reconciler
+    from gateway.tracing.spans import Tracing
     from gateway.txlog.outbox import TransactionLog
     from gateway.txlog.redaction import Redactor
     from gateway.txlog.writer import JsonLinesWriter
+    from gateway.webhooks.routes import Webhooks
 
 CONFIG: web.AppKey[GatewayConfig] = web.AppKey("config")
 OPS_LOG: web.AppKey[structlog.typing.FilteringBoundLogger] = web.AppKey("ops_log")
 # The one detector: the log's redaction (with the configuration's secret values) and the API's
 # refusal of card data in free text.
 REDACTOR: web.AppKey[Redactor] = web.AppKey("redactor")
+TRACING: web.AppKey[Tracing] = web.AppKey("tracing")  # gateway.tracing.spans.NO_TRACING when off
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 AUTH: web.AppKey[Authenticator] = web.AppKey("authenticator")
 LOG_WRITER: web.AppKey[JsonLinesWriter] = web.AppKey("log_writer")
@@ -47,5 +51,8 @@ BREAKER_SYNC: web.AppKey[BreakerSync] = web.AppKey("breaker_sync")
 CERT_WATCHER: web.AppKey[CertificateWatcher] = web.AppKey("certificate_watcher")
 SERVICE: web.AppKey[PaymentService] = web.AppKey("service")
 RECONCILER: web.AppKey[Reconciler] = web.AppKey("reconciler")
+WEBHOOKS: web.AppKey[Webhooks] = web.AppKey("webhooks")
+# Present only with notifications.url set.
+NOTIFICATION_SENDER: web.AppKey[NotificationSender] = web.AppKey("notification_sender")
 CONSOLE: web.AppKey[Console] = web.AppKey("console")
 CONSOLE_ASSETS: web.AppKey[ConsoleAssets] = web.AppKey("console_assets")

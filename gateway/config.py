@@ -33,6 +33,17 @@ def _secret_from_env(var: str, field: str) -> SecretStr:
     return SecretStr(value)
 
 
+def _webhook_key(kind: str, var: str) -> SecretStr:
+    secret = _secret_from_env(var, "webhook_key_envs")
+    if kind == "adyen":
+        try:
+            bytes.fromhex(secret.get_secret_value())
+        except ValueError:
+            raise ValueError(f"environment variable {var} (named by webhook_key_envs) is not an Adyen HMAC key: "
+                             "Adyen shows it as hexadecimal") from None
+    return secret
+
+
 class TlsServerConfig(_Model):
     cert: Path
     key: Path
@@ -145,6 +156,8 @@ class LogConfig(_Model):
     # New payments are refused (503 overloaded) while more transaction lines than this wait to
     # be on disk: a log that cannot be written must not let charges pile up unlogged.
     max_outbox_backlog: int = Field(1000, gt=0)
+    # /readyz says the log is stalled once a line has waited this long for the disk.
+    stall_after_s: float = Field(5.0, gt=0, le=300)
 
 
 class ProviderTls(_Model):
@@ -200,14 +213,24 @@ class ProviderConfig(_Model):
     # The account takes shopper actions (3-D Secure redirects); a route may prefer such providers
     # for payments that bring a return URL (`routes[].prefer_redirects`).
     redirects: bool = True
+    # The keys this provider signs its webhooks with, each read from the environment variable
+    # named here; several at once while ops rotate one (Stripe `whsec_…`, Adyen's HMAC key in
+    # hex, Checkout.com's webhook secret key). None: POST /v1/webhooks/<name> answers 404.
+    webhook_key_envs: tuple[str, ...] = Field((), max_length=5)
     _api_key: SecretStr = PrivateAttr()
+    _webhook_keys: tuple[SecretStr, ...] = PrivateAttr(())
 
     @model_validator(mode="after")
     def _load(self) -> Self:
         if self.kind == "adyen" and not self.merchant_account:
             raise ValueError("merchant_account is required for kind adyen (every Adyen request names one)")
         self._api_key = _secret_from_env(self.api_key_env, "api_key_env")
+        self._webhook_keys = tuple(_webhook_key(self.kind, var) for var in self.webhook_key_envs)
         return self
+
+    @property
+    def webhook_keys(self) -> tuple[SecretStr, ...]:
+        return self._webhook_keys
 
     @property
     def api_key(self) -> SecretStr:
@@ -275,6 +298,72 @@ class ThreeDSConfig(_Model):
     allow_http_loopback_return_url: bool = False
 
 
+class TracingConfig(_Model):
+    """OpenTelemetry traces (gateway/tracing/): off by default; on, spans are batched and sent
+    over OTLP/HTTP to `endpoint` (a collector's `/v1/traces`)."""
+
+    enabled: bool = False
+    endpoint: str = Field("http://127.0.0.1:4318/v1/traces", pattern=r"^https?://[^/\s]+(/\S*)?$")
+    # Share of the traces the gateway starts that are kept; a caller's sampled flag always wins.
+    sample_ratio: float = Field(1.0, ge=0, le=1)
+    service_name: str = Field("payment-gateway", min_length=1, max_length=100)
+    export_timeout_s: float = Field(10.0, gt=0, le=60)
+    # Spans waiting for export; past this they are dropped (a collector that is down never slows a payment).
+    max_queue_size: int = Field(2048, gt=0, le=1_000_000)
+
+
+class ObservabilityConfig(_Model):
+    tracing: TracingConfig = TracingConfig()
+
+
+class NotificationsConfig(_Model):
+    """Merchant notifications out (gateway/notifications/): off while `url` is absent.
+
+    `secret_env` names one environment variable per active signing secret; every delivery is
+    signed with each (one `v1` per secret in `Gateway-Signature`), so a rotation is: add the new
+    variable, let the checkout accept the new secret, then remove the old one."""
+
+    url: str | None = Field(None, pattern=r"^https?://[^\s]+$")
+    secret_env: tuple[str, ...] = Field((), max_length=4, repr=False)  # names only, yet no "secret" in a repr
+    timeout_s: float = Field(10.0, gt=0, le=60)  # one delivery attempt, connect to last byte
+    connect_timeout_s: float = Field(3.0, gt=0, le=60)
+    max_concurrency: int = Field(8, ge=1, le=256)  # deliveries in flight per process
+    retry_base_s: float = Field(5.0, gt=0, le=3600)  # first pause after a failed attempt, doubling ...
+    retry_max_s: float = Field(3600.0, gt=0, le=86400)  # ... up to this
+    give_up_after_s: float = Field(3 * 86400.0, gt=0, le=30 * 86400)  # retry window from the event
+    poll_interval_s: float = Field(1.0, gt=0, le=60)  # how often a sender looks for due rows
+    retention_days: float = Field(30.0, gt=0, le=3650)  # delivered and given-up rows are kept this long
+    _secrets: tuple[SecretStr, ...] = PrivateAttr(())
+
+    @model_validator(mode="after")
+    def _load_secrets(self) -> Self:
+        if self.retry_max_s < self.retry_base_s:
+            raise ValueError("retry_max_s must be at least retry_base_s")
+        if self.url is None:
+            return self
+        if not self.secret_env:
+            raise ValueError("secret_env: at least one variable is required when url is set (deliveries are signed)")
+        loaded = []
+        for i, var in enumerate(self.secret_env):
+            secret = _secret_from_env(var, f"notifications.secret_env[{i}]")
+            if len(secret.get_secret_value()) < MIN_SIGNING_SECRET:
+                raise ValueError(f"secret_env[{i}]: {var} holds fewer than {MIN_SIGNING_SECRET} characters")
+            loaded.append(secret)
+        self._secrets = tuple(loaded)
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.url is not None
+
+    @property
+    def secrets(self) -> tuple[SecretStr, ...]:
+        return self._secrets
+
+
+MIN_SIGNING_SECRET = 24  # characters; an HMAC key shorter than this is guessable offline
+
+
 class GatewayConfig(_Model):
     server: ServerConfig = ServerConfig()
     auth: AuthConfig
@@ -283,6 +372,8 @@ class GatewayConfig(_Model):
     log: LogConfig = LogConfig()
     engine: EngineConfig = EngineConfig()
     three_ds: ThreeDSConfig = ThreeDSConfig()
+    observability: ObservabilityConfig = ObservabilityConfig()
+    notifications: NotificationsConfig = NotificationsConfig()
     providers: dict[str, ProviderConfig] = Field(min_length=1)
     routes: tuple[RouteConfig, ...] = Field(min_length=1)
 

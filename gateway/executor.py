@@ -6,7 +6,8 @@ with the same idempotency key. Between tries: the policy table decides whether a
 help, the attempt cap and the request's deadline bound the loop, and the shared retry budget
 is spent only when a retry is really about to be made.
 
-An `unknown` answer is settled by a status query before anything else happens
+An `unknown` answer is settled by a status query (where the provider has a lookup; Adyen's
+outcomes come only by webhook) before anything else happens
 (`gateway.settlement`): the provider's answer wins, a proven absence makes a retry or failover
 safe, a provider that replays answers may be asked again with the same key, and anything else
 stays unknown, so the payment goes to `pending`. A later try that was refused before sending
@@ -24,7 +25,7 @@ from tenacity import RetryCallState
 from tenacity.wait import wait_base
 
 from domain.outcome import Outcome
-from domain.types import FollowUp, Operation, PaymentOrder, ProviderResult
+from domain.types import FollowUp, Lookup, Operation, PaymentOrder, ProviderResult, StatusAnswer
 from gateway.journal.records import Attempt
 from gateway.metrics import Metrics
 from gateway.policy import settles_possible_charge, worth_retrying
@@ -50,18 +51,20 @@ class AttemptExecutor:
 
     async def run(self, client: ProviderClient, op: Operation, subject: PaymentOrder | FollowUp,
                   idempotency_key: str, deadline: float, attempts: list[Attempt], journal: AttemptHook,
-                  *, amount: int | None = None) -> ProviderResult:
+                  *, amount: int | None = None, failover_reason: str | None = None) -> ProviderResult:
         """Try `op` at one provider until an answer that retrying cannot change.
 
         Each try is appended to `attempts` (the payment's own list); `journal` persists it after
-        the local checks pass and before the provider can see the request."""
+        the local checks pass and before the provider can see the request. `failover_reason`:
+        why the payment moved on to this provider, on its first try's record (and span)."""
         retry = client.handle.config.retry
         wait: wait_base = wait_retry_after(retry.base_delay_ms / 1000, retry.max_delay_ms / 1000)
         open_unknown: ProviderResult | None = None
         try_number = 0
         while True:
             try_number += 1
-            attempt = client.new_attempt(op, try_number, idempotency_key, amount=amount)
+            attempt = client.new_attempt(op, try_number, idempotency_key, amount=amount,
+                                         failover_reason=failover_reason if try_number == 1 else None)
             attempts.append(attempt)
             result = await client.call(op, subject, idempotency_key, deadline, attempt,
                                        before_send=lambda attempt=attempt: journal(attempt))
@@ -86,6 +89,10 @@ class AttemptExecutor:
     async def _settle(self, client: ProviderClient, op: Operation, subject: PaymentOrder | FollowUp,
                       unknown: ProviderResult, deadline: float, try_number: int,
                       attempts: list[Attempt]) -> ProviderResult:
+        if not client.mapping.has_status_lookup:
+            # Nothing to ask (Adyen): the same key may be re-sent where the provider replays
+            # answers, and otherwise the webhook settles it.
+            return settle_unknown(op, unknown, StatusAnswer(Lookup.UNKNOWN, unknown), client.mapping)
         attempt = client.new_attempt(Operation.STATUS, try_number, None)
         attempts.append(attempt)
         if isinstance(subject, PaymentOrder):

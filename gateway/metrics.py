@@ -7,6 +7,12 @@ shows the host's totals. Each gauge says how workers combine (`multiprocess_mode
 one process): sums for what is in flight, the worst for states, the lowest for "is ready".
 Values a callback reads at scrape time (`observe`) cannot be read across processes, so there
 each worker copies them into its gauges every `REFRESH_INTERVAL_S` (`refresh_forever`).
+
+Names follow Prometheus's conventions (base units: `_seconds`; counters end in `_total`; no
+payment id, key or other unbounded value as a label). Series whose label values are known up
+front (each provider, each shed reason) exist at 0 from the start, so `rate()` and `increase()`
+see their first event and a dashboard shows every provider. README's "Metrics" lists them all;
+`deploy/prometheus/alerts.yml` alerts on them.
 """
 
 from __future__ import annotations
@@ -14,14 +20,29 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 
+from domain.outcome import Outcome
+from domain.types import Operation
+
 BREAKER_STATES = {"closed": 0, "half-open": 1, "open": 2}
 REFRESH_INTERVAL_S = 1.0
+# Why a request or a retry was refused (`gateway_shed_total{reason}`): the front door's in-flight
+# cap, the transaction log's queue or outbox, the journal's write queue, the retry budget.
+SHED_REASONS = ("in_flight", "log_queue", "journal", "retry_budget")
+
+
+class BulkheadReading(Protocol):
+    """What the metrics read of a provider's bulkhead (`gateway.bulkhead.Bulkhead`)."""
+
+    active: int
+    waiting: int
+    max_concurrent: int
 
 
 class Metrics:
@@ -46,20 +67,36 @@ class Metrics:
                                        ["provider", "to_state"], registry=r)
         self.bulkhead_active = Gauge("gateway_bulkhead_active", "Calls in flight per provider", ["provider"],
                                      multiprocess_mode="livesum", registry=r)
-        self.shed = Counter("gateway_shed_total", "Requests refused to protect the gateway", ["reason"], registry=r)
+        self.bulkhead_waiting = Gauge("gateway_bulkhead_waiting", "Calls waiting for a bulkhead slot per provider",
+                                      ["provider"], multiprocess_mode="livesum", registry=r)
+        self.bulkhead_max = Gauge("gateway_bulkhead_max_concurrent", "Bulkhead slots per provider (its limit)",
+                                  ["provider"], multiprocess_mode="livesum", registry=r)
+        self.retry_budget_remaining = Gauge("gateway_retry_budget_remaining",
+                                            "Retries the retry budget still allows in its window",
+                                            multiprocess_mode="livesum", registry=r)
+        self.shed = Counter("gateway_shed_total", "Requests (or retries) refused to protect the gateway or a provider",
+                            ["reason"], registry=r)
+        for reason in SHED_REASONS:
+            self.shed.labels(reason)
         self.client_disconnects = Counter("gateway_client_disconnects_total",
                                           "Requests whose client hung up before they were answered", registry=r)
         self.malformed_http = Counter("gateway_malformed_http_total",
                                       "Requests the HTTP parser refused before any handler", registry=r)
-        self.log_dropped = Gauge("gateway_log_dropped_lines", "Transaction log lines that could not be queued",
-                                 multiprocess_mode="livesum", registry=r)
-        self.in_flight = Gauge("gateway_in_flight_requests", "Payments being processed",
+        self.in_flight = Gauge("gateway_in_flight_requests", "Payments and follow-ups being processed",
                                multiprocess_mode="livesum", registry=r)
         self.duplicates_suspected = Counter(
             "gateway_duplicate_charges_suspected_total",
             "Payments for which a status query found more than one charge", ["provider"], registry=r)
         self.reconciled = Counter("gateway_reconciled_total", "Payments settled by the reconciler", ["status"],
                                   registry=r)
+        # What the reconciler still holds after its last pass (gateway.reconciler): a fleet sums
+        # the counts (each replica leases its own rows) and takes the oldest.
+        self.pending = Gauge("gateway_pending_payments",
+                             "Payments (or follow-ups) awaiting the reconciler after its last pass",
+                             multiprocess_mode="livesum", registry=r)
+        self.pending_oldest_age = Gauge("gateway_pending_oldest_age_seconds",
+                                        "Age of the oldest payment (or follow-up) awaiting the reconciler",
+                                        multiprocess_mode="livemax", registry=r)
         # The journal (gateway.journal): readiness probe, and the PostgreSQL pool.
         self.journal_ready = Gauge("gateway_journal_ready", "1 while the journal takes writes (readiness probe)",
                                    multiprocess_mode="livemin", registry=r)
@@ -74,6 +111,13 @@ class Metrics:
         self.journal_acquire = Histogram("gateway_journal_pool_acquire_seconds",
                                          "Wait for a PostgreSQL pool connection",
                                          buckets=(.0001, .0005, .001, .005, .01, .05, .1, .5, 1, 2.5, 5), registry=r)
+        # Merchant notifications out (gateway.notifications): every delivery attempt, and what waits.
+        self.notification_deliveries = Counter("gateway_notification_deliveries_total",
+                                               "Merchant notification delivery attempts (delivered, failed, given_up)",
+                                               ["outcome"], registry=r)
+        self.notifications_pending = Gauge("gateway_notifications_pending",
+                                           "Merchant notifications not yet delivered (the shared outbox)",
+                                           multiprocess_mode="livemax", registry=r)
         # Breaker state shared through Redis (gateway.breaker_sync): optional, so degraded, never unready.
         self.breaker_sync_connected = Gauge("gateway_breaker_sync_connected",
                                             "1 while subscribed to the fleet's breaker state in Redis",
@@ -89,27 +133,50 @@ class Metrics:
         else:
             self._refreshers.append(lambda: gauge.set(read()))
 
-    def track_transaction_log(self, *, write_errors: Callable[[], int], backlog: Callable[[], int],
-                              healthy: Callable[[], bool]) -> None:
+    def track_provider(self, provider: str, bulkhead: BulkheadReading) -> None:
+        """A provider's series from the start: its breaker closed, its bulkhead read at each
+        scrape (in flight, waiting, limit), its retry, suspected-duplicate and authorisation
+        counters at 0."""
+        self.breaker_state.labels(provider).set(BREAKER_STATES["closed"])
+        self.retries.labels(provider)
+        self.duplicates_suspected.labels(provider)
+        self.attempt_latency.labels(provider)
+        for outcome in Outcome:
+            self.attempts.labels(provider, Operation.AUTHORIZE.value, outcome.value)
+        self.observe(self.bulkhead_active.labels(provider), lambda: bulkhead.active)
+        self.observe(self.bulkhead_waiting.labels(provider), lambda: bulkhead.waiting)
+        self.bulkhead_max.labels(provider).set(bulkhead.max_concurrent)
+
+    def pending_seen(self, count: int, oldest_since: float | None, now: float) -> None:
+        """The reconciler's pass left `count` unsettled, the oldest waiting since `oldest_since`."""
+        self.pending.set(count)
+        self.pending_oldest_age.set(0.0 if oldest_since is None else max(0.0, now - oldest_since))
+
+    def track_transaction_log(self, *, write_errors: Callable[[], int], refused: Callable[[], int],
+                              backlog: Callable[[], int], healthy: Callable[[], bool]) -> None:
         """Export the transaction log's own counters, read at each scrape (they are plain ints
-        kept by the writer thread, which must not call into prometheus_client per line)."""
+        kept by the writer, which must not call into prometheus_client per line)."""
         if self.multiprocess_dir is None:
-            self.registry.register(_TransactionLogCollector(write_errors, backlog, healthy))
+            self.registry.register(_TransactionLogCollector(write_errors, refused, backlog, healthy))
             return
         r = self.registry
-        errors = Counter("gateway_txlog_write_errors", _WRITE_ERRORS_HELP, registry=r)
+        self._copy_count(Counter("gateway_txlog_write_errors", _WRITE_ERRORS_HELP, registry=r), write_errors)
+        self._copy_count(Counter("gateway_txlog_refused_lines", _REFUSED_HELP, registry=r), refused)
         self.observe(Gauge("gateway_txlog_outbox_backlog", _BACKLOG_HELP, multiprocess_mode="livesum", registry=r),
                      backlog)
         self.observe(Gauge("gateway_txlog_writable", _WRITABLE_HELP, multiprocess_mode="livemin", registry=r),
                      lambda: 1 if healthy() else 0)
+
+    def _copy_count(self, counter: Counter, read: Callable[[], int]) -> None:
+        """Across workers: add what `read()` grew by since the last refresh."""
         counted = [0]
 
-        def count_errors() -> None:
-            now = write_errors()
-            errors.inc(now - counted[0])
+        def copy() -> None:
+            now = read()
+            counter.inc(now - counted[0])
             counted[0] = now
 
-        self._refreshers.append(count_errors)
+        self._refreshers.append(copy)
 
     def refresh(self) -> None:
         for refresh in self._refreshers:
@@ -134,16 +201,19 @@ class Metrics:
 
 
 _WRITE_ERRORS_HELP = "Failed transaction log disk operations (each is retried, no line is dropped)"
+_REFUSED_HELP = ("Transaction lines the writer's full queue refused (kept in the journal's outbox, "
+                 "written by a later sweep)")
 _BACKLOG_HELP = "Transaction lines emitted and not yet on disk (held in the journal's outbox)"
 _WRITABLE_HELP = "1 while the transaction log file can be written, else 0"
 
 
 class _TransactionLogCollector:
-    def __init__(self, write_errors: Callable[[], int], backlog: Callable[[], int],
+    def __init__(self, write_errors: Callable[[], int], refused: Callable[[], int], backlog: Callable[[], int],
                  healthy: Callable[[], bool]) -> None:
-        self._write_errors, self._backlog, self._healthy = write_errors, backlog, healthy
+        self._write_errors, self._refused, self._backlog, self._healthy = write_errors, refused, backlog, healthy
 
     def collect(self) -> Iterator[Metric]:
         yield CounterMetricFamily("gateway_txlog_write_errors", _WRITE_ERRORS_HELP, value=self._write_errors())
+        yield CounterMetricFamily("gateway_txlog_refused_lines", _REFUSED_HELP, value=self._refused())
         yield GaugeMetricFamily("gateway_txlog_outbox_backlog", _BACKLOG_HELP, value=self._backlog())
         yield GaugeMetricFamily("gateway_txlog_writable", _WRITABLE_HELP, value=1 if self._healthy() else 0)

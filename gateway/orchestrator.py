@@ -35,10 +35,13 @@ from gateway.journal.records import Attempt, ClaimKind, IdempotentAnswer, Outbox
 from gateway.journal.errors import StaleWrite
 from gateway.journal.store import Store
 from gateway.metrics import Metrics
+from gateway.notifications.events import Settling
+from gateway.notifications.outbox import NotificationOutbox
 from gateway.policy import may_fail_over, payment_status
 from gateway.provider_client import ProviderClient
 from gateway.router import NoRoute, RouteDecision, Router, RoutingFacts
 from gateway.shopper_action import bind_action
+from gateway.tracing.spans import NO_TRACING, Tracing
 from gateway.txlog.outbox import TransactionLog
 
 FOLLOW_UP_PENDING = {
@@ -59,6 +62,12 @@ def provider_idempotency_key(payment_id: str, provider: str, operation: str = "a
     if not salt:
         return f"{payment_id}-{provider}-{operation}"
     return f"{payment_id}-{provider}-{operation}-{hashlib.sha256(salt.encode()).hexdigest()[:16]}"
+
+
+def payment_id_of(reference: str) -> str:
+    """Our payment id from a reference we sent a provider: the payment id itself, or a provider
+    key of `provider_idempotency_key` (payment ids hold no `-`)."""
+    return reference.split("-", 1)[0]
 
 
 class PaymentLocks:
@@ -134,7 +143,8 @@ def apply_follow_up(record: PaymentRecord, op: Operation, outcome: Outcome) -> N
 class PaymentService:
     def __init__(self, *, store: Store, clients: Mapping[str, ProviderClient], router: Router,
                  executor: AttemptExecutor, metrics: Metrics, txlog: TransactionLog, retention_s: float,
-                 ops_log: structlog.typing.FilteringBoundLogger, action_expiry_s: float = 900.0) -> None:
+                 ops_log: structlog.typing.FilteringBoundLogger, tracing: Tracing = NO_TRACING,
+                 notifications: NotificationOutbox | None = None, action_expiry_s: float = 900.0) -> None:
         self.store = store
         self.clients = clients
         self.router = router
@@ -144,6 +154,8 @@ class PaymentService:
         self.retention_s = retention_s
         self.ops = ops_log
         self.action_expiry_s = action_expiry_s  # an unfinished shopper action expires after this
+        self.tracing = tracing  # journal-write spans here; the reconciler's pass spans too
+        self.notifications = notifications or NotificationOutbox(enabled=False)
         self.locks = PaymentLocks()
         self.in_flight: set[str] = set()
         # Called with (record, kind, extra) after each transaction line (the live console's window).
@@ -160,8 +172,10 @@ class PaymentService:
             return answers.error(422, "return_url_required", f"route {decision.route} requires a return_url: its "
                                  "providers may send the shopper to authenticate (3-D Secure)", "return_url")
         now = time.time()
-        claim = await self.store.claim_idempotency(scope, key, fingerprint, record.id, now, now + self.retention_s,
-                                                   record)
+        with self.tracing.span("journal.claim") as span:
+            span.record(record, "payment")
+            claim = await self.store.claim_idempotency(scope, key, fingerprint, record.id, now,
+                                                       now + self.retention_s, record)
         if claim.kind is not ClaimKind.NEW:
             return answers.claim_answer(claim)
         # From here the journal holds the payment: if this request dies, the reconciler settles
@@ -221,7 +235,6 @@ class PaymentService:
         for position, name in enumerate(decision.candidates):
             client = self.clients[name]
             key = provider_idempotency_key(record.id, name)
-            first = len(record.attempts)
 
             async def journal(_attempt: Attempt, name: str = name, key: str = key) -> None:
                 """The journal must say where this call goes before the provider sees it; a
@@ -230,13 +243,13 @@ class PaymentService:
                 record.status, record.provider, record.provider_idempotency_key = PaymentStatus.ATTEMPTING, name, key
                 if journalled != (name, key):
                     record.updated_at = time.time()
-                    await self.store.save_payment(record)
+                    with self.tracing.span("journal.save") as span:
+                        span.record(record, "payment")
+                        await self.store.save_payment(record)
                     journalled = (name, key)
 
             result = await self.executor.run(client, Operation.AUTHORIZE, order, key, deadline, record.attempts,
-                                             journal)
-            if len(record.attempts) > first:
-                record.attempts[first].failover_reason = failover_reason
+                                             journal, failover_reason=failover_reason)
             last = result
             record.provider, record.provider_idempotency_key = name, key
             has_next = position + 1 < len(decision.candidates)
@@ -329,8 +342,10 @@ class PaymentService:
                 prior_status=record.status.value, started_at=now, deadline_s=max(0.0, deadline - time.monotonic()))
             record.status = FOLLOW_UP_PENDING[op]
             record.updated_at = now
-        claim = await self.store.claim_idempotency(scope, key, fingerprint, provider_key, now,
-                                                   now + self.retention_s, record if problem is None else None)
+        with self.tracing.span("journal.claim") as span:
+            span.record(record, op.value)
+            claim = await self.store.claim_idempotency(scope, key, fingerprint, provider_key, now,
+                                                       now + self.retention_s, record if problem is None else None)
         if claim.kind is not ClaimKind.NEW:
             return answers.claim_answer(claim)  # a replay, or the key is another request's
         if problem is not None:
@@ -363,8 +378,9 @@ class PaymentService:
                  "follow_up": {"operation": op.value, "amount": amount, "outcome": result.outcome.value,
                                "raw_code": result.raw_code}}
         record.updated_at = time.time()
-        if result.outcome is Outcome.UNKNOWN:
-            # The provider may have acted: the reconciler asks it, and answers the key then.
+        if result.outcome is Outcome.UNKNOWN or result.settles_later:
+            # The provider may have acted, or has accepted and reports later: its webhook (or the
+            # reconciler's lookup) settles it, and answers the key then.
             assert record.follow_up is not None
             record.follow_up.answered = True
             answer = answers.follow_up_answer(record, op, result)
@@ -391,16 +407,26 @@ class PaymentService:
 
     # -- the journal's final row and the transaction's one log line -------------------------------
 
-    async def commit(self, record: PaymentRecord, kind: str, answer: IdempotentAnswer | None = None,
-                     **extra: Any) -> None:
+    async def commit(self, record: PaymentRecord, kind: str, answer: IdempotentAnswer | None = None, *,
+                     settled_from: Settling | None = None, **extra: Any) -> None:
         """The one way a transaction ends (the caller set `updated_at` with the state change, before
         it rendered the answer): render its line (DESIGN rule 5; the logger's pipeline
         redacts), commit the row, the key's answer and the line's outbox entry in one
         transaction, then write the line (a crash before it is on disk leaves the outbox row,
-        written at the next start-up) and tell the observers."""
+        written at the next start-up) and tell the observers.
+
+        `settled_from`: a background settler (reconciler, provider webhook) says what the row was
+        before it changed it (`Settling.of(record)`, taken first); the merchant notification the
+        transition yields commits in the same transaction (`gateway.notifications`). The request
+        path never passes it: its caller hears the outcome in the answer."""
         line = self.transaction_line(record, kind, **extra)
-        await self.store.save_payment(record, answer, outbox=line)
+        notes = self.notifications.rows(settled_from, record) if settled_from is not None else ()
+        with self.tracing.span("journal.commit") as span:
+            span.record(record, kind)
+            await self.store.save_payment(record, answer, outbox=line, notifications=notes)
         self.txlog.emit(line)
+        if notes:
+            self.notifications.committed()
         for observe in self.observers:
             observe(record, kind, extra)
 

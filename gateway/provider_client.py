@@ -8,6 +8,10 @@ timeout cut to the request's deadline, the mapping's classification, the transla
 transport errors, and the attempt record and metrics filled in. Local refusals come back as
 `ProviderResult.refused(LocalRefusal…)`; nothing here raises for a provider's answer.
 
+Each call and each status query is a span (`gateway.tracing`) with the attempt record's provider,
+try, outcome class, raw code, breaker state and failover reason. Nothing of the caller's trace
+context is sent: the request is the mapping's, and the mapping knows no trace.
+
 A timeout that the caller's own deadline caused (the per-try timeout was cut short to fit it)
 is not the provider's failure: it never counts against the shared breaker or the health window.
 """
@@ -18,6 +22,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from opentelemetry.trace import SpanKind
+
 from domain.outcome import LocalRefusal
 from domain.types import FollowUp, Lookup, Operation, PaymentOrder, ProviderResult, StatusAnswer
 from gateway.breaker import BreakerOpen, ProviderFailure
@@ -26,6 +32,7 @@ from gateway.journal.records import Attempt
 from gateway.metrics import Metrics
 from gateway.policy import counts_against_breaker
 from gateway.provider_pool import ProviderHandle
+from gateway.tracing.spans import NO_TRACING, Tracing
 from providers.base import ProviderRequest, ProviderResponse
 from providers.classify import lookup_failed, result_from_transport_error
 from providers.errors import TransportError
@@ -35,6 +42,7 @@ TIMEOUT_CODES = frozenset({"read_timeout", "connect_timeout"})
 
 BeforeSend = Callable[[], Awaitable[None]]
 T = TypeVar("T")
+SPAN_NAMES = {op: f"provider.{op.value}" for op in Operation}  # formatted once, not per call
 
 
 class _Refused(Exception):
@@ -55,16 +63,18 @@ class _Failed(ProviderFailure):
 
 
 class ProviderClient:
-    def __init__(self, handle: ProviderHandle, metrics: Metrics) -> None:
+    def __init__(self, handle: ProviderHandle, metrics: Metrics, tracing: Tracing = NO_TRACING) -> None:
         self.handle = handle
         self.name = handle.name
         self.mapping = handle.mapping
         self._metrics = metrics
+        self._tracing = tracing
 
     def new_attempt(self, op: Operation, try_number: int, key: str | None, *,
-                    amount: int | None = None) -> Attempt:
+                    amount: int | None = None, failover_reason: str | None = None) -> Attempt:
         return Attempt(provider=self.name, try_number=try_number, operation=op.value, idempotency_key=key,
-                       started_at=time.time(), breaker_state=self.handle.breaker.state, amount=amount)
+                       started_at=time.time(), breaker_state=self.handle.breaker.state, amount=amount,
+                       failover_reason=failover_reason)
 
     async def call(self, op: Operation, subject: PaymentOrder | FollowUp, key: str | None, deadline: float,
                    attempt: Attempt, *, before_send: BeforeSend | None = None) -> ProviderResult:
@@ -75,6 +85,13 @@ class ProviderClient:
         raises ValueError for `Operation.STATUS` before anything is checked or sent."""
         if op is Operation.STATUS:
             raise ValueError("a status query goes through ProviderClient.lookup, which answers a StatusAnswer")
+        with self._tracing.span(SPAN_NAMES[op], kind=SpanKind.CLIENT) as span:
+            result = await self._call(op, subject, key, deadline, attempt, before_send)
+            span.attempt(attempt)
+            return result
+
+    async def _call(self, op: Operation, subject: PaymentOrder | FollowUp, key: str | None, deadline: float,
+                    attempt: Attempt, before_send: BeforeSend | None) -> ProviderResult:
         started = time.monotonic()
         try:
             request = self._admit(op, subject, key, deadline)
@@ -91,15 +108,17 @@ class ProviderClient:
     async def lookup(self, subject: FollowUp, deadline: float, attempt: Attempt) -> StatusAnswer:
         """A status query: found (with the payment's state, its charges and follow-ups), not
         found, or unknown (the query itself failed: it proves nothing)."""
-        started = time.monotonic()
-        try:
-            request = self._admit(Operation.STATUS, subject, None, deadline)
-            answer, _ = await self._exchange(request, deadline, self.mapping.parse_status, _answer_fails,
-                                             lookup_failed)
-        except _Refused as refused:
-            answer = lookup_failed(refused.result)
-        self._finish(attempt, answer.result, started, lookup=answer.lookup)
-        return answer
+        with self._tracing.span(SPAN_NAMES[Operation.STATUS], kind=SpanKind.CLIENT) as span:
+            started = time.monotonic()
+            try:
+                request = self._admit(Operation.STATUS, subject, None, deadline)
+                answer, _ = await self._exchange(request, deadline, self.mapping.parse_status, _answer_fails,
+                                                 lookup_failed)
+            except _Refused as refused:
+                answer = lookup_failed(refused.result)
+            self._finish(attempt, answer.result, started, lookup=answer.lookup)
+            span.attempt(attempt)
+            return answer
 
     def _admit(self, op: Operation, subject: PaymentOrder | FollowUp, key: str | None,
                deadline: float) -> ProviderRequest:
@@ -121,7 +140,6 @@ class ProviderClient:
         handle = self.handle
         try:
             async with handle.bulkhead.slot(deadline):
-                self._metrics.bulkhead_active.labels(self.name).set(handle.bulkhead.active)
                 async with handle.breaker.guard():
                     timeout = min(handle.timeout_s, deadline - time.monotonic())
                     if timeout < MIN_TRY_S:

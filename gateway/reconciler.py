@@ -4,6 +4,9 @@ confirm). It settles each with a status query at the provider that holds it (thr
 `ProviderClient` as every call: breaker and bulkhead included), and stores the final answer for
 the caller's idempotency key.
 
+A provider without a lookup (Adyen: `has_status_lookup` False) is never asked: its payments and
+follow-ups wait for their webhook (`gateway.webhooks`), which settles them.
+
 Runs once at start (after a crash) and then periodically. Card data is never journalled, so a
 payment the provider never saw is closed as `failed` (nothing charged) rather than re-sent; a
 follow-up the provider never saw is undone (the payment returns to its prior status) and its
@@ -26,6 +29,7 @@ from gateway import answers
 from gateway.action_expiry import expire_abandoned, finish_interrupted_completion
 from gateway.journal.records import PaymentRecord
 from gateway.journal.errors import StaleWrite
+from gateway.notifications.events import Settling
 from gateway.orchestrator import PaymentService, apply_follow_up
 from gateway.policy import POLICY
 from gateway.provider_client import MIN_TRY_S
@@ -36,6 +40,9 @@ MIN_RECHECK_S = 5.0
 MAX_RECHECK_S = 300.0
 BATCH = 200  # rows leased per pass
 LEASE_S = 120.0  # beyond a pass over BATCH rows (each a status query bounded by its provider's timeout)
+# Adyen retries a notification for days (9 s, 18 s, 27 s, then from a queue); an hour without one
+# is worth an operator's look, never a guess.
+NOTIFICATION_OVERDUE_S = 3600.0
 
 
 class Reconciler:
@@ -66,6 +73,7 @@ class Reconciler:
         self.wake = asyncio.Event()
         self._next_check: dict[str, tuple[float, float]] = {}  # payment id -> (next check, last delay)
         self._pass = asyncio.Lock()  # one pass at a time: two would settle and log a payment twice
+        self._overdue: set[str] = set()  # payments whose missing notification was reported
 
     async def run_forever(self) -> None:
         woken = False
@@ -100,14 +108,18 @@ class Reconciler:
         unresolved = await self.service.store.lease_unresolved(self.owner, LEASE_S, limit=BATCH)
         for gone in self._next_check.keys() - {r.id for r in unresolved}:
             del self._next_check[gone]  # settled elsewhere (another replica, a request)
+        left: list[PaymentRecord] = []  # what is still waiting for us after this pass
         for record in unresolved:
+            if record.id in self.service.in_flight or not _ours_now(record, now, age=age, abandoned=abandoned):
+                continue  # a live request, here or elsewhere, may still own it
             due = self._next_check.get(record.id, (0.0, 0.0))[0]
-            if record.id in self.service.in_flight or (not ignore_backoff and due > now):
-                continue
-            if not _ours_now(record, now, age=age, abandoned=abandoned):
+            if not ignore_backoff and due > now:
+                left.append(record)
                 continue
             try:
-                done = await self._settle(record)
+                with self.service.tracing.span("reconcile.payment") as span:
+                    span.record(record, "reconciliation")
+                    done = await self._settle(record)
             except StaleWrite:
                 # A request, or another replica, wrote the row since we read it: it is theirs
                 # now, or ours again next pass. Nothing of ours was written, logged or counted.
@@ -122,7 +134,9 @@ class Reconciler:
                 settled += 1
                 self._next_check.pop(record.id, None)
             else:
+                left.append(record)
                 self._back_off(record.id, now)
+        self.service.metrics.pending_seen(len(left), min((_waiting_since(r) for r in left), default=None), now)
         return settled
 
     def _back_off(self, payment_id: str, now: float) -> None:
@@ -162,11 +176,15 @@ class Reconciler:
     async def _settle(self, record: PaymentRecord) -> bool:
         if record.follow_up is not None and record.follow_up.operation == Operation.COMPLETE.value:
             return await finish_interrupted_completion(self, record)
+        if record.status is PaymentStatus.ACTION_REQUIRED and record.follow_up is None:
+            return await expire_abandoned(self, record)
+        client = self.service.clients.get(record.provider) if record.provider is not None else None
+        if client is not None and not client.mapping.has_status_lookup:
+            return await self._await_notification(record)
         if record.follow_up is not None:
             return await self._settle_follow_up(record)
-        if record.status is PaymentStatus.ACTION_REQUIRED:
-            return await expire_abandoned(self, record)
         svc = self.service
+        before = Settling.of(record)  # the checkout is notified of what this pass settles
         if record.provider is None:
             record.status, record.error_code = PaymentStatus.FAILED, "interrupted_before_provider_call"
         else:
@@ -200,9 +218,36 @@ class Reconciler:
         # pass settles the same way, never a final payment whose keys still say "in flight".
         record.updated_at = time.time()
         await svc.store.complete_idempotency_for(record.id, answers.payment_answer(record).stored())
-        await svc.commit(record, "reconciliation")  # the final row and its log line commit together
+        await svc.commit(record, "reconciliation", settled_from=before)  # row, log line, notification: together
         svc.metrics.reconciled.labels(record.status.value).inc()
         return True
+
+    async def _await_notification(self, record: PaymentRecord) -> bool:
+        """A provider without a lookup (Adyen) settles only by webhook (`gateway.webhooks`): the
+        reconciler takes over what a dead request left (its payment line, its key's "pending"
+        answer) and waits; nothing is ever guessed. Past NOTIFICATION_OVERDUE_S it says so once
+        (ops line `notification_overdue`): ops check the provider's back office and have it
+        resend the notification."""
+        age = time.time() - (record.follow_up.started_at if record.follow_up is not None else record.created_at)
+        if age > NOTIFICATION_OVERDUE_S and record.id not in self._overdue:
+            self._overdue.add(record.id)
+            self.log.warning("notification_overdue", payment_id=record.id, provider=record.provider,
+                             status=record.status.value, age_s=round(age))
+        if record.follow_up is None:
+            return await self._keep_pending(record)
+        return await self._keep_follow_up_pending(record)
+
+    async def _keep_follow_up_pending(self, record: PaymentRecord) -> bool:
+        """Not settled yet: asked again later. Taking over a request that died, its key now
+        replays "accepted, pending" (202) until then."""
+        pending = record.follow_up
+        assert pending is not None
+        if not pending.answered:
+            pending.answered = True
+            await self.service.store.complete_idempotency_for(pending.provider_key, answers.follow_up_answer(
+                record, Operation(pending.operation), ProviderResult(Outcome.UNKNOWN)).stored())
+        await self._touch(record)
+        return False
 
     async def _keep_pending(self, record: PaymentRecord) -> bool:
         """Not settled yet: the reconciler owns it and asks again later. A crashed request never
@@ -242,6 +287,7 @@ class Reconciler:
         """A capture, void or refund the provider did not confirm, or whose request died: the
         provider's list of the payment's follow-ups says whether ours was made."""
         svc = self.service
+        before = Settling.of(record)
         pending = record.follow_up
         assert pending is not None
         op = Operation(pending.operation)
@@ -267,16 +313,15 @@ class Reconciler:
                 await svc.store.release_idempotency(pending.scope, pending.front_key)  # a retry may make it now
             follow_up["never_made"] = True
         else:
-            if not pending.answered:
-                # Taking over a request that died: its key replays "accepted, pending" until then.
-                pending.answered = True
-                await svc.store.complete_idempotency_for(pending.provider_key, answers.follow_up_answer(
-                    record, op, ProviderResult(Outcome.UNKNOWN)).stored())
-            await self._touch(record)
-            return False
-        await svc.commit(record, "reconciliation", follow_up=follow_up)
+            return await self._keep_follow_up_pending(record)
+        await svc.commit(record, "reconciliation", follow_up=follow_up, settled_from=before)
         svc.metrics.reconciled.labels(record.status.value).inc()
         return True
+
+
+def _waiting_since(record: PaymentRecord) -> float:
+    """When the unsettled thing began: the follow-up's start, else the payment's creation."""
+    return record.follow_up.started_at if record.follow_up is not None else record.created_at
 
 
 def _ours_now(record: PaymentRecord, now: float, *, age: float, abandoned: float) -> bool:

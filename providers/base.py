@@ -38,6 +38,9 @@ class ProviderMapping(Protocol):
     replays_answers: bool
     # An empty status-query result proves the provider holds no such payment (no lag).
     status_query_consistent: bool
+    # The provider has a payment lookup the engine may ask (Stripe, Checkout.com). Without one
+    # (Adyen) an unknown or pending outcome is settled only by the provider's webhook.
+    has_status_lookup: bool
     # It may answer an authorisation with a shopper action (3-D Secure, a redirect), which only
     # a return URL brings back: `gateway preflight` wants a return-URL policy on its routes.
     redirects: bool

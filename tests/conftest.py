@@ -33,6 +33,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from blockbuster import BlockBuster
 
+from gateway.api.payments import new_payment_id
 from gateway.app import build_app
 from gateway.app_keys import LOG_WRITER, STORE
 from gateway.certs.devca import DevCertLayout, generate_dev_certs
@@ -40,6 +41,7 @@ from gateway.config import GatewayConfig, parse_config
 from gateway.drill.fleet_services import dsn_with_search_path
 from gateway.emulator_launch import start_emulator
 from gateway.journal.postgres import PostgresStore
+from domain.cards import luhn_valid
 from domain.outcome import PaymentStatus
 from gateway.journal.records import PaymentRecord
 from gateway.journal.sqlite import SqliteStore
@@ -297,6 +299,11 @@ def start_gateway(aiohttp_client: Callable[..., Any]) -> Callable[..., Any]:
 # -- requests and what they left behind -------------------------------------------------------------
 
 
+def luhn_complete(body: str) -> str:
+    """Append the check digit that makes `body` Luhn-valid."""
+    return next(body + d for d in "0123456789" if luhn_valid(body + d))
+
+
 def card_payment(number: str = "4242424242424242", **extra: Any) -> dict[str, Any]:
     body: dict[str, Any] = {
         "amount": 1299, "currency": "EUR", "merchant_reference": "order-1",
@@ -474,6 +481,6 @@ STORE_SCOPE = "checkout"  # the scope the store tests claim keys in
 def payment(payment_id: str | None = None, status: PaymentStatus = PaymentStatus.RECEIVED,
             updated_at: float | None = None, **extra: object) -> PaymentRecord:
     now = time.time()
-    return PaymentRecord(id=payment_id or f"pay_{uuid.uuid4().hex}", client=STORE_SCOPE, amount=1299, currency="EUR",
+    return PaymentRecord(id=payment_id or new_payment_id(), client=STORE_SCOPE, amount=1299, currency="EUR",
                          capture=True, merchant_reference="order-1", status=status, created_at=now,
                          updated_at=updated_at if updated_at is not None else now, **extra)  # type: ignore[arg-type]

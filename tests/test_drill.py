@@ -48,6 +48,13 @@ def _scenario_holds(name: str, s: dict[str, Any]) -> None:
         case "followup-unknown":
             assert s["follow_ups_sent"] >= 2 * s["approved"] > 0  # a capture and a refund each
             assert s["follow_ups_pending"] == 0
+        case "webhook-chaos":
+            assert s["pending"] > 0, "some authorisations went pending: only their notification settled them"
+            assert s["pending_left"] == 0 and s["wrong_final_states"] == 0 and s["forged_accepted"] == 0
+            assert s["lookups_by_provider"]["adyen"] == 0
+            assert s["webhook_deliveries"].get("forged:401", 0) > 0
+            assert s["notifications_received"] > 0
+            assert s["notifications_missing"] == 0 and s["notifications_repeated"] == 0
         case _:
             raise AssertionError(f"no expectation written for drill {name}")
 

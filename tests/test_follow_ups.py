@@ -48,15 +48,20 @@ async def test_a_refund_without_amount_refunds_what_is_left(engine_config, start
 
 async def test_adyen_capture_without_amount_captures_the_authorisation(make_config, start_gateway,
                                                                        emulators) -> None:
-    """Adyen needs an explicit amount on every modification; the gateway supplies it."""
+    """Adyen needs an explicit amount on every modification; the gateway supplies it. Adyen
+    answers `received` and reports the capture by webhook, so it is `capture_pending` (202)
+    until then (tests/test_webhooks_gateway.py settles one)."""
     client = await start_gateway(make_config(order=("adyen", "stripe")))
     resp = await client.post("/v1/payments", json=card_payment(capture=False), headers=key())
     doc = await resp.json()
     assert doc["status"] == "approved" and doc["provider"] == "adyen"
     captured = await client.post(f"/v1/payments/{doc['id']}/capture", json={}, headers=key())
-    assert captured.status == 200, await captured.text()
+    assert captured.status == 202, await captured.text()
     body = await captured.json()
-    assert body["status"] == "captured" and body["captured_amount"] == 1299
+    assert body["status"] == "capture_pending" and body["pending_follow_up"] == {"operation": "capture",
+                                                                                "amount": 1299}
+    [charge] = emulators["adyen"].emulator.ledger.charges()
+    assert charge.captured == 1299
 
 
 async def test_an_unknown_refund_at_a_provider_that_does_not_replay_is_never_sent_twice(

@@ -349,7 +349,7 @@ async def test_a_release_serves_on_a_database_lacking_only_its_deferrable_steps(
     index), the step is applied live, and nothing else is ever skipped."""
     config = str(write_config(tmp_path, db, auto_migrate=False))
     last = migrations(db.kind)[-1]
-    assert last.deferrable and not migrations(db.kind)[1].deferrable  # (0003 and 0004 are indexes, deferrable)
+    assert last.deferrable and not migrations(db.kind)[1].deferrable
 
     code, out, _ = await asyncio.to_thread(run_cli, "db", "migrate", "--config", config, "--to", "1")
     assert code == 0 and out.splitlines()[0] == f"applied {ALL_STEPS[0]}"

@@ -36,6 +36,7 @@ from gateway.txlog import (
     luhn_valid,
     mask_pan,
 )
+from tests.conftest import luhn_complete
 
 VISA = "4242424242424242"
 MASTERCARD = "5555555555554444"
@@ -50,11 +51,6 @@ PEM = (
 
 def redact(event: dict[str, Any]) -> dict[str, Any]:
     return Redactor()(None, "info", event)
-
-
-def luhn_complete(body: str) -> str:
-    """Append the check digit that makes `body` Luhn-valid."""
-    return next(body + d for d in string.digits if luhn_valid(body + d))
 
 
 # -- helpers --------------------------------------------------------------------------------

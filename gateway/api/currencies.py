@@ -1,4 +1,5 @@
-"""ISO 4217 currency codes the API accepts (active codes in use for card payments)."""
+"""ISO 4217 currency codes the API accepts (active codes in use for card payments), in any letter
+case (the API answers them in upper case)."""
 
 ISO_4217 = frozenset(
     """
@@ -11,3 +12,12 @@ ISO_4217 = frozenset(
     VND VUV WST XAF XCD XOF XPF YER ZAR ZMW ZWL
     """.split()
 )
+
+
+def _any_case(code: str) -> str:
+    return "".join(f"[{c}{c.lower()}]" for c in code)
+
+
+# The same set as a JSON Schema pattern for /openapi.json (ECMA-262 regexes have no
+# case-insensitive flag, so each letter names both cases).
+ISO_4217_PATTERN = "^(?:" + "|".join(_any_case(code) for code in sorted(ISO_4217)) + ")$"

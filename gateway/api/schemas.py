@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, StrictBool, Strict
 from domain.cards import luhn_valid
 from domain.secret import Secret
 from domain.types import Card, ThreeDS
-from gateway.api.currencies import ISO_4217
+from gateway.api.currencies import ISO_4217, ISO_4217_PATTERN
 
 Amount = Annotated[StrictInt, Field(gt=0, le=10**12, description="Amount in minor units (cents)")]
 
@@ -49,7 +49,8 @@ def _digits(value: SecretStr, what: str) -> SecretStr:
 
 class CardMethod(Body):
     type: Literal["card"]
-    number: Annotated[SecretStr, Field(min_length=12, max_length=19, json_schema_extra={"pattern": "^[0-9]+$"})]
+    number: Annotated[SecretStr, Field(min_length=12, max_length=19, description="digits only, passing the Luhn check",
+                                       json_schema_extra={"pattern": "^[0-9]+$"})]
     exp_month: Annotated[StrictInt, Field(ge=1, le=12)]
     exp_year: Annotated[StrictInt, Field(ge=2000, le=2100)]
     cvc: Annotated[SecretStr, Field(min_length=3, max_length=4, json_schema_extra={"pattern": "^[0-9]{3,4}$"})] \
@@ -84,7 +85,8 @@ class TokenMethod(Body):
 
 class PaymentCreate(Body):
     amount: Amount
-    currency: Annotated[StrictStr, Field(min_length=3, max_length=3, description="ISO 4217 code")]
+    currency: Annotated[StrictStr, Field(min_length=3, max_length=3, description="ISO 4217 code, any letter case",
+                                         json_schema_extra={"pattern": ISO_4217_PATTERN, "examples": ["EUR"]})]
     payment_method: Annotated[CardMethod | TokenMethod, Field(discriminator="type")]
     capture: StrictBool = True
     merchant_reference: Annotated[StrictStr, Field(min_length=1, max_length=128)]
@@ -99,7 +101,8 @@ class PaymentCreate(Body):
     @field_validator("currency")
     @classmethod
     def _iso_4217(cls, value: str) -> str:
-        if value.upper() not in ISO_4217:
+        # ASCII first: "ınr".upper() is "INR" (a dotless i), and /openapi.json publishes ASCII letters.
+        if not value.isascii() or value.upper() not in ISO_4217:
             raise ValueError(f"unknown currency {value!r} (ISO 4217)")
         return value.upper()
 

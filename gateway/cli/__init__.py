@@ -21,12 +21,16 @@ from gateway.cli.errors import fail, load_or_exit
 from gateway.config import ConfigError, GatewayConfig
 from gateway.journal.errors import JournalUnavailable, SchemaMismatch
 from gateway.cli.preflight import preflight
+from gateway.cli.webhooks_in import webhooks_in_app
+from gateway.cli.webhooks import webhooks_app
 from gateway.workers import WorkerSeat
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Payment-resilience gateway.")
 app.add_typer(certs_app, name="certs")
 app.add_typer(db_app, name="db")
 app.add_typer(logs_app, name="logs")
+app.add_typer(webhooks_in_app, name="webhooks-in")
+app.add_typer(webhooks_app, name="webhooks")
 app.command()(preflight)
 
 DEFAULT_CONFIG = Path("config/gateway.yaml")

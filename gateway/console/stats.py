@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.journal.records import Attempt, PaymentRecord
+from gateway.txlog.trace_ids import current_trace_id
 
 GATEWAY = "*"  # the key of the gateway-wide tally (payments as the checkout service saw them)
 FAILURE_OUTCOMES = frozenset({"unavailable", "unknown", "rejected"})  # listed as failures, unless NOT_SENT
@@ -172,13 +173,14 @@ class Failure:
     http_status: int | None
     latency_ms: float | None
     payment_status: str
+    trace_id: str | None = None  # the request's (or reconciler pass's) trace, when tracing is on
 
     def to_dict(self) -> dict[str, Any]:
         return {"at": self.at, "payment_id": self.payment_id, "provider": self.provider,
                 "operation": self.operation, "outcome": self.outcome, "code": self.code,
                 "http_status": self.http_status,
                 "latency_ms": round(self.latency_ms, 1) if self.latency_ms is not None else None,
-                "payment_status": self.payment_status}
+                "payment_status": self.payment_status, "trace_id": self.trace_id}
 
 
 class ConsoleStats:
@@ -270,7 +272,7 @@ class ConsoleStats:
             self._failures.append(Failure(at=record.updated_at, payment_id=record.id, provider=None,
                                           operation="authorize", outcome="failed", code=record.error_code,
                                           http_status=None, latency_ms=latency_ms,
-                                          payment_status=record.status.value))
+                                          payment_status=record.status.value, trace_id=current_trace_id()))
 
     def _attempt_failures(self, record: PaymentRecord, attempts: Iterable[Attempt]) -> None:
         for attempt in attempts:
@@ -334,7 +336,7 @@ def _failure(record: PaymentRecord, attempt: Attempt) -> Failure:
     return Failure(at=attempt.started_at, payment_id=record.id, provider=attempt.provider,
                    operation=attempt.operation, outcome=attempt.outcome or "none", code=attempt.raw_code,
                    http_status=attempt.http_status, latency_ms=attempt.latency_ms,
-                   payment_status=record.status.value)
+                   payment_status=record.status.value, trace_id=current_trace_id())
 
 
 def _trailing_run(attempts: list[Attempt], operation: str) -> list[Attempt]:

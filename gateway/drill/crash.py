@@ -60,6 +60,7 @@ from gateway.drill.runner import (
     ledger_view,
     lift_faults,
     plan_payments,
+    point_webhooks,
     post_payment,
     read_journal,
     secret_env,
@@ -367,6 +368,7 @@ async def run_crash_drill(options: DrillOptions | None = None, *, scenario: Scen
         gateway = GatewayProcess(config_path, f"http://{HOST}:{port}", secret_env(scenario, setup.client_key),
                                  setup.log_dir / "gateway-process.log")
         stack.push_async_callback(gateway.kill)  # whatever happens, no gateway outlives the drill
+        point_webhooks(servers, gateway.url)  # a delivery refused while it is down is retried later
         await gateway.start()
         progress = Progress(len(checkouts), on_progress)
         async with client_session(gateway.url, setup.client_key, options.concurrency) as session:

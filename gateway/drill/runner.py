@@ -38,11 +38,13 @@ from gateway.certs.devca import DevCertLayout, generate_dev_certs
 from gateway.config import GatewayConfig, parse_config
 from gateway.drill.follow_ups import FollowUpTarget, run_follow_ups
 from gateway.drill.report import LedgerView, SendResult, summarize
+from gateway.drill.webhook_chaos import NotificationReceiver, feed_measures, final_states, notification_measures
 from gateway.drill.scenarios import DEADLINE_MS, PER_TRY_TIMEOUT_MS, Injection, Scenario, get_scenario
 from gateway.txlog import build_ops_logger
 from gateway.emulator_launch import start_emulator
 from emulators.server import EmulatorServer
 from emulators.registry import EMULATORS
+from emulators.webhooks import WebhookTarget
 
 MAX_PAYMENTS = 100_000
 MAX_CONCURRENCY = 1_000
@@ -63,10 +65,34 @@ CLIENT_KEY_ENV = "GATEWAY_DRILL_CLIENT_KEY"
 # Dev values in each provider's key shape (the emulators check the shape, not the value).
 PROVIDER_DEV_KEYS = {"stripe": "sk_test_drill_gateway", "adyen": "adyen_drill_api_key",
                      "checkout": "sk_sbox_drill_gateway"}
+# Each emulator signs its webhooks to the drill's gateway with these (Adyen's HMAC key is hex).
+WEBHOOK_DEV_SECRETS = {"stripe": "whsec_drill_gateway", "adyen": "4452494c4c" * 6 + "00",
+                       "checkout": "cko_drill_webhook_secret"}
+WEBHOOK_TIME_FACTOR = 0.001  # the providers' retry schedules, compressed (Adyen's 9 s is 9 ms)
+NOTIFY_SECRET_ENV = "GATEWAY_DRILL_NOTIFY_KEY"
+NOTIFY_DEV_SECRET = "drill_merchant_notifications_0123456789"
 
 
 def provider_key_env(kind: str) -> str:
     return f"GATEWAY_DRILL_{kind.upper()}_API_KEY"
+
+
+def webhook_key_env(kind: str) -> str:
+    return f"GATEWAY_DRILL_{kind.upper()}_WEBHOOK_KEY"
+
+
+def point_webhooks(servers: Mapping[str, EmulatorServer], gateway_url: str) -> None:
+    """Every emulator posts its signed notifications to the drill's gateway, as the providers
+    would once ops set the webhook up (README, providers)."""
+    for kind, server in servers.items():
+        server.emulator.webhooks.set_target(WebhookTarget(url=f"{gateway_url}/v1/webhooks/{kind}",
+                                                          secret=WEBHOOK_DEV_SECRETS[kind],
+                                                          time_factor=WEBHOOK_TIME_FACTOR))
+
+
+async def webhooks_idle(servers: Mapping[str, EmulatorServer]) -> None:
+    """Until every emulator has delivered (or given up on) what it notified."""
+    await asyncio.gather(*(server.emulator.webhooks.idle() for server in servers.values()))
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,8 +159,10 @@ def _environment(values: Mapping[str, str]) -> Iterator[None]:
 
 
 def drill_config_data(scenario: Scenario, servers: Mapping[str, EmulatorServer], certs: DevCertLayout,
-                      log_dir: Path, concurrency: int, *, port: int = 0) -> dict[str, Any]:
-    """The drill's gateway configuration, in the shape of config/gateway.yaml (port 0: any free one)."""
+                      log_dir: Path, concurrency: int, *, port: int = 0,
+                      notify_url: str | None = None) -> dict[str, Any]:
+    """The drill's gateway configuration, in the shape of config/gateway.yaml (port 0: any free
+    one); with `notify_url`, merchant notifications go to the drill's receiver there."""
     width = max(200, concurrency)
     providers = {
         kind: {
@@ -150,10 +178,15 @@ def drill_config_data(scenario: Scenario, servers: Mapping[str, EmulatorServer],
             "breaker": {"fail_max": 5, "reset_timeout_s": 1.0},
             "retry": {"max_attempts": 2, "base_delay_ms": 10, "max_delay_ms": 50},
             "bulkhead": {"max_concurrent": width, "max_queue": width},
+            "webhook_key_envs": [webhook_key_env(kind)],
         }
         for kind in scenario.route
     }
+    notifications = {} if notify_url is None else {"notifications": {
+        "url": notify_url, "secret_env": [NOTIFY_SECRET_ENV], "retry_base_s": 0.05, "retry_max_s": 0.5,
+        "poll_interval_s": 0.05, "timeout_s": 2}}
     return {
+        **notifications,
         "server": {"host": HOST, "port": port, "max_in_flight": max(1000, concurrency), "shutdown_grace_s": 5},
         "auth": {"clients": [{"name": CLIENT_NAME, "key_env": CLIENT_KEY_ENV,
                               "permissions": ["payments:write", "payments:read"]}]},
@@ -172,6 +205,8 @@ def secret_env(scenario: Scenario, client_key: str) -> dict[str, str]:
     """The environment variables the drill configuration names for its secrets."""
     env = {CLIENT_KEY_ENV: client_key}
     env.update({provider_key_env(kind): PROVIDER_DEV_KEYS[kind] for kind in scenario.route})
+    env.update({webhook_key_env(kind): WEBHOOK_DEV_SECRETS[kind] for kind in scenario.route})
+    env[NOTIFY_SECRET_ENV] = NOTIFY_DEV_SECRET
     return env
 
 
@@ -308,6 +343,14 @@ async def _settle(app: web.Application) -> int:
     return settled
 
 
+async def _notified(app: web.Application) -> None:
+    """Until no merchant notification waits to be delivered, or SETTLE_MAX_S passes."""
+    store = app[RECONCILER].service.store
+    until = time.monotonic() + SETTLE_MAX_S
+    while time.monotonic() < until and await store.count_pending_notifications():
+        await asyncio.sleep(SETTLE_PAUSE_S)
+
+
 def follow_up_targets(sends: Sequence[SendResult], plan: Sequence[PlannedPayment],
                       run_id: str) -> list[FollowUpTarget]:
     """Every payment answered `approved`, for the follow-up phase."""
@@ -393,12 +436,13 @@ class InProcessGateway:
 
 async def start_gateway_in_process(stack: AsyncExitStack, scenario: Scenario, setup: RunSetup,
                                    servers: Mapping[str, EmulatorServer], certs: DevCertLayout,
-                                   concurrency: int, *,
+                                   concurrency: int, notify_url: str | None = None, *,
                                    sections: Mapping[str, Any] | None = None) -> InProcessGateway:
     """The gateway on an AppRunner in this process (127.0.0.1, a free port); cleaned up first
     when `stack` unwinds, so the journal is on disk before anyone reads it. `sections` replace
     whole top-level sections of the drill's configuration (a drill of its own: `routes`, ...)."""
-    data = {**drill_config_data(scenario, servers, certs, setup.log_dir, concurrency), **(sections or {})}
+    data = {**drill_config_data(scenario, servers, certs, setup.log_dir, concurrency, notify_url=notify_url),
+            **(sections or {})}
     config = build_config(data, scenario, setup.client_key)
     ops_stream = stack.enter_context((setup.log_dir / "ops.jsonl").open("a", encoding="utf-8"))
     app = build_app(config, ops_log=build_ops_logger(ops_stream), reconcile_interval_s=1.0)
@@ -426,7 +470,11 @@ async def run_drill(scenario: Scenario | str, options: DrillOptions = DrillOptio
 
     async with AsyncExitStack() as stack:
         servers = await start_emulators(stack, scenario.route, certs)
-        gateway = await start_gateway_in_process(stack, scenario, setup, servers, certs, options.concurrency)
+        receiver = await NotificationReceiver().start()
+        stack.push_async_callback(receiver.stop)
+        gateway = await start_gateway_in_process(stack, scenario, setup, servers, certs, options.concurrency,
+                                                 notify_url=receiver.url)
+        point_webhooks(servers, gateway.url)
         injections = await inject_faults(scenario, servers, setup.seed)
         try:
             load_started = time.monotonic()
@@ -443,10 +491,16 @@ async def run_drill(scenario: Scenario | str, options: DrillOptions = DrillOptio
         toggles = sum(getattr(i, "toggles", 0) for i in injections)
         if toggles:
             extra["outage_toggles"] = toggles
+        await webhooks_idle(servers)
         extra["reconciled_after_run"] = await _settle(gateway.app)
+        await _notified(gateway.app)
         ledger = ledger_view(servers)
+        extra.update(feed_measures(servers))
+        received = list(receiver.events)
 
     journal = await asyncio.to_thread(read_journal, Path(gateway.config.storage.sqlite_path), setup.reference_prefix)
+    extra.update(final_states(journal, ledger))
+    extra.update(notification_measures(received, sends, journal, extra.get("follow_up_answers", {})))
     summary = summarize(scenario=scenario, sends=sends, journal=journal, ledger=ledger,
                         abandoned=len(plan) - len(sends), seconds=time.monotonic() - started,
                         log_dir=str(setup.log_dir), extra=extra)

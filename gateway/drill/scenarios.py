@@ -216,6 +216,36 @@ SCENARIOS: dict[str, Scenario] = {
             checks=(_approval_at_least(0.999), Check("follow_ups_pending==0", lambda s: s["follow_ups_pending"] == 0)),
         ),
         Scenario(
+            "webhook-chaos",
+            "Adyen primary: 30% of its authorisations charge, then hang past the per-try timeout, and 15% are "
+            "processed, then answered 500 (which Adyen replays for the key): those left unknown are pending, "
+            "and only their notification can settle them (the gateway never asks Adyen); every approved payment is "
+            "captured, then partly refunded (answered received: pending until notified), 10% of those "
+            "refused by notification; notifications duplicated, reordered, delayed, some dropped then "
+            "retried, a few forged. Checks: everything settled from its notification, nothing forged taken.",
+            route=("adyen", "stripe", "checkout"),
+            steps=(Faults((FaultRule(kind="timeout_after", share=0.3, hang_s=DEADLINE_MS / 1000,
+                                     operations=AUTHORIZE_ONLY),
+                           FaultRule(kind="error", share=0.15, status=500, after_processing=True,
+                                     operations=AUTHORIZE_ONLY),
+                           FaultRule(kind="fail_by_notification", share=0.1, operations=FOLLOW_UP_OPS),
+                           FaultRule(kind="webhook_duplicate", share=0.3, copies=2),
+                           FaultRule(kind="webhook_reorder", share=0.2, hang_s=0.5),
+                           FaultRule(kind="webhook_delay", share=0.3, latency_ms=200, jitter_ms=200),
+                           FaultRule(kind="webhook_drop", share=0.2, drops=2),
+                           FaultRule(kind="webhook_forge", share=0.05))),),
+            follow_ups=True,
+            checks=(
+                _answered_at_least(0.999),
+                Check("wrong_final_states==0", lambda s: s["wrong_final_states"] == 0),
+                Check("pending_left==0", lambda s: s["pending_left"] == 0),
+                Check("forged_accepted==0", lambda s: s["forged_accepted"] == 0),
+                Check("no_lookup_at_adyen", lambda s: s["lookups_by_provider"].get("adyen", 0) == 0),
+                Check("notifications_missing==0", lambda s: s["notifications_missing"] == 0),
+                Check("notifications_repeated==0", lambda s: s["notifications_repeated"] == 0),
+            ),
+        ),
+        Scenario(
             "rate-limited",
             "30% of the primary's authorisations answer 429 with Retry-After: 0.2: retried after the "
             "hint with the same key, failed over when that is spent.",

@@ -67,7 +67,16 @@ from gateway.journal.records import (
 )
 from gateway.journal.schema import Migration, migrations, postgres_prepare
 from gateway.journal.errors import JournalUnavailable, StaleWrite
-from gateway.journal.store import UNRESOLVED_STATUSES, next_version, payment_from_row, payment_row
+from gateway.journal.store import (
+    NOTIFICATION_COLUMNS,
+    UNRESOLVED_STATUSES,
+    next_version,
+    notification_from_row,
+    payment_from_row,
+    payment_row,
+)
+from gateway.journal.webhook_events import WebhookEventRecord, WebhookState
+from gateway.notifications.records import AttemptRecord, DeliveryOutcome, Notification
 
 _UNRESOLVED_SQL = "(" + ", ".join(f"'{s}'" for s in UNRESOLVED_STATUSES) + ")"
 _IN_FLIGHT = IdempotencyState.IN_FLIGHT.value
@@ -99,9 +108,10 @@ _UPDATE_JOURNAL = ("UPDATE payments SET status = $2, updated_at = $3, doc = $4, 
                    "WHERE id = $1 AND version = $5 RETURNING 1")
 
 
-def _save_statement(journal: str, answer: bool, line: bool) -> str:
-    """The conditional payment write ($1..$5), then the key's answer (4 parameters) and the
-    outbox line (4 more), each acting only when the payment write did: one statement."""
+def _save_statement(journal: str, answer: bool, line: bool, notes: bool = False) -> str:
+    """The conditional payment write ($1..$5), then the key's answer (4 parameters), the
+    outbox line (4 more) and the merchant notifications (5 arrays), each acting only when the
+    payment write did: one statement."""
     ctes = [f"journal AS ({journal})"]
     n = 6
     if answer:
@@ -111,12 +121,20 @@ def _save_statement(journal: str, answer: bool, line: bool) -> str:
     if line:
         ctes.append(f"line AS (INSERT INTO outbox (log_id, owner, created_at, line) "
                     f"SELECT ${n}, ${n + 1}, ${n + 2}, ${n + 3} WHERE EXISTS (SELECT 1 FROM journal))")
+        n += 4
+    if notes:
+        ctes.append(f"notes AS ({_INSERT_NOTIFICATIONS.format(*range(n, n + 5))} WHERE EXISTS (SELECT 1 FROM journal))")
     return "WITH " + ",\n".join(ctes) + "\nSELECT count(*) FROM journal"
 
 
-# (first write, with answer, with outbox line) -> statement
-_SAVE = {(first, answer, line): _save_statement(_INSERT_JOURNAL if first else _UPDATE_JOURNAL, answer, line)
-         for first in (True, False) for answer in (False, True) for line in (False, True)}
+_INSERT_NOTIFICATIONS = ("INSERT INTO notifications (event_id, payment_id, event_type, created_at, body, retry_from, "
+                         "next_attempt_at) SELECT e, p, t, c, b, c, c FROM unnest(${}::text[], ${}::text[], "
+                         "${}::text[], ${}::float8[], ${}::bytea[]) AS n(e, p, t, c, b)")
+
+# (first write, with answer, with outbox line, with notifications) -> statement
+_SAVE = {(first, answer, line, notes): _save_statement(_INSERT_JOURNAL if first else _UPDATE_JOURNAL, answer, line,
+                                                       notes)
+         for first in (True, False) for answer in (False, True) for line in (False, True) for notes in (False, True)}
 
 # $1 scope, $2 key, $3 fingerprint, $4 resource_id, $5 now, $6 expires_at
 _CLAIM_CTE = f"""
@@ -285,7 +303,7 @@ class PostgresStore:
     # -- payments ------------------------------------------------------------------------------
 
     async def save_payment(self, record: PaymentRecord, answer: IdempotentAnswer | None = None,
-                           outbox: OutboxLine | None = None) -> None:
+                           outbox: OutboxLine | None = None, notifications: Sequence[Notification] = ()) -> None:
         with next_version(record) as expected:
             payment_id, status, created_at, updated_at, doc = payment_row(record)
             args: tuple[Any, ...] = ((payment_id, status, created_at, updated_at, doc) if expected == 0
@@ -294,8 +312,12 @@ class PostgresStore:
                 args += (answer.scope, answer.key, answer.response.status, answer.response.body)
             if outbox is not None:
                 args += (outbox.log_id, outbox.owner, outbox.created_at, outbox.line)
+            if notifications:
+                args += tuple(list(column) for column in zip(*((n.event_id, n.payment_id, n.event_type, n.created_at,
+                                                                n.body) for n in notifications)))
+            statement = _SAVE[expected == 0, answer is not None, outbox is not None, bool(notifications)]
             async with self._conn() as conn:
-                written = await conn.fetchval(_SAVE[expected == 0, answer is not None, outbox is not None], *args)
+                written = await conn.fetchval(statement, *args)
             if not written:
                 raise StaleWrite(payment_id)
 
@@ -407,6 +429,130 @@ class PostgresStore:
             rows = await conn.fetch(_CLAIM_OUTBOX, owner, own_before, any_before, now, lease_until, after, limit)
         return sorted((OutboxLine(r["log_id"], bytes(r["line"]), r["owner"], r["created_at"]) for r in rows),
                       key=lambda line: line.log_id)
+
+    # -- merchant notifications' outbox (gateway.notifications) --------------------------------
+
+    async def lease_notifications(self, owner: str, lease_s: float, limit: int) -> list[Notification]:
+        async with self._conn() as conn:
+            rows = await conn.fetch(_LEASE_NOTIFICATIONS, owner, lease_s, limit)
+        return sorted((notification_from_row(r) for r in rows), key=lambda n: n.next_attempt_at or 0.0)
+
+    async def finish_notification(self, event_id: str, attempt: AttemptRecord,
+                                  outbox: OutboxLine | None = None) -> bool:
+        args: tuple[Any, ...] = (event_id, attempt.outcome.state.value, attempt.retry_in_s,
+                                 attempt.outcome is DeliveryOutcome.DELIVERED, attempt.http_status, attempt.error)
+        if outbox is not None:
+            args += (outbox.log_id, outbox.owner, outbox.created_at, outbox.line)
+        async with self._conn() as conn:
+            return bool(await conn.fetchval(_FINISH_WITH_LINE if outbox is not None else _FINISH, *args))
+
+    async def list_notifications(self, *, since: float | None = None, event_id: str | None = None,
+                                 limit: int = 100) -> list[Notification]:
+        where, value = ("event_id = $1", event_id) if event_id is not None else ("created_at >= $1", since or 0.0)
+        async with self._conn() as conn:
+            rows = await conn.fetch(f"SELECT {NOTIFICATION_COLUMNS} FROM notifications WHERE {where} "
+                                    "ORDER BY created_at DESC LIMIT $2", value, limit)
+        return [notification_from_row(r) for r in rows]
+
+    async def replay_notifications(self, *, since: float | None = None, event_id: str | None = None) -> int:
+        where, value = ("event_id = $1", event_id) if event_id is not None else ("created_at >= $1", since or 0.0)
+        async with self._conn() as conn:
+            tag = await conn.execute(f"UPDATE notifications SET state = 'pending', retry_from = {_NOW}, "
+                                     f"next_attempt_at = {_NOW}, lease_owner = NULL, lease_until = NULL "
+                                     f"WHERE {where}", value)
+        return int(tag.rsplit(" ", 1)[-1])
+
+    async def count_pending_notifications(self) -> int:
+        async with self._conn() as conn:
+            return int(await conn.fetchval("SELECT count(*) FROM notifications WHERE state = 'pending'"))
+
+    async def release_notification_leases(self, owner: str | None) -> int:
+        async with self._conn() as conn:
+            tag = await conn.execute("UPDATE notifications SET lease_owner = NULL, lease_until = NULL "
+                                     "WHERE state = 'pending' AND lease_owner IS NOT NULL "
+                                     "AND ($1::text IS NULL OR lease_owner = $1)", owner)
+        return int(tag.rsplit(" ", 1)[-1])
+
+    async def purge_notifications(self, before: float, limit: int = 10_000) -> int:
+        async with self._conn() as conn:
+            tag = await conn.execute("DELETE FROM notifications WHERE event_id IN (SELECT event_id FROM notifications "
+                                     "WHERE created_at < $1 AND state <> 'pending' LIMIT $2)", before, limit)
+        return int(tag.rsplit(" ", 1)[-1])
+
+    # -- provider webhooks in (gateway.webhooks) -------------------------------------------------
+
+    async def journal_webhook_events(self, events: Sequence[WebhookEventRecord]) -> int:
+        rows = [(e.provider, e.event_id, e.state.value, e.received_at, e.payment_id, e.to_doc()) for e in events]
+        async with self._conn() as conn:
+            return await conn.fetchval(_INSERT_WEBHOOKS, [r[0] for r in rows], [r[1] for r in rows],
+                                       [r[2] for r in rows], [r[3] for r in rows], [r[4] for r in rows],
+                                       [r[5] for r in rows])
+
+    async def lease_webhook_events(self, owner: str, lease_s: float, limit: int = 100) -> list[WebhookEventRecord]:
+        async with self._conn() as conn:
+            rows = await conn.fetch(_LEASE_WEBHOOKS, owner, lease_s, limit)
+        return [_webhook_record(r) for r in sorted(rows, key=lambda r: r["received_at"])]
+
+    async def finish_webhook_event(self, record: WebhookEventRecord) -> None:
+        async with self._conn() as conn:
+            await conn.execute(
+                "UPDATE webhook_events SET state = $3, payment_id = $4, processed_at = $5, doc = $6, "
+                "lease_owner = NULL, lease_until = NULL WHERE provider = $1 AND event_id = $2",
+                record.provider, record.event_id, record.state.value, record.payment_id, record.processed_at,
+                record.to_doc())
+
+    async def webhook_events(self, state: WebhookState | None = None, limit: int = 100) -> list[WebhookEventRecord]:
+        async with self._conn() as conn:
+            if state is None:
+                rows = await conn.fetch(f"SELECT {_WEBHOOK_COLUMNS} FROM webhook_events "
+                                        "ORDER BY received_at DESC LIMIT $1", limit)
+            else:
+                rows = await conn.fetch(f"SELECT {_WEBHOOK_COLUMNS} FROM webhook_events WHERE state = $1 "
+                                        "ORDER BY received_at DESC LIMIT $2", state.value, limit)
+        return [_webhook_record(r) for r in rows]
+
+
+# $1 owner, $2 lease_s, $3 limit. SKIP LOCKED: a row another sender is leasing right now is its own.
+_LEASE_NOTIFICATIONS = f"""
+UPDATE notifications SET lease_owner = $1, lease_until = {_NOW} + $2::float8 WHERE event_id IN (
+    SELECT event_id FROM notifications WHERE state = 'pending' AND next_attempt_at <= {_NOW}
+        AND (lease_until IS NULL OR lease_until <= {_NOW})
+    ORDER BY next_attempt_at LIMIT $3 FOR UPDATE SKIP LOCKED)
+RETURNING {NOTIFICATION_COLUMNS}"""
+
+# $1 event_id, $2 state, $3 retry_in_s, $4 delivered, $5 http status, $6 error; then the log line ($7..$10).
+_FINISH_CTE = f"""
+WITH done AS (
+    UPDATE notifications SET attempts = attempts + 1, state = $2, next_attempt_at = {_NOW} + $3::float8,
+        delivered_at = CASE WHEN $4 THEN {_NOW} END, last_status = $5, last_error = $6,
+        lease_owner = NULL, lease_until = NULL
+    WHERE event_id = $1 AND state = 'pending' RETURNING 1)"""
+_FINISH = _FINISH_CTE + "\nSELECT count(*) FROM done"
+_FINISH_WITH_LINE = _FINISH_CTE + """, line AS (
+    INSERT INTO outbox (log_id, owner, created_at, line) SELECT $7, $8, $9, $10 WHERE EXISTS (SELECT 1 FROM done))
+SELECT count(*) FROM done"""
+
+
+_WEBHOOK_COLUMNS = "provider, event_id, state, received_at, payment_id, processed_at, doc"
+# One statement for a delivery's items (arrays $1..$6): the new ones inserted, repeats left alone.
+_INSERT_WEBHOOKS = """
+WITH added AS (
+    INSERT INTO webhook_events (provider, event_id, state, received_at, payment_id, doc)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[], $5::text[], $6::bytea[])
+    ON CONFLICT (provider, event_id) DO NOTHING RETURNING 1)
+SELECT count(*) FROM added"""
+# $1 owner, $2 lease_s, $3 limit. SKIP LOCKED: an event another replica is leasing right now is its own.
+_LEASE_WEBHOOKS = f"""
+UPDATE webhook_events SET lease_owner = $1, lease_until = {_NOW} + $2::float8 WHERE (provider, event_id) IN (
+    SELECT provider, event_id FROM webhook_events WHERE state = '{WebhookState.PENDING.value}'
+        AND (lease_until IS NULL OR lease_until <= {_NOW} OR lease_owner = $1)
+    ORDER BY received_at LIMIT $3 FOR UPDATE SKIP LOCKED)
+RETURNING {_WEBHOOK_COLUMNS}"""
+
+
+def _webhook_record(row: asyncpg.Record) -> WebhookEventRecord:
+    return WebhookEventRecord.from_row(row["provider"], row["state"], row["received_at"], row["payment_id"],
+                                       row["processed_at"], bytes(row["doc"]))
 
 
 def dsn_location(dsn: str) -> str:

@@ -45,7 +45,16 @@ from gateway.journal.records import (
 )
 from gateway.journal.schema import Migration, sqlite_prepare
 from gateway.journal.errors import JournalUnavailable, StaleWrite, StoreOverloaded, StoreUnavailable
-from gateway.journal.store import UNRESOLVED_STATUSES, next_version, payment_from_row, payment_row
+from gateway.journal.store import (
+    NOTIFICATION_COLUMNS,
+    UNRESOLVED_STATUSES,
+    next_version,
+    notification_from_row,
+    payment_from_row,
+    payment_row,
+)
+from gateway.journal.webhook_events import WebhookEventRecord, WebhookState
+from gateway.notifications.records import AttemptRecord, DeliveryOutcome, Notification
 
 T = TypeVar("T")
 _STOP = object()
@@ -181,7 +190,7 @@ class SqliteStore:
     # -- payments ------------------------------------------------------------------------------
 
     async def save_payment(self, record: PaymentRecord, answer: IdempotentAnswer | None = None,
-                           outbox: OutboxLine | None = None) -> None:
+                           outbox: OutboxLine | None = None, notifications: Sequence[Notification] = ()) -> None:
         with next_version(record) as expected:
             row = payment_row(record)
 
@@ -191,6 +200,10 @@ class SqliteStore:
                     _store_answer(conn, answer.scope, answer.key, answer.response)
                 if outbox is not None:
                     conn.execute(_INSERT_OUTBOX, (outbox.log_id, outbox.owner, outbox.created_at, outbox.line))
+                if notifications:
+                    conn.executemany(_INSERT_NOTIFICATION, [
+                        (n.event_id, n.payment_id, n.event_type, n.created_at, n.body, n.created_at, n.created_at)
+                        for n in notifications])
 
             await self._submit(op)
 
@@ -311,6 +324,132 @@ class SqliteStore:
 
         return await self._submit(op)
 
+    # -- provider webhooks in (gateway.webhooks) -------------------------------------------------
+
+    async def journal_webhook_events(self, events: Sequence[WebhookEventRecord]) -> int:
+        rows = [(e.provider, e.event_id, e.state.value, e.received_at, e.payment_id, e.to_doc()) for e in events]
+
+        def op(conn: sqlite3.Connection) -> int:
+            return sum(conn.execute(_INSERT_WEBHOOK, row).rowcount for row in rows)
+
+        return await self._submit(op)
+
+    async def lease_webhook_events(self, owner: str, lease_s: float, limit: int = 100) -> list[WebhookEventRecord]:
+        def op(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+            # One BEGIN IMMEDIATE transaction: no other process can lease in between.
+            now = time.time()
+            rows = conn.execute(
+                f"SELECT {_WEBHOOK_COLUMNS} FROM webhook_events WHERE state = ? "
+                "AND (lease_until IS NULL OR lease_until <= ? OR lease_owner = ?) ORDER BY received_at LIMIT ?",
+                (WebhookState.PENDING.value, now, owner, limit)).fetchall()
+            conn.executemany("UPDATE webhook_events SET lease_owner = ?, lease_until = ? "
+                             "WHERE provider = ? AND event_id = ?",
+                             [(owner, now + lease_s, r[0], r[1]) for r in rows])
+            return rows
+
+        return [_webhook_record(row) for row in await self._submit(op)]
+
+    async def finish_webhook_event(self, record: WebhookEventRecord) -> None:
+        row = (record.state.value, record.payment_id, record.processed_at, record.to_doc(), record.provider,
+               record.event_id)
+        await self._submit(lambda conn: conn.execute(
+            "UPDATE webhook_events SET state = ?, payment_id = ?, processed_at = ?, doc = ?, lease_owner = NULL, "
+            "lease_until = NULL WHERE provider = ? AND event_id = ?", row))
+
+    async def webhook_events(self, state: WebhookState | None = None, limit: int = 100) -> list[WebhookEventRecord]:
+        where, params = ("WHERE state = ?", (state.value, limit)) if state is not None else ("", (limit,))
+
+        def op(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+            return conn.execute(f"SELECT {_WEBHOOK_COLUMNS} FROM webhook_events {where} "
+                                "ORDER BY received_at DESC LIMIT ?", params).fetchall()
+
+        return [_webhook_record(row) for row in await self._submit(op)]
+    # -- merchant notifications' outbox (gateway.notifications) --------------------------------
+
+    async def lease_notifications(self, owner: str, lease_s: float, limit: int) -> list[Notification]:
+        def op(conn: sqlite3.Connection) -> list[Notification]:
+            # One BEGIN IMMEDIATE transaction: no other process can lease in between.
+            now = time.time()
+            rows = conn.execute(
+                f"SELECT {NOTIFICATION_COLUMNS} FROM notifications WHERE state = 'pending' AND next_attempt_at <= ? "
+                "AND (lease_until IS NULL OR lease_until <= ?) ORDER BY next_attempt_at LIMIT ?",
+                (now, now, limit)).fetchall()
+            conn.executemany("UPDATE notifications SET lease_owner = ?, lease_until = ? WHERE event_id = ?",
+                             [(owner, now + lease_s, r[0]) for r in rows])
+            return [notification_from_row(r) for r in rows]
+
+        return await self._submit(op)
+
+    async def finish_notification(self, event_id: str, attempt: AttemptRecord,
+                                  outbox: OutboxLine | None = None) -> bool:
+        def op(conn: sqlite3.Connection) -> bool:
+            now = time.time()
+            delivered = now if attempt.outcome is DeliveryOutcome.DELIVERED else None
+            changed = conn.execute(_FINISH_NOTIFICATION, (attempt.outcome.state.value, now + attempt.retry_in_s,
+                                                          delivered, attempt.http_status, attempt.error,
+                                                          event_id)).rowcount
+            if changed and outbox is not None:
+                conn.execute(_INSERT_OUTBOX, (outbox.log_id, outbox.owner, outbox.created_at, outbox.line))
+            return bool(changed)
+
+        return await self._submit(op)
+
+    async def list_notifications(self, *, since: float | None = None, event_id: str | None = None,
+                                 limit: int = 100) -> list[Notification]:
+        where, params = _notification_filter(since, event_id)
+
+        def op(conn: sqlite3.Connection) -> list[Notification]:
+            return [notification_from_row(r) for r in conn.execute(
+                f"SELECT {NOTIFICATION_COLUMNS} FROM notifications WHERE {where} ORDER BY created_at DESC LIMIT ?",
+                (*params, limit)).fetchall()]
+
+        return await self._submit(op)
+
+    async def replay_notifications(self, *, since: float | None = None, event_id: str | None = None) -> int:
+        where, params = _notification_filter(since, event_id)
+
+        def op(conn: sqlite3.Connection) -> int:
+            now = time.time()
+            return conn.execute(
+                "UPDATE notifications SET state = 'pending', retry_from = ?, next_attempt_at = ?, lease_owner = NULL, "
+                f"lease_until = NULL WHERE {where}", (now, now, *params)).rowcount
+
+        return await self._submit(op)
+
+    async def count_pending_notifications(self) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            return conn.execute("SELECT count(*) FROM notifications WHERE state = 'pending'").fetchone()[0]
+
+        return await self._submit(op)
+
+    async def release_notification_leases(self, owner: str | None) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            return conn.execute("UPDATE notifications SET lease_owner = NULL, lease_until = NULL "
+                                "WHERE state = 'pending' AND lease_owner IS NOT NULL "
+                                "AND (? IS NULL OR lease_owner = ?)", (owner, owner)).rowcount
+
+        return await self._submit(op)
+
+    async def purge_notifications(self, before: float, limit: int = 10_000) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            return conn.execute("DELETE FROM notifications WHERE event_id IN (SELECT event_id FROM notifications "
+                                "WHERE created_at < ? AND state <> 'pending' LIMIT ?)", (before, limit)).rowcount
+
+        return await self._submit(op)
+
+
+_INSERT_NOTIFICATION = ("INSERT INTO notifications (event_id, payment_id, event_type, created_at, body, retry_from, "
+                        "next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?)")
+_FINISH_NOTIFICATION = ("UPDATE notifications SET attempts = attempts + 1, state = ?, next_attempt_at = ?, "
+                        "delivered_at = ?, last_status = ?, last_error = ?, lease_owner = NULL, lease_until = NULL "
+                        "WHERE event_id = ? AND state = 'pending'")
+
+
+def _notification_filter(since: float | None, event_id: str | None) -> tuple[str, tuple[Any, ...]]:
+    if event_id is not None:
+        return "event_id = ?", (event_id,)
+    return "created_at >= ?", (since if since is not None else 0.0,)
+
 
 _INSERT_OUTBOX = "INSERT INTO outbox (log_id, owner, created_at, line) VALUES (?, ?, ?, ?)"
 
@@ -328,6 +467,16 @@ def _write_payment(conn: sqlite3.Connection, row: _Row, expected: int) -> None:
         changed = conn.execute(_UPDATE_PAYMENT, (status, updated_at, doc, expected + 1, payment_id, expected)).rowcount
     if changed != 1:
         raise StaleWrite(row[0])
+
+
+_INSERT_WEBHOOK = ("INSERT INTO webhook_events (provider, event_id, state, received_at, payment_id, doc) "
+                   "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (provider, event_id) DO NOTHING")
+_WEBHOOK_COLUMNS = "provider, event_id, state, received_at, payment_id, processed_at, doc"
+
+
+def _webhook_record(row: tuple[Any, ...]) -> WebhookEventRecord:
+    provider, _event_id, state, received_at, payment_id, processed_at, doc = row
+    return WebhookEventRecord.from_row(provider, state, received_at, payment_id, processed_at, doc)
 
 
 def _unavailable(path: Path, exc: BaseException) -> BaseException:

@@ -29,7 +29,7 @@ cannot take the write now: answer 503 and let the caller retry), `StoreOverloade
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 
 
@@ -42,10 +42,12 @@ from gateway.journal.records import (
     PaymentRecord,
     StoredResponse,
 )
+from gateway.notifications.records import AttemptRecord, DeliveryState, Notification
 from domain.outcome import PaymentStatus
 
 if TYPE_CHECKING:
     from gateway.journal.schema import Migration
+    from gateway.journal.webhook_events import WebhookEventRecord, WebhookState
 
 # What the reconciler owns: payments without a final answer, and follow-ups without one.
 UNRESOLVED_STATUSES = tuple(s.value for s in (
@@ -67,6 +69,14 @@ def payment_from_row(version: int, doc: bytes) -> PaymentRecord:
     return record
 
 
+
+# The columns of a notification row, in `notification_from_row`'s order (both backends).
+NOTIFICATION_COLUMNS = ("event_id, event_type, payment_id, created_at, body, state, attempts, retry_from, "
+                        "next_attempt_at, delivered_at, last_status, last_error")
+
+
+def notification_from_row(row: Sequence[Any]) -> Notification:
+    return Notification(row[0], row[1], row[2], row[3], bytes(row[4]), DeliveryState(row[5]), *row[6:])
 
 
 class next_version:  # noqa: N801 - used like a function: `with next_version(record) as expected:`
@@ -107,7 +117,7 @@ class Store(Protocol):
         ...
 
     async def save_payment(self, record: PaymentRecord, answer: IdempotentAnswer | None = None,
-                           outbox: OutboxLine | None = None) -> None:
+                           outbox: OutboxLine | None = None, notifications: Sequence[Notification] = ()) -> None:
         """Durable on return: callers rely on the row being on disk before a provider call.
         Conditional: raises `StaleWrite` (and writes nothing) when the row is no longer at
         `record.version`, or already exists for a record at version 0; on success
@@ -115,7 +125,9 @@ class Store(Protocol):
         in the same transaction, so a replay can never disagree with the journal. With
         `outbox`, the transaction's log line is stored in the outbox in that same transaction
         (a `log_id` already in the outbox is an error), so a crash before the line reaches the
-        log file cannot lose it."""
+        log file cannot lose it. With `notifications`, the merchant notifications the change
+        yields are stored (pending, due now) in that same transaction too; an `event_id`
+        already stored is an error, so nothing of the write is kept."""
         ...
 
     async def get_payment(self, payment_id: str) -> PaymentRecord | None: ...
@@ -170,4 +182,63 @@ class Store(Protocol):
         (`now` = infinity takes over every lease: a process that owns its store alone). Each
         returned line is leased until `lease_until`, so replicas starting together do not both
         write it again; `delete_outbox` ends it."""
+        ...
+
+    # -- provider webhooks in (gateway.webhooks) ---------------------------------------------------
+
+    async def journal_webhook_events(self, events: Sequence[WebhookEventRecord]) -> int:
+        """Durable on return, in one transaction: each event not yet journalled for its
+        (provider, event id) is inserted `pending`; one already there is left as it is (a
+        repeated delivery). Returns how many were new."""
+        ...
+
+    async def lease_webhook_events(self, owner: str, lease_s: float, limit: int = 100) -> list[WebhookEventRecord]:
+        """Pending events, oldest first, each leased to `owner` for `lease_s` seconds: events
+        leased to another owner whose lease has not run out are skipped, `owner`'s are renewed.
+        Atomic across processes (the same contract as `lease_unresolved`)."""
+        ...
+
+    async def finish_webhook_event(self, record: WebhookEventRecord) -> None:
+        """Store what applying the event did (its state, payment, outcome) and end its lease."""
+        ...
+
+    async def webhook_events(self, state: WebhookState | None = None, limit: int = 100) -> list[WebhookEventRecord]:
+        """Journalled events (in `state`, or any), newest first: for ops (orphans above all)."""
+    # -- merchant notifications' outbox (gateway.notifications) -----------------------------------
+    # Rows are inserted by `save_payment(..., notifications=...)`; the senders lease them.
+
+    async def lease_notifications(self, owner: str, lease_s: float, limit: int) -> list[Notification]:
+        """Pending notifications that are due, soonest first, each leased to `owner` for
+        `lease_s` seconds: a row another sender holds under a lease that has not run out is
+        skipped, so senders in any number of processes get disjoint rows. Store clock."""
+        ...
+
+    async def finish_notification(self, event_id: str, attempt: AttemptRecord,
+                                  outbox: OutboxLine | None = None) -> bool:
+        """Record one delivery attempt on a pending row (attempts + 1, its state, due again
+        `attempt.retry_in_s` from now when it failed) and end its lease; with `outbox`, the
+        attempt's transaction-log line commits with it. False (nothing written) when the row is
+        no longer pending: another sender, whose lease took over an expired one, finished it."""
+        ...
+
+    async def list_notifications(self, *, since: float | None = None, event_id: str | None = None,
+                                 limit: int = 100) -> list[Notification]:
+        """Notifications created at or after `since` (or the one `event_id`), newest first."""
+        ...
+
+    async def replay_notifications(self, *, since: float | None = None, event_id: str | None = None) -> int:
+        """Deliver again (delivered or given up alike): pending and due now, a fresh retry
+        window, its lease ended. Returns how many rows."""
+        ...
+
+    async def count_pending_notifications(self) -> int: ...
+
+    async def release_notification_leases(self, owner: str | None) -> int:
+        """End `owner`'s leases (a sender stopping: its abandoned attempts are due at once), or
+        every lease (`None`: a process that owns its store alone, starting after a crash)."""
+        ...
+
+    async def purge_notifications(self, before: float, limit: int = 10_000) -> int:
+        """Forget up to `limit` delivered or given-up notifications created before `before`
+        (`notifications.retention_days`); pending ones are kept whatever their age."""
         ...

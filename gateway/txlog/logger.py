@@ -12,7 +12,8 @@ and writes it after; see `gateway.txlog.outbox`).
 The `Redactor` sits inside each chain (DESIGN rule 6). Every event passes through it on its
 way to bytes, so no call site can forget to redact and no call site redacts its own way. It
 runs after the contextvars merge, so values bound in middleware are scrubbed too, and before
-the timestamp, which we generate ourselves and need not scan.
+the timestamp, which we generate ourselves and need not scan; so are the trace ids
+(`gateway.txlog.trace_ids`: random hex that the card-number rule could mistake for a card).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any, TextIO
 import orjson
 import structlog
 
+from gateway.txlog.trace_ids import add_trace_ids
 from gateway.txlog.redaction import Redactor
 from gateway.txlog.writer import JsonLinesWriter
 
@@ -75,10 +77,11 @@ def _dumps_text(obj: Any, **kwargs: Any) -> str:
 
 
 def _transaction_processors(redactor: Redactor | None) -> list[Any]:
-    """Contextvars, Redactor, UTC ISO-8601 ``ts``, orjson renderer (bytes ending in one newline)."""
+    """Contextvars, Redactor, trace ids, UTC ISO-8601 ``ts``, orjson renderer (bytes ending in one newline)."""
     return [
         structlog.contextvars.merge_contextvars,
         redactor or Redactor(),
+        add_trace_ids,
         structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
         structlog.processors.JSONRenderer(serializer=_dumps, option=_ORJSON_OPTIONS),
     ]
@@ -128,6 +131,7 @@ def build_ops_logger(
         structlog.processors.add_log_level,
         structlog.processors.format_exc_info,
         redactor or Redactor(),
+        add_trace_ids,
         structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
         # PrintLogger adds the newline itself.
         structlog.processors.JSONRenderer(

@@ -129,7 +129,8 @@ class TransactionLog:
         self._loop: asyncio.AbstractEventLoop | None = None
         # log_ids emitted by this process whose rows are not deleted yet: never orphans.
         self._known: set[str] = set()
-        self._pending: deque[tuple[int, str]] = deque()  # (writer sequence, log_id) not yet on disk
+        # (writer sequence, log_id, monotonic time emitted) not yet on disk
+        self._pending: deque[tuple[int, str, float]] = deque()
         self._deletable: list[str] = []  # on disk, row still to delete
         self._deleter: asyncio.Task[None] | None = None
         self.emit_failures = 0
@@ -148,6 +149,11 @@ class TransactionLog:
         disk: the API refuses new payments (503) rather than charge more whose lines cannot be
         written (a full disk, a directory gone)."""
         return self.max_backlog is not None and len(self._pending) >= self.max_backlog
+
+    def oldest_wait_s(self) -> float:
+        """How long the oldest line emitted and not yet on disk has waited (0 when none waits): a
+        writer that stopped making progress without failing (stuck in the kernel) shows here."""
+        return time.monotonic() - self._pending[0][2] if self._pending else 0.0
 
     # -- lifetime --------------------------------------------------------------------------------
 
@@ -206,7 +212,7 @@ class TransactionLog:
             self.emit_failures += 1
             return False
         self._known.add(line.log_id)
-        self._pending.append((seq, line.log_id))
+        self._pending.append((seq, line.log_id, time.monotonic()))
         return True
 
     # -- flushed lines: delete their rows, in batches, off the request path -----------------------

@@ -19,13 +19,14 @@ Two provider verdicts take part in classification, in this order:
    received and acted upon" the message (and Adyen also uses 500 for some bad requests).
 
 Status: Adyen's Checkout API has no payment lookup (results arrive by webhook; `/payments/details`
-only submits a shopper's action result). STATUS therefore targets an emulator-only probe,
-`GET /v71/payments?reference=…` and `GET /v71/payments/{pspReference}` (see `emulators.adyen`),
-which stands in for the webhook feed: each payment with its modifications, shaped like the
-webhook's notification items (`eventCode` CAPTURE / REFUND / CANCELLATION, `pspReference`, our
-`reference`, `amount`, `success`). Only its explicit empty list counts as "not found"; a 404
-stays UNKNOWN, so against the real Adyen (which has no such endpoint) a status query can never
-clear a payment for failover and the engine must resolve `unknown` from the webhook feed instead.
+only submits a shopper's action result), so `has_status_lookup` is False and the engine never
+asks: an unknown or pending Adyen payment, and every modification answered `received`, is
+settled by its notification (`providers.adyen.webhook`, `gateway.webhooks`). STATUS still builds
+the emulator's **test probe**, `GET /v71/payments?reference=…` and `GET /v71/payments/{pspReference}`
+(see `emulators.adyen`: each payment with its modifications, shaped like the notification items),
+used by tests and by `gateway preflight`'s reachability check only. Only its explicit empty list
+counts as "not found"; a 404 stays UNKNOWN, so even a probe against the real Adyen (which has no
+such endpoint) could never clear a payment for failover.
 """
 
 from __future__ import annotations
@@ -191,8 +192,10 @@ class AdyenMapping:
 
     # Adyen replays the first answer for a key (and says 704 while it is still in progress).
     replays_answers = True
-    # Real Adyen has no lookup (results come by webhook); only the emulator's list answers.
+    # Real Adyen has no lookup: results come by webhook (`providers.adyen.webhook`), and the
+    # engine never asks. STATUS builds the emulator's test probe only (tests, preflight's reach).
     status_query_consistent = False
+    has_status_lookup = False
     redirects = True
 
     def __init__(self, name: str, api_key: str, *, merchant_account: str | None = None,
@@ -395,11 +398,13 @@ _STATUS_PRIORITY = {Outcome.APPROVED: 0, Outcome.UNKNOWN: 1}
 def _parse_success(op: Operation, status: int, doc: dict) -> ProviderResult:
     if op in (Operation.AUTHORIZE, Operation.COMPLETE):
         return _classify_payment(doc, status)
-    # Modifications: 201 {"status": "received"}; the outcome itself arrives later by webhook.
+    # Modifications: 201 {"status": "received"}: accepted, and the outcome itself (CAPTURE with
+    # success true, or false, or CAPTURE_FAILED days later) arrives by webhook.
     mod_status = str(doc.get("status", ""))
-    outcome = Outcome.APPROVED if mod_status == "received" else Outcome.UNKNOWN
-    return ProviderResult(outcome, raw_code=mod_status or f"http_{status}", http_status=status,
-                          reference=doc.get("pspReference"), provider_status=mod_status or None)
+    received = mod_status == "received"
+    return ProviderResult(Outcome.APPROVED if received else Outcome.UNKNOWN, raw_code=mod_status or f"http_{status}",
+                          http_status=status, reference=doc.get("pspReference"), provider_status=mod_status or None,
+                          settles_later=received)
 
 
 def _amount_value(item: dict) -> int | None:

@@ -192,6 +192,7 @@ class CheckoutMapping:
     replays_answers = False
     # GET /payments?reference= lists what Checkout.com holds for our reference.
     status_query_consistent = True
+    has_status_lookup = True
     redirects = True
 
     def __init__(self, name: str, api_key: str, *, merchant_account: str | None = None) -> None:
@@ -313,9 +314,11 @@ def _request_id(response: ProviderResponse, doc: dict) -> dict[str, str]:
 def _parse_success(op: Operation, response: ProviderResponse, doc: dict) -> ProviderResult:
     extra = _request_id(response, doc)
     if op in (Operation.CAPTURE, Operation.REFUND, Operation.VOID):
-        # 202 Accepted: the action is queued with the payment; its id is the action's reference.
+        # 202 Accepted: the action is queued with the payment (its id is the action's reference)
+        # and processed asynchronously: `payment_captured` or `payment_capture_declined` follows.
         return ProviderResult(Outcome.APPROVED, raw_code="accepted", http_status=response.status,
-                              reference=doc.get("action_id"), provider_status="Accepted", extra=extra)
+                              reference=doc.get("action_id"), provider_status="Accepted", extra=extra,
+                              settles_later=True)
     return _parse_payment(response.status, doc, extra)
 
 

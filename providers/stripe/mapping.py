@@ -126,6 +126,7 @@ class StripeMapping:
 
     # Stripe stores the first answer for a key, a 500 included, and replays it.
     replays_answers = True
+    has_status_lookup = True
     # Search is eventually consistent (Stripe: "typically under a minute" behind): an empty
     # result does not prove that a payment made seconds ago does not exist.
     status_query_consistent = False
@@ -274,7 +275,7 @@ def _parse_success(op: Operation, status: int, doc: dict) -> ProviderResult:
     if doc.get("object") == "refund":
         outcome = Outcome.APPROVED if doc.get("status") in ("succeeded", "pending") else Outcome.SOFT_DECLINE
         return ProviderResult(outcome, raw_code=doc.get("status"), http_status=status, reference=doc.get("id"),
-                              provider_status=doc.get("status"))
+                              provider_status=doc.get("status"), settles_later=doc.get("status") == "pending")
     # An answer to our own call: `canceled` is our void succeeding; after an authorisation or a
     # capture it is an intent canceled before capture, which holds no charge.
     return _intent_result(doc, status, canceled=Outcome.APPROVED if op is Operation.VOID else Outcome.HARD_DECLINE)

@@ -159,7 +159,8 @@
       const tr = el("tr", { class: `outcome-${f.outcome}` });
       tr.append(el("td", {}, clock(f.at)), el("td", {}, f.provider ?? "–"), el("td", {}, f.outcome),
         el("td", { class: "code" }, `${f.operation === "authorize" ? "" : f.operation + ": "}${f.code ?? "–"}`),
-        el("td", {}, f.http_status ?? "–"), el("td", { class: "code" }, f.payment_id), el("td", {}, f.payment_status));
+        el("td", {}, f.http_status ?? "–"), el("td", { class: "code" }, f.payment_id),
+        el("td", {}, f.payment_status), el("td", { class: "code" }, f.trace_id ?? "–"));
       return tr;
     }));
     $("failures-empty").hidden = failures.length > 0;

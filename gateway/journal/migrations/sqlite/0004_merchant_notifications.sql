@@ -1,0 +1,22 @@
+-- Merchant notifications out (gateway/notifications/): one row per event, inserted in the same
+-- transaction as the state change it reports, leased by one sender at a time, kept after
+-- delivery for `gateway webhooks list|replay`.
+CREATE TABLE notifications (
+    event_id TEXT PRIMARY KEY,
+    payment_id TEXT NOT NULL,
+    event_type TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    body BLOB NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    retry_from REAL NOT NULL,
+    next_attempt_at REAL NOT NULL,
+    lease_owner TEXT,
+    lease_until REAL,
+    delivered_at REAL,
+    last_status INTEGER,
+    last_error TEXT
+);
+-- What the senders ask for: pending rows that are due, soonest first.
+CREATE INDEX notifications_due ON notifications (next_attempt_at) WHERE state = 'pending';
+CREATE INDEX notifications_created ON notifications (created_at);

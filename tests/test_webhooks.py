@@ -1,0 +1,173 @@
+"""Each provider's webhook signature scheme, as the providers' own SDKs sign and verify it, the
+events parsed from their documented shapes (pure: providers/<kind>/webhook.py), and the
+payment's state machine deciding what an event does (pure: gateway/webhooks/rules.py)."""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+import pytest
+import stripe
+from Adyen.util import generate_notification_sig, is_valid_hmac_notification
+
+from domain.outcome import PaymentStatus
+from domain.webhook import EventKind, MalformedEvent, ProviderEvent, SignatureInvalid
+from gateway.journal.records import PaymentRecord
+from gateway.webhooks.rules import Effect, decide
+from providers.adyen import webhook as adyen
+from providers.checkout import webhook as checkout
+from providers.stripe import webhook as stripe_hooks
+from tests.webhook_shapes import (
+    ADYEN_HMAC,
+    ADYEN_OLD_HMAC,
+    CHECKOUT_SECRET,
+    STRIPE_OLD_SECRET,
+    STRIPE_SECRET,
+    adyen_item,
+    adyen_notification,
+    checkout_event,
+    checkout_headers,
+    stripe_event,
+    stripe_headers,
+)
+
+INTENT = {"id": "pi_1", "object": "payment_intent", "amount": 1299, "currency": "eur", "capture_method": "automatic",
+          "status": "succeeded", "metadata": {"gateway_payment_id": "pay_abc"}}
+
+
+def test_stripe_signature_is_the_one_stripes_sdk_verifies_and_ours_verifies_stripes() -> None:
+    body = stripe_event("payment_intent.succeeded", INTENT)
+    now = int(time.time())
+    header = stripe_hooks.sign(body, STRIPE_SECRET, now)
+    assert stripe.Webhook.construct_event(body.decode(), header, STRIPE_SECRET).id == orjson.loads(body)["id"]
+    sdk_header = stripe.WebhookSignature.generate_signature_header(body.decode(), STRIPE_SECRET, now)
+    stripe_hooks.verify(body, {"Stripe-Signature": sdk_header}, [STRIPE_SECRET], now)
+    with pytest.raises(stripe.SignatureVerificationError):
+        stripe.Webhook.construct_event(body.decode().replace("1299", "1298"), header, STRIPE_SECRET)
+
+
+@pytest.mark.parametrize("case", ["tampered", "expired", "unknown_secret", "missing", "no_v1", "garbled",
+                                  "not_ascii"])
+def test_stripe_signature_refusals(case: str) -> None:
+    body = stripe_event("payment_intent.succeeded", INTENT)
+    now = time.time()
+    headers = stripe_headers(body)
+    if case == "tampered":
+        body = body.replace(b"1299", b"9999")
+    elif case == "expired":
+        headers = stripe_headers(body, timestamp=int(now) - 301)
+    elif case == "unknown_secret":
+        headers = stripe_headers(body, secret="whsec_someone_else")
+    elif case == "missing":
+        headers = {}
+    elif case == "no_v1":
+        headers = {"Stripe-Signature": f"t={int(now)},v0=abc"}
+    elif case == "not_ascii":  # compare_digest refuses non-ASCII str: never a 500
+        headers = {"Stripe-Signature": f"t={int(now)},v1=\u00e9\ud800"}
+    else:
+        headers = {"Stripe-Signature": "t=12a,v1="}
+    with pytest.raises(SignatureInvalid):
+        stripe_hooks.verify(body, headers, [STRIPE_SECRET], now)
+
+
+def test_stripe_accepts_any_configured_secret_during_a_rotation() -> None:
+    body = stripe_event("payment_intent.succeeded", INTENT)
+    stripe_hooks.verify(body, stripe_headers(body, secret=STRIPE_OLD_SECRET), [STRIPE_SECRET, STRIPE_OLD_SECRET],
+                        time.time())
+    with pytest.raises(SignatureInvalid):
+        stripe_hooks.verify(body, stripe_headers(body, secret=STRIPE_OLD_SECRET), [STRIPE_SECRET], time.time())
+
+
+def test_adyen_item_signature_is_the_one_adyens_library_computes_and_validates() -> None:
+    item = adyen_item("AUTHORISATION", "PSP0001", "pay_abc", 1299)
+    body = adyen_notification(item)
+    unsigned = {k: v for k, v in item.items() if k != "additionalData"}
+    assert generate_notification_sig(unsigned, ADYEN_HMAC).decode() == item["additionalData"]["hmacSignature"]
+    assert adyen.item_signature(item, bytes.fromhex(ADYEN_HMAC)) == item["additionalData"]["hmacSignature"]
+    assert is_valid_hmac_notification(orjson.loads(body), ADYEN_HMAC)
+    adyen.verify(body, {}, [ADYEN_HMAC], time.time())
+    tampered = body.replace(b'"value":1299', b'"value":1')
+    assert not is_valid_hmac_notification(orjson.loads(tampered), ADYEN_HMAC)
+    with pytest.raises(SignatureInvalid):
+        adyen.verify(tampered, {}, [ADYEN_HMAC], time.time())
+
+
+def test_adyen_one_forged_item_refuses_the_whole_delivery_and_rotation_accepts_old_keys() -> None:
+    good = adyen_item("AUTHORISATION", "PSP0001", "pay_abc", 1299)
+    old = adyen_item("CAPTURE", "PSP0002", "pay_abc-adyen-capture-x", 1299, original="PSP0001", key=ADYEN_OLD_HMAC)
+    adyen.verify(adyen_notification(good, old), {}, [ADYEN_HMAC, ADYEN_OLD_HMAC], time.time())
+    with pytest.raises(SignatureInvalid):
+        adyen.verify(adyen_notification(good, old), {}, [ADYEN_HMAC], time.time())
+    for additional in ({}, {"hmacSignature": "\u00e9"}, {"hmacSignature": 7}):
+        with pytest.raises(SignatureInvalid):
+            adyen.verify(adyen_notification({**good, "additionalData": additional}), {}, [ADYEN_HMAC], time.time())
+    with pytest.raises(SignatureInvalid):
+        adyen.verify(b'{"live": "false"}', {}, [ADYEN_HMAC], time.time())
+
+
+def test_checkout_signature_and_refusals() -> None:
+    body = checkout_event("payment_captured", {"id": "pay_1", "reference": "pay_abc-checkout-capture-x",
+                                               "amount": 1299})
+    checkout.verify(body, checkout_headers(body), [CHECKOUT_SECRET], time.time())
+    for headers, sent in ((checkout_headers(body, "other"), body), ({}, body),
+                          (checkout_headers(body), body + b" "), ({"Cko-Signature": "\u00e9\ud800"}, body)):
+        with pytest.raises(SignatureInvalid):
+            checkout.verify(sent, headers, [CHECKOUT_SECRET], time.time())
+
+
+def test_events_parse_into_one_domain_type() -> None:
+    manual = {**INTENT, "capture_method": "manual",
+              "metadata": {"gateway_payment_id": "pay_abc", "gateway_capture": "pay_abc-stripe-capture-k"}}
+    [captured] = stripe_hooks.parse(stripe_event("payment_intent.succeeded", manual, "evt_1"))
+    assert (captured.kind, captured.success, captured.follow_up_reference) == (
+        EventKind.CAPTURE, True, "pay_abc-stripe-capture-k")
+    refund = {"id": "re_1", "object": "refund", "amount": 500, "status": "failed", "payment_intent": "pi_1",
+              "metadata": {"gateway_follow_up": "pay_abc-stripe-refund-k"}, "failure_reason": "expired_or_canceled_card"}
+    [refused] = stripe_hooks.parse(stripe_event("refund.failed", refund))
+    assert (refused.kind, refused.success, refused.amount, refused.reason) == (
+        EventKind.REFUND, False, 500, "expired_or_canceled_card")
+    failed = adyen.parse(adyen_notification(adyen_item("CAPTURE_FAILED", "PSP2", "pay_abc-adyen-capture-k", 10,
+                                                        original="PSP1")))
+    assert (failed[0].kind, failed[0].success, failed[0].provider_reference) == (EventKind.CAPTURE, False, "PSP1")
+    [declined] = checkout.parse(checkout_event("payment_declined", {"id": "pay_1", "reference": "pay_abc",
+                                                                    "response_code": "20051", "amount": True}))
+    assert (declined.kind, declined.success, declined.payment_reference, declined.reason, declined.amount) == (
+        EventKind.AUTHORISATION, False, "pay_abc", "20051", None)  # a bool is no amount
+    [other] = checkout.parse(checkout_event("dispute_opened", {"id": "dsp_1"}))
+    assert other.kind is EventKind.OTHER
+
+
+@pytest.mark.parametrize("parse, body", [
+    (stripe_hooks.parse, b"[]"), (stripe_hooks.parse, b'{"id": "evt_1", "type": "x"}'),
+    (adyen.parse, b'{"notificationItems": [{"NotificationRequestItem": {"eventCode": "AUTHORISATION"}}]}'),
+    (checkout.parse, b"not json"), (checkout.parse, b'{"id": "' + b"e" * 300 + b'", "type": "payment_approved"}'),
+])
+def test_unreadable_events_are_malformed_never_a_crash(parse, body) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(MalformedEvent):
+        parse(body)
+
+
+def _record(status: PaymentStatus, **extra: object) -> PaymentRecord:
+    return PaymentRecord(id="pay_abc", client="checkout", amount=1299, currency="EUR", capture=True,
+                         merchant_reference="o-1", status=status, provider="adyen", **extra)  # type: ignore[arg-type]
+
+
+def _auth(success: bool) -> ProviderEvent:
+    return ProviderEvent("e", EventKind.AUTHORISATION, "AUTHORISATION", success, "pay_abc", provider_reference="PSP")
+
+
+def test_the_state_machine_never_undoes_a_final_state_and_waits_for_a_live_request() -> None:
+    captured = _record(PaymentStatus.CAPTURED, captured_amount=1299)
+    assert decide(captured, "adyen", _auth(False)).effect is Effect.NONE
+    assert (captured.status, captured.captured_amount) == (PaymentStatus.CAPTURED, 1299)
+    assert decide(_record(PaymentStatus.ATTEMPTING), "adyen", _auth(True)).effect is Effect.WAIT
+    pending = _record(PaymentStatus.PENDING)
+    assert decide(pending, "adyen", _auth(True)).effect is Effect.PAYMENT
+    assert (pending.status, pending.captured_amount, pending.provider_reference) == (PaymentStatus.APPROVED, 1299,
+                                                                                      "PSP")
+    declined = _record(PaymentStatus.DECLINED)
+    alarm = decide(declined, "adyen", _auth(True))
+    assert (alarm.effect, alarm.alarm, declined.status) == (Effect.NONE, True, PaymentStatus.DECLINED)
+    elsewhere = _record(PaymentStatus.APPROVED)
+    assert decide(elsewhere, "stripe", _auth(True)).effect is Effect.SUSPECT and elsewhere.duplicate_charge_suspected

@@ -1,0 +1,136 @@
+"""The emulators' own signed notifications, delivered to the real gateway over HTTP, with their
+faults (duplicates, forgeries, drops, reordering, modifications refused by notification): every
+payment and follow-up ends where the provider's ledger says, and no forged delivery is taken."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from emulators.faults import FaultPlan, FaultRule
+from emulators.server import EmulatorServer
+from emulators.webhooks import WebhookTarget
+from gateway.app_keys import NOTIFICATION_SENDER, WEBHOOKS
+from tests.conftest import card_payment, charges, idem, journal, pay
+from tests.notification_receiver import SECRET, SECRET_ENV, Receiver, notifications_config
+from tests.webhook_shapes import ADYEN_HMAC, CHECKOUT_SECRET, STRIPE_SECRET, WEBHOOK_ENV, WEBHOOK_PROVIDERS
+
+SECRETS = {"stripe": STRIPE_SECRET, "adyen": ADYEN_HMAC, "checkout": CHECKOUT_SECRET}
+CHAOS = (FaultRule(kind="webhook_duplicate", copies=2), FaultRule(kind="webhook_forge"),
+         FaultRule(kind="webhook_drop", drops=1, share=0.5))
+
+
+@pytest.fixture(autouse=True)
+def _webhook_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in WEBHOOK_ENV.items():
+        monkeypatch.setenv(name, value)
+
+
+async def wired(make_config, start_gateway, emulators: dict[str, EmulatorServer],  # type: ignore[no-untyped-def]
+                order: tuple[str, ...]) -> TestClient:
+    client = await start_gateway(make_config(order=order, providers=WEBHOOK_PROVIDERS), webhook_interval_s=3600)
+    for kind, server in emulators.items():
+        server.emulator.webhooks.set_target(WebhookTarget(url=str(client.make_url(f"/v1/webhooks/{kind}")),
+                                                          secret=SECRETS[kind], time_factor=0.001))
+    return client
+
+
+def faults(server: EmulatorServer, *rules: FaultRule) -> None:
+    server.emulator.faults.set(FaultPlan(rules=CHAOS + rules, seed=7))
+
+
+async def delivered(client: TestClient, server: EmulatorServer) -> None:
+    """Every notification delivered (or given up on), and everything journalled applied."""
+    await server.emulator.webhooks.idle()
+    await client.app[WEBHOOKS].processor.run_once()
+
+
+async def follow_up(client: TestClient, pid: str, op: str, body: dict[str, Any] | None = None) -> int:
+    return (await client.post(f"/v1/payments/{pid}/{op}", json=body or {}, headers=idem())).status
+
+
+def forged_accepted(server: EmulatorServer) -> int:
+    return sum(1 for d in server.emulator.webhooks.deliveries() if d.copy == "forged" and d.accepted)
+
+
+async def test_adyen_settles_by_its_own_notifications_under_webhook_chaos(make_config, start_gateway,
+                                                                       emulators) -> None:
+    client = await wired(make_config, start_gateway, emulators, ("adyen", "stripe"))
+    adyen = emulators["adyen"]
+    faults(adyen, FaultRule(kind="error", status=500, after_processing=True, operations=("authorize",)),
+           FaultRule(kind="fail_by_notification", operations=("refund",), reported_as="failed_later"))
+    status, doc = await pay(client, card_payment(capture=False))
+    assert doc["status"] == "pending"
+    await delivered(client, adyen)
+    assert (await journal(client, doc["id"])).status.value == "approved"
+
+    assert await follow_up(client, doc["id"], "capture") == 202
+    await delivered(client, adyen)
+    record = await journal(client, doc["id"])
+    assert (record.status.value, record.captured_amount) == ("captured", 1299)
+
+    assert await follow_up(client, doc["id"], "refunds", {"amount": 400}) == 202
+    await delivered(client, adyen)  # REFUND success, then REFUND_FAILED: the scheme rejected it
+    record = await journal(client, doc["id"])
+    [charge] = charges(adyen, doc["id"])
+    assert (record.status.value, record.refunded_amount) == ("captured", charge.refunded) == ("captured", 0)
+    assert record.captured_amount == charge.captured
+    assert forged_accepted(adyen) == 0
+    assert any(d.copy == "forged" and d.status == 401 for d in adyen.emulator.webhooks.deliveries())
+
+
+async def test_checkout_and_stripe_follow_ups_refused_by_notification(make_config, start_gateway,
+                                                                     emulators) -> None:
+    client = await wired(make_config, start_gateway, emulators, ("checkout", "stripe"))
+    checkout = emulators["checkout"]
+    faults(checkout, FaultRule(kind="fail_by_notification", operations=("capture",)))
+    _, doc = await pay(client, card_payment(capture=False))
+    assert await follow_up(client, doc["id"], "capture") == 202
+    await delivered(client, checkout)
+    record = await journal(client, doc["id"])
+    [charge] = charges(checkout, doc["id"])
+    assert (record.status.value, record.captured_amount, charge.captured) == ("approved", 0, 0)
+
+    client = await wired(make_config, start_gateway, emulators, ("stripe",))
+    stripe = emulators["stripe"]
+    faults(stripe, FaultRule(kind="fail_by_notification", operations=("refund",)))
+    _, doc = await pay(client, card_payment())
+    assert await follow_up(client, doc["id"], "refunds", {"amount": 300}) == 202  # Stripe: refund pending
+    await delivered(client, stripe)
+    record = await journal(client, doc["id"])
+    [charge] = charges(stripe, doc["id"])
+    assert (record.status.value, record.refunded_amount, charge.refunded) == ("approved", 0, 0)  # as before it
+    assert forged_accepted(checkout) == forged_accepted(stripe) == 0
+
+
+async def test_outcomes_settled_by_notification_are_told_to_the_checkout_once(make_config, start_gateway, emulators,
+                                                                             monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The Adyen payment left pending and its capture answered `received`, each settled by the
+    emulator's (duplicated) notifications: the merchant hears payment.approved and
+    capture.succeeded, each once."""
+    monkeypatch.setenv(SECRET_ENV, SECRET)
+    receiver = await Receiver().start()
+    try:
+        client = await start_gateway(make_config(order=("adyen", "stripe"), providers=WEBHOOK_PROVIDERS,
+                                                 notifications=notifications_config(receiver.url)),
+                                     webhook_interval_s=3600)
+        adyen = emulators["adyen"]
+        adyen.emulator.webhooks.set_target(WebhookTarget(url=str(client.make_url("/v1/webhooks/adyen")),
+                                                         secret=ADYEN_HMAC, time_factor=0.001))
+        faults(adyen, FaultRule(kind="error", status=500, after_processing=True, operations=("authorize",)))
+        _, doc = await pay(client, card_payment(capture=False))
+        assert doc["status"] == "pending"
+        await delivered(client, adyen)
+        assert await follow_up(client, doc["id"], "capture") == 202
+        await delivered(client, adyen)
+        events = await receiver.wait_for(2)
+        assert sorted(d.event["type"] for d in events) == ["capture.succeeded", "payment.approved"]
+        assert {d.event["payment_id"] for d in events} == {doc["id"]}
+        assert (await journal(client, doc["id"])).status.value == "captured"
+        await client.app[WEBHOOKS].processor.run_once()
+        await client.app[NOTIFICATION_SENDER].run_once()
+        assert len(receiver.deliveries) == 2  # the duplicated notifications told nobody twice
+    finally:
+        await receiver.stop()
