@@ -77,6 +77,7 @@ class Checkout:
 
 async def start_checkout(kind: str, tmp_path: Path, certs: DevCertLayout, aiohttp_server: Callable[..., Any],
                          start_gateway: Callable[..., Any], order: tuple[str, ...] | None = None,
+                         app_kwargs: dict[str, Any] | None = None,
                          **sections: Any) -> tuple[Checkout, list[EmulatorServer]]:
     order = order or (kind,)
     servers = {name: await start_emulator(name) for name in order}
@@ -84,7 +85,7 @@ async def start_checkout(kind: str, tmp_path: Path, certs: DevCertLayout, aiohtt
                                route={"return_url": "required"},
                                three_ds={"allow_http_loopback_return_url": True, **sections.pop("three_ds", {})},
                                **sections)
-    client = await start_gateway(parse_config(data))
+    client = await start_gateway(parse_config(data), **(app_kwargs or {}))
     shop = await _shop(aiohttp_server)
     http = ClientSession()
     return Checkout(kind, client, servers, shop, Browser(http)), list(servers.values())

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import html
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,9 +28,13 @@ from emulators.server import EmulatorServer
 from gateway.certs.devca import DevCertLayout
 from gateway.config import parse_config
 from gateway.emulator_launch import start_emulator
-from tests.conftest import AUTH, card_payment, gateway_config_data
+from emulators.webhooks import WebhookTarget
+from gateway.app_keys import WEBHOOKS
+from tests.conftest import AUTH, card_payment, gateway_config_data, journal
 from tests.test_emulator_threeds import _chromium
 from tests.test_threeds_api import PLAIN_HTTP
+from tests.test_threeds_webhooks import SECRETS
+from tests.webhook_shapes import WEBHOOK_ENV, WEBHOOK_PROVIDERS
 
 
 @dataclass
@@ -40,6 +44,8 @@ class Shop:
     gateway: TestClient
     card: str
     url: str = ""
+    # Awaited on the return page before /complete (the provider's webhook applied first).
+    before_complete: Callable[[], Awaitable[Any]] | None = None
     orders: dict[str, str] = field(default_factory=dict)  # order -> payment id
     completions: list[dict[str, Any]] = field(default_factory=list)
 
@@ -70,6 +76,8 @@ class Shop:
     async def back(self, request: web.Request) -> web.Response:
         params = dict(request.query)
         payment_id = self.orders[params.pop("order")]
+        if self.before_complete is not None:
+            await self.before_complete()
         resp = await self.gateway.post(f"/v1/payments/{payment_id}/complete", json={"return_params": params},
                                        headers={**AUTH, "Idempotency-Key": str(uuid.uuid4())})
         doc = await resp.json()
@@ -129,3 +137,42 @@ async def test_a_shopper_passes_the_challenge_in_chromium(
     assert len(emulator.emulator.ledger.charges()) == (1 if expected == "approved" else 0)
     got = await (await gateway.get(f"/v1/payments/{payment_id}", headers=AUTH)).json()
     assert got["status"] == expected and got["action"] is None
+
+
+async def test_the_webhook_settles_first_and_the_return_page_sees_it(
+        provider: tuple[str, EmulatorServer], tmp_path: Path, dev_certs: DevCertLayout,
+        aiohttp_server: Callable[..., Any], start_gateway: Callable[..., Any],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The provider's signed notification reaches the gateway and is applied before the
+    shopper's browser is back: /complete then finds the payment approved and changes nothing."""
+    kind, emulator = provider
+    for name, value in WEBHOOK_ENV.items():
+        monkeypatch.setenv(name, value)
+    data = gateway_config_data(tmp_path, dev_certs, {kind: emulator}, (kind,), every_provider=PLAIN_HTTP,
+                               providers={kind: WEBHOOK_PROVIDERS[kind]}, route={"return_url": "required"},
+                               three_ds={"allow_http_loopback_return_url": True})
+    gateway = await start_gateway(parse_config(data), webhook_interval_s=3600)
+    emulator.emulator.webhooks.set_target(WebhookTarget(url=str(gateway.make_url(f"/v1/webhooks/{kind}")),
+                                                        secret=SECRETS[kind], time_factor=0.001))
+    versions: list[int] = []
+
+    async def webhook_first() -> None:
+        await emulator.emulator.webhooks.idle()
+        await gateway.app[WEBHOOKS].processor.run_once()
+        [payment_id] = shop.orders.values()
+        record = await journal(gateway, payment_id)
+        assert record.status.value == "approved"  # settled by the notification alone
+        versions.append(record.version)
+
+    shop = Shop(gateway, EMULATORS[kind].threeds_cards()["challenge"], before_complete=webhook_first)
+    server = await aiohttp_server(shop.app())
+    shop.url = str(server.make_url("")).rstrip("/")
+    browser = await asyncio.to_thread(_chromium, str(tmp_path / "chromium"))
+    try:
+        shown = await asyncio.to_thread(_shop_in_browser, browser, f"{shop.url}/checkout", "complete")
+    finally:
+        await asyncio.to_thread(browser.quit)
+    assert shown == "approved" and [c["http"] for c in shop.completions] == [200]
+    [payment_id] = shop.orders.values()
+    assert [(await journal(gateway, payment_id)).version] == versions  # /complete changed nothing
+    assert len(emulator.emulator.ledger.charges()) == 1
