@@ -30,6 +30,7 @@ from gateway.config import parse_config
 from gateway.emulator_launch import start_emulator
 from tests.conftest import AUTH, card_payment, gateway_config_data, journal, txlog
 from tests.test_emulator_threeds import Browser, Shop, _shop
+from tests.test_openapi import validator
 
 KINDS = ("stripe", "adyen", "checkout")
 PLAIN_HTTP = {"tls": {"ca": None, "client_cert": None, "client_key": None}}
@@ -123,6 +124,8 @@ async def test_a_completed_challenge_is_approved_once(checkout: Checkout) -> Non
     headers = idem()
     status, done = await checkout.complete(doc["id"], params, headers)
     assert (status, done["status"], done["provider"]) == (200, "approved", checkout.kind)
+    payment_schema = validator({"$ref": "#/components/schemas/Payment"})
+    assert list(payment_schema.iter_errors(doc)) == list(payment_schema.iter_errors(done)) == []  # as published
     assert done["action"] is None and done["provider_reference"] == doc["provider_reference"]
     again = await checkout.client.post(f"/v1/payments/{doc['id']}/complete", json={"return_params": params},
                                        headers=headers)

@@ -113,7 +113,7 @@ def _schemas() -> dict[str, Any]:
         "required": ["provider", "try", "operation", "outcome", "raw_code", "http_status", "latency_ms",
                      "failover_reason"],
         "properties": {"provider": {"type": "string"}, "try": {"type": "integer", "minimum": 0},
-                       "operation": {"enum": ["authorize", "capture", "void", "refund", "status"]},
+                       "operation": {"enum": ["authorize", "capture", "void", "refund", "status", "complete"]},
                        "outcome": _NULLABLE_STRING, "raw_code": _NULLABLE_STRING,
                        "http_status": {"type": ["integer", "null"]}, "latency_ms": {"type": ["number", "null"]},
                        "failover_reason": _NULLABLE_STRING},
@@ -136,7 +136,7 @@ def _schemas() -> dict[str, Any]:
             "captured_amount": amount, "refunded_amount": amount,
             "pending_follow_up": {"oneOf": [{"type": "null"}, {
                 "type": "object", "required": ["operation", "amount"], "additionalProperties": False,
-                "properties": {"operation": {"enum": ["capture", "void", "refund"]},
+                "properties": {"operation": {"enum": ["capture", "void", "refund", "complete"]},
                                "amount": {"type": ["integer", "null"]}}}]},
             "duplicate_charge_suspected": {"type": "boolean"},
             "card": {"oneOf": [{"type": "null"}, {
