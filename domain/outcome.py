@@ -17,6 +17,9 @@ class Outcome(StrEnum):
     UNAVAILABLE = "unavailable"
     UNKNOWN = "unknown"
     REJECTED = "rejected"
+    # The shopper must act first (a 3-D Secure challenge, a redirect): the provider holds the
+    # payment waiting for them, so it is bound to that provider and never retried or failed over.
+    ACTION_REQUIRED = "action_required"
 
     @property
     def is_decline(self) -> bool:
@@ -47,6 +50,9 @@ class PaymentStatus(StrEnum):
     DECLINED = "declined"
     PENDING = "pending"
     FAILED = "failed"
+    # Waiting for the shopper at the provider (3-D Secure, a redirect): finished by
+    # `/complete`, the provider's webhook, or the reconciler's expiry.
+    ACTION_REQUIRED = "action_required"
     CAPTURED = "captured"
     VOIDED = "voided"
     REFUNDED = "refunded"

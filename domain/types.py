@@ -21,6 +21,33 @@ class Operation(StrEnum):
     VOID = "void"
     REFUND = "refund"
     STATUS = "status"
+    COMPLETE = "complete"  # read the result of the shopper's action (3-D Secure) at the provider
+
+
+class ThreeDS(StrEnum):
+    """The caller's 3-D Secure preference, as Stripe names its `request_three_d_secure` values."""
+
+    AUTOMATIC = "automatic"  # the provider (and the card's issuer) decide
+    ANY = "any"  # ask for authentication, frictionless or challenged
+    CHALLENGE = "challenge"  # ask for a challenge
+
+
+@dataclass(frozen=True, slots=True)
+class ShopperAction:
+    """What the shopper must do before the provider can finish the payment, normalised: open
+    `url` with `method` (posting `data` as a form where given). `type` is `redirect`, or `sdk`
+    where only the provider's client SDK can run it (Stripe's `use_stripe_sdk`).
+    `provider_action` is the provider's own action object, for client SDKs that take it whole."""
+
+    type: str
+    url: str
+    method: str = "GET"
+    data: Mapping[str, str] = field(default_factory=dict)
+    provider_action: Mapping[str, object] = field(default_factory=dict)
+
+    def to_doc(self) -> dict[str, object]:
+        return {"type": self.type, "url": self.url, "method": self.method, "data": dict(self.data),
+                "provider_action": dict(self.provider_action)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +82,10 @@ class PaymentOrder:
     token: Secret | None = None  # a provider's stored payment method or one-time token
     country: str | None = None
     description: str | None = None
+    # Where the provider sends the shopper back after an action (3-D Secure); None: no redirect
+    # can come back to the merchant, so the gateway asks no provider for one.
+    return_url: str | None = None
+    three_ds: ThreeDS = ThreeDS.AUTOMATIC
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +97,8 @@ class FollowUp:
     amount: int | None = None
     currency: str | None = None
     follow_up_id: str | None = None
+    # COMPLETE: the parameters the shopper's browser brought back to the return URL.
+    return_params: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +134,8 @@ class ProviderResult:
     proven_absent: bool = False
     # Set by the engine: a status query found more than one charge for this one payment.
     duplicate_suspected: bool = False
+    # ACTION_REQUIRED: what the shopper must do (the provider's action, normalised).
+    action: ShopperAction | None = None
 
     @classmethod
     def refused(cls, refusal: LocalRefusal, message: str | None = None) -> ProviderResult:

@@ -58,6 +58,9 @@ def payment_doc(record: PaymentRecord) -> dict[str, Any]:
         "pending_follow_up": {"operation": record.follow_up.operation, "amount": record.follow_up.amount}
         if record.follow_up else None,
         "duplicate_charge_suspected": record.duplicate_charge_suspected,
+        # What the shopper must do while the payment is `action_required` (3-D Secure).
+        "action": record.action if record.status is PaymentStatus.ACTION_REQUIRED else None,
+        "action_expires_at": record.action_expires_at if record.status is PaymentStatus.ACTION_REQUIRED else None,
         "card": {"brand": record.card_brand, "bin": record.card_bin, "last4": record.card_last4}
         if record.card_last4 else None,
         "attempts": [
@@ -92,6 +95,22 @@ def follow_up_answer(record: PaymentRecord, op: Operation, result: ProviderResul
         return error(503, "provider_unavailable", f"{record.provider} did not take the {op.value} "
                      f"({result.raw_code}); retry with the same Idempotency-Key", headers=RETRY_SOON)
     return error(422, f"{op.value}_refused", f"{record.provider} refused the {op.value}: {result.raw_code}")
+
+
+def completion_answer(record: PaymentRecord, result: ProviderResult) -> Answer:
+    """/complete: 200 with the payment (approved, declined, or still `action_required`: the
+    shopper has not finished) · 202 the provider's answer is unknown (call again) · 422 the
+    provider refused the completion (the return is not this payment's, or incomplete) · 503
+    not sent. The payment stays `action_required` in all but the first."""
+    if result.outcome is Outcome.UNKNOWN:
+        return Answer(202, orjson.dumps(payment_doc(record)))
+    if result.outcome is Outcome.UNAVAILABLE:
+        return error(503, "provider_unavailable", f"{record.provider} did not answer the completion "
+                     f"({result.raw_code}); retry", headers=RETRY_SOON)
+    if result.outcome is Outcome.REJECTED:
+        return error(422, "completion_refused", f"{record.provider} refused the completion: "
+                     f"{result.message or result.raw_code}", "return_params")
+    return payment_read(record)
 
 
 def follow_up_not_made(op: Operation) -> Answer:

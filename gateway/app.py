@@ -260,10 +260,12 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
         metrics.observe(metrics.retry_budget_remaining, budget.remaining)
         app[SERVICE] = PaymentService(
             store=app[STORE], clients={h.name: ProviderClient(h, metrics, app[TRACING]) for h in pool},
-            router=Router(config.routes, pool.health, success_rate=pool.success_rate, capabilities=config.providers),
+            router=Router(config.routes, pool.health, success_rate=pool.success_rate, capabilities=config.providers,
+                          without_redirects=[n for n, p in config.providers.items() if not p.redirects]),
             executor=AttemptExecutor(budget, metrics), metrics=metrics, txlog=app[TRANSACTION_LOG],
             retention_s=config.storage.idempotency_retention_h * 3600, ops_log=ops, tracing=app[TRACING],
             notifications=NotificationOutbox(enabled=config.notifications.enabled),
+            action_expiry_s=config.three_ds.action_expiry_s,
         )
         in_flight = app[SERVICE].in_flight
         metrics.observe(metrics.in_flight, lambda: len(in_flight))

@@ -210,6 +210,9 @@ class ProviderConfig(_Model):
     # `gateway preflight` checks that every route's backups can take the route's traffic.
     currencies: tuple[str, ...] | None = None
     countries: tuple[str, ...] | None = None
+    # The account takes shopper actions (3-D Secure redirects); a route may prefer such providers
+    # for payments that bring a return URL (`routes[].prefer_redirects`).
+    redirects: bool = True
     # The keys this provider signs its webhooks with, each read from the environment variable
     # named here; several at once while ops rotate one (Stripe `whsec_…`, Adyen's HMAC key in
     # hex, Checkout.com's webhook secret key). None: POST /v1/webhooks/<name> answers 404.
@@ -252,6 +255,13 @@ class RouteConfig(_Model):
     # Move a provider behind the others while its recent success rate is below this share
     # (engine.health_window_s, at least engine.health_min_samples calls); None: never.
     demote_below: float | None = Field(None, ge=0, le=1)
+    # The return-URL policy for shopper actions (3-D Secure): `required` refuses a payment
+    # without `return_url` (422 return_url_required); `optional` sends it without asking any
+    # provider for a redirect. None: no policy, which `gateway preflight` reports for a route whose
+    # providers may redirect.
+    return_url: Literal["required", "optional"] | None = None
+    # Payments with a return URL try the providers whose accounts take redirects first.
+    prefer_redirects: bool = False
 
     @model_validator(mode="after")
     def _weights(self) -> Self:
@@ -274,6 +284,18 @@ class EngineConfig(_Model):
     # request still travelling to or running at a provider, and past a search index's lag.
     provider_in_flight_s: float = Field(60.0, gt=0)
     lookup_lag_s: float = Field(600.0, gt=0)
+
+
+class ThreeDSConfig(_Model):
+    """Shopper actions (3-D Secure, redirects)."""
+
+    # A challenge the shopper has not finished this long after the answer is cancelled at the
+    # provider by the reconciler and the payment fails `expired` (providers' own challenge
+    # windows are 10-15 minutes; Checkout.com's redirect session lives for 15).
+    action_expiry_s: float = Field(900.0, gt=0, le=86_400)
+    # Accept `http://` return URLs to a loopback host (127.0.0.1, ::1, localhost): dev and tests
+    # only. Otherwise a return URL must be https.
+    allow_http_loopback_return_url: bool = False
 
 
 class TracingConfig(_Model):
@@ -349,6 +371,7 @@ class GatewayConfig(_Model):
     breaker_sync: BreakerSyncConfig = BreakerSyncConfig()
     log: LogConfig = LogConfig()
     engine: EngineConfig = EngineConfig()
+    three_ds: ThreeDSConfig = ThreeDSConfig()
     observability: ObservabilityConfig = ObservabilityConfig()
     notifications: NotificationsConfig = NotificationsConfig()
     providers: dict[str, ProviderConfig] = Field(min_length=1)

@@ -40,6 +40,7 @@ from gateway.notifications.outbox import NotificationOutbox
 from gateway.policy import may_fail_over, payment_status
 from gateway.provider_client import ProviderClient
 from gateway.router import NoRoute, RouteDecision, Router, RoutingFacts
+from gateway.shopper_action import bind_action
 from gateway.tracing.spans import NO_TRACING, Tracing
 from gateway.txlog.outbox import TransactionLog
 
@@ -143,7 +144,7 @@ class PaymentService:
     def __init__(self, *, store: Store, clients: Mapping[str, ProviderClient], router: Router,
                  executor: AttemptExecutor, metrics: Metrics, txlog: TransactionLog, retention_s: float,
                  ops_log: structlog.typing.FilteringBoundLogger, tracing: Tracing = NO_TRACING,
-                 notifications: NotificationOutbox | None = None) -> None:
+                 notifications: NotificationOutbox | None = None, action_expiry_s: float = 900.0) -> None:
         self.store = store
         self.clients = clients
         self.router = router
@@ -152,6 +153,7 @@ class PaymentService:
         self.txlog = txlog
         self.retention_s = retention_s
         self.ops = ops_log
+        self.action_expiry_s = action_expiry_s  # an unfinished shopper action expires after this
         self.tracing = tracing  # journal-write spans here; the reconciler's pass spans too
         self.notifications = notifications or NotificationOutbox(enabled=False)
         self.locks = PaymentLocks()
@@ -166,6 +168,9 @@ class PaymentService:
         """Claim the key with the payment row (one transaction), run the payment to a final or
         pending state, commit the final row with the key's answer and the log line."""
         decision = self._plan(record, order)
+        if decision is not None and decision.return_url_required and order.return_url is None:
+            return answers.error(422, "return_url_required", f"route {decision.route} requires a return_url: its "
+                                 "providers may send the shopper to authenticate (3-D Secure)", "return_url")
         now = time.time()
         with self.tracing.span("journal.claim") as span:
             span.record(record, "payment")
@@ -199,7 +204,8 @@ class PaymentService:
         """Route in memory before anything is written, and mark the record as attempting its
         first candidate, so the row journalled with the key claim already says where the first
         call goes (and with which provider key): that write is its durable journal entry."""
-        facts = RoutingFacts(order.amount, order.currency, order.country, record.card_brand, order.merchant_reference)
+        facts = RoutingFacts(order.amount, order.currency, order.country, record.card_brand, order.merchant_reference,
+                             redirect=order.return_url is not None)
         try:
             decision = self.router.route(facts)
         except NoRoute as exc:
@@ -258,6 +264,8 @@ class PaymentService:
                 break  # the last candidate was not reached or did not take it
             if result.outcome in (Outcome.APPROVED, Outcome.UNKNOWN):
                 record.provider_reference = result.reference
+            if result.outcome is Outcome.ACTION_REQUIRED:
+                bind_action(record, result, self.action_expiry_s)  # bound to this provider from now on
             if result.outcome is Outcome.APPROVED and order.capture:
                 record.captured_amount = record.amount
             if result.duplicate_suspected:
@@ -281,7 +289,7 @@ class PaymentService:
             record.outcome = result.outcome.value
             if result.outcome.is_decline:
                 record.decline_code = result.raw_code
-            elif result.outcome is not Outcome.APPROVED:
+            elif result.outcome not in (Outcome.APPROVED, Outcome.ACTION_REQUIRED):
                 record.error_code = result.raw_code
         if error is not None:
             record.error_code = error if result is None else f"{error}:{result.raw_code}"

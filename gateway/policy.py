@@ -48,6 +48,9 @@ POLICY: Mapping[Outcome, Rule] = MappingProxyType({
     Outcome.UNAVAILABLE: Rule(Retry.YES, FailOver.YES, False, True, PaymentStatus.FAILED),
     Outcome.UNKNOWN: Rule(Retry.IF_REPLAY_SAFE, FailOver.NEVER, False, True, PaymentStatus.PENDING),
     Outcome.REJECTED: Rule(Retry.NEVER, FailOver.NEVER, False, False, PaymentStatus.FAILED),
+    # The provider holds the payment, waiting for its shopper: that settles where an earlier call
+    # went (nothing else is open), and binds the payment to this provider for good.
+    Outcome.ACTION_REQUIRED: Rule(Retry.NEVER, FailOver.NEVER, True, False, PaymentStatus.ACTION_REQUIRED),
 })
 
 
@@ -74,6 +77,11 @@ def settles_possible_charge(result: ProviderResult) -> bool:
 
 def counts_against_breaker(result: ProviderResult) -> bool:
     return result.refusal is None and POLICY[result.outcome].breaker_failure
+
+
+def is_final(result: ProviderResult) -> bool:
+    """The provider decided the payment (approved or declined): nothing is left to wait for."""
+    return result.outcome is Outcome.APPROVED or result.outcome.is_decline
 
 
 def payment_status(result: ProviderResult) -> PaymentStatus:

@@ -39,6 +39,7 @@ from domain.types import FollowUp, Operation
 from gateway.metrics import Metrics
 from gateway.provider_client import MIN_TRY_S, ProviderClient
 from gateway.provider_pool import make_handle, provider_ssl_context
+from providers.registry import KINDS
 
 Severity = Literal["error", "warn"]
 ERROR: Severity = "error"
@@ -283,6 +284,21 @@ def route_backup_findings(config: GatewayConfig) -> list[Finding]:
             ("country", _norm(route.match.countries), {p: _norm(config.providers[p].countries) for p in providers}),
         ):
             findings.extend(_coverage(subject, what, route_values, caps))
+    return findings
+
+
+def return_url_findings(config: GatewayConfig) -> list[Finding]:
+    """A route whose providers may answer with a shopper action (3-D Secure) decides what happens
+    to a payment without a return URL: refused (`required`) or sent without asking for a
+    redirect (`optional`). Without that decision a challenge can strand the shopper."""
+    findings = []
+    for route in config.routes:
+        redirecting = [p for p in dict.fromkeys(route.providers) if config.providers[p].redirects
+                       and KINDS[config.providers[p].kind].mapping_type().redirects]
+        if redirecting and route.return_url is None:
+            findings.append(Finding("route.no_return_url_policy", ERROR, f"route {route.name}",
+                                    f"{', '.join(redirecting)} may send the shopper to authenticate (3-D Secure): "
+                                    "set return_url: required or optional"))
     return findings
 
 
@@ -611,7 +627,8 @@ async def run_preflight(config: GatewayConfig, *, window: Window, margin: timede
         return [f for group in found for f in group]
 
     async def config_only() -> list[Finding]:
-        return route_backup_findings(config) + deadline_findings(config) + policy_findings(config)
+        return (route_backup_findings(config) + deadline_findings(config) + policy_findings(config)
+                + return_url_findings(config))
 
     groups = await asyncio.gather(
         guarded("certificates", certificates),

@@ -26,6 +26,7 @@ import structlog
 from domain.outcome import Outcome, PaymentStatus
 from domain.types import FollowUp, Lookup, Operation, ProviderResult, StatusAnswer
 from gateway import answers
+from gateway.action_expiry import expire_abandoned, finish_interrupted_completion
 from gateway.journal.records import PaymentRecord
 from gateway.journal.errors import StaleWrite
 from gateway.notifications.events import Settling
@@ -33,6 +34,7 @@ from gateway.orchestrator import PaymentService, apply_follow_up
 from gateway.policy import POLICY
 from gateway.provider_client import MIN_TRY_S
 from gateway.settlement import follow_up_entry
+from gateway.shopper_action import action_due, bind_action
 
 MIN_RECHECK_S = 5.0
 MAX_RECHECK_S = 300.0
@@ -172,6 +174,10 @@ class Reconciler:
                                    deadline, attempt)
 
     async def _settle(self, record: PaymentRecord) -> bool:
+        if record.follow_up is not None and record.follow_up.operation == Operation.COMPLETE.value:
+            return await finish_interrupted_completion(self, record)
+        if record.status is PaymentStatus.ACTION_REQUIRED and record.follow_up is None:
+            return await expire_abandoned(self, record)
         client = self.service.clients.get(record.provider) if record.provider is not None else None
         if client is not None and not client.mapping.has_status_lookup:
             return await self._await_notification(record)
@@ -198,7 +204,9 @@ class Reconciler:
             elif found and POLICY[answer.result.outcome].settles_charge:
                 result = answer.result
                 record.status, record.outcome = POLICY[result.outcome].status, result.outcome.value
-                if result.outcome is Outcome.APPROVED:
+                if result.outcome is Outcome.ACTION_REQUIRED:
+                    bind_action(record, result, svc.action_expiry_s)  # the shopper is asked now
+                elif result.outcome is Outcome.APPROVED:
                     record.provider_reference = result.reference
                     if record.capture:
                         record.captured_amount = record.amount
@@ -327,4 +335,6 @@ def _ours_now(record: PaymentRecord, now: float, *, age: float, abandoned: float
         return now - record.follow_up.started_at >= abandoned
     if record.status is PaymentStatus.PENDING:
         return now - record.updated_at >= age
+    if record.status is PaymentStatus.ACTION_REQUIRED:
+        return action_due(record, now)  # the shopper has until the action expires
     return now - record.created_at >= abandoned

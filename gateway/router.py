@@ -8,7 +8,7 @@ right now (breaker open, client certificate expired, bulkhead full) are skipped 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -32,6 +32,8 @@ class RoutingFacts:
     country: str | None
     brand: str | None
     merchant: str | None
+    # The payment can follow a shopper action: it brings a return URL.
+    redirect: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +43,9 @@ class RouteDecision:
     skipped: tuple[tuple[str, str], ...]
     cascade_on: frozenset[str]
     demoted: tuple[str, ...] = ()
+    # The route's return-URL policy says a payment without one must be refused (its providers
+    # may ask for the shopper, and only a return URL brings the shopper back).
+    return_url_required: bool = False
 
 
 class NoRoute(Exception):
@@ -60,6 +65,8 @@ class _CompiledRoute:
     weights: tuple[float, ...] | None
     cascade_on: frozenset[str]
     demote_below: float | None
+    return_url_required: bool = False
+    prefer_redirects: bool = False
 
     def matches(self, f: RoutingFacts) -> bool:
         return (
@@ -81,13 +88,16 @@ def _set(values: Sequence[str] | None, upper: bool = False) -> frozenset[str] | 
 class Router:
     def __init__(self, routes: Sequence[RouteConfig], health: HealthCheck, rng: random.Random | None = None,
                  success_rate: SuccessRate | None = None,
-                 capabilities: Mapping[str, Capability] | None = None) -> None:
+                 capabilities: Mapping[str, Capability] | None = None,
+                 without_redirects: Collection[str] = ()) -> None:
+        """`without_redirects`: providers whose accounts take no shopper actions (3-D Secure)."""
         self._health = health
         self._success_rate = success_rate
         self._capabilities = {
             name: (_set(cap.currencies, upper=True), _set(cap.countries, upper=True))
             for name, cap in (capabilities or {}).items()
         }
+        self._no_redirects = frozenset(without_redirects)
         self._rng = rng or random.Random()
         self._routes = tuple(
             _CompiledRoute(
@@ -102,6 +112,8 @@ class Router:
                 weights=r.weights,
                 cascade_on=frozenset(r.cascade_on),
                 demote_below=r.demote_below,
+                return_url_required=r.return_url == "required",
+                prefer_redirects=r.prefer_redirects,
             )
             for r in routes
         )
@@ -109,7 +121,7 @@ class Router:
     def route(self, facts: RoutingFacts) -> RouteDecision:
         for route in self._routes:
             if route.matches(facts):
-                ordered, demoted = self._demote(route, self._order(route))
+                ordered, demoted = self._demote(route, self._prefer_redirects(route, facts, self._order(route)))
                 usable, skipped = [], []
                 for provider in ordered:
                     reason = self._cannot_take(provider, facts) or self._health(provider)
@@ -117,7 +129,8 @@ class Router:
                         usable.append(provider)
                     else:
                         skipped.append((provider, reason))
-                return RouteDecision(route.name, tuple(usable), tuple(skipped), route.cascade_on, demoted)
+                return RouteDecision(route.name, tuple(usable), tuple(skipped), route.cascade_on, demoted,
+                                     route.return_url_required)
         raise NoRoute(f"no route for {facts.currency} {facts.country or '-'} {facts.brand or '-'}")
 
     def _cannot_take(self, provider: str, facts: RoutingFacts) -> str | None:
@@ -128,6 +141,14 @@ class Router:
         if countries is not None and facts.country is not None and facts.country not in countries:
             return "country_not_supported"
         return None
+
+    def _prefer_redirects(self, route: _CompiledRoute, facts: RoutingFacts, ordered: list[str]) -> list[str]:
+        """A payment that can follow a shopper action tries the providers whose accounts take
+        them first (in order), where the route asks for that: a 3-D Secure card then reaches
+        a provider that can challenge it rather than one that declines it."""
+        if not (route.prefer_redirects and facts.redirect and self._no_redirects):
+            return ordered
+        return [p for p in ordered if p not in self._no_redirects] + [p for p in ordered if p in self._no_redirects]
 
     def _demote(self, route: _CompiledRoute, ordered: list[str]) -> tuple[list[str], tuple[str, ...]]:
         """Providers whose recent success rate fell below the route's bar go last, in order."""

@@ -52,7 +52,7 @@ def settle_unknown(op: Operation, unknown: ProviderResult, answer: StatusAnswer,
     if answer.lookup is Lookup.FOUND and answer.charges > 1:
         return dataclasses.replace(unknown, duplicate_suspected=True, replay_safe=False,
                                    message=f"status query: {answer.charges} charges for one payment")
-    if op is Operation.AUTHORIZE:
+    if op in (Operation.AUTHORIZE, Operation.COMPLETE):  # the payment's own state answers both
         if answer.lookup is Lookup.FOUND and POLICY[answer.result.outcome].settles_charge:
             return answer.result
         absent = answer.lookup is Lookup.NOT_FOUND

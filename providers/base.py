@@ -41,6 +41,9 @@ class ProviderMapping(Protocol):
     # The provider has a payment lookup the engine may ask (Stripe, Checkout.com). Without one
     # (Adyen) an unknown or pending outcome is settled only by the provider's webhook.
     has_status_lookup: bool
+    # It may answer an authorisation with a shopper action (3-D Secure, a redirect), which only
+    # a return URL brings back: `gateway preflight` wants a return-URL policy on its routes.
+    redirects: bool
 
     def build(self, op: Operation, subject: PaymentOrder | FollowUp, idempotency_key: str | None) -> ProviderRequest:
         """Build the HTTP request for `op`; status queries take no idempotency key.
@@ -51,6 +54,10 @@ class ProviderMapping(Protocol):
         name each follow-up by it. A STATUS `FollowUp` that carries a `follow_up_id` asks for
         the payment's follow-ups too, where the provider lists them apart from the payment
         (Checkout.com: `GET /payments/{id}/actions`, which needs the provider's id).
+
+        COMPLETE reads the result of the shopper's action at the provider, from what the
+        browser brought back (`FollowUp.return_params`); ValueError when a parameter the
+        provider needs is missing.
         """
         ...
 

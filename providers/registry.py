@@ -13,9 +13,12 @@ class ProviderKind:
     module: str
     mapping_class: str
 
+    def mapping_type(self) -> Any:
+        """The mapping class, for what it says of its provider without an account (`redirects`)."""
+        return getattr(import_module(f"{self.module}.mapping"), self.mapping_class)
+
     def mapping(self, name: str, api_key: str, *, merchant_account: str | None = None) -> Any:
-        cls = getattr(import_module(f"{self.module}.mapping"), self.mapping_class)
-        return cls(name, api_key, merchant_account=merchant_account)
+        return self.mapping_type()(name, api_key, merchant_account=merchant_account)
 
 
 KINDS: dict[str, ProviderKind] = {

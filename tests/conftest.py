@@ -237,7 +237,9 @@ def gateway_config_data(tmp_path: Path, certs: DevCertLayout, servers: Mapping[s
         "log": {"dir": str(tmp_path / "logs")},
         "engine": {"deadline_ms": 5000},
         "providers": provider_docs,
-        "routes": [_merge({"name": "default", "providers": list(order), "cascade_on": CASCADE_ON}, route or {})],
+        # return_url optional: a payment without one is sent without asking for a redirect (3-D Secure)
+        "routes": [_merge({"name": "default", "providers": list(order), "cascade_on": CASCADE_ON,
+                           "return_url": "optional"}, route or {})],
     }
     return _merge(data, sections)
 

@@ -31,6 +31,7 @@ from gateway.preflight import (
     Window,
     WorstCase,
     deadline_findings,
+    return_url_findings,
     route_backup_findings,
     run_preflight,
     store_findings,
@@ -346,3 +347,19 @@ def test_window_parsing() -> None:
     assert (days.start, days.end) == (datetime(2026, 11, 27, tzinfo=UTC), datetime(2026, 11, 29, tzinfo=UTC))
     assert Window.parse("2026-11-27T00:00Z/2026-11-28T00:00Z").to_dict() == {
         "start": "2026-11-27T00:00:00Z", "end": "2026-11-28T00:00:00Z"}
+
+
+def test_a_route_of_redirecting_providers_needs_a_return_url_policy(tmp_path: Path) -> None:
+    """Every provider kind may answer with a 3-D Secure action: the route must say what a payment
+    without a return URL gets; an account without redirects (`redirects: false`) needs none."""
+    data = _offline(tmp_path)
+    data["routes"][0].pop("return_url")
+    assert [(f.id, f.severity, f.subject) for f in return_url_findings(parse_config(data))] == [
+        ("route.no_return_url_policy", "error", "route default")]
+    for policy in ("required", "optional"):
+        data["routes"][0]["return_url"] = policy
+        assert return_url_findings(parse_config(data)) == []
+    data["routes"][0].pop("return_url")
+    for provider in data["providers"].values():
+        provider["redirects"] = False
+    assert return_url_findings(parse_config(data)) == []

@@ -189,7 +189,9 @@ def test_response_code_table(code: str, expected: Outcome) -> None:
     ("status", "doc", "headers", "op", "expected"),
     [
         (202, {"id": "pay_p", "status": "Pending", "_links": {"redirect": {"href": "https://3ds"}}}, {},
-         Operation.AUTHORIZE, Outcome.UNKNOWN),  # a pending payment exists: answer pending, never fail over
+         Operation.AUTHORIZE, Outcome.ACTION_REQUIRED),  # the shopper authenticates first: never fail over
+        (202, {"id": "pay_p", "status": "Pending"}, {},
+         Operation.AUTHORIZE, Outcome.UNKNOWN),  # pending with nothing for a shopper: answer pending
         (202, {"action_id": "act_1"}, {}, Operation.CAPTURE, Outcome.APPROVED),  # action accepted
         (202, {"action_id": "act_2"}, {}, Operation.REFUND, Outcome.APPROVED),
         (202, {"action_id": "act_3"}, {}, Operation.VOID, Outcome.APPROVED),

@@ -24,7 +24,7 @@ from pydantic.json_schema import models_json_schema
 from domain.outcome import PaymentStatus
 from gateway.http.errors import json_response
 from gateway.api.openapi_webhooks import webhooks as notification_webhooks
-from gateway.http.schemas import CaptureCreate, PaymentCreate, RefundCreate, VoidCreate
+from gateway.http.schemas import CaptureCreate, CompleteCreate, PaymentCreate, RefundCreate, VoidCreate
 from gateway.api.webhooks import OPENAPI as WEBHOOK_PATHS
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
@@ -98,7 +98,7 @@ def _payment_answer(description: str, *links: str) -> dict[str, Any]:
 
 def _schemas() -> dict[str, Any]:
     _, defs = models_json_schema(
-        [(m, "validation") for m in (PaymentCreate, CaptureCreate, RefundCreate, VoidCreate)],
+        [(m, "validation") for m in (PaymentCreate, CaptureCreate, RefundCreate, VoidCreate, CompleteCreate)],
         ref_template="#/components/schemas/{model}",
     )
     schemas: dict[str, Any] = dict(defs["$defs"])
@@ -113,7 +113,7 @@ def _schemas() -> dict[str, Any]:
         "required": ["provider", "try", "operation", "outcome", "raw_code", "http_status", "latency_ms",
                      "failover_reason"],
         "properties": {"provider": {"type": "string"}, "try": {"type": "integer", "minimum": 0},
-                       "operation": {"enum": ["authorize", "capture", "void", "refund", "status"]},
+                       "operation": {"enum": ["authorize", "capture", "void", "refund", "status", "complete"]},
                        "outcome": _NULLABLE_STRING, "raw_code": _NULLABLE_STRING,
                        "http_status": {"type": ["integer", "null"]}, "latency_ms": {"type": ["number", "null"]},
                        "failover_reason": _NULLABLE_STRING},
@@ -136,7 +136,7 @@ def _schemas() -> dict[str, Any]:
             "captured_amount": amount, "refunded_amount": amount,
             "pending_follow_up": {"oneOf": [{"type": "null"}, {
                 "type": "object", "required": ["operation", "amount"], "additionalProperties": False,
-                "properties": {"operation": {"enum": ["capture", "void", "refund"]},
+                "properties": {"operation": {"enum": ["capture", "void", "refund", "complete"]},
                                "amount": {"type": ["integer", "null"]}}}]},
             "duplicate_charge_suspected": {"type": "boolean"},
             "card": {"oneOf": [{"type": "null"}, {
@@ -146,6 +146,14 @@ def _schemas() -> dict[str, Any]:
             "attempts": {"type": "array", "items": attempt},
             "created_at": {"type": "number", "description": "Unix time, seconds"},
             "updated_at": {"type": "number", "description": "Unix time, seconds"},
+            "action": {"oneOf": [{"type": "null"}, {
+                "type": "object", "required": ["type", "url", "method", "data", "provider_action"],
+                "description": "while action_required: what the shopper must do (3-D Secure)",
+                "properties": {"type": {"enum": ["redirect", "sdk"]}, "url": {"type": "string"},
+                               "method": {"enum": ["GET", "POST"]}, "data": {"type": "object"},
+                               "provider_action": {"type": "object"}}}]},
+            "action_expires_at": {"type": ["number", "null"], "description": "Unix time: an unfinished action "
+                                  "is cancelled then and the payment fails `expired`"},
         },
     }
     return schemas
@@ -212,6 +220,12 @@ def build_openapi() -> dict[str, Any]:
             "/v1/payments/{payment_id}/void": follow_up("voidPayment", "VoidCreate", "Void an authorisation"),
             "/v1/payments/{payment_id}/refunds": follow_up("refundPayment", "RefundCreate",
                                                            "Refund a captured payment"),
+            "/v1/payments/{payment_id}/complete": mutating(
+                "completePayment", "CompleteCreate", "Finish a payment whose shopper is back from 3-D Secure", {
+                    "200": _payment_answer("approved, declined, or still action_required (the shopper has not "
+                                           "finished)", "getPayment"),
+                    "202": _payment_answer("the provider's answer is unknown: call again", "getPayment"),
+                }, with_id=True, errors=_FOLLOW_UP_ERRORS, only={}),
             "/livez": _probe("getLive", "the process answers (checks nothing outside it)"),
             "/readyz": _probe("getReady", "whether to send this replica traffic; 503 lists the `reasons`",
                               unready=True),

@@ -15,9 +15,11 @@ from gateway.http.auth import Caller
 from gateway.http.errors import ApiError
 from gateway.http.idempotency import fingerprint, idempotency_key
 from gateway.http.inputs import json_body, request_deadline
-from gateway.http.schemas import CaptureCreate, CardMethod, PaymentCreate, RefundCreate, VoidCreate
+from gateway.http.return_url import check_return_url
+from gateway.http.schemas import CaptureCreate, CardMethod, CompleteCreate, PaymentCreate, RefundCreate, VoidCreate
 from domain.cards import truncate_pan
 from gateway.app_keys import AUTH, CONFIG, LOG_WRITER, REDACTOR, SERVICE, TRANSACTION_LOG
+from gateway.completion import complete_payment
 from gateway.journal.records import PaymentRecord
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -61,6 +63,8 @@ async def create_payment(request: web.Request) -> web.Response:
     key = idempotency_key(request)
     _shed_if_overloaded(request)
     body, payload = await json_body(request, PaymentCreate, request.app[REDACTOR])
+    check_return_url(payload.return_url, payload.three_ds,
+                     allow_http_loopback=request.app[CONFIG].three_ds.allow_http_loopback_return_url)
     deadline = request_deadline(request, request.app[CONFIG].engine.deadline_ms)
     record, order = _new_payment(caller, payload)
     print_ = fingerprint(request, body, caller.fingerprint_key)
@@ -80,7 +84,7 @@ def _new_payment(caller: Caller, p: PaymentCreate) -> tuple[PaymentRecord, Payme
     order = PaymentOrder(payment_id=payment_id, amount=p.amount, currency=p.currency, capture=p.capture,
                          merchant_reference=p.merchant_reference, card=card,
                          token=None if card else method.to_secret(), country=p.country,  # type: ignore[union-attr]
-                         description=p.description)
+                         description=p.description, return_url=p.return_url, three_ds=p.three_ds)
     return record, order
 
 
@@ -108,9 +112,22 @@ def follow_up_handler(op: Operation):  # type: ignore[no-untyped-def]
     return handle
 
 
+async def complete(request: web.Request) -> web.Response:
+    """The shopper is back from 3-D Secure: finish the payment at the provider that asked."""
+    caller = request.app[AUTH].caller(request, "payments:write")
+    key = idempotency_key(request)
+    _shed_if_overloaded(request)
+    body, payload = await json_body(request, CompleteCreate, request.app[REDACTOR])
+    deadline = request_deadline(request, request.app[CONFIG].engine.deadline_ms)
+    print_ = fingerprint(request, body, caller.fingerprint_key)
+    return _write(await complete_payment(request.app[SERVICE], caller.name, key, print_,
+                                         request.match_info["payment_id"], payload.return_params, deadline))
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/payments", create_payment)
     app.router.add_get("/v1/payments/{payment_id}", get_payment)
     app.router.add_post("/v1/payments/{payment_id}/capture", follow_up_handler(Operation.CAPTURE))
     app.router.add_post("/v1/payments/{payment_id}/void", follow_up_handler(Operation.VOID))
     app.router.add_post("/v1/payments/{payment_id}/refunds", follow_up_handler(Operation.REFUND))
+    app.router.add_post("/v1/payments/{payment_id}/complete", complete)

@@ -436,12 +436,14 @@ class InProcessGateway:
 
 async def start_gateway_in_process(stack: AsyncExitStack, scenario: Scenario, setup: RunSetup,
                                    servers: Mapping[str, EmulatorServer], certs: DevCertLayout,
-                                   concurrency: int, notify_url: str | None = None) -> InProcessGateway:
+                                   concurrency: int, notify_url: str | None = None, *,
+                                   sections: Mapping[str, Any] | None = None) -> InProcessGateway:
     """The gateway on an AppRunner in this process (127.0.0.1, a free port); cleaned up first
-    when `stack` unwinds, so the journal is on disk before anyone reads it."""
-    config = build_config(drill_config_data(scenario, servers, certs, setup.log_dir, concurrency,
-                                            notify_url=notify_url),
-                          scenario, setup.client_key)
+    when `stack` unwinds, so the journal is on disk before anyone reads it. `sections` replace
+    whole top-level sections of the drill's configuration (a drill of its own: `routes`, ...)."""
+    data = {**drill_config_data(scenario, servers, certs, setup.log_dir, concurrency, notify_url=notify_url),
+            **(sections or {})}
+    config = build_config(data, scenario, setup.client_key)
     ops_stream = stack.enter_context((setup.log_dir / "ops.jsonl").open("a", encoding="utf-8"))
     app = build_app(config, ops_log=build_ops_logger(ops_stream), reconcile_interval_s=1.0)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.server.shutdown_grace_s)

@@ -424,5 +424,23 @@ FLEET = Scenario(
     ),
 )
 
-DEDICATED: dict[str, Scenario] = {s.name: s for s in (CRASH_RESTART, FOLLOWUP_CRASH, CERT_EXPIRY, FLEET)}
+THREEDS = Scenario(
+    "threeds",
+    "3-D Secure: 40% of the cards are the primary's challenge cards, 20% frictionless; every payment brings a "
+    "return URL. The shoppers of challenged payments complete (60%), fail (20%) or abandon (20%) the emulator's "
+    "challenge page; /complete finishes the first two, the reconciler cancels the abandoned ones at the provider "
+    "once they expire. The route lists the action's own codes in cascade_on, and 15% of the primary's "
+    "authorisations answer 503 before processing and 10% are processed and never answered: no payment is ever "
+    "sent to a second provider after an action.",
+    steps=(Faults((FaultRule(kind="error", share=0.15, status=503, operations=AUTHORIZE_ONLY),
+                   FaultRule(kind="timeout_after", share=0.1, hang_s=DEADLINE_MS / 1000, operations=AUTHORIZE_ONLY))),),
+    checks=(
+        Check("action_required>0", lambda s: s["action_required"] > 0),
+        Check("failed_over_after_action==0", lambda s: s["failed_over_after_action"] == 0),
+        Check("abandoned_expired==shoppers_abandoned", lambda s: s["abandoned_expired"] == s["shoppers_abandoned"]),
+        Check("still_waiting==0", lambda s: s["still_waiting"] == 0),
+    ),
+)
+
+DEDICATED: dict[str, Scenario] = {s.name: s for s in (CRASH_RESTART, FOLLOWUP_CRASH, CERT_EXPIRY, FLEET, THREEDS)}
 DRILL_NAMES: tuple[str, ...] = (*SCENARIOS, *DEDICATED)

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, StrictBool, Strict
 
 from domain.cards import luhn_valid
 from domain.secret import Secret
-from domain.types import Card
+from domain.types import Card, ThreeDS
 from gateway.http.currencies import ISO_4217, ISO_4217_PATTERN
 
 Amount = Annotated[StrictInt, Field(gt=0, le=10**12, description="Amount in minor units (cents)")]
@@ -94,6 +94,9 @@ class PaymentCreate(Body):
     description: Annotated[StrictStr, Field(max_length=255)] | None = None
     metadata: Annotated[dict[Annotated[str, Field(max_length=40)], Annotated[StrictStr, Field(max_length=500)]],
                         Field(max_length=20)] = {}
+    # Where the provider sends the shopper back after 3-D Secure (https; `gateway.http.return_url`).
+    return_url: Annotated[StrictStr, Field(min_length=8, max_length=2048)] | None = None
+    three_ds: ThreeDS = ThreeDS.AUTOMATIC
 
     @field_validator("currency")
     @classmethod
@@ -113,6 +116,15 @@ class PaymentCreate(Body):
         for key, value in self.metadata.items():
             yield FreeText("metadata", key, is_key=True)
             yield FreeText(f"metadata.{key}", value)
+
+
+class CompleteCreate(Body):
+    """What the shopper's browser brought back to the return URL, as its query parameters
+    (Adyen `redirectResult` or `threeDSResult`, Stripe `payment_intent`, Checkout.com
+    `cko-session-id`): opaque provider values, passed on to the provider and never stored."""
+
+    return_params: Annotated[dict[Annotated[str, Field(max_length=64)], Annotated[StrictStr, Field(max_length=8192)]],
+                             Field(max_length=20)] = {}
 
 
 class CaptureCreate(Body):

@@ -132,6 +132,12 @@ class PaymentRecord:
     # A status query found more than one charge for this one payment: kept pending, counted and
     # shown until an operator (or the provider's refund of the extra charge) resolves it.
     duplicate_charge_suspected: bool = False
+    # ACTION_REQUIRED (3-D Secure): the shopper's action (`ShopperAction.to_doc`), when an
+    # unfinished one expires, and whether the reconciler has started cancelling it at the
+    # provider (journalled before the cancel, so a later pass knows a cancelled payment expired).
+    action: dict[str, Any] | None = None
+    action_expires_at: float | None = None
+    action_cancelling: bool = False
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
     # The row's version for conditional updates (gateway.journal.store): 0 until first journalled.
@@ -157,7 +163,8 @@ class PaymentRecord:
 _PAYMENT_CODEC = _codec(PaymentRecord, frozenset({
     "id", "client", "amount", "currency", "capture", "status", "country", "card_brand", "card_bin", "card_last4",
     "route", "provider", "provider_reference", "provider_idempotency_key", "outcome", "attempts", "captured_amount",
-    "refunded_amount", "follow_up", "duplicate_charge_suspected", "created_at", "updated_at", "version"}))
+    "refunded_amount", "follow_up", "duplicate_charge_suspected", "created_at", "updated_at", "version",
+    "action_expires_at", "action_cancelling"}))
 
 
 class IdempotencyState(StrEnum):

@@ -52,7 +52,8 @@ if TYPE_CHECKING:
 # What the reconciler owns: payments without a final answer, and follow-ups without one.
 UNRESOLVED_STATUSES = tuple(s.value for s in (
     PaymentStatus.RECEIVED, PaymentStatus.ATTEMPTING, PaymentStatus.PENDING,
-    PaymentStatus.CAPTURE_PENDING, PaymentStatus.VOID_PENDING, PaymentStatus.REFUND_PENDING))
+    PaymentStatus.CAPTURE_PENDING, PaymentStatus.VOID_PENDING, PaymentStatus.REFUND_PENDING,
+    PaymentStatus.ACTION_REQUIRED))
 
 
 def payment_row(record: PaymentRecord) -> tuple[str, str, float, float, bytes]:

@@ -46,8 +46,10 @@ class Settling:
                    record.captured_amount, record.refunded_amount)
 
 
-# A payment without a final answer yet: what the reconciler (or a webhook) may settle.
-_UNSETTLED = frozenset({PaymentStatus.RECEIVED, PaymentStatus.ATTEMPTING, PaymentStatus.PENDING})
+# A payment without a final answer yet: what the reconciler (or a webhook) may settle. One
+# waiting for its shopper (3-D Secure) is settled by the provider's webhook, or expires.
+_UNSETTLED = frozenset({PaymentStatus.RECEIVED, PaymentStatus.ATTEMPTING, PaymentStatus.PENDING,
+                        PaymentStatus.ACTION_REQUIRED})
 _PAYMENT_EVENTS = {
     PaymentStatus.APPROVED: EventType.PAYMENT_APPROVED,
     PaymentStatus.DECLINED: EventType.PAYMENT_DECLINED,
@@ -75,10 +77,12 @@ def late_event(before: Settling, after: PaymentRecord) -> EventType | None:
 
     - a pending follow-up (capture, refund, void) that is settled now: `<op>.succeeded` when it
       was made, `<op>.failed` when the provider refused it or it proved never made;
-    - an unsettled payment (received, attempting, pending) that is final now: `payment.approved`,
-      `payment.declined` or `payment.failed`;
+    - an unsettled payment (received, attempting, pending, action_required; a `/complete` whose
+      request died is the payment's own) that is final now: `payment.approved`,
+      `payment.declined` or `payment.failed` (an abandoned 3-D Secure challenge: `error_code`
+      `expired`);
     - anything else (still pending, or already final before): nothing."""
-    if before.follow_up is not None:
+    if before.follow_up is not None and before.follow_up is not Operation.COMPLETE:
         if after.follow_up is not None:
             return None
         succeeded, failed = _FOLLOW_UP_EVENTS[before.follow_up]

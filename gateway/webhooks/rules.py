@@ -14,6 +14,8 @@ The rules, so that deliveries at least once and in any order converge on the pro
 - ...unless it is a failure reported after the success (`reverses`: Adyen CAPTURE_FAILED,
   REFUND_FAILED, a Stripe refund that failed later): that takes the amount back off the
   payment, and the follow-up's key then answers that it was refused.
+- An authorisation result also settles a payment waiting for its shopper (`action_required`,
+  3-D Secure) exactly as `/complete` would; a completion still running decides first.
 - A charge reported by a provider the journal does not hold the payment at is never applied; it
   flags the payment `duplicate_charge_suspected` for ops (a charge we did not route there). One
   reported for a payment we hold as declined or failed is not applied either (a final answer was
@@ -30,6 +32,7 @@ from domain.types import Operation, ProviderResult
 from domain.webhook import EventKind, ProviderEvent
 from gateway.journal.records import PaymentRecord
 from gateway.orchestrator import apply_follow_up
+from gateway.shopper_action import finish_action
 
 FOLLOW_UP_KINDS = {EventKind.CAPTURE: Operation.CAPTURE, EventKind.REFUND: Operation.REFUND,
                    EventKind.CANCEL: Operation.VOID}
@@ -73,6 +76,8 @@ def decide(record: PaymentRecord, provider: str, event: ProviderEvent) -> Decisi
 def _authorisation(record: PaymentRecord, event: ProviderEvent) -> Decision:
     if record.status in _WAITING and record.follow_up is None:
         return Decision(Effect.WAIT, f"payment {record.status.value}: its request decides first")
+    if record.status is PaymentStatus.ACTION_REQUIRED:
+        return _shopper_back(record, event)
     if event.success and record.status in (PaymentStatus.DECLINED, PaymentStatus.FAILED):
         return Decision(Effect.NONE, f"charge notified for a {record.status.value} payment", alarm=True)
     if record.status is not PaymentStatus.PENDING or record.follow_up is not None:
@@ -88,6 +93,18 @@ def _authorisation(record: PaymentRecord, event: ProviderEvent) -> Decision:
     record.status, record.outcome = PaymentStatus.DECLINED, Outcome.HARD_DECLINE.value
     record.decline_code = event.reason or "refused"
     return Decision(Effect.PAYMENT, "declined")
+
+
+def _shopper_back(record: PaymentRecord, event: ProviderEvent) -> Decision:
+    """The shopper's 3-D Secure outcome, notified: it settles the waiting payment just as
+    `/complete` does (`gateway.shopper_action.finish_action`). A completion still running
+    decides first; one that came first left the payment final, so this changes nothing."""
+    if record.follow_up is not None:
+        return Decision(Effect.WAIT, f"a {record.follow_up.operation} of the payment is running")
+    result = ProviderResult(Outcome.APPROVED if event.success else Outcome.HARD_DECLINE,
+                            raw_code=None if event.success else (event.reason or "refused"))
+    finish_action(record, result)
+    return Decision(Effect.PAYMENT, "approved" if event.success else "declined")
 
 
 def _follow_up(record: PaymentRecord, event: ProviderEvent, op: Operation) -> Decision:

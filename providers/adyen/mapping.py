@@ -41,7 +41,17 @@ from urllib.parse import quote, urlencode
 import orjson
 
 from domain.outcome import Outcome
-from domain.types import FollowUp, FollowUpState, Lookup, Operation, PaymentOrder, ProviderResult, StatusAnswer
+from domain.types import (
+    FollowUp,
+    FollowUpState,
+    Lookup,
+    Operation,
+    PaymentOrder,
+    ProviderResult,
+    ShopperAction,
+    StatusAnswer,
+    ThreeDS,
+)
 from providers.base import ProviderRequest, ProviderResponse
 from providers.classify import (
     error_status_table,
@@ -62,6 +72,8 @@ EMULATOR_LOOKUP_PATH = f"{BASE_PATH}/payments"
 MODIFICATION_EVENTS: Mapping[str, Operation] = MappingProxyType(
     {"CAPTURE": Operation.CAPTURE, "REFUND": Operation.REFUND, "CANCELLATION": Operation.VOID}
 )
+# The details a shopper's return brings back, as `/payments/details` takes them.
+RETURN_DETAILS = ("redirectResult", "threeDSResult")
 # /payments requires `returnUrl` in v71 even for card payments that never redirect.
 DEFAULT_RETURN_URL = "https://gateway.invalid/adyen/return"
 TRANSIENT_ERROR_HEADER = "transient-error"
@@ -152,10 +164,11 @@ RESULT_CODES: Mapping[str, Outcome | None] = MappingProxyType(
         "Received": Outcome.UNKNOWN,  # accepted, not yet processed: it may still charge
         "Pending": Outcome.UNKNOWN,  # final status not obtainable now
         "PartiallyAuthorised": Outcome.UNKNOWN,  # we never ask for partial auth: reconcile by hand
-        "RedirectShopper": Outcome.SOFT_DECLINE,  # needs the shopper; a server call cannot finish it
-        "IdentifyShopper": Outcome.SOFT_DECLINE,
-        "ChallengeShopper": Outcome.SOFT_DECLINE,
-        "PresentToShopper": Outcome.SOFT_DECLINE,
+        # The shopper must act (the `action`), then `/payments/details` finishes the payment.
+        "RedirectShopper": Outcome.ACTION_REQUIRED,
+        "IdentifyShopper": Outcome.ACTION_REQUIRED,  # 3DS2 device fingerprint
+        "ChallengeShopper": Outcome.ACTION_REQUIRED,  # native 3DS2 challenge
+        "PresentToShopper": Outcome.ACTION_REQUIRED,  # a voucher or QR code
     }
 )
 
@@ -183,6 +196,7 @@ class AdyenMapping:
     # engine never asks. STATUS builds the emulator's test probe only (tests, preflight's reach).
     status_query_consistent = False
     has_status_lookup = False
+    redirects = True
 
     def __init__(self, name: str, api_key: str, *, merchant_account: str | None = None,
                  return_url: str = DEFAULT_RETURN_URL) -> None:
@@ -210,6 +224,12 @@ class AdyenMapping:
             return ProviderRequest("POST", f"{BASE_PATH}/payments", self._headers(idempotency_key),
                                    orjson.dumps(self._payment_body(subject)))
         assert isinstance(subject, FollowUp)
+        if op is Operation.COMPLETE:
+            details = {k: subject.return_params[k] for k in RETURN_DETAILS if subject.return_params.get(k)}
+            if not details:
+                raise ValueError("Adyen's /payments/details needs the return's redirectResult or threeDSResult")
+            return ProviderRequest("POST", f"{BASE_PATH}/payments/details", self._headers(idempotency_key),
+                                   orjson.dumps({"details": details}))
         if op is Operation.STATUS:  # the emulator-only probe: see the module docstring
             if subject.provider_reference:
                 path = f"{EMULATOR_LOOKUP_PATH}/{quote(subject.provider_reference, safe='')}"
@@ -240,8 +260,12 @@ class AdyenMapping:
             "reference": order.payment_id,
             "merchantOrderReference": order.merchant_reference,
             "merchantAccount": self.merchant_account,
-            "returnUrl": self.return_url,
+            "returnUrl": order.return_url or self.return_url,
         }
+        if order.three_ds is not ThreeDS.AUTOMATIC:
+            doc["authenticationData"] = {"attemptAuthentication": "always"}
+            if order.three_ds is ThreeDS.CHALLENGE:
+                doc["threeDS2RequestData"] = {"threeDSRequestorChallengeInd": "04"}  # challenge mandated
         if order.card is not None:
             card = order.card
             method: dict[str, Any] = {
@@ -349,7 +373,21 @@ def _classify_payment(doc: dict, status: int) -> ProviderResult:
     if doc.get("status"):
         extra["lifecycle"] = str(doc["status"])
     return ProviderResult(outcome, raw_code=raw, http_status=status, reference=doc.get("pspReference"),
-                          provider_status=result_code or None, message=message, extra=extra)
+                          provider_status=result_code or None, message=message, extra=extra,
+                          action=_action(doc) if outcome is Outcome.ACTION_REQUIRED else None)
+
+
+def _action(doc: dict) -> ShopperAction | None:
+    """Adyen's `action`: `redirect` (url, method, and form `data` for a POST) is followed by
+    the browser; anything else (`threeDS2`, `voucher`, `qrCode`) is for Adyen's client component."""
+    action = doc.get("action")
+    if not isinstance(action, dict):
+        return None
+    if action.get("type") == "redirect" and action.get("url"):
+        data = action.get("data") if isinstance(action.get("data"), dict) else {}
+        return ShopperAction("redirect", str(action["url"]), str(action.get("method") or "GET"),
+                             {str(k): str(v) for k, v in data.items()}, action)
+    return ShopperAction("sdk", str(action.get("url") or ""), provider_action=action)
 
 
 # Which of several payments under one reference the status answer reports: a charge wins, then
@@ -358,7 +396,7 @@ _STATUS_PRIORITY = {Outcome.APPROVED: 0, Outcome.UNKNOWN: 1}
 
 
 def _parse_success(op: Operation, status: int, doc: dict) -> ProviderResult:
-    if op is Operation.AUTHORIZE:
+    if op in (Operation.AUTHORIZE, Operation.COMPLETE):
         return _classify_payment(doc, status)
     # Modifications: 201 {"status": "received"}: accepted, and the outcome itself (CAPTURE with
     # success true, or false, or CAPTURE_FAILED days later) arrives by webhook.

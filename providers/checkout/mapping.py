@@ -38,7 +38,17 @@ from urllib.parse import quote, urlencode
 import orjson
 
 from domain.outcome import Outcome
-from domain.types import FollowUp, FollowUpState, Lookup, Operation, PaymentOrder, ProviderResult, StatusAnswer
+from domain.types import (
+    FollowUp,
+    FollowUpState,
+    Lookup,
+    Operation,
+    PaymentOrder,
+    ProviderResult,
+    ShopperAction,
+    StatusAnswer,
+    ThreeDS,
+)
 from providers.base import ProviderRequest, ProviderResponse
 from providers.classify import (
     error_status_table,
@@ -183,6 +193,7 @@ class CheckoutMapping:
     # GET /payments?reference= lists what Checkout.com holds for our reference.
     status_query_consistent = True
     has_status_lookup = True
+    redirects = True
 
     def __init__(self, name: str, api_key: str, *, merchant_account: str | None = None) -> None:
         self.name = name
@@ -203,6 +214,10 @@ class CheckoutMapping:
             return ProviderRequest("POST", "/payments", self._headers(idempotency_key),
                                    orjson.dumps(self._payment_body(subject)))
         assert isinstance(subject, FollowUp)
+        if op is Operation.COMPLETE:
+            # "Get payment details" by the session id the shopper came back with (or by ours).
+            wanted = subject.return_params.get("cko-session-id") or subject.provider_reference or ""
+            return ProviderRequest("GET", f"/payments/{quote(wanted, safe='')}", self._headers(None, body=False))
         if op is Operation.STATUS:
             if subject.provider_reference:
                 path = f"/payments/{quote(subject.provider_reference, safe='')}"
@@ -253,6 +268,13 @@ class CheckoutMapping:
             body["description"] = order.description
         if self._processing_channel:
             body["processing_channel_id"] = self._processing_channel
+        if order.return_url:
+            # 3-D Secure only when asked for, and only with somewhere to send the shopper back;
+            # success and failure both come back to the return URL, whose /complete reads the result.
+            indicator = {ThreeDS.AUTOMATIC: "no_preference", ThreeDS.ANY: "no_preference",
+                         ThreeDS.CHALLENGE: "challenge_requested"}[order.three_ds]
+            body["3ds"] = {"enabled": True, "challenge_indicator": indicator}
+            body["success_url"] = body["failure_url"] = order.return_url
         return body
 
     def parse(self, op: Operation, response: ProviderResponse) -> ProviderResult:
@@ -303,8 +325,15 @@ def _parse_success(op: Operation, response: ProviderResponse, doc: dict) -> Prov
 def _parse_payment(http_status: int, doc: dict, extra: dict[str, str]) -> ProviderResult:
     status = str(doc.get("status") or "")
     code = doc.get("response_code")
+    links = doc.get("_links") if isinstance(doc.get("_links"), dict) else {}
+    redirect = links.get("redirect") if isinstance(links.get("redirect"), dict) else {}
     if doc.get("approved") is True:
         outcome = Outcome.APPROVED
+    elif status == "Pending" and redirect.get("href"):
+        # 202 Pending with a redirect link: the shopper authenticates (3-D Secure) first.
+        return ProviderResult(Outcome.ACTION_REQUIRED, raw_code=status, http_status=http_status,
+                              reference=doc.get("id"), provider_status=status, extra=extra,
+                              action=ShopperAction("redirect", str(redirect["href"]), provider_action=redirect))
     elif PAYMENT_STATUS.get(status) is Outcome.UNKNOWN:
         # Pending (202: a 3DS redirect or an asynchronous method): the payment exists but is not
         # finished, so the engine answers pending and reconciles; it never fails over.

@@ -10,7 +10,8 @@ id and `data.reference` the reference of the payment or action (ours: the paymen
 follow-up's reference we sent with the action); by `type`:
 `payment_approved` / `payment_declined` (the authorisation; `response_code`),
 `payment_captured` / `payment_capture_declined`, `payment_refunded` / `payment_refund_declined`,
-`payment_voided` / `payment_void_declined`. Anything else (`payment_pending`, `payment_expired`,
+`payment_voided` / `payment_void_declined`; for 3-D Secure, `payment_authentication_failed` (the
+authorisation, declined) and `payment_canceled` (a waiting payment cancelled). Anything else (`payment_pending`, `payment_expired`,
 disputes) is `EventKind.OTHER`.
 """
 
@@ -31,11 +32,13 @@ ANSWER = (200, b"", "text/plain")
 EVENT_TYPES: Mapping[str, tuple[EventKind, bool]] = {
     "payment_approved": (EventKind.AUTHORISATION, True),
     "payment_declined": (EventKind.AUTHORISATION, False),
+    "payment_authentication_failed": (EventKind.AUTHORISATION, False),  # 3-D Secure failed: declined (20151)
     "payment_captured": (EventKind.CAPTURE, True),
     "payment_capture_declined": (EventKind.CAPTURE, False),
     "payment_refunded": (EventKind.REFUND, True),
     "payment_refund_declined": (EventKind.REFUND, False),
     "payment_voided": (EventKind.CANCEL, True),
+    "payment_canceled": (EventKind.CANCEL, True),  # a payment still waiting for its shopper, cancelled
     "payment_void_declined": (EventKind.CANCEL, False),
 }
 

@@ -29,7 +29,17 @@ from typing import Any
 from urllib.parse import quote, quote_plus, urlencode
 
 from domain.outcome import Outcome
-from domain.types import FollowUp, FollowUpState, Lookup, Operation, PaymentOrder, ProviderResult, StatusAnswer
+from domain.types import (
+    FollowUp,
+    FollowUpState,
+    Lookup,
+    Operation,
+    PaymentOrder,
+    ProviderResult,
+    ShopperAction,
+    StatusAnswer,
+    ThreeDS,
+)
 from providers.base import ProviderRequest, ProviderResponse
 from providers.classify import (
     error_status_table,
@@ -89,7 +99,7 @@ INTENT_STATUS: Mapping[str, Outcome] = MappingProxyType(
         "requires_capture": Outcome.APPROVED,
         "processing": Outcome.UNKNOWN,
         "requires_payment_method": Outcome.SOFT_DECLINE,
-        "requires_action": Outcome.SOFT_DECLINE,
+        "requires_action": Outcome.ACTION_REQUIRED,  # the shopper authenticates first (3-D Secure)
         "requires_confirmation": Outcome.UNKNOWN,
     }
 )
@@ -120,6 +130,7 @@ class StripeMapping:
     # Search is eventually consistent (Stripe: "typically under a minute" behind): an empty
     # result does not prove that a payment made seconds ago does not exist.
     status_query_consistent = False
+    redirects = True
 
     def __init__(self, name: str, api_key: str, *, merchant_account: str | None = None) -> None:
         self.name = name
@@ -140,6 +151,16 @@ class StripeMapping:
             assert isinstance(subject, PaymentOrder)
             return ProviderRequest("POST", "/v1/payment_intents", self._headers(idempotency_key), _intent_form(subject))
         assert isinstance(subject, FollowUp)
+        if op is Operation.COMPLETE:
+            # After the redirect, Stripe has already confirmed the intent: retrieving it reads
+            # the result. The browser's `payment_intent` must be this payment's.
+            returned = subject.return_params.get("payment_intent")
+            if returned is not None and returned != subject.provider_reference:
+                raise ValueError("the return's payment_intent is not this payment's")
+            headers = self._headers(None)
+            del headers["Content-Type"]
+            return ProviderRequest("GET", f"/v1/payment_intents/{quote(subject.provider_reference or '', safe='')}",
+                                   headers)
         if op is Operation.STATUS:
             if subject.provider_reference:
                 query = urlencode({"expand[]": STATUS_EXPAND})
@@ -215,6 +236,10 @@ def _intent_form(order: PaymentOrder) -> bytes:
     ]
     if order.description:
         fields.append(("description", order.description))
+    if order.return_url:
+        fields.append(("return_url", order.return_url))  # else Stripe answers `use_stripe_sdk`
+    if order.three_ds is not ThreeDS.AUTOMATIC:
+        fields.append(("payment_method_options[card][request_three_d_secure]", order.three_ds.value))
     if order.card is not None:
         card = order.card
         fields += [
@@ -267,7 +292,21 @@ def _intent_result(intent: dict, http_status: int, *, canceled: Outcome) -> Prov
         raw = error.get("decline_code") or error.get("code") or raw
         outcome = DECLINE_CODES.get(raw, UNLISTED_DECLINE)
     return ProviderResult(outcome, raw_code=raw, http_status=http_status, reference=intent.get("id"),
-                          provider_status=intent_status)
+                          provider_status=intent_status,
+                          action=_action(intent) if outcome is Outcome.ACTION_REQUIRED else None)
+
+
+def _action(intent: dict) -> ShopperAction | None:
+    """`next_action`: `redirect_to_url` (we sent a return_url), or `use_stripe_sdk` (Stripe.js
+    runs it in the shopper's browser)."""
+    action = intent.get("next_action")
+    if not isinstance(action, dict):
+        return None
+    redirect = action.get("redirect_to_url")
+    if action.get("type") == "redirect_to_url" and isinstance(redirect, dict) and redirect.get("url"):
+        return ShopperAction("redirect", str(redirect["url"]), provider_action=action)
+    sdk = action.get("use_stripe_sdk") if isinstance(action.get("use_stripe_sdk"), dict) else {}
+    return ShopperAction("sdk", str(sdk.get("stripe_js") or ""), provider_action=action)
 
 
 def _retry_hint(response: ProviderResponse) -> bool | None:
