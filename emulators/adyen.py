@@ -16,11 +16,17 @@ Behaviour as Adyen documents it for its test environment:
   Adyen documents no distinct error for a key reused with another body; this emulator answers
   that with a 422 validation error under Adyen's catch-all errorCode `000`.
 
+`POST /v71/paymentMethods` answers the merchant account's methods as Adyen does
+(`{"paymentMethods": [{"name": "Cards", "type": "scheme", "brands": [...]}]}`), with the same
+API-key, mTLS and merchant-account checks as every route: it is what `gateway preflight` sends.
+
 Emulator extensions, not part of Adyen's API:
-- `GET /v71/payments?reference=…` and `GET /v71/payments/{pspReference}`, an emulator-only probe,
-  stand in for the webhook feed, so the engine can resolve an `unknown` outcome by status query.
-  Each payment lists its modifications as the webhook reports them (`eventCode` CAPTURE, REFUND or
-  CANCELLATION, the modification's `pspReference`, our `reference`, `amount`, `success`).
+- `GET /v71/payments?reference=…` and `GET /v71/payments/{pspReference}` (request counter
+  operation `status`): a payment lookup the real Adyen does not have. Nothing in the gateway calls
+  it; it is kept so that a payment lookup that reached Adyen is counted (`GET /_emulator/requests`,
+  the webhook-chaos drill's `lookups_by_provider`) instead of vanishing into a 404/405 no counter
+  sees. Each payment lists its modifications as the webhook reports them (`eventCode` CAPTURE,
+  REFUND or CANCELLATION, the modification's `pspReference`, our `reference`, `amount`, `success`).
 - Modifications are validated synchronously (422) where the request itself is wrong.
 
 Webhooks: standard notifications, one `NotificationRequestItem` per POST
@@ -68,13 +74,17 @@ from aiohttp import web
 from domain.cards import luhn_valid
 from emulators.faults import FaultRule
 from emulators.idempotency import Claim, ProviderIdempotency, StoredAnswer
-from providers.adyen.mapping import API_VERSION, EMULATOR_LOOKUP_PATH, REFUSAL_REASONS, TRANSIENT_ERROR_HEADER
+from providers.adyen.mapping import API_VERSION, PROBE_PATH, REFUSAL_REASONS, TRANSIENT_ERROR_HEADER
 from emulators.ledger import LedgerEntry
 from emulators.server import ApiRoute, EmulatorRequest, ProviderEmulator, json_response
 from emulators.threeds import Challenge, ChallengeState, Flow, ThreeDSCard, with_query
 from emulators.webhooks import RetrySchedule, SignedRequest
 
 BASE = f"/{API_VERSION}"
+# The lookup the real Adyen does not have (see the module docstring).
+LOOKUP_PATH = f"{BASE}/payments"
+# What `/paymentMethods` lists for a merchant account: card schemes, as Adyen's test accounts have.
+CARD_BRANDS = ("visa", "mc", "amex", "maestro")
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,8 +323,9 @@ class AdyenEmulator(ProviderEmulator):
         return [
             ApiRoute("POST", f"{BASE}/payments", self._payments, "authorize"),
             ApiRoute("POST", f"{BASE}/payments/details", self._details, "complete"),
-            ApiRoute("GET", EMULATOR_LOOKUP_PATH, self._find_by_reference, "status", idempotent=False),
-            ApiRoute("GET", f"{EMULATOR_LOOKUP_PATH}/{{psp}}", self._find_by_psp, "status", idempotent=False),
+            ApiRoute("POST", PROBE_PATH, self._payment_methods, "payment_methods", idempotent=False),
+            ApiRoute("GET", LOOKUP_PATH, self._find_by_reference, "status", idempotent=False),
+            ApiRoute("GET", f"{LOOKUP_PATH}/{{psp}}", self._find_by_psp, "status", idempotent=False),
             ApiRoute("POST", f"{BASE}/payments/{{psp}}/captures", self._capture, "capture"),
             ApiRoute("POST", f"{BASE}/payments/{{psp}}/refunds", self._refund, "refund"),
             ApiRoute("POST", f"{BASE}/payments/{{psp}}/cancels", self._cancel, "void"),
@@ -550,8 +561,17 @@ class AdyenEmulator(ProviderEmulator):
             self._notify("authorize", notification_item("AUTHORISATION", False, entry.id, entry, entry.amount,
                                                         reason=reason))
 
+    async def _payment_methods(self, ctx: EmulatorRequest) -> web.Response:
+        """`/paymentMethods`: the methods available to the merchant account; changes nothing."""
+        doc = self._request_doc(ctx)
+        if isinstance(doc, web.Response):
+            return doc
+        await ctx.simulate_processing()
+        return json_response(200, {"paymentMethods": [{"name": "Cards", "type": "scheme",
+                                                       "brands": list(CARD_BRANDS)}]})
+
     async def _find_by_reference(self, ctx: EmulatorRequest) -> web.Response:
-        """Emulator extension standing in for Adyen's webhook feed: payments by our reference."""
+        """The lookup Adyen does not have (see the module docstring): payments by our reference."""
         await ctx.simulate_processing()
         query = ctx.request.query
         reference = query.get("reference")
@@ -562,7 +582,7 @@ class AdyenEmulator(ProviderEmulator):
                                    "payments": hits})
 
     async def _find_by_psp(self, ctx: EmulatorRequest) -> web.Response:
-        """Emulator extension standing in for Adyen's webhook feed: one payment by pspReference."""
+        """The lookup Adyen does not have (see the module docstring): one payment by pspReference."""
         await ctx.simulate_processing()
         entry = self.ledger.get(ctx.request.match_info["psp"])
         if entry is None or not self._visible(entry):
@@ -618,7 +638,7 @@ class AdyenEmulator(ProviderEmulator):
             answer["amount"] = {"value": amount, "currency": entry.currency}
         self.modifications.append({"kind": kind, **answer})
         value = amount if amount is not None else entry.amount
-        # The final outcome, as the emulator-only probe lists it.
+        # The final outcome, as the emulator-only lookup lists it.
         event = {"eventCode": MODIFICATION_EVENT_CODES[kind], "pspReference": answer["pspReference"],
                  "originalReference": entry.id, "reference": doc.get("reference"),
                  "amount": {"value": value, "currency": entry.currency},

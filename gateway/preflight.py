@@ -7,8 +7,10 @@ it). What is checked:
 * certificates (client, CA, the gateway's own, each provider endpoint's as served now): usable
   today and valid until the end of the window plus a margin;
 * providers: a real TLS (mTLS) connection with the client context the gateway would use, and one
-  harmless request on it, a status query for a reference that cannot exist (the mapping's STATUS
-  operation, always a GET). No payment is ever sent;
+  harmless request on it that the real provider has: a status query for a reference that cannot
+  exist (the mapping's STATUS operation, always a GET) where the provider has a lookup, else the
+  mapping's own probe (Adyen, which has no lookup: `POST /paymentMethods`). No payment is ever
+  sent;
 * routes: a backup for every route, and backups able to take the route's currencies/countries;
 * timing: the retry and timeout settings of a route's providers against ``engine.deadline_ms``,
   plus a few sanity checks of the resilience policy;
@@ -24,7 +26,6 @@ import secrets
 import sqlite3
 import ssl
 import tempfile
-import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -35,9 +36,9 @@ from urllib.parse import urlsplit
 from gateway.certs.check import CertReport, Thresholds, collect
 from gateway.certs.inspect import CertStatus
 from gateway.config import EngineConfig, GatewayConfig, ProviderConfig
-from domain.types import FollowUp, Operation
-from gateway.metrics import Metrics
-from gateway.provider_client import MIN_TRY_S, ProviderClient
+from providers.base import ProviderResponse, reachability_probe
+from providers.classify import result_from_transport_error
+from providers.errors import TransportError
 from gateway.provider_pool import make_handle, provider_ssl_context
 from providers.registry import KINDS
 
@@ -171,7 +172,10 @@ def status_probe_reference() -> str:
 
 async def probe_provider(name: str, cfg: ProviderConfig) -> list[Finding]:
     """Connect as the gateway would (its client SSLContext, a fresh connection, so a real TLS
-    handshake) and send one status query for a reference that does not exist.
+    handshake) and send one harmless request (`providers.base.reachability_probe`): a status
+    query for a reference that does not exist, or, where the provider has no lookup, the
+    mapping's probe. Never a request only our emulator answers: against the real provider that
+    would fail for reasons that say nothing about the path.
 
     Any HTTP answer proves the path; 401/403 mean the provider refuses our API key and 5xx/429
     that it is unwell. A connect or TLS failure is the problem this check exists for.
@@ -183,23 +187,22 @@ async def probe_provider(name: str, cfg: ProviderConfig) -> list[Finding]:
                         f"cannot build the TLS client context: {problem.value} (tls.ca {cfg.tls.ca}, "
                         f"tls.client_cert {cfg.tls.client_cert}, tls.client_key {cfg.tls.client_key})")]
     handle = make_handle(name, cfg, EngineConfig(), tls=(ctx, None))
-    probe = FollowUp(payment_id=status_probe_reference(), provider_reference=None)
-    request = handle.mapping.build(Operation.STATUS, probe, None)
-    if request.method != "GET" or request.body:
-        # Never let a probe be anything but a read, whatever a mapping turns into.
+    request = reachability_probe(handle.mapping, status_probe_reference())
+    if handle.mapping.has_status_lookup and (request.method != "GET" or request.body):
+        # Never let a status query be anything but a read, whatever a mapping turns it into.
         return [Finding("provider.probe_unsafe", ERROR, subject,
                         f"its status query is {request.method} {request.path}"
                         f"{' with a body' if request.body else ''}; preflight sends only reads, so the provider "
                         "was not probed")]
-    client = ProviderClient(handle, Metrics())
     await handle.transport.start()
-    try:  # the gateway's own call, with its per-try bound
-        answer = await client.lookup(probe, time.monotonic() + cfg.timeout_ms / 1000 + MIN_TRY_S,
-                                     client.new_attempt(Operation.STATUS, 0, None))
+    try:  # the gateway's own transport (its error translation), with its per-try bound
+        answer: ProviderResponse | TransportError = await handle.transport.send(request, handle.timeout_s)
+    except TransportError as exc:
+        answer = exc
     finally:
         await handle.transport.close()
-    result = answer.result
-    if result.http_status is None:  # no HTTP answer: the transport's failure
+    if isinstance(answer, TransportError):  # no HTTP answer
+        result = result_from_transport_error(answer)
         detail = (result.message or "").removeprefix(f"{name}: ")
         if result.raw_code in _TLS_CODES:
             return [Finding("provider.tls_refused", ERROR, subject,
@@ -211,24 +214,24 @@ async def probe_provider(name: str, cfg: ProviderConfig) -> list[Finding]:
             return [Finding("provider.tls_refused", ERROR, subject,
                             f"{cfg.base_url} refuses our TLS session: {refusal}; it does not accept {ours}")]
         return [Finding("provider.unreachable", ERROR, subject, f"{cfg.base_url}: {detail} ({result.raw_code})")]
-    status = result.http_status
+    status = answer.status
+    what = "a status query" if handle.mapping.has_status_lookup else f"{request.method} {request.path}"
     if status in (401, 403):
         return [Finding("provider.auth_refused", ERROR, subject,
-                        f"reachable, but answers HTTP {status} to a status query: our API key "
+                        f"reachable, but answers HTTP {status} to {what}: our API key "
                         f"({cfg.api_key_env}) is refused")]
     if status == 429:
-        return [Finding("provider.rate_limited", WARN, subject, "reachable, but rate-limits a single status query "
-                                                                 "(HTTP 429)")]
+        return [Finding("provider.rate_limited", WARN, subject, f"reachable, but rate-limits {what} (HTTP 429)")]
     if status >= 500:
         return [Finding("provider.unhealthy", ERROR, subject,
-                        f"reachable, but answers HTTP {status} to a status query")]
+                        f"reachable, but answers HTTP {status} to {what}")]
     return []
 
 
 async def _tls_refusal(base_url: str, ctx: ssl.SSLContext, timeout_s: float) -> str | None:
     """How the server refuses our TLS session, if it does; None when it keeps it (or is down).
 
-    Asked only after the status query failed without a TLS error. Under TLS 1.3 a server checks
+    Asked only after the probe failed without a TLS error. Under TLS 1.3 a server checks
     our client certificate after our side of the handshake is done, so an HTTP client sees its
     refusal as a plain disconnect (servers often drop the connection without an alert). Connect
     again with the same context, send nothing, and see whether the server hangs up on us.

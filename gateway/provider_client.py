@@ -1,5 +1,5 @@
-"""One provider call, written once: the payment's attempts, follow-ups, the executor's and the
-reconciler's status queries and preflight's probe all go through `ProviderClient`.
+"""One provider call, written once: the payment's attempts, follow-ups, and the executor's and
+the reconciler's status queries all go through `ProviderClient`.
 
 A call: the deadline check, building the request (our own bad input is `rejected`, never the
 provider's fault), the breaker's admission, the journal hook (the attempt is on disk before the

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from domain.types import FollowUp, Operation, PaymentOrder, ProviderResult, StatusAnswer
 
@@ -46,7 +46,8 @@ class ProviderMapping(Protocol):
     redirects: bool
 
     def build(self, op: Operation, subject: PaymentOrder | FollowUp, idempotency_key: str | None) -> ProviderRequest:
-        """Build the HTTP request for `op`; status queries take no idempotency key.
+        """Build the HTTP request for `op`; status queries take no idempotency key. ValueError
+        for an operation the provider does not have (STATUS where `has_status_lookup` is False).
 
         A STATUS `FollowUp` asks by the provider's id when `provider_reference` is set, else by
         our payment id. Capture, refund and void send `follow_up_id` (the follow-up's provider
@@ -75,3 +76,25 @@ class ProviderMapping(Protocol):
         (`result.reference`) with a `follow_up_id` lists them.
         """
         ...
+
+
+@runtime_checkable
+class Probing(Protocol):
+    """A mapping whose provider has no status lookup (Adyen) names another harmless request,
+    one the real provider answers for a valid key and that changes nothing there (no payment,
+    no idempotency key), for `gateway preflight` to reach it with."""
+
+    def probe(self) -> ProviderRequest:
+        ...
+
+
+def reachability_probe(mapping: ProviderMapping, reference: str) -> ProviderRequest:
+    """The one request `gateway preflight` sends a provider: where it has a status lookup, a
+    status query for `reference` (which no payment has); else the mapping's `probe`. Never a
+    request the real provider does not have, so preflight tests what production will call.
+    ValueError for a mapping with neither (a bug in that mapping)."""
+    if mapping.has_status_lookup:
+        return mapping.build(Operation.STATUS, FollowUp(payment_id=reference, provider_reference=None), None)
+    if isinstance(mapping, Probing):
+        return mapping.probe()
+    raise ValueError(f"{mapping.name}: no status lookup and no probe request to reach the provider with")

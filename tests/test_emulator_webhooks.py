@@ -384,9 +384,11 @@ async def test_a_modification_declined_by_notification_is_never_in_the_ledger(ri
     entry = rig.server.emulator.ledger.get(auth.reference or "")
     assert entry is not None and entry.refunded == 0
     assert entry.captured == (1000 if rig.kind == "stripe" else 0)
-    status = await rig.status(FollowUp(payment_id=o.payment_id, provider_reference=auth.reference,
-                                       follow_up_id=f"{o.payment_id}-{op.value}"))
-    assert [(f.operation, f.outcome) for f in status.follow_ups if f.operation is op] == [(op, Outcome.HARD_DECLINE)]
+    if rig.mapping.has_status_lookup:  # Adyen has none: its notification above is the only report
+        status = await rig.status(FollowUp(payment_id=o.payment_id, provider_reference=auth.reference,
+                                           follow_up_id=f"{o.payment_id}-{op.value}"))
+        assert [(f.operation, f.outcome) for f in status.follow_ups if f.operation is op] == [
+            (op, Outcome.HARD_DECLINE)]
 
 
 async def test_an_adyen_refund_can_succeed_then_fail_later(adyen: Rig) -> None:

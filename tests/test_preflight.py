@@ -36,8 +36,15 @@ from gateway.preflight import (
     run_preflight,
     store_findings,
 )
+from aiohttp import ClientSession
+
+from emulators.faults import FaultRule
 from emulators.server import EmulatorServer
-from tests.conftest import gateway_config_data
+from gateway.app_keys import RECONCILER
+from gateway.config import EngineConfig
+from gateway.provider_pool import make_handle
+from providers.base import ProviderRequest
+from tests.conftest import card_payment, gateway_config_data, journal, pay, set_faults
 
 # Three providers of 2 tries × 1000 ms + 5 ms backoff each: 6015 ms through the whole route.
 ROOMY_DEADLINE = {"deadline_ms": 8000}
@@ -188,6 +195,57 @@ async def test_api_key_refused_fails(tmp_path: Path, certs: DevCertLayout, emula
     report = await _preflight(_data(tmp_path, certs, emulators))
     assert _found(report) == {("provider.auth_refused", "provider stripe")}
     assert "STRIPE_API_KEY" in report.findings[0].message
+    _assert_no_payment_reached(emulators)
+
+
+async def _requests(server: EmulatorServer) -> dict[str, int]:
+    """The emulator's own count of the API requests it received, by operation (its control API)."""
+    async with ClientSession() as http, http.get(f"{server.admin_url}/_emulator/requests") as resp:
+        return (await resp.json())["by_operation"]
+
+
+async def test_a_pending_adyen_payment_and_preflight_never_ask_adyen_for_a_payment(
+        tmp_path: Path, certs: DevCertLayout, emulators: dict[str, EmulatorServer], start_gateway: Any) -> None:
+    """Adyen has no payment lookup. A payment left pending there, a reconciler pass and a preflight
+    run send it authorisations and the probe (`POST /paymentMethods`) only: the emulator counts no
+    lookup, though it would count one (its `GET /v71/payments?reference=` stands in for the lookup
+    Adyen lacks, so a regression is seen rather than lost in a 404)."""
+    adyen = emulators["adyen"]
+    data = _data(tmp_path, certs, emulators, order=("adyen", "stripe", "checkout"))
+    client = await start_gateway(parse_config(data))
+    set_faults(adyen, FaultRule(kind="error", status=500, after_processing=True, operations=("authorize",)))
+    status, doc = await pay(client, card_payment())
+    assert (status, doc["status"], doc["provider"]) == (201, "pending", "adyen")
+    assert await client.app[RECONCILER].run_once(min_age_s=0, ignore_backoff=True) == 0
+    assert (await journal(client, doc["id"])).status.value == "pending"
+    adyen.emulator.faults.clear()
+
+    report = await _preflight(data)
+    assert [f for f in report.findings if f.id.startswith("provider.")] == []
+    counted = await _requests(adyen)
+    assert "status" not in counted and counted["payment_methods"] == 1 and counted["authorize"] >= 1, counted
+    await client.close()
+
+    # The counter is no blind spot: a lookup by our reference, were anything to send one, counts.
+    cfg = parse_config(data).providers["adyen"]
+    handle = make_handle("adyen", cfg, EngineConfig())
+    await handle.transport.start()
+    try:
+        answer = await handle.transport.send(ProviderRequest(
+            "GET", f"/v71/payments?merchantAccount=GatewayTestECOM&reference={doc['id']}",
+            {"X-API-Key": cfg.api_key.get_secret_value()}), 2.0)
+    finally:
+        await handle.transport.close()
+    assert answer.status == 200 and (await _requests(adyen))["status"] == 1
+
+
+async def test_an_unwell_adyen_is_caught_by_its_payment_methods_probe(
+        tmp_path: Path, certs: DevCertLayout, emulators: dict[str, EmulatorServer]) -> None:
+    set_faults(emulators["adyen"], FaultRule(kind="error", status=503, operations=("payment_methods",)))
+
+    report = await _preflight(_data(tmp_path, certs, emulators))
+    assert _found(report) == {("provider.unhealthy", "provider adyen")}
+    assert "HTTP 503 to POST /v71/paymentMethods" in report.findings[0].message
     _assert_no_payment_reached(emulators)
 
 

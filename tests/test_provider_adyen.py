@@ -1,5 +1,6 @@
-"""Adyen specifics: Adyen's retry verdicts, its test triggers, the refusal tables, and evidence that
-the official `Adyen` SDK drives the emulator through the same paths and bodies our mapping uses."""
+"""Adyen specifics: Adyen's retry verdicts, its test triggers, the refusal tables, the absence of
+any payment lookup (what Adyen holds is read from the emulator's ledger), and evidence that the
+official `Adyen` SDK drives the emulator through the same paths and bodies our mapping uses."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from domain.outcome import Outcome
 from emulators.adyen import SCENARIO_CARDS, TEST_CARDS, AdyenEmulator
 from providers.adyen.mapping import ERROR_STATUS, REFUSAL_REASONS, AdyenMapping, classify_refusal
 from domain.secret import Secret
-from domain.types import Card, FollowUp, FollowUpState, Lookup, Operation, PaymentOrder, ProviderResult
-from providers.base import ProviderRequest, ProviderResponse
+from domain.types import Card, FollowUp, Lookup, Operation, PaymentOrder, ProviderResult
+from emulators.ledger import LedgerEntry
+from providers.base import Probing, ProviderRequest, ProviderResponse, reachability_probe
 from emulators.faults import FaultPlan, FaultRule
 from emulators.server import EmulatorServer
 from tests.conftest import PROVIDER_KEYS
@@ -70,8 +72,9 @@ def with_additional_data(request: ProviderRequest, **fields: str) -> ProviderReq
     return replace(request, body=orjson.dumps(doc))
 
 
-def status_of(o: PaymentOrder) -> FollowUp:
-    return FollowUp(payment_id=o.payment_id, provider_reference=None)
+def held(rig: Rig, o: PaymentOrder) -> list[LedgerEntry]:
+    """What Adyen holds for our payment: its ledger (Adyen has no lookup to ask)."""
+    return rig.emulator.ledger.find_by_ref(o.payment_id)
 
 
 # --- request shape ------------------------------------------------------------------------------
@@ -101,7 +104,7 @@ def test_payment_request_has_adyen_shape() -> None:
     assert len(sent) == 64 and sent == mapping.build(Operation.AUTHORIZE, o, long_key).headers["Idempotency-Key"]
 
 
-def test_follow_up_and_status_paths() -> None:
+def test_follow_up_paths() -> None:
     mapping = AdyenMapping("adyen", API_KEY, merchant_account=MERCHANT)
     follow = FollowUp(payment_id="pay_1", provider_reference="EMUA000000000007", amount=500, currency="eur",
                       follow_up_id="cap_1")
@@ -111,14 +114,49 @@ def test_follow_up_and_status_paths() -> None:
                                                  "amount": {"value": 500, "currency": "EUR"}}
     assert mapping.build(Operation.REFUND, follow, "k").path.endswith("/refunds")
     assert mapping.build(Operation.VOID, follow, "k").path.endswith("/cancels")
-    by_reference = mapping.build(Operation.STATUS, FollowUp(payment_id="pay_1", provider_reference=None), None)
-    assert by_reference.method == "GET"
-    assert by_reference.path == f"/v71/payments?merchantAccount={MERCHANT}&reference=pay_1"
-    assert "Idempotency-Key" not in by_reference.headers and by_reference.body is None
-    by_psp = mapping.build(Operation.STATUS, follow, None)
-    assert by_psp.path == f"/v71/payments/EMUA000000000007?merchantAccount={MERCHANT}"
     with pytest.raises(ValueError):
         mapping.build(Operation.REFUND, replace(follow, amount=None), "k")
+
+
+def test_adyen_has_no_status_query_and_is_probed_with_its_payment_methods() -> None:
+    """The real Adyen has no payment lookup: STATUS is refused like any operation it lacks, by
+    either reference, and preflight's probe is `POST /paymentMethods`, a read Adyen has."""
+    mapping = AdyenMapping("adyen", API_KEY, merchant_account=MERCHANT)
+    assert not mapping.has_status_lookup
+    for subject in (FollowUp(payment_id="pay_1", provider_reference=None),
+                    FollowUp(payment_id="pay_1", provider_reference="EMUA000000000007", follow_up_id="cap_1")):
+        with pytest.raises(ValueError, match="Adyen has no payment lookup"):
+            mapping.build(Operation.STATUS, subject, None)
+    with pytest.raises(ValueError, match="Adyen has no payment lookup"):
+        mapping.parse_status(ProviderResponse(200, {}, b'{"payments": []}'))
+    assert isinstance(mapping, Probing)
+    probe = reachability_probe(mapping, "preflight_x")
+    assert (probe.method, probe.path) == ("POST", "/v71/paymentMethods")
+    assert orjson.loads(probe.body or b"") == {"merchantAccount": MERCHANT}
+    assert probe.headers["X-API-Key"] == API_KEY and "Idempotency-Key" not in probe.headers
+
+
+async def test_a_status_query_through_the_gateways_client_never_reaches_adyen(rig: Rig) -> None:
+    """Whatever asks (executor, reconciler), the call is refused before a byte is sent."""
+    await rig.call(Operation.AUTHORIZE, order(holder="PENDING"), "k-no-lookup")
+    answered = await rig.status(FollowUp(payment_id="pay_x", provider_reference=None))
+    assert (answered.lookup, answered.result.raw_code) == (Lookup.UNKNOWN, "request_not_buildable")
+    assert "Adyen has no payment lookup" in (answered.result.message or "")
+    assert dict(rig.emulator.requests) == {"authorize": 1}
+
+
+async def test_payment_methods_answers_like_adyen_with_its_checks(rig: Rig) -> None:
+    probe = rig.mapping.probe()
+    answer = await rig.transport.send(probe, 2.0)
+    assert answer.status == 200
+    assert orjson.loads(answer.body) == {"paymentMethods": [{"name": "Cards", "type": "scheme",
+                                                             "brands": ["visa", "mc", "amex", "maestro"]}]}
+    no_key = replace(probe, headers={k: v for k, v in probe.headers.items() if k != "X-API-Key"})
+    assert (await rig.transport.send(no_key, 2.0)).status == 401
+    other = replace(probe, body=orjson.dumps({"merchantAccount": "SomeoneElseECOM"}))
+    refused = await rig.transport.send(other, 2.0)
+    assert (refused.status, orjson.loads(refused.body)["errorCode"]) == (403, "901")
+    assert rig.emulator.ledger.entries() == [] and dict(rig.emulator.requests) == {"payment_methods": 3}
 
 
 # --- classification of Adyen's error answers ------------------------------------------------------
@@ -164,7 +202,7 @@ async def test_transient_error_is_unavailable_and_the_key_processes_afresh(rig: 
     assert first.outcome is Outcome.UNAVAILABLE and first.extra["transient"] == "true"
     assert first.http_status == 500
     assert rig.emulator.ledger.charges() == []
-    assert (await rig.status(status_of(o))).lookup is Lookup.NOT_FOUND  # nothing reached an issuer
+    assert [e.extra.get("transient") for e in held(rig, o)] == [True]  # nothing reached an issuer
     # Adyen did not keep the key: the gateway's retry with the same key (and the plain body) is
     # a first request, not a 422.
     second = await rig.call(Operation.AUTHORIZE, o, "k-transient")
@@ -172,7 +210,7 @@ async def test_transient_error_is_unavailable_and_the_key_processes_afresh(rig: 
     assert len(rig.emulator.ledger.charges()) == 1
 
 
-async def test_ioexception_is_unknown_kept_for_the_key_and_found_by_status(rig: Rig) -> None:
+async def test_ioexception_is_unknown_kept_for_the_key_and_charged_once(rig: Rig) -> None:
     o = order()
     request = with_additional_data(rig.mapping.build(Operation.AUTHORIZE, o, "k-io"),
                                    RequestedTestErrorResponseCode="IOEXCEPTION_RECEIVED")
@@ -180,11 +218,10 @@ async def test_ioexception_is_unknown_kept_for_the_key_and_found_by_status(rig: 
     assert first.outcome is Outcome.UNKNOWN and "transient" not in first.extra
     replay = await rig.send(Operation.AUTHORIZE, request)
     assert (replay.outcome, replay.http_status) == (Outcome.UNKNOWN, 500)
-    status = await rig.status(status_of(o))
-    assert (status.lookup, status.result.outcome, status.charges) == (Lookup.FOUND, Outcome.APPROVED, 1)
+    [entry] = held(rig, o)
+    assert entry.approved and rig.emulator.ledger.charges() == [entry]
     # An error's pspReference names the failed request, so it is logged, never followed up by.
-    assert first.reference is None and status.result.reference == first.extra["pspReference"]
-    assert len(rig.emulator.ledger.charges()) == 1
+    assert first.reference is None and entry.id == first.extra["pspReference"]
 
 
 async def test_in_progress_duplicate_is_704_and_unknown(rig: Rig) -> None:
@@ -273,8 +310,8 @@ async def test_pending_is_unknown_until_it_settles(rig: Rig) -> None:
     o = order(holder="PENDING")
     result = await rig.call(Operation.AUTHORIZE, o, "k-pending")
     assert (result.outcome, result.provider_status) == (Outcome.UNKNOWN, "Received")
-    status = await rig.status(status_of(o))
-    assert (status.lookup, status.result.outcome) == (Lookup.FOUND, Outcome.UNKNOWN)
+    [entry] = held(rig, o)
+    assert (entry.status, entry.approved) == ("received", False)  # in flight: neither charged nor declined
 
 
 def test_refusal_table_classes() -> None:
@@ -306,44 +343,24 @@ async def test_modifications_are_validated(rig: Rig) -> None:
     captured = await rig.call(Operation.CAPTURE, follow, "k-mod-cap")
     assert (captured.outcome, captured.provider_status, captured.http_status) == (Outcome.APPROVED, "received", 201)
     assert captured.reference and captured.reference != auth.reference
-    status = await rig.status(replace(follow, provider_reference=auth.reference))
-    assert (status.lookup, status.result.outcome, status.result.extra["lifecycle"]) == (
-        Lookup.FOUND, Outcome.APPROVED, "captured")
-    # A 404 cannot tell "no such payment" from "no such endpoint" (the real Adyen has none), so
-    # it never clears a payment for failover; only the emulator's empty list does.
-    missing = await rig.status(replace(follow, provider_reference="EMUA999999999999"))
-    assert (missing.lookup, missing.result.outcome, missing.result.http_status) == (
-        Lookup.UNKNOWN, Outcome.UNKNOWN, 404)
-    nothing = await rig.status(FollowUp(payment_id="pay_never_sent", provider_reference=None))
-    assert nothing.lookup is Lookup.NOT_FOUND
+    [entry] = held(rig, o)
+    assert (entry.id, entry.status, entry.captured) == (auth.reference, "captured", 1000)
 
 
-@pytest.mark.parametrize(("status", "doc", "lookup"), [
-    (200, {"reference": "pay_1", "payments": []}, Lookup.NOT_FOUND),  # the probe's explicit empty list
-    (404, {"status": 404, "errorCode": "000", "message": "Not Found"}, Lookup.UNKNOWN),  # the real Adyen's answer
-    (405, {}, Lookup.UNKNOWN),
-    (500, {"status": 500, "errorCode": "701"}, Lookup.UNKNOWN),
-    (503, {"status": 503, "errorCode": "000"}, Lookup.UNKNOWN),
-])
-def test_only_the_probes_empty_list_is_not_found(status: int, doc: dict, lookup: Lookup) -> None:
-    response = ProviderResponse(status=status, headers={}, body=orjson.dumps(doc))
-    answered = AdyenMapping("adyen", API_KEY, merchant_account=MERCHANT).parse_status(response)
-    assert (answered.lookup, answered.charges) == (lookup, 0)
-
-
-async def test_status_probe_lists_the_modifications_with_our_references(rig: Rig) -> None:
+async def test_modifications_carry_our_references(rig: Rig) -> None:
+    """Each modification sends our follow-up id as its `reference`: it is how its notification
+    names the follow-up (`providers.adyen.webhook`)."""
     o = order(capture=False)
-    auth = await rig.call(Operation.AUTHORIZE, o, "k-probe")
+    auth = await rig.call(Operation.AUTHORIZE, o, "k-refs")
     follow = FollowUp(payment_id=o.payment_id, provider_reference=auth.reference, amount=1000, currency="EUR",
-                      follow_up_id="k-probe-cap")
-    await rig.call(Operation.CAPTURE, follow, "k-probe-cap")
-    await rig.call(Operation.REFUND, replace(follow, amount=400, follow_up_id="k-probe-ref"), "k-probe-ref")
-    status = await rig.status(status_of(o))
-    assert (status.lookup, status.result.outcome, status.result.reference, status.charges) == (
-        Lookup.FOUND, Outcome.APPROVED, auth.reference, 1)
-    assert status.follow_ups_listed
-    assert status.follow_ups == (FollowUpState(Operation.CAPTURE, "k-probe-cap", 1000, Outcome.APPROVED),
-                                 FollowUpState(Operation.REFUND, "k-probe-ref", 400, Outcome.APPROVED))
+                      follow_up_id="k-refs-cap")
+    await rig.call(Operation.CAPTURE, follow, "k-refs-cap")
+    await rig.call(Operation.REFUND, replace(follow, amount=400, follow_up_id="k-refs-ref"), "k-refs-ref")
+    assert [(m["kind"], m["paymentPspReference"], m["reference"], m["amount"]["value"])
+            for m in rig.emulator.modifications] == [("capture", auth.reference, "k-refs-cap", 1000),
+                                                     ("refund", auth.reference, "k-refs-ref", 400)]
+    [entry] = held(rig, o)
+    assert (entry.captured, entry.refunded, entry.status) == (1000, 400, "partially_refunded")
 
 
 # --- evidence: the official SDK against the emulator ----------------------------------------------

@@ -19,14 +19,12 @@ Two provider verdicts take part in classification, in this order:
    received and acted upon" the message (and Adyen also uses 500 for some bad requests).
 
 Status: Adyen's Checkout API has no payment lookup (results arrive by webhook; `/payments/details`
-only submits a shopper's action result), so `has_status_lookup` is False and the engine never
-asks: an unknown or pending Adyen payment, and every modification answered `received`, is
-settled by its notification (`providers.adyen.webhook`, `gateway.webhooks`). STATUS still builds
-the emulator's **test probe**, `GET /v71/payments?reference=…` and `GET /v71/payments/{pspReference}`
-(see `emulators.adyen`: each payment with its modifications, shaped like the notification items),
-used by tests and by `gateway preflight`'s reachability check only. Only its explicit empty list
-counts as "not found"; a 404 stays UNKNOWN, so even a probe against the real Adyen (which has no
-such endpoint) could never clear a payment for failover.
+only submits a shopper's action result), so `has_status_lookup` is False and building STATUS
+raises like any operation Adyen does not have: nothing asks Adyen for a payment. An unknown or
+pending Adyen payment, and every modification answered `received`, is settled by its
+notification (`providers.adyen.webhook`, `gateway.webhooks`). `gateway preflight` reaches Adyen
+with `probe`, `POST /paymentMethods` for the merchant account: a read the real Adyen answers for
+a valid key, with no side effect.
 """
 
 from __future__ import annotations
@@ -36,15 +34,13 @@ import re
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote
 
 import orjson
 
 from domain.outcome import Outcome
 from domain.types import (
     FollowUp,
-    FollowUpState,
-    Lookup,
     Operation,
     PaymentOrder,
     ProviderResult,
@@ -55,10 +51,7 @@ from domain.types import (
 from providers.base import ProviderRequest, ProviderResponse
 from providers.classify import (
     error_status_table,
-    json_list,
     json_object,
-    lookup_failed,
-    not_found,
     parse_retry_after,
     reject_status_query,
     status_outcome,
@@ -66,12 +59,10 @@ from providers.classify import (
 
 API_VERSION = "v71"
 BASE_PATH = f"/{API_VERSION}"
-# The emulator-only lookup (the real Adyen has none): payments by our reference, or by pspReference.
-EMULATOR_LOOKUP_PATH = f"{BASE_PATH}/payments"
-# Webhook eventCode of a modification -> the follow-up it is.
-MODIFICATION_EVENTS: Mapping[str, Operation] = MappingProxyType(
-    {"CAPTURE": Operation.CAPTURE, "REFUND": Operation.REFUND, "CANCELLATION": Operation.VOID}
-)
+# Why STATUS is not built (see the module docstring).
+NO_LOOKUP = "Adyen has no payment lookup: its outcomes arrive by notification (webhook)"
+# Preflight's harmless read: the merchant account's payment methods.
+PROBE_PATH = f"{BASE_PATH}/paymentMethods"
 # The details a shopper's return brings back, as `/payments/details` takes them.
 RETURN_DETAILS = ("redirectResult", "threeDSResult")
 # /payments requires `returnUrl` in v71 even for card payments that never redirect.
@@ -192,8 +183,8 @@ class AdyenMapping:
 
     # Adyen replays the first answer for a key (and says 704 while it is still in progress).
     replays_answers = True
-    # Real Adyen has no lookup: results come by webhook (`providers.adyen.webhook`), and the
-    # engine never asks. STATUS builds the emulator's test probe only (tests, preflight's reach).
+    # Real Adyen has no lookup: results come by webhook (`providers.adyen.webhook`) and nothing
+    # asks (STATUS is never built); preflight reaches Adyen with `probe`.
     status_query_consistent = False
     has_status_lookup = False
     redirects = True
@@ -210,10 +201,8 @@ class AdyenMapping:
     def __repr__(self) -> str:  # never the API key
         return f"AdyenMapping({self.name!r}, merchant_account={self.merchant_account!r})"
 
-    def _headers(self, idempotency_key: str | None, *, body: bool = True) -> dict[str, str]:
-        headers = {"X-API-Key": self._api_key, "Accept": "application/json"}
-        if body:
-            headers["Content-Type"] = "application/json"
+    def _headers(self, idempotency_key: str | None) -> dict[str, str]:
+        headers = {"X-API-Key": self._api_key, "Accept": "application/json", "Content-Type": "application/json"}
         if idempotency_key is not None:
             headers["Idempotency-Key"] = adyen_idempotency_key(idempotency_key)
         return headers
@@ -230,14 +219,8 @@ class AdyenMapping:
                 raise ValueError("Adyen's /payments/details needs the return's redirectResult or threeDSResult")
             return ProviderRequest("POST", f"{BASE_PATH}/payments/details", self._headers(idempotency_key),
                                    orjson.dumps({"details": details}))
-        if op is Operation.STATUS:  # the emulator-only probe: see the module docstring
-            if subject.provider_reference:
-                path = f"{EMULATOR_LOOKUP_PATH}/{quote(subject.provider_reference, safe='')}"
-                query = {"merchantAccount": self.merchant_account}
-            else:
-                path = EMULATOR_LOOKUP_PATH
-                query = {"merchantAccount": self.merchant_account, "reference": subject.payment_id}
-            return ProviderRequest("GET", f"{path}?{urlencode(query)}", self._headers(None, body=False))
+        if op is Operation.STATUS:  # Adyen has none: see the module docstring
+            raise ValueError(f"{op}: {NO_LOOKUP}")
         if not subject.provider_reference:
             raise ValueError(f"{op}: Adyen modifications need the payment's pspReference")
         base = f"{BASE_PATH}/payments/{quote(subject.provider_reference, safe='')}"
@@ -304,28 +287,15 @@ class AdyenMapping:
         return _parse_error(op, response, doc)
 
     def parse_status(self, response: ProviderResponse) -> StatusAnswer:
-        doc = json_object(response.body)
-        if response.status >= 300:
-            # A 404 cannot tell a missing payment from a missing endpoint (the real Adyen has
-            # none), and no other error says anything about the payment.
-            return lookup_failed(_parse_error(Operation.STATUS, response, doc))
-        if isinstance(doc.get("payments"), list):
-            payments = json_list(doc["payments"])
-            if not payments:
-                return not_found(response.status)
-        else:
-            payments = [doc]
-        results = [(p, _classify_payment(p, response.status)) for p in payments]
-        charged = [pair for pair in results if pair[1].outcome is Outcome.APPROVED]
-        payment, result = min(reversed(results), key=lambda pair: _STATUS_PRIORITY.get(pair[1].outcome, 2))
-        modifications = payment.get("modifications")
-        follow_ups = tuple(
-            FollowUpState(MODIFICATION_EVENTS[str(m["eventCode"])], m.get("reference"), _amount_value(m),
-                          _modification_outcome(m))
-            for m in json_list(modifications) if m.get("eventCode") in MODIFICATION_EVENTS
-        )
-        return StatusAnswer(Lookup.FOUND, result, charges=len(charged), follow_ups=follow_ups,
-                            follow_ups_listed=isinstance(modifications, list))
+        """Never reached: no status query is built (`build` refuses STATUS)."""
+        raise ValueError(NO_LOOKUP)
+
+    def probe(self) -> ProviderRequest:
+        """`POST /paymentMethods` for our merchant account: what preflight sends to prove the
+        path, the TLS session, the API key and the account. It lists the account's payment
+        methods and changes nothing (Checkout API v71, "Get a list of available payment methods")."""
+        return ProviderRequest("POST", PROBE_PATH, self._headers(None),
+                               orjson.dumps({"merchantAccount": self.merchant_account}))
 
 
 def adyen_idempotency_key(key: str) -> str:
@@ -390,11 +360,6 @@ def _action(doc: dict) -> ShopperAction | None:
     return ShopperAction("sdk", str(action.get("url") or ""), provider_action=action)
 
 
-# Which of several payments under one reference the status answer reports: a charge wins, then
-# one still in flight, then the latest decline.
-_STATUS_PRIORITY = {Outcome.APPROVED: 0, Outcome.UNKNOWN: 1}
-
-
 def _parse_success(op: Operation, status: int, doc: dict) -> ProviderResult:
     if op in (Operation.AUTHORIZE, Operation.COMPLETE):
         return _classify_payment(doc, status)
@@ -407,30 +372,11 @@ def _parse_success(op: Operation, status: int, doc: dict) -> ProviderResult:
                           settles_later=received)
 
 
-def _amount_value(item: dict) -> int | None:
-    amount = item.get("amount")
-    value = amount.get("value") if isinstance(amount, dict) else None
-    return value if isinstance(value, int) else None
-
-
-def _modification_outcome(modification: dict) -> Outcome:
-    """The webhook's `success` ("true"/"false"); none yet: Adyen is still processing it."""
-    success = str(modification.get("success", "")).lower()
-    if success == "true":
-        return Outcome.APPROVED
-    return Outcome.HARD_DECLINE if success == "false" else Outcome.UNKNOWN
-
-
 def _parse_error(op: Operation, response: ProviderResponse, doc: dict) -> ProviderResult:
     code = str(doc.get("errorCode") or "") or None
     transient = response.headers.get(TRANSIENT_ERROR_HEADER, "").strip().lower() == "true"
     if code in ERROR_CODES:
         outcome = ERROR_CODES[code]
-    elif op is Operation.STATUS and response.status in (404, 405):
-        # Only an explicit empty result list means "no such payment". A 404 cannot tell a missing
-        # payment from a missing endpoint, and the real Adyen has no lookup endpoint at all:
-        # reading it as "not charged" would let the engine fail over a payment that may be paid.
-        outcome = Outcome.UNKNOWN
     elif transient:
         outcome = Outcome.UNAVAILABLE
     else:
