@@ -22,7 +22,7 @@ Nothing here ever calls another provider: the payment is bound to the one that a
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from domain.outcome import Outcome
 from domain.types import FollowUp, Lookup, Operation
@@ -35,21 +35,31 @@ from gateway.provider_client import MIN_TRY_S
 from gateway.shopper_action import expire_action, finish_action
 
 if TYPE_CHECKING:
-    from gateway.reconciler import Reconciler
+    from domain.types import StatusAnswer
+    from gateway.orchestrator import PaymentService
 
-# These functions are the reconciler's own steps kept apart (they use its lookup and touch).
+
+class Reconciling(Protocol):
+    """What these steps use of the reconciler that runs them (`gateway.reconciler.Reconciler`):
+    its service, its status query (through the provider client) and its "look again later"."""
+
+    service: PaymentService
+
+    async def lookup(self, record: PaymentRecord, follow_up_id: str | None = None) -> StatusAnswer | None: ...
+
+    async def touch(self, record: PaymentRecord) -> None: ...
 
 
-async def expire_abandoned(rec: Reconciler, record: PaymentRecord) -> bool:
+async def expire_abandoned(rec: Reconciling, record: PaymentRecord) -> bool:
     """Settle a waiting payment past its expiry; True when it reached a final state."""
     svc = rec.service
     before = Settling.of(record)  # the checkout is notified of how it ended
     assert record.provider is not None
     client = svc.clients[record.provider]
     if client.mapping.has_status_lookup:
-        answer = await rec._lookup(record)
+        answer = await rec.lookup(record)
         if answer is None or answer.lookup is not Lookup.FOUND:
-            await rec._touch(record)
+            await rec.touch(record)
             return False
         result = answer.result
         if is_final(result):
@@ -59,7 +69,7 @@ async def expire_abandoned(rec: Reconciler, record: PaymentRecord) -> bool:
                 finish_action(record, result)  # the shopper finished before the cancel
             return await _commit(rec, record, before)
         if result.outcome is not Outcome.ACTION_REQUIRED:
-            await rec._touch(record)  # in flight at the provider, or unreadable: ask again later
+            await rec.touch(record)  # in flight at the provider, or unreadable: ask again later
             return False
     # Without a lookup (Adyen), the cancel itself asks: it is refused once the shopper has
     # finished, and that outcome's webhook settles the payment.
@@ -76,13 +86,13 @@ async def expire_abandoned(rec: Reconciler, record: PaymentRecord) -> bool:
     deadline = time.monotonic() + max(client.handle.timeout_s, MIN_TRY_S) + MIN_TRY_S
     cancelled = await svc.executor.run(client, Operation.VOID, subject, key, deadline, record.attempts, journalled)
     if cancelled.outcome is not Outcome.APPROVED:
-        await rec._touch(record)  # refused (the shopper finished meanwhile?) or unanswered: look again later
+        await rec.touch(record)  # refused (the shopper finished meanwhile?) or unanswered: look again later
         return False
     expire_action(record)
     return await _commit(rec, record, before, expired=True)
 
 
-async def finish_interrupted_completion(rec: Reconciler, record: PaymentRecord) -> bool:
+async def finish_interrupted_completion(rec: Reconciling, record: PaymentRecord) -> bool:
     """A `/complete` whose request died after its claim: the provider's state of the payment
     decides it (where it has a lookup; else its webhook will), or it goes on waiting; either way
     the completion's key is answered with the payment as it is then."""
@@ -91,9 +101,9 @@ async def finish_interrupted_completion(rec: Reconciler, record: PaymentRecord) 
     before = Settling.of(record)
     settled = False
     if rec.service.clients[record.provider].mapping.has_status_lookup:
-        answer = await rec._lookup(record)
+        answer = await rec.lookup(record)
         if answer is None or answer.lookup is Lookup.UNKNOWN:
-            await rec._touch(record)
+            await rec.touch(record)
             return False
         settled = answer.lookup is Lookup.FOUND and finish_action(record, answer.result)
     record.follow_up = None
@@ -105,7 +115,7 @@ async def finish_interrupted_completion(rec: Reconciler, record: PaymentRecord) 
     return False
 
 
-async def _commit(rec: Reconciler, record: PaymentRecord, before: Settling, **extra: object) -> bool:
+async def _commit(rec: Reconciling, record: PaymentRecord, before: Settling, **extra: object) -> bool:
     record.updated_at = time.time()
     await rec.service.commit(record, "reconciliation", settled_from=before, **extra)
     rec.service.metrics.reconciled.labels(record.status.value).inc()

@@ -129,7 +129,7 @@ class Reconciler:
                 self.log.exception("reconcile_failed", payment_id=record.id, provider=record.provider,
                                    error=type(exc).__name__)
                 done = False
-                await self._touch(record)
+                await self.touch(record)
             if done:
                 settled += 1
                 self._next_check.pop(record.id, None)
@@ -146,7 +146,7 @@ class Reconciler:
         delay = self._min_recheck_s if last_delay == 0 else min(MAX_RECHECK_S, 2 * last_delay)
         self._next_check[payment_id] = (now + delay, delay)
 
-    async def _touch(self, record: PaymentRecord) -> None:
+    async def touch(self, record: PaymentRecord) -> None:
         """Move a row we could not settle behind the others (the store lists the oldest first),
         so a batch of stuck rows cannot starve newer ones."""
         try:
@@ -155,7 +155,7 @@ class Reconciler:
         except Exception as exc:
             self.log.warning("reconcile_touch_failed", payment_id=record.id, error=type(exc).__name__)
 
-    async def _lookup(self, record: PaymentRecord, follow_up_id: str | None = None) -> StatusAnswer | None:
+    async def lookup(self, record: PaymentRecord, follow_up_id: str | None = None) -> StatusAnswer | None:
         """The status query, recorded as the payment's latest check (repeated checks replace
         each other, so the row does not grow per pass). None when the provider is not ours."""
         assert record.provider is not None
@@ -188,9 +188,9 @@ class Reconciler:
         if record.provider is None:
             record.status, record.error_code = PaymentStatus.FAILED, "interrupted_before_provider_call"
         else:
-            answer = await self._lookup(record)
+            answer = await self.lookup(record)
             if answer is None:
-                await self._touch(record)
+                await self.touch(record)
                 return False
             consistent = svc.clients[record.provider].mapping.status_query_consistent
             found = answer.lookup is Lookup.FOUND
@@ -246,7 +246,7 @@ class Reconciler:
             pending.answered = True
             await self.service.store.complete_idempotency_for(pending.provider_key, answers.follow_up_answer(
                 record, Operation(pending.operation), ProviderResult(Outcome.UNKNOWN)).stored())
-        await self._touch(record)
+        await self.touch(record)
         return False
 
     async def _keep_pending(self, record: PaymentRecord) -> bool:
@@ -291,9 +291,9 @@ class Reconciler:
         pending = record.follow_up
         assert pending is not None
         op = Operation(pending.operation)
-        answer = await self._lookup(record, follow_up_id=pending.provider_key)
+        answer = await self.lookup(record, follow_up_id=pending.provider_key)
         if answer is None:
-            await self._touch(record)
+            await self.touch(record)
             return False
         entry = follow_up_entry(answer, op, pending.provider_key) if answer.lookup is Lookup.FOUND else None
         follow_up = {"operation": op.value, "amount": pending.amount}
