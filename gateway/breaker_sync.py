@@ -37,6 +37,15 @@ then gives up (counted; the change is republished on reconnect), and the subscri
 with capped backoff. Meanwhile each replica's breaker keeps working alone, and `/readyz` shows
 `breaker_sync` degraded (never not ready: Redis is optional). A malformed URL still fails at
 start.
+
+A Redis that hangs (stopped, a frozen host) is "down" too, though its TCP connections stay open
+and nothing ever fails: every command has a socket timeout, every (re)subscription is bounded,
+and the subscriber's watchdog PINGs the subscription after `ping_every_s` of silence and counts
+Redis gone when nothing came back within `answer_within_s` of it. So a hung Redis is `degraded`
+(and `gateway_breaker_sync_connected` 0) within a few seconds, and the reconnect path above runs
+when it answers again. No payment waits on any of this: the breaker's listeners only enqueue.
+A replica that has not read the fleet's hashes since it started (Redis down or hung at its
+start) says so in `/readyz`: it cannot know of a hold set elsewhere until Redis answers.
 """
 
 from __future__ import annotations
@@ -66,6 +75,7 @@ HOLD = "hold"
 KINDS = (STATE, HOLD)
 _PUBLISH_TRIES = 3
 MAX_BACKOFF_S = 5.0
+_WATCHDOG = "breaker-sync-watchdog"  # the PING message, told apart from redis-py's own health check
 
 # KEYS[1] state or holds hash; ARGV: provider, message, its `at`, channel.
 _PUBLISH_IF_NEWER = """
@@ -280,7 +290,8 @@ class RedisBreakerSync(BreakerSync):
 
     def __init__(self, url: str, channel_prefix: str = "gateway:breaker", *, replica_id: str | None = None,
                  log: Any = None, queue_size: int = 1000, connect_timeout_s: float = 2.0,
-                 command_timeout_s: float = 5.0, on_error: Callable[[str], None] | None = None) -> None:
+                 command_timeout_s: float = 2.0, ping_every_s: float = 1.0, answer_within_s: float = 2.0,
+                 on_error: Callable[[str], None] | None = None) -> None:
         super().__init__(replica_id=replica_id, log=log, queue_size=queue_size, on_error=on_error)
         self._url = url
         self.channel = f"{channel_prefix}:events"
@@ -289,6 +300,11 @@ class RedisBreakerSync(BreakerSync):
         self._keys = {STATE: self.state_key, HOLD: self.holds_key}
         self._connect_timeout_s = connect_timeout_s
         self._command_timeout_s = command_timeout_s
+        self._ping_every_s = ping_every_s
+        self._answer_within_s = answer_within_s
+        self._heard_at = 0.0  # monotonic: the subscription's last message or PONG
+        self._ping_sent_at: float | None = None  # the watchdog's PING not answered yet
+        self._read_fleet = False  # the hashes were read at least once since start
         self._redis: aioredis.Redis | None = None
         self._pubsub: Any = None
         self._script: Any = None
@@ -307,19 +323,25 @@ class RedisBreakerSync(BreakerSync):
         """For `/readyz`: `ok`, or `degraded` with why and since when (epoch seconds)."""
         if self.connected:
             return {"status": "ok"}
-        return {"status": "degraded", "since": self._unreachable_since,
-                "reason": f"Redis unreachable ({self._last_error}): this replica's breakers and holds are its own "
-                          "until it reconnects"}
+        if self._read_fleet:
+            reason = (f"Redis unreachable or not answering ({self._last_error}): this replica's breakers and holds "
+                      "are its own until it reconnects (a hold set elsewhere meanwhile is not held here)")
+        else:
+            reason = (f"Redis unreachable or not answering ({self._last_error}) since this replica started: it has "
+                      "not read the fleet's breaker state and holds, so a provider held on another replica is not "
+                      "held here until Redis answers")
+        return {"status": "degraded", "since": self._unreachable_since, "read_fleet_holds": self._read_fleet,
+                "reason": reason}
 
     # -- lifetime ------------------------------------------------------------------------------
 
     async def _open(self) -> None:
         self._redis = aioredis.from_url(self._url, socket_connect_timeout=self._connect_timeout_s,
-                                        socket_timeout=self._command_timeout_s, health_check_interval=30)
+                                        socket_timeout=self._command_timeout_s,
+                                        health_check_interval=self._ping_every_s)
         self._script = self._redis.register_script(_PUBLISH_IF_NEWER)
         try:
-            async with asyncio.timeout(self._connect_timeout_s + self._command_timeout_s):
-                await self._subscribe()
+            await self._subscribe()
         except (RedisError, OSError, TimeoutError) as exc:
             # Redis is an optimisation, not a dependency: serve with local breakers, keep trying.
             await self._lost(exc)
@@ -330,14 +352,18 @@ class RedisBreakerSync(BreakerSync):
         await self._drop_pubsub()
         if self._redis is not None:
             redis, self._redis = self._redis, None
-            with contextlib.suppress(RedisError, OSError):
-                await redis.aclose()
+            await self._quietly(redis.aclose())
 
     async def _drop_pubsub(self) -> None:
         if self._pubsub is not None:
             pubsub, self._pubsub = self._pubsub, None
-            with contextlib.suppress(RedisError, OSError):
-                await pubsub.aclose()
+            await self._quietly(pubsub.aclose())
+
+    async def _quietly(self, closing: Any) -> None:
+        """Close a connection, bounded: a hung Redis must not hold up a reconnect or a shutdown."""
+        with contextlib.suppress(RedisError, OSError):  # TimeoutError is an OSError
+            async with asyncio.timeout(self._command_timeout_s):
+                await closing
 
     async def _lost(self, exc: BaseException) -> None:
         await self._drop_pubsub()
@@ -348,21 +374,24 @@ class RedisBreakerSync(BreakerSync):
 
     async def _subscribe(self) -> None:
         """Subscribe first, so no change falls between the snapshot and the stream; share what
-        this replica knows that Redis may have missed; then take the fleet's view."""
+        this replica knows that Redis may have missed; then take the fleet's view. Bounded as a
+        whole: a Redis that accepts connections but never answers fails it."""
         assert self._redis is not None
         pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
         try:
-            await pubsub.subscribe(self.channel)
-            await self._republish()
-            for key in self._keys.values():
-                snapshot = await self._redis.hgetall(key)
-                for raw in snapshot.values():
-                    self._apply_raw(raw)
+            async with asyncio.timeout(self._connect_timeout_s + self._command_timeout_s):
+                await pubsub.subscribe(self.channel)
+                await self._republish()
+                for key in self._keys.values():
+                    snapshot = await self._redis.hgetall(key)
+                    for raw in snapshot.values():
+                        self._apply_raw(raw)
         except BaseException:
-            with contextlib.suppress(RedisError, OSError):
-                await pubsub.aclose()
+            await self._quietly(pubsub.aclose())
             raise
         self._pubsub = pubsub
+        self._read_fleet = True
+        self._heard_at, self._ping_sent_at = time.monotonic(), None
         self._unreachable_since = self._last_error = None
 
     async def _send(self, message: dict[str, Any]) -> None:
@@ -378,13 +407,40 @@ class RedisBreakerSync(BreakerSync):
                 if self._pubsub is None:
                     await self._subscribe()
                     self._log.info("breaker_sync_resubscribed", channel=self.channel)
-                message = await self._pubsub.get_message(timeout=1.0)
+                await self._receive_or_ping()
                 backoff = 0.1
-                if message is not None and message.get("type") == "message":
-                    self._apply_raw(message["data"])
-            except (RedisError, OSError) as exc:
+            except (RedisError, OSError) as exc:  # TimeoutError (the watchdog's too) is an OSError
                 if self._pubsub is not None:
                     self._log.warning("breaker_sync_disconnected", error=type(exc).__name__, retry_in_s=backoff)
                 await self._lost(exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
+
+    async def _receive_or_ping(self) -> None:
+        """One turn of the subscriber: apply a message, or prove that Redis still answers. After
+        `ping_every_s` without a message, PING on the subscription; nothing back (not even the
+        PONG) within `answer_within_s` of it means Redis is gone. A stopped Redis keeps its TCP
+        connections open and never answers: without this the subscriber would wait on it,
+        reported connected, for as long as it hangs."""
+        assert self._pubsub is not None
+        now = time.monotonic()
+        if self._ping_sent_at is not None:
+            waited = now - self._ping_sent_at
+            if waited > self._answer_within_s:
+                raise TimeoutError(f"Redis did not answer a PING within {self._answer_within_s:g} s")
+            wait = self._answer_within_s - waited
+        elif now - self._heard_at >= self._ping_every_s:
+            async with asyncio.timeout(self._answer_within_s):
+                await self._pubsub.ping(_WATCHDOG)
+            self._ping_sent_at = now
+            wait = self._answer_within_s
+        else:
+            wait = self._ping_every_s - (now - self._heard_at)
+        message = await self._pubsub.get_message(timeout=max(wait, 0.01))
+        if message is None:
+            return
+        self._heard_at = time.monotonic()
+        if message.get("type") == "pong":
+            self._ping_sent_at = None
+        elif message.get("type") == "message":
+            self._apply_raw(message["data"])

@@ -16,8 +16,9 @@ traffic, and why not, for the load balancer and for the operator who reads it:
   degraded (other routes' payments still go through here, and every replica would refuse that
   route alike).
 
-Shared breaker state is an optimisation: Redis being unreachable shows as `breaker_sync`
-degraded, never as not ready. The body names every reason in `reasons`, one line each.
+Shared breaker state is an optimisation: Redis being unreachable or not answering shows as
+`breaker_sync` degraded, never as not ready (with `read_fleet_holds` false when this replica has
+not read the fleet's holds since it started). The body names every reason in `reasons`, one line each.
 """
 
 from __future__ import annotations
