@@ -83,6 +83,19 @@ def test_follow_up_transitions_read_what_moved() -> None:
         is EventType.VOID_FAILED
 
 
+def test_a_follow_up_reported_failed_after_its_success_is_told_as_failed() -> None:
+    """Adyen's REFUND then REFUND_FAILED (or CAPTURE_FAILED), a Stripe refund.failed after a
+    refund answered 200: the amount taken back is a late outcome the checkout must hear, after
+    the success it heard first."""
+    refunded = payment(status=PaymentStatus.REFUNDED, captured_amount=2500, refunded_amount=1000)
+    assert late_event(Settling.of(refunded), _after(refunded, status=PaymentStatus.CAPTURED, refunded_amount=0)) \
+        is EventType.REFUND_FAILED
+    captured = payment(status=PaymentStatus.CAPTURED, captured_amount=2500)
+    assert late_event(Settling.of(captured), _after(captured, status=PaymentStatus.APPROVED, captured_amount=0)) \
+        is EventType.CAPTURE_FAILED
+    assert late_event(Settling.of(captured), captured) is None  # nothing moved
+
+
 def test_event_body_is_the_payment_as_read_and_the_id_is_letters_only() -> None:
     before, after = settled()
     after.merchant_reference = "order 4242 4242 4242 4242"  # card data that reached a record another way

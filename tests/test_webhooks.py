@@ -142,6 +142,9 @@ def test_events_parse_into_one_domain_type() -> None:
     (stripe_hooks.parse, b"[]"), (stripe_hooks.parse, b'{"id": "evt_1", "type": "x"}'),
     (adyen.parse, b'{"notificationItems": [{"NotificationRequestItem": {"eventCode": "AUTHORISATION"}}]}'),
     (checkout.parse, b"not json"), (checkout.parse, b'{"id": "' + b"e" * 300 + b'", "type": "payment_approved"}'),
+    # Signed, yet not readable: answered 400 like Stripe's, not journalled as `unchanged` (outside tester).
+    (checkout.parse, b'{"id": "evt_1", "type": "payment_approved", "data": "x"}'),
+    (checkout.parse, b'{"id": "evt_1", "type": "payment_approved"}'),
 ])
 def test_unreadable_events_are_malformed_never_a_crash(parse, body) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(MalformedEvent):

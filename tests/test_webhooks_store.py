@@ -23,9 +23,10 @@ from tests.conftest import Backend, pg_schema
 CARD = "4111111145551142"
 
 
-def event(event_id: str, provider: str = "adyen", reason: str | None = None) -> WebhookEventRecord:
+def event(event_id: str, provider: str = "adyen", reason: str | None = None,
+          payment_reference: str = "pay_abc") -> WebhookEventRecord:
     return WebhookEventRecord(provider, ProviderEvent(event_id, EventKind.AUTHORISATION, "AUTHORISATION", True,
-                                                      "pay_abc", provider_reference="PSP1", amount=1299,
+                                                      payment_reference, provider_reference="PSP1", amount=1299,
                                                       currency="EUR", reason=reason), time.time())
 
 
@@ -63,9 +64,14 @@ async def test_leases_split_pending_events_and_a_finished_one_is_never_leased_ag
 
 
 async def test_only_the_redacted_parsed_event_is_stored(backend: Backend) -> None:
-    await backend.store.journal_webhook_events([event("e1", reason=f"card {CARD} refused")])
-    [stored] = await backend.store.webhook_events()
-    assert CARD not in (stored.event.reason or "") and stored.event.reason
+    """The reason, and a reference the provider echoes that is not one of ours (an orphan's: the
+    outside tester's signed `pay_unk_<card number>` was kept verbatim), are redacted."""
+    await backend.store.journal_webhook_events([event("e1", reason=f"card {CARD} refused"),
+                                                event("e2", payment_reference=f"pay_unk_{CARD}")])
+    stored = {e.event_id: e for e in await backend.store.webhook_events()}
+    assert CARD not in (stored["e1"].event.reason or "") and stored["e1"].event.reason
+    assert CARD not in (stored["e2"].event.payment_reference or "") and stored["e2"].event.payment_reference
+    assert stored["e1"].event.payment_reference == "pay_abc"  # one of ours: verbatim
     if backend.kind == "sqlite":  # every byte of the file (PostgreSQL's `stored` lists other tables)
         assert CARD.encode() not in await backend.stored()
 

@@ -23,6 +23,7 @@ from pydantic.json_schema import models_json_schema
 
 from domain.outcome import PaymentStatus
 from gateway.http.errors import json_response
+from gateway.http.inputs import MAX_REQUEST_TIMEOUT_MS
 from gateway.api.openapi_webhooks import webhooks as notification_webhooks
 from gateway.http.schemas import CaptureCreate, CompleteCreate, PaymentCreate, RefundCreate, VoidCreate
 from gateway.api.webhooks import OPENAPI as WEBHOOK_PATHS
@@ -165,7 +166,7 @@ def build_openapi() -> dict[str, Any]:
             "schema": {"type": "string", "pattern": "^[\\x21-\\x7e]{1,255}$"},
             "description": "the same key and body replays the stored answer (IETF draft Idempotency-Key)"}
     timeout = {"name": "Request-Timeout", "in": "header", "required": False,
-               "schema": {"type": "integer", "minimum": 0, "maximum": 999_999_999},
+               "schema": {"type": "integer", "minimum": 1, "maximum": MAX_REQUEST_TIMEOUT_MS},
                "description": "lowers the deadline (ms, ASCII digits)"}
     pid = {"name": "payment_id", "in": "path", "required": True, "schema": {"type": "string"}}
 

@@ -5,8 +5,10 @@ journalled once.
 Only the parsed event is stored (`domain.webhook.ProviderEvent`: ids, kind, success, amount,
 the provider's reason), never the raw body, which can carry card details (Adyen's
 `additionalData.cardSummary`, a Checkout.com `source`) and whose signature is of no use after
-verification. The reason, the only free text, passes the log's redaction like every journal
-document (`gateway.journal.records`); identifiers and amounts stay verbatim.
+verification. The reason and the payment reference the provider echoes (ours are letters only,
+so the card-number rule never touches one; anything else is an orphan's, which may be anything)
+pass the log's redaction like every journal document (`gateway.journal.records`); the
+provider's own identifiers and the amounts stay verbatim.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from domain.webhook import EventKind, ProviderEvent
 from gateway.redaction import Redactor
 
 _REDACTOR = Redactor()
+_FREE_TEXT = ("reason", "payment_reference")  # what the redaction sees before a row is written
 
 
 class WebhookState(StrEnum):
@@ -47,8 +50,9 @@ class WebhookEventRecord:
 
     def to_doc(self) -> bytes:
         event = dataclasses.asdict(self.event)
-        if event["reason"] is not None:
-            event["reason"] = _REDACTOR.scrub(event["reason"])
+        for name in _FREE_TEXT:
+            if event[name] is not None:
+                event[name] = _REDACTOR.scrub(event[name])
         return orjson.dumps({"event": event, "outcome": self.outcome})
 
     @classmethod

@@ -77,6 +77,9 @@ def late_event(before: Settling, after: PaymentRecord) -> EventType | None:
 
     - a pending follow-up (capture, refund, void) that is settled now: `<op>.succeeded` when it
       was made, `<op>.failed` when the provider refused it or it proved never made;
+    - a follow-up the provider reports failed after its success (Adyen `REFUND_FAILED` or
+      `CAPTURE_FAILED` after `REFUND`/`CAPTURE`, a Stripe `refund.failed`): the amount the
+      settler took back yields `<op>.failed`, after the `<op>.succeeded` the checkout heard;
     - an unsettled payment (received, attempting, pending, action_required; a `/complete` whose
       request died is the payment's own) that is final now: `payment.approved`,
       `payment.declined` or `payment.failed` (an abandoned 3-D Secure challenge: `error_code`
@@ -87,6 +90,11 @@ def late_event(before: Settling, after: PaymentRecord) -> EventType | None:
             return None
         succeeded, failed = _FOLLOW_UP_EVENTS[before.follow_up]
         return succeeded if _follow_up_made(before.follow_up, before, after) else failed
+    if before.follow_up is None:
+        if after.refunded_amount < before.refunded_amount:
+            return EventType.REFUND_FAILED
+        if after.captured_amount < before.captured_amount:
+            return EventType.CAPTURE_FAILED
     if before.status in _UNSETTLED and after.follow_up is None:
         return _PAYMENT_EVENTS.get(after.status)
     return None

@@ -63,7 +63,9 @@ def parse(body: bytes) -> tuple[ProviderEvent, ...]:
     doc = json_value(body)
     if not isinstance(doc, dict) or not isinstance(doc.get("id"), str) or not isinstance(doc.get("type"), str):
         raise MalformedEvent("not a Checkout.com event (id, type)")
-    data: dict[str, Any] = doc["data"] if isinstance(doc.get("data"), dict) else {}
+    if not isinstance(doc.get("data"), dict):  # every event Checkout.com sends carries its payment here
+        raise MalformedEvent("a Checkout.com event without its data object")
+    data: dict[str, Any] = doc["data"]
     event_type = doc["type"]
     kind, success = EVENT_TYPES.get(event_type, (EventKind.OTHER, None))  # type: ignore[arg-type]
     reference = data.get("reference")
