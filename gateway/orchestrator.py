@@ -198,7 +198,7 @@ class PaymentService:
     def _plan(self, record: PaymentRecord, order: PaymentOrder) -> RouteDecision | None:
         """Route in memory before anything is written, and mark the record as attempting its
         first candidate, so the row journalled with the key claim already says where the first
-        call goes (and with which provider key): that write is its durable journal entry."""
+        call goes (and with which provider key); the call's attempt is journalled just before it."""
         facts = RoutingFacts(order.amount, order.currency, order.country, record.card_brand, order.merchant_reference)
         try:
             decision = self.router.route(facts)
@@ -222,7 +222,6 @@ class PaymentService:
 
     async def _attempt_candidates(self, record: PaymentRecord, order: PaymentOrder, decision: RouteDecision,
                                   deadline: float) -> None:
-        journalled = (record.provider, record.provider_idempotency_key)  # what the claim's row says
         cascaded = False
         failover_reason: str | None = None
         last: ProviderResult | None = None
@@ -231,16 +230,14 @@ class PaymentService:
             key = provider_idempotency_key(record.id, name)
 
             async def journal(_attempt: Attempt, name: str = name, key: str = key) -> None:
-                """The journal must say where this call goes before the provider sees it; a
-                write is needed only when it does not say so yet."""
-                nonlocal journalled
+                """Write-ahead: before the provider sees the call, the row says where it goes and
+                holds its attempt (every try's, the first candidate's too: the claim's row has
+                none), so a takeover after a crash keeps the attempt that may have charged."""
                 record.status, record.provider, record.provider_idempotency_key = PaymentStatus.ATTEMPTING, name, key
-                if journalled != (name, key):
-                    record.updated_at = time.time()
-                    with self.tracing.span("journal.save") as span:
-                        span.record(record, "payment")
-                        await self.store.save_payment(record)
-                    journalled = (name, key)
+                record.updated_at = time.time()
+                with self.tracing.span("journal.save") as span:
+                    span.record(record, "payment")
+                    await self.store.save_payment(record)
 
             result = await self.executor.run(client, Operation.AUTHORIZE, order, key, deadline, record.attempts,
                                              journal, failover_reason=failover_reason)
