@@ -230,14 +230,9 @@ class PaymentService:
             key = provider_idempotency_key(record.id, name)
 
             async def journal(_attempt: Attempt, name: str = name, key: str = key) -> None:
-                """Write-ahead: before the provider sees the call, the row says where it goes and
-                holds its attempt (every try's, the first candidate's too: the claim's row has
-                none), so a takeover after a crash keeps the attempt that may have charged."""
+                """The row says where this call goes (and holds its attempt) before the provider sees it."""
                 record.status, record.provider, record.provider_idempotency_key = PaymentStatus.ATTEMPTING, name, key
-                record.updated_at = time.time()
-                with self.tracing.span("journal.save") as span:
-                    span.record(record, "payment")
-                    await self.store.save_payment(record)
+                await self._write_ahead(record, "payment")
 
             result = await self.executor.run(client, Operation.AUTHORIZE, order, key, deadline, record.attempts,
                                              journal, failover_reason=failover_reason)
@@ -263,6 +258,15 @@ class PaymentService:
                          error="provider_rejected" if result.outcome is Outcome.REJECTED else None)
             return
         self._finish(record, PaymentStatus.FAILED, last, error="all_providers_unavailable")
+
+    async def _write_ahead(self, record: PaymentRecord, kind: str) -> None:
+        """Before each try's call, the row with that try's attempt (DESIGN rule 4): every try's,
+        the first candidate's and a follow-up's too (the claim's row holds none), so a takeover
+        after a crash keeps the attempt that may have charged, and the transaction's line has it."""
+        record.updated_at = time.time()
+        with self.tracing.span("journal.save") as span:
+            span.record(record, kind)
+            await self.store.save_payment(record)
 
     def suspect_duplicate(self, record: PaymentRecord, result: ProviderResult) -> None:
         record.duplicate_charge_suspected = True
@@ -358,7 +362,8 @@ class PaymentService:
                            currency=record.currency, follow_up_id=provider_key)
 
         async def journalled(_attempt: Attempt) -> None:
-            """The claim's transaction already holds the follow-up: nothing more before the call."""
+            """The claim's transaction holds the follow-up; its attempt goes in before the call."""
+            await self._write_ahead(record, op.value)
 
         started = time.monotonic()
         result = await self.executor.run(client, op, subject, provider_key, deadline, record.attempts, journalled,
