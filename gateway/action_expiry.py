@@ -81,7 +81,8 @@ async def expire_abandoned(rec: Reconciling, record: PaymentRecord) -> bool:
     subject = FollowUp(payment_id=record.id, provider_reference=record.provider_reference, follow_up_id=key)
 
     async def journalled(_attempt: Attempt) -> None:
-        """`action_cancelling` is already journalled."""
+        """Each try's cancel attempt on disk before its call (`action_cancelling` already is)."""
+        await svc.write_ahead(record, "expiry")
 
     deadline = time.monotonic() + max(client.handle.timeout_s, MIN_TRY_S) + MIN_TRY_S
     cancelled = await svc.executor.run(client, Operation.VOID, subject, key, deadline, record.attempts, journalled)

@@ -99,7 +99,9 @@ async def _run_completion(svc: PaymentService, record: PaymentRecord, scope: str
                        return_params=dict(return_params))
 
     async def journalled(_attempt: Attempt) -> None:
-        """The claim's transaction already holds the completion: nothing more before the call."""
+        """Each try's attempt on disk before its call (the claim's row holds the completion, not
+        the attempt), so a takeover after a crash knows what was sent."""
+        await svc.write_ahead(record, "completion")
 
     started = time.monotonic()
     result = await svc.executor.run(client, Operation.COMPLETE, subject, provider_key, deadline, record.attempts,

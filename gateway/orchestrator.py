@@ -203,7 +203,7 @@ class PaymentService:
     def _plan(self, record: PaymentRecord, order: PaymentOrder) -> RouteDecision | None:
         """Route in memory before anything is written, and mark the record as attempting its
         first candidate, so the row journalled with the key claim already says where the first
-        call goes (and with which provider key): that write is its durable journal entry."""
+        call goes (and with which provider key); the call's attempt is journalled just before it."""
         facts = RoutingFacts(order.amount, order.currency, order.country, record.card_brand, order.merchant_reference,
                              redirect=order.return_url is not None)
         try:
@@ -228,7 +228,6 @@ class PaymentService:
 
     async def _attempt_candidates(self, record: PaymentRecord, order: PaymentOrder, decision: RouteDecision,
                                   deadline: float) -> None:
-        journalled = (record.provider, record.provider_idempotency_key)  # what the claim's row says
         cascaded = False
         failover_reason: str | None = None
         last: ProviderResult | None = None
@@ -237,16 +236,9 @@ class PaymentService:
             key = provider_idempotency_key(record.id, name)
 
             async def journal(_attempt: Attempt, name: str = name, key: str = key) -> None:
-                """The journal must say where this call goes before the provider sees it; a
-                write is needed only when it does not say so yet."""
-                nonlocal journalled
+                """The row says where this call goes (and holds its attempt) before the provider sees it."""
                 record.status, record.provider, record.provider_idempotency_key = PaymentStatus.ATTEMPTING, name, key
-                if journalled != (name, key):
-                    record.updated_at = time.time()
-                    with self.tracing.span("journal.save") as span:
-                        span.record(record, "payment")
-                        await self.store.save_payment(record)
-                    journalled = (name, key)
+                await self.write_ahead(record, "payment")
 
             result = await self.executor.run(client, Operation.AUTHORIZE, order, key, deadline, record.attempts,
                                              journal, failover_reason=failover_reason)
@@ -274,6 +266,15 @@ class PaymentService:
                          error="provider_rejected" if result.outcome is Outcome.REJECTED else None)
             return
         self._finish(record, PaymentStatus.FAILED, last, error="all_providers_unavailable")
+
+    async def write_ahead(self, record: PaymentRecord, kind: str) -> None:
+        """Before each try's call, the row with that try's attempt (DESIGN rule 4): every try's,
+        the first candidate's and a follow-up's too (the claim's row holds none), so a takeover
+        after a crash keeps the attempt that may have charged, and the transaction's line has it."""
+        record.updated_at = time.time()
+        with self.tracing.span("journal.save") as span:
+            span.record(record, kind)
+            await self.store.save_payment(record)
 
     def suspect_duplicate(self, record: PaymentRecord, result: ProviderResult) -> None:
         record.duplicate_charge_suspected = True
@@ -369,7 +370,8 @@ class PaymentService:
                            currency=record.currency, follow_up_id=provider_key)
 
         async def journalled(_attempt: Attempt) -> None:
-            """The claim's transaction already holds the follow-up: nothing more before the call."""
+            """The claim's transaction holds the follow-up; its attempt goes in before the call."""
+            await self.write_ahead(record, op.value)
 
         started = time.monotonic()
         result = await self.executor.run(client, op, subject, provider_key, deadline, record.attempts, journalled,

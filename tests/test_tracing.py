@@ -91,8 +91,10 @@ async def test_a_payment_that_fails_over_is_one_trace_with_a_span_per_attempt(
         "  journal.claim [internal] provider=primary journal.kind=payment payment_status=attempting",
         "  provider.authorize [client] provider=primary try=1 outcome=unavailable raw_code=connect_failed"
         " breaker_state=closed",
+        "    journal.save [internal] provider=primary journal.kind=payment payment_status=attempting",
         "  provider.authorize [client] provider=primary try=2 outcome=unavailable raw_code=connect_failed"
         " breaker_state=closed",
+        "    journal.save [internal] provider=primary journal.kind=payment payment_status=attempting",
         "  provider.authorize [client] http.response.status_code=200 provider=backup try=1 outcome=approved"
         " raw_code=succeeded breaker_state=closed failover_reason=unavailable:connect_failed",
         "    journal.save [internal] provider=backup journal.kind=payment payment_status=attempting",
