@@ -136,7 +136,7 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
     # still finishes and stores its answer for the caller's retry with the same key.
     # The server span, outermost so it sees the status of every answer, only when tracing is on.
     traced = [tracing_middleware] if config.observability.tracing.enabled else []
-    app = web.Application(middlewares=[*traced, error_middleware(ops, metrics)], client_max_size=config.server.max_body_bytes,
+    app = web.Application(middlewares=[*traced, error_middleware(ops, metrics, redactor)], client_max_size=config.server.max_body_bytes,
                           handler_args={"auto_decompress": False, "handler_cancellation": False,
                                         "logger": ProtocolLog(metrics)})
     app[CONFIG] = config

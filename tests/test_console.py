@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import io
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -73,7 +74,7 @@ async def pay(gw: Gateway, n: int = 1, card: str = "4242424242424242") -> list[d
     answers = []
     for i in range(n):
         async with gw.client.post("/v1/payments", json=card_payment(card, merchant_reference=f"order-{i}"),
-                                  headers={**AUTH, "Idempotency-Key": f"console-{time.monotonic_ns()}-{i}"}) as r:
+                                  headers={**AUTH, "Idempotency-Key": str(uuid.uuid4())}) as r:
             answers.append(await r.json())
     return answers
 

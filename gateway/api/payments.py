@@ -3,6 +3,7 @@ service, which owns the rest (key claim, engine, journal, answer) and returns th
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 
@@ -10,7 +11,7 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from domain.types import Operation, PaymentOrder
-from gateway.answers import Answer
+from gateway.answers import Answer, payment_not_found
 from gateway.http.auth import Caller
 from gateway.http.errors import ApiError
 from gateway.http.idempotency import fingerprint, idempotency_key
@@ -23,6 +24,7 @@ from gateway.completion import complete_payment
 from gateway.journal.records import PaymentRecord
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
+_PAYMENT_ID = re.compile(r"pay_[a-z_]{1,64}")  # new_payment_id makes 27 letters; tests name theirs pay_crash_x
 
 
 def new_payment_id() -> str:
@@ -39,6 +41,15 @@ def _base26(value: int, width: int) -> str:
         value, digit = divmod(value, 26)
         out.append(_LETTERS[digit])
     return "".join(reversed(out))
+
+
+def _payment_id(request: web.Request) -> str | None:
+    """The route's payment id; None when it is not of the shape `new_payment_id` makes. Such an
+    id names no payment: it is answered like an unknown one (404 `payment_not_found`) without
+    asking the store, which may not take it at all (PostgreSQL refuses a NUL byte in text with
+    an error, which would be a 500)."""
+    payment_id = request.match_info["payment_id"]
+    return payment_id if _PAYMENT_ID.fullmatch(payment_id) else None
 
 
 def _shed_if_overloaded(request: web.Request) -> None:
@@ -60,7 +71,7 @@ def _write(answer: Answer) -> web.Response:
 
 async def create_payment(request: web.Request) -> web.Response:
     caller = request.app[AUTH].caller(request, "payments:write")
-    key = idempotency_key(request)
+    key = idempotency_key(request, request.app[REDACTOR])
     _shed_if_overloaded(request)
     body, payload = await json_body(request, PaymentCreate, request.app[REDACTOR])
     check_return_url(payload.return_url, payload.three_ds,
@@ -90,7 +101,10 @@ def _new_payment(caller: Caller, p: PaymentCreate) -> tuple[PaymentRecord, Payme
 
 async def get_payment(request: web.Request) -> web.Response:
     caller = request.app[AUTH].caller(request, "payments:read")
-    return _write(await request.app[SERVICE].read(caller.name, request.match_info["payment_id"]))
+    payment_id = _payment_id(request)
+    if payment_id is None:
+        return _write(payment_not_found())
+    return _write(await request.app[SERVICE].read(caller.name, payment_id))
 
 
 _FOLLOW_UP_MODELS: dict[Operation, type[BaseModel]] = {
@@ -101,13 +115,16 @@ _FOLLOW_UP_MODELS: dict[Operation, type[BaseModel]] = {
 def follow_up_handler(op: Operation):  # type: ignore[no-untyped-def]
     async def handle(request: web.Request) -> web.Response:
         caller = request.app[AUTH].caller(request, "payments:write")
-        key = idempotency_key(request)
+        payment_id = _payment_id(request)
+        if payment_id is None:
+            return _write(payment_not_found())
+        key = idempotency_key(request, request.app[REDACTOR])
         _shed_if_overloaded(request)
         body, payload = await json_body(request, _FOLLOW_UP_MODELS[op], request.app[REDACTOR])
         deadline = request_deadline(request, request.app[CONFIG].engine.deadline_ms)
         print_ = fingerprint(request, body, caller.fingerprint_key)
-        return _write(await request.app[SERVICE].follow_up(caller.name, key, print_, request.match_info["payment_id"],
-                                                           op, getattr(payload, "amount", None), deadline))
+        return _write(await request.app[SERVICE].follow_up(caller.name, key, print_, payment_id, op,
+                                                           getattr(payload, "amount", None), deadline))
 
     return handle
 

@@ -6,6 +6,11 @@ cannot take the request's write now is a 503 the caller may retry (`JournalUnava
 unreachable; `StoreOverloaded`: at capacity, shed with `Retry-After`); a client that hung up
 mid-request is counted, not logged (any caller could flood the log with tracebacks); anything
 else unexpected is a 500 that names no internals, so a bad request can never crash the worker.
+
+It is also the one place an error answer is rendered, and every answer's `message` and `field`
+pass through the app's `Redactor` there: both may quote what the caller sent (a JSON key, a
+header's value, a duplicate name), and a card number or a secret sent by mistake must not come
+back in an answer that proxies, clients and their logs keep (DESIGN rule 6).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from pydantic import ValidationError
 
 from gateway.journal.errors import JournalUnavailable, StoreOverloaded
 from gateway.metrics import Metrics
+from gateway.redaction import Redactor
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 JOURNAL_RETRY_AFTER_S = "2"  # about one readiness probe: by then the load balancer knows
@@ -38,9 +44,11 @@ class ApiError(Exception):
         self.field = field
         self.headers = headers or {}
 
-    def response(self) -> web.Response:
-        return json_response(self.status, {"code": self.code, "message": self.message, "field": self.field},
-                             self.headers)
+    def response(self, redactor: Redactor) -> web.Response:
+        """The answer, with card data and secrets in `message` and `field` masked by `redactor`."""
+        field = None if self.field is None else redactor.scrub_text(self.field)
+        return json_response(self.status, {"code": self.code, "message": redactor.scrub_text(self.message),
+                                           "field": field}, self.headers)
 
 
 def json_response(status: int, doc: object, headers: dict[str, str] | None = None) -> web.Response:
@@ -57,35 +65,37 @@ def from_validation_error(exc: ValidationError) -> ApiError:
     return ApiError(422, "invalid_field", message, field)
 
 
-def error_middleware(log: structlog.typing.FilteringBoundLogger, metrics: Metrics) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def error_middleware(log: structlog.typing.FilteringBoundLogger, metrics: Metrics,
+                     redactor: Redactor) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    """`redactor`: the app's (it knows the configured secrets), applied to every error answer."""
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             return await handler(request)
         except ApiError as exc:
-            return exc.response()
+            return exc.response(redactor)
         except web.HTTPRequestEntityTooLarge:
-            return ApiError(413, "body_too_large", "request body is too large").response()
+            return ApiError(413, "body_too_large", "request body is too large").response(redactor)
         except web.HTTPException as exc:
             if exc.status >= 400:
                 code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
-                return ApiError(exc.status, code, exc.reason).response()
+                return ApiError(exc.status, code, exc.reason).response(redactor)
             raise
         except JournalUnavailable as exc:
             log.warning("journal_unavailable", path=request.path, reason=str(exc))
             return ApiError(503, "journal_unavailable", "the payment journal is unavailable; retry shortly",
-                            headers={"Retry-After": JOURNAL_RETRY_AFTER_S}).response()
+                            headers={"Retry-After": JOURNAL_RETRY_AFTER_S}).response(redactor)
         except StoreOverloaded:
             metrics.shed.labels("journal").inc()
             return ApiError(503, "overloaded", "the journal is at capacity; retry shortly",
-                            headers={"Retry-After": "1"}).response()
+                            headers={"Retry-After": "1"}).response(redactor)
         except Exception as exc:
             if isinstance(exc, ConnectionResetError) and request.transport is None:
                 # The caller hung up (mid-body, typically): nobody is left to answer.
                 metrics.client_disconnects.inc()
-                return ApiError(400, "client_disconnected", "the client closed the connection").response()
+                return ApiError(400, "client_disconnected", "the client closed the connection").response(redactor)
             log.exception("unhandled_error", path=request.path, error=type(exc).__name__)
-            return ApiError(500, "internal_error", "the gateway failed to process this request").response()
+            return ApiError(500, "internal_error", "the gateway failed to process this request").response(redactor)
 
     return middleware
 

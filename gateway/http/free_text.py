@@ -30,12 +30,18 @@ def refuse_card_data(body: Body, redactor: Redactor) -> None:
     secret, or a metadata key whose name the log would redact the value of (``cvc``, ``token``):
     the journal would keep that value as ``[REDACTED]``, not as sent."""
     for item in body.free_text():
-        found = redactor.finding(item.text)
-        if found is not None:
-            code, what = _REFUSED[found]
-            where = f"a key of {item.field}" if item.is_key else item.field
-            raise ApiError(422, code, f"{where} {what}", item.field)
+        refuse_in_text(item.text, item.field, redactor, f"a key of {item.field}" if item.is_key else item.field)
         if item.is_key and redactor.is_sensitive_key(item.text):
             raise ApiError(422, "sensitive_metadata_key",
                            f"{item.field} key {item.text!r} names card data or a secret, which the gateway never "
                            "stores; rename the key or leave it out", f"{item.field}.{item.text}")
+
+
+def refuse_in_text(text: str, field: str, redactor: Redactor, where: str | None = None) -> None:
+    """Raise a 422 `ApiError` naming `field` (described as `where`, default `field`) when
+    `text`, a value the caller chose (a body's free text, the `Idempotency-Key` header), holds
+    card data or a secret."""
+    found = redactor.finding(text)
+    if found is not None:
+        code, what = _REFUSED[found]
+        raise ApiError(422, code, f"{where or field} {what}", field)
