@@ -31,7 +31,7 @@ from gateway.redaction import Finding
 from tests.conftest import AUTH, PROVIDER_KEYS, card_payment, luhn_complete, pg_schema, postgres_backend, \
     sqlite_backend
 
-FOLLOW_UPS = ("capture", "void", "refunds")
+FOLLOW_UPS = ("capture", "void", "refunds", "complete")  # every route that takes a payment id and a key
 
 
 @dataclass

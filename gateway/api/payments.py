@@ -132,13 +132,16 @@ def follow_up_handler(op: Operation):  # type: ignore[no-untyped-def]
 async def complete(request: web.Request) -> web.Response:
     """The shopper is back from 3-D Secure: finish the payment at the provider that asked."""
     caller = request.app[AUTH].caller(request, "payments:write")
-    key = idempotency_key(request)
+    payment_id = _payment_id(request)
+    if payment_id is None:
+        return _write(payment_not_found())
+    key = idempotency_key(request, request.app[REDACTOR])
     _shed_if_overloaded(request)
     body, payload = await json_body(request, CompleteCreate, request.app[REDACTOR])
     deadline = request_deadline(request, request.app[CONFIG].engine.deadline_ms)
     print_ = fingerprint(request, body, caller.fingerprint_key)
     return _write(await complete_payment(request.app[SERVICE], caller.name, key, print_,
-                                         request.match_info["payment_id"], payload.return_params, deadline))
+                                         payment_id, payload.return_params, deadline))
 
 
 def add_routes(app: web.Application) -> None:
