@@ -228,16 +228,22 @@ def build_openapi() -> dict[str, Any]:
                     "202": _payment_answer("the provider's answer is unknown: call again", "getPayment"),
                 }, with_id=True, errors=_FOLLOW_UP_ERRORS, only={}),
             "/livez": _probe("getLive", "the process answers (checks nothing outside it)"),
+            "/healthz": _probe("getHealth", "the older name of /livez"),
             "/readyz": _probe("getReady", "whether to send this replica traffic; 503 lists the `reasons`",
                               unready=True),
+            "/metrics": _probe("getMetrics", "Prometheus text (no card data, payment id or key)",
+                               media="text/plain; version=0.0.4"),
+            "/openapi.json": _probe("getOpenApi", "this document"),
             **WEBHOOK_PATHS,
         },
     }
     return document
 
 
-def _probe(operation_id: str, summary: str, *, unready: bool = False) -> dict[str, Any]:
-    body = {"application/json": {"schema": {"type": "object"}}}
+def _probe(operation_id: str, summary: str, *, unready: bool = False,
+           media: str = "application/json") -> dict[str, Any]:
+    """A GET without credentials: the probes, the scrape, this document."""
+    body = {media: {"schema": {"type": "string"} if media.startswith("text/") else {"type": "object"}}}
     responses = {"200": {"description": "ok", "content": body}}
     if unready:
         responses["503"] = {"description": "not ready", "content": {"application/json": {"schema": {
