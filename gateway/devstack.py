@@ -15,6 +15,7 @@ from gateway.certs.tls import server_context
 from gateway.config import ConfigError, GatewayConfig
 from gateway.emulator_launch import start_emulator
 from emulators.server import EmulatorServer
+from emulators.webhooks import WebhookTarget
 from providers.registry import KINDS
 
 
@@ -37,6 +38,7 @@ async def run_dev_stack(cfg: GatewayConfig, certs_dir: Path) -> None:
         tls = cfg.server.tls
         ssl_ctx = server_context(tls.cert, tls.key) if tls else None
         await web.TCPSite(runner, cfg.server.host, cfg.server.port, ssl_context=ssl_ctx).start()
+        _point_webhooks(cfg, emulators)
         _print_banner(cfg, emulators)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -49,6 +51,17 @@ async def run_dev_stack(cfg: GatewayConfig, certs_dir: Path) -> None:
             await runner.cleanup()
         for emulator in emulators:
             await emulator.stop()
+
+
+def _point_webhooks(cfg: GatewayConfig, emulators: list[EmulatorServer]) -> None:
+    """Each emulator posts its signed notifications to the gateway, as ops set up at each real
+    provider (README, "Provider webhooks in"): Adyen's pending payments and every asynchronous
+    capture, refund or void settle by them."""
+    base = f"{'https' if cfg.server.tls else 'http'}://{cfg.server.host}:{cfg.server.port}"
+    for (name, provider), server in zip(cfg.providers.items(), emulators, strict=True):
+        if provider.webhook_keys:
+            server.emulator.webhooks.set_target(WebhookTarget(url=f"{base}/v1/webhooks/{name}",
+                                                              secret=provider.webhook_keys[0]))
 
 
 def _print_banner(cfg: GatewayConfig, emulators: list[EmulatorServer]) -> None:

@@ -161,8 +161,19 @@ def dev_certs(tmp_path_factory: pytest.TempPathFactory) -> DevCertLayout:
     return generate_dev_certs(tmp_path_factory.mktemp("certs"), sorted(KINDS))
 
 
+# The shipped config's webhook signing keys (config/dev.env), so a test may start from it.
+SHIPPED_WEBHOOK_KEYS = {
+    name: value
+    for name, _, value in (line.partition("=") for line in (Path(__file__).resolve().parents[1] / "config" /
+                                                            "dev.env").read_text().splitlines())
+    if name.endswith(("_WEBHOOK_KEY", "_HMAC_KEY"))
+}
+
+
 @pytest.fixture(autouse=True)
 def _secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in SHIPPED_WEBHOOK_KEYS.items():
+        monkeypatch.setenv(name, value)
     monkeypatch.setenv("GATEWAY_KEY_CHECKOUT", CHECKOUT_KEY)
     monkeypatch.setenv("GATEWAY_KEY_REPORTING", READER_KEY)
     for kind, key in PROVIDER_KEYS.items():
