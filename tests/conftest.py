@@ -20,7 +20,7 @@ import traceback
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ from gateway.app import build_app
 from gateway.app_keys import LOG_WRITER, STORE
 from gateway.certs.devca import DevCertLayout, generate_dev_certs
 from gateway.config import GatewayConfig, parse_config
-from gateway.drill.fleet_services import dsn_with_search_path
+from gateway.drill.fleet_services import postgres_schema
 from gateway.emulator_launch import start_emulator
 from gateway.journal.postgres import PostgresStore
 from domain.cards import luhn_valid
@@ -374,17 +374,9 @@ async def metrics_text(client: TestClient) -> str:
 # -- journal backends: SQLite in a temporary file, PostgreSQL in a schema of its own ----------------
 
 
-@asynccontextmanager
-async def pg_schema() -> AsyncIterator[str]:
-    """A DSN whose tables live in a schema of their own, dropped afterwards."""
-    schema = f"gw_test_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(PG_DSN, timeout=5)
-    try:
-        await admin.execute(f'CREATE SCHEMA "{schema}"')
-        yield dsn_with_search_path(PG_DSN, schema)
-    finally:
-        await admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        await admin.close()
+def pg_schema() -> AbstractAsyncContextManager[str]:
+    """A DSN whose tables live in a schema of their own, dropped afterwards (the drills' own)."""
+    return postgres_schema(PG_DSN, prefix="gw_test")
 
 
 @pytest.fixture
