@@ -98,6 +98,10 @@ _UNAVAILABLE: tuple[tuple[type[BaseException], str], ...] = (
     # back, fails with "cannot switch to state N; another operation is in progress". Once
     # answered 500 (9 in the fleet drill), sometimes after the payment's row was committed.
     (asyncpg.InternalClientError, "connection"),
+    # ... or a transaction whose connection the server closed under it: leaving the block says
+    # "cannot call Transaction.__aexit__(): the underlying connection is closed" (a 500 in the
+    # fleet drill, on a follow-up's claim).
+    (asyncpg.InterfaceError, "connection"),
     (OSError, "connection"),  # refused, reset, unreachable
 )
 _UNAVAILABLE_TYPES = tuple(t for t, _ in _UNAVAILABLE)
