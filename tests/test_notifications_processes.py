@@ -78,7 +78,7 @@ async def test_processes_on_one_journal_deliver_each_event_once(fleet: str, tmp_
     """Two `gateway serve` replicas on one PostgreSQL schema, or one `serve --workers 2` on one
     SQLite file: the events committed while they run reach the receiver once each, and every
     process delivers some of them."""
-    sections: dict[str, Any] = {"notifications": notifications_config(receiver.url, max_concurrency=4)}
+    sections: dict[str, Any] = {"notifications": notifications_config(receiver.url, max_concurrency=4, timeout_s=10)}
     env: dict[str, str] = {}
     if fleet == "postgres-replicas":
         sections["storage"] = {"backend": "postgres", "postgres_dsn_env": "GATEWAY_TEST_NOTIFY_DSN"}
@@ -99,6 +99,9 @@ async def test_processes_on_one_journal_deliver_each_event_once(fleet: str, tmp_
         await store.open()
         stack.push_async_callback(store.close)
         outbox = NotificationOutbox(enabled=True)
+        # The receiver holds every delivery until more are in flight than one process may send at
+        # once (max_concurrency 4): then both processes are delivering, whoever polled first.
+        receiver.hang = True
         ids = []
         for _ in range(EVENTS):  # settlements committed while every process polls the outbox
             record = payment(status=PaymentStatus.PENDING)
@@ -108,6 +111,8 @@ async def test_processes_on_one_journal_deliver_each_event_once(fleet: str, tmp_
             await store.save_payment(record, notifications=rows)
             ids += [n.event_id for n in rows]
 
+        await receiver.wait_for(5, timeout=30)
+        receiver.release()
         await receiver.wait_for(EVENTS, timeout=60)
         async with asyncio.timeout(30):
             while await store.count_pending_notifications():
