@@ -368,3 +368,25 @@ async def test_a_release_serves_on_a_database_lacking_only_its_deferrable_steps(
     code, out, _ = await asyncio.to_thread(run_cli, "db", "migrate", "--config", config)
     assert code == 0 and out.splitlines()[0] == f"applied {last.label}"
     assert await db.versions() == list(range(1, LATEST + 1))
+
+
+async def test_a_store_opening_while_another_process_migrates_a_fresh_file_waits_for_it(tmp_path: Path) -> None:
+    """`serve --workers 2` on a fresh SQLite file: one worker migrates while the other opens. The
+    second's switch to WAL met the first's lock at once ("database is locked": its start failed
+    and the host did not come up) instead of waiting for the migration to end."""
+    path = tmp_path / "journal.db"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("PRAGMA journal_mode=WAL")
+    holder.execute("BEGIN IMMEDIATE")  # the other worker, mid-migration
+    holder.execute("CREATE TABLE other_worker_migrating (x)")
+    store = SqliteStore(path)
+    opening = asyncio.create_task(store.open())
+    try:
+        await asyncio.sleep(0.3)  # the lock is held for a while: no event to wait for in another connection
+        assert not opening.done()
+        holder.execute("COMMIT")
+        await asyncio.wait_for(opening, 10)
+        assert [m.version for m in store.migrated] == [m.version for m in migrations("sqlite")]
+    finally:
+        holder.close()
+        await store.close()

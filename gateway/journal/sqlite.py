@@ -119,10 +119,7 @@ class SqliteStore:
         except sqlite3.Error as exc:
             raise StoreUnavailable(where, f"cannot open it: {exc}") from None
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")  # each commit is on disk before callers resume
-            conn.execute("PRAGMA busy_timeout=5000")
-            self.migrated = sqlite_prepare(conn, migrate=self._migrate)
+            self.migrated = _prepare_when_free(conn, migrate=self._migrate)
         except sqlite3.DatabaseError as exc:  # "file is not a database", a directory the WAL cannot go in
             conn.close()
             raise StoreUnavailable(where, f"not usable as an SQLite journal: {exc}") from None
@@ -502,3 +499,25 @@ def _settle(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]
             fut.set_exception(exc)
         else:
             fut.set_result(value)
+
+
+OPEN_LOCKED_WAIT_S = 30.0  # how long a store opening waits for another process's migration
+
+
+def _prepare_when_free(conn: sqlite3.Connection, *, migrate: bool) -> list[Migration]:
+    """WAL, durable commits, the schema checked (and migrated): retried while the file is locked
+    by another process opening it (a sibling worker of `serve --workers N` migrating a fresh
+    file made the other's start fail with "database is locked" once, in a clean-clone run: some
+    of these steps meet the lock without waiting on the busy timeout). Bounded; blocking, in the
+    writer thread."""
+    give_up = time.monotonic() + OPEN_LOCKED_WAIT_S
+    while True:
+        try:
+            conn.execute("PRAGMA busy_timeout=5000")
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")  # each commit is on disk before callers resume
+            return sqlite_prepare(conn, migrate=migrate)
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > give_up:
+                raise
+            time.sleep(0.05)
