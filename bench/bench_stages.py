@@ -43,6 +43,7 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.procstat import thread_cpu_seconds  # noqa: E402
+from bench.report import replace_between_markers  # noqa: E402
 from bench.run_bench import wrk_run  # noqa: E402
 from bench.targets import gateway, stack  # noqa: E402
 
@@ -198,11 +199,7 @@ def markdown(doc: dict[str, Any]) -> str:
 
 
 def update_readme(path: Path, doc: dict[str, Any]) -> None:
-    text = path.read_text()
-    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
-    if not pattern.search(text):
-        raise SystemExit(f"error: {path} has no stage markers ({BEGIN} … {END})")
-    path.write_text(pattern.sub(lambda _m: f"{BEGIN}\n{markdown(doc)}\n{END}", text))
+    replace_between_markers(path, BEGIN, END, markdown(doc))
 
 
 def main() -> None:

@@ -114,13 +114,18 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def update_readme(path: Path, doc: dict[str, Any]) -> None:
-    """Replace what lies between the markers; refuse (rather than append) if they are missing."""
+def replace_between_markers(path: Path, begin: str, end: str, body: str) -> None:
+    """Replace what lies between `begin` and `end` in `path` (README's generated tables); refuse
+    (rather than append) if the markers are missing."""
     text = path.read_text()
-    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
     if not pattern.search(text):
-        raise SystemExit(f"error: {path} has no bench markers ({BEGIN} … {END})")
-    path.write_text(pattern.sub(lambda _m: f"{BEGIN}\n{markdown(doc)}\n{END}", text))
+        raise SystemExit(f"error: {path} has no markers ({begin} … {end})")
+    path.write_text(pattern.sub(lambda _m: f"{begin}\n{body}\n{end}", text))
+
+
+def update_readme(path: Path, doc: dict[str, Any]) -> None:
+    replace_between_markers(path, BEGIN, END, markdown(doc))
 
 
 if __name__ == "__main__":  # README's table again from a kept result: python bench/report.py RESULT.json README.md
