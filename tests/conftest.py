@@ -385,6 +385,19 @@ async def pg_dsn() -> AsyncIterator[str]:
         yield dsn
 
 
+@dataclass(frozen=True)
+class Database:
+    """Where a journal lives, picklable so a child process can open its own store on it."""
+
+    kind: str
+    where: str  # the SQLite file, or the DSN of a schema of its own
+
+    def store(self) -> SqliteStore | PostgresStore:
+        if self.kind == "sqlite":
+            return SqliteStore(Path(self.where))
+        return PostgresStore(self.where, min_size=1, max_size=2)
+
+
 @dataclass
 class Backend:
     kind: str

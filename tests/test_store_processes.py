@@ -13,33 +13,19 @@ import asyncio
 import multiprocessing
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from domain.outcome import PaymentStatus
-from gateway.journal.postgres import PostgresStore
-from gateway.journal.sqlite import SqliteStore
 from gateway.journal.records import ClaimKind
 from gateway.journal.errors import StaleWrite
-from tests.conftest import payment, pg_schema
+from tests.conftest import Database, payment, pg_schema
 
 PROCESSES = 3
 ORPHANS = 40
 STEP_TIMEOUT_S = 30.0
-
-
-@dataclass(frozen=True)
-class Database:
-    kind: str
-    where: str  # the SQLite file, or the DSN of a schema of its own
-
-    def store(self) -> SqliteStore | PostgresStore:
-        if self.kind == "sqlite":
-            return SqliteStore(Path(self.where))
-        return PostgresStore(self.where, min_size=1, max_size=2)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

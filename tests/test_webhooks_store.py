@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import multiprocessing
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +15,7 @@ import pytest
 
 from domain.webhook import EventKind, ProviderEvent
 from gateway.journal.webhook_events import WebhookEventRecord, WebhookState
-from gateway.journal.postgres import PostgresStore
-from gateway.journal.sqlite import SqliteStore
-from tests.conftest import Backend, pg_schema
+from tests.conftest import Backend, Database, pg_schema
 
 CARD = "4111111145551142"
 
@@ -81,16 +78,6 @@ async def test_only_the_redacted_parsed_event_is_stored(backend: Backend) -> Non
 PROCESSES = 3
 EVENTS = 60
 STEP_TIMEOUT_S = 30.0
-
-
-@dataclass(frozen=True)
-class Database:
-    kind: str
-    where: str  # the SQLite file, or the DSN of a schema of its own
-
-    def store(self) -> SqliteStore | PostgresStore:
-        return SqliteStore(Path(self.where)) if self.kind == "sqlite" else PostgresStore(self.where, min_size=1,
-                                                                                         max_size=2)
 
 
 def _lease_child(database: Database, number: int, barrier: Any, results: Any) -> None:
