@@ -183,6 +183,8 @@ async def test_an_abandoned_challenge_expires_and_is_cancelled_at_the_provider(
         await rig.browser.open(action["method"], action["url"], action["data"] or None)  # looks, then leaves
         reconciler = rig.client.app[RECONCILER]
         assert await reconciler.run_once(ignore_backoff=True) == 0  # not expired yet: left alone
+        # ... and set aside until it expires: the reconciler's next batches do not list it
+        assert await reconciler.service.store.lease_unresolved(reconciler.owner, 60) == []
         await asyncio.sleep(max(0.0, doc["action_expires_at"] - time.time()))  # the shopper's time runs out
         assert await reconciler.run_once(ignore_backoff=True) == 1
         got = await (await rig.client.get(f"/v1/payments/{doc['id']}", headers=AUTH)).json()
