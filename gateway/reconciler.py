@@ -207,6 +207,7 @@ class Reconciler:
             elif found and POLICY[answer.result.outcome].settles_charge:
                 result = answer.result
                 record.status, record.outcome = POLICY[result.outcome].status, result.outcome.value
+                record.error_code = None  # why it was pending is not the final answer's
                 if result.outcome is Outcome.ACTION_REQUIRED:
                     bind_action(record, result, svc.action_expiry_s)  # the shopper is asked now
                 elif result.outcome is Outcome.APPROVED:
