@@ -32,8 +32,10 @@ from gateway.journal.records import (
     IdempotentAnswer,
     OutboxLine,
     PaymentRecord,
+    PendingFollowUp,
     StoredResponse,
 )
+from gateway.journal.store import payment_from_row
 from gateway.journal.sqlite import SqliteStore
 from gateway.journal.errors import StaleWrite
 from domain.outcome import PaymentStatus
@@ -585,3 +587,30 @@ async def test_challenges_set_aside_until_due_never_fill_a_lease_batch(backend: 
     # Set aside from an old read: the row moved on since (version 2), so it stays in the batch.
     await backend.store.set_aside([(first.id, 1, now + 900)])
     assert first.id in {r.id for r in await backend.store.lease_unresolved("replica-a", 60, limit=4)}
+
+
+async def test_fields_a_newer_release_wrote_are_kept_through_a_read_and_a_write(backend: Backend) -> None:
+    """A rolling upgrade: the new release writes a payment with fields this one does not know
+    (in the payment, an attempt, the pending follow-up); this release reads the row, works on
+    it, and writes it back with those fields as they were, instead of failing on the row."""
+    record = payment(status=PaymentStatus.CAPTURE_PENDING)
+    doc = record.to_doc()
+    doc["routing_score"] = 0.93
+    doc["attempts"] = [{**Attempt("stripe", 1, "authorize", "k1", time.time()).to_doc(), "acquirer_region": "eu"}]
+    doc["follow_up"] = {**PendingFollowUp("capture", 1299, "k2", STORE_SCOPE, "front", "approved", time.time(),
+                                          8.0).to_doc(), "partial_sequence": 2}
+    newer = payment_from_row(0, orjson.dumps(doc))  # not journalled yet: the first write
+    assert newer.newer_fields == {"routing_score": 0.93}
+    await backend.store.save_payment(newer)
+
+    read = await backend.store.get_payment(record.id)
+    assert read is not None and read.follow_up is not None
+    read.status = PaymentStatus.CAPTURED  # this release's own write of the row
+    read.follow_up = None
+    read.captured_amount = 1299
+    await backend.store.save_payment(read)
+
+    stored = (await backend.store.get_payment(record.id)).to_doc()  # type: ignore[union-attr]
+    assert stored["routing_score"] == 0.93 and stored["status"] == "captured"
+    assert stored["attempts"][0]["acquirer_region"] == "eu"
+    assert "newer_fields" not in stored and "newer_fields" not in stored["attempts"][0]
