@@ -169,6 +169,17 @@ def test_cards_of_unlisted_networks_are_still_hidden(pan: str) -> None:
     assert redact({"note": f"card {pan}"}) == {"note": f"card {mask_pan(pan)}"}
 
 
+def test_provider_identifiers_stay_as_they_are_in_every_log_line() -> None:
+    """A 16-digit Adyen pspReference passes Luhn one time in ten: under the keys that hold the
+    provider's own identifiers it is kept (the journal keeps it too), so an incident can be
+    followed from our lines to the provider's records; the same digits elsewhere are masked."""
+    psp = "8835296650153313"
+    assert luhn_valid(psp)
+    line = {"provider_reference": psp, "event_id": f"AUTHORISATION:{psp}:true", "note": f"ref {psp}",
+            "attempts": [{"provider_reference": psp}], "providerReference": int(psp)}
+    assert redact(line) == {**line, "note": f"ref {mask_pan(psp)}", "providerReference": mask_pan(psp)}
+
+
 def test_long_references_without_a_card_inside_are_not_mangled() -> None:
     """A window inside a longer run counts only with a card network's prefix and length."""
     refs = {"psp_reference": "8535296650153317", "order": "20240501123456789012", "nanos": "1714564800123456789"}
