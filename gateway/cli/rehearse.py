@@ -45,6 +45,8 @@ def rehearse(
                                                help="the primary's quota as a share of the peak rate")] = 0.6,
     p99_target_ms: Annotated[float, typer.Option("--p99-target-ms", min=1, max=60_000,
                                                  help="a window is sustained with p99 at most this")] = 1000.0,
+    settle_s: Annotated[float, typer.Option("--settle-s", min=0.5, max=300, help="after the load: how long "
+                                            "pending payments may take to settle")] = 20.0,
     workers: Annotated[int, typer.Option(min=1, max=8, help="`gateway serve --workers N`")] = 1,
     run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="where the run writes (default "
                                                     "logs/rehearsals/PROFILE-TIME)")] = None,
@@ -68,7 +70,8 @@ def rehearse(
         options = RehearsalOptions(config=config, profile=profile, seconds=seconds or minutes * 60,
                                    target_rate=target_rate, from_log=tuple(from_log or ()), speedup=speedup,
                                    scale=scale, scenario=scenario, quota_share_of_peak=quota_share,
-                                   p99_target_ms=p99_target_ms, workers=workers, run_dir=run_dir, seed=seed)
+                                   p99_target_ms=p99_target_ms, workers=workers, settle_s=settle_s, run_dir=run_dir,
+                                   seed=seed)
     except ValueError as exc:
         raise fail(str(exc), 2) from None
     show_live = not as_json and sys.stdout.isatty()

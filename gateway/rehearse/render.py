@@ -10,6 +10,10 @@ from rich.table import Table
 from rich.text import Text
 
 
+def _signed(ms: float | None) -> str:
+    return "-" if ms is None else f"{ms:+g}"
+
+
 def verdict_table(report: Mapping[str, Any]) -> Group:
     head = Table(title=f"rehearsal {report['profile']}: verdict", show_header=False)
     head.add_column("measure")
@@ -22,9 +26,9 @@ def verdict_table(report: Mapping[str, Any]) -> Group:
         ("duplicates / lost / journal mismatches",
          f"{report['duplicates']} / {report['lost']} / {report['journal_mismatches']}"),
         ("failed by a 429 / spilled over", f"{report['failed_by_429']} / {report['spilled_over']}"),
-        ("failover cost (p50 added)", f"failed over +{cost['failed_over']['added_p50_ms']} ms "
+        ("failover cost (p50 added)", f"failed over {_signed(cost['failed_over']['added_p50_ms'])} ms "
                                       f"({cost['failed_over']['payments']} payments), rerouted "
-                                      f"+{cost['rerouted']['added_p50_ms']} ms ({cost['rerouted']['payments']})"),
+                                      f"{_signed(cost['rerouted']['added_p50_ms'])} ms ({cost['rerouted']['payments']})"),
         ("sent / approved / declined / pending / failed",
          f"{report['sent']} / {report['approved']} / {report['declined']} / {report['pending']} / {report['failed']}"),
         ("shed / client cap", f"{report['shed']} / {report['client_cap']}"),

@@ -203,7 +203,7 @@ def fault_marks(scenario: Scenario, duration_s: float, roles: Mapping[str, str])
     for e in scenario.events:
         name = roles[e.action.role]
         key = f"cert:{name}" if isinstance(e.action, CertificateExpires) else name
-        marks.append(V.FaultMark(e.at * duration_s, e.action.describe(name), key,
+        marks.append(V.FaultMark(e.at * duration_s, e.action.short(name), key,
                                  clears=isinstance(e.action, Recover)))
     return marks
 
@@ -211,7 +211,7 @@ def fault_marks(scenario: Scenario, duration_s: float, roles: Mapping[str, str])
 async def _sample(meter: CpuMeter, started_at: float, stop: asyncio.Event, progress: Progress,
                   on_progress: ProgressHook | None) -> None:
     while not stop.is_set():
-        meter.sample(time.monotonic() - started_at)
+        await asyncio.to_thread(meter.sample, time.monotonic() - started_at)
         if on_progress is not None:
             await on_progress(progress)
         try:
@@ -253,20 +253,27 @@ def read_txlog(run_dir: Path, reference_prefix: str) -> list[dict[str, Any]]:
     return lines
 
 
+def _prepare(options: RehearsalOptions, seed: int) -> tuple[Path, RateProfile, Mix, dict[str, tuple[FaultRule, ...]],
+                                                           dict[str, Any], DevCertLayout]:
+    """The blocking part of the set-up (files, the log read, certificates), run in a thread."""
+    run_dir = (options.run_dir or default_run_dir(options.profile)).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    profile, mix, base_rules = traffic(options, seed)
+    prod = yaml.safe_load(options.config.read_text())
+    providers = dict(prod["providers"])
+    names = sorted({*providers, *(p["kind"] for p in providers.values())})
+    return run_dir, profile, mix, base_rules, prod, generate_dev_certs(run_dir / "certs", names)
+
+
 async def rehearse(options: RehearsalOptions, on_progress: ProgressHook | None = None) -> dict[str, Any]:
     """Run the rehearsal end to end; the report (verdict and all it rests on)."""
     seed = options.seed if options.seed is not None else secrets.randbelow(2**31)
     run_id = secrets.token_hex(4)
     prefix = f"rehearse-{run_id}-"
-    run_dir = (options.run_dir or default_run_dir(options.profile)).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    profile, mix, base_rules = await asyncio.to_thread(traffic, options, seed)
+    run_dir, profile, mix, base_rules, prod, certs = await asyncio.to_thread(_prepare, options, seed)
+    prod_providers: dict[str, Any] = dict(prod["providers"])
     scenario = peak_scenario(profile.peak, quota_share_of_peak=options.quota_share_of_peak) \
         if options.scenario == "peak" else no_fault_scenario()
-    prod = yaml.safe_load(options.config.read_text())
-    prod_providers: dict[str, Any] = dict(prod["providers"])
-    names = sorted({*prod_providers, *(p["kind"] for p in prod_providers.values())})
-    certs = await asyncio.to_thread(generate_dev_certs, run_dir / "certs", names)
     started = time.monotonic()
     report: dict[str, Any] = {"profile": profile.name, "seed": seed, "run_dir": str(run_dir),
                               "config": str(options.config), "scenario": scenario.name}
@@ -292,7 +299,7 @@ async def rehearse(options: RehearsalOptions, on_progress: ProgressHook | None =
                 applied = gateway_quotas(data, {roles[q.role]: (q.rate(profile.peak_rate) * share,
                                                                 max(1, round(q.burst(profile.peak_rate) * share)))})
         config_path = run_dir / "gateway.yaml"
-        config_path.write_text(yaml.safe_dump(data, sort_keys=False))
+        await asyncio.to_thread(config_path.write_text, yaml.safe_dump(data, sort_keys=False))
         env, client_key = secret_env(data)
         with environment(env):  # read into SecretStr at parse time; nothing lingers
             config = parse_config(data)
@@ -398,5 +405,5 @@ async def rehearse(options: RehearsalOptions, on_progress: ProgressHook | None =
         "checks": summary["checks"],
         "ok": summary["ok"],
     })
-    (run_dir / "verdict.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+    await asyncio.to_thread((run_dir / "verdict.json").write_bytes, orjson.dumps(report, option=orjson.OPT_INDENT_2))
     return report

@@ -34,6 +34,9 @@ class Brownout:
         return (FaultRule(kind="latency", latency_ms=self.latency_ms, jitter_ms=self.jitter_ms, operations=AUTHORIZE),
                 FaultRule(kind="error", status=503, share=self.error_share, operations=AUTHORIZE))
 
+    def short(self, name: str) -> str:
+        return f"{name} brownout"
+
     def describe(self, name: str) -> str:
         return (f"{name} browns out: +{self.latency_ms:g}-{self.latency_ms + self.jitter_ms:g} ms, "
                 f"{self.error_share:.0%} 503")
@@ -42,6 +45,9 @@ class Brownout:
 @dataclass(frozen=True, slots=True)
 class Outage:
     role: Role
+
+    def short(self, name: str) -> str:
+        return f"{name} down"
 
     def describe(self, name: str) -> str:
         return f"{name} fails: connections refused"
@@ -53,6 +59,9 @@ class Recover:
 
     role: Role
 
+    def short(self, name: str) -> str:
+        return f"{name} back"
+
     def describe(self, name: str) -> str:
         return f"{name} recovers"
 
@@ -60,6 +69,9 @@ class Recover:
 @dataclass(frozen=True, slots=True)
 class CertificateExpires:
     role: Role
+
+    def short(self, name: str) -> str:
+        return f"{name} cert expired"
 
     def describe(self, name: str) -> str:
         return f"{name}'s client certificate expires"
