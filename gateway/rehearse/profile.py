@@ -107,7 +107,7 @@ class RateProfile:
         t0 = 0.0
         for s in self.segments:
             upto = done + s.rate * s.duration_s
-            k = math.floor(done + 0.5)  # the next arrival's index k has integral k + 1/2
+            k = max(0, math.ceil(done - 0.5))  # the first k not yet due: its integral k + 1/2 >= done
             while s.rate > 0 and k + 0.5 < upto:
                 times.append(t0 + (k + 0.5 - done) / s.rate)
                 k += 1
