@@ -211,6 +211,10 @@ def test_the_highest_sustained_window_and_what_stopped_the_next() -> None:
     verdict = decide(stats, cpu_capacity=1)
     assert (verdict.max_sustained_rate, verdict.limited_by) == (20, "gateway_in_flight")
     assert decide(stats[:2], 1).limited_by == "none"
+    mid_failed = window_stats(windows, [_sent(0, 0.5, 50), _sent(1, 1.5, 3000), _sent(2, 2.5, 40)], journal, [], 0.0,
+                              [], p99_target_ms=1000, max_failed_share=0.01)
+    late = decide(mid_failed, cpu_capacity=1)
+    assert (late.max_sustained_rate, late.limited_by) == (10, "latency"), "a later, faster window does not count"
 
 
 def test_the_evidence_is_read_in_order_of_what_to_fix_first() -> None:
@@ -225,6 +229,21 @@ def test_the_evidence_is_read_in_order_of_what_to_fix_first() -> None:
     assert limit_of(st_, 1)[0] == "provider_quota"
     st_.lost = 1
     assert limit_of(st_, 1)[0] == "journal"
+
+
+def test_a_quota_that_opens_one_breaker_and_then_the_others_is_the_quota() -> None:
+    breakers = _line(("stripe", "skipped", None, "breaker_open"), ("adyen", "skipped", None, "breaker_open"),
+                     status="failed") | {"error_code": "no_provider_available"}
+    timeout = _line(("adyen", "unavailable", None, "connect_timeout"), ("checkout", "approved", 200, "x"))
+    st_ = WindowStats(VerdictWindow(0, 1, 100, "ramp", ()), sent=100, sustained=False)
+    st_.evidence = evidence([breakers, timeout])
+    limit, detail = limit_of(st_, 1)
+    assert (limit, "connect timeouts as traffic moved: adyen 1" in detail) == ("breakers", True)
+    st_.evidence.provider_429s["stripe"] = 4
+    assert limit_of(st_, 1)[0] == "provider_quota"
+    tips = suggestions([st_], {"providers": {"adyen": {"connect_timeout_ms": 500}}}, peak_rate=100, quotas={},
+                       gateway_quotas={}, workers=1, cpu_capacity=1, p99_target_ms=1000)
+    assert any("providers.adyen.connect_timeout_ms from 500" in t for t in tips)
 
 
 def test_suggestions_name_the_setting_to_change() -> None:

@@ -87,7 +87,7 @@ def rehearse(
         with Live(refresh_per_second=2, transient=True) as live:
             async def update(p: Progress) -> None:
                 assert p.cpu is not None
-                live.update(live_table(p.profile, p.load, p.cpu, p.happened))
+                live.update(live_table(p.profile, p.load, p.cpu, p.harness_cpu, p.happened))
 
             return await run(options, on_progress=update)
 

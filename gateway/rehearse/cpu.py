@@ -54,13 +54,17 @@ class CpuSample:
 
 
 class CpuMeter:
-    def __init__(self, pid: int) -> None:
+    """`tree`: the process and its descendants (the gateway's supervisor and workers); without,
+    the process alone (the rehearsal's own: load generator and emulators)."""
+
+    def __init__(self, pid: int, *, tree: bool = True) -> None:
         self._pid = pid
+        self._tree = tree
         self._last: tuple[float, float] | None = None
         self.samples: list[CpuSample] = []
 
     def sample(self, t_s: float) -> None:
-        used = cpu_seconds(process_tree(self._pid))
+        used = cpu_seconds(process_tree(self._pid) if self._tree else [self._pid])
         if self._last is not None and t_s > self._last[0]:
             self.samples.append(CpuSample(t_s, (used - self._last[1]) / (t_s - self._last[0])))
         self._last = (t_s, used)

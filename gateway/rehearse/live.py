@@ -19,7 +19,7 @@ from gateway.rehearse.profile import RateProfile
 RECENT_S = 2.0  # rate, approval and p99 over the answers of the last seconds
 
 
-def live_table(profile: RateProfile, state: LoadState, cpu: CpuMeter, happened: Sequence[str],
+def live_table(profile: RateProfile, state: LoadState, cpu: CpuMeter, harness: CpuMeter, happened: Sequence[str],
                now: float | None = None) -> Table:
     now = time.monotonic() if now is None else now
     t = now - state.started_at if state.started_at else 0.0
@@ -41,7 +41,7 @@ def live_table(profile: RateProfile, state: LoadState, cpu: CpuMeter, happened: 
     table.add_row("shed (503 overloaded)", str(sum(1 for s in sent if s.result.error == "overloaded")))
     table.add_row("provider 429s seen", str(sum(s.provider_429s for s in sent)))
     table.add_row("client cap hit", str(state.client_cap))
-    table.add_row("gateway CPU", f"{cpu.latest:.2f} cores")
+    table.add_row("gateway CPU / harness CPU", f"{cpu.latest:.2f} / {harness.latest:.2f} cores")
     table.add_row("sent / answered", f"{state.scheduled} / {len(sent)}")
     table.add_row("scenario", happened[-1] if happened else "-")
     return table

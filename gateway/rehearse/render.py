@@ -33,7 +33,7 @@ def verdict_table(report: Mapping[str, Any]) -> Group:
          f"{report['sent']} / {report['approved']} / {report['declined']} / {report['pending']} / {report['failed']}"),
         ("shed / client cap", f"{report['shed']} / {report['client_cap']}"),
         ("p50 / p99", f"{report['p50_ms']} / {report['p99_ms']} ms"),
-        ("gateway CPU (max)", f"{report['gateway_cpu_max_cores']} cores"),
+        ("gateway CPU / harness CPU (max)", f"{report['gateway_cpu_max_cores']} / {report['harness_cpu_max_cores']} cores"),
         ("run dir", report["run_dir"]),
     )
     for label, value in rows:
@@ -46,5 +46,9 @@ def verdict_table(report: Mapping[str, Any]) -> Group:
                         "; ".join(w["faults"]) or "-", str(w["sent"]), f"{w['p99_ms']:.0f}", str(w["failed"]),
                         str(sum(w["provider_429s"].values())), f"{w['gateway_cpu_cores']:.2f}",
                         "[green]yes[/green]" if w["sustained"] else f"[red]no[/red] {', '.join(w['why_not'])}")
+    notes = report["caveats"]
     tips = Text("\n".join(f"• {s}" for s in report["suggestions"]) or "• nothing to change for this profile")
-    return Group(head, windows, Text("suggestions:", style="bold"), tips)
+    parts = [head, windows, Text("suggestions:", style="bold"), tips]
+    if notes:
+        parts += [Text("caveats:", style="bold"), Text("\n".join(f"• {n}" for n in notes))]
+    return Group(*parts)

@@ -8,15 +8,19 @@ rate and one fault state. A window is *sustained* when, for the payments due in 
 - nothing is lost and nothing is left without an answer,
 - the gateway shed none (503 `overloaded`),
 - at most `max_failed_share` of the payments that were not card declines failed.
-`max_sustained_rate` is the highest offered rate of a sustained window (0 when none was).
-`limited_by` is read from the first window, in time, that offered more than that and was not
-sustained: the evidence in it, in this order, names what limited it:
+`max_sustained_rate` is the highest offered rate R such that *every* window offering at most R
+was sustained (0 when the lowest failed): a gateway that collapses at 100/s and recovers to
+carry 150/s later (breakers closed again, connections warm) sustains 75/s, not 150/s.
+`limited_by` is read from the limiting window (the first, in time, of the lowest-rate windows
+that were not sustained): the evidence in it, in this order, names what limited it:
 `journal` (a payment lost, the journal unavailable, or the transaction log backed up),
-`provider_quota` (payments failed after a provider's 429), `bulkhead` (attempts refused
-`bulkhead_full`), `gateway_cpu` (the gateway's processes at >= 85 % of the cores they may use),
-`gateway_in_flight` (shed at `server.max_in_flight`), `provider_faults` (the scenario's faults
-were in force), else `latency`. `none` when every window above it was sustained: the profile
-never found the limit, so rehearse with a higher `--target-rate`.
+`provider_quota` (a provider's 429s: payments failed after one, or its breaker opened on them
+and the traffic it shed broke the others), `bulkhead` (attempts refused `bulkhead_full`),
+`gateway_cpu` (the gateway's processes at >= 85 % of the cores they may use),
+`gateway_in_flight` (shed at `server.max_in_flight`), `breakers` (payments failed with every
+provider's breaker open), `provider_faults` (the scenario's faults were in force), else
+`latency`. `none` when every window was sustained: the profile never found the limit, so
+rehearse with a higher `--target-rate`.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ from gateway.rehearse.profile import Window
 
 CPU_BUSY_SHARE = 0.85
 LOG_BACKED_UP = "transaction log"  # in the message of the gateway's log-backlog 503
+# error_code of a payment that failed with nothing left to try (gateway/orchestrator.py)
+BREAKERS_OPEN = ("no_provider_available", "all_providers_unavailable:breaker_open")
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +89,8 @@ class Evidence:
     failed_by_429: int = 0
     spilled_over: Counter[str] = field(default_factory=Counter)  # by what moved it: raw code of the skip or 429
     journal_unavailable: int = 0
+    connect_timeouts: Counter[str] = field(default_factory=Counter)
+    failed_breakers_open: int = 0  # failed with no provider to send to (every breaker open)
 
 
 def _attempts(line: Mapping[str, Any]) -> list[Mapping[str, Any]]:
@@ -114,6 +122,10 @@ def evidence(lines: Iterable[Mapping[str, Any]]) -> Evidence:
                 ev.provider_429s[str(a.get("provider"))] += 1
             if a.get("raw_code") == "bulkhead_full":
                 ev.bulkhead_full[str(a.get("provider"))] += 1
+            if a.get("raw_code") == "connect_timeout":
+                ev.connect_timeouts[str(a.get("provider"))] += 1
+        ev.failed_breakers_open += line.get("status") == "failed" and str(line.get("error_code") or "").startswith(
+            BREAKERS_OPEN)
         ev.failed_by_429 += failed_by_429(line)
         if (reason := spilled(line)) is not None:
             ev.spilled_over[reason] += 1
@@ -147,7 +159,9 @@ class WindowStats:
                 "no_answer": self.no_answer, "lost": self.lost, "p99_ms": round(self.p99_ms, 1),
                 "gateway_cpu_cores": round(self.cpu_cores, 2),
                 "provider_429s": dict(self.evidence.provider_429s), "bulkhead_full": dict(self.evidence.bulkhead_full),
-                "failed_by_429": self.evidence.failed_by_429, "sustained": self.sustained, "why_not": self.why_not}
+                "failed_by_429": self.evidence.failed_by_429,
+                "connect_timeouts": dict(self.evidence.connect_timeouts),
+                "failed_breakers_open": self.evidence.failed_breakers_open, "sustained": self.sustained, "why_not": self.why_not}
 
 
 def is_lost(sent: Sent, by_ref: Mapping[str, Mapping[str, Any]]) -> bool:
@@ -210,8 +224,8 @@ def window_stats(windows: Sequence[VerdictWindow], sends: Sequence[Sent], journa
     return out
 
 
-LIMITS = ("journal", "provider_quota", "bulkhead", "gateway_cpu", "gateway_in_flight", "provider_faults", "latency",
-          "none")
+LIMITS = ("journal", "provider_quota", "bulkhead", "gateway_cpu", "gateway_in_flight", "breakers", "provider_faults",
+          "latency", "none")
 
 
 def limit_of(st: WindowStats, cpu_capacity: float) -> tuple[str, str]:
@@ -219,9 +233,16 @@ def limit_of(st: WindowStats, cpu_capacity: float) -> tuple[str, str]:
     ev = st.evidence
     if st.lost or st.shed_log or ev.journal_unavailable:
         return "journal", f"{st.lost} lost, {st.shed_log} shed for the log backlog, {ev.journal_unavailable} journal errors"
+    who_429 = ", ".join(f"{p} {n}" for p, n in ev.provider_429s.most_common())
     if ev.failed_by_429:
-        who = ", ".join(f"{p} {n}" for p, n in ev.provider_429s.most_common())
-        return "provider_quota", f"{ev.failed_by_429} payments failed after 429s ({who})"
+        return "provider_quota", f"{ev.failed_by_429} payments failed after 429s ({who_429})"
+    cascade = ""
+    if ev.failed_breakers_open:
+        timeouts = ", ".join(f"{p} {n}" for p, n in ev.connect_timeouts.most_common())
+        cascade = (f"{ev.failed_breakers_open} payments failed with every breaker open"
+                   + (f" (connect timeouts as traffic moved: {timeouts})" if timeouts else ""))
+    if ev.provider_429s and cascade and not st.window.faults:
+        return "provider_quota", f"429s ({who_429}) opened the primary's breaker; then {cascade}"
     if ev.bulkhead_full:
         who = ", ".join(f"{p} {n}" for p, n in ev.bulkhead_full.most_common())
         return "bulkhead", f"attempts refused bulkhead_full ({who})"
@@ -229,6 +250,8 @@ def limit_of(st: WindowStats, cpu_capacity: float) -> tuple[str, str]:
         return "gateway_cpu", f"gateway at {st.cpu_cores:.2f} of {cpu_capacity:g} cores"
     if st.shed:
         return "gateway_in_flight", f"{st.shed} payments shed at server.max_in_flight"
+    if cascade:
+        return "breakers", cascade
     if st.window.faults:
         return "provider_faults", "; ".join(st.window.faults)
     return "latency", "; ".join(st.why_not)
@@ -244,16 +267,20 @@ class Verdict:
 
 
 def decide(stats: Sequence[WindowStats], cpu_capacity: float) -> Verdict:
-    sustained = [s for s in stats if s.sustained]
-    best = max(sustained, key=lambda s: (s.window.rate, -s.p99_ms), default=None)
-    rate = best.window.rate if best else 0.0
-    above = [s for s in stats if not s.sustained and s.window.rate > rate and s.sent]
-    if not above:
-        return Verdict(rate, best.p99_ms if best else None, "none",
+    """See the module doc: the highest rate below which every window was sustained."""
+    offered = [s for s in stats if s.sent]
+    failing = [s for s in offered if not s.sustained]
+    if not failing:
+        best = max(offered, key=lambda s: (s.window.rate, -s.p99_ms), default=None)
+        return Verdict(best.window.rate if best else 0.0, best.p99_ms if best else None, "none",
                        "every window was sustained: the limit is above this profile's peak", None)
-    first = above[0]
-    limit, detail = limit_of(first, cpu_capacity)
-    return Verdict(rate, best.p99_ms if best else None, limit, detail, first.as_dict())
+    floor = min(s.window.rate for s in failing)
+    limiting = next(s for s in failing if s.window.rate == floor)
+    below = [s for s in offered if s.window.rate < floor]
+    best = max(below, key=lambda s: (s.window.rate, -s.p99_ms), default=None)
+    limit, detail = limit_of(limiting, cpu_capacity)
+    return Verdict(best.window.rate if best else 0.0, best.p99_ms if best else None, limit, detail,
+                   limiting.as_dict())
 
 
 def route_kind(line: Mapping[str, Any]) -> str:
@@ -299,7 +326,9 @@ def suggestions(stats: Sequence[WindowStats], config: Mapping[str, Any], *, peak
     for s in stats:
         total.provider_429s.update(s.evidence.provider_429s)
         total.bulkhead_full.update(s.evidence.bulkhead_full)
+        total.connect_timeouts.update(s.evidence.connect_timeouts)
         total.failed_by_429 += s.evidence.failed_by_429
+        total.failed_breakers_open += s.evidence.failed_breakers_open
     providers = config.get("providers", {})
     for name, n in total.provider_429s.most_common():
         if name in gateway_quotas:
@@ -309,11 +338,19 @@ def suggestions(stats: Sequence[WindowStats], config: Mapping[str, Any], *, peak
         out.append(f"set providers.{name}.rate_limit_per_s: {limit} (and rate_limit_burst) so the gateway spills "
                    f"over to the next provider before {name}'s 429s ({n} seen, {total.failed_by_429} payments "
                    "failed after one)")
+    for name, n in total.connect_timeouts.most_common():
+        current = (providers.get(name) or {}).get("connect_timeout_ms", 1000)
+        out.append(f"raise providers.{name}.connect_timeout_ms from {current} ({n} connect timeouts: traffic that "
+                   "moved to it at once opened many new mTLS connections together)")
     for name, n in total.bulkhead_full.most_common():
         current = (providers.get(name, {}).get("bulkhead") or {}).get("max_concurrent", 200)
         needed = max(current * 2, math.ceil(peak_rate * p99_target_ms / 1000 * 2))
         out.append(f"raise providers.{name}.bulkhead.max_concurrent from {current} to {needed} "
                    f"({n} attempts refused bulkhead_full)")
+    if total.failed_breakers_open:
+        out.append(f"{total.failed_breakers_open} payments failed with every breaker open: keep one provider's "
+                   "failures (a quota's 429s, a brownout) from opening the others' breakers: raise "
+                   "providers.<name>.breaker.fail_max on the backups, shorten breaker.reset_timeout_s")
     if any(s.cpu_cores >= CPU_BUSY_SHARE * cpu_capacity and not s.sustained for s in stats):
         out.append(f"the gateway's CPU was the limit: run `gateway serve --workers {workers + 1}` (a core each) "
                    "or add a replica behind HAProxy")
