@@ -259,3 +259,9 @@ def test_suggestions_name_the_setting_to_change() -> None:
     tips = suggestions([st_], config, peak_rate=150, quotas={"stripe": 90.0}, gateway_quotas={"stripe": {}},
                        workers=1, cpu_capacity=1, p99_target_ms=1000)
     assert not any("rate_limit_per_s" in t for t in tips), "already set by the rehearsal"
+    slow = WindowStats(VerdictWindow(0, 1, 50, "hold", ("stripe brownout",)), sent=50, p99_ms=1500, sustained=False)
+    tips = suggestions([slow], {"providers": {"stripe": {"timeout_ms": 2000}}}, peak_rate=150, quotas={},
+                       gateway_quotas={}, workers=1, cpu_capacity=1, p99_target_ms=1000)
+    assert tips == ["while stripe browned out p99 reached 1500 ms: lower providers.stripe.timeout_ms (now 2000) so "
+                    "its slow calls are cut and failed over sooner, and set routes[].demote_below so a failing "
+                    "primary is tried last"]

@@ -21,6 +21,7 @@ from emulators.faults import FaultRule
 
 Role = Literal["primary", "backup"]
 AUTHORIZE = ("authorize",)
+BROWNOUT = "brownout"  # a window's fault label for a brownout ends with it (the verdict looks for it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +36,7 @@ class Brownout:
                 FaultRule(kind="error", status=503, share=self.error_share, operations=AUTHORIZE))
 
     def short(self, name: str) -> str:
-        return f"{name} brownout"
+        return f"{name} {BROWNOUT}"
 
     def describe(self, name: str) -> str:
         return (f"{name} browns out: +{self.latency_ms:g}-{self.latency_ms + self.jitter_ms:g} ms, "

@@ -35,6 +35,7 @@ from gateway.drill.report import FINAL_OR_PENDING, percentile
 from gateway.rehearse.cpu import CpuSample
 from gateway.rehearse.load import Sent
 from gateway.rehearse.profile import Window
+from gateway.rehearse.scenario import BROWNOUT
 
 CPU_BUSY_SHARE = 0.85
 LOG_BACKED_UP = "transaction log"  # in the message of the gateway's log-backlog 503
@@ -360,12 +361,12 @@ def suggestions(stats: Sequence[WindowStats], config: Mapping[str, Any], *, peak
     if any(s.shed_log or s.lost for s in stats):
         out.append("the journal or transaction log fell behind: raise log.max_outbox_backlog, put logs and the "
                    "journal on a faster disk, or move the journal to PostgreSQL (storage.backend: postgres)")
-    slow = [s for s in stats if s.window.faults and any("browns out" in f for f in s.window.faults)
-            and s.p99_ms > p99_target_ms]
+    slow = [(f, s) for s in stats if s.p99_ms > p99_target_ms for f in s.window.faults if f.endswith(f" {BROWNOUT}")]
     if slow:
-        name = slow[0].window.faults[0].split(" ", 1)[0]
+        name = slow[0][0].removesuffix(f" {BROWNOUT}")
         timeout = (providers.get(name) or {}).get("timeout_ms")
-        out.append(f"while {name} browned out p99 reached {max(s.p99_ms for s in slow):.0f} ms: lower "
-                   f"providers.{name}.timeout_ms (now {timeout}) or set routes[].demote_below so a slow primary "
-                   "is tried after the others sooner")
+        demotes = any(r.get("demote_below") is not None for r in config.get("routes") or ())
+        out.append(f"while {name} browned out p99 reached {max(s.p99_ms for _, s in slow):.0f} ms: lower "
+                   f"providers.{name}.timeout_ms (now {timeout}) so its slow calls are cut and failed over sooner"
+                   + ("" if demotes else ", and set routes[].demote_below so a failing primary is tried last"))
     return out
