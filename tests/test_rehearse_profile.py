@@ -61,7 +61,7 @@ def test_arrivals_follow_the_integral_of_the_rate(segs: list[Segment]) -> None:
         inside = sum(1 for t in times if w.start_s <= t < w.end_s)
         assert abs(inside - w.rate * (w.end_s - w.start_s)) <= 1
         mid = (w.start_s + w.end_s) / 2
-        assert profile.rate_at(mid) == w.rate and profile.windows()[profile.window_of(mid) or 0] == w
+        assert profile.rate_at(mid) == w.rate
 
 
 @given(st.floats(1, 400), st.floats(4, 1200))
@@ -93,7 +93,7 @@ def test_the_mix_draws_its_shares_and_repeats_with_its_seed() -> None:
     visa, mc = PaymentKind("EUR", "DE", "visa", False), PaymentKind("USD", "US", "mastercard", True)
     mix = Mix({visa: 3, mc: 1}, seed=7)
     draws = mix.draws(20_000)
-    assert Counter(draws)[mc] / len(draws) == pytest.approx(0.25, abs=0.02) and mix.share(mc) == 0.25
+    assert Counter(draws)[mc] / len(draws) == pytest.approx(0.25, abs=0.02)
     assert Mix({visa: 3, mc: 1}, seed=7).draws(100) == draws[:100]
     with pytest.raises(ValueError):
         Mix({visa: 0}, seed=1)
@@ -215,12 +215,16 @@ def test_the_highest_sustained_window_and_what_stopped_the_next() -> None:
                               [], p99_target_ms=1000, max_failed_share=0.01)
     late = decide(mid_failed, cpu_capacity=1)
     assert (late.max_sustained_rate, late.limited_by) == (10, "latency"), "a later, faster window does not count"
+    assert late.limited_by_detail.startswith("p99 3000 ms as the checkout saw it")
 
 
 def test_the_evidence_is_read_in_order_of_what_to_fix_first() -> None:
     w = VerdictWindow(0, 1, 50, "hold", ("stripe brownout",))
     st_ = WindowStats(w, sent=50, sustained=False, why_not=["p99"])
     assert limit_of(st_, 1)[0] == "provider_faults"
+    st_.evidence.provider_429s["stripe"] = 5
+    assert limit_of(st_, 1)[0] == "provider_faults", "429s under a fault are the fault's"
+    assert limit_of(WindowStats(VerdictWindow(0, 1, 50, "hold", ()), evidence=st_.evidence), 1)[0] == "provider_quota"
     st_.cpu_cores = 0.9
     assert limit_of(st_, 1)[0] == "gateway_cpu"
     st_.evidence.bulkhead_full["adyen"] = 3

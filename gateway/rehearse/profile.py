@@ -94,12 +94,6 @@ class RateProfile:
                 return w.rate
         return 0.0
 
-    def window_of(self, t: float) -> int | None:
-        """The index of the window holding `t`, None outside the run."""
-        starts = [w.start_s for w in self.windows()]
-        i = bisect.bisect_right(starts, t) - 1
-        return i if 0 <= i and t < self.duration_s else None
-
     def arrivals(self) -> list[float]:
         """When each payment is due, in seconds from the start (see the module doc)."""
         times: list[float] = []
@@ -155,11 +149,6 @@ class Mix:
         self.kinds: tuple[PaymentKind, ...] = tuple(k for k, _ in kinds)
         self._cumulative = list(accumulate(w for _, w in kinds))
         self._rng = random.Random(seed)
-
-    def share(self, kind: PaymentKind) -> float:
-        i = self.kinds.index(kind)
-        low = self._cumulative[i - 1] if i else 0.0
-        return (self._cumulative[i] - low) / self._cumulative[-1]
 
     def draw(self) -> PaymentKind:
         x = self._rng.random() * self._cumulative[-1]

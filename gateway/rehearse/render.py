@@ -39,11 +39,13 @@ def verdict_table(report: Mapping[str, Any]) -> Group:
     for label, value in rows:
         head.add_row(label, str(value))
     windows = Table(title="windows (constant rate, constant faults)")
-    for col in ("t (s)", "rate/s", "label", "faults", "sent", "p99 ms", "failed", "429s", "cpu", "sustained"):
+    for col in ("t (s)", "rate/s", "label", "faults", "sent", "p99 ms", "before / in gw", "failed", "429s", "cpu",
+                "sustained"):
         windows.add_column(col)
     for w in report["windows"]:
         windows.add_row(f"{w['start_s']:.0f}-{w['end_s']:.0f}", f"{w['rate']:g}", w["label"],
-                        "; ".join(w["faults"]) or "-", str(w["sent"]), f"{w['p99_ms']:.0f}", str(w["failed"]),
+                        "; ".join(w["faults"]) or "-", str(w["sent"]), f"{w['p99_ms']:.0f}",
+                        f"{w['p99_before_gateway_ms']:.0f} / {w['p99_in_gateway_ms']:.0f}", str(w["failed"]),
                         str(sum(w["provider_429s"].values())), f"{w['gateway_cpu_cores']:.2f}",
                         "[green]yes[/green]" if w["sustained"] else f"[red]no[/red] {', '.join(w['why_not'])}")
     notes = report["caveats"]

@@ -147,6 +147,11 @@ class WindowStats:
     no_answer: int = 0
     lost: int = 0
     p99_ms: float = 0.0
+    # The checkout's latency split at the gateway's payment record: from when the payment was due
+    # to the record's `created_at` (the harness sending, the connection, the gateway's loop
+    # getting to the request), and the gateway's own `latency_ms` (journal claim to answer).
+    p99_before_gateway_ms: float = 0.0
+    p99_in_gateway_ms: float = 0.0
     cpu_cores: float = 0.0
     evidence: Evidence = field(default_factory=Evidence)
     sustained: bool = True
@@ -158,6 +163,8 @@ class WindowStats:
                 "label": w.label, "faults": list(w.faults), "sent": self.sent, "approved": self.approved,
                 "declined": self.declined, "pending": self.pending, "failed": self.failed, "shed": self.shed,
                 "no_answer": self.no_answer, "lost": self.lost, "p99_ms": round(self.p99_ms, 1),
+                "p99_before_gateway_ms": round(self.p99_before_gateway_ms, 1),
+                "p99_in_gateway_ms": round(self.p99_in_gateway_ms, 1),
                 "gateway_cpu_cores": round(self.cpu_cores, 2),
                 "provider_429s": dict(self.evidence.provider_429s), "bulkhead_full": dict(self.evidence.bulkhead_full),
                 "failed_by_429": self.evidence.failed_by_429,
@@ -183,6 +190,7 @@ def window_stats(windows: Sequence[VerdictWindow], sends: Sequence[Sent], journa
                  lines: Sequence[Mapping[str, Any]], run_epoch: float, cpu: Sequence[CpuSample], *,
                  p99_target_ms: float, max_failed_share: float) -> list[WindowStats]:
     by_ref = {str(d.get("merchant_reference")): d for d in journal}
+    due = {s.result.merchant_reference: s.due_s for s in sends}
     out = []
     for w in windows:
         st = WindowStats(w)
@@ -208,8 +216,13 @@ def window_stats(windows: Sequence[VerdictWindow], sends: Sequence[Sent], journa
                 st.failed += 1
             st.lost += is_lost(s, by_ref)
         st.p99_ms = percentile(latencies, 99) if latencies else 0.0
-        st.evidence = evidence(ln for ln in lines
-                               if _in(float(ln.get("created_at") or 0) - run_epoch, w))
+        mine_lines = [ln for ln in lines if _in(due.get(str(ln.get("merchant_reference")), -1.0), w)]
+        st.evidence = evidence(mine_lines)
+        before = [(float(ln["created_at"]) - run_epoch - due[str(ln["merchant_reference"])]) * 1000
+                  for ln in mine_lines if ln.get("created_at") is not None]
+        inside = [float(ln["latency_ms"]) for ln in mine_lines if ln.get("latency_ms") is not None]
+        st.p99_before_gateway_ms = percentile(before, 99) if before else 0.0
+        st.p99_in_gateway_ms = percentile(inside, 99) if inside else 0.0
         samples = [c.cores for c in cpu if _in(c.t_s, w)]
         st.cpu_cores = sum(samples) / len(samples) if samples else 0.0
         if st.p99_ms > p99_target_ms:
@@ -244,6 +257,11 @@ def limit_of(st: WindowStats, cpu_capacity: float) -> tuple[str, str]:
                    + (f" (connect timeouts as traffic moved: {timeouts})" if timeouts else ""))
     if ev.provider_429s and cascade and not st.window.faults:
         return "provider_quota", f"429s ({who_429}) opened the primary's breaker; then {cascade}"
+    split = (f"p99 {st.p99_ms:.0f} ms as the checkout saw it: {st.p99_before_gateway_ms:.0f} ms before the gateway "
+             f"took the request, {st.p99_in_gateway_ms:.0f} ms inside it")
+    if ev.provider_429s and not st.window.faults and not st.shed and st.cpu_cores < CPU_BUSY_SHARE * cpu_capacity:
+        return "provider_quota", (f"the window where the quota was passed ({who_429} 429s): traffic moved to the "
+                                  f"backups; {split}")
     if ev.bulkhead_full:
         who = ", ".join(f"{p} {n}" for p, n in ev.bulkhead_full.most_common())
         return "bulkhead", f"attempts refused bulkhead_full ({who})"
@@ -254,8 +272,8 @@ def limit_of(st: WindowStats, cpu_capacity: float) -> tuple[str, str]:
     if cascade:
         return "breakers", cascade
     if st.window.faults:
-        return "provider_faults", "; ".join(st.window.faults)
-    return "latency", "; ".join(st.why_not)
+        return "provider_faults", f"{'; '.join(st.window.faults)}: {split}"
+    return "latency", split
 
 
 @dataclass(frozen=True, slots=True)
