@@ -269,3 +269,40 @@ def test_suggestions_name_the_setting_to_change() -> None:
     assert tips == ["while stripe browned out p99 reached 1500 ms: lower providers.stripe.timeout_ms (now 2000) so "
                     "its slow calls are cut and failed over sooner, and set routes[].demote_below so a failing "
                     "primary is tried last"]
+
+
+# -- the load's one retry of a request without an answer ------------------------------------------
+
+async def test_a_request_without_an_answer_is_asked_again_with_its_key(aiohttp_server: Any) -> None:
+    """A real server on loopback that cuts the connection of each key's first request (the
+    gateway took it or not: the checkout cannot tell) and answers the second with the payment."""
+    from aiohttp import web
+
+    from gateway.rehearse.load import LoadState, ask_again, client_session, plan, run_load
+
+    seen: Counter[str] = Counter()
+
+    async def payments(request: web.Request) -> web.StreamResponse:
+        key = request.headers["Idempotency-Key"]
+        seen[key] += 1
+        if seen[key] == 1 and key.endswith("1"):
+            assert request.transport is not None
+            request.transport.abort()  # no answer at all
+            return web.Response()
+        return web.json_response({"id": f"pay_{key}", "status": "approved", "merchant_reference": key}, status=201)
+
+    app = web.Application()
+    app.router.add_post("/v1/payments", payments)
+    server = await aiohttp_server(app)
+    kind = PaymentKind("EUR", "DE", "visa", False)
+    planned = plan([0.0, 0.01, 0.02], [kind] * 3, "t", "4000000000009995", seed=1)
+    state = LoadState()
+    async with client_session(str(server.make_url("/")), "k", 10, 5.0) as session:
+        await run_load(session, planned, state, max_in_flight=10)
+        assert [s.result.http_status for s in sorted(state.sent, key=lambda s: s.result.index)] == [201, None, 201]
+        first_latency = next(s.result.latency_ms for s in state.sent if s.result.http_status is None)
+        assert await ask_again(session, planned, state) == 1
+    again = next(s for s in state.sent if s.result.index == 1)
+    assert (again.result.status, again.result.payment_id) == ("approved", "pay_rehearse-t-0000001")
+    assert again.result.latency_ms == first_latency and again.due_s == planned[1].due_s
+    assert seen == {"rehearse-t-0000000": 1, "rehearse-t-0000001": 2, "rehearse-t-0000002": 1}, "the same key"

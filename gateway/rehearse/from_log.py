@@ -125,6 +125,6 @@ def read_day(paths: Sequence[Path]) -> Day:
     return Day(bucket, tuple(counts), mix, latency)
 
 
-def latency_plans(day: Day, providers: Iterable[str]) -> dict[str, tuple[FaultRule, ...]]:
-    """Provider name -> the latency rules of its emulator, for the providers the log knows."""
-    return {name: latency_rules(day.latency[name]) for name in providers if name in day.latency}
+def latency_plans(day: Day) -> dict[str, tuple[FaultRule, ...]]:
+    """Provider name -> the latency rules of its emulator, for every provider the log knows."""
+    return {name: latency_rules(q) for name, q in day.latency.items()}

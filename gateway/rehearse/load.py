@@ -6,7 +6,8 @@ Latency is measured from when a payment was *due*, not from when the client got 
 a client that fell behind cannot hide time either (coordinated omission). Bounded: the plan is
 bounded by the profile (count), sending stops at the profile's end plus nothing (time), at most
 `max_in_flight` requests are open (past that a payment is counted `client_cap`, not queued), and
-every request has the client timeout. Loopback only; each payment its own Idempotency-Key.
+every request has the client timeout. Loopback only; each payment its own Idempotency-Key, which a
+request without an answer is sent with once more after the load (`ask_again`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import asyncio
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import aiohttp
 import orjson
@@ -76,9 +77,13 @@ class LoadState:
 
     started_at: float = 0.0  # monotonic
     scheduled: int = 0
-    client_cap: int = 0
     in_flight: int = 0
     sent: list[Sent] = field(default_factory=list)
+    capped: list[float] = field(default_factory=list)  # due times of payments not sent: max_in_flight reached
+
+    @property
+    def client_cap(self) -> int:
+        return len(self.capped)
 
 
 async def _send(session: aiohttp.ClientSession, p: Planned, due_at: float) -> Sent:
@@ -131,10 +136,32 @@ async def run_load(session: aiohttp.ClientSession, planned: Sequence[Planned], s
             await asyncio.sleep(delay)
         state.scheduled += 1
         if state.in_flight >= max_in_flight:
-            state.client_cap += 1
+            state.capped.append(p.due_s)
             continue
         task = asyncio.create_task(one(p, due_at))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
     if tasks:
         await asyncio.gather(*tasks)
+
+
+async def ask_again(session: aiohttp.ClientSession, planned: Sequence[Planned], state: LoadState, *,
+                    concurrency: int = 32) -> int:
+    """What a checkout does with a request that got no answer: ask once more with the same
+    Idempotency-Key. If the gateway had taken it, the answer is the payment (replayed, or 409
+    while still in flight); if it never arrived, it is taken now. Either way it is no longer
+    unknown, so `lost` counts only what the gateway took and then lost. Each retried payment
+    keeps its first latency (the checkout waited that long at least); returns how many."""
+    by_index = {p.payment.index: p for p in planned}
+    todo = [i for i, s in enumerate(state.sent) if s.result.http_status is None]
+    gate = asyncio.Semaphore(concurrency)
+
+    async def again(i: int) -> None:
+        first = state.sent[i]
+        async with gate:
+            retried = await _send(session, by_index[first.result.index], time.monotonic())
+        state.sent[i] = replace(retried, due_s=first.due_s, result=replace(retried.result,
+                                                                          latency_ms=first.result.latency_ms))
+
+    await asyncio.gather(*(again(i) for i in todo))
+    return len(todo)

@@ -55,7 +55,7 @@ from gateway.rehearse import verdict as V
 from gateway.rehearse.config_gen import HOST, gateway_quotas, rehearsal_config, secret_env, uses_mtls, uses_tls
 from gateway.rehearse.cpu import CpuMeter
 from gateway.rehearse.from_log import latency_plans, log_profile, read_day
-from gateway.rehearse.load import LoadState, Sent, client_session, plan, run_load
+from gateway.rehearse.load import LoadState, Sent, ask_again, client_session, plan, run_load
 from gateway.rehearse.profile import Mix, RateProfile, peak_sale, sale_mix
 from gateway.rehearse.scenario import (
     Brownout,
@@ -130,8 +130,7 @@ def traffic(options: RehearsalOptions, seed: int) -> tuple[RateProfile, Mix, dic
     if options.profile == "peak-sale":
         return peak_sale(options.target_rate, options.seconds), sale_mix(seed), {}
     day = read_day(list(options.from_log))
-    return (log_profile(day, speedup=options.speedup, scale=options.scale), Mix(day.mix, seed),
-            {name: rules for name, rules in latency_plans(day, day.latency).items()})
+    return log_profile(day, speedup=options.speedup, scale=options.scale), Mix(day.mix, seed), latency_plans(day)
 
 
 class Emulators:
@@ -319,7 +318,7 @@ async def rehearse(options: RehearsalOptions, on_progress: ProgressHook | None =
         admin = await stack.enter_async_context(aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=ADMIN_TIMEOUT_S)))
         emulators = Emulators(servers, admin, base_rules)
-        for name in base_rules:
+        for name in sorted(base_rules.keys() & servers.keys()):  # the day's latency, where the log knew the provider
             await emulators.faults(name, seed=seed)
         if scenario.quota is not None:
             q = scenario.quota
@@ -352,10 +351,11 @@ async def rehearse(options: RehearsalOptions, on_progress: ProgressHook | None =
         for name in servers:  # the sale is over: every provider healthy again
             await emulators.outage(name, False)
             await emulators.faults(name)
+        report["client_retries"] = await ask_again(session, planned, progress.load)
         sends = progress.load.sent
         report["still_pending_after_settle"] = await _settle(session, sends, time.monotonic() + options.settle_s)
         await gateway.stop()
-        ledger = ledger_view({n: s for n, s in servers.items()})
+        ledger = ledger_view(servers)
 
     journal = await asyncio.to_thread(read_journal, Path(config.storage.sqlite_path), prefix)
     lines = await asyncio.to_thread(read_txlog, run_dir, prefix)
@@ -365,7 +365,7 @@ async def rehearse(options: RehearsalOptions, on_progress: ProgressHook | None =
                         log_dir=str(run_dir))
     cpu_capacity = float(min(options.workers, os.cpu_count() or 1))
     windows = V.split_windows(profile.windows(), fault_marks(scenario, profile.duration_s, roles))
-    stats = V.window_stats(windows, sends, journal, lines, run_epoch, progress.cpu.samples,
+    stats = V.window_stats(windows, sends, journal, lines, run_epoch, progress.cpu.samples, progress.load.capped,
                            p99_target_ms=options.p99_target_ms, max_failed_share=options.max_failed_share)
     decision = V.decide(stats, cpu_capacity)
     totals = V.evidence(lines)

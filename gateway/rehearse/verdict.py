@@ -5,8 +5,10 @@ How `max_sustained_rate` is measured. The run is cut into windows: each constant
 of the profile, cut again wherever the scenario changed a fault, so one window has one offered
 rate and one fault state. A window is *sustained* when, for the payments due in it:
 - p99 latency (from when each was due, as the checkout waits) is at most the target,
-- nothing is lost and nothing is left without an answer,
-- the gateway shed none (503 `overloaded`),
+- nothing is lost and nothing is left without an answer (each request without one is asked
+  again once with its Idempotency-Key after the load, as a checkout would: `load.ask_again`),
+- the gateway shed none (503 `overloaded`) and the client sent every payment due (none held
+  back at its cap of requests open),
 - at most `max_failed_share` of the payments that were not card declines failed.
 `max_sustained_rate` is the highest offered rate R such that *every* window offering at most R
 was sustained (0 when the lowest failed): a gateway that collapses at 100/s and recovers to
@@ -146,6 +148,7 @@ class WindowStats:
     shed_log: int = 0
     no_answer: int = 0
     lost: int = 0
+    client_cap: int = 0  # due in the window, never sent: the client had max_in_flight open
     p99_ms: float = 0.0
     # The checkout's latency split at the gateway's payment record: from when the payment was due
     # to the record's `created_at` (the harness sending, the connection, the gateway's loop
@@ -162,7 +165,7 @@ class WindowStats:
         return {"start_s": round(w.start_s, 2), "end_s": round(w.end_s, 2), "rate": round(w.rate, 2),
                 "label": w.label, "faults": list(w.faults), "sent": self.sent, "approved": self.approved,
                 "declined": self.declined, "pending": self.pending, "failed": self.failed, "shed": self.shed,
-                "no_answer": self.no_answer, "lost": self.lost, "p99_ms": round(self.p99_ms, 1),
+                "no_answer": self.no_answer, "lost": self.lost, "client_cap": self.client_cap, "p99_ms": round(self.p99_ms, 1),
                 "p99_before_gateway_ms": round(self.p99_before_gateway_ms, 1),
                 "p99_in_gateway_ms": round(self.p99_in_gateway_ms, 1),
                 "gateway_cpu_cores": round(self.cpu_cores, 2),
@@ -187,7 +190,8 @@ def _in(t: float, w: VerdictWindow) -> bool:
 
 
 def window_stats(windows: Sequence[VerdictWindow], sends: Sequence[Sent], journal: Iterable[Mapping[str, Any]],
-                 lines: Sequence[Mapping[str, Any]], run_epoch: float, cpu: Sequence[CpuSample], *,
+                 lines: Sequence[Mapping[str, Any]], run_epoch: float, cpu: Sequence[CpuSample],
+                 capped: Sequence[float] = (), *,
                  p99_target_ms: float, max_failed_share: float) -> list[WindowStats]:
     by_ref = {str(d.get("merchant_reference")): d for d in journal}
     due = {s.result.merchant_reference: s.due_s for s in sends}
@@ -196,6 +200,7 @@ def window_stats(windows: Sequence[VerdictWindow], sends: Sequence[Sent], journa
         st = WindowStats(w)
         mine = [s for s in sends if _in(s.due_s, w)]
         st.sent = len(mine)
+        st.client_cap = sum(1 for t in capped if _in(t, w))
         latencies = []
         for s in mine:
             r = s.result
@@ -231,9 +236,11 @@ def window_stats(windows: Sequence[VerdictWindow], sends: Sequence[Sent], journa
             st.why_not.append(f"{st.lost} lost, {st.no_answer} without an answer")
         if st.shed:
             st.why_not.append(f"{st.shed} shed")
+        if st.client_cap:
+            st.why_not.append(f"{st.client_cap} not sent (the client's requests open at its cap)")
         if st.failed > max_failed_share * max(1, st.sent - st.declined):
             st.why_not.append(f"{st.failed} failed")
-        st.sustained = st.sent > 0 and not st.why_not
+        st.sustained = st.sent + st.client_cap > 0 and not st.why_not
         out.append(st)
     return out
 
@@ -287,7 +294,7 @@ class Verdict:
 
 def decide(stats: Sequence[WindowStats], cpu_capacity: float) -> Verdict:
     """See the module doc: the highest rate below which every window was sustained."""
-    offered = [s for s in stats if s.sent]
+    offered = [s for s in stats if s.sent or s.client_cap]
     failing = [s for s in offered if not s.sustained]
     if not failing:
         best = max(offered, key=lambda s: (s.window.rate, -s.p99_ms), default=None)
