@@ -28,12 +28,14 @@ def verdict_table(report: Mapping[str, Any]) -> Group:
         ("failed by a 429 / spilled over", f"{report['failed_by_429']} / {report['spilled_over']}"),
         ("failover cost (p50 added)", f"failed over {_signed(cost['failed_over']['added_p50_ms'])} ms "
                                       f"({cost['failed_over']['payments']} payments), rerouted "
-                                      f"{_signed(cost['rerouted']['added_p50_ms'])} ms ({cost['rerouted']['payments']})"),
+                                      f"{_signed(cost['rerouted']['added_p50_ms'])} ms "
+                                      f"({cost['rerouted']['payments']})"),
         ("sent / approved / declined / pending / failed",
          f"{report['sent']} / {report['approved']} / {report['declined']} / {report['pending']} / {report['failed']}"),
         ("shed / client cap", f"{report['shed']} / {report['client_cap']}"),
         ("p50 / p99", f"{report['p50_ms']} / {report['p99_ms']} ms"),
-        ("gateway CPU / harness CPU (max)", f"{report['gateway_cpu_max_cores']} / {report['harness_cpu_max_cores']} cores"),
+        ("gateway CPU / harness CPU (max)",
+         f"{report['gateway_cpu_max_cores']} / {report['harness_cpu_max_cores']} cores"),
         ("run dir", report["run_dir"]),
     )
     for label, value in rows:

@@ -22,7 +22,7 @@ import asyncio
 import os
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -33,13 +33,12 @@ import aiohttp
 import orjson
 import yaml
 
-from emulators.faults import FaultPlan, FaultRule
+from emulators.faults import FaultRule
 from emulators.server import EmulatorServer
 from emulators.registry import EMULATORS
 from emulators.webhooks import WebhookTarget
-from gateway.certs.devca import DevCertLayout, generate_dev_certs, issue_dev_pair
-from gateway.certs.rotate import install_pair, provider_target
-from gateway.config import GatewayConfig, parse_config
+from gateway.certs.devca import DevCertLayout, generate_dev_certs
+from gateway.config import parse_config
 from gateway.drill.process import GatewayProcess, free_port
 from gateway.drill.report import percentile, summarize
 from gateway.drill.runner import (
@@ -52,24 +51,29 @@ from gateway.drill.runner import (
 from gateway.drill.scenarios import Scenario as DrillScenario
 from gateway.emulator_launch import start_emulator
 from gateway.rehearse import verdict as V
-from gateway.rehearse.config_gen import HOST, gateway_quotas, rehearsal_config, secret_env, uses_mtls, uses_tls
+from gateway.rehearse.config_gen import (
+    HOST,
+    gateway_quotas,
+    rehearsal_config,
+    secret_env,
+    uses_mtls,
+    uses_tls,
+)
 from gateway.rehearse.cpu import CpuMeter
 from gateway.rehearse.from_log import latency_plans, log_profile, read_day
 from gateway.rehearse.load import LoadState, Sent, ask_again, client_session, plan, run_load
 from gateway.rehearse.profile import Mix, RateProfile, peak_sale, sale_mix
-from gateway.rehearse.scenario import (
-    Brownout,
-    CertificateExpires,
-    Outage,
-    Recover,
-    Scenario,
-    no_fault_scenario,
-    peak_scenario,
+from gateway.rehearse.scenario import no_fault_scenario, peak_scenario
+from gateway.rehearse.timeline import (
+    Emulators,
+    expire_client_certificate,
+    fault_marks,
+    roles_of,
+    run_timeline,
 )
 
 SAMPLE_S = 0.5  # CPU samples and the live view
 SETTLE_POLL_S = 0.25
-EXPIRED_DAYS = -1 / 1440  # the staged client certificate ran out a minute ago
 ADMIN_TIMEOUT_S = 5.0
 HARNESS_BUSY = 0.85  # cores: the rehearsal's own process this busy may slow what it measures
 
@@ -131,82 +135,6 @@ def traffic(options: RehearsalOptions, seed: int) -> tuple[RateProfile, Mix, dic
         return peak_sale(options.target_rate, options.seconds), sale_mix(seed), {}
     day = read_day(list(options.from_log))
     return log_profile(day, speedup=options.speedup, scale=options.scale), Mix(day.mix, seed), latency_plans(day)
-
-
-class Emulators:
-    """The run's emulators by provider name, driven through their admin API as ops would."""
-
-    def __init__(self, servers: Mapping[str, EmulatorServer], session: aiohttp.ClientSession,
-                 base_rules: Mapping[str, tuple[FaultRule, ...]]) -> None:
-        self.servers = servers
-        self._session = session
-        self._base = base_rules
-
-    async def _call(self, method: str, name: str, path: str, doc: Any) -> None:
-        async with self._session.request(method, f"{self.servers[name].admin_url}{path}",
-                                         data=orjson.dumps(doc)) as response:
-            if response.status != 200:
-                raise RuntimeError(f"{name} emulator {method} {path}: {response.status} {await response.text()}")
-
-    async def faults(self, name: str, extra: Sequence[FaultRule] = (), seed: int | None = None) -> None:
-        plan = FaultPlan(rules=(*self._base.get(name, ()), *extra), seed=seed)
-        await self._call("PUT", name, "/_emulator/faults", plan.model_dump(mode="json"))
-
-    async def outage(self, name: str, on: bool) -> None:
-        await self._call("POST", name, "/_emulator/outage", {"on": on})
-
-    async def quota(self, name: str, rate: float, burst: int) -> None:
-        await self._call("PUT", name, "/_emulator/quota", {"rate_limit_per_s": rate, "burst": burst})
-
-
-def _expire_client_certificate(layout: DevCertLayout, config: GatewayConfig, name: str) -> str:
-    """An already-expired pair installed over the provider's live files (what `gateway certs
-    issue-dev --provider NAME --days -1` does); its serial."""
-    cert_pem, key_pem = issue_dev_pair(layout, usage="client", common_name=f"gateway-client-{name}",
-                                       days_valid=EXPIRED_DAYS)
-    return install_pair(provider_target(config, name), cert_pem, key_pem, now=datetime.now(UTC)).installed.serial
-
-
-def _roles(data: Mapping[str, Any]) -> dict[str, str]:
-    route = list(data["routes"][0]["providers"])
-    return {"primary": route[0], "backup": route[-1]}
-
-
-async def _timeline(scenario: Scenario, duration_s: float, roles: Mapping[str, str], emulators: Emulators,
-                    expire: Callable[[str], str], started_at: float, happened: list[str],
-                    seed: int) -> list[dict[str, Any]]:
-    """Apply each event at its time; what happened, when."""
-    done: list[dict[str, Any]] = []
-    for event in sorted(scenario.events, key=lambda e: e.at):
-        at_s = event.at * duration_s
-        await asyncio.sleep(max(0.0, started_at + at_s - time.monotonic()))
-        action = event.action
-        name = roles[action.role]
-        entry: dict[str, Any] = {"at_s": round(at_s, 2), "provider": name, "event": action.describe(name)}
-        match action:
-            case Brownout():
-                await emulators.faults(name, action.rules(), seed)
-            case Outage():
-                await emulators.outage(name, True)
-            case Recover():
-                await emulators.outage(name, False)
-                await emulators.faults(name)
-            case CertificateExpires():
-                entry["serial"] = await asyncio.to_thread(expire, name)
-        entry["applied_s"] = round(time.monotonic() - started_at, 2)
-        happened.append(f"{entry['applied_s']:.0f}s {entry['event']}")
-        done.append(entry)
-    return done
-
-
-def fault_marks(scenario: Scenario, duration_s: float, roles: Mapping[str, str]) -> list[V.FaultMark]:
-    marks = []
-    for e in scenario.events:
-        name = roles[e.action.role]
-        key = f"cert:{name}" if isinstance(e.action, CertificateExpires) else name
-        marks.append(V.FaultMark(e.at * duration_s, e.action.short(name), key,
-                                 clears=isinstance(e.action, Recover)))
-    return marks
 
 
 async def _sample(meter: CpuMeter, started_at: float, stop: asyncio.Event, progress: Progress,
@@ -291,7 +219,7 @@ async def rehearse(options: RehearsalOptions, on_progress: ProgressHook | None =
         port = free_port(HOST)
         data = rehearsal_config(prod, run_dir=run_dir, port=port, certs=certs,
                                 emulator_urls={n: s.url for n, s in servers.items()})
-        roles = _roles(data)
+        roles = roles_of(data)
         quotas: dict[str, float] = {}
         applied: dict[str, Any] = {}
         if scenario.quota is not None:
@@ -337,9 +265,9 @@ async def rehearse(options: RehearsalOptions, on_progress: ProgressHook | None =
         stop = asyncio.Event()
         assert progress.cpu is not None
         sampler = asyncio.create_task(_sample(progress.cpu, load_at, stop, progress, on_progress))
-        timeline = asyncio.create_task(_timeline(
+        timeline = asyncio.create_task(run_timeline(
             scenario, profile.duration_s, roles, emulators,
-            lambda name: _expire_client_certificate(certs, config, name), load_at, progress.happened, seed))
+            lambda name: expire_client_certificate(certs, config, name), load_at, progress.happened, seed))
         try:
             await run_load(session, planned, progress.load, max_in_flight=options.max_in_flight)
             load_s = time.monotonic() - load_at

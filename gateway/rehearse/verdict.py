@@ -165,14 +165,16 @@ class WindowStats:
         return {"start_s": round(w.start_s, 2), "end_s": round(w.end_s, 2), "rate": round(w.rate, 2),
                 "label": w.label, "faults": list(w.faults), "sent": self.sent, "approved": self.approved,
                 "declined": self.declined, "pending": self.pending, "failed": self.failed, "shed": self.shed,
-                "no_answer": self.no_answer, "lost": self.lost, "client_cap": self.client_cap, "p99_ms": round(self.p99_ms, 1),
+                "no_answer": self.no_answer, "lost": self.lost, "client_cap": self.client_cap,
+                "p99_ms": round(self.p99_ms, 1),
                 "p99_before_gateway_ms": round(self.p99_before_gateway_ms, 1),
                 "p99_in_gateway_ms": round(self.p99_in_gateway_ms, 1),
                 "gateway_cpu_cores": round(self.cpu_cores, 2),
                 "provider_429s": dict(self.evidence.provider_429s), "bulkhead_full": dict(self.evidence.bulkhead_full),
                 "failed_by_429": self.evidence.failed_by_429,
                 "connect_timeouts": dict(self.evidence.connect_timeouts),
-                "failed_breakers_open": self.evidence.failed_breakers_open, "sustained": self.sustained, "why_not": self.why_not}
+                "failed_breakers_open": self.evidence.failed_breakers_open, "sustained": self.sustained,
+                "why_not": self.why_not}
 
 
 def is_lost(sent: Sent, by_ref: Mapping[str, Mapping[str, Any]]) -> bool:
@@ -253,7 +255,8 @@ def limit_of(st: WindowStats, cpu_capacity: float) -> tuple[str, str]:
     """(limit, what showed it) for one window that was not sustained (see the module doc)."""
     ev = st.evidence
     if st.lost or st.shed_log or ev.journal_unavailable:
-        return "journal", f"{st.lost} lost, {st.shed_log} shed for the log backlog, {ev.journal_unavailable} journal errors"
+        return "journal", (f"{st.lost} lost, {st.shed_log} shed for the log backlog, "
+                           f"{ev.journal_unavailable} journal errors")
     who_429 = ", ".join(f"{p} {n}" for p, n in ev.provider_429s.most_common())
     if ev.failed_by_429:
         return "provider_quota", f"{ev.failed_by_429} payments failed after 429s ({who_429})"
