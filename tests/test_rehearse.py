@@ -28,8 +28,8 @@ def _run(*args: str) -> dict[str, Any]:
 
 def test_a_short_peak_sale_then_its_own_day_replayed(tmp_path: Path) -> None:
     run_dir, html = tmp_path / "peak", tmp_path / "report.html"
-    r = _run("--seconds", "10", "--target-rate", "16", "--quota-share", "0.4", "--run-dir", str(run_dir),
-             "--html", str(html))
+    r = _run("--seconds", "10", "--target-rate", "16", "--quota-share", "0.4", "--p99-target-ms", "2500",
+             "--run-dir", str(run_dir), "--html", str(html))
 
     assert r["duplicates"] == 0 and r["lost"] == 0 and r["journal_mismatches"] == 0
     assert r["limited_by"] in LIMITS and r["limited_by_detail"]
