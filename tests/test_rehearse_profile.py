@@ -306,3 +306,24 @@ async def test_a_request_without_an_answer_is_asked_again_with_its_key(aiohttp_s
     assert (again.result.status, again.result.payment_id) == ("approved", "pay_rehearse-t-0000001")
     assert again.result.latency_ms == first_latency and again.due_s == planned[1].due_s
     assert seen == {"rehearse-t-0000000": 1, "rehearse-t-0000001": 2, "rehearse-t-0000002": 1}, "the same key"
+
+
+def test_the_live_view_shows_the_last_seconds() -> None:
+    from rich.console import Console
+
+    from gateway.rehearse.cpu import CpuMeter
+    from gateway.rehearse.live import live_table
+    from gateway.rehearse.load import LoadState
+
+    profile = peak_sale(100, 40)
+    state = LoadState(started_at=1000.0, scheduled=3)
+    state.sent = [Sent(SendResult(i, f"r-{i}", 20.0 * (i + 1), http_status=201, payment_id=f"p{i}", status="approved"),
+                       9.0 + i * 0.1, failovers=i, provider_429s=1) for i in range(3)]
+    console = Console(record=True, width=100)
+    console.print(live_table(profile, state, CpuMeter(1), CpuMeter(1, tree=False), ["9s stripe browns out"],
+                             now=1010.0))
+    text = console.export_text()
+    rows = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in text.splitlines() if line.count("│") == 3}
+    assert rows["offered rate"] == "75/s", "10 s into 40: the third step of the ramp"
+    assert rows["p99 (last 2 s)"] == "60 ms" and rows["failovers"] == "3" and rows["provider 429s seen"] == "3"
+    assert rows["sent / answered"] == "3 / 3" and rows["scenario"] == "9s stripe browns out"
