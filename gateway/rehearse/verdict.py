@@ -16,8 +16,9 @@ carry 150/s later (breakers closed again, connections warm) sustains 75/s, not 1
 `limited_by` is read from the limiting window (the first, in time, of the lowest-rate windows
 that were not sustained): the evidence in it, in this order, names what limited it:
 `journal` (a payment lost, the journal unavailable, or the transaction log backed up),
-`provider_quota` (a provider's 429s: payments failed after one, or its breaker opened on them
-and the traffic it shed broke the others), `bulkhead` (attempts refused `bulkhead_full`),
+`provider_quota` (a provider's 429s: payments failed after one, its breaker opened on them and
+the traffic it shed broke the others, or they came in a window with no fault, no shedding and
+CPU to spare), `bulkhead` (attempts refused `bulkhead_full`),
 `gateway_cpu` (the gateway's processes at >= 85 % of the cores they may use),
 `gateway_in_flight` (shed at `server.max_in_flight`), `breakers` (payments failed with every
 provider's breaker open), `provider_faults` (the scenario's faults were in force), else
