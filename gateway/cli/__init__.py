@@ -21,6 +21,7 @@ from gateway.cli.errors import fail, load_or_exit
 from gateway.config import ConfigError, GatewayConfig
 from gateway.journal.errors import JournalUnavailable, SchemaMismatch
 from gateway.cli.preflight import preflight
+from gateway.cli.rehearse import rehearse
 from gateway.cli.webhooks_in import webhooks_in_app
 from gateway.cli.webhooks import webhooks_app
 from gateway.workers import WorkerSeat
@@ -32,6 +33,7 @@ app.add_typer(logs_app, name="logs")
 app.add_typer(webhooks_in_app, name="webhooks-in")
 app.add_typer(webhooks_app, name="webhooks")
 app.command()(preflight)
+app.command()(rehearse)
 
 DEFAULT_CONFIG = Path("config/gateway.yaml")
 DEFAULT_CERTS = Path("certs")

@@ -144,7 +144,7 @@ def default_log_dir(scenario: str) -> Path:
 
 
 @contextmanager
-def _environment(values: Mapping[str, str]) -> Iterator[None]:
+def environment(values: Mapping[str, str]) -> Iterator[None]:
     """Set variables for the duration of the block, then restore what was there."""
     saved = {name: os.environ.get(name) for name in values}
     os.environ.update(values)
@@ -211,7 +211,7 @@ def secret_env(scenario: Scenario, client_key: str) -> dict[str, str]:
 
 
 def build_config(data: dict[str, Any], scenario: Scenario, client_key: str) -> GatewayConfig:
-    with _environment(secret_env(scenario, client_key)):  # read into SecretStr at parse time; nothing lingers
+    with environment(secret_env(scenario, client_key)):  # read into SecretStr at parse time; nothing lingers
         return parse_config(data)
 
 
