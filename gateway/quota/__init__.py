@@ -1,0 +1,9 @@
+"""Provider quotas kept by the gateway: a token bucket per provider account, so a peak sale
+spills over to the next provider before the provider's 429s start.
+
+- `bucket.TokenBucket`: the arithmetic, in memory (one process's bucket, or its share).
+- `shared.RedisBuckets`: the fleet's buckets in Redis, refilled and taken by one Lua script.
+- `provider.ProviderQuota`: what the router and `ProviderClient` use per provider: a memory-only
+  peek for routing, and the take at the moment of the call (shared, or the local share while
+  Redis is away).
+"""
