@@ -39,6 +39,7 @@ from gateway.notifications.events import Settling
 from gateway.notifications.outbox import NotificationOutbox
 from gateway.policy import may_fail_over, payment_status
 from gateway.provider_client import ProviderClient
+from gateway.quota.provider import take_first
 from gateway.router import OVER_QUOTA, NoRoute, RouteDecision, Router, RoutingFacts
 from gateway.shopper_action import bind_action
 from gateway.tracing.spans import NO_TRACING, Tracing
@@ -200,7 +201,10 @@ class PaymentService:
         try:
             if decision is not None:
                 self.executor.budget.record_request()
-                await self._attempt_candidates(record, order, decision, deadline)
+                first = await self._reserve(record, decision, deadline)
+                if first is None:
+                    return await self._shed_over_quota(record, scope, key, decision)
+                await self._attempt_candidates(record, order, decision, deadline, first)
             record.updated_at = time.time()
             answer = answers.payment_answer(record)
             await self.commit(record, "payment", IdempotentAnswer(scope, key, answer.stored()),
@@ -263,12 +267,54 @@ class PaymentService:
         record.provider_idempotency_key = provider_idempotency_key(record.id, record.provider)
         return decision
 
+    async def _reserve(self, record: PaymentRecord, decision: RouteDecision, deadline: float) -> int | None:
+        """The first call's quota token, from the first candidate that has one (`gateway.quota`:
+        one step, one Redis round trip when shared); the candidates before it are skipped for
+        their quota. None: none has a token now (the routing's estimate was behind), not even
+        after the short wait a payment may make."""
+        candidates = decision.candidates
+        if self.clients[candidates[0]].handle.quota is None:
+            return 0  # no quota at the primary: nothing to take before its call
+        quotas = [self.clients[name].handle.quota for name in candidates]
+        first = await take_first(quotas)
+        if first is None:
+            wait = min(q.wait_s() for q in quotas if q is not None)
+            if wait > min(self.quota_max_wait_s, (deadline - time.monotonic()) / 4):
+                return None
+            await asyncio.sleep(wait)
+            first = await take_first(quotas)
+            if first is None:
+                return None
+        for name in candidates[:first]:
+            skipped = self.clients[name].new_attempt(Operation.AUTHORIZE, 0, None)
+            skipped.outcome, skipped.raw_code = "skipped", OVER_QUOTA
+            record.attempts.append(skipped)
+            self.metrics.quota_denied.labels(name).inc()
+            self.metrics.quota_spillovers.labels(name).inc()
+        return first
+
+    async def _shed_over_quota(self, record: PaymentRecord, scope: str, key: str, decision: RouteDecision) -> Answer:
+        """Every candidate at its quota once the key was claimed: nothing was sent. The row ends
+        `failed` (over_quota) and the key is released, so the checkout's retry after
+        Retry-After with the same key is a fresh payment, as when the routing found no token."""
+        for name in decision.candidates:
+            self.metrics.quota_denied.labels(name).inc()
+        self.metrics.shed.labels("quota").inc()
+        self._finish(record, PaymentStatus.FAILED, error=OVER_QUOTA)
+        record.updated_at = time.time()
+        await self.commit(record, "payment")
+        await self.store.release_idempotency(scope, key)
+        quotas = [q for name in decision.candidates if (q := self.clients[name].handle.quota) is not None]
+        return answers.over_quota(decision.route, min(q.wait_s() for q in quotas))
+
     async def _attempt_candidates(self, record: PaymentRecord, order: PaymentOrder, decision: RouteDecision,
-                                  deadline: float) -> None:
+                                  deadline: float, first: int = 0) -> None:
+        """From candidate `first` on, whose first call's quota token `_reserve` took."""
         cascaded = False
         failover_reason: str | None = None
         last: ProviderResult | None = None
-        for position, name in enumerate(decision.candidates):
+        for position in range(first, len(decision.candidates)):
+            name = decision.candidates[position]
             client = self.clients[name]
             key = provider_idempotency_key(record.id, name)
 
@@ -278,7 +324,7 @@ class PaymentService:
                 await self.write_ahead(record, "payment")
 
             result = await self.executor.run(client, Operation.AUTHORIZE, order, key, deadline, record.attempts,
-                                             journal, failover_reason=failover_reason)
+                                             journal, failover_reason=failover_reason, prepaid=position == first)
             last = result
             record.provider, record.provider_idempotency_key = name, key
             has_next = position + 1 < len(decision.candidates)

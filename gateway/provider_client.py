@@ -2,9 +2,10 @@
 the reconciler's status queries all go through `ProviderClient`.
 
 A call: the deadline check, building the request (our own bad input is `rejected`, never the
-provider's fault), the breaker's admission, the quota's token (taken here, at the moment of the
-call: `gateway.quota`), the journal hook (the attempt is on disk before the
-provider can see the request), a bulkhead slot, the breaker guard, the send with a per-try
+provider's fault), the breaker's admission, the journal hook (the attempt is on disk before the
+provider can see the request), the quota's token (taken at the moment of the call, after the
+journal write whose duration varies, so the provider sees the requests spaced as they were
+taken: `gateway.quota`), a bulkhead slot, the breaker guard, the send with a per-try
 timeout cut to the request's deadline, the mapping's classification, the translation of
 transport errors, and the attempt record and metrics filled in. Local refusals come back as
 `ProviderResult.refused(LocalRefusal…)`; nothing here raises for a provider's answer.
@@ -86,27 +87,29 @@ class ProviderClient:
                        failover_reason=failover_reason)
 
     async def call(self, op: Operation, subject: PaymentOrder | FollowUp, key: str | None, deadline: float,
-                   attempt: Attempt, *, before_send: BeforeSend | None = None) -> ProviderResult:
+                   attempt: Attempt, *, before_send: BeforeSend | None = None, prepaid: bool = False) -> ProviderResult:
         """`op` at this provider, once. `before_send` runs after the local checks pass and
-        before any byte leaves: the journal write of `attempt`.
+        before any byte leaves: the journal write of `attempt`. `prepaid`: its quota token is
+        already taken (a payment's first call, reserved with its spill-over: `gateway.quota`).
 
         A status query is `lookup`'s (its answer is a `StatusAnswer`, not an outcome): `call`
         raises ValueError for `Operation.STATUS` before anything is checked or sent."""
         if op is Operation.STATUS:
             raise ValueError("a status query goes through ProviderClient.lookup, which answers a StatusAnswer")
         with self._tracing.span(SPAN_NAMES[op], kind=SpanKind.CLIENT) as span:
-            result = await self._call(op, subject, key, deadline, attempt, before_send)
+            result = await self._call(op, subject, key, deadline, attempt, before_send, prepaid)
             span.attempt(attempt)
             return result
 
     async def _call(self, op: Operation, subject: PaymentOrder | FollowUp, key: str | None, deadline: float,
-                    attempt: Attempt, before_send: BeforeSend | None) -> ProviderResult:
+                    attempt: Attempt, before_send: BeforeSend | None, prepaid: bool) -> ProviderResult:
         started = time.monotonic()
         try:
             request = self._admit(op, subject, key, deadline)
-            await self._take_token(op, deadline)
             if before_send is not None:
                 await before_send()
+            if not prepaid:
+                await self._take_token(op, deadline)
             sent = time.monotonic()
             result, caller_cut = await self._exchange(request, deadline, lambda r: self.mapping.parse(op, r),
                                                       counts_against_breaker, lambda e: e)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from emulators.faults import FaultPlan, FaultRule
+from emulators.quota import QuotaPlan
 from emulators.server import EmulatorServer
 
 ROUTE: tuple[str, ...] = ("stripe", "adyen", "checkout")
@@ -86,7 +87,22 @@ class Faults:
         return _PlanLifted(server)
 
 
-Step = Outage | Flap | Faults
+@dataclass(frozen=True, slots=True)
+class Quota:
+    """The provider account's request quota for the whole run: the emulator answers its real
+    429 past `emulator_per_s`, and the drill's gateway keeps `gateway_per_s`
+    (providers.<name>.rate_limit_per_s; None: the gateway is not told of the quota)."""
+
+    emulator_per_s: float
+    gateway_per_s: float | None = None
+    provider: int = PRIMARY
+
+    async def inject(self, server: EmulatorServer, seed: int) -> Injection:
+        server.emulator.quota.set(QuotaPlan(rate_limit_per_s=self.emulator_per_s))
+        return _QuotaLifted(server)
+
+
+Step = Outage | Flap | Faults | Quota
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,6 +262,18 @@ SCENARIOS: dict[str, Scenario] = {
             ),
         ),
         Scenario(
+            "quota-spillover",
+            "The primary's account takes 20 requests/s (its real 429 past that); the gateway keeps it at "
+            "18/s and spills the excess over to the backups before the 429s start: no payment meets one.",
+            steps=(Quota(emulator_per_s=20, gateway_per_s=18),),
+            checks=(
+                _approval_at_least(0.999),
+                Check("quota_429s==0", lambda s: s["quota_429s"] == 0),
+                Check("spilled_over", lambda s: sum(s["charges_by_provider"].values())
+                      > s["charges_by_provider"].get(s["primary"], 0) > 0),
+            ),
+        ),
+        Scenario(
             "rate-limited",
             "30% of the primary's authorisations answer 429 with Retry-After: 0.2: retried after the "
             "hint with the same key, failed over when that is spent.",
@@ -283,6 +311,19 @@ class _PlanLifted:
 
     async def lift(self) -> None:
         self._server.emulator.faults.clear()
+
+
+class _QuotaLifted:
+    """Lifting keeps the count of requests the quota answered 429 (`quota_429s`), which
+    clearing the plan resets."""
+
+    def __init__(self, server: EmulatorServer) -> None:
+        self._server = server
+        self.quota_429s = 0
+
+    async def lift(self) -> None:
+        self.quota_429s = self._server.emulator.quota.limited
+        self._server.emulator.quota.clear()
 
 
 class _Flapper:

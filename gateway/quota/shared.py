@@ -1,8 +1,9 @@
 """The fleet's provider buckets in Redis: every replica and worker takes from the same bucket.
 
 One Lua script refills and takes atomically (Redis's own clock, so replicas' clocks do not
-matter): one round trip per provider request, on the asyncio client, with a short timeout
-(`TIMEOUT_S`). The bucket is a hash `<prefix>:quota:<provider>` (`tokens`, `at`) that expires
+matter), on the asyncio client, with a short timeout (`TIMEOUT_S`). It takes from the first of
+several buckets that has a token, so a payment's first call costs one round trip even when it
+spills over from its primary to a backup. The bucket is a hash `<prefix>:quota:<provider>` (`tokens`, `at`) that expires
 once it would be full again, so an idle account costs nothing.
 
 Redis is an optimisation, never a dependency of a payment: a take that fails or times out marks
@@ -28,28 +29,35 @@ TIMEOUT_S = 0.25  # a take that has not come back by then is not worth waiting f
 MIN_BACKOFF_S = 0.2
 MAX_BACKOFF_S = 5.0
 
-# KEYS[1] the bucket; ARGV: rate per second, capacity. Returns {1 taken | 0 not, tokens left}.
-# Tokens travel as a string: Lua numbers are truncated to integers on their way out.
-_REFILL_AND_TAKE = """
-local rate = tonumber(ARGV[1])
-local capacity = tonumber(ARGV[2])
+# KEYS: buckets in the payment's order; ARGV: rate per second and capacity of each. Takes one
+# token from the first bucket that has one, and says which (1-based; 0: none) and the tokens of
+# each bucket it looked at. Tokens travel as strings: Lua numbers leave as integers.
+_REFILL_AND_TAKE_FIRST = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local b = redis.call('HMGET', KEYS[1], 'tokens', 'at')
-local tokens = tonumber(b[1])
-local at = tonumber(b[2])
-if tokens == nil or at == nil then
-  tokens = capacity
-else
-  tokens = math.min(capacity, tokens + math.max(0, now - at) * rate)
+local out = {0}
+for i, key in ipairs(KEYS) do
+  local rate = tonumber(ARGV[2 * i - 1])
+  local capacity = tonumber(ARGV[2 * i])
+  local b = redis.call('HMGET', key, 'tokens', 'at')
+  local tokens = tonumber(b[1])
+  local at = tonumber(b[2])
+  if tokens == nil or at == nil then
+    tokens = capacity
+  else
+    tokens = math.min(capacity, tokens + math.max(0, now - at) * rate)
+  end
+  if tokens >= 1 then
+    tokens = tokens - 1
+    redis.call('HSET', key, 'tokens', tostring(tokens), 'at', tostring(now))
+    redis.call('PEXPIRE', key, math.ceil((capacity - tokens) / rate * 1000) + 1000)
+    out[1] = i
+    out[i + 1] = tostring(tokens)
+    return out
+  end
+  out[i + 1] = tostring(tokens)
 end
-if tokens < 1 then
-  return {0, tostring(tokens)}
-end
-tokens = tokens - 1
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
-redis.call('PEXPIRE', KEYS[1], math.ceil((capacity - tokens) / rate * 1000) + 1000)
-return {1, tostring(tokens)}
+return out
 """
 
 
@@ -78,7 +86,7 @@ class RedisBuckets:
         """No round trip here: the first take connects (a Redis down at start is found then)."""
         self._redis = aioredis.from_url(self._url, socket_connect_timeout=self._timeout_s,
                                         socket_timeout=self._timeout_s)
-        self._script = self._redis.register_script(_REFILL_AND_TAKE)
+        self._script = self._redis.register_script(_REFILL_AND_TAKE_FIRST)
         self._prober = asyncio.create_task(self._probe_forever(), name="quota-redis-probe")
 
     async def close(self) -> None:
@@ -90,15 +98,18 @@ class RedisBuckets:
                 async with asyncio.timeout(1.0):
                     await redis.aclose()
 
-    async def take(self, key: str, rate: float, capacity: float) -> tuple[bool, float] | None:
-        """(taken, tokens left in the shared bucket), or None: Redis is away, take locally."""
+    async def take_first(self, keys: list[str], limits: list[str]) -> tuple[int | None, list[float]] | None:
+        """One token from the first of `keys` that has one: (its index, or None; the tokens left
+        in each bucket looked at), or None: Redis is away, take locally. `limits`: rate and
+        capacity of each key, in turn."""
         if not self.usable or self._script is None:
             return None
         try:
             async with asyncio.timeout(self._timeout_s):
-                taken, tokens = await self._script(keys=[key], args=[repr(rate), repr(capacity)])
-            return bool(int(taken)), float(tokens)
-        except (RedisError, OSError, ValueError) as exc:  # TimeoutError is an OSError
+                answer = await self._script(keys=keys, args=limits)
+            taken = int(answer[0])
+            return (taken - 1 if taken else None), [float(t) for t in answer[1:]]
+        except (RedisError, OSError, ValueError, IndexError) as exc:  # TimeoutError is an OSError
             self._lost(exc)
             return None
 
