@@ -147,6 +147,23 @@ def _answered_at_least(share: float) -> Check:
                  lambda s: (s["approved"] + s["pending"]) >= share * max(1, s["sent"] - s["declined"]))
 
 
+ACCOUNT_QUOTA_PER_S = 20.0  # quota-spillover: the primary's account, and what the gateway keeps of it
+GATEWAY_QUOTA_PER_S = 18.0
+
+
+def _primary_within_quota(s: Summary) -> bool:
+    """At most a full bucket (one second's worth) plus the rate over the load phase."""
+    return s["charges_by_provider"].get(s["primary"], 0) <= GATEWAY_QUOTA_PER_S * (1 + s["load_seconds"]) + 1
+
+
+def _spilled_over_past_quota(s: Summary) -> bool:
+    """More payments than the primary's quota let through went to the backups (a load phase
+    slow enough to stay under the quota has nothing to spill)."""
+    primary = s["charges_by_provider"].get(s["primary"], 0)
+    backups = sum(s["charges_by_provider"].values()) - primary
+    return primary > 0 and (backups > 0 or s["sent"] <= GATEWAY_QUOTA_PER_S * (1 + s["load_seconds"]))
+
+
 # Every drill, whatever the scenario. The first two are the contract's exit condition.
 INVARIANTS: tuple[Check, ...] = (
     Check("duplicates==0", lambda s: s["duplicates"] == 0),
@@ -265,12 +282,12 @@ SCENARIOS: dict[str, Scenario] = {
             "quota-spillover",
             "The primary's account takes 20 requests/s (its real 429 past that); the gateway keeps it at "
             "18/s and spills the excess over to the backups before the 429s start: no payment meets one.",
-            steps=(Quota(emulator_per_s=20, gateway_per_s=18),),
+            steps=(Quota(emulator_per_s=ACCOUNT_QUOTA_PER_S, gateway_per_s=GATEWAY_QUOTA_PER_S),),
             checks=(
                 _approval_at_least(0.999),
                 Check("quota_429s==0", lambda s: s["quota_429s"] == 0),
-                Check("spilled_over", lambda s: sum(s["charges_by_provider"].values())
-                      > s["charges_by_provider"].get(s["primary"], 0) > 0),
+                Check("primary_within_quota", _primary_within_quota),
+                Check("spilled_over_past_quota", _spilled_over_past_quota),
             ),
         ),
         Scenario(
