@@ -5,7 +5,7 @@ A call: the deadline check, building the request (our own bad input is `rejected
 provider's fault), the breaker's admission, the journal hook (the attempt is on disk before the
 provider can see the request), the quota's token (taken at the moment of the call, after the
 journal write whose duration varies, so the provider sees the requests spaced as they were
-taken: `gateway.quota`), a bulkhead slot, the breaker guard, the send with a per-try
+taken; a payment's first call comes with its token reserved: `gateway.quota`), a bulkhead slot, the breaker guard, the send with a per-try
 timeout cut to the request's deadline, the mapping's classification, the translation of
 transport errors, and the attempt record and metrics filled in. Local refusals come back as
 `ProviderResult.refused(LocalRefusal…)`; nothing here raises for a provider's answer.
@@ -108,7 +108,7 @@ class ProviderClient:
             request = self._admit(op, subject, key, deadline)
             if before_send is not None:
                 await before_send()
-            if not prepaid:
+            if not prepaid and self.handle.quota is not None:
                 await self._take_token(op, deadline)
             sent = time.monotonic()
             result, caller_cut = await self._exchange(request, deadline, lambda r: self.mapping.parse(op, r),
@@ -127,7 +127,8 @@ class ProviderClient:
             started = time.monotonic()
             try:
                 request = self._admit(Operation.STATUS, subject, None, deadline)
-                await self._take_token(Operation.STATUS, deadline)
+                if self.handle.quota is not None:
+                    await self._take_token(Operation.STATUS, deadline)
                 answer, _ = await self._exchange(request, deadline, self.mapping.parse_status, _answer_fails,
                                                  lookup_failed)
             except _Refused as refused:
@@ -153,8 +154,7 @@ class ProviderClient:
         moves on at once (the payment has other candidates, or is answered with Retry-After);
         anything bound to this provider waits for its token within the deadline."""
         quota = self.handle.quota
-        if quota is None:
-            return
+        assert quota is not None
         for _ in range(MAX_QUOTA_WAITS):
             wait = await quota.take()
             if wait == 0.0:

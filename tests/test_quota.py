@@ -163,6 +163,25 @@ async def test_every_candidate_at_its_quota_is_a_503_with_retry_after(engine_con
     assert status == 201 and doc["provider"] == "primary"
 
 
+async def test_more_payments_at_once_than_tokens_charge_once_each_and_shed_the_rest(engine_config, start_gateway,
+                                                                                     stripes) -> None:
+    """Concurrent payments all see a token at routing; each token goes to one payment only (the
+    reservation), and the one left without is answered 503 with its key free, never a failed
+    payment stored for its key."""
+    tiny = {"rate_limit_per_s": 0.2, "rate_limit_burst": 1}  # one token each, the next in 5 s
+    client = await start_gateway(engine_config(every_provider=tiny, engine={"quota_max_wait_ms": 0}))
+    keys = [idem() for _ in range(3)]
+    resps = await asyncio.gather(*(client.post("/v1/payments", json=card_payment(), headers=h) for h in keys))
+    statuses = sorted(r.status for r in resps)
+    assert statuses == [201, 201, 503], statuses
+    shed = next(r for r in resps if r.status == 503)
+    assert shed.headers["Retry-After"] in ("4", "5") and (await shed.json())["code"] == "overloaded"
+    docs = [await r.json() for r in resps if r.status == 201]
+    assert sorted(d["provider"] for d in docs) == ["backup", "primary"]
+    assert sum(len(s.emulator.ledger.entries()) for s in stripes.values()) == 2
+    assert all(s.emulator.quota.limited == 0 for s in stripes.values())
+
+
 async def test_a_payment_waits_for_a_token_that_comes_within_its_short_wait(engine_config, start_gateway,
                                                                             stripes) -> None:
     tiny = {"rate_limit_per_s": 4, "rate_limit_burst": 1}
