@@ -22,6 +22,7 @@ from gateway.quota.provider import LOCAL, SHARED
 from gateway.router import OVER_QUOTA, Router, RoutingFacts
 from tests.conftest import card_payment, charges, entries, idem, metrics_text, pay
 from tests.redis_server import RedisServer
+from tests.test_breaker_sync_hung import _hung
 from tests.test_scale_out import Replica, eventually, fleet, fleet_data, own_redis  # noqa: F401 (fixtures)
 
 EUR = RoutingFacts(amount=1000, currency="EUR", country="DE", brand="visa", merchant="m1")
@@ -279,3 +280,20 @@ async def test_redis_away_means_this_process_keeps_its_share_until_redis_is_back
 
 async def _shared(quota: Any) -> bool:
     return bool(quota.mode == SHARED)
+
+
+async def test_a_hung_redis_costs_one_short_timeout_then_payments_take_the_local_share(
+        fleet, own_redis: RedisServer, start_gateway, stripes) -> None:
+    """A stopped Redis keeps its connections open and never answers: the first take times out
+    (TIMEOUT_S), and until a PING answers again no payment asks Redis at all."""
+    client = await start_gateway(fleet("one", providers={"primary": {"rate_limit_per_s": 50}}))
+    quota = client.app[POOL]["primary"].quota
+    assert quota is not None and quota.shared is not None
+    status, _ = await pay(client)
+    assert status == 201 and quota.mode == SHARED and quota.shared.errors == 0
+    async with _hung(own_redis):
+        answers = [await pay(client) for _ in range(5)]
+        assert all(status == 201 and doc["provider"] == "primary" for status, doc in answers)
+        assert quota.mode == LOCAL
+        assert quota.shared.errors == 1, "one take timed out; the others did not ask Redis"
+    await eventually(lambda: _shared(quota), "shared again once Redis answers", timeout_s=10)
