@@ -17,6 +17,7 @@ from emulators.quota import QuotaPlan
 from emulators.server import EmulatorServer
 from gateway.app_keys import POOL
 from gateway.config import ConfigError, RouteConfig
+from gateway.emulator_launch import account_quota
 from gateway.quota.bucket import TokenBucket
 from gateway.quota.provider import LOCAL, SHARED
 from gateway.router import OVER_QUOTA, Router, RoutingFacts
@@ -67,6 +68,9 @@ def test_quota_fields_are_validated_with_their_path(engine_config) -> None:
     config = engine_config(providers={"primary": {"rate_limit_per_s": 2.5}})
     assert config.providers["primary"].quota_capacity == 3  # one second's worth, rounded up
     assert config.providers["backup"].quota_capacity is None
+    # The dev stack's emulator for an account enforces the quota the configuration gives it.
+    assert account_quota(config.providers["primary"]) == QuotaPlan(rate_limit_per_s=2.5)
+    assert account_quota(config.providers["backup"]) is None
 
 
 def test_the_router_skips_a_provider_at_its_quota_and_says_when_the_first_token_comes() -> None:
