@@ -226,7 +226,7 @@ class PaymentService:
                              redirect=order.return_url is not None)
         decision = self.router.route(facts)
         wait = decision.quota_wait_s
-        if wait is not None and wait <= min(self.quota_max_wait_s, (deadline - time.monotonic()) / 4):
+        if wait is not None and self._may_wait_for_token(wait, deadline):
             await asyncio.sleep(wait)
             decision = self.router.route(facts)
         return decision
@@ -255,10 +255,7 @@ class PaymentService:
             self._count_quota(decision)
         record.route = decision.route
         for provider, reason in decision.skipped:
-            client = self.clients[provider]
-            skipped = client.new_attempt(Operation.AUTHORIZE, 0, None)
-            skipped.outcome, skipped.raw_code = "skipped", reason
-            record.attempts.append(skipped)
+            self._skip(record, provider, reason)
         if not decision.candidates:
             self._finish(record, PaymentStatus.FAILED, error="no_provider_available")
             return None
@@ -266,6 +263,17 @@ class PaymentService:
         record.provider = decision.candidates[0]
         record.provider_idempotency_key = provider_idempotency_key(record.id, record.provider)
         return decision
+
+    def _skip(self, record: PaymentRecord, provider: str, reason: str) -> None:
+        """A candidate passed over before any call: an attempt `skipped` with the reason."""
+        skipped = self.clients[provider].new_attempt(Operation.AUTHORIZE, 0, None)
+        skipped.outcome, skipped.raw_code = "skipped", reason
+        record.attempts.append(skipped)
+
+    def _may_wait_for_token(self, wait: float, deadline: float) -> bool:
+        """A payment with every candidate at its quota waits for the first token only briefly:
+        within `engine.quota_max_wait_ms` and a quarter of the time its deadline leaves."""
+        return wait <= min(self.quota_max_wait_s, (deadline - time.monotonic()) / 4)
 
     async def _reserve(self, record: PaymentRecord, decision: RouteDecision, deadline: float) -> int | None:
         """The first call's quota token, from the first candidate that has one (`gateway.quota`:
@@ -279,16 +287,14 @@ class PaymentService:
         first = await take_first(quotas)
         if first is None:
             wait = min(q.wait_s() for q in quotas if q is not None)
-            if wait > min(self.quota_max_wait_s, (deadline - time.monotonic()) / 4):
+            if not self._may_wait_for_token(wait, deadline):
                 return None
             await asyncio.sleep(wait)
             first = await take_first(quotas)
             if first is None:
                 return None
         for name in candidates[:first]:
-            skipped = self.clients[name].new_attempt(Operation.AUTHORIZE, 0, None)
-            skipped.outcome, skipped.raw_code = "skipped", OVER_QUOTA
-            record.attempts.append(skipped)
+            self._skip(record, name, OVER_QUOTA)
             self.metrics.quota_denied.labels(name).inc()
             self.metrics.quota_spillovers.labels(name).inc()
         return first

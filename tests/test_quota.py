@@ -128,19 +128,29 @@ def _within_quota(charged: int, seconds: float) -> bool:
     return charged <= KEPT_PER_S * (1 + seconds) + 1
 
 
+async def _warm(url_or_client: Any, stripes: dict[str, EmulatorServer]) -> list[tuple[int, dict[str, Any]]]:
+    """A peak finds its connections open: one payment per connection the load will use, before
+    the account's quota is set (so it starts full). Otherwise the first tokens are taken while
+    the mTLS handshakes run, and their requests reach the provider bunched, later than taken
+    (README: the cold start)."""
+    answers = await _load(url_or_client, CONCURRENCY, CONCURRENCY)
+    stripes["primary"].emulator.quota.set(QuotaPlan(rate_limit_per_s=ACCOUNT_PER_S))
+    return answers
+
+
 async def test_load_above_the_quota_spills_over_before_the_providers_429s(engine_config, start_gateway,
                                                                           stripes) -> None:
     client = await start_gateway(_quota_config(engine_config))
-    stripes["primary"].emulator.quota.set(QuotaPlan(rate_limit_per_s=ACCOUNT_PER_S))
+    warm = await _warm(client, stripes)
     started = time.monotonic()
     answers = await _load(client, LOAD, CONCURRENCY)
     seconds = time.monotonic() - started
     assert len(answers) == LOAD
-    _books_agree(answers, stripes)
+    _books_agree(warm + answers, stripes)
     assert stripes["primary"].emulator.quota.limited == 0, "no request met the account's 429"
     at_primary = sum(1 for _, doc in answers if doc["provider"] == "primary")
     assert 0 < at_primary < LOAD and _within_quota(at_primary, seconds), (at_primary, seconds)
-    spilled = [doc for _, doc in answers if doc["provider"] == "backup"]
+    spilled = [doc for _, doc in warm + answers if doc["provider"] == "backup"]
     assert all(doc["attempts"][0] == {**doc["attempts"][0], "provider": "primary", "outcome": "skipped",
                                       "raw_code": OVER_QUOTA} for doc in spilled)
     assert all(a["http_status"] != 429 for _, doc in answers for a in doc["attempts"])
@@ -246,7 +256,7 @@ async def test_two_processes_share_the_bucket_through_redis(fleet_data, stripes,
     two = Replica("two", fleet_data("two", providers=quota), tmp_path)
     await asyncio.gather(one.process.start(), two.process.start())
     try:
-        stripes["primary"].emulator.quota.set(QuotaPlan(rate_limit_per_s=ACCOUNT_PER_S))
+        warm = await _warm([one.url, two.url], stripes)
         started = time.monotonic()
         answers = await _load([one.url, two.url], LOAD, CONCURRENCY)
         seconds = time.monotonic() - started
@@ -256,7 +266,7 @@ async def test_two_processes_share_the_bucket_through_redis(fleet_data, stripes,
                     assert 'gateway_quota_shared{provider="primary"} 1.0' in await resp.text()
     finally:
         await asyncio.gather(one.process.stop(), two.process.stop())
-    _books_agree(answers, stripes)
+    _books_agree(warm + answers, stripes)
     assert stripes["primary"].emulator.quota.limited == 0, "no request met the account's 429"
     at_primary = sum(1 for _, doc in answers if doc["provider"] == "primary")
     assert 0 < at_primary < LOAD and _within_quota(at_primary, seconds), (at_primary, seconds)
