@@ -24,6 +24,7 @@ from gateway.router import OVER_QUOTA, Router, RoutingFacts
 from tests.conftest import card_payment, charges, entries, idem, metrics_text, pay
 from tests.redis_server import RedisServer
 from tests.test_breaker_sync_hung import _hung
+from tests.test_workers import host  # noqa: F401 (fixture)
 from tests.test_scale_out import Replica, eventually, fleet, fleet_data, own_redis  # noqa: F401 (fixtures)
 
 EUR = RoutingFacts(amount=1000, currency="EUR", country="DE", brand="visa", merchant="m1")
@@ -266,6 +267,20 @@ async def test_two_processes_share_the_bucket_through_redis(fleet_data, stripes,
                     assert 'gateway_quota_shared{provider="primary"} 1.0' in await resp.text()
     finally:
         await asyncio.gather(one.process.stop(), two.process.stop())
+    _books_agree(warm + answers, stripes)
+    assert stripes["primary"].emulator.quota.limited == 0, "no request met the account's 429"
+    at_primary = sum(1 for _, doc in answers if doc["provider"] == "primary")
+    assert 0 < at_primary < LOAD and _within_quota(at_primary, seconds), (at_primary, seconds)
+
+
+async def test_the_workers_of_one_host_each_keep_their_share_without_redis(host, stripes) -> None:
+    """`serve --workers 2` without Redis: each worker keeps half the account's 18/s, so the host
+    as a whole stays under the account's 20/s."""
+    gateway = await host(providers={"primary": {"rate_limit_per_s": KEPT_PER_S}})
+    warm = await _warm([gateway.url], stripes)
+    started = time.monotonic()
+    answers = await _load([gateway.url], LOAD, CONCURRENCY)
+    seconds = time.monotonic() - started
     _books_agree(warm + answers, stripes)
     assert stripes["primary"].emulator.quota.limited == 0, "no request met the account's 429"
     at_primary = sum(1 for _, doc in answers if doc["provider"] == "primary")
