@@ -29,8 +29,10 @@ from prometheus_client.exposition import generate_latest
 
 from domain.outcome import Outcome
 from domain.types import Operation
+from gateway.router import LATENCY, SUCCESS_RATE
 
 BREAKER_STATES = {"closed": 0, "half-open": 1, "open": 2}
+DEMOTION_REASONS = (SUCCESS_RATE, LATENCY)
 REFRESH_INTERVAL_S = 1.0
 # Why a request or a retry was refused (`gateway_shed_total{reason}`): the front door's in-flight
 # cap, the transaction log's queue or outbox, the journal's write queue, the retry budget, every
@@ -172,7 +174,10 @@ class Metrics:
         self.observe(self.quota_shared.labels(provider), lambda: 1.0 if shared() else 0.0)
 
     def track_latency(self, provider: str, p99_ms: Callable[[], float | None]) -> None:
-        """The router's latency window of a provider, read at each scrape (0 while too few calls)."""
+        """The router's latency window of a provider, read at each scrape (0 while too few calls),
+        and its demotion counters at 0."""
+        for reason in DEMOTION_REASONS:
+            self.demotions.labels(provider, reason)
         self.observe(self.latency_p99.labels(provider), lambda: (p99_ms() or 0.0) / 1000)
 
     def pending_seen(self, count: int, oldest_since: float | None, now: float) -> None:

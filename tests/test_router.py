@@ -141,5 +141,6 @@ async def test_a_slowing_primary_is_demoted_by_its_p99(engine_config, start_gate
     assert firsts[:5] == ["primary"] * 5
     assert firsts[-3:] == ["backup"] * 3
     text = await metrics_text(client)
-    assert 'gateway_route_demotions_total{provider="primary",reason="latency"}' in text
-    assert re.search(r'gateway_provider_latency_p99_seconds\{provider="primary"\} 0\.1[5-9]', text), text
+    assert re.search(r'gateway_route_demotions_total\{provider="primary",reason="latency"\} [1-9]', text), text
+    found = re.search(r'gateway_provider_latency_p99_seconds\{provider="primary"\} (\S+)', text)
+    assert found is not None and float(found.group(1)) >= 0.15, text  # every call took at least 150 ms
