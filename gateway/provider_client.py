@@ -5,9 +5,10 @@ A call: the deadline check, building the request (our own bad input is `rejected
 provider's fault), the breaker's admission, the journal hook (the attempt is on disk before the
 provider can see the request), the quota's token (taken at the moment of the call, after the
 journal write whose duration varies, so the provider sees the requests spaced as they were
-taken; a payment's first call comes with its token reserved: `gateway.quota`), a bulkhead slot, the breaker guard, the send with a per-try
-timeout cut to the request's deadline, the mapping's classification, the translation of
-transport errors, and the attempt record and metrics filled in. Local refusals come back as
+taken; a payment's first call comes with its token reserved: `gateway.quota`), a bulkhead
+slot, the breaker guard, the send with a per-try timeout cut to the request's deadline, the
+mapping's classification, the translation of transport errors, and the attempt record and
+metrics filled in. Local refusals come back as
 `ProviderResult.refused(LocalRefusal…)`; nothing here raises for a provider's answer.
 
 Each call and each status query is a span (`gateway.tracing`) with the attempt record's provider,

@@ -12,6 +12,7 @@ import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from domain.outcome import LocalRefusal
 from gateway.breaker import ProviderBreaker
 from gateway.bulkhead import Bulkhead
 from gateway.certs.check import CertificateProblem
@@ -59,7 +60,7 @@ class ProviderHandle:
         no token (a passing state of the account, not of this replica: /readyz ignores it)."""
         reason = self.unusable_reason()
         if reason is None and self.quota is not None and not self.quota.has_token():
-            return "over_quota"
+            return LocalRefusal.OVER_QUOTA
         return reason
 
 
@@ -115,7 +116,8 @@ def make_handle(name: str, cfg: ProviderConfig, engine: EngineConfig, *, tls: Tl
 
 
 class ProviderPool:
-    def __init__(self, config: GatewayConfig, *, quota_share: int = 1, shared_quota: RedisBuckets | None = None) -> None:
+    def __init__(self, config: GatewayConfig, *, quota_share: int = 1,
+                 shared_quota: RedisBuckets | None = None) -> None:
         self._handles = {name: make_handle(name, cfg, config.engine, quota_share=quota_share, shared_quota=shared_quota)
                          for name, cfg in config.providers.items()}
         self._open = contextlib.AsyncExitStack()

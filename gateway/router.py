@@ -18,13 +18,14 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from domain.outcome import LocalRefusal
 from gateway.config import RouteConfig
 
 HealthCheck = Callable[[str], str | None]  # provider -> reason it cannot serve now, or None
 SuccessRate = Callable[[str], float | None]  # provider -> recent success share, None if unknown
 LatencyP99 = Callable[[str], float | None]  # provider -> recent p99 in ms, None if unknown
 QuotaWait = Callable[[str], float | None]  # provider -> seconds until its quota has a token
-OVER_QUOTA = "over_quota"  # the skip reason of a provider whose quota has no token
+OVER_QUOTA: str = LocalRefusal.OVER_QUOTA  # the skip reason of a provider whose quota has no token
 SUCCESS_RATE = "success_rate"  # demotion reasons
 LATENCY = "latency"
 
