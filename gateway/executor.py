@@ -51,12 +51,14 @@ class AttemptExecutor:
 
     async def run(self, client: ProviderClient, op: Operation, subject: PaymentOrder | FollowUp,
                   idempotency_key: str, deadline: float, attempts: list[Attempt], journal: AttemptHook,
-                  *, amount: int | None = None, failover_reason: str | None = None) -> ProviderResult:
+                  *, amount: int | None = None, failover_reason: str | None = None,
+                  prepaid: bool = False) -> ProviderResult:
         """Try `op` at one provider until an answer that retrying cannot change.
 
         Each try is appended to `attempts` (the payment's own list); `journal` persists it after
         the local checks pass and before the provider can see the request. `failover_reason`:
-        why the payment moved on to this provider, on its first try's record (and span)."""
+        why the payment moved on to this provider, on its first try's record (and span).
+        `prepaid`: the first try's quota token is already taken (`PaymentService._reserve`)."""
         retry = client.handle.config.retry
         wait: wait_base = wait_retry_after(retry.base_delay_ms / 1000, retry.max_delay_ms / 1000)
         open_unknown: ProviderResult | None = None
@@ -67,7 +69,8 @@ class AttemptExecutor:
                                          failover_reason=failover_reason if try_number == 1 else None)
             attempts.append(attempt)
             result = await client.call(op, subject, idempotency_key, deadline, attempt,
-                                       before_send=lambda attempt=attempt: journal(attempt))
+                                       before_send=lambda attempt=attempt: journal(attempt),
+                                       prepaid=prepaid and try_number == 1)
             if result.outcome is Outcome.UNKNOWN:
                 result = await self._settle(client, op, subject, result, deadline, try_number, attempts)
             if result.outcome is Outcome.UNKNOWN:

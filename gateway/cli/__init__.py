@@ -219,7 +219,7 @@ def dev(config: ConfigOpt = DEFAULT_CONFIG,
 def drill(
     name: Annotated[str, typer.Argument(help="baseline | primary-outage | brownout | flapping | "
                                              "timeout-after-processing | decline-storm | ambiguous-5xx | "
-                                             "followup-unknown | rate-limited | crash-restart | followup-crash | "
+                                             "followup-unknown | rate-limited | quota-spillover | crash-restart | followup-crash | "
                                              "cert-expiry | fleet")],
     payments: Annotated[int, typer.Option(min=1, max=100_000, help="payments to send")] = 200,
     concurrency: Annotated[int, typer.Option(min=1, max=1000, help="payments in flight at once")] = 16,
