@@ -34,7 +34,7 @@ from gateway.orchestrator import PaymentService, apply_follow_up
 from gateway.policy import POLICY
 from gateway.provider_client import MIN_TRY_S
 from gateway.settlement import follow_up_entry
-from gateway.shopper_action import action_due, bind_action
+from gateway.shopper_action import action_due, bind_action, cancelling
 
 MIN_RECHECK_S = 5.0
 MAX_RECHECK_S = 300.0
@@ -179,8 +179,8 @@ class Reconciler:
     async def _settle(self, record: PaymentRecord) -> bool:
         if record.follow_up is not None and record.follow_up.operation == Operation.COMPLETE.value:
             return await finish_interrupted_completion(self, record)
-        if record.status is PaymentStatus.ACTION_REQUIRED and record.follow_up is None:
-            return await expire_abandoned(self, record)
+        if record.status is PaymentStatus.ACTION_REQUIRED and (record.follow_up is None or cancelling(record)):
+            return await expire_abandoned(self, record)  # its expiry, or the expiry's cancel in flight
         client = self.service.clients.get(record.provider) if record.provider is not None else None
         if client is not None and not client.mapping.has_status_lookup:
             return await self._await_notification(record)
