@@ -183,6 +183,8 @@ class Reconciler:
             return await expire_abandoned(self, record)  # its expiry, or the expiry's cancel in flight
         client = self.service.clients.get(record.provider) if record.provider is not None else None
         if client is not None and not client.mapping.has_status_lookup:
+            if cancelling(record) or self._outcome_overdue(record):
+                return await expire_abandoned(self, record)  # cancelled by our reference (Adyen)
             return await self._await_notification(record)
         if record.follow_up is not None:
             return await self._settle_follow_up(record)
@@ -240,6 +242,15 @@ class Reconciler:
         if record.follow_up is None:
             return await self._keep_pending(record)
         return await self._keep_follow_up_pending(record)
+
+    def _outcome_overdue(self, record: PaymentRecord) -> bool:
+        """A payment left pending at a provider without a lookup (an unknown answer) whose
+        outcome has not been notified within `three_ds.action_expiry_s`: it may be a challenge
+        the shopper never saw (Adyen holds it open, and notifies nothing until it ends), so it
+        is cancelled by our reference (Adyen's technical cancel) and ends as an abandoned
+        challenge does. A charge made already refuses the cancel, and its notification settles it."""
+        return (record.status is PaymentStatus.PENDING and record.follow_up is None
+                and time.time() - record.created_at > self.service.action_expiry_s)
 
     async def _keep_follow_up_pending(self, record: PaymentRecord) -> bool:
         """Not settled yet: asked again later. Taking over a request that died, its key now

@@ -54,11 +54,16 @@ def expire_action(record: PaymentRecord) -> None:
 
 
 def cancelling(record: PaymentRecord) -> bool:
-    """Whether the expiry's cancel of a waiting payment is journalled and not yet settled (a
-    pending `void` on an `action_required` payment: sent, or about to be, or accepted and
-    reported later). Meanwhile the shopper's outcome waits: the provider's answer to the cancel
-    says whether it voided what the shopper just finished."""
-    return waiting(record) and record.follow_up is not None and record.follow_up.operation == Operation.VOID.value
+    """Whether the expiry's cancel of an unsettled payment is journalled and not yet settled (a
+    pending `void` on an `action_required` payment, or on a `pending` one at a provider without
+    a lookup: sent, or about to be, or accepted and reported later). A merchant's void is of an
+    approved payment (`void_pending`). Meanwhile the shopper's outcome waits: the provider's
+    answer to the cancel says whether it voided what the shopper just finished."""
+    return (record.status in _CANCELLABLE and record.follow_up is not None
+            and record.follow_up.operation == Operation.VOID.value)
+
+
+_CANCELLABLE = frozenset({PaymentStatus.ACTION_REQUIRED, PaymentStatus.PENDING})
 
 
 def settle_cancel(record: PaymentRecord, outcome: Outcome) -> bool:

@@ -193,3 +193,30 @@ async def test_a_completion_killed_mid_call_runs_again_under_its_key_after_the_r
         await doomed.kill()
         await adyen.stop()
     assert len([e for e in adyen.emulator.ledger.find_by_ref(doc["id"]) if e.approved]) == 1
+
+
+@pytest.mark.parametrize("wired", ["adyen"], indirect=True)
+async def test_an_adyen_challenge_behind_an_unknown_answer_is_cancelled_by_our_reference(
+        wired: tuple[Checkout, Receiver]) -> None:
+    """Adyen answered 503 after opening the challenge: the payment is pending with no action
+    and no pspReference, Adyen has no lookup and notifies nothing while the challenge is open.
+    Past `three_ds.action_expiry_s` the reconciler cancels it by our reference (the technical
+    cancel) and it ends as an abandoned challenge does."""
+    rig, receiver = wired
+    set_faults(rig.emulator, FaultRule(kind="error", status=503, after_processing=True, operations=("authorize",)))
+    _, doc = await rig.pay(rig.card("challenge"))
+    assert (doc["status"], doc["action"], doc["provider_reference"]) == ("pending", None, None)
+    assert [c["state"] for c in rig.emulator.emulator.challenges.snapshot()] == ["pending"]  # open at Adyen
+    set_faults(rig.emulator)
+    reconciler = rig.client.app[RECONCILER]
+    record = await journal(rig.client, doc["id"])
+    await asyncio.sleep(max(0.0, record.created_at + 0.3 - time.time()))  # the shopper's time is over
+    assert await reconciler.run_once(min_age_s=0, ignore_backoff=True) == 0  # received: not yet a cancel
+    cancelling = await journal(rig.client, doc["id"])
+    assert cancelling.status.value == "pending" and cancelling.follow_up is not None
+    assert [c["state"] for c in rig.emulator.emulator.challenges.snapshot()] == ["cancelled"]
+    await settle_webhooks(rig)  # TECHNICAL_CANCEL, success
+    got = await journal(rig.client, doc["id"])
+    assert (got.status.value, got.error_code, got.follow_up) == ("failed", "expired", None)
+    assert await told(receiver, rig, 1) == [("payment.failed", "failed", "expired")]
+    assert rig.emulator.emulator.ledger.charges() == []

@@ -66,9 +66,10 @@ _FOLLOW_UP_EVENTS = {
 
 def _payments_own(before: Settling) -> bool:
     """A pending follow-up that belongs to the payment's own settlement, not the merchant's: a
-    `/complete` whose request died, or the expiry's cancel of a challenge."""
+    `/complete` whose request died, or the expiry's cancel (of a challenge, or of an Adyen payment
+    left pending); a merchant's void is of an approved payment (`void_pending`)."""
     return before.follow_up is Operation.COMPLETE or (
-        before.follow_up is Operation.VOID and before.status is PaymentStatus.ACTION_REQUIRED)
+        before.follow_up is Operation.VOID and before.status in _UNSETTLED)
 
 
 def _follow_up_made(operation: Operation, before: Settling, after: PaymentRecord) -> bool:

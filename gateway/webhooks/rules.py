@@ -80,6 +80,8 @@ def decide(record: PaymentRecord, provider: str, event: ProviderEvent) -> Decisi
 def _authorisation(record: PaymentRecord, event: ProviderEvent) -> Decision:
     if record.status in _WAITING and record.follow_up is None:
         return Decision(Effect.WAIT, f"payment {record.status.value}: its request decides first")
+    if cancelling(record):
+        return Decision(Effect.WAIT, "the expiry's cancel is at the provider: its answer decides first")
     if record.status is PaymentStatus.ACTION_REQUIRED:
         return _shopper_back(record, event)
     if event.success and record.status in (PaymentStatus.DECLINED, PaymentStatus.FAILED):
