@@ -19,7 +19,8 @@ just finished, and only the provider's answer to the cancel says so.
   `payment_canceled` / `payment_void_declined`; Checkout.com's actions list at the next pass).
 - Refused (the shopper finished first, or the provider would not) or not sent: the void is
   dropped and the payment is its shopper's again, settled by its outcome (lookup, webhook,
-  `/complete`); if none comes, a later pass cancels again under a new key.
+  `/complete`); if none comes, a later pass cancels again under a new key (at most
+  MAX_CANCEL_ROUNDS times; then ops line `expiry_cancel_refused`).
 - Unknown: the void stays unanswered and is sent again with its key (safe: the same key) once
   its call is past its deadline, after another lookup.
 
@@ -34,6 +35,8 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Protocol
 
+import structlog
+
 from domain.outcome import Outcome
 from domain.types import FollowUp, Lookup, Operation
 from gateway import answers
@@ -45,6 +48,10 @@ from gateway.provider_client import MIN_TRY_S
 from gateway.settlement import follow_up_entry
 from gateway.shopper_action import cancelling, finish_action, settle_cancel
 
+# Cancels refused this often (a provider that will not cancel the challenge, while the shopper
+# never finishes) stop: the payment waits for its shopper's outcome, and ops hear of it once.
+MAX_CANCEL_ROUNDS = 5
+
 if TYPE_CHECKING:
     from domain.types import StatusAnswer
     from gateway.orchestrator import PaymentService
@@ -52,9 +59,11 @@ if TYPE_CHECKING:
 
 class Reconciling(Protocol):
     """What these steps use of the reconciler that runs them (`gateway.reconciler.Reconciler`):
-    its service, its status query (through the provider client) and its "look again later"."""
+    its service, its ops log, its status query (through the provider client) and its "look
+    again later"."""
 
     service: PaymentService
+    log: structlog.typing.FilteringBoundLogger
 
     async def lookup(self, record: PaymentRecord, follow_up_id: str | None = None) -> StatusAnswer | None: ...
 
@@ -97,9 +106,17 @@ async def expire_abandoned(rec: Reconciling, record: PaymentRecord) -> bool:
     elif pending is not None and pending.answered:
         await rec.touch(record)  # Adyen: its CANCELLATION notification settles it
         return False
-    # Without a lookup (Adyen), the cancel itself asks: it is refused once the shopper has
-    # finished, and that outcome's webhook settles the payment.
+    # The cancel, sent (again). Without a lookup (Adyen) it is itself the question: refused once
+    # the shopper has finished, whose outcome's webhook then settles the payment.
     if pending is None:
+        if _cancel_rounds(record) >= MAX_CANCEL_ROUNDS:
+            # Refused every time: the shopper's outcome (a lookup, the webhook) or ops decide now.
+            if record.action_cancelling:  # said once: the flag goes with it
+                rec.log.error("expiry_cancel_refused", payment_id=record.id, provider=record.provider,
+                              status=record.status.value, rounds=MAX_CANCEL_ROUNDS)
+                record.action_cancelling = False
+            await rec.touch(record)
+            return False
         pending = _journal_cancel(record, client.handle.timeout_s)
         await svc.store.save_payment(record)  # journalled before the cancel is sent
     subject = FollowUp(payment_id=record.id, provider_reference=record.provider_reference,
@@ -132,14 +149,22 @@ def _journal_cancel(record: PaymentRecord, timeout_s: float) -> PendingFollowUp:
     would otherwise answer a new cancel, after a refused one, with the old answer."""
     assert record.provider is not None
     now = time.time()
-    rounds = sum(1 for a in record.attempts if a.operation == Operation.VOID.value and a.try_number == 1)
-    key = provider_idempotency_key(record.id, record.provider, "expire", salt=str(rounds))
+    key = provider_idempotency_key(record.id, record.provider, "expire",
+                                   salt=str(_cancel_rounds(record, reached=False)))
     record.follow_up = PendingFollowUp(operation=Operation.VOID.value, amount=None, provider_key=key,
                                        scope=record.client, front_key="", prior_status=record.status.value,
                                        started_at=now, deadline_s=max(timeout_s, MIN_TRY_S) + MIN_TRY_S)
     record.action_cancelling = True
     record.updated_at = now
     return record.follow_up
+
+
+def _cancel_rounds(record: PaymentRecord, *, reached: bool = True) -> int:
+    """How many cancel rounds (each its own key) the expiry has sent this payment; with
+    `reached`, only those the provider took (a round never sent, breaker open or connection
+    refused, does not count towards MAX_CANCEL_ROUNDS)."""
+    return len({a.idempotency_key for a in record.attempts if a.operation == Operation.VOID.value
+                and (not reached or a.outcome != Outcome.UNAVAILABLE.value)})
 
 
 async def finish_interrupted_completion(rec: Reconciling, record: PaymentRecord) -> bool:

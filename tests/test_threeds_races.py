@@ -28,6 +28,7 @@ import yaml
 from emulators.faults import FaultRule
 from emulators.registry import EMULATORS
 from emulators.server import EmulatorServer
+from gateway.action_expiry import MAX_CANCEL_ROUNDS
 from gateway.app_keys import RECONCILER, WEBHOOKS
 from gateway.certs.devca import DevCertLayout
 from gateway.drill.process import GatewayProcess, free_port
@@ -220,3 +221,25 @@ async def test_an_adyen_challenge_behind_an_unknown_answer_is_cancelled_by_our_r
     assert (got.status.value, got.error_code, got.follow_up) == ("failed", "expired", None)
     assert await told(receiver, rig, 1) == [("payment.failed", "failed", "expired")]
     assert rig.emulator.emulator.ledger.charges() == []
+
+
+@pytest.mark.parametrize("wired", ["adyen"], indirect=True)
+async def test_cancels_refused_every_time_stop_and_the_shopper_still_decides(
+        wired: tuple[Checkout, Receiver]) -> None:
+    rig, receiver = wired
+    set_faults(rig.emulator, FaultRule(kind="fail_by_notification", operations=("void",)))
+    _, doc = await rig.pay(rig.card("challenge"))
+    await asyncio.sleep(max(0.0, doc["action_expires_at"] - time.time()))
+    reconciler = rig.client.app[RECONCILER]
+    for _ in range(MAX_CANCEL_ROUNDS + 2):  # each pass sends a round; its CANCELLATION success=false ends it
+        assert await reconciler.run_once(min_age_s=0, ignore_backoff=True) == 0
+        await settle_webhooks(rig)
+    assert rig.emulator.emulator.requests["void"] == MAX_CANCEL_ROUNDS  # bounded: then no more
+    record = await journal(rig.client, doc["id"])
+    assert (record.status.value, record.follow_up, record.action_cancelling) == ("action_required", None, False)
+    keys = {a.idempotency_key for a in record.attempts if a.operation == "void"}
+    assert len(keys) == MAX_CANCEL_ROUNDS  # a key per round: Adyen would replay a refused round's answer
+    params = await rig.shopper(doc["action"], "Complete")
+    status, done = await rig.complete(doc["id"], params)
+    assert (status, done["status"]) == (200, "approved")
+    assert await told(receiver, rig, 0) == []  # /complete answered it; nothing failed was ever told
