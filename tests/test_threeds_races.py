@@ -68,7 +68,7 @@ async def settle_webhooks(rig: Checkout) -> None:
     await delivered(rig)
 
 
-@pytest.mark.parametrize("wired", KINDS, indirect=True)
+@pytest.mark.parametrize("wired", [*KINDS, *((kind, "postgres") for kind in KINDS)], indirect=True, ids=str)
 @pytest.mark.parametrize("capture", [False, True], ids=["manual_capture", "auto_capture"])
 async def test_a_shopper_finishing_while_the_expiry_cancels_follows_the_cancels_answer(
         wired: tuple[Checkout, Receiver], capture: bool) -> None:
@@ -110,7 +110,8 @@ async def test_a_shopper_finishing_while_the_expiry_cancels_follows_the_cancels_
     assert len(await told(receiver, rig, 0)) == 1  # nothing more, not even a false alarm
 
 
-@pytest.mark.parametrize("wired", ["adyen", "checkout"], indirect=True)
+@pytest.mark.parametrize("wired", ["adyen", "checkout", ("adyen", "postgres"), ("checkout", "postgres")],
+                         indirect=True, ids=str)
 async def test_an_asynchronous_cancel_reported_failed_leaves_the_payment_to_its_shopper(
         wired: tuple[Checkout, Receiver]) -> None:
     rig, receiver = wired
@@ -242,4 +243,5 @@ async def test_cancels_refused_every_time_stop_and_the_shopper_still_decides(
     params = await rig.shopper(doc["action"], "Complete")
     status, done = await rig.complete(doc["id"], params)
     assert (status, done["status"]) == (200, "approved")
-    assert await told(receiver, rig, 0) == []  # /complete answered it; nothing failed was ever told
+    # /complete answered it, or the webhook came first: nothing failed was ever told
+    assert {t[0] for t in await told(receiver, rig, 0)} <= {"payment.approved"}
