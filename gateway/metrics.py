@@ -129,6 +129,9 @@ class Metrics:
         self.quota_denied = Counter("gateway_quota_denied_total",
                                     "Provider requests not sent because the provider's quota had no token "
                                     "(skipped at routing or refused at the call)", ["provider"], registry=r)
+        self.provider_rate_limited = Counter("gateway_provider_rate_limited_total",
+                                             "Provider 429s (rate limit): the provider is sent nothing until its "
+                                             "Retry-After has passed (no breaker failure)", ["provider"], registry=r)
         self.quota_spillovers = Counter("gateway_quota_spillovers_total",
                                         "Payments sent on to the next provider because this one was at its quota",
                                         ["provider"], registry=r)

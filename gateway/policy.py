@@ -75,8 +75,18 @@ def settles_possible_charge(result: ProviderResult) -> bool:
     return POLICY[result.outcome].settles_charge or result.proven_absent
 
 
+def rate_limited(result: ProviderResult) -> bool:
+    """The provider's own rate-limit answer (429, not processed): its account is past its
+    quota, not failing. The provider is held off for its Retry-After instead (payments move on
+    to the next candidate; `gateway.provider_pool.ProviderHandle.hold_off`)."""
+    return result.refusal is None and result.outcome is Outcome.UNAVAILABLE and result.http_status == 429
+
+
 def counts_against_breaker(result: ProviderResult) -> bool:
-    return result.refusal is None and POLICY[result.outcome].breaker_failure
+    """Says the provider is failing. A rate limit does not: opening the breaker on a quota's
+    429s took the primary out for the breaker's whole reset time and sent its traffic to the
+    backups at once (a rehearsal saw their breakers open one after another)."""
+    return result.refusal is None and POLICY[result.outcome].breaker_failure and not rate_limited(result)
 
 
 def is_final(result: ProviderResult) -> bool:

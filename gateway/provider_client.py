@@ -39,7 +39,7 @@ from gateway.breaker import BreakerOpen, ProviderFailure
 from gateway.bulkhead import BulkheadFull, BulkheadTimeout
 from gateway.journal.records import Attempt
 from gateway.metrics import Metrics
-from gateway.policy import counts_against_breaker
+from gateway.policy import counts_against_breaker, rate_limited
 from gateway.provider_pool import ProviderHandle
 from gateway.tracing.spans import NO_TRACING, Tracing
 from providers.base import ProviderRequest, ProviderResponse
@@ -80,6 +80,7 @@ class ProviderClient:
         self._metrics = metrics
         self._tracing = tracing
         self._denied = metrics.quota_denied.labels(self.name)
+        self._rate_limited = metrics.provider_rate_limited.labels(self.name)
 
     def new_attempt(self, op: Operation, try_number: int, key: str | None, *,
                     amount: int | None = None, failover_reason: str | None = None) -> Attempt:
@@ -109,6 +110,7 @@ class ProviderClient:
             request = self._admit(op, subject, key, deadline)
             if before_send is not None:
                 await before_send()
+            await self._wait_out_429(op, deadline)
             if not prepaid and self.handle.quota is not None:
                 await self._take_token(op, deadline)
             sent = time.monotonic()
@@ -116,7 +118,9 @@ class ProviderClient:
                                                       counts_against_breaker, lambda e: e)
         except _Refused as refused:
             return self._finish(attempt, refused.result, started)
-        if op is Operation.AUTHORIZE and not caller_cut:
+        if rate_limited(result):
+            self._held_off(result)
+        elif op is Operation.AUTHORIZE and not caller_cut:
             self.handle.success.record(not counts_against_breaker(result))
             self.handle.latency.record((time.monotonic() - sent) * 1000)
         return self._finish(attempt, result, started)
@@ -128,12 +132,15 @@ class ProviderClient:
             started = time.monotonic()
             try:
                 request = self._admit(Operation.STATUS, subject, None, deadline)
+                await self._wait_out_429(Operation.STATUS, deadline)
                 if self.handle.quota is not None:
                     await self._take_token(Operation.STATUS, deadline)
                 answer, _ = await self._exchange(request, deadline, self.mapping.parse_status, _answer_fails,
                                                  lookup_failed)
             except _Refused as refused:
                 answer = lookup_failed(refused.result)
+            if rate_limited(answer.result):
+                self._held_off(answer.result)
             self._finish(attempt, answer.result, started, lookup=answer.lookup)
             span.attempt(attempt)
             return answer
@@ -149,6 +156,20 @@ class ProviderClient:
         if not self.handle.breaker.allows_call():
             raise _Refused(LocalRefusal.BREAKER_OPEN)
         return request
+
+    async def _wait_out_429(self, op: Operation, deadline: float) -> None:
+        """The provider's last 429 asked us to wait: an authorisation moves on at once (to the
+        next candidate); anything bound to this provider waits within its deadline."""
+        wait = self.handle.held_off_s()
+        if wait == 0.0:
+            return
+        if op is Operation.AUTHORIZE or time.monotonic() + wait + MIN_TRY_S > deadline:
+            raise _Refused(LocalRefusal.OVER_QUOTA, f"{self.name} answered 429: waiting {wait:.2f}s more")
+        await asyncio.sleep(wait)
+
+    def _held_off(self, result: ProviderResult) -> None:
+        self.handle.hold_off(result.retry_after_s)
+        self._rate_limited.inc()
 
     async def _take_token(self, op: Operation, deadline: float) -> None:
         """One token of the provider's quota for the request about to be sent. An authorisation

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ssl
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -27,6 +28,10 @@ from providers.registry import KINDS
 from providers.transport import ProviderTransport
 
 
+HOLD_OFF_S = 1.0  # a 429 without Retry-After: wait this long before the next request
+HOLD_OFF_MAX_S = 60.0  # the longest wait a provider's Retry-After can ask for
+
+
 @dataclass(slots=True)
 class ProviderHandle:
     name: str
@@ -40,6 +45,18 @@ class ProviderHandle:
     latency: LatencyWindow
     quota: ProviderQuota | None = None  # None: no rate_limit_per_s configured
     certificate_problem: str | None = None  # files that did not load at start; then the watcher's
+    held_off_until: float = 0.0  # time.monotonic(): the provider's 429 said to wait until then
+
+    def hold_off(self, retry_after_s: float | None) -> None:
+        """The provider answered 429: send it nothing until its Retry-After (default 1 s, at most
+        HOLD_OFF_MAX_S) has passed. Its account is past its quota, which the next request would
+        only meet again; that is no breaker failure, and it ends by itself."""
+        wait = min(HOLD_OFF_MAX_S, retry_after_s if retry_after_s is not None and retry_after_s > 0 else HOLD_OFF_S)
+        self.held_off_until = max(self.held_off_until, time.monotonic() + wait)
+
+    def held_off_s(self) -> float:
+        """Seconds the provider's last 429 still asks us to wait (0.0: none)."""
+        return max(0.0, self.held_off_until - time.monotonic()) if self.held_off_until else 0.0
 
     @property
     def timeout_s(self) -> float:
@@ -59,7 +76,7 @@ class ProviderHandle:
         """Why the router must skip this provider for a payment now: unusable, or its quota has
         no token (a passing state of the account, not of this replica: /readyz ignores it)."""
         reason = self.unusable_reason()
-        if reason is None and self.quota is not None and not self.quota.has_token():
+        if reason is None and (self.held_off_s() > 0 or (self.quota is not None and not self.quota.has_token())):
             return LocalRefusal.OVER_QUOTA
         return reason
 
@@ -151,9 +168,13 @@ class ProviderPool:
         return self._handles[name].latency.p99_ms()
 
     def quota_wait_s(self, name: str) -> float | None:
-        """Seconds until the provider's quota has a token (0.0: now); None without a quota."""
-        quota = self._handles[name].quota
-        return None if quota is None else quota.wait_s()
+        """Seconds until the provider's quota has a token and its last 429's wait is over (0.0:
+        now); None without a quota and without a 429 to wait out."""
+        handle = self._handles[name]
+        held = handle.held_off_s()
+        if handle.quota is None:
+            return held or None
+        return max(held, handle.quota.wait_s())
 
     async def start(self) -> None:
         """Open every transport; if one fails to start, close those already open."""

@@ -327,3 +327,26 @@ async def test_a_hung_redis_costs_one_short_timeout_then_payments_take_the_local
         assert quota.mode == LOCAL
         assert quota.shared.errors == 1, "one take timed out; the others did not ask Redis"
     await eventually(lambda: _shared(quota), "shared again once Redis answers", timeout_s=10)
+
+
+async def test_a_providers_429s_hold_it_off_for_its_retry_after_and_never_open_its_breaker(engine_config,
+                                                                                          start_gateway,
+                                                                                          stripes) -> None:
+    """No quota configured, the account's limit passed: each 429 (not processed) holds the
+    primary off for its Retry-After while payments go to the backup, and the primary's breaker
+    stays closed (a quota's 429s used to open it, taking the primary out for its reset time)."""
+    client = await start_gateway(engine_config())
+    await _load(client, CONCURRENCY, CONCURRENCY)  # connections open
+    stripes["primary"].emulator.quota.set(QuotaPlan(rate_limit_per_s=ACCOUNT_PER_S / 4))
+    answers = await _load(client, LOAD // 2, CONCURRENCY)
+    _books_agree(answers, stripes)
+    limited = stripes["primary"].emulator.quota.limited
+    assert limited > 0, "the load passed the account's quota"
+    held = [doc for _, doc in answers if any(a["http_status"] == 429 for a in doc["attempts"])]
+    assert held and all(doc["provider"] == "backup" for doc in held), "a 429 moves the payment on"
+    after_429 = [a for _, doc in answers for a in doc["attempts"] if a["raw_code"] == OVER_QUOTA]
+    assert after_429, "later payments skip the held-off primary instead of meeting the 429 again"
+    assert limited < len(answers) / 2, limited
+    assert client.app[POOL]["primary"].breaker.state == "closed"
+    text = await metrics_text(client)
+    assert f'gateway_provider_rate_limited_total{{provider="primary"}} {float(limited)}' in text
