@@ -4,9 +4,10 @@ holding N settled payments and their keys, in one run.
     python bench/bench_history.py [--rows 1000000] [--db PATH] [--concurrency 16]
                                   [--duration 5] [--repeat 3] [--readme README.md]
 
-`--db` is seeded first (bench/seed_journal.py; half the keys past retention, so the reconciler's
-expiry of old records has work throughout) unless it already holds at least `--rows` payments,
-so one seeding serves several runs. Both gateways are `gateway serve` on SQLite as `make bench`
+`--db` is seeded first (bench/seed_journal.py: keys falling due over the next retention period,
+so the reconciler's expiry of old records runs at its steady rate; `--expired` makes a share of
+them a backlog already past it) unless it already holds at least `--rows` payments, so one
+seeding serves several runs (a backlog is gone after the first). Both gateways are `gateway serve` on SQLite as `make bench`
 runs it, calling the same mTLS emulator; each gets wrk's warm-up, then `--repeat` runs of
 `--duration` s, and the report gives min / median of requests/s, p50, p99 and CPU per payment,
 and the ratios history ÷ empty (issue 18's goal: CPU and p99 within 10 %). The seeded file
@@ -53,15 +54,23 @@ def _payments(db: Path) -> int:
         conn.close()
 
 
+def _expired_keys(db: Path) -> int:
+    conn = sqlite3.connect(db)
+    try:
+        return conn.execute("SELECT count(*) FROM idempotency WHERE expires_at <= ?", (time.time(),)).fetchone()[0]
+    finally:
+        conn.close()
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     have = _payments(args.db)
     if have < args.rows:
         if args.db.exists():
             sys.exit(f"error: {args.db} holds {have:,} payments, fewer than --rows; remove it to seed anew")
-        seed(args.db, args.rows, 0.5)
-    history = _payments(args.db)
+        seed(args.db, args.rows, args.expired)
+    history, expired = _payments(args.db), _expired_keys(args.db)
     out: dict[str, Any] = {"started_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                           "history_rows": history, "db_mb": args.db.stat().st_size / 2**20,
+                           "history_rows": history, "expired_at_start": expired, "db_mb": args.db.stat().st_size / 2**20,
                            "concurrency": args.concurrency, "duration_s": args.duration, "repeat": args.repeat,
                            "targets": {}}
     with tempfile.TemporaryDirectory(prefix="gw-history-") as tmp, stack(Path(tmp)) as s:
@@ -82,8 +91,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 def markdown(doc: dict[str, Any]) -> str:
     lines = [f"Measured {doc['started_at']} by `bench/bench_history.py`: wrk c={doc['concurrency']}, "
              f"{doc['repeat']} × {doc['duration_s']:g} s per journal; the history file holds "
-             f"{doc['history_rows']:,} payments and as many keys, half of them past retention "
-             f"({doc['db_mb']:,.0f} MB). Cells are min / median.", "",
+             f"{doc['history_rows']:,} payments and as many keys ({doc['db_mb']:,.0f} MB), "
+             f"{doc['expired_at_start']:,} of the keys past retention at the start. Cells are min / median.", "",
              "| journal | req/s | p50 ms | p99 ms | CPU µs/payment | RSS MB | errors |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name, t in doc["targets"].items():
         lo, md = t["min"], t["median"]
@@ -103,6 +112,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--expired", type=float, default=0.0, help="share of seeded keys already past retention")
     ap.add_argument("--readme", type=Path)
     args = ap.parse_args()
     if not 0 < args.rows <= MAX_ROWS:

@@ -1,13 +1,15 @@
 """Seed an SQLite journal with history: N settled payments and their idempotency records.
 
-    python bench/seed_journal.py PATH --rows N [--expired 0.5]
+    python bench/seed_journal.py PATH --rows N [--expired 0]
 
 The rows have the real shape and size: each payment's document is what `payment_row` stores
 for an approved card payment (one attempt), each key's record holds the stored answer the
 gateway writes for it (`StoredResponse`), keys are random UUIDs as a checkout sends them, and
-payment ids are made by `new_payment_id` (time-ordered, as in production). A share `--expired`
-of the keys is past its retention, so the expiry of old records (the reconciler's purge) has
-work while a bench runs on the file. The schema is the gateway's own (`sqlite_prepare`).
+payment ids are made by `new_payment_id` (time-ordered, as in production). The keys fall due
+over the next retention period, as a day of traffic's do, so the expiry of old records (the
+reconciler's purge) runs at its steady rate while a bench runs on the file; a share `--expired`
+of them is already past it, a backlog for the expiry to catch up with (a gateway restarted after
+downtime longer than the retention). The schema is the gateway's own (`sqlite_prepare`).
 
 Bounded: at most MAX_ROWS rows, written in transactions of BATCH rows with
 `synchronous=OFF` (seeding is not a payment; the gateway opens the file with FULL again). About
@@ -96,7 +98,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("path", type=Path)
     ap.add_argument("--rows", type=int, required=True)
-    ap.add_argument("--expired", type=float, default=0.5, help="share of keys past retention (0..1)")
+    ap.add_argument("--expired", type=float, default=0.0, help="share of keys already past retention (0..1)")
     args = ap.parse_args()
     if not 0 < args.rows <= MAX_ROWS:
         ap.error(f"--rows: 1..{MAX_ROWS}")
