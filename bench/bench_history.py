@@ -120,6 +120,7 @@ def main() -> None:
     args.concurrency = min(max(1, args.concurrency), 1024)
     args.duration, args.repeat = min(args.duration, 120.0), min(max(1, args.repeat), 20)
     args.db.parent.mkdir(parents=True, exist_ok=True)
+    (HERE / "results").mkdir(exist_ok=True)
     started = time.monotonic()
     doc = measure(args)
     doc["seconds"] = round(time.monotonic() - started, 1)
