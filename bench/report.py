@@ -19,7 +19,7 @@ from rich.table import Table
 BEGIN = "<!-- bench:results:begin (written by bench/run_bench.py --readme; edit the script, not this) -->"
 END = "<!-- bench:results:end -->"
 BASELINE = "forwarder_mtls"
-GATEWAYS = ("gateway_sqlite", "gateway_pg", "gateway_sqlite_w2")
+GATEWAYS = ("gateway_sqlite", "gateway_pg", "gateway_sqlite_w2", "gateway_sqlite_baseline")
 # `serve --workers 2` against one worker on the same journal (goal: CPU per payment within 10 %).
 WORKERS = ("gateway_sqlite_w2", "gateway_sqlite")
 

@@ -85,14 +85,21 @@ class Stack:
     mtls: Emulator
 
 
-def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+# Another checkout of the gateway (`git worktree add /tmp/before <commit>`): its `gateway serve`
+# is the target `gateway_sqlite_baseline`, so an optimisation is measured before and after in
+# one run, against the same forwarder and emulator.
+BASELINE_TREE = os.environ.get("BENCH_BASELINE_TREE", "")
+
+
+def _env(extra: dict[str, str] | None = None, root: Path = ROOT) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p),
             "GATEWAY_KEY_CHECKOUT": GATEWAY_KEY, "STRIPE_API_KEY": STRIPE_KEY, **(extra or {})}
 
 
-def _spawn(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+def _spawn(args: list[str], log: Path, env: dict[str, str] | None = None, root: Path = ROOT) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
-        return subprocess.Popen(args, cwd=ROOT, env=env or _env(), stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        return subprocess.Popen(args, cwd=root, env=env or _env(root=root), stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=out)
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -270,7 +277,7 @@ def _pg_schema() -> Iterator[str]:
 
 @contextmanager
 def gateway(s: Stack, postgres: bool, sqlite_path: Path | None = None, name: str | None = None,
-            workers: int = 1) -> Iterator[Target]:
+            workers: int = 1, root: Path = ROOT) -> Iterator[Target]:
     """`gateway serve [--workers N]` to the mTLS emulator: SQLite (the embedded default; a fresh
     file, or `sqlite_path`) or PostgreSQL in a schema of its own, dropped afterwards. With
     workers, the target's CPU is the supervisor's tree: every worker's."""
@@ -283,12 +290,14 @@ def gateway(s: Stack, postgres: bool, sqlite_path: Path | None = None, name: str
         log = work / "gateway.log"
         proc = _spawn([PY, "-m", "gateway.cli", "serve", "--config", str(work / "gateway.yaml"),
                        "--workers", str(workers)], log,
-                      _env({"GATEWAY_PG_DSN": dsn} if dsn else None))
+                      _env({"GATEWAY_PG_DSN": dsn} if dsn else None, root=root), root=root)
         try:
             _wait_ready(f"http://127.0.0.1:{port}/healthz", proc, log)
             label = "gateway, PostgreSQL, mTLS" if postgres else "gateway, SQLite, mTLS (default)"
             if workers > 1:
                 label = f"gateway, SQLite, mTLS, {workers} workers"
+            if root != ROOT:
+                label = f"gateway, SQLite, mTLS, baseline ({root})"
             notes = ["CPU is the gateway process's; the shared PostgreSQL server's is not counted"] if postgres else []
             yield Target(name, label, f"http://127.0.0.1:{port}/v1/payments", PAYMENT_JSON,
                          {"Content-Type": "application/json", "Authorization": f"Bearer {GATEWAY_KEY}"},
@@ -311,3 +320,6 @@ TARGETS = {
     "gateway_pg": lambda s: gateway(s, postgres=True),
     "gateway_sqlite_w2": lambda s: gateway(s, postgres=False, name="gateway_sqlite_w2", workers=2),
 }
+if BASELINE_TREE:
+    TARGETS["gateway_sqlite_baseline"] = lambda s: gateway(s, postgres=False, name="gateway_sqlite_baseline",
+                                                           root=Path(BASELINE_TREE).resolve())
