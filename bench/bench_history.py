@@ -54,6 +54,14 @@ def _payments(db: Path) -> int:
         conn.close()
 
 
+def _keys(db: Path) -> int:
+    conn = sqlite3.connect(db)
+    try:
+        return conn.execute("SELECT count(*) FROM idempotency").fetchone()[0]
+    finally:
+        conn.close()
+
+
 def _expired_keys(db: Path) -> int:
     conn = sqlite3.connect(db)
     try:
@@ -68,9 +76,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         if args.db.exists():
             sys.exit(f"error: {args.db} holds {have:,} payments, fewer than --rows; remove it to seed anew")
         seed(args.db, args.rows, args.expired)
-    history, expired = _payments(args.db), _expired_keys(args.db)
+    history, keys, expired = _payments(args.db), _keys(args.db), _expired_keys(args.db)
     out: dict[str, Any] = {"started_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                           "history_rows": history, "expired_at_start": expired, "db_mb": args.db.stat().st_size / 2**20,
+                           "history_rows": history, "history_keys": keys, "expired_at_start": expired, "db_mb": args.db.stat().st_size / 2**20,
                            "concurrency": args.concurrency, "duration_s": args.duration, "repeat": args.repeat,
                            "targets": {}}
     with tempfile.TemporaryDirectory(prefix="gw-history-") as tmp, stack(Path(tmp)) as s:
@@ -91,7 +99,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 def markdown(doc: dict[str, Any]) -> str:
     lines = [f"Measured {doc['started_at']} by `bench/bench_history.py`: wrk c={doc['concurrency']}, "
              f"{doc['repeat']} × {doc['duration_s']:g} s per journal; the history file holds "
-             f"{doc['history_rows']:,} payments and as many keys ({doc['db_mb']:,.0f} MB), "
+             f"{doc['history_rows']:,} payments and {doc['history_keys']:,} keys ({doc['db_mb']:,.0f} MB), "
              f"{doc['expired_at_start']:,} of the keys past retention at the start. Cells are min / median.", "",
              "| journal | req/s | p50 ms | p99 ms | CPU µs/payment | RSS MB | errors |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name, t in doc["targets"].items():
