@@ -285,9 +285,9 @@ class PaymentService:
 
     async def write_ahead(self, record: PaymentRecord, kind: str) -> None:
         """Before each try's call, the row with that try's attempt (DESIGN rule 4): every try's
-        but a payment's very first (its key claim wrote that one) and a follow-up's too (the
-        claim's row holds none), so a takeover after a crash keeps the attempt that may have
-        charged, and the transaction's line has it."""
+        but the first of a payment or a follow-up (its key claim wrote that one; a completion's or
+        an expiry's first try is written here too), so a takeover
+        after a crash keeps the attempt that may have charged, and the transaction's line has it."""
         record.updated_at = time.time()
         with self.tracing.span("journal.save") as span:
             span.record(record, kind)
@@ -354,12 +354,17 @@ class PaymentService:
         amount = follow_up_amount(record, op, asked_amount)
         problem = follow_up_problem(record, op, amount)
         now = time.time()
+        first: Attempt | None = None
         if problem is None:
             record.follow_up = PendingFollowUp(
                 operation=op.value, amount=amount, provider_key=provider_key, scope=scope, front_key=key,
                 prior_status=record.status.value, started_at=now, deadline_s=max(0.0, deadline - time.monotonic()))
             record.status = FOLLOW_UP_PENDING[op]
             record.updated_at = now
+            # Its first try rides in the claim's row, which is that call's write-ahead (as a payment's).
+            assert record.provider is not None
+            first = self.clients[record.provider].new_attempt(op, 1, provider_key, amount=amount)
+            record.attempts.append(first)
         with self.tracing.span("journal.claim") as span:
             span.record(record, op.value)
             claim = await self.store.claim_idempotency(scope, key, fingerprint, provider_key, now,
@@ -369,9 +374,10 @@ class PaymentService:
         if problem is not None:
             await self.store.release_idempotency(scope, key)
             return problem
+        assert first is not None
         self.in_flight.add(record.id)
         try:
-            return await self._run_follow_up(record, op, amount, scope, key, provider_key, deadline)
+            return await self._run_follow_up(record, op, amount, scope, key, provider_key, deadline, first)
         except StaleWrite:
             # After our claim, only a reconciler that took the follow-up for abandoned writes
             # the row: it settles the follow-up and answers the key.
@@ -380,19 +386,21 @@ class PaymentService:
             self.in_flight.discard(record.id)
 
     async def _run_follow_up(self, record: PaymentRecord, op: Operation, amount: int | None, scope: str, key: str,
-                             provider_key: str, deadline: float) -> Answer:
+                             provider_key: str, deadline: float, first: Attempt) -> Answer:
+        """`first`: the first try's attempt, journalled with the key claim."""
         assert record.provider is not None
         client = self.clients[record.provider]
         subject = FollowUp(payment_id=record.id, provider_reference=record.provider_reference, amount=amount,
                            currency=record.currency, follow_up_id=provider_key)
 
-        async def journalled(_attempt: Attempt) -> None:
-            """The claim's transaction holds the follow-up; its attempt goes in before the call."""
+        async def write_ahead_retry(_attempt: Attempt) -> None:
+            """The claim's transaction holds the follow-up and its first try; a retry's attempt
+            goes in before its call."""
             await self.write_ahead(record, op.value)
 
         started = time.monotonic()
-        result = await self.executor.run(client, op, subject, provider_key, deadline, record.attempts, journalled,
-                                         amount=amount)
+        result = await self.executor.run(client, op, subject, provider_key, deadline, record.attempts,
+                                         write_ahead_retry, amount=amount, journalled=first)
         extra = {"latency_ms": (time.monotonic() - started) * 1000,
                  "follow_up": {"operation": op.value, "amount": amount, "outcome": result.outcome.value,
                                "raw_code": result.raw_code}}
