@@ -285,9 +285,9 @@ class PaymentService:
 
     async def write_ahead(self, record: PaymentRecord, kind: str) -> None:
         """Before each try's call, the row with that try's attempt (DESIGN rule 4): every try's
-        but the first of a payment or a follow-up (its key claim wrote that one; a completion's or
-        an expiry's first try is written here too), so a takeover
-        after a crash keeps the attempt that may have charged, and the transaction's line has it."""
+        but the first of a payment or a follow-up (its key claim wrote that one; a completion's
+        and an expiry's first tries are written here too), so a takeover after a crash keeps the
+        attempt that may have charged, and the transaction's line has it."""
         record.updated_at = time.time()
         with self.tracing.span("journal.save") as span:
             span.record(record, kind)
