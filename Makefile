@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: run test install install-test certs services clean browser bench bench-tools bench-stages
+.PHONY: run test install install-test certs services clean browser bench bench-tools bench-stages rehearse
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (Python 3.11+ is required)"; exit 1; }
@@ -69,6 +69,11 @@ bench: $(STAMP) bench-tools
 # What each stage of a payment costs: py-spy (from PyPI, the `bench` extra) over the gateway under wrk.
 bench-stages: $(BENCH_STAMP) bench-tools
 	$(BIN)/python bench/bench_stages.py --readme README.md
+
+# The sale before the sale: three minutes of a peak against the emulators with config/gateway.yaml
+# (README, "Before the sale: `gateway rehearse`"); the run directory is under logs/rehearsals/.
+rehearse: $(STAMP)
+	$(BIN)/gateway rehearse --profile peak-sale --minutes 3 --config config/gateway.yaml
 
 # PostgreSQL and Redis on 127.0.0.1 for the scale-out tests (see .ci/services).
 services:

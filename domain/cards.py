@@ -10,6 +10,7 @@ __all__ = [
     "PAN_MAX",
     "PAN_MIN",
     "card_brand",
+    "card_like",
     "issuer_lengths",
     "issuer_plausible",
     "luhn_valid",
@@ -53,6 +54,21 @@ def luhn_valid(digits: str) -> bool:
     # Summed as ASCII codes (48 = "0") in C: this runs for every long digit run the log meets.
     raw = digits.encode()
     return (sum(raw[-1::-2]) + sum(raw[-2::-2].translate(_DOUBLED)) - 48 * len(raw)) % 10 == 0
+
+
+def card_like(digits: str) -> bool:
+    """Whether a run of digits found in text may be a card number: Luhn-valid, and a number a
+    card can begin with (ISO/IEC 7812's major industry identifier, its first digit): never 0
+    (reserved), 1 only for UATP's 15-digit airline cards. Luhn alone passes one digit string in
+    ten, and the long numbers merchants put in references and idempotency keys are mostly
+    epoch timestamps (``order-1733058000123``) and zero-padded counters, which begin with 1 or 0:
+    without this rule one such reference in ten was refused as card data. Every other first
+    digit still counts, not only the networks this module lists, so a card of an unlisted
+    network is still hidden."""
+    first = digits[:1]
+    if first == "0" or (first == "1" and len(digits) != 15):
+        return False
+    return luhn_valid(digits)
 
 
 def _in_ranges(digits: str, ranges: _Ranges) -> bool:

@@ -33,6 +33,8 @@ class LocalRefusal(StrEnum):
     BREAKER_OPEN = "breaker_open"
     BULKHEAD_FULL = "bulkhead_full"
     BULKHEAD_TIMEOUT = "bulkhead_timeout"
+    # The provider account's quota (gateway/quota/) had no token left: sending it would earn a 429.
+    OVER_QUOTA = "over_quota"
     DEADLINE_EXCEEDED = "deadline_exceeded"
     NOT_BUILDABLE = "request_not_buildable"  # our own input cannot make a request: a bug or bad input
 

@@ -7,6 +7,7 @@ The service returns an `Answer`; the handler only writes it. What a key replays 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,6 +112,13 @@ def completion_answer(record: PaymentRecord, result: ProviderResult) -> Answer:
         return error(422, "completion_refused", f"{record.provider} refused the completion: "
                      f"{result.message or result.raw_code}", "return_params")
     return payment_read(record)
+
+
+def over_quota(route: str, wait_s: float) -> Answer:
+    """Every provider of the route is at its request quota: nothing was sent nor claimed, so the
+    same Idempotency-Key may be sent again after Retry-After (whole seconds, at least one)."""
+    return error(503, "overloaded", f"every provider of route {route} is at its request quota; retry after "
+                 "Retry-After with the same Idempotency-Key", headers={"Retry-After": str(max(1, math.ceil(wait_s)))})
 
 
 def follow_up_not_made(op: Operation) -> Answer:

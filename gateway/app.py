@@ -67,6 +67,8 @@ from gateway.notifications.sender import NotificationSender
 from gateway.orchestrator import PaymentService
 from gateway.provider_client import ProviderClient
 from gateway.provider_pool import ProviderPool
+from gateway.quota.provider import SHARED
+from gateway.quota.shared import RedisBuckets
 from gateway.reconciler import Reconciler
 from gateway.retry_policy import RetryBudget
 from gateway.router import Router
@@ -222,17 +224,37 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
         await txlog.close()  # after every producer stopped, before the store closes
 
     async def providers(app: web.Application) -> AsyncIterator[None]:
-        pool = await asyncio.to_thread(ProviderPool, config)  # reads every TLS file: off the loop
         metrics = app[METRICS]
+        # Provider quotas: shared by the fleet in Redis where breaker state is; each process's
+        # share of them otherwise, and while Redis is away (gateway/quota/).
+        shared_quota = None
+        if config.breaker_sync.backend == "redis" and any(p.rate_limit_per_s for p in config.providers.values()):
+            shared_quota = RedisBuckets(config.breaker_sync.redis_url.get_secret_value(),
+                                        config.breaker_sync.channel_prefix, log=ops)
+        share = config.engine.replicas * (worker.workers if worker is not None else 1)
+        pool = await asyncio.to_thread(ProviderPool, config, quota_share=share,  # reads every TLS file: off the loop
+                                       shared_quota=shared_quota)
         for handle in pool:
             handle.breaker.listeners.append(metrics.breaker_changed)
             handle.breaker.listeners.append(
                 lambda provider, old, new: ops.warning("breaker_state_change", provider=provider, old=old, new=new))
             metrics.track_provider(handle.name, handle.bulkhead)
-        await pool.start()
+            metrics.track_latency(handle.name, handle.latency.p99_ms)
+            if (quota := handle.quota) is not None:
+                metrics.track_quota(handle.name, lambda quota=quota: quota.mode == SHARED)
+        if shared_quota is not None:
+            await shared_quota.start()
+        try:
+            await pool.start()
+        except BaseException:
+            if shared_quota is not None:
+                await shared_quota.close()
+            raise
         app[POOL] = pool
         yield
         await pool.close()
+        if shared_quota is not None:
+            await shared_quota.close()
 
     async def breaker_sync(app: web.Application) -> AsyncIterator[None]:
         metrics = app[METRICS]
@@ -261,11 +283,12 @@ def build_app(config: GatewayConfig, *, ops_log: structlog.typing.FilteringBound
         app[SERVICE] = PaymentService(
             store=app[STORE], clients={h.name: ProviderClient(h, metrics, app[TRACING]) for h in pool},
             router=Router(config.routes, pool.health, success_rate=pool.success_rate, capabilities=config.providers,
-                          without_redirects=[n for n, p in config.providers.items() if not p.redirects]),
+                          without_redirects=[n for n, p in config.providers.items() if not p.redirects],
+                          latency_p99=pool.latency_p99_ms, quota_wait=pool.quota_wait_s),
             executor=AttemptExecutor(budget, metrics), metrics=metrics, txlog=app[TRANSACTION_LOG],
             retention_s=config.storage.idempotency_retention_h * 3600, ops_log=ops, tracing=app[TRACING],
             notifications=NotificationOutbox(enabled=config.notifications.enabled),
-            action_expiry_s=config.three_ds.action_expiry_s,
+            action_expiry_s=config.three_ds.action_expiry_s, quota_max_wait_s=engine.quota_max_wait_ms / 1000,
         )
         in_flight = app[SERVICE].in_flight
         metrics.observe(metrics.in_flight, lambda: len(in_flight))

@@ -7,6 +7,7 @@ the YAML: the file names an environment variable and the value is read at load t
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
@@ -217,16 +218,32 @@ class ProviderConfig(_Model):
     # named here; several at once while ops rotate one (Stripe `whsec_…`, Adyen's HMAC key in
     # hex, Checkout.com's webhook secret key). None: POST /v1/webhooks/<name> answers 404.
     webhook_key_envs: tuple[str, ...] = Field((), max_length=5)
+    # The account's request quota at the provider (Stripe: 100/s live, 25/s test): every request
+    # (payment, follow-up, status query) takes a token of a bucket refilled at this rate, holding
+    # at most `rate_limit_burst` (default one second's worth). An empty bucket: payments spill
+    # over to the next provider, follow-ups wait within their deadline (gateway/quota/).
+    # None: no limit kept here.
+    rate_limit_per_s: float | None = Field(None, gt=0, le=1_000_000)
+    rate_limit_burst: int | None = Field(None, ge=1, le=1_000_000)
     _api_key: SecretStr = PrivateAttr()
     _webhook_keys: tuple[SecretStr, ...] = PrivateAttr(())
 
     @model_validator(mode="after")
     def _load(self) -> Self:
+        if self.rate_limit_burst is not None and self.rate_limit_per_s is None:
+            raise ValueError("rate_limit_burst needs rate_limit_per_s (a bucket with no refill rate)")
         if self.kind == "adyen" and not self.merchant_account:
             raise ValueError("merchant_account is required for kind adyen (every Adyen request names one)")
         self._api_key = _secret_from_env(self.api_key_env, "api_key_env")
         self._webhook_keys = tuple(_webhook_key(self.kind, var) for var in self.webhook_key_envs)
         return self
+
+    @property
+    def quota_capacity(self) -> int | None:
+        """The most requests the quota lets through back to back, or None without a quota."""
+        if self.rate_limit_per_s is None:
+            return None
+        return self.rate_limit_burst or max(1, math.ceil(self.rate_limit_per_s))
 
     @property
     def webhook_keys(self) -> tuple[SecretStr, ...]:
@@ -255,6 +272,10 @@ class RouteConfig(_Model):
     # Move a provider behind the others while its recent success rate is below this share
     # (engine.health_window_s, at least engine.health_min_samples calls); None: never.
     demote_below: float | None = Field(None, ge=0, le=1)
+    # Move a provider behind the others while the p99 of its recent calls (the last
+    # engine.latency_window calls within engine.health_window_s, at least
+    # engine.health_min_samples of them) is above this; None: never.
+    demote_above_p99_ms: float | None = Field(None, gt=0, le=600_000)
     # The return-URL policy for shopper actions (3-D Secure): `required` refuses a payment
     # without `return_url` (422 return_url_required); `optional` sends it without asking any
     # provider for a redirect. None: no policy, which `gateway preflight` reports for a route whose
@@ -284,6 +305,16 @@ class EngineConfig(_Model):
     # request still travelling to or running at a provider, and past a search index's lag.
     provider_in_flight_s: float = Field(60.0, gt=0)
     lookup_lag_s: float = Field(600.0, gt=0)
+    # Calls kept per provider for its recent p99 (routes[].demote_above_p99_ms).
+    latency_window: int = Field(200, ge=10, le=10_000)
+    # Gateway processes (replicas, each with its workers) that run this configuration against
+    # the same provider accounts. Where a quota is not shared through Redis (no breaker_sync,
+    # or Redis unreachable), each process keeps rate_limit_per_s / (replicas x workers).
+    replicas: int = Field(1, ge=1, le=1000)
+    # A payment that finds every candidate at its quota waits for the first token if it comes
+    # within this (and within a quarter of the time its deadline leaves); else it is answered
+    # 503 overloaded with Retry-After, nothing sent and its key free to retry.
+    quota_max_wait_ms: int = Field(200, ge=0, le=10_000)
 
 
 class ThreeDSConfig(_Model):

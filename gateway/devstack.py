@@ -1,4 +1,6 @@
-"""`make run`: the whole stack on loopback in one process, stopped cleanly by Ctrl-C."""
+"""`make run`: the whole stack on loopback in one process, stopped cleanly by Ctrl-C. Each
+emulator stands in for its provider's account, with the quota the configuration gives it
+(`providers.<name>.rate_limit_per_s`): the gateway's bucket and the account's are the same."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from gateway.app import build_app
 from gateway.certs.devca import generate_dev_certs
 from gateway.certs.tls import server_context
 from gateway.config import ConfigError, GatewayConfig
-from gateway.emulator_launch import start_emulator
+from gateway.emulator_launch import account_quota, start_emulator
 from emulators.server import EmulatorServer
 from emulators.webhooks import WebhookTarget
 from providers.registry import KINDS
@@ -31,7 +33,7 @@ async def run_dev_stack(cfg: GatewayConfig, certs_dir: Path) -> None:
             tls = url.scheme == "https"
             emulators.append(await start_emulator(
                 provider.kind, port=url.port or 0, admin_port=(url.port or 0) + 100, certs=layout if tls else None,
-                require_client_cert=provider.tls.client_cert is not None))
+                require_client_cert=provider.tls.client_cert is not None, quota=account_quota(provider)))
         app = build_app(cfg)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=cfg.server.shutdown_grace_s)
         await runner.setup()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from gateway.certs.devca import DevCertLayout, issue_dev_pair, write_pem_pair
 from gateway.certs.tls import client_context, server_context
+from gateway.config import ProviderConfig
 from emulators.quota import QuotaPlan
 from emulators.server import EmulatorServer
 from emulators.registry import EMULATORS
@@ -24,6 +25,14 @@ def _issuer(layout: DevCertLayout, kind: str):  # type: ignore[no-untyped-def]
         return cert, key
 
     return issue
+
+
+def account_quota(provider: ProviderConfig) -> QuotaPlan | None:
+    """The quota the configuration says the provider's account has (`rate_limit_per_s`,
+    `rate_limit_burst`), for an emulator standing in for that account; None without one."""
+    if provider.rate_limit_per_s is None:
+        return None
+    return QuotaPlan(rate_limit_per_s=provider.rate_limit_per_s, burst=provider.rate_limit_burst)
 
 
 async def start_emulator(

@@ -52,7 +52,7 @@ class AttemptExecutor:
     async def run(self, client: ProviderClient, op: Operation, subject: PaymentOrder | FollowUp,
                   idempotency_key: str, deadline: float, attempts: list[Attempt], journal: AttemptHook,
                   *, amount: int | None = None, failover_reason: str | None = None,
-                  journalled: Attempt | None = None) -> ProviderResult:
+                  journalled: Attempt | None = None, prepaid: bool = False) -> ProviderResult:
         """Try `op` at one provider until an answer that retrying cannot change.
 
         Each try is appended to `attempts` (the payment's own list); `journal` persists it after
@@ -60,7 +60,8 @@ class AttemptExecutor:
         why the payment moved on to this provider, on its first try's record (and span).
         `journalled`: the first try's record, already in `attempts` and already on disk (the
         caller wrote it with the key claim, in the same transaction): that try skips `journal`,
-        one fsync'd store round trip fewer per payment."""
+        one fsync'd store round trip fewer per payment. `prepaid`: the first try's quota token
+        is already taken (`PaymentService._reserve`)."""
         retry = client.handle.config.retry
         wait: wait_base = wait_retry_after(retry.base_delay_ms / 1000, retry.max_delay_ms / 1000)
         open_unknown: ProviderResult | None = None
@@ -75,7 +76,8 @@ class AttemptExecutor:
                                              failover_reason=failover_reason if try_number == 1 else None)
                 attempts.append(attempt)
                 before_send = lambda attempt=attempt: journal(attempt)  # noqa: E731
-            result = await client.call(op, subject, idempotency_key, deadline, attempt, before_send=before_send)
+            result = await client.call(op, subject, idempotency_key, deadline, attempt, before_send=before_send,
+                                       prepaid=prepaid and try_number == 1)
             if result.outcome is Outcome.UNKNOWN:
                 result = await self._settle(client, op, subject, result, deadline, try_number, attempts)
             if result.outcome is Outcome.UNKNOWN:

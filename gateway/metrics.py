@@ -29,12 +29,15 @@ from prometheus_client.exposition import generate_latest
 
 from domain.outcome import Outcome
 from domain.types import Operation
+from gateway.router import LATENCY, SUCCESS_RATE
 
 BREAKER_STATES = {"closed": 0, "half-open": 1, "open": 2}
+DEMOTION_REASONS = (SUCCESS_RATE, LATENCY)
 REFRESH_INTERVAL_S = 1.0
 # Why a request or a retry was refused (`gateway_shed_total{reason}`): the front door's in-flight
-# cap, the transaction log's queue or outbox, the journal's write queue, the retry budget.
-SHED_REASONS = ("in_flight", "log_queue", "journal", "retry_budget")
+# cap, the transaction log's queue or outbox, the journal's write queue, the retry budget, every
+# candidate provider at its request quota.
+SHED_REASONS = ("in_flight", "log_queue", "journal", "retry_budget", "quota")
 
 
 class BulkheadReading(Protocol):
@@ -122,6 +125,22 @@ class Metrics:
         self.breaker_sync_connected = Gauge("gateway_breaker_sync_connected",
                                             "1 while subscribed to the fleet's breaker state in Redis",
                                             multiprocess_mode="livemin", registry=r)
+        # Provider quotas kept by the gateway (gateway.quota) and the router's demotions.
+        self.quota_denied = Counter("gateway_quota_denied_total",
+                                    "Provider requests not sent because the provider's quota had no token "
+                                    "(skipped at routing or refused at the call)", ["provider"], registry=r)
+        self.quota_spillovers = Counter("gateway_quota_spillovers_total",
+                                        "Payments sent on to the next provider because this one was at its quota",
+                                        ["provider"], registry=r)
+        self.quota_shared = Gauge("gateway_quota_shared",
+                                  "1 while the provider's quota bucket is shared in Redis, 0 while this process "
+                                  "keeps its local share", ["provider"], multiprocess_mode="livemin", registry=r)
+        self.latency_p99 = Gauge("gateway_provider_latency_p99_seconds",
+                                 "p99 of the provider's recent authorisation calls (the router's latency window)",
+                                 ["provider"], multiprocess_mode="livemax", registry=r)
+        self.demotions = Counter("gateway_route_demotions_total",
+                                 "Payments routed with this provider moved behind the others (success_rate, latency)",
+                                 ["provider", "reason"], registry=r)
         self.breaker_sync_errors = Counter("gateway_breaker_sync_errors_total",
                                            "Breaker sync trouble (disconnect, publish, dropped, bad_message)",
                                            ["kind"], registry=r)
@@ -146,6 +165,20 @@ class Metrics:
         self.observe(self.bulkhead_active.labels(provider), lambda: bulkhead.active)
         self.observe(self.bulkhead_waiting.labels(provider), lambda: bulkhead.waiting)
         self.bulkhead_max.labels(provider).set(bulkhead.max_concurrent)
+
+    def track_quota(self, provider: str, shared: Callable[[], bool]) -> None:
+        """A provider with a quota: its denial and spill-over counters at 0, its bucket's mode
+        read at each scrape."""
+        self.quota_denied.labels(provider)
+        self.quota_spillovers.labels(provider)
+        self.observe(self.quota_shared.labels(provider), lambda: 1.0 if shared() else 0.0)
+
+    def track_latency(self, provider: str, p99_ms: Callable[[], float | None]) -> None:
+        """The router's latency window of a provider, read at each scrape (0 while too few calls),
+        and its demotion counters at 0."""
+        for reason in DEMOTION_REASONS:
+            self.demotions.labels(provider, reason)
+        self.observe(self.latency_p99.labels(provider), lambda: (p99_ms() or 0.0) / 1000)
 
     def pending_seen(self, count: int, oldest_since: float | None, now: float) -> None:
         """The reconciler's pass left `count` unsettled, the oldest waiting since `oldest_since`."""

@@ -26,7 +26,7 @@ from typing import Any
 
 import structlog
 
-from domain.outcome import Outcome, PaymentStatus
+from domain.outcome import LocalRefusal, Outcome, PaymentStatus
 from domain.types import FollowUp, Operation, PaymentOrder, ProviderResult
 from gateway import answers
 from gateway.answers import Answer
@@ -39,7 +39,8 @@ from gateway.notifications.events import Settling
 from gateway.notifications.outbox import NotificationOutbox
 from gateway.policy import may_fail_over, payment_status
 from gateway.provider_client import ProviderClient
-from gateway.router import NoRoute, RouteDecision, Router, RoutingFacts
+from gateway.quota.provider import take_first
+from gateway.router import OVER_QUOTA, NoRoute, RouteDecision, Router, RoutingFacts
 from gateway.shopper_action import bind_action
 from gateway.tracing.spans import NO_TRACING, Tracing
 from gateway.txlog.outbox import TransactionLog
@@ -144,7 +145,8 @@ class PaymentService:
     def __init__(self, *, store: Store, clients: Mapping[str, ProviderClient], router: Router,
                  executor: AttemptExecutor, metrics: Metrics, txlog: TransactionLog, retention_s: float,
                  ops_log: structlog.typing.FilteringBoundLogger, tracing: Tracing = NO_TRACING,
-                 notifications: NotificationOutbox | None = None, action_expiry_s: float = 900.0) -> None:
+                 notifications: NotificationOutbox | None = None, action_expiry_s: float = 900.0,
+                 quota_max_wait_s: float = 0.2) -> None:
         self.store = store
         self.clients = clients
         self.router = router
@@ -154,6 +156,7 @@ class PaymentService:
         self.retention_s = retention_s
         self.ops = ops_log
         self.action_expiry_s = action_expiry_s  # an unfinished shopper action expires after this
+        self.quota_max_wait_s = quota_max_wait_s  # a payment's wait for a token when every candidate is at quota
         self.tracing = tracing  # journal-write spans here; the reconciler's pass spans too
         self.notifications = notifications or NotificationOutbox(enabled=False)
         self.locks = PaymentLocks()
@@ -167,12 +170,25 @@ class PaymentService:
                              order: PaymentOrder, deadline: float) -> Answer:
         """Claim the key with the payment row and its first attempt (one transaction: that row is
         the first call's write-ahead too), run the payment to a final or pending state, commit
-        the final row with the key's answer and the log line."""
-        decision = self._plan(record, order)
+        the final row with the key's answer and the log line.
+
+        A payment that finds every candidate at its quota (nothing sent, nothing claimed) waits
+        for the first token if it comes soon (`engine.quota_max_wait_ms`, at most a quarter of
+        the time left), else is answered 503 `overloaded` with Retry-After: the checkout's retry
+        with the same key is a fresh payment."""
+        try:
+            routed: RouteDecision | NoRoute = await self._route(record, order, deadline)
+        except NoRoute as exc:
+            routed = exc
+        if isinstance(routed, RouteDecision) and routed.quota_wait_s is not None:
+            self._count_quota(routed)
+            self.metrics.shed.labels("quota").inc()
+            return answers.over_quota(routed.route, routed.quota_wait_s)
+        decision = self._plan(record, routed)
         if decision is not None and decision.return_url_required and order.return_url is None:
             return answers.error(422, "return_url_required", f"route {decision.route} requires a return_url: its "
                                  "providers may send the shopper to authenticate (3-D Secure)", "return_url")
-        first = self._first_attempt(record) if decision is not None else None
+        first_try = self._first_attempt(record) if decision is not None else None
         now = time.time()
         with self.tracing.span("journal.claim") as span:
             span.record(record, "payment")
@@ -187,7 +203,15 @@ class PaymentService:
         try:
             if decision is not None:
                 self.executor.budget.record_request()
-                await self._attempt_candidates(record, order, decision, deadline, first)
+                first = await self._reserve(record, decision, deadline)
+                if first != 0 and first_try is not None:
+                    # The first candidate had no quota token: the try journalled with the claim
+                    # was never made (the next write of the row drops it).
+                    record.attempts = [a for a in record.attempts if a is not first_try]
+                    first_try = None
+                if first is None:
+                    return await self._shed_over_quota(record, scope, key, decision)
+                await self._attempt_candidates(record, order, decision, deadline, first, first_try)
             record.updated_at = time.time()
             answer = answers.payment_answer(record)
             await self.commit(record, "payment", IdempotentAnswer(scope, key, answer.stored()),
@@ -202,24 +226,43 @@ class PaymentService:
         self.metrics.payment_latency.observe(time.monotonic() - started)
         return answer
 
-    def _plan(self, record: PaymentRecord, order: PaymentOrder) -> RouteDecision | None:
-        """Route in memory before anything is written, and mark the record as attempting its
-        first candidate, so the row journalled with the key claim already says where the first
-        call goes (and with which provider key); the call's attempt is journalled just before it."""
+    async def _route(self, record: PaymentRecord, order: PaymentOrder, deadline: float) -> RouteDecision:
+        """The router's decision, in memory. When every candidate is at its quota and the first
+        token comes within the short wait a payment may make, it waits for it and routes again."""
         facts = RoutingFacts(order.amount, order.currency, order.country, record.card_brand, order.merchant_reference,
                              redirect=order.return_url is not None)
-        try:
+        decision = self.router.route(facts)
+        wait = decision.quota_wait_s
+        if wait is not None and self._may_wait_for_token(wait, deadline):
+            await asyncio.sleep(wait)
             decision = self.router.route(facts)
-        except NoRoute as exc:
+        return decision
+
+    def _count_quota(self, decision: RouteDecision) -> None:
+        """The routing's quota skips (each a request not sent) and, where a payment went on to
+        another provider for it, a spill-over; and its demotions."""
+        for provider, reason in decision.skipped:
+            if reason == OVER_QUOTA:
+                self.metrics.quota_denied.labels(provider).inc()
+                if decision.candidates:
+                    self.metrics.quota_spillovers.labels(provider).inc()
+        for provider, why in zip(decision.demoted, decision.demotion_reasons):
+            self.metrics.demotions.labels(provider, why).inc()
+
+    def _plan(self, record: PaymentRecord, routed: RouteDecision | NoRoute) -> RouteDecision | None:
+        """Before anything is written, mark the record as attempting its first candidate, so
+        the row journalled with the key claim already says where the first call goes (and with
+        which provider key); the call's attempt is journalled just before it."""
+        if isinstance(routed, NoRoute):
             self._finish(record, PaymentStatus.FAILED, error="no_route")
-            record.error_message = str(exc)
+            record.error_message = str(routed)
             return None
+        decision = routed
+        if decision.skipped or decision.demoted:
+            self._count_quota(decision)
         record.route = decision.route
         for provider, reason in decision.skipped:
-            client = self.clients[provider]
-            skipped = client.new_attempt(Operation.AUTHORIZE, 0, None)
-            skipped.outcome, skipped.raw_code = "skipped", reason
-            record.attempts.append(skipped)
+            self._skip(record, provider, reason)
         if not decision.candidates:
             self._finish(record, PaymentStatus.FAILED, error="no_provider_available")
             return None
@@ -240,13 +283,64 @@ class PaymentService:
         record.attempts.append(attempt)
         return attempt
 
+    def _skip(self, record: PaymentRecord, provider: str, reason: str) -> None:
+        """A candidate passed over before any call: an attempt `skipped` with the reason."""
+        skipped = self.clients[provider].new_attempt(Operation.AUTHORIZE, 0, None)
+        skipped.outcome, skipped.raw_code = "skipped", reason
+        record.attempts.append(skipped)
+
+    def _may_wait_for_token(self, wait: float, deadline: float) -> bool:
+        """A payment with every candidate at its quota waits for the first token only briefly:
+        within `engine.quota_max_wait_ms` and a quarter of the time its deadline leaves."""
+        return wait <= min(self.quota_max_wait_s, (deadline - time.monotonic()) / 4)
+
+    async def _reserve(self, record: PaymentRecord, decision: RouteDecision, deadline: float) -> int | None:
+        """The first call's quota token, from the first candidate that has one (`gateway.quota`:
+        one step, one Redis round trip when shared); the candidates before it are skipped for
+        their quota. None: none has a token now (the routing's estimate was behind), not even
+        after the short wait a payment may make."""
+        candidates = decision.candidates
+        if self.clients[candidates[0]].handle.quota is None:
+            return 0  # no quota at the primary: nothing to take before its call
+        quotas = [self.clients[name].handle.quota for name in candidates]
+        first = await take_first(quotas)
+        if first is None:
+            wait = min(q.wait_s() for q in quotas if q is not None)
+            if not self._may_wait_for_token(wait, deadline):
+                return None
+            await asyncio.sleep(wait)
+            first = await take_first(quotas)
+            if first is None:
+                return None
+        for name in candidates[:first]:
+            self._skip(record, name, OVER_QUOTA)
+            self.metrics.quota_denied.labels(name).inc()
+            self.metrics.quota_spillovers.labels(name).inc()
+        return first
+
+    async def _shed_over_quota(self, record: PaymentRecord, scope: str, key: str, decision: RouteDecision) -> Answer:
+        """Every candidate at its quota once the key was claimed: nothing was sent. The row ends
+        `failed` (over_quota) and the key is released, so the checkout's retry after
+        Retry-After with the same key is a fresh payment, as when the routing found no token."""
+        for name in decision.candidates:
+            self.metrics.quota_denied.labels(name).inc()
+        self.metrics.shed.labels("quota").inc()
+        self._finish(record, PaymentStatus.FAILED, error=OVER_QUOTA)
+        record.updated_at = time.time()
+        await self.commit(record, "payment")
+        await self.store.release_idempotency(scope, key)
+        quotas = [q for name in decision.candidates if (q := self.clients[name].handle.quota) is not None]
+        return answers.over_quota(decision.route, min(q.wait_s() for q in quotas))
+
     async def _attempt_candidates(self, record: PaymentRecord, order: PaymentOrder, decision: RouteDecision,
-                                  deadline: float, first: Attempt | None = None) -> None:
-        """`first`: the first candidate's first try, journalled with the key claim."""
+                                  deadline: float, first: int = 0, first_try: Attempt | None = None) -> None:
+        """From candidate `first` on, whose first call's quota token `_reserve` took.
+        `first_try`: that candidate's first try, journalled with the key claim."""
         cascaded = False
         failover_reason: str | None = None
         last: ProviderResult | None = None
-        for position, name in enumerate(decision.candidates):
+        for position in range(first, len(decision.candidates)):
+            name = decision.candidates[position]
             client = self.clients[name]
             key = provider_idempotency_key(record.id, name)
 
@@ -256,14 +350,16 @@ class PaymentService:
                 await self.write_ahead(record, "payment")
 
             result = await self.executor.run(client, Operation.AUTHORIZE, order, key, deadline, record.attempts,
-                                             journal, failover_reason=failover_reason,
-                                             journalled=first if position == 0 else None)
+                                             journal, failover_reason=failover_reason, prepaid=position == first,
+                                             journalled=first_try if position == first else None)
             last = result
             record.provider, record.provider_idempotency_key = name, key
             has_next = position + 1 < len(decision.candidates)
             cascade_allowed = not cascaded and result.raw_code in decision.cascade_on
             if has_next and may_fail_over(result, cascade_allowed=cascade_allowed):
                 kind = "soft_decline" if result.outcome is Outcome.SOFT_DECLINE else "unavailable"
+                if result.refusal is LocalRefusal.OVER_QUOTA:
+                    self.metrics.quota_spillovers.labels(name).inc()
                 cascaded = cascaded or result.outcome is Outcome.SOFT_DECLINE
                 failover_reason = f"{kind}:{result.raw_code}"
                 self.metrics.failovers.labels(name, kind).inc()

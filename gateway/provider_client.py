@@ -3,21 +3,30 @@ the reconciler's status queries all go through `ProviderClient`.
 
 A call: the deadline check, building the request (our own bad input is `rejected`, never the
 provider's fault), the breaker's admission, the journal hook (the attempt is on disk before the
-provider can see the request), a bulkhead slot, the breaker guard, the send with a per-try
-timeout cut to the request's deadline, the mapping's classification, the translation of
-transport errors, and the attempt record and metrics filled in. Local refusals come back as
+provider can see the request), the quota's token (taken at the moment of the call, after the
+journal write whose duration varies, so the provider sees the requests spaced as they were
+taken; a payment's first call comes with its token reserved: `gateway.quota`), a bulkhead
+slot, the breaker guard, the send with a per-try timeout cut to the request's deadline, the
+mapping's classification, the translation of transport errors, and the attempt record and
+metrics filled in. Local refusals come back as
 `ProviderResult.refused(LocalRefusal…)`; nothing here raises for a provider's answer.
 
 Each call and each status query is a span (`gateway.tracing`) with the attempt record's provider,
 try, outcome class, raw code, breaker state and failover reason. Nothing of the caller's trace
 context is sent: the request is the mapping's, and the mapping knows no trace.
 
+A payment's authorisation that finds the quota empty is refused at once (`over_quota`), and the
+payment spills over to its next candidate; a call bound to this provider (follow-up, status
+query, completion) waits for its token while its deadline allows, never past it.
+
 A timeout that the caller's own deadline caused (the per-try timeout was cut short to fit it)
-is not the provider's failure: it never counts against the shared breaker or the health window.
+is not the provider's failure: it never counts against the shared breaker or the health and
+latency windows.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -39,6 +48,7 @@ from providers.errors import TransportError
 
 MIN_TRY_S = 0.05
 TIMEOUT_CODES = frozenset({"read_timeout", "connect_timeout"})
+MAX_QUOTA_WAITS = 20  # a bound call's waits for a token (other processes may take each one first)
 
 BeforeSend = Callable[[], Awaitable[None]]
 T = TypeVar("T")
@@ -69,6 +79,7 @@ class ProviderClient:
         self.mapping = handle.mapping
         self._metrics = metrics
         self._tracing = tracing
+        self._denied = metrics.quota_denied.labels(self.name)
 
     def new_attempt(self, op: Operation, try_number: int, key: str | None, *,
                     amount: int | None = None, failover_reason: str | None = None) -> Attempt:
@@ -77,32 +88,37 @@ class ProviderClient:
                        failover_reason=failover_reason)
 
     async def call(self, op: Operation, subject: PaymentOrder | FollowUp, key: str | None, deadline: float,
-                   attempt: Attempt, *, before_send: BeforeSend | None = None) -> ProviderResult:
+                   attempt: Attempt, *, before_send: BeforeSend | None = None, prepaid: bool = False) -> ProviderResult:
         """`op` at this provider, once. `before_send` runs after the local checks pass and
-        before any byte leaves: the journal write of `attempt`.
+        before any byte leaves: the journal write of `attempt`. `prepaid`: its quota token is
+        already taken (a payment's first call, reserved with its spill-over: `gateway.quota`).
 
         A status query is `lookup`'s (its answer is a `StatusAnswer`, not an outcome): `call`
         raises ValueError for `Operation.STATUS` before anything is checked or sent."""
         if op is Operation.STATUS:
             raise ValueError("a status query goes through ProviderClient.lookup, which answers a StatusAnswer")
         with self._tracing.span(SPAN_NAMES[op], kind=SpanKind.CLIENT) as span:
-            result = await self._call(op, subject, key, deadline, attempt, before_send)
+            result = await self._call(op, subject, key, deadline, attempt, before_send, prepaid)
             span.attempt(attempt)
             return result
 
     async def _call(self, op: Operation, subject: PaymentOrder | FollowUp, key: str | None, deadline: float,
-                    attempt: Attempt, before_send: BeforeSend | None) -> ProviderResult:
+                    attempt: Attempt, before_send: BeforeSend | None, prepaid: bool) -> ProviderResult:
         started = time.monotonic()
         try:
             request = self._admit(op, subject, key, deadline)
             if before_send is not None:
                 await before_send()
+            if not prepaid and self.handle.quota is not None:
+                await self._take_token(op, deadline)
+            sent = time.monotonic()
             result, caller_cut = await self._exchange(request, deadline, lambda r: self.mapping.parse(op, r),
                                                       counts_against_breaker, lambda e: e)
         except _Refused as refused:
             return self._finish(attempt, refused.result, started)
         if op is Operation.AUTHORIZE and not caller_cut:
             self.handle.success.record(not counts_against_breaker(result))
+            self.handle.latency.record((time.monotonic() - sent) * 1000)
         return self._finish(attempt, result, started)
 
     async def lookup(self, subject: FollowUp, deadline: float, attempt: Attempt) -> StatusAnswer:
@@ -112,6 +128,8 @@ class ProviderClient:
             started = time.monotonic()
             try:
                 request = self._admit(Operation.STATUS, subject, None, deadline)
+                if self.handle.quota is not None:
+                    await self._take_token(Operation.STATUS, deadline)
                 answer, _ = await self._exchange(request, deadline, self.mapping.parse_status, _answer_fails,
                                                  lookup_failed)
             except _Refused as refused:
@@ -131,6 +149,22 @@ class ProviderClient:
         if not self.handle.breaker.allows_call():
             raise _Refused(LocalRefusal.BREAKER_OPEN)
         return request
+
+    async def _take_token(self, op: Operation, deadline: float) -> None:
+        """One token of the provider's quota for the request about to be sent. An authorisation
+        moves on at once (the payment has other candidates, or is answered with Retry-After);
+        anything bound to this provider waits for its token within the deadline."""
+        quota = self.handle.quota
+        assert quota is not None
+        for _ in range(MAX_QUOTA_WAITS):
+            wait = await quota.take()
+            if wait == 0.0:
+                return
+            if op is Operation.AUTHORIZE or time.monotonic() + wait + MIN_TRY_S > deadline:
+                break
+            await asyncio.sleep(wait)
+        self._denied.inc()
+        raise _Refused(LocalRefusal.OVER_QUOTA, f"{self.name}'s quota ({quota.rate:g}/s) has no token left")
 
     async def _exchange(self, request: ProviderRequest, deadline: float, parse: Callable[[ProviderResponse], T],
                         fails: Callable[[T], bool],

@@ -1,4 +1,5 @@
-"""The runtime side of each configured provider: mapping, transport, breaker, bulkhead.
+"""The runtime side of each configured provider: mapping, transport, breaker, bulkhead, quota,
+and the recent success and latency windows the router demotes by.
 
 Built once at start from configuration; the app's cleanup context opens and closes the
 transports (one keep-alive ClientSession per provider).
@@ -11,11 +12,15 @@ import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from domain.outcome import LocalRefusal
 from gateway.breaker import ProviderBreaker
 from gateway.bulkhead import Bulkhead
 from gateway.certs.check import CertificateProblem
 from gateway.certs.tls import TlsFileError, client_context, load_pair, untrusting_client_context
 from gateway.config import EngineConfig, GatewayConfig, ProviderConfig
+from gateway.latency_window import LatencyWindow
+from gateway.quota.provider import ProviderQuota
+from gateway.quota.shared import RedisBuckets
 from gateway.success_window import SuccessWindow
 from providers.base import ProviderMapping
 from providers.registry import KINDS
@@ -32,6 +37,8 @@ class ProviderHandle:
     bulkhead: Bulkhead
     ssl_context: ssl.SSLContext | None
     success: SuccessWindow
+    latency: LatencyWindow
+    quota: ProviderQuota | None = None  # None: no rate_limit_per_s configured
     certificate_problem: str | None = None  # files that did not load at start; then the watcher's
 
     @property
@@ -47,6 +54,14 @@ class ProviderHandle:
         if self.bulkhead.full:
             return "bulkhead_full"
         return None
+
+    def routing_reason(self) -> str | None:
+        """Why the router must skip this provider for a payment now: unusable, or its quota has
+        no token (a passing state of the account, not of this replica: /readyz ignores it)."""
+        reason = self.unusable_reason()
+        if reason is None and self.quota is not None and not self.quota.has_token():
+            return LocalRefusal.OVER_QUOTA
+        return reason
 
 
 def provider_ssl_context(cfg: ProviderConfig) -> tuple[ssl.SSLContext | None, CertificateProblem | None]:
@@ -75,10 +90,14 @@ def provider_ssl_context(cfg: ProviderConfig) -> tuple[ssl.SSLContext | None, Ce
 TlsSetup = tuple[ssl.SSLContext | None, CertificateProblem | None]
 
 
-def make_handle(name: str, cfg: ProviderConfig, engine: EngineConfig, *, tls: TlsSetup | None = None) -> ProviderHandle:
+def make_handle(name: str, cfg: ProviderConfig, engine: EngineConfig, *, tls: TlsSetup | None = None,
+                quota_share: int = 1, shared_quota: RedisBuckets | None = None) -> ProviderHandle:
     """One provider's runtime parts, from its configuration (its transport not yet started).
-    `tls`: its `provider_ssl_context` already built (preflight builds it off the event loop)."""
+    `tls`: its `provider_ssl_context` already built (preflight builds it off the event loop).
+    `quota_share`: how many processes keep the account's quota when it is not shared
+    (`gateway.quota.provider`); `shared_quota`: the fleet's buckets in Redis."""
     ctx, problem = tls if tls is not None else provider_ssl_context(cfg)
+    capacity = cfg.quota_capacity
     return ProviderHandle(
         name=name,
         config=cfg,
@@ -89,13 +108,18 @@ def make_handle(name: str, cfg: ProviderConfig, engine: EngineConfig, *, tls: Tl
         bulkhead=Bulkhead(cfg.bulkhead.max_concurrent, cfg.bulkhead.max_queue),
         ssl_context=ctx,
         success=SuccessWindow(engine.health_window_s, engine.health_min_samples),
+        latency=LatencyWindow(engine.latency_window, engine.health_window_s, engine.health_min_samples),
+        quota=None if cfg.rate_limit_per_s is None or capacity is None else
+        ProviderQuota(name, cfg.rate_limit_per_s, capacity, share=quota_share, shared=shared_quota),
         certificate_problem=problem,
     )
 
 
 class ProviderPool:
-    def __init__(self, config: GatewayConfig) -> None:
-        self._handles = {name: make_handle(name, cfg, config.engine) for name, cfg in config.providers.items()}
+    def __init__(self, config: GatewayConfig, *, quota_share: int = 1,
+                 shared_quota: RedisBuckets | None = None) -> None:
+        self._handles = {name: make_handle(name, cfg, config.engine, quota_share=quota_share, shared_quota=shared_quota)
+                         for name, cfg in config.providers.items()}
         self._open = contextlib.AsyncExitStack()
 
     def __getitem__(self, name: str) -> ProviderHandle:
@@ -118,10 +142,18 @@ class ProviderPool:
         self._handles[name].certificate_problem = problem
 
     def health(self, name: str) -> str | None:
-        return self._handles[name].unusable_reason()
+        return self._handles[name].routing_reason()
 
     def success_rate(self, name: str) -> float | None:
         return self._handles[name].success.rate()
+
+    def latency_p99_ms(self, name: str) -> float | None:
+        return self._handles[name].latency.p99_ms()
+
+    def quota_wait_s(self, name: str) -> float | None:
+        """Seconds until the provider's quota has a token (0.0: now); None without a quota."""
+        quota = self._handles[name].quota
+        return None if quota is None else quota.wait_s()
 
     async def start(self) -> None:
         """Open every transport; if one fails to start, close those already open."""

@@ -127,6 +127,9 @@ class Reconciler:
         for gone in self._next_check.keys() - {r.id for r in unresolved}:
             del self._next_check[gone]  # settled elsewhere (another replica, a request)
         left: list[PaymentRecord] = []  # what is still waiting for us after this pass
+        waiting = [(r.id, r.version, r.action_expires_at) for r in unresolved if _shopper_has_time(r, now)]
+        if waiting:
+            await self.service.store.set_aside(waiting)  # out of the next passes' batches until due
         for record in unresolved:
             if record.id in self.service.in_flight or not _ours_now(record, now, age=age, abandoned=abandoned):
                 continue  # a live request, here or elsewhere, may still own it
@@ -222,6 +225,7 @@ class Reconciler:
             elif found and POLICY[answer.result.outcome].settles_charge:
                 result = answer.result
                 record.status, record.outcome = POLICY[result.outcome].status, result.outcome.value
+                record.error_code = None  # why it was pending is not the final answer's
                 if result.outcome is Outcome.ACTION_REQUIRED:
                     bind_action(record, result, svc.action_expiry_s)  # the shopper is asked now
                 elif result.outcome is Outcome.APPROVED:
@@ -340,6 +344,12 @@ class Reconciler:
 def _waiting_since(record: PaymentRecord) -> float:
     """When the unsettled thing began: the follow-up's start, else the payment's creation."""
     return record.follow_up.started_at if record.follow_up is not None else record.created_at
+
+
+def _shopper_has_time(record: PaymentRecord, now: float) -> bool:
+    """A payment waiting for its shopper, nothing to do for it before its action expires."""
+    return (record.status is PaymentStatus.ACTION_REQUIRED and record.follow_up is None
+            and record.action_expires_at is not None and not action_due(record, now))
 
 
 def _ours_now(record: PaymentRecord, now: float, *, age: float, abandoned: float) -> bool:

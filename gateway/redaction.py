@@ -22,8 +22,10 @@ Two independent nets catch a secret:
 
 What counts as a card number in text:
 
-* a run of 12-19 digits that passes the Luhn check, or groups of digits in a card's own grouping
-  (4 digits first, then groups of 4-6, the last of 1-6) that together hold 12-19 and pass it,
+* a run of 12-19 digits that passes the Luhn check and begins as a card can (not with 0, nor
+  with 1 unless it has UATP's 15 digits: `domain.cards.card_like`; epoch times and padded
+  counters in references begin so), or groups of digits in a card's own grouping (4 digits
+  first, then groups of 4-6, the last of 1-6) that together hold 12-19 and pass it,
   joined by short separators (up to three of whitespace of any kind, ``-``, ``.``, ``/``,
   ``_``, dashes). The grouping is what keeps decimals, IP addresses, epoch times with fractions
   (``1714564800.123456``) and references such as ``ORD-123456-000012`` from being taken for
@@ -56,7 +58,7 @@ from typing import Any
 from pydantic import SecretBytes, SecretStr
 from structlog.typing import EventDict, WrappedLogger
 
-from domain.cards import PAN_MAX, PAN_MIN, issuer_lengths, luhn_valid, mask_pan, visible_digits
+from domain.cards import PAN_MAX, PAN_MIN, card_like, issuer_lengths, luhn_valid, mask_pan, visible_digits
 from domain.secret import Secret
 
 __all__ = ["DEFAULT_SENSITIVE_KEYS", "REDACTED", "Finding", "Redactor", "fold_key", "luhn_valid", "mask_pan"]
@@ -216,7 +218,7 @@ def _mask_candidate(match: re.Match[str]) -> str:
     module docstring for what counts); the rest of the run stays as it was."""
     run = match.group()
     if run.isdigit() and len(run) <= _WINDOW_MIN:  # the common case: a short run, no separators
-        return mask_pan(run) if luhn_valid(run) else run
+        return mask_pan(run) if card_like(run) else run
     groups = [m.span() for m in _GROUP.finditer(run)]
     hidden: set[int] = set()
 
@@ -240,7 +242,7 @@ def _mask_candidate(match: re.Match[str]) -> str:
             # an issuer's number of that length: a payment network's prefix, length and Luhn.
             if not (j == i or _card_shaped(lengths) or count in issuer_lengths(digits[:4])):
                 continue
-            if luhn_valid(digits):
+            if card_like(digits):
                 if i == 0 and j == len(groups) - 1:
                     return mask_pan(digits)  # the whole run is one card: print it compactly
                 hide([p for s, e in groups[i : j + 1] for p in range(s, e)])
@@ -278,7 +280,7 @@ def _scrub_int(value: int) -> int | str:
     magnitude = -value if value < 0 else value
     if _INT_PAN_LOW <= magnitude < _INT_PAN_HIGH:
         digits = str(magnitude)
-        if luhn_valid(digits):
+        if card_like(digits):
             return mask_pan(digits)
     return value
 
@@ -296,8 +298,15 @@ _PLAIN_TYPES = (bool, type(None))
 _OPAQUE_TYPES = (datetime.date, datetime.time, uuid.UUID, enum.Enum)
 _SECRET_TYPES = (Secret, SecretStr, SecretBytes)
 
-_PLAIN, _SENSITIVE, _AMOUNT = 0, 1, 2
+_PLAIN, _SENSITIVE, _AMOUNT, _IDENTIFIER = 0, 1, 2, 3
+# Keys whose text values are a provider's identifiers for what we sent it (its payment reference,
+# its notification's id), kept as they are: the journal keeps them verbatim too, and an incident
+# is followed from our lines to the provider's records by them. A 16-digit Adyen pspReference
+# passes the Luhn check one time in ten, so masking it would lose exactly those. They come only
+# from the provider (a notification only once its signature verified), never from the caller.
+IDENTIFIER_KEYS = ("provider_reference", "event_id")
 _KEY_CACHE_SIZE = 4096
+_IDENTIFIERS = frozenset(fold_key(k) for k in IDENTIFIER_KEYS)
 
 
 class Redactor:
@@ -389,6 +398,8 @@ class Redactor:
             verdict = _SENSITIVE
         elif folded.endswith(_AMOUNT_SUFFIX):
             verdict = _AMOUNT
+        elif folded in _IDENTIFIERS:
+            verdict = _IDENTIFIER
         else:
             verdict = _PLAIN
         return self.scrub_text(key), verdict
@@ -405,7 +416,11 @@ class Redactor:
                     if verdict == _SENSITIVE:
                         out[key] = REDACTED
                         continue
-                    if kind is int or kind is float:  # an amount
+                    if verdict == _IDENTIFIER:
+                        if kind is str:
+                            out[key] = value
+                            continue
+                    elif kind is int or kind is float:  # an amount
                         out[key] = value
                         continue
             elif type(key) is int:

@@ -2,7 +2,13 @@
 
 Routes are compiled once at start. The first route whose match fits the payment gives the
 candidates, shuffled by weight when the route splits volume; providers that cannot take a call
-right now (breaker open, client certificate expired, bulkhead full) are skipped before any call.
+right now (breaker open, client certificate expired, bulkhead full, quota without a token) are
+skipped before any call. Providers whose recent success rate is below the route's bar, or whose
+recent p99 latency is above its bound, are tried after the others (demoted).
+
+When every candidate was skipped and at least one only for its quota, the decision says how soon
+the first of those has a token (`quota_wait_s`): the payment service may wait that long, or
+answer 503 with Retry-After; nothing was sent, so nothing is lost by either.
 """
 
 from __future__ import annotations
@@ -12,10 +18,16 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from domain.outcome import LocalRefusal
 from gateway.config import RouteConfig
 
 HealthCheck = Callable[[str], str | None]  # provider -> reason it cannot serve now, or None
 SuccessRate = Callable[[str], float | None]  # provider -> recent success share, None if unknown
+LatencyP99 = Callable[[str], float | None]  # provider -> recent p99 in ms, None if unknown
+QuotaWait = Callable[[str], float | None]  # provider -> seconds until its quota has a token
+OVER_QUOTA: str = LocalRefusal.OVER_QUOTA  # the skip reason of a provider whose quota has no token
+SUCCESS_RATE = "success_rate"  # demotion reasons
+LATENCY = "latency"
 
 
 class Capability(Protocol):
@@ -43,6 +55,9 @@ class RouteDecision:
     skipped: tuple[tuple[str, str], ...]
     cascade_on: frozenset[str]
     demoted: tuple[str, ...] = ()
+    demotion_reasons: tuple[str, ...] = ()  # one per demoted provider: SUCCESS_RATE or LATENCY
+    # No candidate is usable, some only for their quota: seconds until the first has a token.
+    quota_wait_s: float | None = None
     # The route's return-URL policy says a payment without one must be refused (its providers
     # may ask for the shopper, and only a return URL brings the shopper back).
     return_url_required: bool = False
@@ -65,6 +80,7 @@ class _CompiledRoute:
     weights: tuple[float, ...] | None
     cascade_on: frozenset[str]
     demote_below: float | None
+    demote_above_p99_ms: float | None
     return_url_required: bool = False
     prefer_redirects: bool = False
 
@@ -89,10 +105,13 @@ class Router:
     def __init__(self, routes: Sequence[RouteConfig], health: HealthCheck, rng: random.Random | None = None,
                  success_rate: SuccessRate | None = None,
                  capabilities: Mapping[str, Capability] | None = None,
-                 without_redirects: Collection[str] = ()) -> None:
+                 without_redirects: Collection[str] = (), latency_p99: LatencyP99 | None = None,
+                 quota_wait: QuotaWait | None = None) -> None:
         """`without_redirects`: providers whose accounts take no shopper actions (3-D Secure)."""
         self._health = health
         self._success_rate = success_rate
+        self._latency_p99 = latency_p99
+        self._quota_wait = quota_wait
         self._capabilities = {
             name: (_set(cap.currencies, upper=True), _set(cap.countries, upper=True))
             for name, cap in (capabilities or {}).items()
@@ -112,6 +131,7 @@ class Router:
                 weights=r.weights,
                 cascade_on=frozenset(r.cascade_on),
                 demote_below=r.demote_below,
+                demote_above_p99_ms=r.demote_above_p99_ms,
                 return_url_required=r.return_url == "required",
                 prefer_redirects=r.prefer_redirects,
             )
@@ -121,7 +141,7 @@ class Router:
     def route(self, facts: RoutingFacts) -> RouteDecision:
         for route in self._routes:
             if route.matches(facts):
-                ordered, demoted = self._demote(route, self._prefer_redirects(route, facts, self._order(route)))
+                ordered, demoted, why = self._demote(route, self._prefer_redirects(route, facts, self._order(route)))
                 usable, skipped = [], []
                 for provider in ordered:
                     reason = self._cannot_take(provider, facts) or self._health(provider)
@@ -129,8 +149,8 @@ class Router:
                         usable.append(provider)
                     else:
                         skipped.append((provider, reason))
-                return RouteDecision(route.name, tuple(usable), tuple(skipped), route.cascade_on, demoted,
-                                     route.return_url_required)
+                return RouteDecision(route.name, tuple(usable), tuple(skipped), route.cascade_on, demoted, why,
+                                     None if usable else self._soonest_token(skipped), route.return_url_required)
         raise NoRoute(f"no route for {facts.currency} {facts.country or '-'} {facts.brand or '-'}")
 
     def _cannot_take(self, provider: str, facts: RoutingFacts) -> str | None:
@@ -150,15 +170,38 @@ class Router:
             return ordered
         return [p for p in ordered if p not in self._no_redirects] + [p for p in ordered if p in self._no_redirects]
 
-    def _demote(self, route: _CompiledRoute, ordered: list[str]) -> tuple[list[str], tuple[str, ...]]:
-        """Providers whose recent success rate fell below the route's bar go last, in order."""
-        if route.demote_below is None or self._success_rate is None:
-            return ordered, ()
-        bar = route.demote_below
-        demoted = [p for p in ordered if (rate := self._success_rate(p)) is not None and rate < bar]
+    def _soonest_token(self, skipped: list[tuple[str, str]]) -> float | None:
+        if self._quota_wait is None:
+            return None
+        waits = [w for p, reason in skipped if reason == OVER_QUOTA and (w := self._quota_wait(p)) is not None]
+        return min(waits) if waits else None
+
+    def _demotion(self, route: _CompiledRoute, provider: str) -> str | None:
+        if route.demote_below is not None and self._success_rate is not None:
+            rate = self._success_rate(provider)
+            if rate is not None and rate < route.demote_below:
+                return SUCCESS_RATE
+        if route.demote_above_p99_ms is not None and self._latency_p99 is not None:
+            p99 = self._latency_p99(provider)
+            if p99 is not None and p99 > route.demote_above_p99_ms:
+                return LATENCY
+        return None
+
+    def _demote(self, route: _CompiledRoute,
+                ordered: list[str]) -> tuple[list[str], tuple[str, ...], tuple[str, ...]]:
+        """Providers whose recent success rate fell below the route's bar, or whose recent p99
+        rose above its bound, go last, in order; with the reason of each."""
+        if route.demote_below is None and route.demote_above_p99_ms is None:
+            return ordered, (), ()
+        demoted, why = [], []
+        for provider in ordered:
+            reason = self._demotion(route, provider)
+            if reason is not None:
+                demoted.append(provider)
+                why.append(reason)
         if not demoted:
-            return ordered, ()
-        return [p for p in ordered if p not in demoted] + demoted, tuple(demoted)
+            return ordered, (), ()
+        return [p for p in ordered if p not in demoted] + demoted, tuple(demoted), tuple(why)
 
     def _order(self, route: _CompiledRoute) -> list[str]:
         """Weighted order without replacement: the first pick follows the volume split."""

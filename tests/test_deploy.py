@@ -35,13 +35,16 @@ def compose() -> dict[str, Any]:
 @pytest.fixture
 def replica_config(monkeypatch: pytest.MonkeyPatch, compose: dict[str, Any]) -> GatewayConfig:
     for name in compose["services"]["gateway-1"]["environment"]:
-        monkeypatch.setenv(name, f"value-of-{name}")
+        # Adyen shows its HMAC key in hexadecimal, and the config checks that it is.
+        monkeypatch.setenv(name, "0123456789abcdef" * 4 if name == "ADYEN_HMAC_KEY" else f"value-of-{name}-long-enough")
     return load_config(DEPLOY / "gateway.yaml")
 
 
 def _env_names(config: GatewayConfig) -> set[str]:
     names = {client.key_env for client in config.auth.clients}
     names |= {provider.api_key_env for provider in config.providers.values()}
+    names |= {env for provider in config.providers.values() for env in provider.webhook_key_envs}
+    names |= set(config.notifications.secret_env)
     names |= {config.storage.postgres_dsn_env, config.breaker_sync.redis_url_env}
     return names
 

@@ -40,6 +40,9 @@ def _scenario_holds(name: str, s: dict[str, Any]) -> None:
             assert s["declines_failed_over"] == 0
         case "rate-limited":
             assert s["retries"] + s["failovers"] > 0
+        case "quota-spillover":
+            assert s["approved"] == s["sent"], "no payment failed on the primary's 429"
+            assert s["checks"]["primary_within_quota"] and s["checks"]["spilled_over_past_quota"]
         case "flapping":
             pass
         case "ambiguous-5xx":

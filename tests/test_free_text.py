@@ -105,8 +105,12 @@ async def test_free_text_that_only_looks_like_card_data_is_accepted_as_sent(make
     code that is no security code) go through, and the journal keeps them as sent."""
     client = await start_gateway(make_config())
     body = card_payment(merchant_reference="ORD-123456-000017", description="2 items at 1999.50, 2024-05-01 12:00",
-                        metadata={"cvc_check": "pass", "ts": "1714564800.123456", "peer": "192.168.100.200"})
-    resp = await client.post("/v1/payments", json=body, headers=key())
+                        metadata={"cvc_check": "pass", "ts": "1714564800.123456", "peer": "192.168.100.200",
+                                  # Luhn-valid, as one long number in ten is, but no card begins so
+                                  "order": "order-1733058000006", "counter": "000000000000000018"})
+    # The checkout's keys are often its order number and a millisecond time: Luhn-valid here too.
+    resp = await client.post("/v1/payments", json=body,
+                             headers={**AUTH, "Idempotency-Key": "checkout-1733058000123455"})
     assert resp.status == 201, await resp.text()
     record = await client.app[STORE].get_payment((await resp.json())["id"])
     assert record is not None

@@ -158,7 +158,8 @@ async def test_unreachable_provider_leaves_payment_pending_until_it_answers(engi
     stored = await journal(client, record.id)
     assert stored.status is PaymentStatus.APPROVED and stored.provider_reference == reference
     resp = await _replay(client, "key-unreachable", record.merchant_reference)
-    assert resp.status == 201 and (await resp.json())["status"] == "approved"
+    settled = await resp.json()
+    assert resp.status == 201 and settled["status"] == "approved" and settled["error_code"] is None
     assert len(charges(stripes["primary"], record.id)) == 1
     assert entries(stripes["backup"], record.id) == []
 

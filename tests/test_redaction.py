@@ -152,6 +152,34 @@ def test_card_number_beside_other_numbers_is_masked_in_place() -> None:
     assert out == {"note": "qty 2 42** **** **** 4242 - 17 items"}
 
 
+def test_epoch_times_and_padded_counters_in_references_are_not_cards() -> None:
+    """Luhn passes one number in ten: these all pass it, and none can begin a card."""
+    refs = {ref: ref for ref in ("order-1733058000006", "1733058000123455", "000000000000000018",
+                                 "INV-0000004242424242")}
+    assert all(luhn_valid(next(part for part in ref.split("-") if part.isdigit())) for ref in refs)
+    assert redact(refs) == refs
+    assert {Redactor().finding(ref) for ref in refs} == {None}
+
+
+@pytest.mark.parametrize("pan", ["122000000000003",  # UATP (airline), 15 digits beginning with 1
+                                 "9792000000000003",  # a national scheme no table here lists (Troy)
+                                 "7000000000000005"])  # petroleum (fleet cards)
+def test_cards_of_unlisted_networks_are_still_hidden(pan: str) -> None:
+    assert luhn_valid(pan)
+    assert redact({"note": f"card {pan}"}) == {"note": f"card {mask_pan(pan)}"}
+
+
+def test_provider_identifiers_stay_as_they_are_in_every_log_line() -> None:
+    """A 16-digit Adyen pspReference passes Luhn one time in ten: under the keys that hold the
+    provider's own identifiers it is kept (the journal keeps it too), so an incident can be
+    followed from our lines to the provider's records; the same digits elsewhere are masked."""
+    psp = "8835296650153313"
+    assert luhn_valid(psp)
+    line = {"provider_reference": psp, "event_id": f"AUTHORISATION:{psp}:true", "note": f"ref {psp}",
+            "attempts": [{"provider_reference": psp}], "providerReference": int(psp)}
+    assert redact(line) == {**line, "note": f"ref {mask_pan(psp)}", "providerReference": mask_pan(psp)}
+
+
 def test_long_references_without_a_card_inside_are_not_mangled() -> None:
     """A window inside a longer run counts only with a card network's prefix and length."""
     refs = {"psp_reference": "8535296650153317", "order": "20240501123456789012", "nanos": "1714564800123456789"}
@@ -441,9 +469,12 @@ def _varied(pan: str) -> bool:
 
 @st.composite
 def luhn_pans(draw: st.DrawFn) -> str:
+    """Any Luhn-valid number a card can begin as (`domain.cards.card_like`), not only the listed
+    networks': 2-9 first, or 1 with UATP's 15 digits."""
     length = draw(st.integers(PAN_MIN, PAN_MAX))
-    body = draw(st.text(string.digits, min_size=length - 1, max_size=length - 1).filter(_varied))
-    return luhn_complete(body)
+    first = draw(st.sampled_from("123456789" if length == 15 else "23456789"))
+    body = draw(st.text(string.digits, min_size=length - 2, max_size=length - 2).filter(_varied))
+    return luhn_complete(first + body)
 
 
 @st.composite

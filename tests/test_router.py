@@ -1,8 +1,9 @@
-"""Routing: matches, weights, health skips and success-rate demotion."""
+"""Routing: matches, weights, health skips, and success-rate and latency demotion."""
 
 from __future__ import annotations
 
 import random
+import re
 from collections import Counter
 
 import pytest
@@ -10,9 +11,10 @@ import pytest
 from gateway.app_keys import POOL
 from gateway.config import RouteConfig, RouteMatch
 from gateway.router import NoRoute, Router, RoutingFacts
+from gateway.latency_window import LatencyWindow
 from gateway.success_window import SuccessWindow
 from emulators.faults import FaultRule
-from tests.conftest import pay, set_faults
+from tests.conftest import metrics_text, pay, set_faults
 
 EUR = RoutingFacts(amount=1000, currency="EUR", country="DE", brand="visa", merchant="m1")
 
@@ -99,3 +101,46 @@ async def test_degrading_primary_is_demoted_before_its_breaker_opens(engine_conf
     assert firsts[0] == "primary"
     assert firsts[-10:] == ["backup"] * 10
     assert client.app[POOL]["primary"].breaker.state == "closed"
+
+
+def test_a_provider_above_the_latency_bound_is_tried_last_with_its_reason() -> None:
+    p99 = {"a": 400.0, "b": 20.0, "c": None}
+    router = Router([RouteConfig(name="r", providers=("a", "b", "c"), demote_above_p99_ms=250)], healthy,
+                    latency_p99=lambda p: p99[p])
+    decision = router.route(EUR)
+    assert decision.candidates == ("b", "c", "a")
+    assert decision.demoted == ("a",) and decision.demotion_reasons == ("latency",)
+    p99["a"] = 100.0
+    assert router.route(EUR).demoted == ()
+
+
+def test_latency_window_p99_needs_samples_and_forgets_old_calls() -> None:
+    window = LatencyWindow(size=100, window_s=10, min_samples=5)
+    for i in range(4):
+        window.record(10.0, now=float(i))
+    assert window.p99_ms(now=4.0) is None  # too few calls to judge
+    for ms in (10.0,) * 94 + (500.0, 900.0):
+        window.record(ms, now=5.0)
+    assert window.p99_ms(now=6.0) == 500.0  # nearest rank over 100 calls: the second slowest
+    assert window.p99_ms(now=6.1) == 500.0  # cached between refreshes
+    assert window.p99_ms(now=30.0) is None  # every call older than the window
+
+
+async def test_a_slowing_primary_is_demoted_by_its_p99(engine_config, start_gateway, stripes) -> None:
+    """The primary answers every authorisation after 150 ms (under its timeout: nothing fails):
+    once enough calls are in its window, new payments go to the backup first."""
+    config = engine_config(route={"demote_above_p99_ms": 100},
+                           engine={"health_min_samples": 5, "health_window_s": 60})
+    client = await start_gateway(config)
+    set_faults(stripes["primary"], FaultRule(kind="latency", latency_ms=150, share=1.0))
+    firsts = []
+    for _ in range(12):
+        status, doc = await pay(client)
+        assert status == 201 and doc["status"] == "approved"
+        firsts.append(doc["attempts"][0]["provider"])
+    assert firsts[:5] == ["primary"] * 5
+    assert firsts[-3:] == ["backup"] * 3
+    text = await metrics_text(client)
+    assert re.search(r'gateway_route_demotions_total\{provider="primary",reason="latency"\} [1-9]', text), text
+    found = re.search(r'gateway_provider_latency_p99_seconds\{provider="primary"\} (\S+)', text)
+    assert found is not None and float(found.group(1)) >= 0.15, text  # every call took at least 150 ms

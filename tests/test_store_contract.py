@@ -32,8 +32,10 @@ from gateway.journal.records import (
     IdempotentAnswer,
     OutboxLine,
     PaymentRecord,
+    PendingFollowUp,
     StoredResponse,
 )
+from gateway.journal.store import payment_from_row
 from gateway.journal.sqlite import SqliteStore
 from gateway.journal.errors import StaleWrite
 from domain.outcome import PaymentStatus
@@ -567,3 +569,62 @@ async def test_a_dead_replicas_lease_expires_and_a_lease_is_not_a_write(backend:
     taken.status = PaymentStatus.FAILED
     with pytest.raises(StaleWrite):  # and the lease holder's write from its old read is stale
         await backend.store.save_payment(taken)
+
+
+async def test_challenges_set_aside_until_due_never_fill_a_lease_batch(backend: Backend) -> None:
+    """At a peak, thousands of shoppers sit in 3-D Secure challenges: the reconciler sets each
+    aside until its action expires, so a batch of them cannot starve the pending payment behind
+    them; a write of a set-aside row (an interrupted completion, a webhook) releases it at once."""
+    now = time.time()
+    waiting = [payment(status=PaymentStatus.ACTION_REQUIRED, updated_at=now - 60 + i,
+                       action_expires_at=now + 900) for i in range(3)]
+    soon = payment(status=PaymentStatus.ACTION_REQUIRED, updated_at=now - 50, action_expires_at=now + 0.3)
+    pending = payment(status=PaymentStatus.PENDING, updated_at=now - 10)
+    for record in (*waiting, soon, pending):
+        await backend.store.save_payment(record)
+    leased = await backend.store.lease_unresolved("replica-a", 60, limit=4)
+    assert [r.id for r in leased] == [r.id for r in (*waiting, soon)], "the challenges fill the batch"
+
+    await backend.store.set_aside([(r.id, r.version, r.action_expires_at) for r in leased])
+    assert [r.id for r in await backend.store.lease_unresolved("replica-a", 60, limit=4)] == [pending.id]
+    assert [r.id for r in await backend.store.lease_unresolved("replica-b", 60, limit=4)] == []
+
+    first = waiting[0]
+    first.updated_at = time.time()
+    await backend.store.save_payment(first)  # an interrupted completion writes the row
+    assert [r.id for r in await backend.store.lease_unresolved("replica-a", 60, limit=4)] == [pending.id, first.id]
+
+    await asyncio.sleep(max(0.0, soon.action_expires_at - time.time()) + 0.05)  # the shopper's time runs out
+    again = await backend.store.lease_unresolved("replica-a", 60, limit=4)
+    assert soon.id in {r.id for r in again} and waiting[1].id not in {r.id for r in again}
+
+    # Set aside from an old read: the row moved on since (version 2), so it stays in the batch.
+    await backend.store.set_aside([(first.id, 1, now + 900)])
+    assert first.id in {r.id for r in await backend.store.lease_unresolved("replica-a", 60, limit=4)}
+
+
+async def test_fields_a_newer_release_wrote_are_kept_through_a_read_and_a_write(backend: Backend) -> None:
+    """A rolling upgrade: the new release writes a payment with fields this one does not know
+    (in the payment, an attempt, the pending follow-up); this release reads the row, works on
+    it, and writes it back with those fields as they were, instead of failing on the row."""
+    record = payment(status=PaymentStatus.CAPTURE_PENDING)
+    doc = record.to_doc()
+    doc["routing_score"] = 0.93
+    doc["attempts"] = [{**Attempt("stripe", 1, "authorize", "k1", time.time()).to_doc(), "acquirer_region": "eu"}]
+    doc["follow_up"] = {**PendingFollowUp("capture", 1299, "k2", STORE_SCOPE, "front", "approved", time.time(),
+                                          8.0).to_doc(), "partial_sequence": 2}
+    newer = payment_from_row(0, orjson.dumps(doc))  # not journalled yet: the first write
+    assert newer.newer_fields == {"routing_score": 0.93}
+    await backend.store.save_payment(newer)
+
+    read = await backend.store.get_payment(record.id)
+    assert read is not None and read.follow_up is not None
+    read.status = PaymentStatus.CAPTURED  # this release's own write of the row
+    read.follow_up = None
+    read.captured_amount = 1299
+    await backend.store.save_payment(read)
+
+    stored = (await backend.store.get_payment(record.id)).to_doc()  # type: ignore[union-attr]
+    assert stored["routing_score"] == 0.93 and stored["status"] == "captured"
+    assert stored["attempts"][0]["acquirer_region"] == "eu"
+    assert "newer_fields" not in stored and "newer_fields" not in stored["attempts"][0]

@@ -183,6 +183,8 @@ async def test_an_abandoned_challenge_expires_and_is_cancelled_at_the_provider(
         await rig.browser.open(action["method"], action["url"], action["data"] or None)  # looks, then leaves
         reconciler = rig.client.app[RECONCILER]
         assert await reconciler.run_once(ignore_backoff=True) == 0  # not expired yet: left alone
+        # ... and set aside until it expires: the reconciler's next batches do not list it
+        assert await reconciler.service.store.lease_unresolved(reconciler.owner, 60) == []
         await asyncio.sleep(max(0.0, doc["action_expires_at"] - time.time()))  # the shopper's time runs out
         assert await reconciler.run_once(ignore_backoff=True) == 1
         got = await (await rig.client.get(f"/v1/payments/{doc['id']}", headers=AUTH)).json()
@@ -238,8 +240,17 @@ async def test_return_url_rules(tmp_path: Path, dev_certs: DevCertLayout, aiohtt
 
         assert await refused(card_payment()) == ("return_url_required", "return_url")  # the route requires one
         for bad in ("http://shop.example/return", "ftp://127.0.0.1/x", "https://user:pw@shop.example/r",
-                    "https:///nohost", "https://shop.example/a b", "/relative/only"):
+                    "https:///nohost", "https://shop.example/a b", "/relative/only", "https://shop.example/\x00",
+                    "https://shop.example/\x7f"):
             assert await refused(card_payment(return_url=bad)) == ("invalid_return_url", "return_url"), bad
+        # The provider echoes the return URL into its redirect, and the journal keeps it: card data
+        # and secrets in it are refused like any free text, before anything is sent or written.
+        card_url = f"{rig.shop.url}/return?card=4111111111111111"
+        assert await refused(card_payment(return_url=card_url)) == ("card_data_in_free_text", "return_url")
+        assert await refused(card_payment(return_url=f"{rig.shop.url}/r?cvc=123")) == ("card_data_in_free_text",
+                                                                                       "return_url")
+        assert await refused(card_payment(return_url=f"{rig.shop.url}/r?k=sk_live_{'a1' * 12}")) == (
+            "secret_in_free_text", "return_url")
         assert await refused(card_payment(return_url=None, three_ds="challenge")) == ("return_url_required",
                                                                                       "return_url")
         assert rig.emulator.emulator.ledger.entries() == []

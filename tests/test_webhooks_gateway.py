@@ -94,6 +94,7 @@ async def _settled_by_notification(client: TestClient, emulators: dict[str, Any]
     headers = idem()
     status, doc = await pay(client, card_payment(), headers)
     assert (status, doc["status"], doc["provider"]) == (201, "pending", "adyen")
+    assert doc["error_code"] is not None  # why it is pending: the 500
     pid = doc["id"]
     assert await client.app[RECONCILER].run_once(min_age_s=0, ignore_backoff=True) == 0
     record = await journal(client, pid)
@@ -106,7 +107,9 @@ async def _settled_by_notification(client: TestClient, emulators: dict[str, Any]
     record = await journal(client, pid)
     assert (record.status.value, record.provider_reference, record.captured_amount) == ("approved", charge.id, 1299)
     replay = await client.post("/v1/payments", json=card_payment(), headers=headers)
-    assert replay.headers.get("Idempotent-Replayed") == "true" and (await replay.json())["status"] == "approved"
+    replayed = await replay.json()
+    assert replay.headers.get("Idempotent-Replayed") == "true" and replayed["status"] == "approved"
+    assert replayed["error_code"] is None, "an approved payment carries no stale error"
     assert [line["status"] for line in await txlog(client, pid) if line["event"] == "webhook"] == ["approved"]
 
     # The same delivery again (Adyen delivers at least once): journalled once, changes nothing.

@@ -49,10 +49,10 @@ __all__ = [
 # Codes the gateway gives an attempt it refused or cut short itself. They follow from a failure
 # (an open breaker, a full bulkhead, a spent deadline) and are never its cause, so the headline
 # names them only when nothing else failed.
-CONSEQUENCE_CODES = frozenset({"breaker_open", "bulkhead_full", "deadline_exceeded", "not_attempted"})
+CONSEQUENCE_CODES = frozenset({"breaker_open", "bulkhead_full", "deadline_exceeded", "over_quota", "not_attempted"})
 # Outcomes for which a provider really answered (or failed to): these have a meaningful latency.
 _NOT_SENT_SQL = "outcome = 'skipped' OR coalesce(raw_code, '') IN ('breaker_open', 'bulkhead_full', " \
-    "'deadline_exceeded', 'not_attempted')"
+    "'deadline_exceeded', 'over_quota', 'not_attempted')"
 _FAIL_SQL = "outcome IN (" + ", ".join(f"'{c}'" for c in FAILURE_CLASSES) + ")"
 
 MAX_BUCKETS = 10_000

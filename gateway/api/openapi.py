@@ -52,8 +52,9 @@ _ERRORS: dict[int, tuple[str, tuple[str, ...], bool]] = {
           ("invalid_field", "sensitive_metadata_key", "idempotency_key_reused", "amount_too_large",
            "capture_refused", "void_refused", "refund_refused"), False),
     500: ("the gateway failed (a bug): nothing internal is named", ("internal_error",), False),
-    503: ("shed (the gateway, its log or its journal at capacity), the journal unavailable, or the provider "
-          "did not take the follow-up: retry after Retry-After with the same Idempotency-Key",
+    503: ("shed (the gateway, its log or its journal at capacity, or every provider of the route at its request "
+          "quota), the journal unavailable, or the provider did not take the follow-up (its quota included): "
+          "retry after Retry-After with the same Idempotency-Key",
           ("overloaded", "journal_unavailable", "provider_unavailable"), True),
 }
 _CREATE_ERRORS = (400, 401, 403, 409, 413, 415, 422, 500, 503)

@@ -21,6 +21,7 @@ from gateway.cli.errors import fail, load_or_exit
 from gateway.config import ConfigError, GatewayConfig
 from gateway.journal.errors import JournalUnavailable, SchemaMismatch
 from gateway.cli.preflight import preflight
+from gateway.cli.rehearse import rehearse
 from gateway.cli.webhooks_in import webhooks_in_app
 from gateway.cli.webhooks import webhooks_app
 from gateway.workers import WorkerSeat
@@ -32,6 +33,7 @@ app.add_typer(logs_app, name="logs")
 app.add_typer(webhooks_in_app, name="webhooks-in")
 app.add_typer(webhooks_app, name="webhooks")
 app.command()(preflight)
+app.command()(rehearse)
 
 DEFAULT_CONFIG = Path("config/gateway.yaml")
 DEFAULT_CERTS = Path("certs")
@@ -217,7 +219,7 @@ def dev(config: ConfigOpt = DEFAULT_CONFIG,
 def drill(
     name: Annotated[str, typer.Argument(help="baseline | primary-outage | brownout | flapping | "
                                              "timeout-after-processing | decline-storm | ambiguous-5xx | "
-                                             "followup-unknown | rate-limited | crash-restart | followup-crash | "
+                                             "followup-unknown | rate-limited | quota-spillover | crash-restart | followup-crash | "
                                              "cert-expiry | fleet")],
     payments: Annotated[int, typer.Option(min=1, max=100_000, help="payments to send")] = 200,
     concurrency: Annotated[int, typer.Option(min=1, max=1000, help="payments in flight at once")] = 16,

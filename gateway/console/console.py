@@ -173,6 +173,11 @@ class Console:
                             "allows_call": breaker.allows_call(), "fail_max": handle.config.breaker.fail_max,
                             "reset_timeout_s": handle.config.breaker.reset_timeout_s},
                 "bulkhead": host.bulkheads[handle.name],
+                # The router's own view (this worker's): its quota bucket and the p99 it demotes by.
+                "quota": None if handle.quota is None else {
+                    "rate_limit_per_s": handle.quota.rate, "burst": handle.quota.capacity,
+                    "mode": handle.quota.mode, "has_token": handle.quota.has_token()},
+                "router_p99_ms": handle.latency.p99_ms(),
                 "stats": host.traffic[handle.name].summary(rate_window_s),
             })
         reports = sorted(self.certificates.reports if self.certificates is not None else [],

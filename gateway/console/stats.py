@@ -31,7 +31,8 @@ GATEWAY = "*"  # the key of the gateway-wide tally (payments as the checkout ser
 FAILURE_OUTCOMES = frozenset({"unavailable", "unknown", "rejected"})  # listed as failures, unless NOT_SENT
 DECLINES = frozenset({"hard_decline", "soft_decline"})
 # Refused inside the gateway, nothing sent: not a call, so no latency and no failure of the provider.
-NOT_SENT = frozenset({"breaker_open", "bulkhead_full", "bulkhead_timeout", "deadline_exceeded", "not_attempted"})
+NOT_SENT = frozenset({"breaker_open", "bulkhead_full", "bulkhead_timeout", "deadline_exceeded", "over_quota",
+                      "not_attempted"})
 
 _MIN_MS = 0.1
 _STEP = 1.05

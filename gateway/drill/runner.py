@@ -39,7 +39,7 @@ from gateway.config import GatewayConfig, parse_config
 from gateway.drill.follow_ups import FollowUpTarget, run_follow_ups
 from gateway.drill.report import LedgerView, SendResult, summarize
 from gateway.drill.webhook_chaos import NotificationReceiver, feed_measures, final_states, notification_measures
-from gateway.drill.scenarios import DEADLINE_MS, PER_TRY_TIMEOUT_MS, Injection, Scenario, get_scenario
+from gateway.drill.scenarios import DEADLINE_MS, PER_TRY_TIMEOUT_MS, Injection, Quota, Scenario, get_scenario
 from gateway.txlog import build_ops_logger
 from gateway.emulator_launch import start_emulator
 from emulators.server import EmulatorServer
@@ -144,7 +144,7 @@ def default_log_dir(scenario: str) -> Path:
 
 
 @contextmanager
-def _environment(values: Mapping[str, str]) -> Iterator[None]:
+def environment(values: Mapping[str, str]) -> Iterator[None]:
     """Set variables for the duration of the block, then restore what was there."""
     saved = {name: os.environ.get(name) for name in values}
     os.environ.update(values)
@@ -182,6 +182,9 @@ def drill_config_data(scenario: Scenario, servers: Mapping[str, EmulatorServer],
         }
         for kind in scenario.route
     }
+    for step in scenario.steps:
+        if isinstance(step, Quota) and step.gateway_per_s is not None:
+            providers[scenario.route[step.provider]]["rate_limit_per_s"] = step.gateway_per_s
     notifications = {} if notify_url is None else {"notifications": {
         "url": notify_url, "secret_env": [NOTIFY_SECRET_ENV], "retry_base_s": 0.05, "retry_max_s": 0.5,
         "poll_interval_s": 0.05, "timeout_s": 2}}
@@ -211,7 +214,7 @@ def secret_env(scenario: Scenario, client_key: str) -> dict[str, str]:
 
 
 def build_config(data: dict[str, Any], scenario: Scenario, client_key: str) -> GatewayConfig:
-    with _environment(secret_env(scenario, client_key)):  # read into SecretStr at parse time; nothing lingers
+    with environment(secret_env(scenario, client_key)):  # read into SecretStr at parse time; nothing lingers
         return parse_config(data)
 
 
@@ -488,6 +491,7 @@ async def run_drill(scenario: Scenario | str, options: DrillOptions = DrillOptio
                 extra.update(tally.as_summary())
         finally:
             await lift_faults(injections)
+        extra["quota_429s"] = sum(getattr(i, "quota_429s", 0) for i in injections)
         toggles = sum(getattr(i, "toggles", 0) for i in injections)
         if toggles:
             extra["outage_toggles"] = toggles

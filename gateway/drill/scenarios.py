@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from emulators.faults import FaultPlan, FaultRule
+from emulators.quota import QuotaPlan
 from emulators.server import EmulatorServer
 
 ROUTE: tuple[str, ...] = ("stripe", "adyen", "checkout")
@@ -86,7 +87,22 @@ class Faults:
         return _PlanLifted(server)
 
 
-Step = Outage | Flap | Faults
+@dataclass(frozen=True, slots=True)
+class Quota:
+    """The provider account's request quota for the whole run: the emulator answers its real
+    429 past `emulator_per_s`, and the drill's gateway keeps `gateway_per_s`
+    (providers.<name>.rate_limit_per_s; None: the gateway is not told of the quota)."""
+
+    emulator_per_s: float
+    gateway_per_s: float | None = None
+    provider: int = PRIMARY
+
+    async def inject(self, server: EmulatorServer, seed: int) -> Injection:
+        server.emulator.quota.set(QuotaPlan(rate_limit_per_s=self.emulator_per_s))
+        return _QuotaLifted(server)
+
+
+Step = Outage | Flap | Faults | Quota
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +145,23 @@ def _answered_at_least(share: float) -> Check:
     """Approved or pending (the reconciler owns those): nothing the caller must give up on."""
     return Check(f"approved_or_pending_rate>={share}",
                  lambda s: (s["approved"] + s["pending"]) >= share * max(1, s["sent"] - s["declined"]))
+
+
+ACCOUNT_QUOTA_PER_S = 20.0  # quota-spillover: the primary's account, and what the gateway keeps of it
+GATEWAY_QUOTA_PER_S = 18.0
+
+
+def _primary_within_quota(s: Summary) -> bool:
+    """At most a full bucket (one second's worth) plus the rate over the load phase."""
+    return s["charges_by_provider"].get(s["primary"], 0) <= GATEWAY_QUOTA_PER_S * (1 + s["load_seconds"]) + 1
+
+
+def _spilled_over_past_quota(s: Summary) -> bool:
+    """More payments than the primary's quota let through went to the backups (a load phase
+    slow enough to stay under the quota has nothing to spill)."""
+    primary = s["charges_by_provider"].get(s["primary"], 0)
+    backups = sum(s["charges_by_provider"].values()) - primary
+    return primary > 0 and (backups > 0 or s["sent"] <= GATEWAY_QUOTA_PER_S * (1 + s["load_seconds"]))
 
 
 # Every drill, whatever the scenario. The first two are the contract's exit condition.
@@ -246,6 +279,20 @@ SCENARIOS: dict[str, Scenario] = {
             ),
         ),
         Scenario(
+            "quota-spillover",
+            "The primary's account takes 20 requests/s (its real 429 past that); the gateway keeps it at "
+            "18/s and spills the excess over to the backups before the 429s start: no payment fails on one "
+            "(`quota_429s` counts those the account answered: a cold start, its first tokens taken while "
+            "the connections are still being opened, can bunch a few; each is retried or spilled over).",
+            steps=(Quota(emulator_per_s=ACCOUNT_QUOTA_PER_S, gateway_per_s=GATEWAY_QUOTA_PER_S),),
+            checks=(
+                _approval_at_least(0.999),
+                Check("failed==0", lambda s: s["failed"] == 0),
+                Check("primary_within_quota", _primary_within_quota),
+                Check("spilled_over_past_quota", _spilled_over_past_quota),
+            ),
+        ),
+        Scenario(
             "rate-limited",
             "30% of the primary's authorisations answer 429 with Retry-After: 0.2: retried after the "
             "hint with the same key, failed over when that is spent.",
@@ -283,6 +330,19 @@ class _PlanLifted:
 
     async def lift(self) -> None:
         self._server.emulator.faults.clear()
+
+
+class _QuotaLifted:
+    """Lifting keeps the count of requests the quota answered 429 (`quota_429s`), which
+    clearing the plan resets."""
+
+    def __init__(self, server: EmulatorServer) -> None:
+        self._server = server
+        self.quota_429s = 0
+
+    async def lift(self) -> None:
+        self.quota_429s = self._server.emulator.quota.limited
+        self._server.emulator.quota.clear()
 
 
 class _Flapper:

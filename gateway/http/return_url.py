@@ -41,8 +41,8 @@ def _problem(url: str, allow_http_loopback: bool) -> str | None:
         parts.port  # noqa: B018 -- raises ValueError for a port that is not a number
     except ValueError:
         return "return_url is not a valid URL"
-    if not url.isascii() or any(c.isspace() for c in url):
-        return "return_url must be ASCII without spaces (percent-encode the rest)"
+    if not url.isascii() or any(c.isspace() or not c.isprintable() for c in url):
+        return "return_url must be printable ASCII without spaces (percent-encode the rest)"
     if parts.scheme not in ("https", "http") or not host:
         return "return_url must be an absolute https URL"
     if parts.username is not None or parts.password is not None:

@@ -110,6 +110,8 @@ class PaymentCreate(Body):
         yield FreeText("merchant_reference", self.merchant_reference)
         if self.description is not None:
             yield FreeText("description", self.description)
+        if self.return_url is not None:  # sent to the provider, echoed in its redirect, journalled
+            yield FreeText("return_url", self.return_url)
         method = self.payment_method
         if isinstance(method, CardMethod) and method.holder_name is not None:
             yield FreeText("payment_method.holder_name", method.holder_name)

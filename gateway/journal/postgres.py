@@ -73,6 +73,8 @@ from gateway.journal.store import (
     next_version,
     notification_from_row,
     payment_from_row,
+    RELEASE_SET_ASIDE,
+    SET_ASIDE_OWNER,
     payment_row,
 )
 from gateway.journal.webhook_events import WebhookEventRecord, WebhookState
@@ -108,7 +110,8 @@ _UNAVAILABLE_TYPES = tuple(t for t, _ in _UNAVAILABLE)
 
 _INSERT_JOURNAL = ("INSERT INTO payments (id, status, created_at, updated_at, doc, version) "
                    "VALUES ($1, $2, $3, $4, $5, 1) ON CONFLICT (id) DO NOTHING RETURNING 1")
-_UPDATE_JOURNAL = ("UPDATE payments SET status = $2, updated_at = $3, doc = $4, version = $5 + 1 "
+_UPDATE_JOURNAL = ("UPDATE payments SET status = $2, updated_at = $3, doc = $4, version = $5 + 1, "
+                   f"{RELEASE_SET_ASIDE} "
                    "WHERE id = $1 AND version = $5 RETURNING 1")
 
 
@@ -161,7 +164,7 @@ SELECT count(*) FROM claim"""
 # ... or the existing payment row ($7 id, $8 status, $9 updated_at, $10 doc), still at version
 # $11, moved to its next version (a follow-up).
 _CLAIM_WITH_UPDATE = _CLAIM_CTE + """, journal AS (
-    UPDATE payments SET status = $8, updated_at = $9, doc = $10, version = $11 + 1
+    UPDATE payments SET status = $8, updated_at = $9, doc = $10, version = $11 + 1, """ + RELEASE_SET_ASIDE + """
     WHERE id = $7 AND version = $11 AND EXISTS (SELECT 1 FROM claim) RETURNING 1
 )
 SELECT (SELECT count(*) FROM claim) AS claimed, (SELECT count(*) FROM journal) AS journalled"""
@@ -341,6 +344,11 @@ class PostgresStore:
         async with self._conn() as conn:
             rows = await conn.fetch(_LEASE_UNRESOLVED, owner, lease_s, limit)
         return [payment_from_row(r["version"], r["doc"]) for r in sorted(rows, key=lambda r: r["updated_at"])]
+
+    async def set_aside(self, wakes: Sequence[tuple[str, int, float]]) -> None:
+        async with self._conn() as conn:
+            await conn.executemany(f"UPDATE payments SET lease_owner = '{SET_ASIDE_OWNER}', lease_until = $3 "
+                                   "WHERE id = $1 AND version = $2", wakes)
 
     # -- idempotency ---------------------------------------------------------------------------
 

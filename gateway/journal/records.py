@@ -29,9 +29,14 @@ from gateway.redaction import Redactor
 _REDACTOR = Redactor()
 
 
+# Each document class keeps, under this field, what a newer release wrote that this one does
+# not know; it is written back as it was read (see `_split`).
+_NEWER = "newer_fields"
+
+
 def _codec(cls: type, verbatim: frozenset[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(every field of `cls`, the ones redacted: all but `verbatim`), computed once per class."""
-    names = tuple(f.name for f in fields(cls))
+    names = tuple(f.name for f in fields(cls) if f.name != _NEWER)
     unknown = verbatim - set(names)
     if unknown:
         raise AssertionError(f"{cls.__name__} has no fields {sorted(unknown)}")
@@ -45,7 +50,22 @@ def _redacted_doc(obj: Any, codec: tuple[tuple[str, ...], tuple[str, ...]]) -> d
         value = doc[name]
         if value is not None:
             doc[name] = _REDACTOR.scrub(value)  # a copy: the document never shares the record's dicts
+    newer = getattr(obj, _NEWER)
+    if newer:
+        doc.update(_REDACTOR.scrub(newer))
     return doc
+
+
+def _split(doc: dict[str, Any], codec: tuple[tuple[str, ...], tuple[str, ...]]) -> dict[str, Any]:
+    """A stored document as constructor arguments: the fields this release knows, and the rest
+    under `newer_fields`. During a rolling upgrade the previous release reads rows the new one
+    wrote; it keeps a field it does not know and writes it back unchanged, rather than refusing
+    the row (a TypeError for every such payment) or dropping what the new release needs."""
+    names = codec[0]
+    known = {k: v for k, v in doc.items() if k in names}
+    if len(known) < len(doc):
+        known[_NEWER] = {k: v for k, v in doc.items() if k not in names}
+    return known
 
 
 @dataclass(slots=True)
@@ -66,9 +86,14 @@ class Attempt:
     failover_reason: str | None = None
     message: str | None = None
     amount: int | None = None  # a follow-up's amount
+    newer_fields: dict[str, Any] = field(default_factory=dict)  # a newer release's, kept as read
 
     def to_doc(self) -> dict[str, Any]:
         return _redacted_doc(self, _ATTEMPT_CODEC)
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any]) -> Attempt:
+        return cls(**_split(doc, _ATTEMPT_CODEC))
 
 
 _ATTEMPT_CODEC = _codec(Attempt, frozenset({"provider", "try_number", "operation", "idempotency_key", "started_at",
@@ -94,13 +119,18 @@ class PendingFollowUp:
     started_at: float
     deadline_s: float
     answered: bool = False  # the caller got an answer (202, not yet confirmed): no live request holds it
+    newer_fields: dict[str, Any] = field(default_factory=dict)  # a newer release's, kept as read
 
     def to_doc(self) -> dict[str, Any]:
         return _redacted_doc(self, _FOLLOW_UP_CODEC)
 
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any]) -> PendingFollowUp:
+        return cls(**_split(doc, _FOLLOW_UP_CODEC))
+
 
 # Every field is an identifier, an amount, a state or a time of ours: nothing to redact.
-_FOLLOW_UP_CODEC = _codec(PendingFollowUp, frozenset(f.name for f in fields(PendingFollowUp)))
+_FOLLOW_UP_CODEC = _codec(PendingFollowUp, frozenset(f.name for f in fields(PendingFollowUp) if f.name != _NEWER))
 
 
 @dataclass(slots=True)
@@ -142,6 +172,7 @@ class PaymentRecord:
     updated_at: float = field(default_factory=time.time)
     # The row's version for conditional updates (gateway.journal.store): 0 until first journalled.
     version: int = 0
+    newer_fields: dict[str, Any] = field(default_factory=dict)  # a newer release's, kept as read
 
     def to_doc(self) -> dict[str, Any]:
         """The document every store keeps for this payment, redacted (see the module docstring)."""
@@ -152,11 +183,11 @@ class PaymentRecord:
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> PaymentRecord:
-        doc = dict(doc)
+        doc = _split(doc, _PAYMENT_CODEC)
         doc["status"] = PaymentStatus(doc["status"])
-        doc["attempts"] = [Attempt(**a) for a in doc.get("attempts", [])]
+        doc["attempts"] = [Attempt.from_doc(a) for a in doc.get("attempts", [])]
         if doc.get("follow_up") is not None:
-            doc["follow_up"] = PendingFollowUp(**doc["follow_up"])
+            doc["follow_up"] = PendingFollowUp.from_doc(doc["follow_up"])
         return cls(**doc)
 
 

@@ -51,6 +51,8 @@ from gateway.journal.store import (
     next_version,
     notification_from_row,
     payment_from_row,
+    RELEASE_SET_ASIDE,
+    SET_ASIDE_OWNER,
     payment_row,
 )
 from gateway.journal.webhook_events import WebhookEventRecord, WebhookState
@@ -234,6 +236,14 @@ class SqliteStore:
             return rows
 
         return [payment_from_row(version, doc) for _id, version, doc in await self._submit(op)]
+
+    async def set_aside(self, wakes: Sequence[tuple[str, int, float]]) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.executemany(f"UPDATE payments SET lease_owner = '{SET_ASIDE_OWNER}', lease_until = ? "
+                             "WHERE id = ? AND version = ?",
+                             [(at, payment_id, version) for payment_id, version, at in wakes])
+
+        await self._submit(op)
 
     # -- idempotency ---------------------------------------------------------------------------
 
@@ -454,7 +464,8 @@ _INSERT_OUTBOX = "INSERT INTO outbox (log_id, owner, created_at, line) VALUES (?
 
 _INSERT_PAYMENT = ("INSERT INTO payments (id, status, created_at, updated_at, doc, version) VALUES (?, ?, ?, ?, ?, 1) "
                    "ON CONFLICT (id) DO NOTHING")
-_UPDATE_PAYMENT = ("UPDATE payments SET status = ?, updated_at = ?, doc = ?, version = ? "
+_UPDATE_PAYMENT = ("UPDATE payments SET status = ?, updated_at = ?, doc = ?, version = ?, "
+                   f"{RELEASE_SET_ASIDE} "
                    "WHERE id = ? AND version = ?")
 
 def _write_payment(conn: sqlite3.Connection, row: _Row, expected: int) -> None:

@@ -56,6 +56,12 @@ UNRESOLVED_STATUSES = tuple(s.value for s in (
     PaymentStatus.ACTION_REQUIRED))
 
 
+SET_ASIDE_OWNER = "(set aside)"  # no reconciler's lease owner: theirs hold a host name and ':'
+# In every payment update: a row set aside is released by any write of it.
+RELEASE_SET_ASIDE = (f"lease_owner = CASE WHEN lease_owner = '{SET_ASIDE_OWNER}' THEN NULL ELSE lease_owner END, "
+                     f"lease_until = CASE WHEN lease_owner = '{SET_ASIDE_OWNER}' THEN NULL ELSE lease_until END")
+
+
 def payment_row(record: PaymentRecord) -> tuple[str, str, float, float, bytes]:
     """The columns every backend stores: id, status and times for the indexes, the (redacted) document."""
     return (record.id, record.status.value, record.created_at, record.updated_at, orjson.dumps(record.to_doc()))
@@ -142,7 +148,18 @@ class Store(Protocol):
         seconds: rows leased to another owner whose lease has not run out are skipped, rows
         already leased to `owner` are renewed. Atomic across processes, so two replicas calling
         together get disjoint rows. The lease says who may work on a row, not what it holds:
-        it does not change the row's version, and the owner's writes are still conditional."""
+        it does not change the row's version, and the owner's writes are still conditional.
+        Rows set aside (`set_aside`) are skipped until their wake time."""
+        ...
+
+    async def set_aside(self, wakes: Sequence[tuple[str, int, float]]) -> None:
+        """(payment id, version, wake time): the reconciler has nothing to do for these rows
+        until then (a shopper's challenge not yet expired), so its lease skips them and
+        thousands of waiting challenges at a peak cannot fill its batch and starve the pending
+        payments behind them. The row is leased to SET_ASIDE_OWNER, whom no reconciler is,
+        until the wake time: no schema change, and every lease rule holds. Only a row still at
+        that version is set aside; any later write of the row (an interrupted completion, a
+        webhook) releases it, so the reconciler sees it again at its next pass."""
         ...
 
     async def claim_idempotency(

@@ -82,6 +82,7 @@ def _authorisation(record: PaymentRecord, event: ProviderEvent) -> Decision:
         return Decision(Effect.NONE, f"charge notified for a {record.status.value} payment", alarm=True)
     if record.status is not PaymentStatus.PENDING or record.follow_up is not None:
         return Decision(Effect.NONE, f"payment already {record.status.value}")
+    record.error_code = None  # why it was pending (a 500, a timeout) is not the final answer's
     if event.success:
         record.status, record.outcome = PaymentStatus.APPROVED, Outcome.APPROVED.value
         record.provider_reference = event.provider_reference or record.provider_reference

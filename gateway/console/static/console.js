@@ -66,6 +66,8 @@
       retries: metric(dl, "retries / min", "retries-per-min"),
       skipped: metric(dl, "routed around / min", "skipped-per-min"),
       bulkhead: metric(dl, "bulkhead in use", "bulkhead"),
+      quota: metric(dl, "quota", "quota"),
+      routerP99: metric(dl, "router p99 (demotion)", "router-p99"),
     };
     root.append(dl);
     const spark = el("div", { class: "spark", "data-field": "series", title: "approval rate (line) and volume (bars)" });
@@ -148,6 +150,10 @@
     const b = p.bulkhead;
     c.f.bulkhead.textContent = `${b.active} / ${b.max_concurrent}` + (b.waiting ? ` (+${b.waiting} queued)` : "");
     c.f.bulkhead.className = b.active >= b.max_concurrent ? "bad" : b.active >= 0.8 * b.max_concurrent ? "warn" : "";
+    const q = p.quota;
+    c.f.quota.textContent = q ? `${q.rate_limit_per_s}/s, ${q.mode}` + (q.has_token ? "" : " (at quota: spilling over)") : "none";
+    c.f.quota.className = q && !q.has_token ? "warn" : "";
+    c.f.routerP99.textContent = ms(p.router_p99_ms);
     sparkline(c.spark, s.series);
     c.caption.textContent = `approval (line) and volume (bars) per ${stepSeconds} s, last ${windowMinutes} min`;
   }
