@@ -53,6 +53,8 @@ token carries the challenge page as `acsURL`. The page stands in for Adyen's tes
 `returnUrl` with `redirectResult` (native: `threeDSResult`, in place of the 3DS2 component).
 `POST /v71/payments/details` with `details.redirectResult` or `details.threeDSResult` answers the
 result; a payment still waiting for its shopper can be cancelled (`/cancels`), which ends its page.
+`POST /v71/cancels` with `paymentReference` (the technical cancel: by the merchant's reference, for
+a payment whose pspReference it never got) cancels the same way, reported as TECHNICAL_CANCEL.
 The frictionless card authorises at once.
 """
 
@@ -166,10 +168,11 @@ SCENARIO_CARDS: dict[str, str] = {
     "issuer_unavailable": "4400000000000040",
 }
 # Modification kind -> the eventCode of the webhook that reports it.
-MODIFICATION_EVENT_CODES = {"capture": "CAPTURE", "refund": "REFUND", "cancel": "CANCELLATION"}
+MODIFICATION_EVENT_CODES = {"capture": "CAPTURE", "refund": "REFUND", "cancel": "CANCELLATION",
+                            "technical_cancel": "TECHNICAL_CANCEL"}
 # What the scheme's later rejection of a successful modification is reported as.
 LATER_FAILURE_EVENT_CODES = {"capture": "CAPTURE_FAILED", "refund": "REFUND_FAILED"}
-MODIFICATION_OPERATIONS = {"capture": "capture", "refund": "refund", "cancel": "void"}
+MODIFICATION_OPERATIONS = {"capture": "capture", "refund": "refund", "cancel": "void", "technical_cancel": "void"}
 WEBHOOK_RETRIES = RetrySchedule.filled((9.0, 9.0, 9.0, 120.0, 300.0, 600.0, 900.0, 1800.0, 3600.0, 7200.0,
                                         14400.0, 28800.0), 28800.0, 30 * 86400.0)
 # The fields of a NotificationRequestItem its HMAC signs, in order (value and currency: amount's).
@@ -329,6 +332,7 @@ class AdyenEmulator(ProviderEmulator):
             ApiRoute("POST", f"{BASE}/payments/{{psp}}/captures", self._capture, "capture"),
             ApiRoute("POST", f"{BASE}/payments/{{psp}}/refunds", self._refund, "refund"),
             ApiRoute("POST", f"{BASE}/payments/{{psp}}/cancels", self._cancel, "void"),
+            ApiRoute("POST", f"{BASE}/cancels", self._technical_cancel, "void"),
         ]
 
     def authenticate(self, request: web.Request) -> web.Response | None:
@@ -634,6 +638,8 @@ class AdyenEmulator(ProviderEmulator):
                                   "status": "received"}
         if doc.get("reference"):
             answer["reference"] = doc["reference"]
+        if doc.get("paymentReference"):
+            answer["paymentReference"] = doc["paymentReference"]
         if amount is not None:
             answer["amount"] = {"value": amount, "currency": entry.currency}
         self.modifications.append({"kind": kind, **answer})
@@ -702,6 +708,26 @@ class AdyenEmulator(ProviderEmulator):
         if isinstance(found, web.Response):
             return found
         entry, doc = found
+        return self._cancel_entry(ctx, entry, doc, "cancel")
+
+    async def _technical_cancel(self, ctx: EmulatorRequest) -> web.Response:
+        """`POST /cancels` with `paymentReference`: Adyen's technical cancel, by the merchant's own
+        reference, for a payment whose pspReference the merchant never got (a timeout, a 5xx
+        after processing). It cancels as `/payments/{psp}/cancels` does; the answer names the
+        payment by `paymentReference`, and the webhook is TECHNICAL_CANCEL."""
+        await ctx.simulate_processing()
+        doc = self._request_doc(ctx)
+        if isinstance(doc, web.Response):
+            return doc
+        reference = doc.get("paymentReference")
+        if not isinstance(reference, str) or not reference:
+            return _validation("100", "Required field 'paymentReference' is not provided.")
+        entries = [e for e in self.ledger.find_by_ref(reference) if self._visible(e)]
+        if not entries:
+            return _validation("167", f"No payment found with reference {reference}")
+        return self._cancel_entry(ctx, entries[-1], doc, "technical_cancel")
+
+    def _cancel_entry(self, ctx: EmulatorRequest, entry: LedgerEntry, doc: dict, kind: str) -> web.Response:
         if entry.status not in ("authorised", PENDING_AUTHENTICATION) or entry.captured:
             return _validation("000", f"Payment cannot be cancelled: it is {entry.status}")
         failure = ctx.modification_failure
@@ -710,7 +736,7 @@ class AdyenEmulator(ProviderEmulator):
                 self.challenges.cancel(entry.id)
                 entry.extra["resultCode"] = "Cancelled"
             entry.status, entry.voided = "cancelled", True
-        return self._received(entry, doc, "cancel", None, failure)
+        return self._received(entry, doc, kind, None, failure)
 
 
 def _b64json(doc: dict[str, Any]) -> str:

@@ -34,7 +34,7 @@ from gateway.orchestrator import PaymentService, apply_follow_up
 from gateway.policy import POLICY
 from gateway.provider_client import MIN_TRY_S
 from gateway.settlement import follow_up_entry
-from gateway.shopper_action import action_due, bind_action
+from gateway.shopper_action import action_due, bind_action, cancelling
 
 MIN_RECHECK_S = 5.0
 MAX_RECHECK_S = 300.0
@@ -197,10 +197,12 @@ class Reconciler:
     async def _settle(self, record: PaymentRecord) -> bool:
         if record.follow_up is not None and record.follow_up.operation == Operation.COMPLETE.value:
             return await finish_interrupted_completion(self, record)
-        if record.status is PaymentStatus.ACTION_REQUIRED and record.follow_up is None:
-            return await expire_abandoned(self, record)
+        if record.status is PaymentStatus.ACTION_REQUIRED and (record.follow_up is None or cancelling(record)):
+            return await expire_abandoned(self, record)  # its expiry, or the expiry's cancel in flight
         client = self.service.clients.get(record.provider) if record.provider is not None else None
         if client is not None and not client.mapping.has_status_lookup:
+            if cancelling(record) or self._outcome_overdue(record):
+                return await expire_abandoned(self, record)  # cancelled by our reference (Adyen)
             return await self._await_notification(record)
         if record.follow_up is not None:
             return await self._settle_follow_up(record)
@@ -258,6 +260,15 @@ class Reconciler:
         if record.follow_up is None:
             return await self._keep_pending(record)
         return await self._keep_follow_up_pending(record)
+
+    def _outcome_overdue(self, record: PaymentRecord) -> bool:
+        """A payment left pending at a provider without a lookup (an unknown answer) whose
+        outcome has not been notified within `three_ds.action_expiry_s`: it may be a challenge
+        the shopper never saw (Adyen holds it open, and notifies nothing until it ends), so it
+        is cancelled by our reference (Adyen's technical cancel) and ends as an abandoned
+        challenge does. A charge made already refuses the cancel, and its notification settles it."""
+        return (record.status is PaymentStatus.PENDING and record.follow_up is None
+                and time.time() - record.created_at > self.service.action_expiry_s)
 
     async def _keep_follow_up_pending(self, record: PaymentRecord) -> bool:
         """Not settled yet: asked again later. Taking over a request that died, its key now

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 
 from domain.outcome import Outcome, PaymentStatus
-from domain.types import ProviderResult
+from domain.types import Operation, ProviderResult
 from gateway.journal.records import PaymentRecord
 from gateway.policy import is_final, payment_status
 
@@ -51,6 +51,32 @@ def finish_action(record: PaymentRecord, result: ProviderResult) -> bool:
 def expire_action(record: PaymentRecord) -> None:
     """The shopper never finished and the provider cancelled the payment: nothing was charged."""
     record.status, record.error_code, record.action = PaymentStatus.FAILED, EXPIRED, None
+
+
+def cancelling(record: PaymentRecord) -> bool:
+    """Whether the expiry's cancel of an unsettled payment is journalled and not yet settled (a
+    pending `void` on an `action_required` payment, or on a `pending` one at a provider without
+    a lookup: sent, or about to be, or accepted and reported later). A merchant's void is of an
+    approved payment (`void_pending`). Meanwhile the shopper's outcome waits: the provider's
+    answer to the cancel says whether it voided what the shopper just finished."""
+    return (record.status in _CANCELLABLE and record.follow_up is not None
+            and record.follow_up.operation == Operation.VOID.value)
+
+
+_CANCELLABLE = frozenset({PaymentStatus.ACTION_REQUIRED, PaymentStatus.PENDING})
+
+
+def settle_cancel(record: PaymentRecord, outcome: Outcome) -> bool:
+    """The provider's answer to the expiry's cancel. Accepted (done, not merely received): the
+    payment is expired, even if the shopper finished in the instant before (a manual-capture
+    authorisation voided by it; nothing was charged). Refused or not made: the payment waits for
+    its shopper again, whose outcome settles it (a lookup, the webhook, `/complete`), and the
+    expiry cancels it again at a later pass if none comes. True when it expired."""
+    record.follow_up = None
+    if outcome is Outcome.APPROVED:
+        expire_action(record)
+        return True
+    return False
 
 
 def action_due(record: PaymentRecord, now: float) -> bool:

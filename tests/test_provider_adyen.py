@@ -116,6 +116,12 @@ def test_follow_up_paths() -> None:
     assert mapping.build(Operation.VOID, follow, "k").path.endswith("/cancels")
     with pytest.raises(ValueError):
         mapping.build(Operation.REFUND, replace(follow, amount=None), "k")
+    technical = mapping.build(Operation.VOID, replace(follow, provider_reference=None, follow_up_id="exp_1"), "k")
+    assert technical.path == "/v71/cancels"  # no pspReference: the technical cancel, by our reference
+    assert orjson.loads(technical.body or b"") == {"merchantAccount": MERCHANT, "paymentReference": "pay_1",
+                                                   "reference": "exp_1"}
+    with pytest.raises(ValueError):
+        mapping.build(Operation.CAPTURE, replace(follow, provider_reference=None), "k")
 
 
 def test_adyen_has_no_status_query_and_is_probed_with_its_payment_methods() -> None:
@@ -361,6 +367,22 @@ async def test_modifications_carry_our_references(rig: Rig) -> None:
                                                      ("refund", auth.reference, "k-refs-ref", 400)]
     [entry] = held(rig, o)
     assert (entry.captured, entry.refunded, entry.status) == (1000, 400, "partially_refunded")
+
+
+async def test_a_technical_cancel_finds_the_payment_by_our_reference(rig: Rig) -> None:
+    """`POST /cancels` with `paymentReference`: for a payment whose pspReference we never got."""
+    o = order(capture=False)
+    await rig.call(Operation.AUTHORIZE, o, "k-tech")
+    follow = FollowUp(payment_id=o.payment_id, provider_reference=None, follow_up_id="k-tech-cancel")
+    cancelled = await rig.call(Operation.VOID, follow, "k-tech-cancel")
+    assert (cancelled.outcome, cancelled.provider_status, cancelled.settles_later) == (Outcome.APPROVED, "received",
+                                                                                       True)
+    [entry] = held(rig, o)
+    assert (entry.status, entry.voided) == ("cancelled", True)
+    assert [(m["kind"], m["paymentReference"]) for m in rig.emulator.modifications] == [
+        ("technical_cancel", o.payment_id)]
+    unknown = await rig.call(Operation.VOID, replace(follow, payment_id="pay_never_sent"), "k-tech-none")
+    assert unknown.outcome is Outcome.REJECTED  # nothing of ours there: nothing cancelled
 
 
 # --- evidence: the official SDK against the emulator ----------------------------------------------

@@ -155,13 +155,14 @@ def test_the_production_config_keeps_its_engine_and_loses_everything_real(tmp_pa
     assert named == env.keys() and key == env["GATEWAY_KEY_CHECKOUT"]
 
 
-def test_the_gateway_quota_is_set_only_where_the_config_has_the_field(tmp_path: Path) -> None:
-    data = {"providers": {"stripe": {"kind": "stripe"}}}
-    applied = gateway_quotas(data, {"stripe": (54.0, 27)})
-    if "rate_limit_per_s" in ProviderConfig.model_fields:
-        assert data["providers"]["stripe"]["rate_limit_per_s"] == 54.0 and applied["stripe"]["from"] == "rehearsal"
-    else:
-        assert applied == {} and data == {"providers": {"stripe": {"kind": "stripe"}}}
+def test_the_gateway_quota_is_set_where_production_sets_none(tmp_path: Path) -> None:
+    data = {"providers": {"stripe": {"kind": "stripe"}, "adyen": {"kind": "adyen", "rate_limit_per_s": 40.0}}}
+    applied = gateway_quotas(data, {"stripe": (54.0, 27), "adyen": (54.0, 27)})
+    assert (data["providers"]["stripe"]["rate_limit_per_s"], data["providers"]["stripe"]["rate_limit_burst"]) == (54, 27)
+    assert applied["stripe"]["from"] == "rehearsal"
+    assert data["providers"]["adyen"]["rate_limit_per_s"] == 40.0 and applied["adyen"]["from"] == "config"
+    ProviderConfig.model_validate({**data["providers"]["stripe"], "base_url": "https://127.0.0.1:1",
+                                   "api_key_env": "STRIPE_API_KEY"})  # the fields the config knows
 
 
 # -- the verdict's arithmetic ------------------------------------------------------------------
@@ -233,6 +234,12 @@ def test_the_evidence_is_read_in_order_of_what_to_fix_first() -> None:
     assert limit_of(st_, 1)[0] == "provider_quota"
     st_.lost = 1
     assert limit_of(st_, 1)[0] == "journal"
+
+
+def test_payments_refused_with_every_provider_at_its_quota_are_the_quota() -> None:
+    st_ = WindowStats(VerdictWindow(0, 1, 100, "spike", ()), sent=100, sustained=False, shed=12, shed_quota=12)
+    limit, detail = limit_of(st_, 1)
+    assert limit == "provider_quota" and "12 payments answered 503" in detail
 
 
 def test_a_quota_that_opens_one_breaker_and_then_the_others_is_the_quota() -> None:

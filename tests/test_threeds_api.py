@@ -186,14 +186,25 @@ async def test_an_abandoned_challenge_expires_and_is_cancelled_at_the_provider(
         # ... and set aside until it expires: the reconciler's next batches do not list it
         assert await reconciler.service.store.lease_unresolved(reconciler.owner, 60) == []
         await asyncio.sleep(max(0.0, doc["action_expires_at"] - time.time()))  # the shopper's time runs out
-        assert await reconciler.run_once(ignore_backoff=True) == 1
+        settled = await reconciler.run_once(ignore_backoff=True)
+        if kind != "stripe":  # Adyen `received`, Checkout.com 202: accepted, not yet done
+            assert settled == 0
+            waiting = await journal(rig.client, doc["id"])
+            assert waiting.status.value == "action_required" and waiting.action_cancelling
+            assert waiting.follow_up is not None and waiting.follow_up.operation == "void"
+            assert waiting.follow_up.answered
+            if kind == "adyen":  # no lookup: its CANCELLATION notification decides (test_threeds_races)
+                assert [c["state"] for c in rig.emulator.emulator.challenges.snapshot()] == ["cancelled"]
+                return
+            settled = await reconciler.run_once(min_age_s=0, ignore_backoff=True)  # its actions list says done
+        assert settled == 1
         got = await (await rig.client.get(f"/v1/payments/{doc['id']}", headers=AUTH)).json()
         assert (got["status"], got["error_code"], got["action"]) == ("failed", "expired", None)
         assert [c["state"] for c in rig.emulator.emulator.challenges.snapshot()] == ["cancelled"]
         async with rig.browser.http.get(action["url"]) as late:
             assert late.status == 410
         assert rig.emulator.emulator.ledger.charges() == []
-        assert [a["operation"] for a in got["attempts"]][-1] == "void"
+        assert "void" in [a["operation"] for a in got["attempts"]]
     finally:
         await rig.browser.http.close()
         for server in servers:

@@ -152,8 +152,9 @@ def test_unreadable_events_are_malformed_never_a_crash(parse, body) -> None:  # 
 
 
 def _record(status: PaymentStatus, **extra: object) -> PaymentRecord:
-    return PaymentRecord(id="pay_abc", client="checkout", amount=1299, currency="EUR", capture=True,
-                         merchant_reference="o-1", status=status, provider="adyen", **extra)  # type: ignore[arg-type]
+    return PaymentRecord(id="pay_abc", client="checkout", amount=1299, currency="EUR",
+                         merchant_reference="o-1", status=status, provider="adyen",
+                         **{"capture": True, **extra})  # type: ignore[arg-type]
 
 
 def _auth(success: bool) -> ProviderEvent:
@@ -170,7 +171,11 @@ def test_the_state_machine_never_undoes_a_final_state_and_waits_for_a_live_reque
     assert (pending.status, pending.captured_amount, pending.provider_reference) == (PaymentStatus.APPROVED, 1299,
                                                                                       "PSP")
     declined = _record(PaymentStatus.DECLINED)
-    alarm = decide(declined, "adyen", _auth(True))
-    assert (alarm.effect, alarm.alarm, declined.status) == (Effect.NONE, True, PaymentStatus.DECLINED)
+    alarm = decide(declined, "adyen", _auth(True))  # never applied over the final answer, but flagged
+    assert (alarm.effect, alarm.alarm, declined.status) == (Effect.SUSPECT, True, PaymentStatus.DECLINED)
+    assert declined.duplicate_charge_suspected
+    assert (decide(declined, "adyen", _auth(True)).effect, declined.status) == (Effect.NONE, PaymentStatus.DECLINED)
+    voided = _record(PaymentStatus.FAILED, error_code="expired", capture=False)  # the expiry's cancel voided it
+    assert decide(voided, "adyen", _auth(True)).effect is Effect.NONE and not voided.duplicate_charge_suspected
     elsewhere = _record(PaymentStatus.APPROVED)
     assert decide(elsewhere, "stripe", _auth(True)).effect is Effect.SUSPECT and elsewhere.duplicate_charge_suspected

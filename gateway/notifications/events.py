@@ -64,6 +64,14 @@ _FOLLOW_UP_EVENTS = {
 }
 
 
+def _payments_own(before: Settling) -> bool:
+    """A pending follow-up that belongs to the payment's own settlement, not the merchant's: a
+    `/complete` whose request died, or the expiry's cancel (of a challenge, or of an Adyen payment
+    left pending); a merchant's void is of an approved payment (`void_pending`)."""
+    return before.follow_up is Operation.COMPLETE or (
+        before.follow_up is Operation.VOID and before.status in _UNSETTLED)
+
+
 def _follow_up_made(operation: Operation, before: Settling, after: PaymentRecord) -> bool:
     if operation is Operation.CAPTURE:
         return after.captured_amount > before.captured_amount
@@ -83,9 +91,10 @@ def late_event(before: Settling, after: PaymentRecord) -> EventType | None:
     - an unsettled payment (received, attempting, pending, action_required; a `/complete` whose
       request died is the payment's own) that is final now: `payment.approved`,
       `payment.declined` or `payment.failed` (an abandoned 3-D Secure challenge: `error_code`
-      `expired`);
+      `expired`; the expiry's cancel, a void pending on a payment still waiting for its shopper,
+      is the payment's own too);
     - anything else (still pending, or already final before): nothing."""
-    if before.follow_up is not None and before.follow_up is not Operation.COMPLETE:
+    if before.follow_up is not None and not _payments_own(before):
         if after.follow_up is not None:
             return None
         succeeded, failed = _FOLLOW_UP_EVENTS[before.follow_up]

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from gateway.certs.devca import DevCertLayout
-from gateway.config import ProviderConfig
 from gateway.drill.runner import PROVIDER_DEV_KEYS, WEBHOOK_DEV_SECRETS
 
 HOST = "127.0.0.1"
@@ -58,10 +57,8 @@ def uses_mtls(provider: Mapping[str, Any]) -> bool:
 
 def gateway_quotas(data: dict[str, Any], quotas: Mapping[str, tuple[float, int]]) -> dict[str, Any]:
     """THE place the rehearsal sets `providers.<name>.rate_limit_per_s` and `rate_limit_burst`
-    (name -> (rate, burst)): only where this build's provider configuration has the fields
-    (issue 18 section 3 adds them), so an older build rehearses without them. Returns what it set."""
-    if "rate_limit_per_s" not in ProviderConfig.model_fields:
-        return {}
+    (name -> (rate, burst)) where production sets none, so the gateway spills over before the
+    provider's 429s start, as the verdict then suggests for production. Returns what it set."""
     applied: dict[str, Any] = {}
     for name, (rate, burst) in quotas.items():
         provider = data["providers"][name]
@@ -69,8 +66,7 @@ def gateway_quotas(data: dict[str, Any], quotas: Mapping[str, tuple[float, int]]
             applied[name] = {"rate_limit_per_s": provider["rate_limit_per_s"], "from": "config"}
             continue
         provider["rate_limit_per_s"] = rate
-        if "rate_limit_burst" in ProviderConfig.model_fields:
-            provider["rate_limit_burst"] = burst
+        provider["rate_limit_burst"] = burst
         applied[name] = {"rate_limit_per_s": rate, "rate_limit_burst": burst, "from": "rehearsal"}
     return applied
 

@@ -42,6 +42,7 @@ from gateway.rehearse.scenario import BROWNOUT
 
 CPU_BUSY_SHARE = 0.85
 LOG_BACKED_UP = "transaction log"  # in the message of the gateway's log-backlog 503
+AT_QUOTA = "request quota"  # in the message of the 503 for a route whose every provider is at its quota
 # error_code of a payment that failed with nothing left to try (gateway/orchestrator.py)
 BREAKERS_OPEN = ("no_provider_available", "all_providers_unavailable:breaker_open")
 
@@ -147,6 +148,7 @@ class WindowStats:
     failed: int = 0
     shed: int = 0
     shed_log: int = 0
+    shed_quota: int = 0  # 503: every provider of the route at the gateway's quota for it
     no_answer: int = 0
     lost: int = 0
     client_cap: int = 0  # due in the window, never sent: the client had max_in_flight open
@@ -214,6 +216,7 @@ def window_stats(windows: Sequence[VerdictWindow], sends: Sequence[Sent], journa
             if r.error == "overloaded":
                 st.shed += 1
                 st.shed_log += LOG_BACKED_UP in (s.message or "")
+                st.shed_quota += AT_QUOTA in (s.message or "")
             if r.status == "approved":
                 st.approved += 1
             elif r.status == "declined":
@@ -273,6 +276,9 @@ def limit_of(st: WindowStats, cpu_capacity: float) -> tuple[str, str]:
     if ev.provider_429s and not st.window.faults and not st.shed and st.cpu_cores < CPU_BUSY_SHARE * cpu_capacity:
         return "provider_quota", (f"the window where the quota was passed ({who_429} 429s): traffic moved to the "
                                   f"backups; {split}")
+    if st.shed_quota:
+        return "provider_quota", (f"{st.shed_quota} payments answered 503 with every provider of their route at "
+                                  "its quota (providers.<name>.rate_limit_per_s)")
     if ev.bulkhead_full:
         who = ", ".join(f"{p} {n}" for p, n in ev.bulkhead_full.most_common())
         return "bulkhead", f"attempts refused bulkhead_full ({who})"
@@ -384,7 +390,10 @@ def suggestions(stats: Sequence[WindowStats], config: Mapping[str, Any], *, peak
     if any(s.cpu_cores >= CPU_BUSY_SHARE * cpu_capacity and not s.sustained for s in stats):
         out.append(f"the gateway's CPU was the limit: run `gateway serve --workers {workers + 1}` (a core each) "
                    "or add a replica behind HAProxy")
-    if any(s.shed and not s.shed_log for s in stats):
+    if any(s.shed_quota for s in stats):
+        out.append("every provider of a route was at its quota at the peak: ask the providers for a higher "
+                   "rate limit and raise providers.<name>.rate_limit_per_s with it, or add a provider to the route")
+    if any(s.shed > s.shed_log + s.shed_quota for s in stats):
         current = (config.get("server") or {}).get("max_in_flight", 1000)
         out.append(f"raise server.max_in_flight from {current} (payments were shed with the gateway at capacity)")
     if any(s.shed_log or s.lost for s in stats):

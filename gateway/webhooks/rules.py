@@ -16,10 +16,14 @@ The rules, so that deliveries at least once and in any order converge on the pro
   payment, and the follow-up's key then answers that it was refused.
 - An authorisation result also settles a payment waiting for its shopper (`action_required`,
   3-D Secure) exactly as `/complete` would; a completion still running decides first.
+- The expiry's cancel of a waiting payment (its pending void) holds the shopper's outcome back
+  until the provider reports the cancel: done, the payment expired; refused, the shopper's
+  outcome settles it after all.
 - A charge reported by a provider the journal does not hold the payment at is never applied; it
   flags the payment `duplicate_charge_suspected` for ops (a charge we did not route there). One
   reported for a payment we hold as declined or failed is not applied either (a final answer was
-  given): it raises an alarm (ops line `webhook_contradicts_journal`).
+  given): it raises an alarm (ops line `webhook_contradicts_journal`) and flags the payment the
+  same way, except the manual-capture authorisation that the expiry's accepted cancel voided.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from domain.types import Operation, ProviderResult
 from domain.webhook import EventKind, ProviderEvent
 from gateway.journal.records import PaymentRecord
 from gateway.orchestrator import apply_follow_up
-from gateway.shopper_action import finish_action
+from gateway.shopper_action import EXPIRED, cancelling, finish_action, settle_cancel
 
 FOLLOW_UP_KINDS = {EventKind.CAPTURE: Operation.CAPTURE, EventKind.REFUND: Operation.REFUND,
                    EventKind.CANCEL: Operation.VOID}
@@ -76,10 +80,12 @@ def decide(record: PaymentRecord, provider: str, event: ProviderEvent) -> Decisi
 def _authorisation(record: PaymentRecord, event: ProviderEvent) -> Decision:
     if record.status in _WAITING and record.follow_up is None:
         return Decision(Effect.WAIT, f"payment {record.status.value}: its request decides first")
+    if cancelling(record):
+        return Decision(Effect.WAIT, "the expiry's cancel is at the provider: its answer decides first")
     if record.status is PaymentStatus.ACTION_REQUIRED:
         return _shopper_back(record, event)
     if event.success and record.status in (PaymentStatus.DECLINED, PaymentStatus.FAILED):
-        return Decision(Effect.NONE, f"charge notified for a {record.status.value} payment", alarm=True)
+        return _contradiction(record)
     if record.status is not PaymentStatus.PENDING or record.follow_up is not None:
         return Decision(Effect.NONE, f"payment already {record.status.value}")
     record.error_code = None  # why it was pending (a 500, a timeout) is not the final answer's
@@ -94,6 +100,21 @@ def _authorisation(record: PaymentRecord, event: ProviderEvent) -> Decision:
     record.status, record.outcome = PaymentStatus.DECLINED, Outcome.HARD_DECLINE.value
     record.decline_code = event.reason or "refused"
     return Decision(Effect.PAYMENT, "declined")
+
+
+def _contradiction(record: PaymentRecord) -> Decision:
+    """A charge notified for a payment we answered as declined or failed. One exception is
+    expected, not alarming: a manual-capture authorisation the shopper finished in the instant
+    before the expiry's cancel, which that cancel (accepted: the payment expired) voided. Any
+    other is never applied over the final answer, but flags the payment for ops (the flag,
+    `gateway_duplicate_charges_suspected_total`, the ops lines), as a charge we did not route."""
+    if record.error_code == EXPIRED and not record.capture:
+        return Decision(Effect.NONE, "authorised before the expiry's cancel voided it")
+    detail = f"charge notified for a {record.status.value} payment"
+    if record.duplicate_charge_suspected:
+        return Decision(Effect.NONE, f"{detail} (already flagged)", alarm=True)
+    record.duplicate_charge_suspected = True
+    return Decision(Effect.SUSPECT, detail, alarm=True)
 
 
 def _shopper_back(record: PaymentRecord, event: ProviderEvent) -> Decision:
@@ -119,11 +140,24 @@ def _follow_up(record: PaymentRecord, event: ProviderEvent, op: Operation) -> De
     if not pending.answered:
         return Decision(Effect.WAIT, f"{op.value} request still running")
     outcome = Outcome.APPROVED if event.success else Outcome.HARD_DECLINE
+    if cancelling(record):
+        return _expiry_cancelled(record, event, outcome)
     provider_key = pending.provider_key
     apply_follow_up(record, op, outcome)
     return Decision(Effect.FOLLOW_UP, f"{op.value} {'succeeded' if event.success else 'failed'}", op, provider_key,
                     ProviderResult(outcome, raw_code=f"{op.value}_{outcome.value}" if event.success
                                    else (event.reason or f"{op.value}_failed")))
+
+
+def _expiry_cancelled(record: PaymentRecord, event: ProviderEvent, outcome: Outcome) -> Decision:
+    """The outcome of the expiry's cancel, reported (Adyen CANCELLATION, Checkout.com
+    `payment_voided` / `payment_canceled` / `payment_void_declined`): done, the payment expired;
+    refused, it waits for its shopper's outcome again (`gateway.shopper_action.settle_cancel`)."""
+    result = ProviderResult(outcome, raw_code="void_approved" if event.success else (event.reason or "void_failed"))
+    if settle_cancel(record, outcome):
+        return Decision(Effect.PAYMENT, "expired: the expiry's cancel succeeded", Operation.VOID, result=result)
+    return Decision(Effect.FOLLOW_UP, "the expiry's cancel was refused: waiting for the shopper", Operation.VOID,
+                    result=result)
 
 
 def _reverse(record: PaymentRecord, event: ProviderEvent, op: Operation) -> Decision:

@@ -22,7 +22,9 @@ Status: Adyen's Checkout API has no payment lookup (results arrive by webhook; `
 only submits a shopper's action result), so `has_status_lookup` is False and building STATUS
 raises like any operation Adyen does not have: nothing asks Adyen for a payment. An unknown or
 pending Adyen payment, and every modification answered `received`, is settled by its
-notification (`providers.adyen.webhook`, `gateway.webhooks`). `gateway preflight` reaches Adyen
+notification (`providers.adyen.webhook`, `gateway.webhooks`). A void of a payment whose
+pspReference we never got (an unknown answer) is Adyen's technical cancel, `POST /cancels` with
+`paymentReference` (our payment id), reported by a TECHNICAL_CANCEL notification. `gateway preflight` reaches Adyen
 with `probe`, `POST /paymentMethods` for the merchant account: a read the real Adyen answers for
 a valid key, with no side effect.
 """
@@ -221,6 +223,12 @@ class AdyenMapping:
                                    orjson.dumps({"details": details}))
         if op is Operation.STATUS:  # Adyen has none: see the module docstring
             raise ValueError(f"{op}: {NO_LOOKUP}")
+        if op is Operation.VOID and not subject.provider_reference:
+            # The technical cancel: by our reference, for a payment whose pspReference an unknown
+            # answer never gave us (Adyen "Cancel an authorisation using your reference").
+            doc = {"merchantAccount": self.merchant_account, "paymentReference": subject.payment_id,
+                   "reference": subject.follow_up_id or subject.payment_id}
+            return ProviderRequest("POST", f"{BASE_PATH}/cancels", self._headers(idempotency_key), orjson.dumps(doc))
         if not subject.provider_reference:
             raise ValueError(f"{op}: Adyen modifications need the payment's pspReference")
         base = f"{BASE_PATH}/payments/{quote(subject.provider_reference, safe='')}"

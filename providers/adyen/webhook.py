@@ -13,8 +13,9 @@ makes the whole delivery unaccepted (401), so a forged item cannot ride in with 
 Items, by `eventCode` (`success` "true"/"false"):
 - AUTHORISATION: the payment (`pspReference`; our payment id in `merchantReference`), refused
   with `reason` when `success` is "false".
-- CAPTURE, REFUND, CANCELLATION: a modification (`originalReference` is the payment's
-  pspReference, `merchantReference` our follow-up's reference, as we sent it).
+- CAPTURE, REFUND, CANCELLATION, TECHNICAL_CANCEL (a cancel by our reference): a modification
+  (`originalReference` is the payment's pspReference, `merchantReference` our follow-up's
+  reference, as we sent it).
 - CAPTURE_FAILED, REFUND_FAILED, REFUNDED_REVERSED: a modification that failed after Adyen had
   accepted it (`success` "true" means "this failure happened").
 Adyen has no event id: an item is identified by eventCode, pspReference and success (Adyen:
@@ -45,6 +46,7 @@ EVENT_CODES: Mapping[str, tuple[EventKind, bool]] = {
     "CAPTURE": (EventKind.CAPTURE, True),
     "REFUND": (EventKind.REFUND, True),
     "CANCELLATION": (EventKind.CANCEL, True),
+    "TECHNICAL_CANCEL": (EventKind.CANCEL, True),  # a cancel by our reference (POST /cancels)
     "CAPTURE_FAILED": (EventKind.CAPTURE, False),
     "REFUND_FAILED": (EventKind.REFUND, False),
     "REFUNDED_REVERSED": (EventKind.REFUND, False),
