@@ -19,7 +19,9 @@ from rich.table import Table
 BEGIN = "<!-- bench:results:begin (written by bench/run_bench.py --readme; edit the script, not this) -->"
 END = "<!-- bench:results:end -->"
 BASELINE = "forwarder_mtls"
-GATEWAYS = ("gateway_sqlite", "gateway_pg")
+GATEWAYS = ("gateway_sqlite", "gateway_pg", "gateway_sqlite_w2", "gateway_sqlite_baseline")
+# `serve --workers 2` against one worker on the same journal (goal: CPU per payment within 10 %).
+WORKERS = ("gateway_sqlite_w2", "gateway_sqlite")
 
 
 def _point(doc: dict[str, Any], target: str, c: int) -> dict[str, Any] | None:
@@ -44,6 +46,15 @@ def ratios(doc: dict[str, Any]) -> dict[str, Any]:
                              "added_p50_ms": gm["p50_ms"] - fm["p50_ms"]}
         if per_c:
             out[gw] = per_c
+    many, one = WORKERS
+    per_c = {}
+    for c in doc["settings"]["concurrency"]:
+        w, g = _point(doc, many, c), _point(doc, one, c)
+        if w is not None and g is not None:
+            per_c[str(c)] = {"cpu_ratio": w["median"]["cpu_us_per_req"] / g["median"]["cpu_us_per_req"],
+                             "throughput_ratio": w["median"]["rps"] / g["median"]["rps"]}
+    if per_c:
+        out["workers"] = per_c
     return out
 
 
@@ -82,12 +93,25 @@ def print_table(doc: dict[str, Any]) -> None:
         table.add_section()
     console = Console(width=None if Console().is_terminal else 170)  # a log file gets the whole table
     console.print(table)
-    for gw, per_c in doc["ratios"].items():
+    for gw, per_c in _against_forwarder(doc):
         console.print(f"{gw} vs {BASELINE}: " + "  ".join(
             f"c={c}: CPU {r['cpu_ratio']:.2f}×, throughput {r['throughput_ratio']:.2f}×, "
             f"p50 {r['added_p50_ms']:+.2f} ms" for c, r in per_c.items()))
+    if "workers" in doc["ratios"]:
+        console.print(_workers_line(doc["ratios"]["workers"]))
     for name, why in doc["skipped"].items():
         console.print(f"[yellow]skipped {name}: {why}[/yellow]")
+
+
+def _against_forwarder(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    return [(gw, per_c) for gw, per_c in doc["ratios"].items() if gw in GATEWAYS]
+
+
+def _workers_line(per_c: dict[str, Any]) -> str:
+    many, one = WORKERS
+    return (f"{many} against {one} (medians, CPU per payment summed over the workers): "
+            + "; ".join(f"c={c} CPU {r['cpu_ratio']:.2f}×, throughput {r['throughput_ratio']:.2f}×"
+                        for c, r in per_c.items()) + ".")
 
 
 def markdown(doc: dict[str, Any]) -> str:
@@ -105,10 +129,12 @@ def markdown(doc: dict[str, Any]) -> str:
     notes = [f"{t['label']}: {note}" for t in doc["targets"] for note in t["notes"]]
     if notes:
         lines += ["", "Notes: " + "; ".join(notes) + "."]
-    for gw, per_c in doc["ratios"].items():
+    for gw, per_c in _against_forwarder(doc):
         lines += ["", f"{gw} against the mTLS forwarder (medians): "
                   + "; ".join(f"c={c} CPU {r['cpu_ratio']:.2f}×, throughput {r['throughput_ratio']:.2f}×, "
                               f"p50 {r['added_p50_ms']:+.2f} ms" for c, r in per_c.items()) + "."]
+    if "workers" in doc["ratios"]:
+        lines += ["", _workers_line(doc["ratios"]["workers"])]
     for name, why in doc["skipped"].items():
         lines += ["", f"Skipped {name}: {why}"]
     return "\n".join(lines)

@@ -85,14 +85,21 @@ class Stack:
     mtls: Emulator
 
 
-def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+# Another checkout of the gateway (`git worktree add /tmp/before <commit>`): its `gateway serve`
+# is the target `gateway_sqlite_baseline`, so an optimisation is measured before and after in
+# one run, against the same forwarder and emulator.
+BASELINE_TREE = os.environ.get("BENCH_BASELINE_TREE", "")
+
+
+def _env(extra: dict[str, str] | None = None, root: Path = ROOT) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p),
             "GATEWAY_KEY_CHECKOUT": GATEWAY_KEY, "STRIPE_API_KEY": STRIPE_KEY, **(extra or {})}
 
 
-def _spawn(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+def _spawn(args: list[str], log: Path, env: dict[str, str] | None = None, root: Path = ROOT) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
-        return subprocess.Popen(args, cwd=ROOT, env=env or _env(), stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        return subprocess.Popen(args, cwd=root, env=env or _env(root=root), stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=out)
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -231,11 +238,12 @@ def forwarder(s: Stack, tls: bool) -> Iterator[Target]:
         _stop(proc)
 
 
-def gateway_config(s: Stack, port: int, work: Path, postgres: bool) -> dict[str, object]:
+def gateway_config(s: Stack, port: int, work: Path, postgres: bool, sqlite_path: Path | None = None) -> dict[str, object]:
     """The embedded default of config/gateway.yaml with one provider over mTLS; limits raised
-    so the bench measures cost, not shedding."""
+    so the bench measures cost, not shedding. `sqlite_path`: a journal file with history
+    (bench/seed_journal.py) instead of a fresh one."""
     storage: dict[str, object] = ({"backend": "postgres", "postgres_dsn_env": "GATEWAY_PG_DSN"} if postgres
-                                  else {"backend": "sqlite", "sqlite_path": str(work / "gateway.db")})
+                                  else {"backend": "sqlite", "sqlite_path": str(sqlite_path or work / "gateway.db")})
     return {
         "server": {"host": "127.0.0.1", "port": port, "max_in_flight": 10_000},
         "auth": {"clients": [{"name": "checkout", "key_env": "GATEWAY_KEY_CHECKOUT"}]},
@@ -268,21 +276,28 @@ def _pg_schema() -> Iterator[str]:
 
 
 @contextmanager
-def gateway(s: Stack, postgres: bool) -> Iterator[Target]:
-    """`gateway serve`, one process, to the mTLS emulator: SQLite (the embedded default) or
-    PostgreSQL in a schema of its own, dropped afterwards."""
-    name = "gateway_pg" if postgres else "gateway_sqlite"
+def gateway(s: Stack, postgres: bool, sqlite_path: Path | None = None, name: str | None = None,
+            workers: int = 1, root: Path = ROOT) -> Iterator[Target]:
+    """`gateway serve [--workers N]` to the mTLS emulator: SQLite (the embedded default; a fresh
+    file, or `sqlite_path`) or PostgreSQL in a schema of its own, dropped afterwards. With
+    workers, the target's CPU is the supervisor's tree: every worker's."""
+    name = name or ("gateway_pg" if postgres else "gateway_sqlite")
     work = s.work / name
     work.mkdir(exist_ok=True)
     port = free_port("127.0.0.1")
     with _pg_schema() if postgres else _no_schema() as dsn:
-        (work / "gateway.yaml").write_text(yaml.safe_dump(gateway_config(s, port, work, postgres)))
+        (work / "gateway.yaml").write_text(yaml.safe_dump(gateway_config(s, port, work, postgres, sqlite_path)))
         log = work / "gateway.log"
-        proc = _spawn([PY, "-m", "gateway.cli", "serve", "--config", str(work / "gateway.yaml")], log,
-                      _env({"GATEWAY_PG_DSN": dsn} if dsn else None))
+        proc = _spawn([PY, "-m", "gateway.cli", "serve", "--config", str(work / "gateway.yaml"),
+                       "--workers", str(workers)], log,
+                      _env({"GATEWAY_PG_DSN": dsn} if dsn else None, root=root), root=root)
         try:
             _wait_ready(f"http://127.0.0.1:{port}/healthz", proc, log)
             label = "gateway, PostgreSQL, mTLS" if postgres else "gateway, SQLite, mTLS (default)"
+            if workers > 1:
+                label = f"gateway, SQLite, mTLS, {workers} workers"
+            if root != ROOT:
+                label = f"gateway, SQLite, mTLS, baseline ({root})"
             notes = ["CPU is the gateway process's; the shared PostgreSQL server's is not counted"] if postgres else []
             yield Target(name, label, f"http://127.0.0.1:{port}/v1/payments", PAYMENT_JSON,
                          {"Content-Type": "application/json", "Authorization": f"Bearer {GATEWAY_KEY}"},
@@ -303,4 +318,8 @@ TARGETS = {
     "forwarder_mtls": lambda s: forwarder(s, tls=True),
     "gateway_sqlite": lambda s: gateway(s, postgres=False),
     "gateway_pg": lambda s: gateway(s, postgres=True),
+    "gateway_sqlite_w2": lambda s: gateway(s, postgres=False, name="gateway_sqlite_w2", workers=2),
 }
+if BASELINE_TREE:
+    TARGETS["gateway_sqlite_baseline"] = lambda s: gateway(s, postgres=False, name="gateway_sqlite_baseline",
+                                                           root=Path(BASELINE_TREE).resolve())

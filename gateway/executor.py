@@ -29,7 +29,7 @@ from domain.types import FollowUp, Lookup, Operation, PaymentOrder, ProviderResu
 from gateway.journal.records import Attempt
 from gateway.metrics import Metrics
 from gateway.policy import settles_possible_charge, worth_retrying
-from gateway.provider_client import MIN_TRY_S, ProviderClient
+from gateway.provider_client import MIN_TRY_S, BeforeSend, ProviderClient
 from gateway.retry_policy import RetryBudget, wait_retry_after
 from gateway.settlement import settle_unknown
 
@@ -52,24 +52,31 @@ class AttemptExecutor:
     async def run(self, client: ProviderClient, op: Operation, subject: PaymentOrder | FollowUp,
                   idempotency_key: str, deadline: float, attempts: list[Attempt], journal: AttemptHook,
                   *, amount: int | None = None, failover_reason: str | None = None,
-                  prepaid: bool = False) -> ProviderResult:
+                  journalled: Attempt | None = None, prepaid: bool = False) -> ProviderResult:
         """Try `op` at one provider until an answer that retrying cannot change.
 
         Each try is appended to `attempts` (the payment's own list); `journal` persists it after
         the local checks pass and before the provider can see the request. `failover_reason`:
         why the payment moved on to this provider, on its first try's record (and span).
-        `prepaid`: the first try's quota token is already taken (`PaymentService._reserve`)."""
+        `journalled`: the first try's record, already in `attempts` and already on disk (the
+        caller wrote it with the key claim, in the same transaction): that try skips `journal`,
+        one fsync'd store round trip fewer per payment. `prepaid`: the first try's quota token
+        is already taken (`PaymentService._reserve`)."""
         retry = client.handle.config.retry
         wait: wait_base = wait_retry_after(retry.base_delay_ms / 1000, retry.max_delay_ms / 1000)
         open_unknown: ProviderResult | None = None
         try_number = 0
         while True:
             try_number += 1
-            attempt = client.new_attempt(op, try_number, idempotency_key, amount=amount,
-                                         failover_reason=failover_reason if try_number == 1 else None)
-            attempts.append(attempt)
-            result = await client.call(op, subject, idempotency_key, deadline, attempt,
-                                       before_send=lambda attempt=attempt: journal(attempt),
+            before_send: BeforeSend | None = None
+            if try_number == 1 and journalled is not None:
+                attempt = journalled
+            else:
+                attempt = client.new_attempt(op, try_number, idempotency_key, amount=amount,
+                                             failover_reason=failover_reason if try_number == 1 else None)
+                attempts.append(attempt)
+                before_send = lambda attempt=attempt: journal(attempt)  # noqa: E731
+            result = await client.call(op, subject, idempotency_key, deadline, attempt, before_send=before_send,
                                        prepaid=prepaid and try_number == 1)
             if result.outcome is Outcome.UNKNOWN:
                 result = await self._settle(client, op, subject, result, deadline, try_number, attempts)

@@ -168,8 +168,9 @@ class PaymentService:
 
     async def create_payment(self, scope: str, key: str, fingerprint: str, record: PaymentRecord,
                              order: PaymentOrder, deadline: float) -> Answer:
-        """Claim the key with the payment row (one transaction), run the payment to a final or
-        pending state, commit the final row with the key's answer and the log line.
+        """Claim the key with the payment row and its first attempt (one transaction: that row is
+        the first call's write-ahead too), run the payment to a final or pending state, commit
+        the final row with the key's answer and the log line.
 
         A payment that finds every candidate at its quota (nothing sent, nothing claimed) waits
         for the first token if it comes soon (`engine.quota_max_wait_ms`, at most a quarter of
@@ -187,6 +188,7 @@ class PaymentService:
         if decision is not None and decision.return_url_required and order.return_url is None:
             return answers.error(422, "return_url_required", f"route {decision.route} requires a return_url: its "
                                  "providers may send the shopper to authenticate (3-D Secure)", "return_url")
+        first_try = self._first_attempt(record) if decision is not None else None
         now = time.time()
         with self.tracing.span("journal.claim") as span:
             span.record(record, "payment")
@@ -202,9 +204,14 @@ class PaymentService:
             if decision is not None:
                 self.executor.budget.record_request()
                 first = await self._reserve(record, decision, deadline)
+                if first != 0 and first_try is not None:
+                    # The first candidate had no quota token: the try journalled with the claim
+                    # was never made (the next write of the row drops it).
+                    record.attempts = [a for a in record.attempts if a is not first_try]
+                    first_try = None
                 if first is None:
                     return await self._shed_over_quota(record, scope, key, decision)
-                await self._attempt_candidates(record, order, decision, deadline, first)
+                await self._attempt_candidates(record, order, decision, deadline, first, first_try)
             record.updated_at = time.time()
             answer = answers.payment_answer(record)
             await self.commit(record, "payment", IdempotentAnswer(scope, key, answer.stored()),
@@ -264,6 +271,18 @@ class PaymentService:
         record.provider_idempotency_key = provider_idempotency_key(record.id, record.provider)
         return decision
 
+    def _first_attempt(self, record: PaymentRecord) -> Attempt:
+        """The first candidate's first try, added to the record before the key claim writes it.
+
+        The claim's transaction is then that call's write-ahead as well (DESIGN rule 4 holds:
+        the attempt is on disk before the provider can see the request), so a payment costs
+        one fsync'd store round trip fewer before its first call. A try the client refuses
+        locally (deadline, breaker) keeps the record, with its refusal, like any other try."""
+        assert record.provider is not None and record.provider_idempotency_key is not None
+        attempt = self.clients[record.provider].new_attempt(Operation.AUTHORIZE, 1, record.provider_idempotency_key)
+        record.attempts.append(attempt)
+        return attempt
+
     def _skip(self, record: PaymentRecord, provider: str, reason: str) -> None:
         """A candidate passed over before any call: an attempt `skipped` with the reason."""
         skipped = self.clients[provider].new_attempt(Operation.AUTHORIZE, 0, None)
@@ -314,8 +333,9 @@ class PaymentService:
         return answers.over_quota(decision.route, min(q.wait_s() for q in quotas))
 
     async def _attempt_candidates(self, record: PaymentRecord, order: PaymentOrder, decision: RouteDecision,
-                                  deadline: float, first: int = 0) -> None:
-        """From candidate `first` on, whose first call's quota token `_reserve` took."""
+                                  deadline: float, first: int = 0, first_try: Attempt | None = None) -> None:
+        """From candidate `first` on, whose first call's quota token `_reserve` took.
+        `first_try`: that candidate's first try, journalled with the key claim."""
         cascaded = False
         failover_reason: str | None = None
         last: ProviderResult | None = None
@@ -330,7 +350,8 @@ class PaymentService:
                 await self.write_ahead(record, "payment")
 
             result = await self.executor.run(client, Operation.AUTHORIZE, order, key, deadline, record.attempts,
-                                             journal, failover_reason=failover_reason, prepaid=position == first)
+                                             journal, failover_reason=failover_reason, prepaid=position == first,
+                                             journalled=first_try if position == first else None)
             last = result
             record.provider, record.provider_idempotency_key = name, key
             has_next = position + 1 < len(decision.candidates)
@@ -359,9 +380,10 @@ class PaymentService:
         self._finish(record, PaymentStatus.FAILED, last, error="all_providers_unavailable")
 
     async def write_ahead(self, record: PaymentRecord, kind: str) -> None:
-        """Before each try's call, the row with that try's attempt (DESIGN rule 4): every try's,
-        the first candidate's and a follow-up's too (the claim's row holds none), so a takeover
-        after a crash keeps the attempt that may have charged, and the transaction's line has it."""
+        """Before each try's call, the row with that try's attempt (DESIGN rule 4): every try's
+        but the first of a payment or a follow-up (its key claim wrote that one; a completion's
+        and an expiry's first tries are written here too), so a takeover after a crash keeps the
+        attempt that may have charged, and the transaction's line has it."""
         record.updated_at = time.time()
         with self.tracing.span("journal.save") as span:
             span.record(record, kind)
@@ -428,12 +450,17 @@ class PaymentService:
         amount = follow_up_amount(record, op, asked_amount)
         problem = follow_up_problem(record, op, amount)
         now = time.time()
+        first: Attempt | None = None
         if problem is None:
             record.follow_up = PendingFollowUp(
                 operation=op.value, amount=amount, provider_key=provider_key, scope=scope, front_key=key,
                 prior_status=record.status.value, started_at=now, deadline_s=max(0.0, deadline - time.monotonic()))
             record.status = FOLLOW_UP_PENDING[op]
             record.updated_at = now
+            # Its first try rides in the claim's row, which is that call's write-ahead (as a payment's).
+            assert record.provider is not None
+            first = self.clients[record.provider].new_attempt(op, 1, provider_key, amount=amount)
+            record.attempts.append(first)
         with self.tracing.span("journal.claim") as span:
             span.record(record, op.value)
             claim = await self.store.claim_idempotency(scope, key, fingerprint, provider_key, now,
@@ -443,9 +470,10 @@ class PaymentService:
         if problem is not None:
             await self.store.release_idempotency(scope, key)
             return problem
+        assert first is not None
         self.in_flight.add(record.id)
         try:
-            return await self._run_follow_up(record, op, amount, scope, key, provider_key, deadline)
+            return await self._run_follow_up(record, op, amount, scope, key, provider_key, deadline, first)
         except StaleWrite:
             # After our claim, only a reconciler that took the follow-up for abandoned writes
             # the row: it settles the follow-up and answers the key.
@@ -454,19 +482,21 @@ class PaymentService:
             self.in_flight.discard(record.id)
 
     async def _run_follow_up(self, record: PaymentRecord, op: Operation, amount: int | None, scope: str, key: str,
-                             provider_key: str, deadline: float) -> Answer:
+                             provider_key: str, deadline: float, first: Attempt) -> Answer:
+        """`first`: the first try's attempt, journalled with the key claim."""
         assert record.provider is not None
         client = self.clients[record.provider]
         subject = FollowUp(payment_id=record.id, provider_reference=record.provider_reference, amount=amount,
                            currency=record.currency, follow_up_id=provider_key)
 
-        async def journalled(_attempt: Attempt) -> None:
-            """The claim's transaction holds the follow-up; its attempt goes in before the call."""
+        async def write_ahead_retry(_attempt: Attempt) -> None:
+            """The claim's transaction holds the follow-up and its first try; a retry's attempt
+            goes in before its call."""
             await self.write_ahead(record, op.value)
 
         started = time.monotonic()
-        result = await self.executor.run(client, op, subject, provider_key, deadline, record.attempts, journalled,
-                                         amount=amount)
+        result = await self.executor.run(client, op, subject, provider_key, deadline, record.attempts,
+                                         write_ahead_retry, amount=amount, journalled=first)
         extra = {"latency_ms": (time.monotonic() - started) * 1000,
                  "follow_up": {"operation": op.value, "amount": amount, "outcome": result.outcome.value,
                                "raw_code": result.raw_code}}

@@ -39,6 +39,9 @@ from gateway.shopper_action import action_due, bind_action, cancelling
 MIN_RECHECK_S = 5.0
 MAX_RECHECK_S = 300.0
 BATCH = 200  # rows leased per pass
+PURGE_BATCH = 500  # expired keys deleted per store transaction (about 10 ms of SQLite on a 1 M-key file)
+PURGE_BATCHES = 40  # per pass: 20,000 keys, at a pass every few seconds well above any payment rate
+PURGE_PAUSE_FACTOR = 4.0  # after a full batch, wait this many times its duration
 LEASE_S = 120.0  # beyond a pass over BATCH rows (each a status query bounded by its provider's timeout)
 # Adyen retries a notification for days (9 s, 18 s, 27 s, then from a queue); an hour without one
 # is worth an operator's look, never a guess.
@@ -80,7 +83,7 @@ class Reconciler:
         while True:
             try:
                 await self.run_once(ignore_backoff=woken)  # an operator's "reconcile now" asks everyone
-                await self.service.store.purge_expired_idempotency(time.time())
+                await self._purge_expired_keys()
             except Exception as exc:  # a bad pass must not end reconciliation for good
                 self.log.exception("reconciler_pass_failed", error=type(exc).__name__)
             try:
@@ -89,6 +92,21 @@ class Reconciler:
                 pass
             woken = self.wake.is_set()
             self.wake.clear()
+
+    async def _purge_expired_keys(self) -> None:
+        """Expire answered keys in bounded batches, each its own short store transaction, so the
+        payments queued behind the journal's writer go between them, and paced: after each full
+        batch it waits PURGE_PAUSE_FACTOR times as long as the batch took, so a backlog (a
+        restart after downtime longer than the retention: half a million keys once took the
+        SQLite writer for seconds and the gateway answered nothing) gets at most a fifth of the
+        writer. At most PURGE_BATCHES per pass; the next pass goes on where this one stopped.
+        In steady state a pass finds the few keys that expired since the last one: one batch."""
+        now = time.time()
+        for _ in range(PURGE_BATCHES):
+            started = time.monotonic()
+            if await self.service.store.purge_expired_idempotency(now, PURGE_BATCH) < PURGE_BATCH:
+                return
+            await asyncio.sleep((time.monotonic() - started) * PURGE_PAUSE_FACTOR)
 
     async def run_once(self, *, min_age_s: float | None = None, abandoned_after_s: float | None = None,
                        ignore_backoff: bool = False) -> int:

@@ -296,6 +296,20 @@ async def test_purge_removes_only_expired_answered_keys(backend: Backend) -> Non
     assert (await claim(backend.store, expired_done, resource="w", now=now + 11)).kind is ClaimKind.NEW
 
 
+async def test_purge_deletes_at_most_its_limit_per_call(backend: Backend) -> None:
+    now = time.time()
+    older, old, live = key(), key(), key()
+    for k, ttl in ((older, 5), (old, 10), (live, HOUR)):
+        await claim(backend.store, k, resource=f"pay_{k}", now=now, ttl=ttl)
+        await backend.store.complete_idempotency(SCOPE, k, StoredResponse(201, b"x"))
+
+    counts = [await backend.store.purge_expired_idempotency(now + 11, limit=1) for _ in range(3)]
+
+    assert counts == [1, 1, 0]
+    assert (await claim(backend.store, live, resource="y", now=now + 11)).kind is ClaimKind.REPLAY
+    assert (await claim(backend.store, older, resource="w", now=now + 11)).kind is ClaimKind.NEW
+
+
 async def test_concurrent_claims_from_two_replicas_have_one_winner(backend: Backend) -> None:
     replica = backend.new_store()
     await replica.open()

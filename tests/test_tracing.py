@@ -89,9 +89,9 @@ async def test_a_payment_that_fails_over_is_one_trace_with_a_span_per_attempt(
     assert span_tree(spans) == [
         "POST /v1/payments [server] http.route=/v1/payments http.response.status_code=201",
         "  journal.claim [internal] provider=primary journal.kind=payment payment_status=attempting",
+        # The first try has no journal.save: the claim's row holds its attempt (its write-ahead).
         "  provider.authorize [client] provider=primary try=1 outcome=unavailable raw_code=connect_failed"
         " breaker_state=closed",
-        "    journal.save [internal] provider=primary journal.kind=payment payment_status=attempting",
         "  provider.authorize [client] provider=primary try=2 outcome=unavailable raw_code=connect_failed"
         " breaker_state=closed",
         "    journal.save [internal] provider=primary journal.kind=payment payment_status=attempting",

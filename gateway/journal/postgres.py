@@ -422,9 +422,11 @@ class PostgresStore:
                 f"UPDATE idempotency SET state = '{_DONE}', status = $2, body = $3 WHERE resource_id = $1",
                 resource_id, response.status, response.body)
 
-    async def purge_expired_idempotency(self, now: float) -> int:
+    async def purge_expired_idempotency(self, now: float, limit: int = 2000) -> int:
         async with self._conn() as conn:
-            tag = await conn.execute(f"DELETE FROM idempotency WHERE expires_at <= $1 AND state = '{_DONE}'", now)
+            tag = await conn.execute(
+                "DELETE FROM idempotency WHERE (scope, key) IN (SELECT scope, key FROM idempotency "
+                f"WHERE expires_at <= $1 AND state = '{_DONE}' ORDER BY expires_at LIMIT $2)", now, limit)
         return int(tag.rsplit(" ", 1)[-1])
 
     # -- the transaction log's outbox ----------------------------------------------------------

@@ -300,10 +300,12 @@ class SqliteStore:
 
         await self._submit(op)
 
-    async def purge_expired_idempotency(self, now: float) -> int:
+    async def purge_expired_idempotency(self, now: float, limit: int = 2000) -> int:
         def op(conn: sqlite3.Connection) -> int:
-            return conn.execute("DELETE FROM idempotency WHERE expires_at <= ? AND state = ?",
-                                (now, IdempotencyState.DONE.value)).rowcount
+            # The inner query walks idempotency_expiry (oldest first) and stops at `limit`.
+            return conn.execute("DELETE FROM idempotency WHERE (scope, key) IN (SELECT scope, key FROM idempotency "
+                                "WHERE expires_at <= ? AND state = ? ORDER BY expires_at LIMIT ?)",
+                                (now, IdempotencyState.DONE.value, limit)).rowcount
 
         return await self._submit(op)
 

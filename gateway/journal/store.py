@@ -182,7 +182,13 @@ class Store(Protocol):
         crash, or answered `pending`) now replays the final answer."""
         ...
 
-    async def purge_expired_idempotency(self, now: float) -> int: ...
+    async def purge_expired_idempotency(self, now: float, limit: int = 2000) -> int:
+        """Delete at most `limit` answered keys past their expiry; returns how many. Bounded so
+        that one purge is one short transaction: a backlog of millions (a store that was down
+        through its retention, a shorter retention configured) would otherwise hold the single
+        writer (SQLite) or the table's locks for as long as the whole delete takes, with every
+        payment waiting behind it. The caller repeats while a purge deletes `limit`."""
+        ...
 
     # -- the transaction log's outbox (gateway.txlog.outbox) --------------------------------------
 
