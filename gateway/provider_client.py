@@ -118,11 +118,15 @@ class ProviderClient:
                                                       counts_against_breaker, lambda e: e)
         except _Refused as refused:
             return self._finish(attempt, refused.result, started)
-        if rate_limited(result):
+        limited = rate_limited(result)
+        if limited:
             self._held_off(result)
-        elif op is Operation.AUTHORIZE and not caller_cut:
-            self.handle.success.record(not counts_against_breaker(result))
-            self.handle.latency.record((time.monotonic() - sent) * 1000)
+        if op is Operation.AUTHORIZE and not caller_cut:
+            # A 429 is no breaker failure, but no success either: a provider that turns away
+            # a share of its calls is demoted (`routes[].demote_below`) like a failing one.
+            self.handle.success.record(not (limited or counts_against_breaker(result)))
+            if not limited:  # answered at once, without the work: it would pull the p99 down
+                self.handle.latency.record((time.monotonic() - sent) * 1000)
         return self._finish(attempt, result, started)
 
     async def lookup(self, subject: FollowUp, deadline: float, attempt: Attempt) -> StatusAnswer:

@@ -48,11 +48,12 @@ class ProviderHandle:
     held_off_until: float = 0.0  # time.monotonic(): the provider's 429 said to wait until then
 
     def hold_off(self, retry_after_s: float | None) -> None:
-        """The provider answered 429: send it nothing until its Retry-After (default 1 s, at most
-        HOLD_OFF_MAX_S) has passed. Its account is past its quota, which the next request would
-        only meet again; that is no breaker failure, and it ends by itself."""
-        wait = min(HOLD_OFF_MAX_S, retry_after_s if retry_after_s is not None and retry_after_s > 0 else HOLD_OFF_S)
-        self.held_off_until = max(self.held_off_until, time.monotonic() + wait)
+        """The provider answered 429: send it nothing until its Retry-After (HOLD_OFF_S without
+        one, at most HOLD_OFF_MAX_S; 0: no wait) has passed. Its account is past its quota, which
+        the next request would only meet again; that is no breaker failure, and it ends by itself."""
+        wait = HOLD_OFF_S if retry_after_s is None else min(HOLD_OFF_MAX_S, max(0.0, retry_after_s))
+        if wait > 0:
+            self.held_off_until = max(self.held_off_until, time.monotonic() + wait)
 
     def held_off_s(self) -> float:
         """Seconds the provider's last 429 still asks us to wait (0.0: none)."""
