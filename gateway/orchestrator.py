@@ -38,7 +38,7 @@ from gateway.metrics import Metrics
 from gateway.notifications.events import Settling
 from gateway.notifications.outbox import NotificationOutbox
 from gateway.policy import may_fail_over, payment_status
-from gateway.provider_client import ProviderClient
+from gateway.provider_client import MIN_TRY_S, ProviderClient
 from gateway.quota.provider import take_first
 from gateway.router import OVER_QUOTA, NoRoute, RouteDecision, Router, RoutingFacts
 from gateway.shopper_action import bind_action
@@ -203,7 +203,10 @@ class PaymentService:
         try:
             if decision is not None:
                 self.executor.budget.record_request()
-                first = await self._reserve(record, decision, deadline)
+                # No time left for a call (a tiny Request-Timeout): take no token, the executor
+                # refuses the try; a token spent on a call never made is the account's quota lost.
+                first = await self._reserve(record, decision, deadline) if time.monotonic() + MIN_TRY_S <= deadline \
+                    else 0
                 if first != 0 and first_try is not None:
                     # The first candidate had no quota token: the try journalled with the claim
                     # was never made (the next write of the row drops it).
@@ -319,16 +322,16 @@ class PaymentService:
         return first
 
     async def _shed_over_quota(self, record: PaymentRecord, scope: str, key: str, decision: RouteDecision) -> Answer:
-        """Every candidate at its quota once the key was claimed: nothing was sent. The row ends
-        `failed` (over_quota) and the key is released, so the checkout's retry after
-        Retry-After with the same key is a fresh payment, as when the routing found no token."""
+        """Every candidate at its quota once the key was claimed: nothing was sent. The claimed
+        row and its key are discarded together, so the checkout's retry after Retry-After with
+        the same key is a fresh payment, as when the routing found no token, and the books (the
+        journal, the transaction log, the approval rate) hold no failed payment for a caller told
+        "not now". A row someone else moved on meanwhile is theirs (StaleWrite)."""
         for name in decision.candidates:
             self.metrics.quota_denied.labels(name).inc()
         self.metrics.shed.labels("quota").inc()
-        self._finish(record, PaymentStatus.FAILED, error=OVER_QUOTA)
-        record.updated_at = time.time()
-        await self.commit(record, "payment")
-        await self.store.release_idempotency(scope, key)
+        if not await self.store.discard_unsent(record.id, record.version, scope, key):
+            raise StaleWrite(record.id)
         quotas = [q for name in decision.candidates if (q := self.clients[name].handle.quota) is not None]
         return answers.over_quota(decision.route, min(q.wait_s() for q in quotas))
 

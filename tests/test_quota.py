@@ -6,6 +6,7 @@ real `gateway serve` processes (and kept locally, as a share, while Redis is awa
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -15,13 +16,13 @@ import pytest
 
 from emulators.quota import QuotaPlan
 from emulators.server import EmulatorServer
-from gateway.app_keys import POOL
+from gateway.app_keys import CONFIG, POOL
 from gateway.config import ConfigError, RouteConfig
 from gateway.emulator_launch import account_quota
 from gateway.quota.bucket import TokenBucket
 from gateway.quota.provider import LOCAL, SHARED
 from gateway.router import OVER_QUOTA, Router, RoutingFacts
-from tests.conftest import card_payment, charges, entries, idem, metrics_text, pay
+from tests.conftest import card_payment, charges, entries, idem, metrics_text, pay, txlog
 from tests.redis_server import RedisServer
 from tests.test_breaker_sync_hung import _hung
 from tests.test_workers import host  # noqa: F401 (fixture)
@@ -124,6 +125,14 @@ def _books_agree(answers: list[tuple[int, dict[str, Any]]], stripes: dict[str, E
             assert len(charges(server, doc["id"])) == (1 if name == doc["provider"] else 0), (name, doc)
 
 
+def _journal_rows(client: Any) -> int:
+    conn = sqlite3.connect(f"file:{client.app[CONFIG].storage.sqlite_path}?mode=ro", uri=True)
+    try:
+        return int(conn.execute("SELECT count(*) FROM payments").fetchone()[0])
+    finally:
+        conn.close()
+
+
 def _within_quota(charged: int, seconds: float) -> bool:
     """At most a full bucket plus the kept rate over the time the load took."""
     return charged <= KEPT_PER_S * (1 + seconds) + 1
@@ -196,6 +205,25 @@ async def test_more_payments_at_once_than_tokens_charge_once_each_and_shed_the_r
     assert sorted(d["provider"] for d in docs) == ["backup", "primary"]
     assert sum(len(s.emulator.ledger.entries()) for s in stripes.values()) == 2
     assert all(s.emulator.quota.limited == 0 for s in stripes.values())
+    # The caller told "not now" has no failed payment in the books: the journal and the log
+    # hold the two payments made, nothing for the one shed.
+    assert _journal_rows(client) == 2
+    lines = [line for line in await txlog(client) if line["event"] == "payment"]
+    assert sorted(line["payment_id"] for line in lines) == sorted(d["id"] for d in docs)
+
+
+async def test_a_payment_with_no_time_for_a_call_spends_no_token(engine_config, start_gateway, stripes) -> None:
+    """A tiny Request-Timeout: no call is made, so no token of any provider's quota is spent
+    (else any client could drain the quotas with such requests and the fleet shed everyone)."""
+    tiny = {"rate_limit_per_s": 0.2, "rate_limit_burst": 1}  # one token each, the next in 5 s
+    client = await start_gateway(engine_config(every_provider=tiny, engine={"quota_max_wait_ms": 0}))
+    for _ in range(3):
+        resp = await client.post("/v1/payments", json=card_payment(), headers={**idem(), "Request-Timeout": "1"})
+        doc = await resp.json()
+        assert all(a["raw_code"] == "deadline_exceeded" for a in doc["attempts"]), doc
+    assert sum(len(s.emulator.ledger.entries()) for s in stripes.values()) == 0
+    status, doc = await pay(client)
+    assert (status, doc["provider"]) == (201, "primary"), "the primary's token is still there"
 
 
 async def test_a_payment_waits_for_a_token_that_comes_within_its_short_wait(engine_config, start_gateway,

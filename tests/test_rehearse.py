@@ -74,3 +74,18 @@ def test_a_profile_it_does_not_know_is_refused(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["rehearse", "--profile", "black-friday", "--config",
                                       str(ROOT / "config" / "gateway.yaml"), "--run-dir", str(tmp_path)])
     assert result.exit_code == 2 and "unknown profile 'black-friday'" in result.output
+
+
+def test_a_log_duckdb_cannot_read_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    """A day taken from a log with a NaN time (a hand-edited or corrupted line)."""
+    line = {"event": "payment", "payment_id": "pay_x", "log_id": "pay_x:payment:1", "status": "approved",
+            "provider": "stripe", "amount": 1000, "currency": "EUR", "route": "default", "latency_ms": 10.0,
+            "attempts": [], "ts": "2026-12-01T10:00:00Z"}
+    (tmp_path / "transactions.jsonl").write_text(
+        '{"created_at": NaN, ' + orjson.dumps(line).decode()[1:] + "\n"
+        + orjson.dumps({**line, "payment_id": "pay_y", "created_at": 1796130000.0}).decode() + "\n")
+    result = CliRunner().invoke(app, ["rehearse", "--from-log", str(tmp_path), "--config",
+                                      str(ROOT / "config" / "gateway.yaml"), "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 2 and result.output.startswith("error: rehearse: reading the logs failed"), \
+        result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1

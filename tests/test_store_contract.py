@@ -628,3 +628,14 @@ async def test_fields_a_newer_release_wrote_are_kept_through_a_read_and_a_write(
     assert stored["routing_score"] == 0.93 and stored["status"] == "captured"
     assert stored["attempts"][0]["acquirer_region"] == "eu"
     assert "newer_fields" not in stored and "newer_fields" not in stored["attempts"][0]
+
+
+async def test_a_payment_never_sent_is_discarded_with_its_key_only_at_its_version(backend: Backend) -> None:
+    k = key()
+    record = payment()
+    assert (await claim(backend.store, k, resource=record.id, record=record)).kind is ClaimKind.NEW
+    assert not await backend.store.discard_unsent(record.id, record.version + 1, SCOPE, k), "moved on: kept"
+    assert await backend.store.get_payment(record.id) is not None
+    assert await backend.store.discard_unsent(record.id, record.version, SCOPE, k)
+    assert await backend.store.get_payment(record.id) is None
+    assert (await claim(backend.store, k, resource="pay_again")).kind is ClaimKind.NEW, "the key is free again"

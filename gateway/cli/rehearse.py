@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
+import duckdb
 import typer
 
 from gateway.cli.errors import fail
@@ -96,6 +97,8 @@ def rehearse(
             report = runner.run(main())
     except (OSError, GatewayProcessError, ValueError, KeyError) as exc:
         raise fail(f"rehearse: {exc}", 2) from None
+    except duckdb.Error as exc:  # --from-log: a log DuckDB cannot read (a NaN time, a huge number)
+        raise fail(f"rehearse: reading the logs failed: {str(exc).splitlines()[0]}", 2) from None
     if html is not None:
         _write_html(Path(report["run_dir"]), html, html_bucket(report["load_seconds"]))
         report["html"] = str(html)

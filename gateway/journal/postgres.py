@@ -416,6 +416,15 @@ class PostgresStore:
             await conn.execute(
                 f"DELETE FROM idempotency WHERE scope = $1 AND key = $2 AND state = '{_IN_FLIGHT}'", scope, key)
 
+    async def discard_unsent(self, payment_id: str, version: int, scope: str, key: str) -> bool:
+        async with self._conn() as conn, conn.transaction():
+            if await conn.execute("DELETE FROM payments WHERE id = $1 AND version = $2", payment_id, version) \
+                    != "DELETE 1":
+                return False
+            await conn.execute(
+                f"DELETE FROM idempotency WHERE scope = $1 AND key = $2 AND state = '{_IN_FLIGHT}'", scope, key)
+            return True
+
     async def complete_idempotency_for(self, resource_id: str, response: StoredResponse) -> None:
         async with self._conn() as conn:
             await conn.execute(

@@ -291,6 +291,16 @@ class SqliteStore:
 
         await self._submit(op)
 
+    async def discard_unsent(self, payment_id: str, version: int, scope: str, key: str) -> bool:
+        def op(conn: sqlite3.Connection) -> bool:
+            if conn.execute("DELETE FROM payments WHERE id = ? AND version = ?", (payment_id, version)).rowcount != 1:
+                return False
+            conn.execute("DELETE FROM idempotency WHERE scope = ? AND key = ? AND state = ?",
+                         (scope, key, IdempotencyState.IN_FLIGHT.value))
+            return True
+
+        return await self._submit(op)
+
     async def complete_idempotency_for(self, resource_id: str, response: StoredResponse) -> None:
         def op(conn: sqlite3.Connection) -> None:
             conn.execute(

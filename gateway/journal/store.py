@@ -177,6 +177,13 @@ class Store(Protocol):
         """Forget an in-flight key whose request changed nothing, so the caller may retry it."""
         ...
 
+    async def discard_unsent(self, payment_id: str, version: int, scope: str, key: str) -> bool:
+        """Forget a payment claimed but never sent to any provider (every candidate at its quota),
+        with its in-flight key, in one transaction: the caller was told "not now, retry with the
+        same key", so the books hold no failed payment for it. Only while the row is still at
+        `version` (nobody else moved it on); False, and nothing removed, otherwise."""
+        ...
+
     async def complete_idempotency_for(self, resource_id: str, response: StoredResponse) -> None:
         """The reconciler settled `resource_id`: every key that created it (still in flight after a
         crash, or answered `pending`) now replays the final answer."""
