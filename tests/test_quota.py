@@ -20,7 +20,7 @@ from gateway.app_keys import CONFIG, POOL
 from gateway.config import ConfigError, RouteConfig
 from gateway.emulator_launch import account_quota
 from gateway.quota.bucket import TokenBucket
-from gateway.quota.provider import LOCAL, SHARED
+from gateway.quota.provider import LOCAL, SHARED, ProviderQuota
 from gateway.router import OVER_QUOTA, Router, RoutingFacts
 from tests.conftest import card_payment, charges, entries, idem, metrics_text, pay, txlog
 from tests.redis_server import RedisServer
@@ -349,6 +349,9 @@ async def test_a_hung_redis_costs_one_short_timeout_then_payments_take_the_local
     assert quota is not None and quota.shared is not None
     status, _ = await pay(client)
     assert status == 201 and quota.mode == SHARED and quota.shared.errors == 0
+    # A new shared bucket starts empty (the account may have spent its burst a moment ago):
+    # let it fill before the primary is expected to take every payment.
+    await eventually(lambda: _has_token(client, "primary"), "the shared bucket has filled a little")
     async with _hung(own_redis):
         answers = [await pay(client) for _ in range(5)]
         assert all(status == 201 and doc["provider"] == "primary" for status, doc in answers)
@@ -378,3 +381,13 @@ async def test_a_providers_429s_hold_it_off_for_its_retry_after_and_never_open_i
     assert client.app[POOL]["primary"].breaker.state == "closed"
     text = await metrics_text(client)
     assert f'gateway_provider_rate_limited_total{{provider="primary"}} {float(limited)}' in text
+
+
+def test_the_local_share_starts_empty_when_redis_goes_away() -> None:
+    """While the shared bucket answers, this process's local share is kept empty: if Redis goes
+    away it refills from that moment at the share's rate instead of starting full (the outside
+    attack saw a burst of the account's 429s at each switch to local)."""
+    quota = ProviderQuota("primary", 20.0, 20, share=2)
+    assert quota.take_local() == 0.0, "alone, a fresh local bucket starts full"
+    quota.observe(15.0)  # a shared answer: the fleet's bucket holds 15
+    assert quota.take_local() > 0.0, "the local share holds nothing at the switch"

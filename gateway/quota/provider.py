@@ -59,8 +59,11 @@ class ProviderQuota:
         return self._view().wait_s()
 
     def observe(self, tokens: float) -> None:
-        """What the shared bucket said it holds now."""
+        """What the shared bucket said it holds now. The local share is kept empty meanwhile,
+        so if Redis goes away it refills from this moment at the share's rate, rather than
+        starting full while the account's own bucket may be spent (a 429 burst at each switch)."""
         self._estimate.observe(tokens)
+        self._local.observe(0.0)
 
     def take_local(self) -> float:
         return self._local.take()
@@ -96,6 +99,7 @@ async def take_first(quotas: Sequence[ProviderQuota | None]) -> int | None:
             if taken is not None:
                 return taken
             return len(lead) if len(lead) < len(quotas) else None
+        # Redis did not answer: the local shares (kept empty while shared, see `observe`).
     for i, quota in enumerate(lead):
         if quota.take_local() == 0.0:
             return i

@@ -42,7 +42,11 @@ for i, key in ipairs(KEYS) do
   local tokens = tonumber(b[1])
   local at = tonumber(b[2])
   if tokens == nil or at == nil then
-    tokens = capacity
+    -- A new bucket (a first start, a Redis restarted empty) starts empty and fills at the rate
+    -- from now: the account may have spent its burst a moment ago, through the local shares.
+    tokens = 0
+    redis.call('HSET', key, 'tokens', '0', 'at', tostring(now))
+    redis.call('PEXPIRE', key, math.ceil(capacity / rate * 1000) + 1000)
   else
     tokens = math.min(capacity, tokens + math.max(0, now - at) * rate)
   end
