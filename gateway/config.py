@@ -223,8 +223,9 @@ class ProviderConfig(_Model):
     # at most `rate_limit_burst` (default one second's worth). An empty bucket: payments spill
     # over to the next provider, follow-ups wait within their deadline (gateway/quota/).
     # None: no limit kept here.
-    rate_limit_per_s: float | None = Field(None, gt=0, le=1_000_000)
-    rate_limit_burst: int | None = Field(None, ge=1, le=1_000_000)
+    # Strict: `true` is no rate (YAML would coerce it to 1.0), and NaN is refused as not finite.
+    rate_limit_per_s: float | None = Field(None, gt=0, le=1_000_000, strict=True, allow_inf_nan=False)
+    rate_limit_burst: int | None = Field(None, ge=1, le=1_000_000, strict=True)
     _api_key: SecretStr = PrivateAttr()
     _webhook_keys: tuple[SecretStr, ...] = PrivateAttr(())
 

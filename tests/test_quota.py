@@ -65,6 +65,10 @@ def test_quota_fields_are_validated_with_their_path(engine_config) -> None:
         engine_config(providers={"primary": {"rate_limit_per_s": 0}})
     with pytest.raises(ConfigError, match=r"providers\.primary\.rate_limit_burst: "):
         engine_config(providers={"primary": {"rate_limit_per_s": 5, "rate_limit_burst": 0}})
+    with pytest.raises(ConfigError, match=r"providers\.primary\.rate_limit_per_s: "):
+        engine_config(providers={"primary": {"rate_limit_per_s": True}})  # YAML's `true` is no rate
+    with pytest.raises(ConfigError, match=r"providers\.primary\.rate_limit_per_s: .*finite"):
+        engine_config(providers={"primary": {"rate_limit_per_s": float("nan")}})
     with pytest.raises(ConfigError, match=r"routes\.0\.demote_above_p99_ms: "):
         engine_config(route={"demote_above_p99_ms": -1})
     config = engine_config(providers={"primary": {"rate_limit_per_s": 2.5}})

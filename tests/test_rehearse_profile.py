@@ -209,12 +209,12 @@ def test_the_highest_sustained_window_and_what_stopped_the_next() -> None:
     stats = window_stats(windows, sends, journal, [], 0.0, [], p99_target_ms=1000, max_failed_share=0.01)
     assert [s.sustained for s in stats] == [True, True, False]
     assert stats[2].shed == 1 and stats[2].lost == 0
-    verdict = decide(stats, cpu_capacity=1)
+    verdict = decide(stats, cpu_capacity=1, min_payments=1)
     assert (verdict.max_sustained_rate, verdict.limited_by) == (20, "gateway_in_flight")
-    assert decide(stats[:2], 1).limited_by == "none"
+    assert decide(stats[:2], 1, min_payments=1).limited_by == "none"
     mid_failed = window_stats(windows, [_sent(0, 0.5, 50), _sent(1, 1.5, 3000), _sent(2, 2.5, 40)], journal, [], 0.0,
                               [], p99_target_ms=1000, max_failed_share=0.01)
-    late = decide(mid_failed, cpu_capacity=1)
+    late = decide(mid_failed, cpu_capacity=1, min_payments=1)
     assert (late.max_sustained_rate, late.limited_by) == (10, "latency"), "a later, faster window does not count"
     assert late.limited_by_detail.startswith("p99 3000 ms as the checkout saw it")
 
@@ -334,3 +334,13 @@ def test_the_live_view_shows_the_last_seconds() -> None:
     assert rows["offered rate"] == "75/s", "10 s into 40: the third step of the ramp"
     assert rows["p99 (last 2 s)"] == "60 ms" and rows["failovers"] == "3" and rows["provider 429s seen"] == "3"
     assert rows["sent / answered"] == "3 / 3" and rows["scenario"] == "9s stripe browns out"
+
+
+def test_windows_too_small_to_prove_a_rate_are_left_out() -> None:
+    """One payment answered in time at 3800/s proves no 3800/s (the outside attack's --speedup
+    10000 run claimed exactly that)."""
+    tiny = [WindowStats(VerdictWindow(0, 0.001, rate, "log", ()), sent=1) for rate in (800.0, 3800.0)]
+    verdict = decide(tiny, cpu_capacity=1)
+    assert verdict.max_sustained_rate == 0.0 and "too few to judge" in verdict.limited_by_detail
+    real = WindowStats(VerdictWindow(0, 10, 50.0, "hold", ()), sent=500)
+    assert decide([real, *tiny], cpu_capacity=1).max_sustained_rate == 50.0

@@ -42,6 +42,7 @@ from gateway.rehearse.scenario import BROWNOUT
 
 CPU_BUSY_SHARE = 0.85
 LOG_BACKED_UP = "transaction log"  # in the message of the gateway's log-backlog 503
+MIN_WINDOW_PAYMENTS = 10  # fewer payments due in a window prove no rate, sustained or not
 AT_QUOTA = "request quota"  # in the message of the 503 for a route whose every provider is at its quota
 # error_code of a payment that failed with nothing left to try (gateway/orchestrator.py)
 BREAKERS_OPEN = ("no_provider_available", "all_providers_unavailable:breaker_open")
@@ -302,9 +303,14 @@ class Verdict:
     limiting_window: dict[str, Any] | None
 
 
-def decide(stats: Sequence[WindowStats], cpu_capacity: float) -> Verdict:
-    """See the module doc: the highest rate below which every window was sustained."""
-    offered = [s for s in stats if s.sent or s.client_cap]
+def decide(stats: Sequence[WindowStats], cpu_capacity: float, min_payments: int = MIN_WINDOW_PAYMENTS) -> Verdict:
+    """See the module doc: the highest rate below which every window was sustained. A window
+    with fewer than `min_payments` payments due says nothing either way (one payment answered
+    in time is no "3800/s sustained"): it is left out."""
+    offered = [s for s in stats if s.sent + s.client_cap >= max(1, min_payments)]
+    if not offered:
+        return Verdict(0.0, None, "none", f"no window had {min_payments} payments due: too few to judge a "
+                       "rate (rehearse longer, or at a larger --scale or a smaller --speedup)", None)
     failing = [s for s in offered if not s.sustained]
     if not failing:
         best = max(offered, key=lambda s: (s.window.rate, -s.p99_ms), default=None)
