@@ -138,8 +138,11 @@ class ProviderResult:
     action: ShopperAction | None = None
 
     @classmethod
-    def refused(cls, refusal: LocalRefusal, message: str | None = None) -> ProviderResult:
-        return cls(refusal.outcome, raw_code=refusal.value, refusal=refusal, message=message)
+    def refused(cls, refusal: LocalRefusal, message: str | None = None,
+                retry_after_s: float | None = None) -> ProviderResult:
+        """`retry_after_s`: when the call could be made (a quota's next token, a 429's wait)."""
+        return cls(refusal.outcome, raw_code=refusal.value, refusal=refusal, message=message,
+                   retry_after_s=retry_after_s)
 
 
 class Lookup(StrEnum):

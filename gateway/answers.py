@@ -22,6 +22,15 @@ IDEMPOTENCY_HEADER = "Idempotency-Key"
 RETRY_SOON = {"Retry-After": "1"}
 
 
+def _retry_after(result: ProviderResult) -> dict[str, str]:
+    """When a call not made could be: the provider quota's next token or its 429's wait, in
+    whole seconds (at least 1); else soon. A checkout following a bare `1` would retry every
+    second for as long as a slow quota takes."""
+    if result.retry_after_s is None:
+        return RETRY_SOON
+    return {"Retry-After": str(max(1, math.ceil(result.retry_after_s)))}
+
+
 @dataclass(frozen=True, slots=True)
 class Answer:
     status: int
@@ -94,7 +103,7 @@ def follow_up_answer(record: PaymentRecord, op: Operation, result: ProviderResul
         return payment_read(record)
     if result.outcome is Outcome.UNAVAILABLE:
         return error(503, "provider_unavailable", f"{record.provider} did not take the {op.value} "
-                     f"({result.raw_code}); retry with the same Idempotency-Key", headers=RETRY_SOON)
+                     f"({result.raw_code}); retry with the same Idempotency-Key", headers=_retry_after(result))
     return error(422, f"{op.value}_refused", f"{record.provider} refused the {op.value}: {result.raw_code}")
 
 
@@ -107,7 +116,7 @@ def completion_answer(record: PaymentRecord, result: ProviderResult) -> Answer:
         return Answer(202, orjson.dumps(payment_doc(record)))
     if result.outcome is Outcome.UNAVAILABLE:
         return error(503, "provider_unavailable", f"{record.provider} did not answer the completion "
-                     f"({result.raw_code}); retry", headers=RETRY_SOON)
+                     f"({result.raw_code}); retry", headers=_retry_after(result))
     if result.outcome is Outcome.REJECTED:
         return error(422, "completion_refused", f"{record.provider} refused the completion: "
                      f"{result.message or result.raw_code}", "return_params")

@@ -58,9 +58,9 @@ SPAN_NAMES = {op: f"provider.{op.value}" for op in Operation}  # formatted once,
 class _Refused(Exception):
     """Internal: the call ended before anything was sent, with this refusal."""
 
-    def __init__(self, refusal: LocalRefusal, message: str | None = None) -> None:
+    def __init__(self, refusal: LocalRefusal, message: str | None = None, retry_after_s: float | None = None) -> None:
         super().__init__(message)
-        self.result = ProviderResult.refused(refusal, message)
+        self.result = ProviderResult.refused(refusal, message, retry_after_s)
 
 
 class _Failed(ProviderFailure):
@@ -168,7 +168,7 @@ class ProviderClient:
         if wait == 0.0:
             return
         if op is Operation.AUTHORIZE or time.monotonic() + wait + MIN_TRY_S > deadline:
-            raise _Refused(LocalRefusal.OVER_QUOTA, f"{self.name} answered 429: waiting {wait:.2f}s more")
+            raise _Refused(LocalRefusal.OVER_QUOTA, f"{self.name} answered 429: waiting {wait:.2f}s more", wait)
         await asyncio.sleep(wait)
 
     def _held_off(self, result: ProviderResult) -> None:
@@ -189,7 +189,8 @@ class ProviderClient:
                 break
             await asyncio.sleep(wait)
         self._denied.inc()
-        raise _Refused(LocalRefusal.OVER_QUOTA, f"{self.name}'s quota ({quota.rate:g}/s) has no token left")
+        raise _Refused(LocalRefusal.OVER_QUOTA, f"{self.name}'s quota ({quota.rate:g}/s) has no token left",
+                       quota.wait_s())
 
     async def _exchange(self, request: ProviderRequest, deadline: float, parse: Callable[[ProviderResponse], T],
                         fails: Callable[[T], bool],
