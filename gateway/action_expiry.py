@@ -19,8 +19,9 @@ just finished, and only the provider's answer to the cancel says so.
   `payment_canceled` / `payment_void_declined`; Checkout.com's actions list at the next pass).
 - Refused (the shopper finished first, or the provider would not) or not sent: the void is
   dropped and the payment is its shopper's again, settled by its outcome (lookup, webhook,
-  `/complete`); if none comes, a later pass cancels again under a new key (at most
-  MAX_CANCEL_ROUNDS times; then ops line `expiry_cancel_refused`).
+  `/complete`); if none comes, a later pass cancels again under a new key (MAX_CANCEL_ROUNDS
+  times; then ops line `expiry_cancel_refused`, and one more round per action expiry period,
+  set aside in between, until the challenge is cancelled or its shopper's outcome settles it).
 - Unknown: the void stays unanswered and is sent again with its key (safe: the same key) once
   its call is past its deadline, after another lookup.
 
@@ -110,13 +111,19 @@ async def expire_abandoned(rec: Reconciling, record: PaymentRecord) -> bool:
     # the shopper has finished, whose outcome's webhook then settles the payment.
     if pending is None:
         if _cancel_rounds(record) >= MAX_CANCEL_ROUNDS:
-            # Refused every time: the shopper's outcome (a lookup, the webhook) or ops decide now.
+            # Refused every time: ops hear of it once, and from now on one round per action
+            # expiry period, the payment set aside in between, so the challenge still ends
+            # cancelled (or the shopper's outcome, a lookup or the webhook, settles it first)
+            # rather than waiting for good behind a live challenge.
             if record.action_cancelling:  # said once: the flag goes with it
                 rec.log.error("expiry_cancel_refused", payment_id=record.id, provider=record.provider,
                               status=record.status.value, rounds=MAX_CANCEL_ROUNDS)
                 record.action_cancelling = False
-            await rec.touch(record)
-            return False
+            next_round = _last_cancel_at(record) + svc.action_expiry_s
+            if time.time() < next_round:
+                await rec.touch(record)
+                await svc.store.set_aside([(record.id, record.version, next_round)])
+                return False
         pending = _journal_cancel(record, client.handle.timeout_s)
         await svc.store.save_payment(record)  # journalled before the cancel is sent
     subject = FollowUp(payment_id=record.id, provider_reference=record.provider_reference,
@@ -157,6 +164,10 @@ def _journal_cancel(record: PaymentRecord, timeout_s: float) -> PendingFollowUp:
     record.action_cancelling = True
     record.updated_at = now
     return record.follow_up
+
+
+def _last_cancel_at(record: PaymentRecord) -> float:
+    return max((a.started_at for a in record.attempts if a.operation == Operation.VOID.value), default=0.0)
 
 
 def _cancel_rounds(record: PaymentRecord, *, reached: bool = True) -> int:

@@ -29,7 +29,7 @@ from emulators.faults import FaultRule
 from emulators.registry import EMULATORS
 from emulators.server import EmulatorServer
 from gateway.action_expiry import MAX_CANCEL_ROUNDS
-from gateway.app_keys import RECONCILER, WEBHOOKS
+from gateway.app_keys import RECONCILER, SERVICE, WEBHOOKS
 from gateway.certs.devca import DevCertLayout
 from gateway.drill.process import GatewayProcess, free_port
 from gateway.emulator_launch import start_emulator
@@ -225,7 +225,7 @@ async def test_an_adyen_challenge_behind_an_unknown_answer_is_cancelled_by_our_r
 
 
 @pytest.mark.parametrize("wired", ["adyen"], indirect=True)
-async def test_cancels_refused_every_time_stop_and_the_shopper_still_decides(
+async def test_cancels_refused_every_time_slow_down_and_the_shopper_still_decides(
         wired: tuple[Checkout, Receiver]) -> None:
     rig, receiver = wired
     set_faults(rig.emulator, FaultRule(kind="fail_by_notification", operations=("void",)))
@@ -235,11 +235,18 @@ async def test_cancels_refused_every_time_stop_and_the_shopper_still_decides(
     for _ in range(MAX_CANCEL_ROUNDS + 2):  # each pass sends a round; its CANCELLATION success=false ends it
         assert await reconciler.run_once(min_age_s=0, ignore_backoff=True) == 0
         await settle_webhooks(rig)
-    assert rig.emulator.emulator.requests["void"] == MAX_CANCEL_ROUNDS  # bounded: then no more
+    assert rig.emulator.emulator.requests["void"] == MAX_CANCEL_ROUNDS  # then one round per expiry period
     record = await journal(rig.client, doc["id"])
     assert (record.status.value, record.follow_up, record.action_cancelling) == ("action_required", None, False)
     keys = {a.idempotency_key for a in record.attempts if a.operation == "void"}
     assert len(keys) == MAX_CANCEL_ROUNDS  # a key per round: Adyen would replay a refused round's answer
+    store = reconciler.service.store
+    assert await store.lease_unresolved(reconciler.owner, 60) == [], "set aside until its next round"
+    last = max(a.started_at for a in record.attempts if a.operation == "void")
+    await asyncio.sleep(max(0.0, last + rig.client.app[SERVICE].action_expiry_s - time.time()))
+    assert await reconciler.run_once(min_age_s=0, ignore_backoff=True) == 0
+    await settle_webhooks(rig)
+    assert rig.emulator.emulator.requests["void"] == MAX_CANCEL_ROUNDS + 1, "never given up for good"
     params = await rig.shopper(doc["action"], "Complete")
     status, done = await rig.complete(doc["id"], params)
     assert (status, done["status"]) == (200, "approved")
