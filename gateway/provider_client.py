@@ -15,9 +15,11 @@ Each call and each status query is a span (`gateway.tracing`) with the attempt r
 try, outcome class, raw code, breaker state and failover reason. Nothing of the caller's trace
 context is sent: the request is the mapping's, and the mapping knows no trace.
 
-A payment's authorisation that finds the quota empty is refused at once (`over_quota`), and the
-payment spills over to its next candidate; a call bound to this provider (follow-up, status
-query, completion) waits for its token while its deadline allows, never past it.
+A payment's authorisation that finds the quota empty, or the provider held off after its 429
+(`ProviderHandle.hold_off`: a rate limit, no breaker failure), is refused at once (`over_quota`),
+and the payment spills over to its next candidate; a call bound to this provider (follow-up,
+status query, completion) waits for its token, or the 429's wait, while its deadline allows,
+never past it.
 
 A timeout that the caller's own deadline caused (the per-try timeout was cut short to fit it)
 is not the provider's failure: it never counts against the shared breaker or the health and
