@@ -397,9 +397,9 @@ async def test_rotation_under_load_loses_no_payment(
     new = _client(certs)
     cert, key = _write(tmp_path, "new", new)
     ledger = emulators["stripe"].emulator.ledger
-    # Each charge is held 400 ms at the provider, so the first wave is in flight during the swap
-    # even where a loaded machine spreads its 25 handshakes out.
-    emulators["stripe"].emulator.faults.set(FaultPlan(rules=(FaultRule(kind="latency", latency_ms=400),)))
+    # Each charge of the first wave is held 3 s at the provider, so it is in flight during the
+    # swap even where a loaded machine spreads its handshakes out and the rotation's CLI is slow.
+    emulators["stripe"].emulator.faults.set(FaultPlan(rules=(FaultRule(kind="latency", latency_ms=3000),)))
 
     async def pay() -> tuple[int, str]:
         resp = await client.post("/v1/payments", json=card_payment(),
@@ -420,6 +420,7 @@ async def test_rotation_under_load_loses_no_payment(
         assert rotated.exit_code == 0, rotated.output
         await watcher.reload_now()
         in_flight_at_swap = sum(not t.done() for t in first_wave)
+        emulators["stripe"].emulator.faults.set(FaultPlan())  # the second wave is answered at once
         second_wave = [asyncio.create_task(pay()) for _ in range(25)]
         results = await asyncio.gather(*first_wave, *second_wave)
         assert await _presented_serial(url, ctx) == _serial(new[0])
