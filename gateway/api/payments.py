@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 import secrets
 import time
+from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 from pydantic import BaseModel
@@ -112,36 +114,52 @@ _FOLLOW_UP_MODELS: dict[Operation, type[BaseModel]] = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class _PaymentWrite:
+    """A mutating call on an existing payment, read and checked: whose, which payment, the
+    caller's key and body fingerprint, the validated body, and the request's deadline."""
+
+    client: str
+    payment_id: str
+    key: str
+    fingerprint: str
+    payload: Any
+    deadline: float
+
+
+async def _payment_write(request: web.Request, model: type[BaseModel]) -> _PaymentWrite | None:
+    """The front door of a follow-up or a completion, in its order: authenticate, the payment id
+    (None: answer 404), the Idempotency-Key, shedding, the body, the deadline."""
+    caller = request.app[AUTH].caller(request, "payments:write")
+    payment_id = _payment_id(request)
+    if payment_id is None:
+        return None
+    key = idempotency_key(request, request.app[REDACTOR])
+    _shed_if_overloaded(request)
+    body, payload = await json_body(request, model, request.app[REDACTOR])
+    deadline = request_deadline(request, request.app[CONFIG].engine.deadline_ms)
+    return _PaymentWrite(caller.name, payment_id, key, fingerprint(request, body, caller.fingerprint_key), payload,
+                         deadline)
+
+
 def follow_up_handler(op: Operation):  # type: ignore[no-untyped-def]
     async def handle(request: web.Request) -> web.Response:
-        caller = request.app[AUTH].caller(request, "payments:write")
-        payment_id = _payment_id(request)
-        if payment_id is None:
+        w = await _payment_write(request, _FOLLOW_UP_MODELS[op])
+        if w is None:
             return _write(payment_not_found())
-        key = idempotency_key(request, request.app[REDACTOR])
-        _shed_if_overloaded(request)
-        body, payload = await json_body(request, _FOLLOW_UP_MODELS[op], request.app[REDACTOR])
-        deadline = request_deadline(request, request.app[CONFIG].engine.deadline_ms)
-        print_ = fingerprint(request, body, caller.fingerprint_key)
-        return _write(await request.app[SERVICE].follow_up(caller.name, key, print_, payment_id, op,
-                                                           getattr(payload, "amount", None), deadline))
+        return _write(await request.app[SERVICE].follow_up(w.client, w.key, w.fingerprint, w.payment_id, op,
+                                                           getattr(w.payload, "amount", None), w.deadline))
 
     return handle
 
 
 async def complete(request: web.Request) -> web.Response:
     """The shopper is back from 3-D Secure: finish the payment at the provider that asked."""
-    caller = request.app[AUTH].caller(request, "payments:write")
-    payment_id = _payment_id(request)
-    if payment_id is None:
+    w = await _payment_write(request, CompleteCreate)
+    if w is None:
         return _write(payment_not_found())
-    key = idempotency_key(request, request.app[REDACTOR])
-    _shed_if_overloaded(request)
-    body, payload = await json_body(request, CompleteCreate, request.app[REDACTOR])
-    deadline = request_deadline(request, request.app[CONFIG].engine.deadline_ms)
-    print_ = fingerprint(request, body, caller.fingerprint_key)
-    return _write(await complete_payment(request.app[SERVICE], caller.name, key, print_,
-                                         payment_id, payload.return_params, deadline))
+    return _write(await complete_payment(request.app[SERVICE], w.client, w.key, w.fingerprint, w.payment_id,
+                                         w.payload.return_params, w.deadline))
 
 
 def add_routes(app: web.Application) -> None:
