@@ -26,25 +26,47 @@ SETTLE_WITHIN_S = 60.0  # deadline (3 s) + abandon margin (5 s) + a reconciler i
 LOG_POLL_S = 0.02
 
 
-async def _charged(server: EmulatorServer, within_s: float) -> str:
-    """The payment id of the first charge the emulator holds: the gateway's call is in flight."""
+async def _provider_has(server: EmulatorServer, done: Any, within_s: float, what: str) -> None:
+    """Until the emulator's ledger shows `done` (the gateway's call is in flight)."""
     until = time.monotonic() + within_s
     while time.monotonic() < until:
-        entries = server.emulator.ledger.charges()
-        if entries:
-            return entries[0].payment_ref
+        if done(server.emulator.ledger):
+            return
         await asyncio.sleep(LOG_POLL_S)
-    raise AssertionError("the provider never received the authorize call")
+    raise AssertionError(f"the provider never received the {what} call")
+
+
+async def _charged(server: EmulatorServer, within_s: float) -> str:
+    """The payment id of the first charge the emulator holds."""
+    await _provider_has(server, lambda ledger: ledger.charges(), within_s, "authorize")
+    return server.emulator.ledger.charges()[0].payment_ref
 
 
 async def _captured(server: EmulatorServer, payment_id: str, within_s: float) -> None:
-    """The provider has made the capture: the gateway's call is in flight."""
-    until = time.monotonic() + within_s
-    while time.monotonic() < until:
-        if any(e.captured for e in server.emulator.ledger.find_by_ref(payment_id)):
-            return
-        await asyncio.sleep(LOG_POLL_S)
-    raise AssertionError("the provider never received the capture call")
+    await _provider_has(server, lambda ledger: any(e.captured for e in ledger.find_by_ref(payment_id)), within_s,
+                        "capture")
+
+
+def _gateways(tmp_path: Path, dev_certs: Any, emulators: dict[str, EmulatorServer],
+              order: tuple[str, ...]) -> tuple[str, GatewayProcess, GatewayProcess]:
+    """One configuration on the shared PostgreSQL journal: its URL, the process to kill and the
+    one started after it."""
+    port = free_port("127.0.0.1")
+    data = gateway_config_data(tmp_path, dev_certs, emulators, order,
+                               every_provider={"timeout_ms": 2500}, engine={"deadline_ms": 3000},
+                               storage={"backend": "postgres"}, server={"host": "127.0.0.1", "port": port})
+    config = tmp_path / "gateway.yaml"
+    config.write_text(yaml.safe_dump(data))
+    url = f"http://127.0.0.1:{port}"
+    return (url, GatewayProcess(config, url, {}, tmp_path / "first.log"),
+            GatewayProcess(config, url, {}, tmp_path / "second.log"))
+
+
+def _log_lines(tmp_path: Path, payment_id: str) -> list[dict[str, Any]]:
+    """The payment's transaction-log lines, from both processes' files."""
+    lines = [orjson.loads(line) for f in sorted((tmp_path / "logs").glob("*.jsonl"))
+             for line in f.read_bytes().splitlines() if line.strip()]
+    return [line for line in lines if line.get("payment_id") == payment_id]
 
 
 async def _settled(session: aiohttp.ClientSession, payment_id: str) -> dict[str, Any]:
@@ -64,15 +86,7 @@ async def test_killed_during_an_authorize_the_takeover_keeps_the_attempt_that_ch
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GATEWAY_PG_DSN", pg_dsn)
     other = "stripe" if provider == "checkout" else "checkout"
-    port = free_port("127.0.0.1")
-    data = gateway_config_data(tmp_path, dev_certs, emulators, (provider, other),
-                               every_provider={"timeout_ms": 2500}, engine={"deadline_ms": 3000},
-                               storage={"backend": "postgres"}, server={"host": "127.0.0.1", "port": port})
-    config = tmp_path / "gateway.yaml"
-    config.write_text(yaml.safe_dump(data))
-    url = f"http://127.0.0.1:{port}"
-    doomed = GatewayProcess(config, url, {}, tmp_path / "first.log")
-    restarted = GatewayProcess(config, url, {}, tmp_path / "second.log")
+    url, doomed, restarted = _gateways(tmp_path, dev_certs, emulators, (provider, other))
     # The provider charges, then holds the answer: the gateway is killed while it waits.
     set_faults(emulators[provider], FaultRule(kind="timeout_after", hang_s=60, operations=("authorize",)))
     await doomed.start()
@@ -99,9 +113,7 @@ async def test_killed_during_an_authorize_the_takeover_keeps_the_attempt_that_ch
     authorized = [(a["provider"], a["try"], a["operation"]) for a in doc["attempts"]]
     assert (provider, 1, "authorize") in authorized, doc["attempts"]
 
-    lines = [orjson.loads(line) for f in sorted((tmp_path / "logs").glob("*.jsonl"))
-             for line in f.read_bytes().splitlines() if line.strip()]
-    ours = [line for line in lines if line.get("payment_id") == payment_id]
+    ours = _log_lines(tmp_path, payment_id)
     # Settled at its takeover: its one line is the reconciliation's (README, "Pending payments").
     assert [(line["event"], line["status"]) for line in ours] == [("reconciliation", "approved")]
     assert (provider, 1, "authorize") in [(a["provider"], a["try"], a["operation"]) for a in ours[0]["attempts"]]
@@ -111,15 +123,7 @@ async def test_killed_during_a_capture_the_takeover_keeps_the_capture_attempt(
         tmp_path: Path, dev_certs, emulators, pg_dsn: str,  # type: ignore[no-untyped-def]
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GATEWAY_PG_DSN", pg_dsn)
-    port = free_port("127.0.0.1")
-    data = gateway_config_data(tmp_path, dev_certs, emulators, ("stripe",),
-                               every_provider={"timeout_ms": 2500}, engine={"deadline_ms": 3000},
-                               storage={"backend": "postgres"}, server={"host": "127.0.0.1", "port": port})
-    config = tmp_path / "gateway.yaml"
-    config.write_text(yaml.safe_dump(data))
-    url = f"http://127.0.0.1:{port}"
-    doomed = GatewayProcess(config, url, {}, tmp_path / "first.log")
-    restarted = GatewayProcess(config, url, {}, tmp_path / "second.log")
+    url, doomed, restarted = _gateways(tmp_path, dev_certs, emulators, ("stripe",))
     await doomed.start()
     try:
         async with aiohttp.ClientSession(base_url=url) as session:
@@ -144,9 +148,7 @@ async def test_killed_during_a_capture_the_takeover_keeps_the_capture_attempt(
     assert doc["status"] == "captured" and doc["captured_amount"] == 1299, orjson.dumps(doc).decode()
     assert ("stripe", 1, "capture") in [(a["provider"], a["try"], a["operation"]) for a in doc["attempts"]], \
         doc["attempts"]
-    lines = [orjson.loads(line) for f in sorted((tmp_path / "logs").glob("*.jsonl"))
-             for line in f.read_bytes().splitlines() if line.strip()]
-    ours = [line for line in lines if line.get("payment_id") == payment_id]
+    ours = _log_lines(tmp_path, payment_id)
     assert [(line["event"], line["status"]) for line in ours] == [("payment", "approved"),
                                                                   ("reconciliation", "captured")]
     assert ("stripe", 1, "capture") in [(a["provider"], a["try"], a["operation"]) for a in ours[-1]["attempts"]]
