@@ -4,7 +4,8 @@ emulators' ledgers, so the arithmetic is testable without running anything.
 Definitions (the drill contract in DESIGN.md):
 - `approved/declined/pending/failed`: the gateway's answers as the caller saw them; `failed`
   is everything else that was sent (a `failed` payment, an error answer, no answer at all), so
-  the four add up to `sent`.
+  the four add up to `sent`. `failure_reasons` counts the failed ones by why: the error code
+  of the answer or of the journalled payment, else the HTTP status or the exception's name.
 - `duplicates`: checkout payments (merchant references, one Idempotency-Key each) with more
   than one approved charge across all ledgers, whether under one gateway payment id or under
   several (a key that became two gateway payments is a double charge too).
@@ -143,6 +144,13 @@ def summarize(
     no_answer = sum(1 for s in sends if s.http_status is None)
     error_answers = sum(1 for s in sends if s.http_status is not None and s.payment_id is None)
 
+    failure_reasons: Counter[str] = Counter()
+    for s in sends:
+        if s.payment_id is not None and s.status in ANSWER_STATUSES:
+            continue
+        doc = by_id.get(s.payment_id or "") or {}
+        failure_reasons[s.error or doc.get("error_code") or (f"http {s.http_status}" if s.http_status else "no answer")] += 1
+
     lost = 0
     for s in sends:
         if s.payment_id is not None:
@@ -195,6 +203,7 @@ def summarize(
         "failed": sent - approved - declined - pending,
         "no_answer": no_answer,
         "error_answers": error_answers,
+        "failure_reasons": dict(sorted(failure_reasons.items())),
         "abandoned": abandoned,
         "duplicates": duplicates,
         "lost": lost,
@@ -226,7 +235,7 @@ def summarize(
 
 _TABLE_ROWS = (
     ("sent", "sent"), ("approved", "approved"), ("declined", "declined"), ("pending", "pending"),
-    ("failed", "failed"), ("no answer", "no_answer"), ("abandoned (time cap)", "abandoned"),
+    ("failed", "failed"), ("why they failed", "failure_reasons"), ("no answer", "no_answer"), ("abandoned (time cap)", "abandoned"),
     ("approval rate (non-declined)", "approval_rate"), ("failovers", "failovers"), ("retries", "retries"),
     ("breaker skips", "skipped"), ("status queries", "status_queries"), ("charges by provider", "charges_by_provider"),
     ("journal after settling", "journal_status"), ("duplicates", "duplicates"), ("lost", "lost"),
