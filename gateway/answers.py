@@ -144,6 +144,15 @@ def invalid_state(message: str) -> Answer:
     return error(409, "invalid_payment_state", message, "status")
 
 
+IN_PROGRESS_RETRY_AFTER_S = 2  # a follow-up's answer comes within a provider call (its webhook, seconds later)
+
+
+def in_progress(message: str) -> Answer:
+    """A 409 that will not last: another operation on the payment is at its provider. Retry-After
+    tells the checkout when asking again gets the answer to the payment as it is then."""
+    return error(409, "invalid_payment_state", message, "status", {"Retry-After": str(IN_PROGRESS_RETRY_AFTER_S)})
+
+
 def amount_too_large(message: str) -> Answer:
     return error(422, "amount_too_large", message, "amount")
 

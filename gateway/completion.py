@@ -28,7 +28,6 @@ from gateway.journal.records import Attempt, ClaimKind, IdempotentAnswer, Paymen
 from gateway.orchestrator import STALE_RETRIES, PaymentService, provider_idempotency_key
 from gateway.shopper_action import cancelling, finish_action, waiting
 
-CANCEL_RETRY_AFTER_S = 2  # a cancel's answer comes within a provider call (its webhook, seconds later)
 
 
 async def complete_payment(svc: PaymentService, scope: str, key: str, fingerprint: str, payment_id: str,
@@ -86,10 +85,10 @@ async def _nothing_to_complete(svc: PaymentService, record: PaymentRecord, scope
     if cancelling(record):
         # The expiry's cancel is at the provider: it may void what the shopper just finished, so
         # the shopper's outcome waits for its answer (then this call answers the payment as it is).
-        return answers.error(409, "invalid_payment_state", "the payment's challenge expired and is being cancelled "
-                             "at the provider; retry shortly", "status", {"Retry-After": str(CANCEL_RETRY_AFTER_S)})
+        return answers.in_progress("the payment's challenge expired and is being cancelled at the provider; "
+                                   "retry shortly")
     if record.follow_up is not None:
-        return answers.invalid_state(f"a {record.follow_up.operation} of this payment is still in progress")
+        return answers.in_progress(f"a {record.follow_up.operation} of this payment is still in progress")
     return answers.invalid_state(f"the payment is not waiting for its shopper (status {record.status.value})")
 
 

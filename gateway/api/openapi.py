@@ -41,8 +41,9 @@ _ERRORS: dict[int, tuple[str, tuple[str, ...], bool]] = {
     401: ("no valid API key", ("unauthenticated",), False),
     403: ("the API key lacks the permission", ("forbidden",), False),
     404: ("no such payment (or not this caller's)", ("payment_not_found", "not_found"), False),
-    409: ("a request with this Idempotency-Key is still running (Retry-After), the payment's state does not "
-          "allow this follow-up, or an accepted follow-up proved never made",
+    409: ("a request with this Idempotency-Key is still running (Retry-After), another operation of the "
+          "payment is at its provider (Retry-After), the payment's state does not allow this follow-up, or an "
+          "accepted follow-up proved never made",
           ("idempotency_key_in_use", "invalid_payment_state", "capture_not_made", "void_not_made",
            "refund_not_made"), True),
     413: ("the body is too large", ("body_too_large",), False),
