@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from aiohttp import ClientSession
 from aiohttp.test_utils import TestClient
@@ -161,6 +162,24 @@ async def test_completing_before_the_shopper_is_back_keeps_the_payment_waiting(c
     else:
         assert (status, body["status"]) == (200, "action_required")
     assert (await journal(checkout.client, doc["id"])).status.value == "action_required"
+
+
+async def test_a_card_number_in_the_return_params_is_refused_and_never_sent(checkout: Checkout) -> None:
+    """The browser's parameters go to the provider (a Stripe id into a URL path its logs keep):
+    a card number typed into one is refused before anything is sent. What merely looks like a
+    secret (Stripe's `payment_intent_client_secret`) is the provider's own value and passes."""
+    _, doc = await checkout.pay(checkout.card("challenge"))
+    params = await checkout.shopper(doc["action"], "Complete")
+    emulator = checkout.emulator.emulator
+    sent = sum(emulator.requests.values())
+    name = next(iter(params))
+    status, body = await checkout.complete(doc["id"], {**params, name: "4242424242424242"})
+    assert (status, body["code"], body["field"]) == (422, "card_data_in_free_text", f"return_params.{name}"), body
+    assert "4242" not in orjson.dumps(body).decode()
+    assert sum(emulator.requests.values()) == sent, "nothing reached the provider"
+    assert (await journal(checkout.client, doc["id"])).status.value == "action_required"
+    status, done = await checkout.complete(doc["id"], params)
+    assert (status, done["status"]) == (200, "approved"), done
 
 
 async def test_a_return_of_another_payment_does_not_settle_this_one(checkout: Checkout) -> None:

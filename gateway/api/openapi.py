@@ -50,7 +50,8 @@ _ERRORS: dict[int, tuple[str, tuple[str, ...], bool]] = {
     415: ("not JSON, or a content encoding", ("unsupported_media_type", "unsupported_encoding"), False),
     422: ("a field is invalid (the field path is named), card data or a secret in free text, the key reused "
           "with another body, or the provider refused the follow-up",
-          ("invalid_field", "sensitive_metadata_key", "idempotency_key_reused", "amount_too_large",
+          ("invalid_field", "card_data_in_free_text", "secret_in_free_text", "sensitive_metadata_key",
+           "idempotency_key_reused", "amount_too_large",
            "capture_refused", "void_refused", "refund_refused"), False),
     500: ("the gateway failed (a bug): nothing internal is named", ("internal_error",), False),
     503: ("shed (the gateway, its log or its journal at capacity, or every provider of the route at its request "

@@ -28,6 +28,9 @@ class FreeText:
     field: str
     text: str
     is_key: bool = False  # a metadata key: its name must not call for redaction either
+    # A provider's opaque value the shopper's browser brought back (a Stripe client secret is
+    # one): only card data is refused in it, never what merely looks like a secret.
+    opaque: bool = False
 
 
 class Body(BaseModel):
@@ -127,6 +130,12 @@ class CompleteCreate(Body):
 
     return_params: Annotated[dict[Annotated[str, Field(max_length=64)], Annotated[StrictStr, Field(max_length=8192)]],
                              Field(max_length=20)] = {}
+
+    def free_text(self) -> Iterator[FreeText]:
+        # Sent to the provider (a Stripe payment intent id goes into the URL path, where the
+        # provider's access logs keep it): a card number typed here must not travel on.
+        for key, value in self.return_params.items():
+            yield FreeText(f"return_params.{key}", value, opaque=True)
 
 
 class CaptureCreate(Body):
