@@ -25,7 +25,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.procstat import cpu_seconds, rss_bytes  # noqa: E402
 from bench.report import print_table, ratios, update_readme  # noqa: E402
 from bench.targets import TARGETS, Stack, Target, TargetUnavailable, stack  # noqa: E402
+from domain.cards import digitless_tag  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 LUA = HERE / "payments.lua"
@@ -52,7 +52,7 @@ def wrk_run(target: Target, concurrency: int, duration_s: float) -> dict[str, An
     url = urlsplit(target.url)
     env = {**os.environ, "BENCH_PATH": url.path,
            "BENCH_BODY": target.body, "BENCH_HEADERS": "\n".join(f"{k}: {v}" for k, v in target.headers.items()),
-           "BENCH_KEY": f"{target.name}-{uuid.uuid4().hex[:12]}"}
+           "BENCH_KEY": f"{target.name}-{digitless_tag(12)}"}
     cpu0, up0 = cpu_seconds(target.pids), cpu_seconds([target.upstream.pid])
     wall0 = time.perf_counter()
     proc = subprocess.run(["wrk", "-t1", f"-c{concurrency}", f"-d{duration_s:g}s", "--timeout", "10s",

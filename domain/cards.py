@@ -5,12 +5,15 @@ full number."""
 from __future__ import annotations
 
 import functools
+import secrets
+import string
 
 __all__ = [
     "PAN_MAX",
     "PAN_MIN",
     "card_brand",
     "card_like",
+    "digitless_tag",
     "issuer_lengths",
     "issuer_plausible",
     "luhn_valid",
@@ -69,6 +72,15 @@ def card_like(digits: str) -> bool:
     if first == "0" or (first == "1" and len(digits) != 15):
         return False
     return luhn_valid(digits)
+
+
+def digitless_tag(length: int = 8) -> str:
+    """A random tag of lowercase letters, for the references and Idempotency-Keys a load
+    generator makes from a tag and a counter. The detector reads digits across separators, so a
+    hex tag can make a card number with the counter ('f4661919' and payment 13 are a Luhn-valid
+    14 digits): the gateway then rightly refuses every tenth request as card data. Letters leave
+    only the counter's digits, never card-long."""
+    return "".join(secrets.choice(string.ascii_lowercase) for _ in range(length))
 
 
 def _in_ranges(digits: str, ranges: _Ranges) -> bool:

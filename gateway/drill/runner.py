@@ -32,6 +32,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from domain.cards import digitless_tag
 from gateway.app import build_app
 from gateway.app_keys import RECONCILER
 from gateway.certs.devca import DevCertLayout, generate_dev_certs
@@ -396,7 +397,7 @@ class RunSetup:
         log_dir = (options.log_dir or default_log_dir(name)).resolve()
         log_dir.mkdir(parents=True, exist_ok=True)
         seed = options.seed if options.seed is not None else random.randrange(2**31)
-        return cls(log_dir, seed, secrets.token_hex(4), f"drill_{secrets.token_urlsafe(24)}")
+        return cls(log_dir, seed, digitless_tag(), f"drill_{secrets.token_urlsafe(24)}")
 
     @property
     def reference_prefix(self) -> str:

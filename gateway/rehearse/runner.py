@@ -37,6 +37,7 @@ from emulators.faults import FaultRule
 from emulators.server import EmulatorServer
 from emulators.registry import EMULATORS
 from emulators.webhooks import WebhookTarget
+from domain.cards import digitless_tag
 from gateway.certs.devca import DevCertLayout, generate_dev_certs
 from gateway.config import parse_config
 from gateway.drill.process import GatewayProcess, free_port
@@ -199,7 +200,7 @@ def _prepare(options: RehearsalOptions, seed: int) -> tuple[Path, RateProfile, M
 async def rehearse(options: RehearsalOptions, on_progress: ProgressHook | None = None) -> dict[str, Any]:
     """Run the rehearsal end to end; the report (verdict and all it rests on)."""
     seed = options.seed if options.seed is not None else secrets.randbelow(2**31)
-    run_id = secrets.token_hex(4)
+    run_id = digitless_tag()
     prefix = f"rehearse-{run_id}-"
     run_dir, profile, mix, base_rules, prod, certs = await asyncio.to_thread(_prepare, options, seed)
     prod_providers: dict[str, Any] = dict(prod["providers"])
