@@ -48,7 +48,7 @@ MAX_ERROR_SHARE = 0.01  # a run answering more non-2xx than this is reported, no
 
 def wrk_run(target: Target, concurrency: int, duration_s: float) -> dict[str, Any]:
     """One wrk run; the target's and the emulator's CPU over exactly that run."""
-    target.upstream.reset()  # every run meets an emulator with an empty ledger and key store
+    target.upstream.reset(target.faults)  # every run meets an emulator with an empty ledger and key store
     url = urlsplit(target.url)
     env = {**os.environ, "BENCH_PATH": url.path,
            "BENCH_BODY": target.body, "BENCH_HEADERS": "\n".join(f"{k}: {v}" for k, v in target.headers.items()),
@@ -86,7 +86,7 @@ def measure(s: Stack, name: str, args: argparse.Namespace) -> dict[str, Any]:
     with TARGETS[name](s) as target:
         wrk_run(target, 16, args.warmup)  # connections, caches, JIT-free but lazy imports and pools
         by_c: dict[str, Any] = {}
-        for c in args.concurrency:
+        for c in target.concurrency or args.concurrency:
             runs = [wrk_run(target, c, args.duration) for _ in range(args.repeat)]
             by_c[str(c)] = summarise(runs)
             m = by_c[str(c)]["median"]

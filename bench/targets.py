@@ -59,10 +59,15 @@ class Emulator:
     admin_url: str
     pid: int
 
-    def reset(self) -> None:
-        """A fresh ledger and idempotency store, so every target meets the same emulator."""
+    def reset(self, faults: dict[str, object] | None = None) -> None:
+        """A fresh ledger and idempotency store, so every target meets the same emulator; then
+        the target's own fault plan, if it has one (the reset cleared the last one)."""
         urllib.request.urlopen(urllib.request.Request(f"{self.admin_url}/_emulator/reset", method="POST"),
                                timeout=10).read()
+        if faults is not None:
+            urllib.request.urlopen(urllib.request.Request(
+                f"{self.admin_url}/_emulator/faults", data=orjson.dumps(faults), method="PUT",
+                headers={"Content-Type": "application/json"}), timeout=10).read()
 
 
 @dataclass
@@ -75,6 +80,8 @@ class Target:
     pids: list[int]
     upstream: Emulator
     notes: list[str] = field(default_factory=list)
+    faults: dict[str, object] | None = None  # the upstream's fault plan while this target runs
+    concurrency: tuple[int, ...] | None = None  # measured only at these (default: the bench's)
 
 
 @dataclass
@@ -275,12 +282,20 @@ def _pg_schema() -> Iterator[str]:
         loop.close()
 
 
+# Issue 18's memory goal is RSS at 256 *slow* payments in flight: each holds its request, its
+# journal record and its provider connection for a second, not for the emulator's millisecond.
+SLOW_UPSTREAM_MS = 1000
+SLOW_FAULTS: dict[str, object] = {"rules": [{"kind": "latency", "latency_ms": SLOW_UPSTREAM_MS,
+                                             "operations": ["authorize"]}]}
+
+
 @contextmanager
 def gateway(s: Stack, postgres: bool, sqlite_path: Path | None = None, name: str | None = None,
-            workers: int = 1, root: Path = ROOT) -> Iterator[Target]:
+            workers: int = 1, root: Path = ROOT, slow: bool = False) -> Iterator[Target]:
     """`gateway serve [--workers N]` to the mTLS emulator: SQLite (the embedded default; a fresh
     file, or `sqlite_path`) or PostgreSQL in a schema of its own, dropped afterwards. With
-    workers, the target's CPU is the supervisor's tree: every worker's."""
+    workers, the target's CPU is the supervisor's tree: every worker's. `slow`: every
+    authorisation takes SLOW_UPSTREAM_MS at the emulator, measured at 256 in flight only."""
     name = name or ("gateway_pg" if postgres else "gateway_sqlite")
     work = s.work / name
     work.mkdir(exist_ok=True)
@@ -298,10 +313,13 @@ def gateway(s: Stack, postgres: bool, sqlite_path: Path | None = None, name: str
                 label = f"gateway, SQLite, mTLS, {workers} workers"
             if root != ROOT:
                 label = f"gateway, SQLite, mTLS, baseline ({root})"
+            if slow:
+                label = f"gateway, SQLite, mTLS, provider answering in {SLOW_UPSTREAM_MS} ms"
             notes = ["CPU is the gateway process's; the shared PostgreSQL server's is not counted"] if postgres else []
             yield Target(name, label, f"http://127.0.0.1:{port}/v1/payments", PAYMENT_JSON,
                          {"Content-Type": "application/json", "Authorization": f"Bearer {GATEWAY_KEY}"},
-                         [proc.pid], s.mtls, notes)
+                         [proc.pid], s.mtls, notes, faults=SLOW_FAULTS if slow else None,
+                         concurrency=(256,) if slow else None)
         finally:
             _stop(proc)
 
@@ -319,6 +337,7 @@ TARGETS = {
     "gateway_sqlite": lambda s: gateway(s, postgres=False),
     "gateway_pg": lambda s: gateway(s, postgres=True),
     "gateway_sqlite_w2": lambda s: gateway(s, postgres=False, name="gateway_sqlite_w2", workers=2),
+    "gateway_sqlite_slow": lambda s: gateway(s, postgres=False, name="gateway_sqlite_slow", slow=True),
 }
 if BASELINE_TREE:
     TARGETS["gateway_sqlite_baseline"] = lambda s: gateway(s, postgres=False, name="gateway_sqlite_baseline",

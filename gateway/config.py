@@ -202,7 +202,8 @@ class ProviderConfig(_Model):
     merchant_account: str | None = None
     connect_timeout_ms: PositiveMs = 1000
     timeout_ms: PositiveMs = 5000
-    max_connections: int = Field(100, gt=0)
+    # The connection pool's width; None: the bulkhead's `max_concurrent` (see `connections`).
+    max_connections: int | None = Field(None, gt=0)
     tls: ProviderTls = ProviderTls()
     breaker: BreakerConfig = BreakerConfig()
     retry: RetryConfig = RetryConfig()
@@ -233,11 +234,23 @@ class ProviderConfig(_Model):
     def _load(self) -> Self:
         if self.rate_limit_burst is not None and self.rate_limit_per_s is None:
             raise ValueError("rate_limit_burst needs rate_limit_per_s (a bucket with no refill rate)")
+        if self.max_connections is not None and self.max_connections < self.bulkhead.max_concurrent:
+            raise ValueError(
+                f"max_connections ({self.max_connections}) is below bulkhead.max_concurrent "
+                f"({self.bulkhead.max_concurrent}): calls the bulkhead admits would wait for a connection, and the "
+                "wait counts against connect_timeout_ms as if the provider failed; raise max_connections or "
+                "leave it out (it follows the bulkhead)")
         if self.kind == "adyen" and not self.merchant_account:
             raise ValueError("merchant_account is required for kind adyen (every Adyen request names one)")
         self._api_key = _secret_from_env(self.api_key_env, "api_key_env")
         self._webhook_keys = tuple(_webhook_key(self.kind, var) for var in self.webhook_key_envs)
         return self
+
+    @property
+    def connections(self) -> int:
+        """The pool's width: never below the bulkhead's, so every call it admits has a connection
+        (aiohttp times a wait for one as part of connecting)."""
+        return self.max_connections or self.bulkhead.max_concurrent
 
     @property
     def quota_capacity(self) -> int | None:

@@ -121,7 +121,7 @@ def make_handle(name: str, cfg: ProviderConfig, engine: EngineConfig, *, tls: Tl
         config=cfg,
         mapping=KINDS[cfg.kind].mapping(name, cfg.api_key.get_secret_value(), merchant_account=cfg.merchant_account),
         transport=ProviderTransport(name, cfg.base_url, ssl_context=ctx, connect_timeout_s=cfg.connect_timeout_ms / 1000,
-                                    max_connections=cfg.max_connections),
+                                    max_connections=cfg.connections),
         breaker=ProviderBreaker(name, fail_max=cfg.breaker.fail_max, reset_timeout_s=cfg.breaker.reset_timeout_s),
         bulkhead=Bulkhead(cfg.bulkhead.max_concurrent, cfg.bulkhead.max_queue),
         ssl_context=ctx,

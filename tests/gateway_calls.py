@@ -36,7 +36,7 @@ async def start_client(kind: str, base_url: str, *, api_key_env: str | None = No
     `GatewayCalls.close`). `api_key_env` defaults to `<KIND>_API_KEY`."""
     cfg = ProviderConfig(kind=kind, base_url=base_url, api_key_env=api_key_env or f"{kind.upper()}_API_KEY",
                          merchant_account=merchant_account, connect_timeout_ms=1000,
-                         timeout_ms=int(DEFAULT_DEADLINE_S * 1000), max_connections=10, breaker=NEVER_TRIPS)
+                         timeout_ms=int(DEFAULT_DEADLINE_S * 1000), breaker=NEVER_TRIPS)
     handle = make_handle(kind, cfg, EngineConfig())
     await handle.transport.start()
     return ProviderClient(handle, Metrics())

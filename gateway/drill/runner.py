@@ -173,7 +173,6 @@ def drill_config_data(scenario: Scenario, servers: Mapping[str, EmulatorServer],
             "merchant_account": "GatewayDrillECOM",
             "connect_timeout_ms": PER_TRY_TIMEOUT_MS,  # mTLS handshakes pile up when traffic fails over
             "timeout_ms": PER_TRY_TIMEOUT_MS,
-            "max_connections": max(100, concurrency),
             "tls": {"ca": str(certs.provider_ca(kind)), "client_cert": str(certs.client_cert(kind)),
                     "client_key": str(certs.client_key(kind))},
             "breaker": {"fail_max": 5, "reset_timeout_s": 1.0},
