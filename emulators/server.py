@@ -294,8 +294,11 @@ class EmulatorServer:
 
     async def _start_api_site(self) -> None:
         assert self._api_runner is not None
+        # A real provider's edge takes a burst of new connections: an accept queue of aiohttp's
+        # default 128 dropped the SYNs of a 256-payment burst, and the retransmit a second later
+        # read as the provider's connect timeout.
         self._api_site = web.TCPSite(self._api_runner, self.host, self._port, ssl_context=self.ssl_context,
-                                     reuse_address=True)
+                                     reuse_address=True, backlog=1024)
         await self._api_site.start()
         self._port = _bound_port(self._api_runner)
 

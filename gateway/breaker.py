@@ -1,10 +1,11 @@
 """A circuit breaker per provider: pybreaker's state machine, driven correctly from asyncio.
 
 pybreaker is not asyncio-native (`call_async` needs Tornado; `call(async_fn)` returns the
-coroutine and counts a success). What works: its generator-based `calling()` context manager
-wraps the awaited attempt, so the state machine sees the real result. Only outcomes that say
-something about the provider's health are raised into it (`ProviderFailure`); declines return
-normally and count as the provider answering. `throw_new_error_on_trip=False` keeps the
+coroutine and counts a success). What works: `guard()` admits the awaited attempt itself and
+hands pybreaker its verdict afterwards, through `call` on a function that raises the failure
+or returns. Only outcomes that say something about the provider's health are failures
+(`ProviderFailure`); declines return normally and count as the provider answering; an attempt
+that never asked the provider (`NoVerdict`) counts as neither. `throw_new_error_on_trip=False` keeps the
 tripping call's own error. pybreaker lets every concurrent caller through while half-open, so
 an asyncio.Lock admits a single trial call at a time.
 """
@@ -14,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
 
 import pybreaker
@@ -26,6 +26,11 @@ class BreakerOpen(Exception):
 
 class ProviderFailure(Exception):
     """Raised inside `guard()` to count an attempt as a failure."""
+
+
+class NoVerdict(Exception):
+    """Raised inside `guard()` when the attempt ended before the provider was asked (the
+    gateway's own deadline, a wait for a connection): neither a failure nor a success."""
 
 
 StateListener = Callable[[str, str, str], None]  # provider, old, new
@@ -82,6 +87,18 @@ class ProviderBreaker:
         opened_at = self._cb._state_storage.opened_at  # pybreaker exposes no public accessor
         return opened_at is None or datetime.now(UTC) >= opened_at + timedelta(seconds=self._cb.reset_timeout)
 
+    def _verdict(self, failure: ProviderFailure | None) -> None:
+        """One attempt's outcome into pybreaker's state machine. A breaker another attempt opened
+        meanwhile takes no verdict (its reset timeout runs from that trip)."""
+        def attempt() -> None:
+            if failure is not None:
+                raise failure
+
+        try:
+            self._cb.call(attempt)
+        except (pybreaker.CircuitBreakerError, ProviderFailure):
+            pass
+
     def guard(self) -> _Guard:
         """Wrap exactly one provider attempt (`async with breaker.guard():`). Raise
         ProviderFailure inside to count a failure; BreakerOpen means nothing was sent."""
@@ -116,42 +133,46 @@ class ProviderBreaker:
 
 
 class _Guard:
-    """A class rather than a generator context manager: it sits on every payment's path."""
+    """A class rather than a generator context manager: it sits on every payment's path.
 
-    __slots__ = ("_breaker", "_calling", "_trial")
+    Admission happens on entry (an operator's hold, an open breaker, the single trial while
+    half-open); the verdict on exit, through pybreaker's own `call`, so its state machine moves
+    exactly as for a call: closed counts and trips, half-open closes or opens again. An attempt
+    that ended without asking the provider (`NoVerdict`, a cancellation, our own bug) gives no
+    verdict at all: pybreaker's `calling()` counted every exception as a failure and every
+    normal exit as a success, so a gateway's own deadline or a cancelled call at shutdown
+    counted against a healthy provider."""
+
+    __slots__ = ("_breaker", "_trial")
 
     def __init__(self, breaker: ProviderBreaker) -> None:
         self._breaker = breaker
-        self._calling: AbstractContextManager[None] | None = None
         self._trial = False
 
     async def __aenter__(self) -> None:
         b = self._breaker
         if b.held_open:
             raise BreakerOpen(f"{b.provider}: breaker held open by an operator")
-        if b._cb.current_state != pybreaker.STATE_CLOSED:
-            if b._trial.locked():
-                raise BreakerOpen(f"{b.provider}: breaker {b.state}, trial call in progress")
-            await b._trial.acquire()  # free, as just checked: never waits
-            self._trial = True
-        try:
-            calling = b._cb.calling()
-            calling.__enter__()
-        except pybreaker.CircuitBreakerError as exc:
-            self._release()
-            raise BreakerOpen(f"{b.provider}: {exc}") from exc
-        except BaseException:
-            self._release()
-            raise
-        self._calling = calling
+        state = b._cb.current_state
+        if state == pybreaker.STATE_CLOSED:
+            return
+        if state == pybreaker.STATE_OPEN and not b._reset_elapsed():
+            raise BreakerOpen(f"{b.provider}: breaker open, reset timeout not elapsed")
+        if b._trial.locked():
+            raise BreakerOpen(f"{b.provider}: breaker {state}, trial call in progress")
+        await b._trial.acquire()  # free, as just checked: never waits
+        self._trial = True
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: object) -> bool:
         try:
-            assert self._calling is not None
-            return bool(self._calling.__exit__(exc_type, exc, tb))  # type: ignore[arg-type]
+            if exc is None:
+                self._breaker._verdict(None)
+            elif isinstance(exc, ProviderFailure):
+                self._breaker._verdict(exc)
         finally:
             self._release()
+        return False
 
     def _release(self) -> None:
         if self._trial:

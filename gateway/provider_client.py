@@ -37,7 +37,7 @@ from opentelemetry.trace import SpanKind
 
 from domain.outcome import LocalRefusal
 from domain.types import FollowUp, Lookup, Operation, PaymentOrder, ProviderResult, StatusAnswer
-from gateway.breaker import BreakerOpen, ProviderFailure
+from gateway.breaker import BreakerOpen, NoVerdict, ProviderFailure
 from gateway.bulkhead import BulkheadFull, BulkheadTimeout
 from gateway.journal.records import Attempt
 from gateway.metrics import Metrics
@@ -57,8 +57,9 @@ T = TypeVar("T")
 SPAN_NAMES = {op: f"provider.{op.value}" for op in Operation}  # formatted once, not per call
 
 
-class _Refused(Exception):
-    """Internal: the call ended before anything was sent, with this refusal."""
+class _Refused(NoVerdict):
+    """Internal: the call ended before anything was sent, with this refusal (inside the breaker's
+    guard too: no verdict on the provider)."""
 
     def __init__(self, refusal: LocalRefusal, message: str | None = None, retry_after_s: float | None = None) -> None:
         super().__init__(message)

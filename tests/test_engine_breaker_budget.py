@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.breaker import BreakerOpen, ProviderBreaker
+from gateway.breaker import BreakerOpen, NoVerdict, ProviderBreaker, ProviderFailure
 
 import asyncio
 import time
@@ -174,6 +174,50 @@ async def test_half_open_lets_a_single_trial_through(engine_config, start_gatewa
         if doc["provider"] == "backup":
             assert (doc["attempts"][0]["provider"], doc["attempts"][0]["raw_code"]) == ("primary", "breaker_open")
     assert (await readiness(client))["primary"]["breaker"] == "closed"
+
+
+async def test_an_attempt_that_never_asked_the_provider_gives_no_verdict() -> None:
+    """The gateway's own deadline inside the guard, a wait for a connection, a call cancelled
+    at shutdown: none says anything about the provider. pybreaker's `calling()` counted each
+    as a failure (one at fail_max 1 opened the breaker) and a normal exit as a success."""
+    breaker = ProviderBreaker("primary", fail_max=1, reset_timeout_s=60)
+    with pytest.raises(NoVerdict):
+        async with breaker.guard():
+            raise NoVerdict("the deadline left no time for the call")
+    entered = asyncio.Event()
+
+    async def cut_short() -> None:
+        async with breaker.guard():
+            entered.set()
+            await asyncio.Event().wait()
+
+    task = asyncio.create_task(cut_short())
+    await entered.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert breaker.state == "closed"
+    with pytest.raises(ProviderFailure):
+        async with breaker.guard():
+            raise ProviderFailure("a 503")
+    assert breaker.state == "open"
+
+
+async def test_a_trial_without_a_verdict_leaves_the_next_call_as_the_trial() -> None:
+    breaker = ProviderBreaker("primary", fail_max=1, reset_timeout_s=0.0)
+    breaker.force_open()
+    with pytest.raises(NoVerdict):
+        async with breaker.guard():
+            raise NoVerdict("no connection in time")
+    assert breaker.allows_call() and breaker.state != "closed"  # neither closed nor re-opened
+    async with breaker.guard():
+        pass  # the provider answered
+    assert breaker.state == "closed"
+    breaker.force_open()
+    with pytest.raises(ProviderFailure):
+        async with breaker.guard():
+            raise ProviderFailure("still down")
+    assert breaker.state == "open"
 
 
 # -- bulkhead ------------------------------------------------------------------------------------

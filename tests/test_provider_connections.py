@@ -1,51 +1,46 @@
-"""A provider's connection pool is at least as wide as its bulkhead.
+"""A provider's connections at a peak: a slow, healthy provider is never a failing one.
 
-Every call the bulkhead admits needs a connection. With a smaller pool (the embedded default
-once had a bulkhead of 200 calls and 100 connections), calls past the pool's width waited for a
-connection, and aiohttp counts that wait against the connect timeout: a healthy provider
-answering in a second at a peak was "not connected", failed over, and its breaker opened. The
-bulkhead is the limit that queues with its own deadline-aware refusal; the pool follows it.
+- The pool is at least as wide as the bulkhead. Every call the bulkhead admits needs a
+  connection. With a smaller pool (the embedded default once had a bulkhead of 200 calls and
+  100 connections), calls past the pool's width waited for a connection, and aiohttp counted
+  that wait against the connect timeout: a provider answering in a second at a peak was "not
+  connected", failed over, and its breaker opened.
+- connect_timeout_ms times each connection's TCP and TLS setup, and only that: a peer that
+  takes the TCP connection and never finishes the handshake is "not connected" then, not at
+  the end of the try.
+- Listening sockets take a burst of new connections (`LISTEN_BACKLOG`): with aiohttp's accept
+  queue of 128, a burst of 256 cold connections lost the SYNs past it (the kernel's
+  ListenOverflows), and their retransmit a second later read as connect timeouts at the
+  emulator, and would add a second to a checkout's payments at the gateway.
+
+The burst is proven with the gateway in its own process: 256 payments at once on a cold pool
+(the top of the hour, or a primary whose breaker just closed) to a provider answering in a second.
 """
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import uuid
+from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+import yaml
 
 from emulators.faults import FaultRule
 from emulators.server import EmulatorServer
-from gateway.app_keys import POOL
+from gateway.certs.devca import DevCertLayout
 from gateway.config import ConfigError, GatewayConfig
-from tests.conftest import AUTH, card_payment, set_faults
-
-WIDTH = 40  # the pool follows the bulkhead: exactly this many connections
-SLOW_MS = 600  # past the test config's 300 ms connect timeout: a wait for a connection would fail
-
-
-async def test_calls_at_the_bulkheads_width_to_a_slow_provider_all_get_a_connection(
-        make_config: Callable[..., GatewayConfig], start_gateway: Callable[..., Any],
-        emulators: dict[str, EmulatorServer]) -> None:
-    config = make_config(order=("stripe", "adyen"),
-                         providers={"stripe": {"bulkhead": {"max_concurrent": WIDTH, "max_queue": 0}, "timeout_ms": 2000}})
-    assert config.providers["stripe"].connections == WIDTH
-    client = await start_gateway(config)
-    set_faults(emulators["stripe"], FaultRule(kind="latency", latency_ms=SLOW_MS, operations=("authorize",)))
-
-    async def pay() -> dict[str, Any]:
-        resp = await client.post("/v1/payments", json=card_payment(),
-                                 headers={**AUTH, "Idempotency-Key": str(uuid.uuid4())})
-        return await resp.json()
-
-    docs = await asyncio.gather(*(pay() for _ in range(WIDTH)))
-    outcomes = {(d["status"], d["provider"]) for d in docs}
-    codes = {a.get("raw_code") for d in docs for a in d["attempts"]} - {None}
-    assert outcomes == {("approved", "stripe")}, (outcomes, codes)
-    assert client.app[POOL]["stripe"].breaker.state == "closed"
-
+from gateway.drill.process import GatewayProcess, free_port
+from gateway.workers import LISTEN_BACKLOG
+from providers.base import ProviderRequest
+from providers.errors import NotSent
+from providers.transport import ProviderTransport
+from tests.conftest import AUTH, card_payment, gateway_config_data, set_faults
 
 def test_a_pool_narrower_than_the_bulkhead_is_refused_naming_the_field(
         make_config: Callable[..., GatewayConfig]) -> None:
@@ -54,3 +49,87 @@ def test_a_pool_narrower_than_the_bulkhead_is_refused_naming_the_field(
     message = str(raised.value)
     assert "providers.stripe" in message and "max_connections" in message and "80" in message, message
     assert make_config(providers={"stripe": {"max_connections": 300}}).providers["stripe"].connections == 300
+
+
+BURST = 256
+BURST_SLOW_MS = 1000
+
+
+async def test_a_burst_of_new_connections_to_a_slow_provider_is_no_failure(
+        tmp_path: Path, dev_certs: DevCertLayout, emulators: dict[str, EmulatorServer]) -> None:
+    port = free_port("127.0.0.1")
+    data = gateway_config_data(
+        tmp_path, dev_certs, emulators, ("stripe", "adyen"), server={"host": "127.0.0.1", "port": port},
+        engine={"deadline_ms": 8000},
+        providers={"stripe": {"connect_timeout_ms": 1000, "timeout_ms": 4000,
+                              "bulkhead": {"max_concurrent": BURST, "max_queue": 0}}})
+    (tmp_path / "gateway.yaml").write_text(yaml.safe_dump(data))
+    url = f"http://127.0.0.1:{port}"
+    gateway = GatewayProcess(tmp_path / "gateway.yaml", url, {}, tmp_path / "gateway.log")
+    await gateway.start()
+    try:
+        set_faults(emulators["stripe"], FaultRule(kind="latency", latency_ms=BURST_SLOW_MS, operations=("authorize",)))
+        async with aiohttp.ClientSession(url, connector=aiohttp.TCPConnector(limit=BURST)) as session:
+            async def pay() -> dict[str, Any]:
+                async with session.post("/v1/payments", json=card_payment(),
+                                        headers={**AUTH, "Idempotency-Key": str(uuid.uuid4())}) as resp:
+                    return await resp.json()
+
+            docs = await asyncio.gather(*(pay() for _ in range(BURST)))
+            async with session.get("/readyz") as resp:
+                breaker = (await resp.json())["providers"]["stripe"]["breaker"]
+    finally:
+        await gateway.stop()
+    outcomes = Counter((d.get("status"), d.get("provider")) for d in docs)
+    codes = Counter(a["raw_code"] for d in docs for a in d.get("attempts", ()) if a["provider"] == "stripe")
+    assert outcomes == {("approved", "stripe"): BURST}, (outcomes, codes)
+    assert breaker == "closed"
+
+
+async def test_a_handshake_that_never_finishes_is_a_connect_timeout_at_connect_timeout_ms() -> None:
+    held: list[asyncio.StreamWriter] = []
+
+    async def accept_and_say_nothing(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(accept_and_say_nothing, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    transport = ProviderTransport("silent", f"https://127.0.0.1:{port}", ssl_context=None, connect_timeout_s=0.2,
+                                  max_connections=4)
+    await transport.start()
+    started = asyncio.get_running_loop().time()
+    try:
+        with pytest.raises(NotSent) as raised:
+            await transport.send(ProviderRequest("POST", "/v1/payment_intents", {}), timeout_s=5.0)
+    finally:
+        await transport.close()
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+    assert raised.value.code == "connect_timeout"
+    assert asyncio.get_running_loop().time() - started < 2.0, "timed by connect_timeout, not the try's 5 s"
+
+
+def _accept_queue(port: int) -> int:
+    """The listening socket's backlog as the kernel holds it (`ss`: Send-Q of a LISTEN socket)."""
+    out = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, check=True).stdout
+    [line] = [ln for ln in out.splitlines() if ln.strip()]
+    return int(line.split()[2])
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_the_gateway_and_the_emulators_listen_with_a_peaks_accept_queue(
+        tmp_path: Path, dev_certs: DevCertLayout, emulators: dict[str, EmulatorServer], workers: int) -> None:
+    expected = min(LISTEN_BACKLOG, int(Path("/proc/sys/net/core/somaxconn").read_text()))
+    port = free_port("127.0.0.1")
+    data = gateway_config_data(tmp_path, dev_certs, emulators, ("stripe",), server={"host": "127.0.0.1", "port": port})
+    (tmp_path / "gateway.yaml").write_text(yaml.safe_dump(data))
+    gateway = GatewayProcess(tmp_path / "gateway.yaml", f"http://127.0.0.1:{port}", {}, tmp_path / "gateway.log",
+                             args=("--workers", str(workers)) if workers > 1 else ())
+    await gateway.start()
+    try:
+        assert _accept_queue(port) == expected
+    finally:
+        await gateway.stop()
+    assert _accept_queue(int(emulators["stripe"].url.rsplit(":", 1)[1])) == expected

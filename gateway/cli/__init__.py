@@ -24,7 +24,7 @@ from gateway.cli.preflight import preflight
 from gateway.cli.rehearse import rehearse
 from gateway.cli.webhooks_in import webhooks_in_app
 from gateway.cli.webhooks import webhooks_app
-from gateway.workers import WorkerSeat
+from gateway.workers import LISTEN_BACKLOG, WorkerSeat
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Payment-resilience gateway.")
 app.add_typer(certs_app, name="certs")
@@ -104,7 +104,7 @@ def _serve_one(cfg: GatewayConfig, *, worker: WorkerSeat | None = None, sock: so
         where: dict[str, Any] = {"sock": sock} if sock is not None else {"host": cfg.server.host,
                                                                          "port": cfg.server.port}
         web.run_app(app, **where, ssl_context=ssl_ctx, shutdown_timeout=cfg.server.shutdown_grace_s,
-                    access_log=None, loop=_new_loop(), print=announce)
+                    access_log=None, loop=_new_loop(), print=announce, backlog=LISTEN_BACKLOG)
     except (JournalUnavailable, SchemaMismatch, StartupError) as exc:  # already one line that says what to do
         raise fail(str(exc)) from None
     except LogWriterStalled as exc:

@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["WorkerSeat", "worker_log_file"]
+__all__ = ["LISTEN_BACKLOG", "WorkerSeat", "worker_log_file"]
 
 
 def worker_log_file(name: str, index: int) -> str:
@@ -31,6 +31,14 @@ def worker_log_file(name: str, index: int) -> str:
     ``transactions*.jsonl*``, and never mistaken for a rotated file (their stamps start with a digit)."""
     path = Path(name)
     return f"{path.stem}-w{index}{path.suffix}"
+
+
+# The listening socket's accept queue, one process or a supervisor's workers alike. aiohttp's
+# default of 128 overflows when a peak opens hundreds of connections at once (a cold checkout
+# fleet, or a load balancer reconnecting): the kernel drops the SYNs past it and the clients
+# retry after their 1 s initial retransmit, a second added to those payments. Capped by the
+# kernel's net.core.somaxconn.
+LISTEN_BACKLOG = 1024
 
 
 @dataclass(frozen=True, slots=True)

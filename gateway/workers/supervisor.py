@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway.workers import WorkerSeat, metrics_dir
+from gateway.workers import LISTEN_BACKLOG, WorkerSeat, metrics_dir
 from gateway.workers.hub import BreakerHub
 
 FIRST_BACKOFF_S = 0.25
@@ -254,7 +254,7 @@ def _listen(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
-        sock.listen(1024)
+        sock.listen(LISTEN_BACKLOG)
     except OSError as exc:
         sock.close()
         raise SupervisorError(f"cannot serve on {host}:{port}: {exc.strerror or exc}") from None
