@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
-import duckdb
 import typer
 
 from gateway.cli.errors import fail
@@ -58,6 +57,8 @@ def rehearse(
 ) -> None:
     """Rehearse a peak sale against the emulators with the production configuration: the
     highest rate sustained, what limited it, and what to change."""
+    import duckdb  # here, not at the top: `gateway serve` imports the CLI and would carry its 15 MB
+
     from gateway.cli import _new_loop
     from gateway.drill.process import GatewayProcessError
     from gateway.rehearse import RehearsalOptions
