@@ -456,9 +456,16 @@ def _collect_secrets(value: Any, found: list[str]) -> None:
 
 
 def _format(exc: ValidationError) -> str:
+    """Each error as `path: message`. An error on a field that also has errors inside it is their
+    echo, not news (one bad route made pydantic add `routes: Tuple should have at least 1 item
+    after validation, not 0`): only the inner ones are said."""
+    errors = exc.errors()
+    locs = [tuple(err["loc"]) for err in errors]
     lines = []
-    for err in exc.errors():
-        path = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    for err, loc in zip(errors, locs):
+        if any(len(other) > len(loc) and other[:len(loc)] == loc for other in locs):
+            continue
+        path = ".".join(str(p) for p in loc) or "(top level)"
         msg = err["msg"].removeprefix("Value error, ")
         lines.append(f"{path}: {msg}")
     return "; ".join(lines)

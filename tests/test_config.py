@@ -54,6 +54,19 @@ def test_route_errors(monkeypatch: pytest.MonkeyPatch) -> None:
         parse_config(data)
 
 
+def test_a_bad_field_of_a_route_is_the_only_thing_said() -> None:
+    """pydantic adds an echo on the list (`routes: Tuple should have at least 1 item after
+    validation, not 0`) that sent readers looking for a missing route."""
+    data = base()
+    data["routes"] = [{"name": "r", "providers": ["stripe"], "demote_above_p99_ms": -5}]
+    with pytest.raises(ConfigError) as err:
+        parse_config(data)
+    assert str(err.value) == "routes.0.demote_above_p99_ms: Input should be greater than 0"
+    data["routes"] = []
+    with pytest.raises(ConfigError, match="routes: Tuple should have at least 1 item"):
+        parse_config(data)
+
+
 def test_secrets_never_come_from_the_yaml() -> None:
     with pytest.raises(ConfigError, match="api_key: Extra inputs"):
         parse_config(base(api_key="sk_live_in_yaml"))
