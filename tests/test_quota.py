@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from redis import asyncio as aioredis
 
 from emulators.quota import QuotaPlan
 from emulators.server import EmulatorServer
@@ -21,6 +22,7 @@ from gateway.config import ConfigError, RouteConfig
 from gateway.emulator_launch import account_quota
 from gateway.quota.bucket import TokenBucket
 from gateway.quota.provider import LOCAL, SHARED, ProviderQuota
+from gateway.quota.shared import RedisBuckets
 from gateway.router import OVER_QUOTA, Router, RoutingFacts
 from tests.conftest import card_payment, charges, entries, idem, metrics_text, pay, txlog
 from tests.redis_server import RedisServer
@@ -396,3 +398,71 @@ def test_the_local_share_starts_empty_when_redis_goes_away() -> None:
     assert quota.take_local() == 0.0, "alone, a fresh local bucket starts full"
     quota.observe(15.0)  # a shared answer: the fleet's bucket holds 15
     assert quota.take_local() > 0.0, "the local share holds nothing at the switch"
+
+
+class _Log:
+    """The ops log's sink, kept: what RedisBuckets said."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def warning(self, event: str, **_fields: Any) -> None:
+        self.events.append(event)
+
+    def info(self, event: str, **_fields: Any) -> None:
+        self.events.append(event)
+
+
+async def test_a_key_that_is_no_bucket_is_replaced_and_the_quota_stays_shared() -> None:
+    """Something else wrote our key (a string where the bucket's hash belongs): every take failed
+    with WRONGTYPE and the bucket flapped between shared and local, a warning each 0.2 s."""
+    server = RedisServer()
+    await server.start()
+    log = _Log()
+    buckets = RedisBuckets(server.url, "gw-test", log=log)
+    await buckets.start()
+    try:
+        redis = aioredis.from_url(server.url)
+        await redis.set(buckets.key("primary"), "garbage")
+        await redis.set(buckets.key("backup"), "garbage")
+        answer = await buckets.take_first([buckets.key("primary"), buckets.key("backup")], ["10", "10", "10", "10"])
+        assert answer == (None, [0.0, 0.0]), "fresh buckets start empty"
+        assert await redis.type(buckets.key("primary")) == b"hash"
+        assert buckets.usable and buckets.errors == 0 and log.events == []
+        await redis.aclose()
+    finally:
+        await buckets.close()
+        await server.stop()
+
+
+async def test_a_redis_that_answers_ping_but_fails_every_take_is_retried_ever_more_slowly() -> None:
+    """Out of memory (maxmemory reached, noeviction): PING answers, every write is refused. The
+    backoff starts over only at a take that succeeds, so the warnings thin out instead of coming
+    every 0.2 s."""
+    server = RedisServer()
+    await server.start()
+    log = _Log()
+    buckets = RedisBuckets(server.url, "gw-test", log=log)
+    await buckets.start()
+    redis = aioredis.from_url(server.url)
+    try:
+        await redis.config_set("maxmemory-policy", "noeviction")
+        await redis.config_set("maxmemory", "1")
+        keys, limits = [buckets.key("primary")], ["10", "10"]
+        started = time.monotonic()
+        while time.monotonic() - started < 3.0:  # a payment every 20 ms for 3 s
+            await buckets.take_first(keys, limits)
+            await asyncio.sleep(0.02)
+        warnings = log.events.count("quota_redis_unavailable")
+        assert 1 <= warnings <= 5, log.events  # backoffs 0.2, 0.4, 0.8, 1.6 s: not 15 flaps
+        await redis.config_set("maxmemory", "0")
+        await eventually(lambda: _taken(buckets, keys, limits), "takes succeed once Redis has memory again",
+                         timeout_s=10)
+    finally:
+        await redis.aclose()
+        await buckets.close()
+        await server.stop()
+
+
+async def _taken(buckets: RedisBuckets, keys: list[str], limits: list[str]) -> bool:
+    return await buckets.take_first(keys, limits) is not None

@@ -9,7 +9,10 @@ once it would be full again, so an idle account costs nothing.
 Redis is an optimisation, never a dependency of a payment: a take that fails or times out marks
 Redis away, and until a background PING finds it back (capped backoff) every take is answered
 None at once, without a round trip, and the caller takes from its local share of the quota
-(`gateway.quota.provider`). Nothing here raises for Redis being down, slow or gone.
+(`gateway.quota.provider`). Nothing here raises for Redis being down, slow or gone. The backoff
+starts over only once a take succeeds, not at the PING: a Redis that answers PING and fails every
+take (out of memory, a script refused) is retried ever more slowly, not every 0.2 s with a
+warning each time. A key that is not a bucket (something else wrote it) is replaced by one.
 """
 
 from __future__ import annotations
@@ -38,6 +41,11 @@ local out = {0}
 for i, key in ipairs(KEYS) do
   local rate = tonumber(ARGV[2 * i - 1])
   local capacity = tonumber(ARGV[2 * i])
+  local kind = redis.call('TYPE', key)['ok']
+  if kind ~= 'hash' and kind ~= 'none' then
+    -- Not a bucket (something else wrote our key): it is only rate state, so it is replaced.
+    redis.call('DEL', key)
+  end
   local b = redis.call('HMGET', key, 'tokens', 'at')
   local tokens = tonumber(b[1])
   local at = tonumber(b[2])
@@ -77,6 +85,7 @@ class RedisBuckets:
         self.usable = True  # False from a failed take until a PING answers again
         self._away = asyncio.Event()
         self._prober: asyncio.Task[None] | None = None
+        self._backoff = MIN_BACKOFF_S
         self.errors = 0
 
     def __repr__(self) -> str:  # never the URL: it may hold a password
@@ -111,10 +120,12 @@ class RedisBuckets:
             async with asyncio.timeout(self._timeout_s):
                 answer = await self._script(keys=keys, args=limits)
             taken = int(answer[0])
-            return (taken - 1 if taken else None), [float(t) for t in answer[1:]]
+            left = [float(t) for t in answer[1:]]
         except (RedisError, OSError, ValueError, IndexError) as exc:  # TimeoutError is an OSError
             self._lost(exc)
             return None
+        self._backoff = MIN_BACKOFF_S
+        return (taken - 1 if taken else None), left
 
     def _lost(self, exc: BaseException) -> None:
         self.errors += 1
@@ -128,18 +139,16 @@ class RedisBuckets:
 
     async def _probe_forever(self) -> None:
         """While Redis is away: PING with capped backoff; the first answer makes takes shared again."""
-        backoff = MIN_BACKOFF_S
         while True:
             await self._away.wait()
-            await asyncio.sleep(backoff)
+            await asyncio.sleep(self._backoff)
+            self._backoff = min(self._backoff * 2, MAX_BACKOFF_S)
             try:
                 assert self._redis is not None
                 async with asyncio.timeout(self._timeout_s * 4):
                     await self._redis.ping()
             except (RedisError, OSError):
-                backoff = min(backoff * 2, MAX_BACKOFF_S)
                 continue
-            backoff = MIN_BACKOFF_S
             self._away.clear()
             self.usable = True
             self._log.info("quota_redis_back", detail="provider quotas are shared again")
