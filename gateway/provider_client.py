@@ -75,6 +75,16 @@ class _Failed(ProviderFailure):
         self.value = value
 
 
+class _CutShort(NoVerdict):
+    """Internal: a timeout of a try the caller's deadline made shorter than `timeout_ms`. The
+    provider had less time than it is given: no verdict (a success would reset the count of a
+    failing provider's timeouts)."""
+
+    def __init__(self, value: object) -> None:
+        super().__init__("cut short by the deadline")
+        self.value = value
+
+
 class ProviderClient:
     def __init__(self, handle: ProviderHandle, metrics: Metrics, tracing: Tracing = NO_TRACING) -> None:
         self.handle = handle
@@ -212,12 +222,14 @@ class ProviderClient:
                     except TransportError as exc:
                         value = from_transport(result_from_transport_error(exc))
                         if timeout < handle.timeout_s and exc.code in TIMEOUT_CODES:
-                            return value, True
+                            raise _CutShort(value) from None
                     if fails(value):
                         raise _Failed(value)
                     return value, False
         except _Failed as failed:
             return failed.value, False  # type: ignore[return-value]
+        except _CutShort as cut:
+            return cut.value, True  # type: ignore[return-value]
         except BreakerOpen as exc:
             raise _Refused(LocalRefusal.BREAKER_OPEN, str(exc)) from None
         except BulkheadFull as exc:

@@ -12,7 +12,13 @@ from gateway.breaker import BreakerOpen, NoVerdict, ProviderBreaker, ProviderFai
 import asyncio
 import time
 
+from domain.secret import Secret
+from domain.types import Card, Operation, PaymentOrder
 from gateway.app_keys import POOL
+from gateway.config import EngineConfig, ProviderConfig
+from gateway.metrics import Metrics
+from gateway.provider_client import ProviderClient
+from gateway.provider_pool import make_handle
 from emulators.faults import FaultRule
 from tests.conftest import charges, entries, journal, metrics_text, pay, set_faults, steps, txlog
 
@@ -201,6 +207,38 @@ async def test_an_attempt_that_never_asked_the_provider_gives_no_verdict() -> No
         async with breaker.guard():
             raise ProviderFailure("a 503")
     assert breaker.state == "open"
+
+
+async def test_a_timeout_the_deadline_cut_short_neither_counts_nor_clears_the_providers_failures(
+        stripes, dev_certs) -> None:
+    """A try the caller's deadline made shorter than timeout_ms timed out: the provider had less
+    time than it is given. It used to count as a success, resetting the count of a failing
+    provider's timeouts, so tight deadlines kept its breaker from ever tripping."""
+    cfg = ProviderConfig(kind="stripe", base_url=stripes["primary"].url, api_key_env="STRIPE_API_KEY",
+                         timeout_ms=300, breaker={"fail_max": 2, "reset_timeout_s": 60},
+                         tls={"ca": str(dev_certs.provider_ca("stripe")),
+                              "client_cert": str(dev_certs.client_cert("stripe")),
+                              "client_key": str(dev_certs.client_key("stripe"))})
+    client = ProviderClient(make_handle("primary", cfg, EngineConfig()), Metrics())
+    await client.handle.transport.start()
+    set_faults(stripes["primary"], FaultRule(kind="latency", latency_ms=1000, operations=("authorize",)))
+    order = PaymentOrder(payment_id="pay_cutshort", amount=1000, currency="EUR", capture=True,
+                         merchant_reference="m-cut", card=Card(number=Secret("4242424242424242"), exp_month=3,
+                                                               exp_year=2030, cvc=Secret("123")))
+
+    async def authorize(seconds_left: float, key: str) -> str | None:
+        attempt = client.new_attempt(Operation.AUTHORIZE, 1, key)
+        result = await client.call(Operation.AUTHORIZE, order, key, time.monotonic() + seconds_left, attempt)
+        return result.raw_code
+
+    try:
+        assert await authorize(5.0, "k1") == "read_timeout"  # the provider's own 300 ms: a failure
+        assert await authorize(0.15, "k2") == "read_timeout"  # cut to 150 ms by the deadline
+        assert client.handle.breaker.state == "closed"
+        assert await authorize(5.0, "k3") == "read_timeout"  # the second real one trips it
+        assert client.handle.breaker.state == "open"
+    finally:
+        await client.handle.transport.close()
 
 
 async def test_a_trial_without_a_verdict_leaves_the_next_call_as_the_trial() -> None:
