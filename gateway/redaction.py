@@ -26,8 +26,8 @@ What counts as a card number in text:
   with 1 unless it has UATP's 15 digits: `domain.cards.card_like`; epoch times and padded
   counters in references begin so), or groups of digits in a card's own grouping (4 digits
   first, then groups of 4-6, the last of 1-6) that together hold 12-19 and pass it,
-  joined by short separators (up to three of whitespace of any kind, ``-``, ``.``, ``/``,
-  ``_``, dashes). The grouping is what keeps decimals, IP addresses, epoch times with fractions
+  joined by short separators (up to three of whitespace of any kind, any ASCII punctuation
+  (``-``, ``.``, ``/``, ``_``, ``,``, ``:``, ``|`` ...), Unicode dashes, zero-width characters). The grouping is what keeps decimals, IP addresses, epoch times with fractions
   (``1714564800.123456``) and references such as ``ORD-123456-000012`` from being taken for
   cards;
 * a card glued to other digits: a 13-19 digit window inside a longer run that passes Luhn *and*
@@ -155,7 +155,10 @@ _INLINE_CODE = re.compile(
 # Card-number candidates: a digit, then 11 or more digits each after up to three separators.
 # Starting only where no digit precedes and matching possessively keeps the scan linear; the
 # leading digit class lets the engine skip to the next digit without trying each position.
-_SEP = r"\s._/\-\u00ad\u2010-\u2015\u2212\u200b-\u200d\u2060\ufeff"
+# Any ASCII punctuation (a PAN typed as 4111,1111,1111,1111 or 4111:1111:... was stored verbatim
+# when only spaces, dots, slashes and dashes counted), whitespace, soft hyphen, Unicode dashes,
+# the minus sign and zero-width characters. The card grouping below keeps lists and times out.
+_SEP = r"\s!-/:-@\[-`{-~\u00ad\u2010-\u2015\u2212\u200b-\u200d\u2060\ufeff"
 _CANDIDATE = re.compile(r"[0-9](?<![0-9][0-9])(?:[%s]{0,3}+[0-9]){%d,}+" % (_SEP, PAN_MIN - 1))
 _GROUP = re.compile(r"[0-9]+")
 _WINDOW_MIN = 13

@@ -34,6 +34,12 @@ REFUSED: list[tuple[dict[str, Any], str, str]] = [
     ({"merchant_reference": f"order-{AMEX[:4]}.{AMEX[4:10]}.{AMEX[10:]}"}, CARD, "merchant_reference"),
     ({"description": f"card\t{PAN[:4]}\t{PAN[4:8]}\t{PAN[8:12]}\t{PAN[12:]}"}, CARD, "description"),
     ({"description": f"card {FULL_WIDTH}"}, CARD, "description"),
+    # Any punctuation between the groups (an outside attack stored these verbatim).
+    ({"merchant_reference": f"{PAN[:4]},{PAN[4:8]},{PAN[8:12]},{PAN[12:]}"}, CARD, "merchant_reference"),
+    ({"metadata": {"note": f"{PAN[:4]}|{PAN[4:8]}|{PAN[8:12]}|{PAN[12:]}"}}, CARD, "metadata.note"),
+    ({"description": f"card {PAN[:4]}:{PAN[4:8]}:{PAN[8:12]}:{PAN[12:]}"}, CARD, "description"),
+    ({"description": f"card {PAN[:4]}; {PAN[4:8]}; {PAN[8:12]}; {PAN[12:]}"}, CARD, "description"),
+    ({"description": f"card {PAN[:4]}*{PAN[4:8]}*{PAN[8:12]}*{PAN[12:]}"}, CARD, "description"),
     ({"description": f"ref 99{PAN}01"}, CARD, "description"),
     ({"metadata": {"note": f"paid with {PAN}"}}, CARD, "metadata.note"),
     ({"metadata": {"note": "cvc=917"}}, CARD, "metadata.note"),
@@ -107,7 +113,10 @@ async def test_free_text_that_only_looks_like_card_data_is_accepted_as_sent(make
     body = card_payment(merchant_reference="ORD-123456-000017", description="2 items at 1999.50, 2024-05-01 12:00",
                         metadata={"cvc_check": "pass", "ts": "1714564800.123456", "peer": "192.168.100.200",
                                   # Luhn-valid, as one long number in ten is, but no card begins so
-                                  "order": "order-1733058000006", "counter": "000000000000000018"})
+                                  "order": "order-1733058000006", "counter": "000000000000000018",
+                                  # punctuation between groups counts, but not in these shapes
+                                  "at": "2024-05-01T12:30:45.123456Z", "total": "1,234,567,890,123",
+                                  "where": "10.0.0.1:8080"})
     # The checkout's keys are often its order number and a millisecond time: Luhn-valid here too.
     resp = await client.post("/v1/payments", json=body,
                              headers={**AUTH, "Idempotency-Key": "checkout-1733058000123455"})
