@@ -284,3 +284,37 @@ async def test_a_plain_request_timeout_is_accepted(gateway) -> None:
     status, doc = await gateway.post("/v1/payments", BODY, {**key(), "Request-Timeout": "08000"})
 
     assert status == 201 and doc["status"] == "approved"
+
+
+async def _raw(gateway: Gateway, head: bytes, body: bytes = b"") -> int:
+    """One request written as bytes (the aiohttp client refuses these headers): its status."""
+    reader, writer = await asyncio.open_connection(gateway.client.host, gateway.client.port)
+    try:
+        writer.write(head + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+        answer = await asyncio.wait_for(reader.read(), timeout=5)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    return int(answer.split(b" ", 2)[1])
+
+
+BEARER = AUTH["Authorization"].encode()
+FORM = b"Content-Type: application/x-www-form-urlencoded\r\n"
+
+
+@pytest.mark.parametrize(("head", "body", "expected"), [
+    (b"GET /v1/payments/pay_abc HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer \xff\r\n", b"", 401),
+    (b"POST /v1/payments HTTP/1.1\r\nHost: g\r\nAuthorization: " + BEARER + b"\xe9\r\n"
+     b"Idempotency-Key: a1b2c3x\r\nContent-Type: application/json\r\n", BODY, 401),
+    (b"GET /console HTTP/1.1\r\nHost: g\r\nCookie: gateway_console=ops.1.\xe9\xe9\r\n", b"", 401),
+    (b"POST /console/login HTTP/1.1\r\nHost: g\r\n" + FORM, b"key=\xe9\xff", 400),
+    (b"POST /console/login HTTP/1.1\r\nHost: g\r\nContent-Type: application/x-www-form-urlencoded; charset=utf-99\r\n",
+     b"key=x", 400),
+    (b"POST /console/login HTTP/1.1\r\nHost: g\r\nContent-Type: multipart/form-data\r\n", b"junk", 400),
+], ids=["auth-byte", "auth-trailing-byte", "console-cookie", "login-undecodable", "login-charset", "login-multipart"])
+async def test_bytes_past_ascii_in_credentials_and_forms_are_refused_not_a_500(
+        gateway: Gateway, head: bytes, body: bytes, expected: int) -> None:
+    """An outside attack answered each of these 500 (an encode of the key, compare_digest on
+    non-ASCII text, the form's decoding): each is the client's mistake, answered as such."""
+    assert await _raw(gateway, head, body) == expected
+    gateway.assert_no_traceback()

@@ -108,7 +108,10 @@ async def login(request: web.Request) -> web.Response:
     _check_origin(request)
     console = request.app[CONSOLE]
     ops = request.app[OPS_LOG]
-    form = await request.post()
+    try:
+        form = await request.post()
+    except (ValueError, LookupError):  # undecodable bytes, an unknown charset, multipart without a boundary
+        return _login_page(request, 400, "The form could not be read: send it from the login page.")
     key = form.get("key")
     caller = console.sessions.admin_for_key(key.strip()) if isinstance(key, str) and key.strip() else None
     if caller is None:

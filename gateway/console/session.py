@@ -38,6 +38,8 @@ class SessionSigner:
 
     def admin_for_key(self, presented: str) -> Caller | None:
         """The admin client whose key this is (constant-time comparison against each)."""
+        if not presented.isascii():  # every key is ASCII
+            return None
         found = None
         for key, caller in self._admins.values():
             if hmac.compare_digest(key, presented.encode()):
@@ -50,6 +52,8 @@ class SessionSigner:
         return f"{payload}.{_sign(key, payload)}"
 
     def verify(self, cookie: str) -> Caller | None:
+        if not cookie.isascii():  # ours is ASCII; compare_digest refuses other text with a TypeError
+            return None
         payload, _, signature = cookie.rpartition(".")
         name, _, expires = payload.rpartition(".")
         entry = self._admins.get(name)

@@ -35,7 +35,10 @@ class Authenticator:
         if scheme.lower() != "bearer" or not token:
             raise ApiError(401, "unauthenticated", "an Authorization: Bearer <api key> header is required",
                            headers={"WWW-Authenticate": "Bearer"})
-        presented = token.strip().encode()
+        token = token.strip()
+        if not token.isascii():  # every key is ASCII; a byte the header decoded past that is none
+            raise ApiError(401, "unauthenticated", "unknown API key", headers={"WWW-Authenticate": "Bearer"})
+        presented = token.encode()
         for key, caller in self._keys:
             if hmac.compare_digest(key, presented):
                 if permission not in caller.permissions:
