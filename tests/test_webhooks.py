@@ -93,6 +93,19 @@ def test_adyen_item_signature_is_the_one_adyens_library_computes_and_validates()
         adyen.verify(tampered, {}, [ADYEN_HMAC], time.time())
 
 
+def test_a_stripe_timestamp_further_ahead_than_the_tolerance_is_refused() -> None:
+    """A correctly signed `t` 115 days ahead (or of 400 digits) was accepted: only the past was
+    bounded. Within the tolerance ahead (clock skew) it is still taken."""
+    body = b'{"id": "evt_1", "type": "payment_intent.succeeded", "data": {"object": {}}}'
+    now = time.time()
+    for ahead in (10**7, 10**400):
+        headers = {"Stripe-Signature": stripe_hooks.sign(body, STRIPE_SECRET, int(now) + ahead)}
+        with pytest.raises(SignatureInvalid, match="ahead"):
+            stripe_hooks.verify(body, headers, [STRIPE_SECRET], now)
+    skewed = {"Stripe-Signature": stripe_hooks.sign(body, STRIPE_SECRET, int(now) + 60)}
+    stripe_hooks.verify(body, skewed, [STRIPE_SECRET], now)
+
+
 def test_adyen_one_forged_item_refuses_the_whole_delivery_and_rotation_accepts_old_keys() -> None:
     good = adyen_item("AUTHORISATION", "PSP0001", "pay_abc", 1299)
     old = adyen_item("CAPTURE", "PSP0002", "pay_abc-adyen-capture-x", 1299, original="PSP0001", key=ADYEN_OLD_HMAC)

@@ -5,7 +5,9 @@ Signature, as Stripe documents it ("Verify webhook signatures manually") and str
 (several `v1` while Stripe rolls an endpoint's secret; `v0` is a test scheme and ignored); the
 signature is the hex HMAC-SHA256, keyed with the endpoint secret (`whsec_…`, used as it is), of
 `"{t}.{raw body}"`; a timestamp older than the tolerance (300 s) is refused so a captured
-delivery cannot be replayed later. We accept several secrets at once so ops can rotate ours.
+delivery cannot be replayed later, and one further ahead than the tolerance too (stripe-python
+checks only the past; a signed time far ahead is no delivery Stripe made, and the tolerance
+covers any clock skew NTP leaves), as our own receiver example does. We accept several secrets at once so ops can rotate ours.
 
 Events (`{"id": "evt_…", "type", "created", "data": {"object": …}}`), by the object they carry:
 - PaymentIntent: `payment_intent.amount_capturable_updated` (authorised, manual capture),
@@ -78,6 +80,8 @@ def verify(body: bytes, headers: Mapping[str, str], secrets: Sequence[str], now:
         raise SignatureInvalid("no signature matches a configured secret")
     if int(timestamp) < now - TOLERANCE_S:
         raise SignatureInvalid(f"timestamp older than {TOLERANCE_S} s")
+    if int(timestamp) > now + TOLERANCE_S:
+        raise SignatureInvalid(f"timestamp more than {TOLERANCE_S} s ahead")
 
 
 def parse(body: bytes) -> tuple[ProviderEvent, ...]:
