@@ -31,7 +31,8 @@ from domain.types import FollowUp, Operation, PaymentOrder, ProviderResult
 from gateway import answers
 from gateway.answers import Answer
 from gateway.executor import AttemptExecutor
-from gateway.journal.records import Attempt, ClaimKind, IdempotentAnswer, OutboxLine, PaymentRecord, PendingFollowUp
+from gateway.journal.records import (Attempt, ClaimKind, IdempotentAnswer, OutboxLine, PaymentRecord, PendingFollowUp,
+                                     SettledFollowUp)
 from gateway.journal.errors import StaleWrite
 from gateway.journal.store import Store
 from gateway.metrics import Metrics
@@ -127,17 +128,23 @@ def follow_up_amount(record: PaymentRecord, op: Operation, asked: int | None) ->
 
 def apply_follow_up(record: PaymentRecord, op: Operation, outcome: Outcome) -> None:
     """A follow-up's settled outcome onto the payment: done (amounts and status), or refused or
-    never made (the status it had before)."""
+    never made (the status it had before); either way kept in its settled history, which a
+    failure the provider reports later is checked against (`gateway.webhooks.rules`)."""
     pending = record.follow_up
     assert pending is not None
-    if outcome is Outcome.APPROVED:
+    done = outcome is Outcome.APPROVED
+    counted: int | None = None
+    if done:
         if op is Operation.CAPTURE:
-            record.captured_amount = pending.amount if pending.amount is not None else record.amount
+            counted = pending.amount if pending.amount is not None else record.amount
+            record.captured_amount = counted
         elif op is Operation.REFUND:
-            record.refunded_amount += pending.amount or 0
+            counted = pending.amount or 0
+            record.refunded_amount += counted
         record.status = FOLLOW_UP_DONE[op]
     else:
         record.status = PaymentStatus(pending.prior_status)
+    record.settled_follow_ups.append(SettledFollowUp(op.value, pending.provider_key, counted, done))
     record.follow_up = None
 
 

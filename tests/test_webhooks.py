@@ -11,9 +11,11 @@ import pytest
 import stripe
 from Adyen.util import generate_notification_sig, is_valid_hmac_notification
 
-from domain.outcome import PaymentStatus
+from domain.outcome import Outcome, PaymentStatus
+from domain.types import Operation
 from domain.webhook import EventKind, MalformedEvent, ProviderEvent, SignatureInvalid
-from gateway.journal.records import PaymentRecord
+from gateway.journal.records import PaymentRecord, PendingFollowUp
+from gateway.orchestrator import apply_follow_up
 from gateway.webhooks.rules import Effect, decide
 from providers.adyen import webhook as adyen
 from providers.checkout import webhook as checkout
@@ -172,6 +174,53 @@ def _record(status: PaymentStatus, **extra: object) -> PaymentRecord:
 
 def _auth(success: bool) -> ProviderEvent:
     return ProviderEvent("e", EventKind.AUTHORISATION, "AUTHORISATION", success, "pay_abc", provider_reference="PSP")
+
+
+def _refund(key: str, success: bool, *, reverses: bool = False, amount: int = 300,
+            event_id: str = "e") -> ProviderEvent:
+    return ProviderEvent(event_id, EventKind.REFUND, "REFUND_FAILED" if reverses else "REFUND", success, "pay_abc",
+                         follow_up_reference=key, amount=amount, reverses=reverses)
+
+
+def _pending_refund(record: PaymentRecord, key: str, amount: int) -> None:
+    record.follow_up = PendingFollowUp("refund", amount, key, "checkout", f"front-{key}", record.status.value,
+                                       started_at=0.0, deadline_s=5.0, answered=True)
+    record.status = PaymentStatus.REFUND_PENDING
+
+
+def test_a_late_failure_of_an_earlier_refund_while_another_is_pending_takes_its_amount_off() -> None:
+    """Outside attack: Adyen's REFUND_FAILED for the first refund came while a second was
+    pending; it was dropped as "another refund than the one pending", and the journal kept
+    counting 300 the ledger never refunded."""
+    record = _record(PaymentStatus.CAPTURED, captured_amount=1299)
+    _pending_refund(record, "k-first", 300)
+    assert decide(record, "adyen", _refund("k-first", True)).effect is Effect.FOLLOW_UP
+    assert record.refunded_amount == 300
+    _pending_refund(record, "k-second", 200)
+    undone = decide(record, "adyen", _refund("k-first", False, reverses=True))
+    assert (undone.effect, undone.provider_key, record.refunded_amount) == (Effect.FOLLOW_UP, "k-first", 0)
+    assert record.follow_up is not None and record.follow_up.provider_key == "k-second", "still pending"
+    assert decide(record, "adyen", _refund("k-second", True, amount=200)).effect is Effect.FOLLOW_UP
+    assert (record.refunded_amount, record.status) == (200, PaymentStatus.REFUNDED)
+    again = decide(record, "adyen", _refund("k-first", False, reverses=True, event_id="e2"))  # another delivery
+    assert (again.effect, record.refunded_amount) == (Effect.NONE, 200)
+
+
+def test_a_late_failure_of_a_refund_settled_as_not_made_changes_nothing() -> None:
+    """Outside attack: a lookup settled the pending refund as failed (never counted), then the
+    delayed `refund.failed` was applied as "failed after it succeeded" and took 200 off again."""
+    record = _record(PaymentStatus.REFUNDED, captured_amount=1299, refunded_amount=300)
+    _pending_refund(record, "k-second", 200)
+    apply_follow_up(record, Operation.REFUND, Outcome.HARD_DECLINE)  # the reconciler's lookup: it failed
+    assert record.refunded_amount == 300
+    late = decide(record, "adyen", _refund("k-second", False, reverses=True, amount=200))
+    assert (late.effect, record.refunded_amount, record.status) == (Effect.NONE, 300, PaymentStatus.REFUNDED)
+
+
+def test_a_failure_for_a_payment_journalled_before_settled_follow_ups_were_kept_uses_the_amounts() -> None:
+    record = _record(PaymentStatus.REFUNDED, captured_amount=1299, refunded_amount=300)
+    assert decide(record, "adyen", _refund("k-old", False, reverses=True)).effect is Effect.FOLLOW_UP
+    assert (record.refunded_amount, record.status) == (0, PaymentStatus.CAPTURED)
 
 
 def test_the_state_machine_never_undoes_a_final_state_and_waits_for_a_live_request() -> None:

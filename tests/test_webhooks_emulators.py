@@ -138,3 +138,27 @@ async def test_outcomes_settled_by_notification_are_told_to_the_checkout_once(ma
         assert len(receiver.deliveries) == 2  # the duplicated notifications told nobody twice
     finally:
         await receiver.stop()
+
+
+async def test_a_late_refund_failed_after_a_lookup_settled_the_refund_changes_nothing(make_config, start_gateway,
+                                                                                     emulators) -> None:
+    """Outside attack: the reconciler's lookup settled a pending Stripe refund as failed (never
+    counted); the delayed `refund.failed` was then applied as "failed after it succeeded" and
+    took its amount off the first refund's, so the journal said 100 refunded where Stripe held 300."""
+    from gateway.app_keys import RECONCILER
+
+    client = await wired(make_config, start_gateway, emulators, ("stripe",))
+    stripe = emulators["stripe"]
+    _, doc = await pay(client, card_payment(amount=1000))
+    assert await follow_up(client, doc["id"], "refunds", {"amount": 300}) == 200
+    faults(stripe, FaultRule(kind="fail_by_notification", operations=("refund",)),
+           FaultRule(kind="webhook_delay", latency_ms=1500, operations=("refund",)))
+    assert await follow_up(client, doc["id"], "refunds", {"amount": 200}) == 202  # Stripe: refund pending
+    assert await client.app[RECONCILER].run_once(min_age_s=0, ignore_backoff=True) == 1  # the lookup: failed
+    record = await journal(client, doc["id"])
+    assert (record.status.value, record.refunded_amount, record.follow_up) == ("refunded", 300, None)
+    await stripe.emulator.webhooks.idle()  # the delayed refund.failed arrives
+    await client.app[WEBHOOKS].processor.run_once()  # ... and now the notification
+    record = await journal(client, doc["id"])
+    [charge] = charges(stripe, doc["id"])
+    assert (record.status.value, record.refunded_amount) == ("refunded", charge.refunded) == ("refunded", 300)

@@ -134,6 +134,33 @@ _FOLLOW_UP_CODEC = _codec(PendingFollowUp, frozenset(f.name for f in fields(Pend
 
 
 @dataclass(slots=True)
+class SettledFollowUp:
+    """A capture, void or refund once settled: what it did to the payment's amounts.
+
+    Why: a provider reports some follow-ups twice over, and out of order (Adyen's REFUND then
+    REFUND_FAILED, Stripe's refund.failed after a lookup already found the refund failed). Only
+    this follow-up's own record says whether its amount was counted, and so whether a failure
+    reported later must take it off again (`reversed` once it has)."""
+
+    operation: str
+    provider_key: str
+    amount: int | None  # what it added to captured_amount / refunded_amount (None: a void)
+    done: bool  # the provider made it (its amount counted); False: refused or never made
+    reversed: bool = False  # a failure reported after it was done took its amount off
+    newer_fields: dict[str, Any] = field(default_factory=dict)  # a newer release's, kept as read
+
+    def to_doc(self) -> dict[str, Any]:
+        return _redacted_doc(self, _SETTLED_CODEC)
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any]) -> SettledFollowUp:
+        return cls(**_split(doc, _SETTLED_CODEC))
+
+
+_SETTLED_CODEC = _codec(SettledFollowUp, frozenset(f.name for f in fields(SettledFollowUp) if f.name != _NEWER))
+
+
+@dataclass(slots=True)
 class PaymentRecord:
     id: str
     client: str
@@ -159,6 +186,7 @@ class PaymentRecord:
     captured_amount: int = 0
     refunded_amount: int = 0
     follow_up: PendingFollowUp | None = None
+    settled_follow_ups: list[SettledFollowUp] = field(default_factory=list)  # oldest first
     # A status query found more than one charge for this one payment: kept pending, counted and
     # shown until an operator (or the provider's refund of the extra charge) resolves it.
     duplicate_charge_suspected: bool = False
@@ -179,6 +207,7 @@ class PaymentRecord:
         doc = _redacted_doc(self, _PAYMENT_CODEC)
         doc["attempts"] = [a.to_doc() for a in self.attempts]
         doc["follow_up"] = self.follow_up.to_doc() if self.follow_up is not None else None
+        doc["settled_follow_ups"] = [f.to_doc() for f in self.settled_follow_ups]
         return doc
 
     @classmethod
@@ -188,13 +217,15 @@ class PaymentRecord:
         doc["attempts"] = [Attempt.from_doc(a) for a in doc.get("attempts", [])]
         if doc.get("follow_up") is not None:
             doc["follow_up"] = PendingFollowUp.from_doc(doc["follow_up"])
+        doc["settled_follow_ups"] = [SettledFollowUp.from_doc(f) for f in doc.get("settled_follow_ups", [])]
         return cls(**doc)
 
 
 _PAYMENT_CODEC = _codec(PaymentRecord, frozenset({
     "id", "client", "amount", "currency", "capture", "status", "country", "card_brand", "card_bin", "card_last4",
     "route", "provider", "provider_reference", "provider_idempotency_key", "outcome", "attempts", "captured_amount",
-    "refunded_amount", "follow_up", "duplicate_charge_suspected", "created_at", "updated_at", "version",
+    "refunded_amount", "follow_up", "settled_follow_ups", "duplicate_charge_suspected", "created_at", "updated_at",
+    "version",
     "action_expires_at", "action_cancelling"}))
 
 

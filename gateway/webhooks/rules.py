@@ -12,8 +12,10 @@ The rules, so that deliveries at least once and in any order converge on the pro
   the provider echoes is that follow-up's (or none). Without a pending one it changes nothing:
   the follow-up was settled already (by its answer, a lookup, or this event's first delivery)...
 - ...unless it is a failure reported after the success (`reverses`: Adyen CAPTURE_FAILED,
-  REFUND_FAILED, a Stripe refund that failed later): that takes the amount back off the
-  payment, and the follow-up's key then answers that it was refused.
+  REFUND_FAILED, a Stripe refund that failed later), of that follow-up or of an earlier one
+  while another is pending: that takes its amount back off the payment, once, and only if the
+  follow-up's settled record (`SettledFollowUp`) says it was counted; the follow-up's key then
+  answers that it was refused.
 - An authorisation result also settles a payment waiting for its shopper (`action_required`,
   3-D Secure) exactly as `/complete` would; a completion still running decides first.
 - The expiry's cancel of a waiting payment (its pending void) holds the shopper's outcome back
@@ -34,7 +36,7 @@ from enum import Enum
 from domain.outcome import Outcome, PaymentStatus
 from domain.types import Operation, ProviderResult
 from domain.webhook import EventKind, ProviderEvent
-from gateway.journal.records import PaymentRecord
+from gateway.journal.records import PaymentRecord, SettledFollowUp
 from gateway.orchestrator import apply_follow_up
 from gateway.shopper_action import EXPIRED, cancelling, finish_action, settle_cancel
 
@@ -131,12 +133,17 @@ def _shopper_back(record: PaymentRecord, event: ProviderEvent) -> Decision:
 
 def _follow_up(record: PaymentRecord, event: ProviderEvent, op: Operation) -> Decision:
     pending = record.follow_up
-    if event.reverses and (pending is None or pending.operation != op.value):
+    of_pending = (pending is not None and pending.operation == op.value
+                  and event.follow_up_reference in (None, pending.provider_key, record.id))
+    if event.reverses and not of_pending:
+        # A failure of another, settled follow-up: Adyen's REFUND_FAILED for the first refund
+        # while a second one is pending was dropped, and the journal kept counting it.
         return _reverse(record, event, op)
     if pending is None or pending.operation != op.value:
         return Decision(Effect.NONE, f"no {op.value} pending (payment {record.status.value})")
-    if event.follow_up_reference not in (None, pending.provider_key, record.id):
+    if not of_pending:
         return Decision(Effect.NONE, f"another {op.value} than the one pending")
+    assert pending is not None
     if not pending.answered:
         return Decision(Effect.WAIT, f"{op.value} request still running")
     outcome = Outcome.APPROVED if event.success else Outcome.HARD_DECLINE
@@ -161,11 +168,27 @@ def _expiry_cancelled(record: PaymentRecord, event: ProviderEvent, outcome: Outc
 
 
 def _reverse(record: PaymentRecord, event: ProviderEvent, op: Operation) -> Decision:
-    """A capture or refund the provider reported done, then failed: its amount comes off."""
+    """A capture or refund the provider reported done, then failed: its amount comes off, once,
+    and only if it was counted. Its settled record says (`SettledFollowUp`): a late Stripe
+    `refund.failed` for a refund a lookup had already settled as failed took its amount off a
+    second time, and the journal under-reported what was refunded."""
+    reference = event.follow_up_reference if event.follow_up_reference not in (None, record.id) else None
+    settled = _settled(record, op, reference, event.amount)
+    if settled is not None:
+        if not settled.done:
+            return Decision(Effect.NONE, f"the {op.value} was settled as not made: nothing to undo")
+        if settled.reversed:
+            return Decision(Effect.NONE, f"the {op.value}'s failure was applied already")
+    elif reference is not None and any(f.operation == op.value for f in record.settled_follow_ups):
+        return Decision(Effect.NONE, f"no {op.value} of this payment has that reference")
     done = {Operation.CAPTURE: record.captured_amount, Operation.REFUND: record.refunded_amount}.get(op, 0)
     if done <= 0:
         return Decision(Effect.NONE, f"no {op.value} made to undo")
-    amount = min(done, event.amount if event.amount is not None and event.amount > 0 else done)
+    if settled is not None and settled.amount is not None:
+        amount = min(done, settled.amount)
+        settled.reversed = True
+    else:  # a payment journalled before settled follow-ups were kept: its amounts alone
+        amount = min(done, event.amount if event.amount is not None and event.amount > 0 else done)
     if op is Operation.CAPTURE:
         record.captured_amount -= amount
         if record.captured_amount == 0 and record.status is PaymentStatus.CAPTURED:
@@ -175,6 +198,15 @@ def _reverse(record: PaymentRecord, event: ProviderEvent, op: Operation) -> Deci
         if record.refunded_amount == 0 and record.status is PaymentStatus.REFUNDED:
             record.status = PaymentStatus.CAPTURED
     # The follow-up's key answers the refusal now, where the provider echoes our reference.
-    reference = event.follow_up_reference if event.follow_up_reference not in (None, record.id) else None
     return Decision(Effect.FOLLOW_UP, f"{op.value} failed after it succeeded", op, reference,
                     ProviderResult(Outcome.HARD_DECLINE, raw_code=event.reason or f"{op.value}_failed"))
+
+
+def _settled(record: PaymentRecord, op: Operation, reference: str | None,
+             amount: int | None) -> SettledFollowUp | None:
+    """The settled follow-up a reported failure is about: by our reference where the provider
+    echoes it, else the latest one of that kind and amount still counted."""
+    of_kind = [f for f in reversed(record.settled_follow_ups) if f.operation == op.value]
+    if reference is not None:
+        return next((f for f in of_kind if f.provider_key == reference), None)
+    return next((f for f in of_kind if f.done and not f.reversed and (amount is None or f.amount == amount)), None)
