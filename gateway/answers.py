@@ -144,13 +144,14 @@ def invalid_state(message: str) -> Answer:
     return error(409, "invalid_payment_state", message, "status")
 
 
-IN_PROGRESS_RETRY_AFTER_S = 2  # a follow-up's answer comes within a provider call (its webhook, seconds later)
+IN_PROGRESS_RETRY_AFTER_S = 2  # a request at the provider: its answer comes within a provider call
+AWAITING_PROVIDER_RETRY_AFTER_S = 30  # accepted (202), confirmed by a webhook or the reconciler's lookup
 
 
-def in_progress(message: str) -> Answer:
+def in_progress(message: str, retry_after_s: int = IN_PROGRESS_RETRY_AFTER_S) -> Answer:
     """A 409 that will not last: another operation on the payment is at its provider. Retry-After
     tells the checkout when asking again gets the answer to the payment as it is then."""
-    return error(409, "invalid_payment_state", message, "status", {"Retry-After": str(IN_PROGRESS_RETRY_AFTER_S)})
+    return error(409, "invalid_payment_state", message, "status", {"Retry-After": str(retry_after_s)})
 
 
 def amount_too_large(message: str) -> Answer:

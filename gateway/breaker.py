@@ -44,6 +44,7 @@ class _Listener(pybreaker.CircuitBreakerListener):
     def state_change(self, cb: pybreaker.CircuitBreaker, old_state: object, new_state: object) -> None:
         old = getattr(old_state, "name", str(old_state))
         new = getattr(new_state, "name", str(new_state))
+        self._breaker.epoch += 1  # open->open too: a remote trip restarts the reset timeout
         if old == new:  # pybreaker re-announces open->open for calls in flight when it tripped
             return
         self._breaker.changed_at = time.time()
@@ -59,6 +60,10 @@ class ProviderBreaker:
         self.changed_at = time.time()
         self.held_open = False
         self.hold_changed_at = 0.0
+        # Bumped by every state change (and forced one): an attempt's verdict counts only in the
+        # state it was admitted in, so one admitted while closed and ending after a trip and the
+        # reset timeout cannot act as the trial, nor a success close a breaker an operator holds.
+        self.epoch = 0
         self._cb = pybreaker.CircuitBreaker(
             fail_max=fail_max,
             reset_timeout=reset_timeout_s,
@@ -88,8 +93,8 @@ class ProviderBreaker:
         return opened_at is None or datetime.now(UTC) >= opened_at + timedelta(seconds=self._cb.reset_timeout)
 
     def _verdict(self, failure: ProviderFailure | None) -> None:
-        """One attempt's outcome into pybreaker's state machine. A breaker another attempt opened
-        meanwhile takes no verdict (its reset timeout runs from that trip)."""
+        """One attempt's outcome into pybreaker's state machine, in the state it was admitted in
+        (the guard checks the epoch): closed counts or trips, a trial closes or opens again."""
         def attempt() -> None:
             if failure is not None:
                 raise failure
@@ -112,6 +117,7 @@ class ProviderBreaker:
         hold listeners (breaker sync makes it the fleet's)."""
         newly_held = hold and not self.held_open
         self.held_open = self.held_open or hold
+        self.epoch += 1
         self._cb.open()
         if opened_at is not None:
             self._cb._state_storage.opened_at = datetime.fromtimestamp(opened_at, UTC)
@@ -122,6 +128,7 @@ class ProviderBreaker:
         """Close now, releasing an operator's hold (announced to the hold listeners)."""
         released = self.held_open
         self.held_open = False
+        self.epoch += 1
         self._cb.close()
         if released:
             self._hold_changed(False)
@@ -141,18 +148,21 @@ class _Guard:
     that ended without asking the provider (`NoVerdict`, a cancellation, our own bug) gives no
     verdict at all: pybreaker's `calling()` counted every exception as a failure and every
     normal exit as a success, so a gateway's own deadline or a cancelled call at shutdown
-    counted against a healthy provider."""
+    counted against a healthy provider. Nor does an attempt whose breaker changed state while
+    it ran (`ProviderBreaker.epoch`), or one that ends while an operator holds it open."""
 
-    __slots__ = ("_breaker", "_trial")
+    __slots__ = ("_breaker", "_epoch", "_trial")
 
     def __init__(self, breaker: ProviderBreaker) -> None:
         self._breaker = breaker
         self._trial = False
+        self._epoch = 0
 
     async def __aenter__(self) -> None:
         b = self._breaker
         if b.held_open:
             raise BreakerOpen(f"{b.provider}: breaker held open by an operator")
+        self._epoch = b.epoch
         state = b._cb.current_state
         if state == pybreaker.STATE_CLOSED:
             return
@@ -165,11 +175,14 @@ class _Guard:
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: object) -> bool:
+        b = self._breaker
         try:
-            if exc is None:
-                self._breaker._verdict(None)
+            if b.held_open or b.epoch != self._epoch:
+                pass  # the breaker moved on while this attempt ran: its verdict is moot
+            elif exc is None:
+                b._verdict(None)
             elif isinstance(exc, ProviderFailure):
-                self._breaker._verdict(exc)
+                b._verdict(exc)
         finally:
             self._release()
         return False

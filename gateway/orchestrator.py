@@ -101,7 +101,9 @@ def follow_up_problem(record: PaymentRecord, op: Operation, amount: int | None) 
         return answers.amount_too_large("amount exceeds the payment's amount")
     status = record.status
     if record.follow_up is not None:
-        return answers.in_progress(f"a {record.follow_up.operation} of this payment is still in progress")
+        wait = (answers.AWAITING_PROVIDER_RETRY_AFTER_S if record.follow_up.answered
+                else answers.IN_PROGRESS_RETRY_AFTER_S)
+        return answers.in_progress(f"a {record.follow_up.operation} of this payment is still in progress", wait)
     if op is Operation.CAPTURE and (status is not PaymentStatus.APPROVED or record.capture):
         return answers.invalid_state(f"only an approved authorisation can be captured (status {status.value})")
     if op is Operation.VOID and (status is not PaymentStatus.APPROVED or record.captured_amount):

@@ -75,14 +75,14 @@ class _Failed(ProviderFailure):
         self.value = value
 
 
-class _CutShort(NoVerdict):
-    """Internal: a timeout of a try the caller's deadline made shorter than `timeout_ms`. The
-    provider had less time than it is given: no verdict (a success would reset the count of a
-    failing provider's timeouts)."""
+class _Unjudged(NoVerdict):
+    """Internal: an answer that says nothing of the provider's health, carried out of the guard
+    without a verdict: a timeout the caller's deadline cut short (`cut`), or a 429."""
 
-    def __init__(self, value: object) -> None:
-        super().__init__("cut short by the deadline")
+    def __init__(self, value: object, *, cut: bool) -> None:
+        super().__init__("no verdict")
         self.value = value
+        self.cut = cut
 
 
 class ProviderClient:
@@ -128,7 +128,7 @@ class ProviderClient:
                 await self._take_token(op, deadline)
             sent = time.monotonic()
             result, caller_cut = await self._exchange(request, deadline, lambda r: self.mapping.parse(op, r),
-                                                      counts_against_breaker, lambda e: e)
+                                                      _result_verdict, lambda e: e)
         except _Refused as refused:
             return self._finish(attempt, refused.result, started)
         limited = rate_limited(result)
@@ -152,7 +152,7 @@ class ProviderClient:
                 await self._wait_out_429(Operation.STATUS, deadline)
                 if self.handle.quota is not None:
                     await self._take_token(Operation.STATUS, deadline)
-                answer, _ = await self._exchange(request, deadline, self.mapping.parse_status, _answer_fails,
+                answer, _ = await self._exchange(request, deadline, self.mapping.parse_status, _answer_verdict,
                                                  lookup_failed)
             except _Refused as refused:
                 answer = lookup_failed(refused.result)
@@ -206,10 +206,11 @@ class ProviderClient:
                        quota.wait_s())
 
     async def _exchange(self, request: ProviderRequest, deadline: float, parse: Callable[[ProviderResponse], T],
-                        fails: Callable[[T], bool],
+                        verdict: Callable[[T], bool | None],
                         from_transport: Callable[[ProviderResult], T]) -> tuple[T, bool]:
         """Bulkhead slot, breaker guard, send, classify. Returns the classified answer and whether
-        the caller's deadline cut the try short (then a timeout is not the provider's failure)."""
+        the caller's deadline cut the try short (then a timeout is not the provider's failure).
+        `verdict`: True a failure of the provider, False a success, None neither (a 429)."""
         handle = self.handle
         try:
             async with handle.bulkhead.slot(deadline):
@@ -221,21 +222,34 @@ class ProviderClient:
                         value = parse(await handle.transport.send(request, timeout))
                     except TransportError as exc:
                         value = from_transport(result_from_transport_error(exc))
-                        if timeout < handle.timeout_s and exc.code in TIMEOUT_CODES:
-                            raise _CutShort(value) from None
-                    if fails(value):
+                        if exc.code in TIMEOUT_CODES and self._cut_short(exc.code, timeout):
+                            raise _Unjudged(value, cut=True) from None
+                    judged = verdict(value)
+                    if judged is None:
+                        raise _Unjudged(value, cut=False)
+                    if judged:
                         raise _Failed(value)
                     return value, False
         except _Failed as failed:
             return failed.value, False  # type: ignore[return-value]
-        except _CutShort as cut:
-            return cut.value, True  # type: ignore[return-value]
+        except _Unjudged as unjudged:
+            return unjudged.value, unjudged.cut  # type: ignore[return-value]
         except BreakerOpen as exc:
             raise _Refused(LocalRefusal.BREAKER_OPEN, str(exc)) from None
         except BulkheadFull as exc:
             raise _Refused(LocalRefusal.BULKHEAD_FULL, str(exc)) from None
         except BulkheadTimeout as exc:
             raise _Refused(LocalRefusal.BULKHEAD_TIMEOUT, str(exc)) from None
+
+    def _cut_short(self, code: str, timeout: float) -> bool:
+        """Whether a timeout says nothing of the provider: the caller's deadline left this try
+        under half the phase's budget (connect_timeout_ms to connect, timeout_ms in all). A
+        provider that had most of its time is failing, whatever the deadline: tight deadlines
+        must not keep a hanging provider's breaker closed. A trial (the breaker not closed)
+        is always judged, so a failing provider is never sent a stream of trials."""
+        handle = self.handle
+        budget = handle.config.connect_timeout_ms / 1000 if code == "connect_timeout" else handle.timeout_s
+        return timeout < budget / 2 and handle.breaker.state == "closed"
 
     def _finish(self, attempt: Attempt, result: ProviderResult, started: float, *,
                 lookup: Lookup | None = None) -> ProviderResult:
@@ -251,5 +265,13 @@ class ProviderClient:
         return result
 
 
-def _answer_fails(answer: StatusAnswer) -> bool:
+def _result_verdict(result: ProviderResult) -> bool | None:
+    """A 429 is neither (the account's quota, not the provider's health: it counted as a
+    success, resetting the count of a failing provider's 5xx); else whether it fails."""
+    return None if rate_limited(result) else counts_against_breaker(result)
+
+
+def _answer_verdict(answer: StatusAnswer) -> bool | None:
+    if rate_limited(answer.result):
+        return None
     return answer.lookup is Lookup.UNKNOWN and counts_against_breaker(answer.result)

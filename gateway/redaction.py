@@ -360,6 +360,17 @@ class Redactor:
                 return self._kinds[rule]
         return None
 
+    def card_finding(self, text: str) -> Finding | None:
+        """Card data (a number or an inline security code) in `text`, whatever else it holds:
+        for a provider's opaque value, where what looks like a secret is expected (a Stripe
+        client secret) and `finding`'s first match would hide a card number behind it."""
+        work, rules = self._prepare(text)
+        for rule in rules:
+            kind = self._kinds[rule]
+            if kind is not Finding.SECRET and rule(work) is not work:
+                return kind
+        return None
+
     def _prepare(self, text: str) -> tuple[str, tuple[Callable[[str], str], ...]]:
         """The text as the rules read it, and the rules that can match in it at all."""
         if len(text) < _MIN_SCAN_LEN:

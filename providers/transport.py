@@ -106,9 +106,13 @@ class ProviderTransport:
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
-            # connect_timeout_ms bounds each connection's TCP and TLS setup (sock_connect), not a
-            # wait for a free connection (aiohttp's `connect` would count it): that one is ours.
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout_s),
+            # connect_timeout_ms bounds getting a connection: DNS, every address tried, TCP and TLS
+            # (`connect`), each address's setup too (`sock_connect`). A wait for a free pooled
+            # connection would count as well, so the pool is never narrower than the bulkhead
+            # (`ProviderConfig.connections`): nothing the bulkhead admits waits for one.
+            timeout=aiohttp.ClientTimeout(
+                total=None, connect=self._connect_timeout_s, sock_connect=self._connect_timeout_s
+            ),
             trace_configs=[_trace_config()],
             auto_decompress=True,
             skip_auto_headers=("User-Agent",),

@@ -211,9 +211,10 @@ async def test_an_attempt_that_never_asked_the_provider_gives_no_verdict() -> No
 
 async def test_a_timeout_the_deadline_cut_short_neither_counts_nor_clears_the_providers_failures(
         stripes, dev_certs) -> None:
-    """A try the caller's deadline made shorter than timeout_ms timed out: the provider had less
-    time than it is given. It used to count as a success, resetting the count of a failing
-    provider's timeouts, so tight deadlines kept its breaker from ever tripping."""
+    """A try the caller's deadline cut under half of timeout_ms timed out: the provider had far
+    less time than it is given, so no verdict (it counted as a success, resetting the count of a
+    failing provider's timeouts). One that had most of its time is judged: a review showed eight
+    read timeouts in a row at 450 of 500 ms leaving the breaker closed."""
     cfg = ProviderConfig(kind="stripe", base_url=stripes["primary"].url, api_key_env="STRIPE_API_KEY",
                          timeout_ms=300, breaker={"fail_max": 2, "reset_timeout_s": 60},
                          tls={"ca": str(dev_certs.provider_ca("stripe")),
@@ -233,12 +234,44 @@ async def test_a_timeout_the_deadline_cut_short_neither_counts_nor_clears_the_pr
 
     try:
         assert await authorize(5.0, "k1") == "read_timeout"  # the provider's own 300 ms: a failure
-        assert await authorize(0.15, "k2") == "read_timeout"  # cut to 150 ms by the deadline
+        assert await authorize(0.1, "k2") == "read_timeout"  # cut to 100 ms, under half its 300 ms
         assert client.handle.breaker.state == "closed"
-        assert await authorize(5.0, "k3") == "read_timeout"  # the second real one trips it
-        assert client.handle.breaker.state == "open"
+        assert await authorize(0.2, "k2b") == "read_timeout"  # 200 ms, most of its time: judged
+        assert client.handle.breaker.state == "open", "a hanging provider trips whatever the deadlines"
     finally:
         await client.handle.transport.close()
+
+
+async def test_an_attempt_admitted_before_a_trip_gives_no_verdict_after_it() -> None:
+    """Review of the guard: a call admitted while closed that ends after the breaker tripped and
+    its reset elapsed acted as a second trial (its success closed the breaker while the real
+    trial was out), and a success ending under an operator's hold turned the state closed."""
+    breaker = ProviderBreaker("primary", fail_max=1, reset_timeout_s=0.0)
+    stale_in, stale_out = asyncio.Event(), asyncio.Event()
+
+    async def stale() -> None:
+        async with breaker.guard():
+            stale_in.set()
+            await stale_out.wait()
+
+    task = asyncio.create_task(stale())
+    await stale_in.wait()
+    with pytest.raises(ProviderFailure):
+        async with breaker.guard():
+            raise ProviderFailure("a 503")  # trips; the reset (0 s) has elapsed at once
+    assert breaker.state == "open"
+    stale_out.set()
+    await task  # its success lands after the trip
+    assert breaker.state == "open", "only a trial admitted after the trip may close it"
+
+    breaker = ProviderBreaker("primary", fail_max=5, reset_timeout_s=60)
+    stale_in, stale_out = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(stale())
+    await stale_in.wait()
+    breaker.force_open(hold=True)  # an operator drains the provider
+    stale_out.set()
+    await task
+    assert breaker.held_open and breaker.state == "open"
 
 
 async def test_a_trial_without_a_verdict_leaves_the_next_call_as_the_trial() -> None:

@@ -30,7 +30,11 @@ def refuse_card_data(body: Body, redactor: Redactor) -> None:
     secret, or a metadata key whose name the log would redact the value of (``cvc``, ``token``):
     the journal would keep that value as ``[REDACTED]``, not as sent."""
     for item in body.free_text():
-        if item.opaque and redactor.finding(item.text) is not Finding.CARD_NUMBER:
+        if item.opaque:
+            found = redactor.card_finding(item.text)
+            if found is not None:
+                code, what = _REFUSED[found]
+                raise ApiError(422, code, f"{item.field} {what}", item.field)
             continue
         refuse_in_text(item.text, item.field, redactor, f"a key of {item.field}" if item.is_key else item.field)
         if item.is_key and redactor.is_sensitive_key(item.text):
