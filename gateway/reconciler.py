@@ -46,6 +46,10 @@ LEASE_S = 120.0  # beyond a pass over BATCH rows (each a status query bounded by
 # Adyen retries a notification for days (9 s, 18 s, 27 s, then from a queue); an hour without one
 # is worth an operator's look, never a guess.
 NOTIFICATION_OVERDUE_S = 3600.0
+# A follow-up at a provider without a lookup is sent again under its key for this long after it
+# started, well inside the providers' key validity (Adyen keeps a key's answer at least 7 days);
+# past it only its notification, or ops (`notification_overdue`), can settle it.
+RESEND_WITHIN_S = 24 * 3600.0
 
 
 class Reconciler:
@@ -203,6 +207,8 @@ class Reconciler:
         if client is not None and not client.mapping.has_status_lookup:
             if cancelling(record) or self._outcome_overdue(record):
                 return await expire_abandoned(self, record)  # cancelled by our reference (Adyen)
+            if self._resend_due(record, client.mapping.replays_answers):
+                return await self._resend_follow_up(record)
             return await self._await_notification(record)
         if record.follow_up is not None:
             return await self._settle_follow_up(record)
@@ -260,6 +266,55 @@ class Reconciler:
         if record.follow_up is None:
             return await self._keep_pending(record)
         return await self._keep_follow_up_pending(record)
+
+    def _resend_due(self, record: PaymentRecord, replays_answers: bool) -> bool:
+        """A follow-up the provider may never have received: its last try's answer is unknown (a
+        reset, a timeout) or missing (the process died around the call), that call is past any
+        time it could still be in flight, and the provider replays answers per key (Adyen), so
+        sending it again under the same key makes it at most once. Without this it stayed
+        `<op>_pending` for ever: Adyen has no lookup, and notifies nothing it never received."""
+        pending = record.follow_up
+        if pending is None or not replays_answers or pending.operation == Operation.COMPLETE.value:
+            return False
+        if time.time() - pending.started_at > RESEND_WITHIN_S:
+            return False
+        tries = [a for a in record.attempts if a.idempotency_key == pending.provider_key
+                 and a.operation == pending.operation]
+        if tries and tries[-1].outcome not in (None, Outcome.UNKNOWN.value):
+            return False  # accepted ("received"): its notification settles it
+        return self._quiet_since(record, None, pending.provider_key, floor=pending.started_at, consistent=True)
+
+    async def _resend_follow_up(self, record: PaymentRecord) -> bool:
+        """The follow-up sent again under its provider key, each try journalled before its call.
+        Accepted: it waits for its notification, as any accepted one does; refused: settled,
+        and its key answers so; unknown or not sent: asked again at a later pass."""
+        svc = self.service
+        pending = record.follow_up
+        assert pending is not None and record.provider is not None
+        op = Operation(pending.operation)
+        client = svc.clients[record.provider]
+        subject = FollowUp(payment_id=record.id, provider_reference=record.provider_reference, amount=pending.amount,
+                           currency=record.currency, follow_up_id=pending.provider_key)
+
+        async def write_ahead(_attempt: object) -> None:
+            await svc.write_ahead(record, op.value)
+
+        deadline = time.monotonic() + client.handle.timeout_s * 2 + MIN_TRY_S
+        before = Settling.of(record)
+        result = await svc.executor.run(client, op, subject, pending.provider_key, deadline, record.attempts,
+                                        write_ahead, amount=pending.amount)
+        self.log.info("follow_up_resent", payment_id=record.id, provider=record.provider, operation=op.value,
+                      outcome=result.outcome.value, raw_code=result.raw_code)
+        if result.outcome in (Outcome.UNKNOWN, Outcome.UNAVAILABLE) or result.settles_later:
+            return await self._keep_follow_up_pending(record)
+        record.updated_at = time.time()
+        apply_follow_up(record, op, result.outcome)
+        await svc.store.complete_idempotency_for(pending.provider_key,
+                                                 answers.follow_up_answer(record, op, result).stored())
+        await svc.commit(record, "reconciliation", follow_up={"operation": op.value, "amount": pending.amount,
+                                                              "resent": True}, settled_from=before)
+        svc.metrics.reconciled.labels(record.status.value).inc()
+        return True
 
     def _outcome_overdue(self, record: PaymentRecord) -> bool:
         """A payment left pending at a provider without a lookup (an unknown answer) whose

@@ -4,6 +4,7 @@ payment and follow-up ends where the provider's ledger says, and no forged deliv
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -162,3 +163,75 @@ async def test_a_late_refund_failed_after_a_lookup_settled_the_refund_changes_no
     record = await journal(client, doc["id"])
     [charge] = charges(stripe, doc["id"])
     assert (record.status.value, record.refunded_amount) == ("refunded", charge.refunded) == ("refunded", 300)
+
+
+@pytest.mark.parametrize(("op", "body", "capture"), [("capture", {"amount": 300}, False),
+                                                     ("refunds", {"amount": 300}, True),
+                                                     ("void", {}, False)])
+async def test_an_adyen_follow_up_that_may_never_have_arrived_is_sent_again_under_its_key(
+        make_config, start_gateway, emulators, op: str, body: dict[str, Any], capture: bool) -> None:
+    """Outside attack: two connection resets on an Adyen capture (refund, void) left it
+    `<op>_pending` for ever: Adyen has no lookup and notifies nothing it never received. The
+    reconciler sends it again under the same key (Adyen replays a key's answer: made once either
+    way), and its notification settles it."""
+    from gateway.app_keys import RECONCILER
+
+    client = await start_gateway(make_config(order=("adyen", "stripe"), providers=WEBHOOK_PROVIDERS,
+                                             engine={"provider_in_flight_s": 0.2}), webhook_interval_s=3600)
+    adyen = emulators["adyen"]
+    adyen.emulator.webhooks.set_target(WebhookTarget(url=str(client.make_url("/v1/webhooks/adyen")),
+                                                     secret=ADYEN_HMAC, time_factor=0.001))
+    _, doc = await pay(client, card_payment(capture=capture, amount=1000))
+    assert doc["status"] == "approved"
+    await delivered(client, adyen)
+    adyen.emulator.faults.set(FaultPlan(rules=(FaultRule(kind="reset_before", operations=(op.rstrip("s"),)),)))
+    resp = await client.post(f"/v1/payments/{doc['id']}/{op}", json=body, headers=idem())
+    assert resp.status == 202, await resp.text()
+    adyen.emulator.faults.clear()
+    [charge] = charges(adyen, doc["id"])
+    assert (charge.captured, charge.refunded, charge.voided) == (1000 if capture else 0, 0, False), "never made"
+
+    await asyncio.sleep(0.25)  # time itself: past provider_in_flight_s, the reset call cannot be in flight
+    await client.app[RECONCILER].run_once(min_age_s=0, ignore_backoff=True)
+    await delivered(client, adyen)
+    record = await journal(client, doc["id"])
+    [charge] = charges(adyen, doc["id"])
+    assert (record.captured_amount, record.refunded_amount, record.status.value == "voided") == \
+        (charge.captured, charge.refunded, charge.voided)
+    assert record.follow_up is None and record.status.value in ("captured", "refunded", "voided"), record.status
+    sent = [a for a in record.attempts if a.operation == op.rstrip("s") and a.outcome == "approved"]
+    assert len(sent) == 1, "sent again once, and made once"
+
+
+async def test_an_adyen_capture_made_before_its_answer_was_lost_is_made_once_when_sent_again(
+        make_config, start_gateway, emulators) -> None:
+    """The other side of sending again: Adyen did make the capture (the reset came after it; one
+    try only, so the executor's own retry does not find that out first), and its notification is late. The second send under the same key is answered from Adyen's
+    key store: one capture of 300 in the ledger, and the journal says the same."""
+    from gateway.app_keys import RECONCILER
+
+    one_try = {**WEBHOOK_PROVIDERS, "adyen": {**WEBHOOK_PROVIDERS["adyen"], "retry": {"max_attempts": 1}}}
+    client = await start_gateway(make_config(order=("adyen", "stripe"), providers=one_try,
+                                             engine={"provider_in_flight_s": 0.2}), webhook_interval_s=3600)
+    adyen = emulators["adyen"]
+    adyen.emulator.webhooks.set_target(WebhookTarget(url=str(client.make_url("/v1/webhooks/adyen")),
+                                                     secret=ADYEN_HMAC, time_factor=0.001))
+    _, doc = await pay(client, card_payment(capture=False, amount=1000))
+    await delivered(client, adyen)
+    adyen.emulator.faults.set(FaultPlan(rules=(
+        FaultRule(kind="reset_after", operations=("capture",)),
+        FaultRule(kind="webhook_delay", latency_ms=800, operations=("capture",)))))
+    resp = await client.post(f"/v1/payments/{doc['id']}/capture", json={"amount": 300}, headers=idem())
+    assert resp.status == 202, await resp.text()
+    [charge] = charges(adyen, doc["id"])
+    assert charge.captured == 300, "made, though its answer was lost"
+    await asyncio.sleep(0.25)  # time itself: past provider_in_flight_s
+    adyen.emulator.faults.set(FaultPlan(rules=(FaultRule(kind="webhook_delay", latency_ms=800,
+                                                         operations=("capture",)),)))
+    await client.app[RECONCILER].run_once(min_age_s=0, ignore_backoff=True)  # sent again: "received", replayed
+    await delivered(client, adyen)
+    record = await journal(client, doc["id"])
+    [charge] = charges(adyen, doc["id"])
+    assert (record.status.value, record.captured_amount, charge.captured) == ("captured", 300, 300)
+    tries = [(a.outcome, a.raw_code) for a in record.attempts if a.operation == "capture"]
+    assert tries == [("unknown", "connection_reset"), ("approved", "received")], tries  # reset, then sent again
