@@ -140,10 +140,14 @@ class ProviderTransport:
                 ) as resp:
                     body = await _read_capped(resp, self.name)
                     return ProviderResponse(status=resp.status, headers=resp.headers, body=body)
+        except aiohttp.ConnectionTimeoutError as exc:  # aiohttp's own connect timer, before anything was sent
+            raise NotSent(f"{self.name}: not connected within {self._connect_timeout_s:.3f}s (connect_timeout_ms)",
+                          code="connect_timeout") from exc
         except TimeoutError as exc:
             if state.sent:
                 raise MaybeSent(f"{self.name}: no answer within {timeout_s:.3f}s", code="read_timeout") from exc
-            raise NotSent(f"{self.name}: not connected within {timeout_s:.3f}s", code="connect_timeout") from exc
+            raise NotSent(f"{self.name}: not connected within the try's {timeout_s:.3f}s",
+                          code="connect_timeout") from exc
         except aiohttp.ClientConnectorCertificateError as exc:
             raise NotSent(f"{self.name}: certificate rejected: {exc}", code="tls_certificate_error") from exc
         except aiohttp.ClientSSLError as exc:

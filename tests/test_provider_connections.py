@@ -108,6 +108,7 @@ async def test_a_handshake_that_never_finishes_is_a_connect_timeout_at_connect_t
         server.close()
         await server.wait_closed()
     assert raised.value.code == "connect_timeout"
+    assert "within 0.200s (connect_timeout_ms)" in str(raised.value), "the message names the timer that fired"
     assert asyncio.get_running_loop().time() - started < 2.0, "timed by connect_timeout, not the try's 5 s"
 
 
