@@ -24,13 +24,13 @@ from domain.types import FollowUp, Operation, ProviderResult
 from gateway import answers
 from gateway.answers import Answer
 from gateway.journal.errors import StaleWrite
-from gateway.journal.records import Attempt, ClaimKind, IdempotentAnswer, PaymentRecord, PendingFollowUp
+from gateway.journal.records import Attempt, ClaimKind, Fingerprint, IdempotentAnswer, PaymentRecord, PendingFollowUp
 from gateway.orchestrator import STALE_RETRIES, PaymentService, provider_idempotency_key
 from gateway.shopper_action import cancelling, finish_action, waiting
 
 
 
-async def complete_payment(svc: PaymentService, scope: str, key: str, fingerprint: str, payment_id: str,
+async def complete_payment(svc: PaymentService, scope: str, key: str, fingerprint: Fingerprint, payment_id: str,
                            return_params: Mapping[str, str], deadline: float) -> Answer:
     record = await svc.store.get_payment(payment_id)
     if record is None or record.client != scope:
@@ -46,7 +46,7 @@ async def complete_payment(svc: PaymentService, scope: str, key: str, fingerprin
         return answers.invalid_state("the payment is being changed by another request; retry shortly")
 
 
-async def _claim_and_complete(svc: PaymentService, scope: str, key: str, fingerprint: str, payment_id: str,
+async def _claim_and_complete(svc: PaymentService, scope: str, key: str, fingerprint: Fingerprint, payment_id: str,
                               return_params: Mapping[str, str], deadline: float, provider_key: str) -> Answer:
     record = await svc.store.get_payment(payment_id)
     assert record is not None
@@ -57,8 +57,7 @@ async def _claim_and_complete(svc: PaymentService, scope: str, key: str, fingerp
             operation=Operation.COMPLETE.value, amount=None, provider_key=provider_key, scope=scope, front_key=key,
             prior_status=record.status.value, started_at=now, deadline_s=max(0.0, deadline - time.monotonic()))
         record.updated_at = now
-    claim = await svc.store.claim_idempotency(scope, key, fingerprint, provider_key, now, now + svc.retention_s,
-                                              record if runs else None)
+    claim = await svc.claim(scope, key, fingerprint, provider_key, record if runs else None)
     if claim.kind is not ClaimKind.NEW:
         return answers.claim_answer(claim)
     if not runs:

@@ -31,8 +31,8 @@ from domain.types import FollowUp, Operation, PaymentOrder, ProviderResult
 from gateway import answers
 from gateway.answers import Answer
 from gateway.executor import AttemptExecutor
-from gateway.journal.records import (Attempt, ClaimKind, IdempotentAnswer, OutboxLine, PaymentRecord, PendingFollowUp,
-                                     SettledFollowUp)
+from gateway.journal.records import (Attempt, ClaimKind, Fingerprint, IdempotencyClaim, IdempotentAnswer, OutboxLine,
+                                     PaymentRecord, PendingFollowUp, SettledFollowUp)
 from gateway.journal.errors import StaleWrite
 from gateway.journal.store import Store
 from gateway.metrics import Metrics
@@ -175,7 +175,22 @@ class PaymentService:
 
     # -- payments ---------------------------------------------------------------------------------
 
-    async def create_payment(self, scope: str, key: str, fingerprint: str, record: PaymentRecord,
+    async def claim(self, scope: str, key: str, fingerprint: Fingerprint, resource_id: str,
+                    record: PaymentRecord | None = None) -> IdempotencyClaim:
+        """The key claimed with the request's fingerprint (and `record` written with it). A key
+        an earlier release claimed for the same request holds its raw-bytes fingerprint: that
+        is the same request too (a replay or in flight), never `idempotency_key_reused`."""
+        now = time.time()
+        claim = await self.store.claim_idempotency(scope, key, fingerprint.value, resource_id, now,
+                                                   now + self.retention_s, record)
+        if claim.kind is ClaimKind.MISMATCH and fingerprint.legacy is not None:
+            again = await self.store.claim_idempotency(scope, key, fingerprint.legacy, resource_id, now,
+                                                       now + self.retention_s, record)
+            if again.kind is not ClaimKind.MISMATCH:
+                return again
+        return claim
+
+    async def create_payment(self, scope: str, key: str, fingerprint: Fingerprint, record: PaymentRecord,
                              order: PaymentOrder, deadline: float) -> Answer:
         """Claim the key with the payment row and its first attempt (one transaction: that row is
         the first call's write-ahead too), run the payment to a final or pending state, commit
@@ -198,11 +213,9 @@ class PaymentService:
             return answers.error(422, "return_url_required", f"route {decision.route} requires a return_url: its "
                                  "providers may send the shopper to authenticate (3-D Secure)", "return_url")
         first_try = self._first_attempt(record) if decision is not None else None
-        now = time.time()
         with self.tracing.span("journal.claim") as span:
             span.record(record, "payment")
-            claim = await self.store.claim_idempotency(scope, key, fingerprint, record.id, now,
-                                                       now + self.retention_s, record)
+            claim = await self.claim(scope, key, fingerprint, record.id, record)
         if claim.kind is not ClaimKind.NEW:
             return answers.claim_answer(claim)
         # From here the journal holds the payment: if this request dies, the reconciler settles
@@ -430,7 +443,7 @@ class PaymentService:
         record = await self.store.get_payment(payment_id)
         return record if record is not None and record.client == scope else None
 
-    async def follow_up(self, scope: str, key: str, fingerprint: str, payment_id: str, op: Operation,
+    async def follow_up(self, scope: str, key: str, fingerprint: Fingerprint, payment_id: str, op: Operation,
                         asked_amount: int | None, deadline: float) -> Answer:
         """Capture, void or refund at the provider that holds the payment: never anywhere else.
 
@@ -451,8 +464,9 @@ class PaymentService:
                     continue  # another process wrote the payment since we read it: read it again
             return answers.invalid_state("the payment is being changed by another request; retry shortly")
 
-    async def _claim_and_run_follow_up(self, scope: str, key: str, fingerprint: str, payment_id: str, op: Operation,
-                                       asked_amount: int | None, deadline: float, provider_key: str) -> Answer:
+    async def _claim_and_run_follow_up(self, scope: str, key: str, fingerprint: Fingerprint, payment_id: str,
+                                       op: Operation, asked_amount: int | None, deadline: float,
+                                       provider_key: str) -> Answer:
         """One try at the follow-up against the payment as it is now; `StaleWrite` when another
         process wrote it between our read and our claim (the caller reads it again)."""
         # Checked against the row as it is now, not as it was before we waited: two refunds
@@ -475,8 +489,7 @@ class PaymentService:
             record.attempts.append(first)
         with self.tracing.span("journal.claim") as span:
             span.record(record, op.value)
-            claim = await self.store.claim_idempotency(scope, key, fingerprint, provider_key, now,
-                                                       now + self.retention_s, record if problem is None else None)
+            claim = await self.claim(scope, key, fingerprint, provider_key, record if problem is None else None)
         if claim.kind is not ClaimKind.NEW:
             return answers.claim_answer(claim)  # a replay, or the key is another request's
         if problem is not None:

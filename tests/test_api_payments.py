@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from pathlib import Path
 
@@ -51,6 +52,47 @@ async def test_same_key_same_body_replays_byte_for_byte(make_config, start_gatew
     assert await first.read() == await second.read()
     assert second.headers["Idempotent-Replayed"] == "true"
     assert len(emulators["stripe"].emulator.ledger.charges()) == 1
+
+
+async def test_the_same_payment_re_serialised_is_a_replay(make_config, start_gateway, emulators) -> None:
+    """Outside attack: the fingerprint hashed the body's bytes, so the same payment sent again
+    with its keys in another order, or indented (a checkout rebuilding the request after a
+    crash), was 422 `idempotency_key_reused`, and a checkout that then pays with a new key
+    charges twice. The fingerprint hashes the JSON document in canonical form."""
+    client = await start_gateway(make_config())
+    headers = {**key(), "Content-Type": "application/json"}
+    body = card_payment()
+    first = await client.post("/v1/payments", data=orjson.dumps(body), headers=headers)
+    reordered = dict(reversed(list(body.items())))
+    for again in (orjson.dumps(reordered), orjson.dumps(body, option=orjson.OPT_INDENT_2)):
+        second = await client.post("/v1/payments", data=again, headers=headers)
+        assert second.status == first.status == 201, await second.text()
+        assert second.headers["Idempotent-Replayed"] == "true" and await second.read() == await first.read()
+    assert len(emulators["stripe"].emulator.ledger.charges()) == 1
+
+
+async def test_a_key_claimed_by_an_earlier_release_still_replays_the_same_bytes(make_config, start_gateway,
+                                                                                emulators) -> None:
+    """Earlier releases stored the raw bytes' fingerprint: a retry across the upgrade must be
+    a replay (in flight here), not 422, or the checkout might pay again with a new key."""
+    from types import SimpleNamespace
+
+    from gateway.http.auth import fingerprint_key
+    from gateway.http.idempotency import fingerprint
+    from tests.conftest import CHECKOUT_KEY
+
+    client = await start_gateway(make_config())
+    headers = key()
+    raw = orjson.dumps(card_payment())
+    old = fingerprint(SimpleNamespace(method="POST", path="/v1/payments"), raw, orjson.loads(raw),
+                      fingerprint_key(CHECKOUT_KEY)).legacy
+    assert old is not None
+    now = time.time()
+    await client.app[STORE].claim_idempotency("checkout", headers["Idempotency-Key"], old, "pay_earlier", now,
+                                              now + 3600)
+    resp = await client.post("/v1/payments", data=raw, headers={**headers, "Content-Type": "application/json"})
+    assert resp.status == 409 and (await resp.json())["code"] == "idempotency_key_in_use", await resp.text()
+    assert emulators["stripe"].emulator.ledger.charges() == []
 
 
 async def test_same_key_other_body_is_422(make_config, start_gateway) -> None:

@@ -82,7 +82,7 @@ def _check_origin(request: web.Request) -> None:
 
 
 async def _json(request: web.Request, model: type[BreakerAction | ReconcileAction]) -> Any:
-    return (await json_body(request, model, request.app[REDACTOR]))[1]  # the front door's rules: one parser for every JSON body
+    return (await json_body(request, model, request.app[REDACTOR])).payload  # the front door's rules: one parser for every JSON body
 
 
 def _confirmed(action: BreakerAction | ReconcileAction) -> None:

@@ -23,7 +23,7 @@ from gateway.http.schemas import CaptureCreate, CardMethod, CompleteCreate, Paym
 from domain.cards import truncate_pan
 from gateway.app_keys import AUTH, CONFIG, LOG_WRITER, REDACTOR, SERVICE, TRANSACTION_LOG
 from gateway.completion import complete_payment
-from gateway.journal.records import PaymentRecord
+from gateway.journal.records import Fingerprint, PaymentRecord
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 _PAYMENT_ID = re.compile(r"pay_[a-z_]{1,64}")  # new_payment_id makes 27 letters; tests name theirs pay_crash_x
@@ -75,12 +75,13 @@ async def create_payment(request: web.Request) -> web.Response:
     caller = request.app[AUTH].caller(request, "payments:write")
     key = idempotency_key(request, request.app[REDACTOR])
     _shed_if_overloaded(request)
-    body, payload = await json_body(request, PaymentCreate, request.app[REDACTOR])
+    body = await json_body(request, PaymentCreate, request.app[REDACTOR])
+    payload = body.payload
     check_return_url(payload.return_url, payload.three_ds,
                      allow_http_loopback=request.app[CONFIG].three_ds.allow_http_loopback_return_url)
     deadline = request_deadline(request, request.app[CONFIG].engine.deadline_ms)
     record, order = _new_payment(caller, payload)
-    print_ = fingerprint(request, body, caller.fingerprint_key)
+    print_ = fingerprint(request, body.raw, body.document, caller.fingerprint_key)
     return _write(await request.app[SERVICE].create_payment(caller.name, key, print_, record, order, deadline))
 
 
@@ -122,7 +123,7 @@ class _PaymentWrite:
     client: str
     payment_id: str
     key: str
-    fingerprint: str
+    fingerprint: Fingerprint
     payload: Any
     deadline: float
 
@@ -136,10 +137,10 @@ async def _payment_write(request: web.Request, model: type[BaseModel]) -> _Payme
         return None
     key = idempotency_key(request, request.app[REDACTOR])
     _shed_if_overloaded(request)
-    body, payload = await json_body(request, model, request.app[REDACTOR])
+    body = await json_body(request, model, request.app[REDACTOR])
     deadline = request_deadline(request, request.app[CONFIG].engine.deadline_ms)
-    return _PaymentWrite(caller.name, payment_id, key, fingerprint(request, body, caller.fingerprint_key), payload,
-                         deadline)
+    return _PaymentWrite(caller.name, payment_id, key, fingerprint(request, body.raw, body.document,
+                                                                   caller.fingerprint_key), body.payload, deadline)
 
 
 def follow_up_handler(op: Operation):  # type: ignore[no-untyped-def]

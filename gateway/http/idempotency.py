@@ -19,9 +19,11 @@ import hashlib
 import hmac
 import re
 
+import orjson
 from aiohttp import web
 
 from gateway.http.errors import ApiError
+from gateway.journal.records import Fingerprint
 from gateway.http.free_text import refuse_in_text
 from gateway.http.inputs import single_header
 from gateway.redaction import Finding, Redactor
@@ -45,10 +47,15 @@ def idempotency_key(request: web.Request, redactor: Redactor) -> str:
     return key
 
 
-def fingerprint(request: web.Request, body: bytes, key: bytes) -> str:
-    """The request's identity for its Idempotency-Key: method, path and body bytes. Keyed
-    (HMAC-SHA256 with a key derived from the caller's API key): the body holds the card number
-    and CVC, and a plain hash stored beside the payment's BIN, last four and amount could be
-    searched for them in seconds."""
-    return hmac.new(key, request.method.encode() + b" " + request.path.encode() + b"\n" + body,
-                    hashlib.sha256).hexdigest()
+def fingerprint(request: web.Request, body: bytes, document: object, key: bytes) -> Fingerprint:
+    """The request's identity for its Idempotency-Key: method, path and the body's JSON document
+    in canonical form (keys sorted, no whitespace), so the same payment sent again re-serialised
+    (keys in another order, indented: a checkout rebuilding the request after a crash) is a
+    replay, not 422 `idempotency_key_reused`, after which the checkout might pay with a new key.
+    Keyed (HMAC-SHA256 with a key derived from the caller's API key): the body holds the card
+    number and CVC, and a plain hash stored beside the payment's BIN, last four and amount could
+    be searched for them in seconds. `legacy`: the raw bytes' HMAC, what earlier releases stored."""
+    head = request.method.encode() + b" " + request.path.encode() + b"\n"
+    canonical = orjson.dumps(document, option=orjson.OPT_SORT_KEYS)
+    return Fingerprint(hmac.new(key, b"c1 " + head + canonical, hashlib.sha256).hexdigest(),
+                       hmac.new(key, head + body, hashlib.sha256).hexdigest())

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 import time
 import zlib
-from typing import TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import orjson
 from aiohttp import web
@@ -82,10 +82,16 @@ def _content_coding(request: web.Request) -> str | None:
     return coding
 
 
-async def json_body(request: web.Request, model: type[M], redactor: Redactor) -> tuple[bytes, M]:
-    """The decoded body and its model. A JSON object only, each key once per object, and no
-    card data or secret in its free text (`redactor`: the app's, which knows the configured
-    secrets)."""
+class JsonBody(NamedTuple, Generic[M]):
+    raw: bytes  # decoded from its Content-Encoding
+    document: dict[str, Any]  # as parsed: what the idempotency fingerprint hashes, canonically
+    payload: M
+
+
+async def json_body(request: web.Request, model: type[M], redactor: Redactor) -> JsonBody[M]:
+    """The decoded body, its JSON document and its model. A JSON object only, each key once per
+    object, and no card data or secret in its free text (`redactor`: the app's, which knows the
+    configured secrets)."""
     if request.content_type != "application/json":
         raise ApiError(415, "unsupported_media_type", "send the body as application/json", "Content-Type")
     body = await read_body(request)
@@ -102,7 +108,7 @@ async def json_body(request: web.Request, model: type[M], redactor: Redactor) ->
     except ValidationError as exc:
         raise from_validation_error(exc) from None
     refuse_card_data(payload, redactor)
-    return body, payload
+    return JsonBody(body, data, payload)
 
 
 def request_deadline(request: web.Request, deadline_ms: int) -> float:

@@ -299,6 +299,16 @@ class ClaimKind(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class Fingerprint:
+    """A request's identity for its Idempotency-Key, keyed (HMAC): `value`, of its canonical
+    JSON, is what a claim stores; `legacy`, of its raw body bytes, is what releases before the
+    canonical form stored, still matched so a retry across the upgrade replays instead of 422."""
+
+    value: str
+    legacy: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class IdempotencyClaim:
     kind: ClaimKind
     resource_id: str | None = None
