@@ -56,6 +56,9 @@ class ServerConfig(_Model):
     port: int = Field(8080, ge=0, le=65535)
     tls: TlsServerConfig | None = None
     max_body_bytes: int = Field(64 * 1024, gt=0, le=10 * 1024 * 1024)
+    # A request body still arriving after this is refused (408 body_timeout) and its connection
+    # closed: a client trickling a body would otherwise hold a handler and a socket for ever.
+    body_timeout_s: float = Field(10.0, gt=0, le=300)
     shutdown_grace_s: float = Field(10.0, ge=0, le=300)
     max_in_flight: int = Field(1000, gt=0)
 

@@ -318,3 +318,24 @@ async def test_bytes_past_ascii_in_credentials_and_forms_are_refused_not_a_500(
     non-ASCII text, the form's decoding): each is the client's mistake, answered as such."""
     assert await _raw(gateway, head, body) == expected
     gateway.assert_no_traceback()
+
+
+async def test_a_body_that_never_finishes_arriving_is_408_and_the_connection_closed(make_config,
+                                                                                    start_gateway) -> None:
+    """Outside attack: full headers, `Content-Length: 500` and 9 bytes of body held the handler
+    and the socket for 150 s and more (a slowloris of bodies). Now the handler answers 408 with
+    `Connection: close`; aiohttp then drains the socket for at most its lingering time (10 s)."""
+    client = await start_gateway(make_config(server={"body_timeout_s": 0.3}))
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        writer.write(b"POST /v1/payments HTTP/1.1\r\nHost: g\r\nAuthorization: " + BEARER + b"\r\n"
+                     b"Idempotency-Key: k-slow-body\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n"
+                     b'{"amount"')
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
+        length = int(next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length:")).split(b":")[1])
+        answer = head + await asyncio.wait_for(reader.readexactly(length), timeout=5)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    assert answer.split(b" ", 2)[1] == b"408", answer
+    assert b"Connection: close" in head and b'"body_timeout"' in answer

@@ -35,7 +35,7 @@ from pydantic import StrictBool
 from gateway.http.errors import ApiError, json_response
 from gateway.http.inputs import json_body
 from gateway.http.schemas import Body
-from gateway.app_keys import CONSOLE, CONSOLE_ASSETS, OPS_LOG, POOL, RECONCILER, REDACTOR
+from gateway.app_keys import CONFIG, CONSOLE, CONSOLE_ASSETS, OPS_LOG, POOL, RECONCILER, REDACTOR
 from gateway.console.assets import ASSETS
 from gateway.console.session import COOKIE, COOKIE_PATH
 
@@ -82,7 +82,9 @@ def _check_origin(request: web.Request) -> None:
 
 
 async def _json(request: web.Request, model: type[BreakerAction | ReconcileAction]) -> Any:
-    return (await json_body(request, model, request.app[REDACTOR])).payload  # the front door's rules: one parser for every JSON body
+    # the front door's rules: one parser for every JSON body
+    timeout_s = request.app[CONFIG].server.body_timeout_s
+    return (await json_body(request, model, request.app[REDACTOR], timeout_s)).payload
 
 
 def _confirmed(action: BreakerAction | ReconcileAction) -> None:

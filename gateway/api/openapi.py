@@ -41,6 +41,8 @@ _ERRORS: dict[int, tuple[str, tuple[str, ...], bool]] = {
     401: ("no valid API key", ("unauthenticated",), False),
     403: ("the API key lacks the permission", ("forbidden",), False),
     404: ("no such payment (or not this caller's)", ("payment_not_found", "not_found"), False),
+    408: ("the request body did not arrive within `server.body_timeout_s`; the connection is closed",
+          ("body_timeout",), False),
     409: ("a request with this Idempotency-Key is still running (Retry-After), another operation of the "
           "payment is at its provider (Retry-After), the payment's state does not allow this follow-up, or an "
           "accepted follow-up proved never made",
@@ -59,8 +61,8 @@ _ERRORS: dict[int, tuple[str, tuple[str, ...], bool]] = {
           "retry after Retry-After with the same Idempotency-Key",
           ("overloaded", "journal_unavailable", "provider_unavailable"), True),
 }
-_CREATE_ERRORS = (400, 401, 403, 409, 413, 415, 422, 500, 503)
-_FOLLOW_UP_ERRORS = (400, 401, 403, 404, 409, 413, 415, 422, 500, 503)
+_CREATE_ERRORS = (400, 401, 403, 408, 409, 413, 415, 422, 500, 503)
+_FOLLOW_UP_ERRORS = (400, 401, 403, 404, 408, 409, 413, 415, 422, 500, 503)
 
 # The payment's id from an answer, for every operation that takes it (OpenAPI links).
 _ON_THE_PAYMENT = {

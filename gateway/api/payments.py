@@ -75,7 +75,7 @@ async def create_payment(request: web.Request) -> web.Response:
     caller = request.app[AUTH].caller(request, "payments:write")
     key = idempotency_key(request, request.app[REDACTOR])
     _shed_if_overloaded(request)
-    body = await json_body(request, PaymentCreate, request.app[REDACTOR])
+    body = await json_body(request, PaymentCreate, request.app[REDACTOR], request.app[CONFIG].server.body_timeout_s)
     payload = body.payload
     check_return_url(payload.return_url, payload.three_ds,
                      allow_http_loopback=request.app[CONFIG].three_ds.allow_http_loopback_return_url)
@@ -137,7 +137,7 @@ async def _payment_write(request: web.Request, model: type[BaseModel]) -> _Payme
         return None
     key = idempotency_key(request, request.app[REDACTOR])
     _shed_if_overloaded(request)
-    body = await json_body(request, model, request.app[REDACTOR])
+    body = await json_body(request, model, request.app[REDACTOR], request.app[CONFIG].server.body_timeout_s)
     deadline = request_deadline(request, request.app[CONFIG].engine.deadline_ms)
     return _PaymentWrite(caller.name, payment_id, key, fingerprint(request, body.raw, body.document,
                                                                    caller.fingerprint_key), body.payload, deadline)

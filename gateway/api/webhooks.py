@@ -19,7 +19,7 @@ from aiohttp import web
 from domain.webhook import MalformedEvent, SignatureInvalid
 from gateway.http.errors import ApiError
 from gateway.http.inputs import read_body
-from gateway.app_keys import OPS_LOG, STORE, WEBHOOKS
+from gateway.app_keys import CONFIG, OPS_LOG, STORE, WEBHOOKS
 from gateway.journal.webhook_events import WebhookEventRecord
 
 PATH = "/v1/webhooks/{provider}"
@@ -50,7 +50,7 @@ async def receive(request: web.Request) -> web.Response:
     endpoint = hooks.endpoints.get(name)
     if endpoint is None:
         raise ApiError(404, "not_found", "no webhook endpoint is configured for this provider", "provider")
-    body = await read_body(request)
+    body = await read_body(request, request.app[CONFIG].server.body_timeout_s)
     ops: structlog.typing.FilteringBoundLogger = request.app[OPS_LOG]
     try:
         endpoint.scheme.verify(body, request.headers, endpoint.secrets, time.time())

@@ -11,6 +11,7 @@ bounds only the compressed size, not what a small gzip bomb inflates to.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import zlib
@@ -46,14 +47,21 @@ def single_header(request: web.Request, name: str) -> str | None:
     return values[0] if values else None
 
 
-async def read_body(request: web.Request) -> bytes:
+async def read_body(request: web.Request, timeout_s: float) -> bytes:
     """The body, decoded from its Content-Encoding (identity, gzip or deflate) and at most the
-    app's `client_max_size` both as sent and as decoded."""
+    app's `client_max_size` both as sent and as decoded, within `timeout_s` (`server.body_timeout_s`):
+    a body still arriving then is a client that will not send it (or a slowloris), and its
+    handler and connection are released. Behind HAProxy, `timeout http-request`
+    (deploy/haproxy.cfg) bounds the headers too; aiohttp alone has no timer for them."""
     coding = _content_coding(request)
     try:
-        raw = await request.read()  # over client_max_size: HTTPRequestEntityTooLarge, 413 in the middleware
+        async with asyncio.timeout(timeout_s):
+            raw = await request.read()  # over client_max_size: HTTPRequestEntityTooLarge, 413 in the middleware
     except web.RequestPayloadError:  # broken chunked framing after the headers
         raise ApiError(400, "malformed_body", "the request body's transfer framing is malformed") from None
+    except TimeoutError:
+        raise ApiError(408, "body_timeout", f"the request body did not arrive within {timeout_s:g} s",
+                       headers={"Connection": "close"}) from None
     if coding is None:
         return raw
     limit = request.client_max_size
@@ -88,13 +96,13 @@ class JsonBody(NamedTuple, Generic[M]):
     payload: M
 
 
-async def json_body(request: web.Request, model: type[M], redactor: Redactor) -> JsonBody[M]:
+async def json_body(request: web.Request, model: type[M], redactor: Redactor, timeout_s: float) -> JsonBody[M]:
     """The decoded body, its JSON document and its model. A JSON object only, each key once per
     object, and no card data or secret in its free text (`redactor`: the app's, which knows the
     configured secrets)."""
     if request.content_type != "application/json":
         raise ApiError(415, "unsupported_media_type", "send the body as application/json", "Content-Type")
-    body = await read_body(request)
+    body = await read_body(request, timeout_s)
     try:
         data = strict_json.loads(body or b"{}")
     except orjson.JSONDecodeError as exc:
