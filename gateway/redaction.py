@@ -103,7 +103,12 @@ DEFAULT_SENSITIVE_KEYS: frozenset[str] = frozenset(
         "authorization",
         "proxy-authorization",
         "*password",
+        "*passwd",
         "*passphrase",
+        "pin",
+        "*card_pin",
+        "*pin_code",
+        "*cookie",
         "*secret",
         "*private_key",
         "*token",
@@ -147,9 +152,11 @@ _KEY = re.compile(
 # printable character; everything up to whitespace or a quote goes.
 _ADYEN_KEY = re.compile(r"(?<![A-Za-z0-9+/])AQE[A-Za-z0-9+/=]{20,}[^\s\"'`]*")
 _BEARER = re.compile(r"(?i:bearer)[ \t]+[A-Za-z0-9\-._~+/]+=*")
-# "cvc=917", "CVV: 917", "card_cvc 917", "security code: 0123", '"cvv":"917"'.
+# "cvc=917", "CVV: 917", "card_cvc 917", "security code: 0123", '"cvv":"917"',
+# "card verification value 917".
 _INLINE_CODE = re.compile(
-    r"(?i:cv[cv]2?|cvn|csc|security[\s._-]*code)(?![a-z])[\s\"'\]]*(?:[:=]|is)?[\s\"']*([0-9]{3,4})(?![0-9])"
+    r"(?i:cv[cv]2?|cvn|csc|security[\s._-]*code|card[\s._-]*verification[\s._-]*(?:value|code))(?![a-z])"
+    r"[\s\"'\]]*(?:[:=]|is)?[\s\"']*([0-9]{3,4})(?![0-9])"
 )
 
 # Card-number candidates: a digit, then 11 or more digits each after up to three separators.
@@ -206,7 +213,7 @@ def _hide_code(match: re.Match[str]) -> str:
 
 def _scrub_inline_codes(text: str) -> str:
     lower = text.lower()
-    if "cv" in lower or "csc" in lower or "security" in lower:
+    if "cv" in lower or "csc" in lower or "security" in lower or "verification" in lower:
         return _INLINE_CODE.sub(_hide_code, text)
     return text
 

@@ -118,6 +118,8 @@ class PaymentCreate(Body):
         method = self.payment_method
         if isinstance(method, CardMethod) and method.holder_name is not None:
             yield FreeText("payment_method.holder_name", method.holder_name)
+        if isinstance(method, TokenMethod):  # a provider's token, forwarded: never a card number typed there
+            yield FreeText("payment_method.token", method.token.get_secret_value(), opaque=True)
         for key, value in self.metadata.items():
             yield FreeText("metadata", key, is_key=True)
             yield FreeText(f"metadata.{key}", value)
