@@ -274,7 +274,10 @@ async def test_return_url_rules(tmp_path: Path, dev_certs: DevCertLayout, aiohtt
         assert await refused(card_payment()) == ("return_url_required", "return_url")  # the route requires one
         for bad in ("http://shop.example/return", "ftp://127.0.0.1/x", "https://user:pw@shop.example/r",
                     "https:///nohost", "https://shop.example/a b", "/relative/only", "https://shop.example/\x00",
-                    "https://shop.example/\x7f"):
+                    "https://shop.example/\x7f",
+                    # hosts no browser reaches (an outside attack had these accepted)
+                    "https://%zz/", "https://exa%00mple.com/", "https://shop.example:0/", "https://1.2.3.4.5/",
+                    "https://.../", "https://xn--/", "https://-shop.example/"):
             assert await refused(card_payment(return_url=bad)) == ("invalid_return_url", "return_url"), bad
         # The provider echoes the return URL into its redirect, and the journal keeps it: card data
         # and secrets in it are refused like any free text, before anything is sent or written.

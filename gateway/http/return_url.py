@@ -14,12 +14,17 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from urllib.parse import urlsplit
 
 from domain.types import ThreeDS
 from gateway.http.errors import ApiError
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+# A DNS name as browsers resolve it: labels of letters, digits and inner hyphens (IDNs in their
+# xn-- form), none empty, at most 63 characters each, 253 in all, the last not all digits.
+_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 
 
 def check_return_url(url: str | None, three_ds: ThreeDS, *, allow_http_loopback: bool) -> None:
@@ -45,8 +50,28 @@ def _problem(url: str, allow_http_loopback: bool) -> str | None:
         return "return_url must be printable ASCII without spaces (percent-encode the rest)"
     if parts.scheme not in ("https", "http") or not host:
         return "return_url must be an absolute https URL"
+    if not _valid_host(host) or parts.port == 0:
+        return "return_url must name a host a browser can reach (a DNS name or an IP address, a port from 1)"
     if parts.username is not None or parts.password is not None:
         return "return_url must not carry a user name or password"
     if parts.scheme == "http" and not (allow_http_loopback and host in LOOPBACK_HOSTS):
         return "return_url must be https (http only to a loopback host, where the configuration allows it)"
     return None
+
+
+def _valid_host(host: str) -> bool:
+    """A DNS name (see _LABEL) or an IP address. An outside attack had `https://%zz/`,
+    `https://exa%00mple.com/`, `https://1.2.3.4.5/` and `https://.../` accepted: each is a
+    redirect the provider would send the shopper to, and no browser can follow."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    labels = host.rstrip(".").split(".") if len(host) <= 253 else []
+    if not labels or not all(_LABEL.fullmatch(label) for label in labels) or labels[-1].isdigit():
+        return False
+    try:  # an IDN label must decode (xn-- alone does not)
+        return all(not label.startswith("xn--") or bool(label.encode().decode("idna")) for label in labels)
+    except UnicodeError:
+        return False
