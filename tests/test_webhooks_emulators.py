@@ -165,6 +165,19 @@ async def test_a_late_refund_failed_after_a_lookup_settled_the_refund_changes_no
     assert (record.status.value, record.refunded_amount) == ("refunded", charge.refunded) == ("refunded", 300)
 
 
+async def _adyen_resending(make_config, start_gateway,  # type: ignore[no-untyped-def]
+                           emulators: dict[str, EmulatorServer], **adyen: Any) -> tuple[TestClient, EmulatorServer]:
+    """A gateway with Adyen first, its notifications wired, and a call past 0.2 s no longer in
+    flight (`engine.provider_in_flight_s`), so a pass can send a lost follow-up again."""
+    providers = {**WEBHOOK_PROVIDERS, "adyen": {**WEBHOOK_PROVIDERS["adyen"], **adyen}}
+    client = await start_gateway(make_config(order=("adyen", "stripe"), providers=providers,
+                                             engine={"provider_in_flight_s": 0.2}), webhook_interval_s=3600)
+    server = emulators["adyen"]
+    server.emulator.webhooks.set_target(WebhookTarget(url=str(client.make_url("/v1/webhooks/adyen")),
+                                                      secret=ADYEN_HMAC, time_factor=0.001))
+    return client, server
+
+
 @pytest.mark.parametrize(("op", "body", "capture"), [("capture", {"amount": 300}, False),
                                                      ("refunds", {"amount": 300}, True),
                                                      ("void", {}, False)])
@@ -176,11 +189,7 @@ async def test_an_adyen_follow_up_that_may_never_have_arrived_is_sent_again_unde
     way), and its notification settles it."""
     from gateway.app_keys import RECONCILER
 
-    client = await start_gateway(make_config(order=("adyen", "stripe"), providers=WEBHOOK_PROVIDERS,
-                                             engine={"provider_in_flight_s": 0.2}), webhook_interval_s=3600)
-    adyen = emulators["adyen"]
-    adyen.emulator.webhooks.set_target(WebhookTarget(url=str(client.make_url("/v1/webhooks/adyen")),
-                                                     secret=ADYEN_HMAC, time_factor=0.001))
+    client, adyen = await _adyen_resending(make_config, start_gateway, emulators)
     _, doc = await pay(client, card_payment(capture=capture, amount=1000))
     assert doc["status"] == "approved"
     await delivered(client, adyen)
@@ -206,16 +215,12 @@ async def test_an_adyen_follow_up_that_may_never_have_arrived_is_sent_again_unde
 async def test_an_adyen_capture_made_before_its_answer_was_lost_is_made_once_when_sent_again(
         make_config, start_gateway, emulators) -> None:
     """The other side of sending again: Adyen did make the capture (the reset came after it; one
-    try only, so the executor's own retry does not find that out first), and its notification is late. The second send under the same key is answered from Adyen's
-    key store: one capture of 300 in the ledger, and the journal says the same."""
+    try only, so the executor's own retry does not find that out first), and its notification
+    is late. The second send under the same key is answered from Adyen's key store: one capture
+    of 300 in the ledger, and the journal says the same."""
     from gateway.app_keys import RECONCILER
 
-    one_try = {**WEBHOOK_PROVIDERS, "adyen": {**WEBHOOK_PROVIDERS["adyen"], "retry": {"max_attempts": 1}}}
-    client = await start_gateway(make_config(order=("adyen", "stripe"), providers=one_try,
-                                             engine={"provider_in_flight_s": 0.2}), webhook_interval_s=3600)
-    adyen = emulators["adyen"]
-    adyen.emulator.webhooks.set_target(WebhookTarget(url=str(client.make_url("/v1/webhooks/adyen")),
-                                                     secret=ADYEN_HMAC, time_factor=0.001))
+    client, adyen = await _adyen_resending(make_config, start_gateway, emulators, retry={"max_attempts": 1})
     _, doc = await pay(client, card_payment(capture=False, amount=1000))
     await delivered(client, adyen)
     adyen.emulator.faults.set(FaultPlan(rules=(
