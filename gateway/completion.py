@@ -43,7 +43,7 @@ async def complete_payment(svc: PaymentService, scope: str, key: str, fingerprin
                                                  provider_key)
             except StaleWrite:
                 continue  # another writer (a webhook, a replica) moved the payment: read it again
-        return answers.invalid_state("the payment is being changed by another request; retry shortly")
+        return answers.in_progress("the payment is being changed by another request; retry shortly")
 
 
 async def _claim_and_complete(svc: PaymentService, scope: str, key: str, fingerprint: Fingerprint, payment_id: str,

@@ -462,7 +462,7 @@ class PaymentService:
                                                                deadline, provider_key)
                 except StaleWrite:
                     continue  # another process wrote the payment since we read it: read it again
-            return answers.invalid_state("the payment is being changed by another request; retry shortly")
+            return answers.in_progress("the payment is being changed by another request; retry shortly")
 
     async def _claim_and_run_follow_up(self, scope: str, key: str, fingerprint: Fingerprint, payment_id: str,
                                        op: Operation, asked_amount: int | None, deadline: float,
