@@ -217,6 +217,21 @@ def test_a_late_failure_of_a_refund_settled_as_not_made_changes_nothing() -> Non
     assert (late.effect, record.refunded_amount, record.status) == (Effect.NONE, 300, PaymentStatus.REFUNDED)
 
 
+def test_a_reversal_that_matches_no_follow_up_of_ours_changes_nothing() -> None:
+    """Re-attack: a signed REFUNDED_REVERSED (or CAPTURE_FAILED) naming only the payment, for
+    an amount none of our refunds had, took it off (one for 1000 wiped two refunds of 300 and
+    200): a reversal of a refund we never made is not ours to apply."""
+    record = _record(PaymentStatus.CAPTURED, captured_amount=1299)
+    _pending_refund(record, "k-first", 300)
+    decide(record, "adyen", _refund("k-first", True))
+    stray = ProviderEvent("e9", EventKind.REFUND, "REFUNDED_REVERSED", False, "pay_abc",
+                          follow_up_reference="pay_abc", amount=1000, reverses=True)
+    assert (decide(record, "adyen", stray).effect, record.refunded_amount) == (Effect.NONE, 300)
+    ours = ProviderEvent("e10", EventKind.REFUND, "REFUNDED_REVERSED", False, "pay_abc",
+                         follow_up_reference="pay_abc", amount=300, reverses=True)
+    assert (decide(record, "adyen", ours).effect, record.refunded_amount) == (Effect.FOLLOW_UP, 0)
+
+
 def test_a_failure_for_a_payment_journalled_before_settled_follow_ups_were_kept_uses_the_amounts() -> None:
     record = _record(PaymentStatus.REFUNDED, captured_amount=1299, refunded_amount=300)
     assert decide(record, "adyen", _refund("k-old", False, reverses=True)).effect is Effect.FOLLOW_UP

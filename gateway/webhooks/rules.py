@@ -179,8 +179,11 @@ def _reverse(record: PaymentRecord, event: ProviderEvent, op: Operation) -> Deci
             return Decision(Effect.NONE, f"the {op.value} was settled as not made: nothing to undo")
         if settled.reversed:
             return Decision(Effect.NONE, f"the {op.value}'s failure was applied already")
-    elif reference is not None and any(f.operation == op.value for f in record.settled_follow_ups):
-        return Decision(Effect.NONE, f"no {op.value} of this payment has that reference")
+    elif any(f.operation == op.value for f in record.settled_follow_ups):
+        # The payment's settled follow-ups of that kind are known, and none is this one (by its
+        # reference, or by its amount where none is echoed): a reversal of something we never
+        # made (Adyen REFUNDED_REVERSED of a refund made in its Customer Area) is not ours to apply.
+        return Decision(Effect.NONE, f"no {op.value} of this payment matches the failure")
     done = {Operation.CAPTURE: record.captured_amount, Operation.REFUND: record.refunded_amount}.get(op, 0)
     if done <= 0:
         return Decision(Effect.NONE, f"no {op.value} made to undo")
