@@ -34,6 +34,14 @@ REFUSED: list[tuple[dict[str, Any], str, str]] = [
     ({"merchant_reference": f"order-{AMEX[:4]}.{AMEX[4:10]}.{AMEX[10:]}"}, CARD, "merchant_reference"),
     ({"description": f"card\t{PAN[:4]}\t{PAN[4:8]}\t{PAN[8:12]}\t{PAN[12:]}"}, CARD, "description"),
     ({"description": f"card {FULL_WIDTH}"}, CARD, "description"),
+    # As pasted from a URL or a page, spaced out, or with an invisible mark (a re-attack).
+    ({"merchant_reference": f"r {PAN[:4]}%20{PAN[4:8]}%20{PAN[8:12]}%20{PAN[12:]}"}, CARD, "merchant_reference"),
+    ({"return_url": f"https://shop.example/return?card={PAN[:4]}%20{PAN[4:8]}%20{PAN[8:12]}%20{PAN[12:]}"}, CARD,
+     "return_url"),
+    ({"description": f"{PAN[:4]}&nbsp;{PAN[4:8]}&nbsp;{PAN[8:12]}&nbsp;{PAN[12:]}"}, CARD, "description"),
+    ({"description": f"{PAN[:4]}<b>{PAN[4:8]}</b>{PAN[8:12]} {PAN[12:]}"}, CARD, "description"),
+    ({"metadata": {"note": f"{PAN[:4]}    {PAN[4:8]}    {PAN[8:12]}    {PAN[12:]}"}}, CARD, "metadata.note"),
+    ({"metadata": {"note": f"{PAN[0]}\u0301{PAN[1:]}"}}, CARD, "metadata.note"),
     # Any punctuation between the groups (an outside attack stored these verbatim).
     ({"merchant_reference": f"{PAN[:4]},{PAN[4:8]},{PAN[8:12]},{PAN[12:]}"}, CARD, "merchant_reference"),
     ({"metadata": {"note": f"{PAN[:4]}|{PAN[4:8]}|{PAN[8:12]}|{PAN[12:]}"}}, CARD, "metadata.note"),
@@ -121,7 +129,8 @@ async def test_free_text_that_only_looks_like_card_data_is_accepted_as_sent(make
                                   "order": "order-1733058000006", "counter": "000000000000000018",
                                   # punctuation between groups counts, but not in these shapes
                                   "at": "2024-05-01T12:30:45.123456Z", "total": "1,234,567,890,123",
-                                  "where": "10.0.0.1:8080"})
+                                  "where": "10.0.0.1:8080", "link": "https://shop.example/r?order=A%2B1&x=2",
+                                  "spaced": "2 items at 19.99  each, 100% sure"})
     # The checkout's keys are often its order number and a millisecond time: Luhn-valid here too.
     resp = await client.post("/v1/payments", json=body,
                              headers={**AUTH, "Idempotency-Key": "checkout-1733058000123455"})

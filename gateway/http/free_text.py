@@ -12,6 +12,11 @@ Errors name the field (``metadata.note``) and the kind of data, never the data i
 
 from __future__ import annotations
 
+import html
+import re
+import unicodedata
+from urllib.parse import unquote_plus
+
 from gateway.http.errors import ApiError
 from gateway.http.schemas import Body
 from gateway.redaction import Finding, Redactor
@@ -31,7 +36,8 @@ def refuse_card_data(body: Body, redactor: Redactor) -> None:
     the journal would keep that value as ``[REDACTED]``, not as sent."""
     for item in body.free_text():
         if item.opaque:
-            found = redactor.card_finding(item.text)
+            pasted = as_read(item.text)
+            found = redactor.card_finding(item.text) or (redactor.card_finding(pasted) if pasted else None)
             if found is not None:
                 code, what = _REFUSED[found]
                 raise ApiError(422, code, f"{item.field} {what}", item.field)
@@ -47,7 +53,30 @@ def refuse_in_text(text: str, field: str, redactor: Redactor, where: str | None 
     """Raise a 422 `ApiError` naming `field` (described as `where`, default `field`) when
     `text`, a value the caller chose (a body's free text, the `Idempotency-Key` header), holds
     card data or a secret."""
-    found = redactor.finding(text)
+    pasted = as_read(text)
+    found = redactor.finding(text) or (redactor.finding(pasted) if pasted else None)
     if found is not None:
         code, what = _REFUSED[found]
         raise ApiError(422, code, f"{where or field} {what}", field)
+
+
+_TAG = re.compile(r"<[^<>]{0,200}>")
+_SPACES = re.compile(r"\s{2,}")
+_INVISIBLE = frozenset({"Mn", "Me", "Cf"})  # combining marks, format characters (U+180E, ZWJ, ...)
+
+
+def as_read(text: str) -> str | None:
+    """`text` as a person reads it, where that differs: percent-decoded, HTML entities and tags
+    resolved, runs of whitespace as one space, combining marks and format characters dropped.
+    A re-attack stored card numbers pasted from a URL (`4111%201111%20...`, in a return_url the
+    provider echoes), from a page (`&nbsp;`, `<b>`), spaced out beyond the detector's three
+    separators, or with an invisible mark in them. None: nothing to read differently."""
+    read = text
+    if "%" in read or "+" in read:
+        read = unquote_plus(read)
+    if "&" in read or "<" in read:
+        read = _TAG.sub(" ", html.unescape(read))
+    read = _SPACES.sub(" ", read)
+    if not read.isascii():
+        read = "".join(c for c in read if unicodedata.category(c) not in _INVISIBLE)
+    return read if read != text else None
