@@ -143,10 +143,11 @@ _PEM = re.compile(
     re.DOTALL,
 )
 # Stripe secret and restricted keys, Checkout.com sandbox and (old) test keys, webhook secrets:
-# the prefix stays, so a line still says which kind of key it was. Checkout.com's live keys are
-# a bare ``sk_`` and a long body.
+# the prefix stays, so a line still says which kind of key it was; the body runs to the end of
+# the word, underscores included (``sk_test_dev_gateway`` kept ``_gateway``). Checkout.com's live
+# keys are a bare ``sk_`` and a long body.
 _KEY = re.compile(
-    r"((?:sk|rk)_(?:live|test|sbox)_|whsec_)[A-Za-z0-9][A-Za-z0-9-]*|(?<![A-Za-z0-9])(sk_)[A-Za-z0-9]{20,}"
+    r"((?:sk|rk)_(?:live|test|sbox)_|whsec_)[A-Za-z0-9][A-Za-z0-9_-]*|(?<![A-Za-z0-9])(sk_)[A-Za-z0-9]{20,}"
 )
 # Adyen API keys: "AQE" and a long base64 body, then dash-joined parts that may hold any
 # printable character; everything up to whitespace or a quote goes.

@@ -199,6 +199,7 @@ def test_card_numbers_in_keys_and_integers_are_masked() -> None:
         ("rk_test_abc123", f"rk_test_{REDACTED}"),
         ("rk_live_abc123", f"rk_live_{REDACTED}"),
         ("whsec_abc123", f"whsec_{REDACTED}"),
+        ("refused sk_test_dev_gateway: no", f"refused sk_test_{REDACTED}: no"),  # a re-attack saw _gateway kept
         ("pk_test_abc123", "pk_test_abc123"),
     ],
 )
