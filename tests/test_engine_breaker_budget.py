@@ -209,12 +209,8 @@ async def test_an_attempt_that_never_asked_the_provider_gives_no_verdict() -> No
     assert breaker.state == "open"
 
 
-async def test_a_timeout_the_deadline_cut_short_neither_counts_nor_clears_the_providers_failures(
-        stripes, dev_certs) -> None:
-    """A try the caller's deadline cut under half of timeout_ms timed out: the provider had far
-    less time than it is given, so no verdict (it counted as a success, resetting the count of a
-    failing provider's timeouts). One that had most of its time is judged: a review showed eight
-    read timeouts in a row at 450 of 500 ms leaving the breaker closed."""
+async def _primary_client(stripes, dev_certs) -> ProviderClient:  # type: ignore[no-untyped-def]
+    """The gateway's own call to the primary emulator: timeout_ms 300, a breaker of fail_max 2."""
     cfg = ProviderConfig(kind="stripe", base_url=stripes["primary"].url, api_key_env="STRIPE_API_KEY",
                          timeout_ms=300, breaker={"fail_max": 2, "reset_timeout_s": 60},
                          tls={"ca": str(dev_certs.provider_ca("stripe")),
@@ -222,10 +218,47 @@ async def test_a_timeout_the_deadline_cut_short_neither_counts_nor_clears_the_pr
                               "client_key": str(dev_certs.client_key("stripe"))})
     client = ProviderClient(make_handle("primary", cfg, EngineConfig()), Metrics())
     await client.handle.transport.start()
+    return client
+
+
+def _order() -> PaymentOrder:
+    return PaymentOrder(payment_id="pay_cutshort", amount=1000, currency="EUR", capture=True,
+                        merchant_reference="m-cut", card=Card(number=Secret("4242424242424242"), exp_month=3,
+                                                              exp_year=2030, cvc=Secret("123")))
+
+
+async def test_a_429_between_two_failures_does_not_clear_them(stripes, dev_certs) -> None:
+    """A 429 is the account's quota, not the provider's health: no verdict. It counted as a
+    success, resetting the count, so 503s mixed with 429s never tripped the breaker."""
+    client = await _primary_client(stripes, dev_certs)
+
+    async def authorize(key: str) -> str | None:
+        attempt = client.new_attempt(Operation.AUTHORIZE, 1, key)
+        return (await client.call(Operation.AUTHORIZE, _order(), key, time.monotonic() + 5, attempt)).raw_code
+
+    try:
+        set_faults(stripes["primary"], FaultRule(kind="error", status=503, operations=("authorize",)))
+        await authorize("k1")
+        set_faults(stripes["primary"], FaultRule(kind="rate_limit", retry_after_s=0.05, operations=("authorize",)))
+        await authorize("k2")
+        assert client.handle.breaker.state == "closed" and client.handle.held_off_s() > 0
+        await asyncio.sleep(client.handle.held_off_s() + 0.01)  # time itself: the 429's Retry-After
+        set_faults(stripes["primary"], FaultRule(kind="error", status=503, operations=("authorize",)))
+        await authorize("k3")
+        assert client.handle.breaker.state == "open", "the second 503 trips it: the 429 between cleared nothing"
+    finally:
+        await client.handle.transport.close()
+
+
+async def test_a_timeout_the_deadline_cut_short_neither_counts_nor_clears_the_providers_failures(
+        stripes, dev_certs) -> None:
+    """A try the caller's deadline cut under half of timeout_ms timed out: the provider had far
+    less time than it is given, so no verdict (it counted as a success, resetting the count of a
+    failing provider's timeouts). One that had most of its time is judged: a review showed eight
+    read timeouts in a row at 450 of 500 ms leaving the breaker closed."""
+    client = await _primary_client(stripes, dev_certs)
     set_faults(stripes["primary"], FaultRule(kind="latency", latency_ms=1000, operations=("authorize",)))
-    order = PaymentOrder(payment_id="pay_cutshort", amount=1000, currency="EUR", capture=True,
-                         merchant_reference="m-cut", card=Card(number=Secret("4242424242424242"), exp_month=3,
-                                                               exp_year=2030, cvc=Secret("123")))
+    order = _order()
 
     async def authorize(seconds_left: float, key: str) -> str | None:
         attempt = client.new_attempt(Operation.AUTHORIZE, 1, key)
