@@ -280,8 +280,8 @@ class Reconciler:
             return False
         tries = [a for a in record.attempts if a.idempotency_key == pending.provider_key
                  and a.operation == pending.operation]
-        if tries and tries[-1].outcome not in (None, Outcome.UNKNOWN.value):
-            return False  # accepted ("received"): its notification settles it
+        if tries and tries[-1].outcome not in (None, Outcome.UNKNOWN.value, Outcome.UNAVAILABLE.value):
+            return False  # accepted ("received"): its notification settles it; a send refused here is owed
         return self._quiet_since(record, None, pending.provider_key, floor=pending.started_at, consistent=True)
 
     async def _resend_follow_up(self, record: PaymentRecord) -> bool:

@@ -240,3 +240,30 @@ async def test_an_adyen_capture_made_before_its_answer_was_lost_is_made_once_whe
     assert (record.status.value, record.captured_amount, charge.captured) == ("captured", 300, 300)
     tries = [(a.outcome, a.raw_code) for a in record.attempts if a.operation == "capture"]
     assert tries == [("unknown", "connection_reset"), ("approved", "received")], tries  # reset, then sent again
+
+
+async def test_a_resend_the_breaker_refused_is_sent_again_at_the_next_pass(make_config, start_gateway,
+                                                                           emulators) -> None:
+    """A pass whose re-send found Adyen's breaker open (nothing sent) must not leave the capture
+    for ever: a send refused here is a send still owed."""
+    from gateway.app_keys import POOL, RECONCILER
+
+    client, adyen = await _adyen_resending(make_config, start_gateway, emulators)
+    _, doc = await pay(client, card_payment(capture=False, amount=1000))
+    await delivered(client, adyen)
+    adyen.emulator.faults.set(FaultPlan(rules=(FaultRule(kind="reset_before", operations=("capture",)),)))
+    resp = await client.post(f"/v1/payments/{doc['id']}/capture", json={"amount": 300}, headers=idem())
+    assert resp.status == 202, await resp.text()
+    adyen.emulator.faults.clear()
+    await asyncio.sleep(0.25)  # time itself: past provider_in_flight_s
+    breaker = client.app[POOL]["adyen"].breaker
+    breaker.force_open()
+    await client.app[RECONCILER].run_once(min_age_s=0, ignore_backoff=True)
+    assert (await journal(client, doc["id"])).status.value == "capture_pending"
+    breaker.force_close()
+    await asyncio.sleep(0.25)  # time itself: the next pass, past provider_in_flight_s again
+    await client.app[RECONCILER].run_once(min_age_s=0, ignore_backoff=True)
+    await delivered(client, adyen)
+    record = await journal(client, doc["id"])
+    [charge] = charges(adyen, doc["id"])
+    assert (record.status.value, record.captured_amount, charge.captured) == ("captured", 300, 300)
