@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
-from typing import Any
+from typing import Any, ClassVar, Self
 
 import orjson
 
@@ -34,9 +34,12 @@ _REDACTOR = Redactor()
 _NEWER = "newer_fields"
 
 
-def _codec(cls: type, verbatim: frozenset[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(every field of `cls`, the ones redacted: all but `verbatim`), computed once per class."""
+def _codec(cls: type, verbatim: frozenset[str] | None = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(every field of `cls`, the ones redacted: all but `verbatim`), computed once per class.
+    `verbatim` None: every field is kept as it is (identifiers, amounts, states, times of ours)."""
     names = tuple(f.name for f in fields(cls) if f.name != _NEWER)
+    if verbatim is None:
+        verbatim = frozenset(names)
     unknown = verbatim - set(names)
     if unknown:
         raise AssertionError(f"{cls.__name__} has no fields {sorted(unknown)}")
@@ -68,8 +71,23 @@ def _split(doc: dict[str, Any], codec: tuple[tuple[str, ...], tuple[str, ...]]) 
     return known
 
 
+class _Document:
+    """A document class of the journal: `to_doc` redacts all but its verbatim fields, `from_doc`
+    keeps what a newer release wrote (`_split`). Each subclass sets `_CODEC` once it is defined."""
+
+    __slots__ = ()
+    _CODEC: ClassVar[tuple[tuple[str, ...], tuple[str, ...]]]
+
+    def to_doc(self) -> dict[str, Any]:
+        return _redacted_doc(self, self._CODEC)
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any]) -> Self:
+        return cls(**_split(doc, cls._CODEC))
+
+
 @dataclass(slots=True)
-class Attempt:
+class Attempt(_Document):
     """One call to one provider. Each try is its own record under the payment."""
 
     provider: str
@@ -88,21 +106,14 @@ class Attempt:
     amount: int | None = None  # a follow-up's amount
     newer_fields: dict[str, Any] = field(default_factory=dict)  # a newer release's, kept as read
 
-    def to_doc(self) -> dict[str, Any]:
-        return _redacted_doc(self, _ATTEMPT_CODEC)
 
-    @classmethod
-    def from_doc(cls, doc: dict[str, Any]) -> Attempt:
-        return cls(**_split(doc, _ATTEMPT_CODEC))
-
-
-_ATTEMPT_CODEC = _codec(Attempt, frozenset({"provider", "try_number", "operation", "idempotency_key", "started_at",
+Attempt._CODEC = _codec(Attempt, frozenset({"provider", "try_number", "operation", "idempotency_key", "started_at",
                                             "outcome", "http_status", "latency_ms", "breaker_state", "reference",
                                             "amount"}))
 
 
 @dataclass(slots=True)
-class PendingFollowUp:
+class PendingFollowUp(_Document):
     """A capture, void or refund journalled before its provider call and not yet settled.
 
     While it is set the payment's status is `<op>_pending` and no other follow-up may start;
@@ -121,20 +132,13 @@ class PendingFollowUp:
     answered: bool = False  # the caller got an answer (202, not yet confirmed): no live request holds it
     newer_fields: dict[str, Any] = field(default_factory=dict)  # a newer release's, kept as read
 
-    def to_doc(self) -> dict[str, Any]:
-        return _redacted_doc(self, _FOLLOW_UP_CODEC)
-
-    @classmethod
-    def from_doc(cls, doc: dict[str, Any]) -> PendingFollowUp:
-        return cls(**_split(doc, _FOLLOW_UP_CODEC))
-
 
 # Every field is an identifier, an amount, a state or a time of ours: nothing to redact.
-_FOLLOW_UP_CODEC = _codec(PendingFollowUp, frozenset(f.name for f in fields(PendingFollowUp) if f.name != _NEWER))
+PendingFollowUp._CODEC = _codec(PendingFollowUp)
 
 
 @dataclass(slots=True)
-class SettledFollowUp:
+class SettledFollowUp(_Document):
     """A capture, void or refund once settled: what it did to the payment's amounts.
 
     Why: a provider reports some follow-ups twice over, and out of order (Adyen's REFUND then
@@ -149,15 +153,8 @@ class SettledFollowUp:
     reversed: bool = False  # a failure reported after it was done took its amount off
     newer_fields: dict[str, Any] = field(default_factory=dict)  # a newer release's, kept as read
 
-    def to_doc(self) -> dict[str, Any]:
-        return _redacted_doc(self, _SETTLED_CODEC)
 
-    @classmethod
-    def from_doc(cls, doc: dict[str, Any]) -> SettledFollowUp:
-        return cls(**_split(doc, _SETTLED_CODEC))
-
-
-_SETTLED_CODEC = _codec(SettledFollowUp, frozenset(f.name for f in fields(SettledFollowUp) if f.name != _NEWER))
+SettledFollowUp._CODEC = _codec(SettledFollowUp)  # ours only, like a pending one's
 
 
 @dataclass(slots=True)
