@@ -27,7 +27,8 @@ What counts as a card number in text:
   counters in references begin so), or groups of digits in a card's own grouping (4 digits
   first, then groups of 4-6, the last of 1-6) that together hold 12-19 and pass it,
   joined by short separators (up to three of whitespace of any kind, any ASCII punctuation
-  (``-``, ``.``, ``/``, ``_``, ``,``, ``:``, ``|`` ...), Unicode dashes, zero-width characters). The grouping is what keeps decimals, IP addresses, epoch times with fractions
+  (``-``, ``.``, ``/``, ``_``, ``,``, ``:``, ``|`` ...), Unicode dashes, zero-width characters).
+  The grouping is what keeps decimals, IP addresses, epoch times with fractions
   (``1714564800.123456``) and references such as ``ORD-123456-000012`` from being taken for
   cards;
 * a card glued to other digits: a 13-19 digit window inside a longer run that passes Luhn *and*
@@ -360,22 +361,15 @@ class Redactor:
             out = rule(out)
         return text if out is work else out
 
-    def finding(self, text: str) -> Finding | None:
-        """What `scrub_text` would hide in `text` first, or None if it would leave it as it is."""
-        work, rules = self._prepare(text)
-        for rule in rules:
-            if rule(work) is not work:
-                return self._kinds[rule]
-        return None
-
-    def card_finding(self, text: str) -> Finding | None:
-        """Card data (a number or an inline security code) in `text`, whatever else it holds:
-        for a provider's opaque value, where what looks like a secret is expected (a Stripe
-        client secret) and `finding`'s first match would hide a card number behind it."""
+    def finding(self, text: str, *, secrets: bool = True) -> Finding | None:
+        """What `scrub_text` would hide in `text` first, or None if it would leave it as it is.
+        `secrets=False`: card data only (a number, an inline security code), whatever else the
+        text holds: for a provider's opaque value, where what looks like a secret is expected (a
+        Stripe client secret) and would otherwise be found first, hiding a card number behind it."""
         work, rules = self._prepare(text)
         for rule in rules:
             kind = self._kinds[rule]
-            if kind is not Finding.SECRET and rule(work) is not work:
+            if (secrets or kind is not Finding.SECRET) and rule(work) is not work:
                 return kind
         return None
 

@@ -36,11 +36,7 @@ def refuse_card_data(body: Body, redactor: Redactor) -> None:
     the journal would keep that value as ``[REDACTED]``, not as sent."""
     for item in body.free_text():
         if item.opaque:
-            pasted = as_read(item.text)
-            found = redactor.card_finding(item.text) or (redactor.card_finding(pasted) if pasted else None)
-            if found is not None:
-                code, what = _REFUSED[found]
-                raise ApiError(422, code, f"{item.field} {what}", item.field)
+            refuse_in_text(item.text, item.field, redactor, secrets=False)
             continue
         refuse_in_text(item.text, item.field, redactor, f"a key of {item.field}" if item.is_key else item.field)
         if item.is_key and redactor.is_sensitive_key(item.text):
@@ -49,12 +45,13 @@ def refuse_card_data(body: Body, redactor: Redactor) -> None:
                            "stores; rename the key or leave it out", f"{item.field}.{item.text}")
 
 
-def refuse_in_text(text: str, field: str, redactor: Redactor, where: str | None = None) -> None:
+def refuse_in_text(text: str, field: str, redactor: Redactor, where: str | None = None, *,
+                   secrets: bool = True) -> None:
     """Raise a 422 `ApiError` naming `field` (described as `where`, default `field`) when
     `text`, a value the caller chose (a body's free text, the `Idempotency-Key` header), holds
-    card data or a secret."""
+    card data or (unless `secrets` is False: a provider's opaque value) a secret."""
     pasted = as_read(text)
-    found = redactor.finding(text) or (redactor.finding(pasted) if pasted else None)
+    found = redactor.finding(text, secrets=secrets) or (redactor.finding(pasted, secrets=secrets) if pasted else None)
     if found is not None:
         code, what = _REFUSED[found]
         raise ApiError(422, code, f"{where or field} {what}", field)
