@@ -308,9 +308,7 @@ class Reconciler:
         if result.outcome in (Outcome.UNKNOWN, Outcome.UNAVAILABLE) or result.settles_later:
             return await self._keep_follow_up_pending(record)
         record.updated_at = time.time()
-        apply_follow_up(record, op, result.outcome)
-        await svc.store.complete_idempotency_for(pending.provider_key,
-                                                 answers.follow_up_answer(record, op, result).stored())
+        await self._settle_as(record, op, result)
         await svc.commit(record, "reconciliation", follow_up={"operation": op.value, "amount": pending.amount,
                                                               "resent": True}, settled_from=before)
         svc.metrics.reconciled.labels(record.status.value).inc()
@@ -371,6 +369,15 @@ class Reconciler:
         last_call = max(calls, default=floor)
         return time.time() - last_call > (self._in_flight_s if consistent else self._lookup_lag_s)
 
+    async def _settle_as(self, record: PaymentRecord, op: Operation, result: ProviderResult) -> None:
+        """The pending follow-up settled as the provider answered (a lookup's entry, a re-send's
+        answer): onto the payment, and its key answers the same from now on."""
+        pending = record.follow_up
+        assert pending is not None
+        apply_follow_up(record, op, result.outcome)
+        await self.service.store.complete_idempotency_for(pending.provider_key,
+                                                          answers.follow_up_answer(record, op, result).stored())
+
     async def _settle_follow_up(self, record: PaymentRecord) -> bool:
         """A capture, void or refund the provider did not confirm, or whose request died: the
         provider's list of the payment's follow-ups says whether ours was made."""
@@ -387,10 +394,8 @@ class Reconciler:
         follow_up = {"operation": op.value, "amount": pending.amount}
         record.updated_at = time.time()
         if entry is not None and entry.outcome is not Outcome.UNKNOWN:
-            result = ProviderResult(entry.outcome, raw_code=f"{op.value}_{entry.outcome.value}")
-            apply_follow_up(record, op, entry.outcome)
-            await svc.store.complete_idempotency_for(pending.provider_key,
-                                                     answers.follow_up_answer(record, op, result).stored())
+            await self._settle_as(record, op, ProviderResult(entry.outcome,
+                                                              raw_code=f"{op.value}_{entry.outcome.value}"))
         elif (entry is None and answer.lookup is Lookup.FOUND and answer.follow_ups_listed
               and self._quiet_since(record, None, pending.provider_key, floor=pending.started_at,
                                     consistent=True)):
